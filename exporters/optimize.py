@@ -1,0 +1,283 @@
+"""ONNX -> ONNX graph fusion: every layer's attention becomes one GroupQueryAttention, norms are fused.
+
+Order of work:
+  1. `FuseGroupQueryAttention` (ours): onnxruntime.transformers has no fusion for a KV-cache decoder exported
+     from PyTorch with rotary inside attention, so each layer's attention subgraph — found by the exporter's
+     node scopes `/model/layers.{i}/attn/` — is replaced by com.microsoft.GroupQueryAttention with the rotary
+     embedding computed inside it (do_rotary=1, cos/sin caches rebuilt from the contract's rope parameters).
+  2. onnxruntime.transformers' optimizer: RMSNorm -> SimplifiedLayerNormalization, residual add + RMSNorm ->
+     SkipSimplifiedLayerNormalization (LayerNorm / SkipLayerNormalization and FastGelu for GPT-2).
+  3. Dead nodes (mask and rotary tables the fused ops no longer need) are removed; op counts are checked:
+     a layer whose attention was not fused is an error, never a silent slow graph.
+  4. `--fp16`: float16 weights, activations and KV cache (for the CUDA/TensorRT providers).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from exporters.contract import ATTENTION_MASK, Contract, past_key, past_value, present_key, present_value, \
+    read_contract, write_contract
+from exporters.export import move_model, save_model, EXTERNAL_DATA_THRESHOLD
+from models.decoder import rope_inv_freq
+from models.errors import UserError
+
+FUSED_OPS = ("GroupQueryAttention", "MultiHeadAttention", "SimplifiedLayerNormalization",
+             "SkipSimplifiedLayerNormalization", "LayerNormalization", "SkipLayerNormalization",
+             "FastGelu", "Gelu", "BiasGelu", "RotaryEmbedding")
+SEQLENS_K = "gqa.seqlens_k"
+TOTAL_SEQ_LEN = "gqa.total_sequence_length"
+COS_CACHE = "gqa.cos_cache"
+SIN_CACHE = "gqa.sin_cache"
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    fp16: bool = False  # float16 weights/activations/KV cache: halves size, for GPU providers
+    check_parity: bool = True  # compare fused and unfused outputs on a prefill and a decode step after fusing
+
+
+def load_onnx(path: str | Path) -> onnx.ModelProto:
+    """Load a model, turning a missing, truncated or corrupt file into one clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"ONNX model not found: {path}")
+    try:
+        return onnx.load(str(path))
+    except Exception as e:  # protobuf DecodeError, missing external data, ...
+        raise UserError(f"cannot read ONNX model {path}: the file is corrupt or truncated ({type(e).__name__})") from e
+
+
+class FuseGroupQueryAttention:
+    """Replace one layer's attention subgraph with com.microsoft.GroupQueryAttention.
+
+    Matched, per layer i (names from the exporter's module scopes):
+
+        h --q_proj/MatMul(+Add)--> q --Reshape-Transpose-[rotary: Mul,Slice,Neg,Concat,Add]--+
+        h --k_proj/MatMul(+Add)--> k --Reshape-Transpose-[rotary]--Concat(past_key)--> present.i.key
+        h --v_proj/MatMul(+Add)--> v --Reshape-Transpose-----------Concat(past_value)-> present.i.value
+        q, k --MatMul-Mul(scale)-Add(mask)-Softmax--MatMul(v)--Transpose-Reshape--> o_proj/MatMul
+
+    Rewritten to:
+
+        q, k, v, past_key, past_value, seqlens_k, total_seq_len, cos, sin
+            --GroupQueryAttention(do_rotary)--> (o_proj/MatMul input, present.i.key, present.i.value)
+
+    Everything else in the layer's `attn/` scope except the four projections is removed.
+    """
+
+    def __init__(self, model: onnx.ModelProto, contract: Contract, num_heads: int):
+        self.model, self.contract, self.num_heads = model, contract, num_heads
+        self.nodes_by_name = {n.name: n for n in model.graph.node}
+
+    def projection_output(self, layer: int, proj: str) -> str:
+        """Output of the projection's MatMul, or of its bias Add when it has one."""
+        scope = f"/model/layers.{layer}/attn/{proj}/"
+        matmul = self.nodes_by_name.get(scope + "MatMul")
+        if matmul is None:
+            raise UserError(f"layer {layer}: no {proj} MatMul in the graph: was it exported by `pipeline export`?")
+        bias = self.nodes_by_name.get(scope + "Add")
+        return (bias or matmul).output[0]
+
+    def fuse(self, layer: int) -> bool:
+        scope = f"/model/layers.{layer}/attn/"
+        o_proj = self.nodes_by_name.get(scope + "o_proj/MatMul")
+        if o_proj is None:
+            return False
+        q, k, v = (self.projection_output(layer, p) for p in ("q_proj", "k_proj", "v_proj"))
+        producers = {o: n for n in self.model.graph.node for o in n.output}
+        for name in (present_key(layer), present_value(layer)):  # safety: present must come from this scope
+            if name not in producers or not producers[name].name.startswith(scope):
+                return False
+        keep = {scope + f"{p}/{op}" for p in ("q_proj", "k_proj", "v_proj", "o_proj") for op in ("MatMul", "Add")}
+        doomed = [n for n in self.model.graph.node if n.name.startswith(scope) and n.name not in keep]
+        attn_out = f"{scope}GroupQueryAttention_output_0"
+        rope = self.contract.rope_theta is not None
+        gqa = helper.make_node(
+            "GroupQueryAttention",
+            [q, k, v, past_key(layer), past_value(layer), SEQLENS_K, TOTAL_SEQ_LEN,
+             COS_CACHE if rope else "", SIN_CACHE if rope else ""],
+            [attn_out, present_key(layer), present_value(layer)],
+            name=scope + "GroupQueryAttention", domain="com.microsoft",
+            num_heads=self.num_heads, kv_num_heads=self.contract.num_kv_heads,
+            do_rotary=int(rope), rotary_interleaved=0)
+        for n in doomed:
+            self.model.graph.node.remove(n)
+        o_proj.input[0] = attn_out
+        self.model.graph.node.append(gqa)
+        return True
+
+
+def add_gqa_inputs(model: onnx.ModelProto, contract: Contract) -> None:
+    """seqlens_k = sum(attention_mask) - 1 (int32), total_sequence_length = attention_mask.shape[1]; rotary
+    cos/sin caches (max_position_embeddings, head_dim/2) rebuilt from the rope parameters."""
+    g = model.graph
+    g.initializer.extend([numpy_helper.from_array(np.array([1], np.int64), "gqa.axis1"),
+                          numpy_helper.from_array(np.array(1, np.int64), "gqa.scalar1")])
+    g.node.extend([
+        helper.make_node("ReduceSum", [ATTENTION_MASK, "gqa.axis1"], ["gqa.mask_sum"], keepdims=0, name="gqa/ReduceSum"),
+        helper.make_node("Sub", ["gqa.mask_sum", "gqa.scalar1"], ["gqa.seqlens_k64"], name="gqa/Sub"),
+        helper.make_node("Cast", ["gqa.seqlens_k64"], [SEQLENS_K], to=TensorProto.INT32, name="gqa/CastSeqlens"),
+        helper.make_node("Shape", [ATTENTION_MASK], ["gqa.mask_shape"], name="gqa/Shape"),
+        helper.make_node("Gather", ["gqa.mask_shape", "gqa.scalar1"], ["gqa.total64"], axis=0, name="gqa/Gather"),
+        helper.make_node("Cast", ["gqa.total64"], [TOTAL_SEQ_LEN], to=TensorProto.INT32, name="gqa/CastTotal"),
+    ])
+    if contract.rope_theta is not None:
+        inv_freq = rope_inv_freq(contract.head_dim, contract.rope_theta, contract.rope_scaling).double().numpy()
+        freqs = np.outer(np.arange(contract.max_position_embeddings, dtype=np.float64), inv_freq)
+        g.initializer.extend([numpy_helper.from_array(np.cos(freqs).astype(np.float32), COS_CACHE),
+                              numpy_helper.from_array(np.sin(freqs).astype(np.float32), SIN_CACHE)])
+
+
+def remove_dead_nodes(model: onnx.ModelProto) -> int:
+    """Drop nodes and initializers that no graph output depends on; returns how many nodes went.
+    The nodes must be in topological order."""
+    g = model.graph
+    live = {o.name for o in g.output}
+    kept = []
+    for n in reversed(list(g.node)):
+        if any(o in live for o in n.output):
+            kept.append(n)
+            live.update(i for i in n.input if i)
+    removed = len(g.node) - len(kept)
+    del g.node[:]
+    g.node.extend(reversed(kept))
+    inits = [t for t in g.initializer if t.name in live]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    return removed
+
+
+def topological_sort(model: onnx.ModelProto) -> None:
+    """Reorder nodes so each comes after the producers of its inputs (fusion appends nodes at the end)."""
+    g = model.graph
+    ready = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
+    pending, ordered = list(g.node), []
+    while pending:
+        progressed = []
+        for n in pending:
+            if all(i in ready for i in n.input):
+                ordered.append(n)
+                ready.update(n.output)
+            else:
+                progressed.append(n)
+        if len(progressed) == len(pending):
+            raise UserError(f"graph has a cycle or a missing input at node {pending[0].name!r}")
+        pending = progressed
+    del g.node[:]
+    g.node.extend(ordered)
+
+
+def num_heads_of(model: onnx.ModelProto, contract: Contract) -> int:
+    """Query heads = q_proj output width / head_dim, read from the weight's shape."""
+    inits = {t.name: t for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.name == "/model/layers.0/attn/q_proj/MatMul" and n.input[1] in inits:
+            return int(inits[n.input[1]].dims[1]) // contract.head_dim
+    raise UserError("cannot find layer 0's q_proj weight: the graph was not written by `pipeline export`")
+
+
+def ort_fusions(model: onnx.ModelProto, contract: Contract, num_heads: int) -> onnx.ModelProto:
+    """onnxruntime.transformers' own fusions (norms, skip-norms, Gelu) on a model that already holds GQA."""
+    from onnxruntime.transformers import optimizer
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    opts = FusionOptions("gpt2")
+    opts.enable_attention = False  # attention is ours (GroupQueryAttention) already
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    opt = optimizer.optimize_model(model, model_type="gpt2", num_heads=num_heads,
+                                   hidden_size=num_heads * contract.head_dim, optimization_options=opts,
+                                   opt_level=0)
+    return opt.model
+
+
+def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """float16 everywhere a float is (inputs, outputs, KV cache), int inputs untouched."""
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    m = OnnxModel(model)
+    m.convert_float_to_float16(keep_io_types=False, use_symbolic_shape_infer=False)
+    return m.model
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    return dict(Counter(n.op_type for n in model.graph.node))
+
+
+def optimize(in_path: str | Path, out_path: str | Path, config: OptimizeConfig = OptimizeConfig()) -> dict:
+    """Fuse `in_path` into `out_path`; returns {fused op counts, node counts, parity} for the manifest."""
+    in_path, out_path = Path(in_path), Path(out_path)
+    model = load_onnx(in_path)
+    contract = read_contract(model)
+    nodes_before = len(model.graph.node)
+    if contract.head_dim % 16:
+        raise UserError(f"head_dim {contract.head_dim} is not a multiple of 16, which onnxruntime's "
+                        f"GroupQueryAttention requires: use the unfused export for this model")
+    num_heads = num_heads_of(model, contract)
+    fuser = FuseGroupQueryAttention(model, contract, num_heads)
+    fused_layers = [i for i in range(contract.num_layers) if fuser.fuse(i)]
+    missing = sorted(set(range(contract.num_layers)) - set(fused_layers))
+    if missing:
+        raise UserError(f"attention was not fused in layer(s) {missing}: the graph does not have the exported "
+                        f"attention pattern (was it already optimized or quantized?)")
+    add_gqa_inputs(model, contract)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    topological_sort(model)
+    remove_dead_nodes(model)
+    model = ort_fusions(model, contract, num_heads)
+    remove_dead_nodes(model)
+    if config.fp16:
+        model = to_fp16(model)
+        contract = replace(contract, kv_dtype="float16")
+    write_contract(model, contract)
+    counts = op_counts(model)
+    gqa = counts.get("GroupQueryAttention", 0)
+    if gqa != contract.num_layers:
+        raise UserError(f"expected {contract.num_layers} GroupQueryAttention ops after fusion, found {gqa}")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".optimize-", dir=out_path.parent))
+    try:
+        staged = tmp / out_path.name
+        save_model(model, staged, external=model.ByteSize() >= EXTERNAL_DATA_THRESHOLD)
+        parity = fused_parity(in_path, staged, contract) if config.check_parity else None
+        move_model(staged, out_path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"fused_ops": {k: v for k, v in counts.items() if k in FUSED_OPS},
+            "nodes_before": nodes_before, "nodes_after": len(model.graph.node),
+            "fp16": config.fp16, "parity_max_abs_logit_diff": parity}
+
+
+def fused_parity(ref_path: Path, fused_path: Path, contract: Contract, seed: int = 0) -> dict[str, float]:
+    """Max |logit difference| of fused vs unfused on a prefill (7 tokens) and one decode step, batch 1."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(seed)
+    ref = ort.InferenceSession(str(ref_path), providers=["CPUExecutionProvider"])
+    new = ort.InferenceSession(str(fused_path), providers=["CPUExecutionProvider"])
+    kv_np = np.float16 if contract.kv_dtype == "float16" else np.float32
+    out = {}
+    past = {n: np.zeros((1, contract.num_kv_heads, 0, contract.head_dim), np.float32)
+            for i in range(contract.num_layers) for n in (past_key(i), past_value(i))}
+    seq = rng.integers(0, contract.vocab_size, (1, 8))
+    for step, (start, stop) in (("prefill", (0, 7)), ("decode", (7, 8))):
+        feeds = {"input_ids": seq[:, start:stop], "attention_mask": np.ones((1, stop), np.int64),
+                 "position_ids": np.arange(start, stop)[None]}
+        feeds.update(past)
+        r = ref.run(None, {k: v for k, v in feeds.items() if k in {i.name for i in ref.get_inputs()}})
+        n = new.run(None, {k: (v.astype(kv_np) if v.dtype == np.float32 else v) for k, v in feeds.items()
+                           if k in {i.name for i in new.get_inputs()}})
+        out[step] = float(np.max(np.abs(r[0] - n[0].astype(np.float32))))
+        names = [o.name for o in ref.get_outputs()]
+        past = {n.replace("present", "past_key_values"): t for n, t in zip(names[1:], r[1:])}
+    return out

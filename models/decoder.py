@@ -1,0 +1,250 @@
+"""The decoder: one readable file, top to bottom — norm, rotary, attention, MLP, block, config, model.
+
+It is Llama-shaped by default (RMSNorm, rotary positions, grouped-query attention, SwiGLU) and has just
+enough switches to also hold the weights of the GPT-2, Qwen2 and Mistral families exactly, so that every
+supported checkpoint is exported through the same graph (see models/hf.py for the weight mapping).
+
+    forward(input_ids, attention_mask, position_ids, past_key_values) -> (logits, present)
+
+past_key_values / present are lists of (key, value) pairs, each (B, n_kv_head, T, head_dim): the cache holds
+the key/value heads *before* they are repeated for grouped-query attention, as onnxruntime's
+GroupQueryAttention and onnxruntime-genai expect. Export workarounds live in exporters/, never here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MASK_VALUE = -65504.0  # float16's most negative finite: masks stay finite (no NaN) after an fp16 conversion
+
+
+@dataclass
+class DecoderConfig:
+    vocab_size: int = 4096            # byte-level BPE trained on the corpus; small vocab keeps the demo fast
+    hidden_size: int = 256            # width of the residual stream
+    num_layers: int = 4               # enough depth to learn Python syntax in a few minutes on 2 cores
+    num_heads: int = 8                # query heads, head_dim = 32
+    num_kv_heads: int = 2             # grouped-query attention: 4 query heads share each key/value head
+    intermediate_size: int = 688      # SwiGLU width, ~8/3 * hidden rounded to a multiple of 16
+    max_position_embeddings: int = 1024  # longest sequence rotary tables and the export are built for
+    rope_theta: float = 10000.0       # rotary base frequency (Llama 2 value)
+    rope_scaling: dict | None = None  # HF rope_scaling ({"rope_type": "llama3" | "linear", ...}) or None
+    norm_eps: float = 1e-5            # RMSNorm / LayerNorm epsilon
+    norm: str = "rms"                 # "rms" (Llama family) | "layer" (GPT-2)
+    positions: str = "rope"           # "rope" | "learned" (GPT-2's absolute position table)
+    activation: str = "silu"          # MLP activation: "silu" (SwiGLU) | "gelu_tanh" (GPT-2) | "gelu"
+    gated_mlp: bool = True            # SwiGLU gate/up/down vs GPT-2's fc/proj
+    qkv_bias: bool = False            # Qwen2 and GPT-2 have biases on q/k/v
+    o_bias: bool = False              # GPT-2 has a bias on the attention output projection
+    mlp_bias: bool = False            # GPT-2 has biases in its MLP
+    norm_bias: bool = False           # LayerNorm bias (GPT-2)
+    tie_word_embeddings: bool = True  # lm_head shares the embedding matrix: fewer parameters at small sizes
+    family: str = "llama"             # the HF family this config came from, recorded for export metadata
+    extra: dict = field(default_factory=dict)  # source-specific facts kept for provenance only
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DecoderConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,), with HF's "linear" and "llama3" rope scaling applied."""
+    d = head_dim
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    sc = scaling or {}
+    kind = sc.get("rope_type", sc.get("type", "default"))
+    if kind == "linear":
+        inv_freq = inv_freq / sc["factor"]
+    elif kind == "llama3":
+        factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+        old_ctx = sc["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
+        mid = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        is_mid = (wavelen <= old_ctx / lo) & (wavelen >= old_ctx / hi)
+        inv_freq = torch.where(is_mid, mid, scaled)
+    elif kind != "default":
+        raise ValueError(f"rope scaling {kind!r} is not supported (supported: default, linear, llama3)")
+    return inv_freq.float()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        var = x.pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(var + self.eps))
+
+
+def make_norm(cfg: DecoderConfig) -> nn.Module:
+    if cfg.norm == "rms":
+        return RMSNorm(cfg.hidden_size, cfg.norm_eps)
+    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.norm_bias)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.o_bias)
+
+    def forward(self, x, cos, sin, mask, past):
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.nh, self.hd).transpose(1, 2)   # (B, nh, S, hd)
+        k = self.k_proj(x).view(B, S, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, S, hd)
+        v = self.v_proj(x).view(B, S, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, S, hd)
+        if cos is not None:
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)                              # (B, nkv, T, hd)
+            v = torch.cat([past[1], v], dim=2)
+        present = (k, v)
+        rep = self.nh // self.nkv
+        if rep > 1:  # share each key/value head among `rep` query heads
+            T = k.shape[2]
+            k = k[:, :, None].expand(B, self.nkv, rep, T, self.hd).reshape(B, self.nh, T, self.hd)
+            v = v[:, :, None].expand(B, self.nkv, rep, T, self.hd).reshape(B, self.nh, T, self.hd)
+        att = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(self.hd))  # (B, nh, S, T)
+        att = torch.softmax(att + mask, dim=-1)
+        y = torch.matmul(att, v)                                            # (B, nh, S, hd)
+        y = y.transpose(1, 2).reshape(B, S, self.nh * self.hd)
+        return self.o_proj(y), present
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.gated = cfg.gated_mlp
+        self.act = {"silu": F.silu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "gelu": F.gelu}[cfg.activation]
+        if self.gated:
+            self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        if self.gated:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.input_norm = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.post_attn_norm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, past):
+        a, present = self.attn(self.input_norm(x), cos, sin, mask, past)
+        x = x + a
+        x = x + self.mlp(self.post_attn_norm(x))
+        return x, present
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        if cfg.positions == "learned":
+            self.embed_positions = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        else:
+            self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
+                                 persistent=False)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None):
+        B, S = input_ids.shape
+        past_len = past_key_values[0][0].shape[2] if past_key_values else 0
+        T = past_len + S
+        if attention_mask is None:
+            attention_mask = torch.ones(B, T, dtype=torch.int64, device=input_ids.device)
+        if position_ids is None:
+            position_ids = torch.arange(past_len, T, device=input_ids.device).unsqueeze(0).expand(B, S)
+        x = self.embed_tokens(input_ids)                                    # (B, S, C)
+        cos = sin = None
+        if self.config.positions == "learned":
+            x = x + self.embed_positions(position_ids)
+        else:
+            freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :]  # (B, S, hd/2)
+            emb = torch.cat((freqs, freqs), dim=-1)[:, None]                # (B, 1, S, hd)
+            cos, sin = emb.cos(), emb.sin()
+        # query i (absolute index past_len + i) sees key j when j <= past_len + i and attention_mask[j] == 1
+        q_idx = torch.arange(S, device=x.device)[:, None] + past_len        # (S, 1)
+        k_idx = torch.arange(T, device=x.device)[None, :]                   # (1, T)
+        allowed = (k_idx <= q_idx)[None, None] & attention_mask[:, None, None, :].bool()  # (B, 1, S, T)
+        mask = torch.where(allowed, 0.0, MASK_VALUE).to(x.dtype)
+        present = []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, cos, sin, mask, past_key_values[i] if past_key_values else None)
+            present.append(kv)
+        logits = self.lm_head(self.norm(x))                                 # (B, S, vocab)
+        return logits, present
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Greedy (temperature 0) or sampled continuation through the KV cache; returns the new tokens (B, N)."""
+        logits, past = self(input_ids)
+        out = []
+        for _ in range(max_new_tokens):
+            last = logits[:, -1, :]
+            if temperature <= 0:
+                nxt = last.argmax(-1, keepdim=True)
+            else:
+                last = last / temperature
+                if top_k:
+                    kth = torch.topk(last, min(top_k, last.shape[-1])).values[:, -1:]
+                    last = last.masked_fill(last < kth, float("-inf"))
+                nxt = torch.multinomial(torch.softmax(last, -1), 1, generator=generator)
+            out.append(nxt)
+            logits, past = self(nxt, past_key_values=past)
+        return torch.cat(out, dim=1)

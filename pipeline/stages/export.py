@@ -1,0 +1,36 @@
+"""Stage `export`: a checkpoint (ours, a Hugging Face directory or a .gguf file) -> variants/fp32/model.onnx."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipeline.manifest import RunDir
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    model: str  # checkpoint directory or .gguf file; never a hub id (nothing is downloaded)
+
+
+def export(run: RunDir, config: ExportConfig) -> dict:
+    from exporters.export import export_onnx, validate_export
+    from models.hf import export_tokenizer, load_model
+
+    loaded = load_model(config.model)
+    out = run.variant_path("fp32")
+    contract = export_onnx(loaded.model, out, validate=False)
+    parity = validate_export(loaded.model, out, contract)
+    tokenizer = export_tokenizer(config.model, run.root)
+    results = {"contract": {"num_layers": contract.num_layers, "num_kv_heads": contract.num_kv_heads,
+                            "head_dim": contract.head_dim, "vocab_size": contract.vocab_size},
+               "parameters": loaded.model.num_parameters(),
+               "parity_max_abs_diff": {p.step: p.worst[1] for p in parity},
+               "size_bytes": sum(f.stat().st_size for f in out.parent.iterdir())}
+    source = {"kind": "source", "path": str(Path(config.model).resolve()), "parent": None, **loaded.source,
+              "bos_token_id": loaded.bos_token_id, "eos_token_id": loaded.eos_token_id}
+    outputs = {"source": source, "fp32": {"kind": "onnx", "path": "variants/fp32/model.onnx", "parent": "source"}}
+    if tokenizer is not None:
+        outputs["tokenizer"] = {"kind": "tokenizer", "path": "tokenizer.json", "parent": "source"}
+    run.record("export", asdict(config), {"model": config.model}, outputs, results)
+    return results

@@ -1,0 +1,47 @@
+"""Stage `quantize`: a float variant -> an int8 (or int4 weight-only) variant, calibrated on held-out text."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from pipeline.data import token_windows
+from pipeline.manifest import RunDir
+
+
+@dataclass(frozen=True)
+class QuantizeStageConfig:
+    recipe: str = "w8a8"            # static | w8a8 | w8 | w4
+    source: str = ""                # variant to quantize; "" = fused if present, else fp32
+    calibrate_method: str = "minmax"  # minmax | percentile | entropy
+    per_channel: bool = True        # per-output-channel weight scales
+    calib_windows: int = 8          # prefill windows of calibration text (each also seeds decode steps)
+    window: int = 128               # tokens per window
+    valid_windows: int = 4          # calibration-side validation windows for the sensitivity search
+    max_ppl_increase: float = 0.02  # w8a8: largest relative perplexity increase accepted before mixed precision
+    block_size: int = 32            # w8/w4: MatMulNBits block size
+    accuracy_level: int = 4         # w8/w4: MatMulNBits compute accuracy (4 = int8 activations on CPU)
+    calib_text: str | None = None   # text file for calibration instead of the corpus's calib split
+
+    def resolved_source(self, run: RunDir) -> str:
+        if self.source:
+            return self.source
+        return "fused" if "fused" in run.variants() else "fp32"
+
+
+def quantize(run: RunDir, config: QuantizeStageConfig) -> dict:
+    from exporters.quantize import QuantConfig, quantize as quantize_model
+
+    source = config.resolved_source(run)
+    run.artifact(source)
+    n = config.calib_windows + config.valid_windows
+    windows = token_windows(run.root, "calib", config.calib_text, n, config.window)
+    calib, valid = windows[:config.calib_windows], windows[config.calib_windows:] or None
+    qcfg = QuantConfig(recipe=config.recipe, calibrate_method=config.calibrate_method,
+                       per_channel=config.per_channel, max_ppl_increase=config.max_ppl_increase,
+                       block_size=config.block_size, accuracy_level=config.accuracy_level)
+    out = run.variant_path(config.recipe)
+    report = quantize_model(run.variant_path(source), out, calib, qcfg, valid_ids=valid)
+    run.record("quantize", {**asdict(config), "source": source}, {source: str(run.variant_path(source))},
+               {config.recipe: {"kind": "onnx", "path": f"variants/{config.recipe}/model.onnx", "parent": source}},
+               report)
+    return report
