@@ -35,12 +35,12 @@ def sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def hash_files(paths: list[Path], root: Path) -> dict[str, str]:
-    """{path relative to root: sha256} for files and every file under directories."""
+    """{path: sha256} for files and every file under directories; paths inside `root` are relative to it."""
     out = {}
     for p in paths:
         files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
         for f in files:
-            out[str(f.relative_to(root))] = sha256(f)
+            out[str(f.relative_to(root)) if f.is_relative_to(root) else str(f)] = sha256(f)
     return out
 
 

@@ -1,0 +1,264 @@
+"""`pipeline`: checkpoint -> ONNX with KV cache -> fused -> int8 -> checked -> benchmarked -> bundle.
+
+Each command is thin: it parses options and calls one stage function from pipeline/stages/. Results go to
+stdout (`--json` for machines), progress and logs to stderr. A user mistake is one line on stderr and exit 2;
+set PIPELINE_DEBUG=1 for the traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import warnings
+
+import click
+
+from pipeline.manifest import RunDir
+
+EXAMPLES = """
+\b
+Examples:
+  pipeline run                                  # the built-in demo: train -> ... -> bench, into runs/demo
+  pipeline export --model ./SmolLM2 --out runs/smol
+  pipeline optimize runs/smol && pipeline quantize runs/smol --recipe w8a8
+  pipeline check runs/smol && pipeline bench runs/smol --json
+  pipeline generate runs/smol --prompt "def fib(n):" --max-new-tokens 40
+  pipeline package runs/smol --out bundle --archive tar.gz
+"""
+
+
+def user_errors(fn):
+    """Turn the project's user-error types (and Ctrl-C) into one line on stderr and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from models.errors import UserError
+        from runtimes.errors import RuntimeUserError
+
+        try:
+            return fn(*args, **kwargs)
+        except (UserError, RuntimeUserError) as e:
+            if os.environ.get("PIPELINE_DEBUG"):
+                raise
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: nothing half-written was left behind", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def emit(data: dict, as_json: bool, render) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        render(data)
+
+
+run_dir_arg = click.argument("run_dir", type=click.Path(file_okay=False))
+json_opt = click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+provider_opt = click.option("--provider", default="cpu", show_default=True,
+                            help="Execution provider: cpu, cuda or tensorrt.")
+threads_opt = click.option("--threads", type=int, default=2, show_default=True, help="Intra-op threads.")
+variants_opt = click.option("--variant", "variants", multiple=True,
+                            help="Variant(s) to use (fp32, fused, fused-fp16, w8a8, static, w8, w4); default: all.")
+
+
+@click.group(epilog=EXAMPLES)
+@click.version_option(package_name="edge-pipeline")
+def main():
+    """Export, fuse, quantize, check and benchmark decoder LMs on ONNX Runtime."""
+    warnings.filterwarnings("ignore")
+
+
+@main.command(epilog="\b\nExample:\n  pipeline train --out runs/demo --max-seconds 120")
+@click.option("--out", "out", default="runs/demo", show_default=True, help="Run directory to write into.")
+@click.option("--corpus", default=None, help="Text file or directory (default: this Python's stdlib sources).")
+@click.option("--max-seconds", type=float, default=None, help="Training time budget (default: the config's).")
+@click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps.")
+@json_opt
+@user_errors
+def train(out, corpus, max_seconds, max_steps, as_json):
+    """Train the built-in decoder and tokenizer on a local corpus (HF-format checkpoint)."""
+    from pipeline.stages.train import TrainStageConfig, train as train_stage
+
+    results = train_stage(RunDir.open(out, create=True),
+                          TrainStageConfig(corpus=corpus, max_seconds=max_seconds, max_steps=max_steps))
+    emit(results, as_json, lambda r: click.echo(
+        f"trained {r['params']:,} parameters in {r['seconds']:.0f}s ({r['steps']} steps): "
+        f"val loss {r['val_loss']:.3f}, val perplexity {r['val_ppl']:.1f}\nsample: {r['sample']!r}"))
+
+
+@main.command(epilog="\b\nExample:\n  pipeline export --model ./Qwen2.5-0.5B --out runs/qwen")
+@click.option("--model", required=True, help="Checkpoint directory (HF or ours) or .gguf file; nothing is downloaded.")
+@click.option("--out", required=True, help="Run directory to write into.")
+@json_opt
+@user_errors
+def export(model, out, as_json):
+    """Export a checkpoint to one ONNX graph serving prefill and decode, validated against PyTorch."""
+    from pipeline.stages.export import ExportConfig, export as export_stage
+
+    results = export_stage(RunDir.open(out, create=True), ExportConfig(model=model))
+    emit(results, as_json, lambda r: click.echo(
+        f"exported {r['parameters']:,} parameters -> {out}/variants/fp32/model.onnx "
+        f"({r['size_bytes'] / 1e6:.1f} MB); parity vs PyTorch: "
+        + ", ".join(f"{k} {v:.2g}" for k, v in r["parity_max_abs_diff"].items())))
+
+
+@main.command(epilog="\b\nExample:\n  pipeline optimize runs/demo --fp16")
+@run_dir_arg
+@click.option("--fp16", is_flag=True, help="Also convert to float16 (for the CUDA / TensorRT providers).")
+@json_opt
+@user_errors
+def optimize(run_dir, fp16, as_json):
+    """Fuse attention (GroupQueryAttention), rotary and residual+RMSNorm; fail if a layer is not fused."""
+    from pipeline.stages.optimize import OptimizeStageConfig, optimize as optimize_stage
+
+    cfg = OptimizeStageConfig(fp16=fp16)
+    results = optimize_stage(RunDir.open(run_dir), cfg)
+    emit(results, as_json, lambda r: click.echo(
+        f"{cfg.target}: {r['nodes_before']} -> {r['nodes_after']} nodes; fused ops: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(r["fused_ops"].items()))
+        + "; max |logit diff| vs unfused: "
+        + ", ".join(f"{k} {v:.2g}" for k, v in (r["parity_max_abs_logit_diff"] or {}).items())))
+
+
+@main.command(epilog="\b\nExample:\n  pipeline quantize runs/demo --recipe w8a8 --method percentile")
+@run_dir_arg
+@click.option("--recipe", type=click.Choice(["w8a8", "static", "w8", "w4"]), default="w8a8", show_default=True,
+              help="w8a8: static int8 with smoothing and sensitivity-chosen mixed precision; static: plain QDQ "
+                   "int8; w8/w4: weight-only MatMulNBits.")
+@click.option("--source", default="", help="Variant to quantize (default: fused if present, else fp32).")
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax",
+              show_default=True, help="Activation calibration method.")
+@click.option("--per-channel/--per-tensor", default=True, show_default=True, help="Weight scale granularity.")
+@click.option("--calib-windows", type=int, default=8, show_default=True, help="Calibration windows of text.")
+@click.option("--window", type=int, default=128, show_default=True, help="Tokens per calibration window.")
+@click.option("--max-ppl-increase", type=float, default=0.02, show_default=True,
+              help="w8a8: largest relative perplexity increase before MatMuls are kept in float.")
+@click.option("--block-size", type=int, default=32, show_default=True, help="w8/w4 block size.")
+@click.option("--accuracy-level", type=int, default=4, show_default=True, help="w8/w4 MatMulNBits accuracy level.")
+@click.option("--calib-text", default=None, help="Text file to calibrate on (default: the corpus's calib split).")
+@json_opt
+@user_errors
+def quantize(run_dir, recipe, source, method, per_channel, calib_windows, window, max_ppl_increase, block_size,
+             accuracy_level, calib_text, as_json):
+    """Quantize a variant to int8 (QDQ) or int4/int8 weight-only, calibrated on prefill and decode steps."""
+    from pipeline.stages.quantize import QuantizeStageConfig, quantize as quantize_stage
+
+    cfg = QuantizeStageConfig(recipe=recipe, source=source, calibrate_method=method, per_channel=per_channel,
+                              calib_windows=calib_windows, window=window, max_ppl_increase=max_ppl_increase,
+                              block_size=block_size, accuracy_level=accuracy_level, calib_text=calib_text)
+    results = quantize_stage(RunDir.open(run_dir), cfg)
+
+    def render(r):
+        click.echo(f"{recipe}: {r['size_before'] / 1e6:.2f} MB -> {r['size_after'] / 1e6:.2f} MB "
+                   f"({r['size_after'] / r['size_before']:.2f}x)")
+        for key in ("int8_flop_share", "ppl_before", "ppl_after", "kept_float"):
+            if r.get(key) is not None:
+                click.echo(f"  {key}: {r[key]}")
+
+    emit(results, as_json, render)
+
+
+@main.command(epilog="\b\nExample:\n  pipeline check runs/demo --variant w8a8 --steps 32")
+@run_dir_arg
+@variants_opt
+@click.option("--model", default=None, help="PyTorch reference checkpoint (default: the one the run exported).")
+@click.option("--text", default=None, help="Text file to evaluate on (default: the corpus's valid split).")
+@click.option("--windows", type=int, default=4, show_default=True, help="Evaluation windows.")
+@click.option("--window", type=int, default=128, show_default=True, help="Tokens per window.")
+@click.option("--steps", type=int, default=16, show_default=True, help="Greedy decode steps through the KV cache.")
+@provider_opt
+@json_opt
+@user_errors
+def check(run_dir, variants, model, text, windows, window, steps, provider, as_json):
+    """Accuracy of each ONNX variant against PyTorch; exit 1 when a variant misses its thresholds."""
+    from pipeline.stages.check import CheckConfig, check as check_stage, render_table
+
+    cfg = CheckConfig(variants=tuple(variants), model=model, text=text, windows=windows, window=window,
+                      decode_steps=steps, provider=provider)
+    results = check_stage(RunDir.open(run_dir), cfg)
+    emit(results, as_json, lambda r: click.echo(render_table(r)))
+    if not results["passed"]:
+        sys.exit(1)
+
+
+@main.command(epilog="\b\nExample:\n  pipeline bench runs/demo --threads 2 --new-tokens 64 --json")
+@run_dir_arg
+@variants_opt
+@provider_opt
+@threads_opt
+@click.option("--prompt-len", type=int, default=32, show_default=True, help="Prompt tokens (prefill).")
+@click.option("--new-tokens", type=int, default=64, show_default=True, help="Decode steps timed.")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Timed repetitions (median reported).")
+@click.option("--compare", default="pytorch", show_default=True,
+              help="Peers measured in the same run, comma-separated: pytorch, optimum, llamacpp (or 'none').")
+@json_opt
+@user_errors
+def bench(run_dir, variants, provider, threads, prompt_len, new_tokens, repeats, compare, as_json):
+    """Prefill latency, decode ms/token p50/p90, tokens/s, peak memory and size, with peers as baselines."""
+    from pipeline.stages.bench import BenchConfig, bench as bench_stage, render_table
+
+    cfg = BenchConfig(variants=tuple(variants), provider=provider, threads=threads, prompt_len=prompt_len,
+                      new_tokens=new_tokens, repeats=repeats,
+                      compare=tuple(c for c in compare.split(",") if c and c != "none"))
+    results = bench_stage(RunDir.open(run_dir), cfg)
+    emit(results, as_json, lambda r: click.echo(render_table(r)))
+
+
+@main.command(epilog="\b\nExample:\n  pipeline generate runs/demo --prompt 'import os' --temperature 0.8 --top-p 0.9 --seed 1")
+@run_dir_arg
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--variant", default="", help="Variant to run (default: the best available).")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="1.0 = off.")
+@click.option("--seed", type=int, default=None, help="Sampling seed (reproducible output).")
+@provider_opt
+@threads_opt
+@user_errors
+def generate(run_dir, prompt, variant, max_new_tokens, temperature, top_k, top_p, seed, provider, threads):
+    """Generate text from an ONNX variant through its KV cache, streaming tokens as they come."""
+    from pipeline.stages.generate import GenerateConfig, generate as generate_stage
+
+    cfg = GenerateConfig(prompt=prompt, variant=variant, max_new_tokens=max_new_tokens, temperature=temperature,
+                         top_k=top_k, top_p=top_p, seed=seed, provider=provider, threads=threads)
+    generate_stage(RunDir.open(run_dir), cfg, on_text=lambda s: click.echo(s, nl=False))
+    click.echo()
+
+
+@main.command(epilog="\b\nExample:\n  pipeline package runs/demo --out bundle --variant w8a8 --archive tar.gz")
+@run_dir_arg
+@click.option("--out", required=True, help="Bundle directory to write.")
+@click.option("--variant", default="", help="Variant to ship (default: the best that passed check).")
+@click.option("--archive", type=click.Choice(["tar.gz", "zip"]), default=None, help="Also write one archive file.")
+@json_opt
+@user_errors
+def package(run_dir, out, variant, archive, as_json):
+    """Write the edge bundle: model, tokenizer, genai_config.json and a hashed manifest."""
+    from pipeline.stages.package import PackageConfig, package as package_stage
+
+    results = package_stage(RunDir.open(run_dir), PackageConfig(out=out, variant=variant, archive=archive))
+    emit(results, as_json, lambda r: click.echo(
+        f"bundle {r['bundle']} ({r['variant']}, {r['size_bytes'] / 1e6:.1f} MB)"
+        + (f"; archive {r['archive']}" if r.get("archive") else "")))
+
+
+@main.command(epilog="\b\nExamples:\n  pipeline run                      # the demo\n  pipeline run my-model.toml")
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.option("--out", default=None, help="Run directory (default: the config's, or runs/demo).")
+@json_opt
+@user_errors
+def run(config, out, as_json):
+    """Every stage in order from one TOML config; with no config, the built-in demo."""
+    from pipeline.stages.run import run as run_stages
+
+    results = run_stages(config, out, log=lambda s: click.echo(s, err=True))
+    emit(results, as_json, lambda r: click.echo(r["summary"]))
+    if not results.get("passed", True):
+        sys.exit(1)

@@ -1,0 +1,151 @@
+"""Peers measured in the same run as our variants, each in a fresh process so peak memory is its own.
+
+    python -m pipeline.peers pytorch  SOURCE --threads 2 --prompt-len 32 --new-tokens 64
+    python -m pipeline.peers llamacpp MODEL.gguf ...
+    python -m pipeline.peers optimum  SOURCE ...
+
+Each prints one JSON object with the same keys as `python -m runtimes bench`: prefill_ms, decode_ms_p50,
+decode_ms_p90, tokens_per_s, peak_rss_mb. A peer that is not installed is reported as missing, not faked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import resource
+import sys
+import time
+
+import numpy as np
+
+PEERS = {"pytorch": "torch", "optimum": "optimum.onnxruntime", "llamacpp": "llama_cpp"}
+INSTALL = {"pytorch": "pip install torch==2.13.0", "optimum": "pip install 'edge-pipeline[peers]' (optimum-onnx)",
+           "llamacpp": "pip install llama-cpp-python (builds from source, ~10 minutes)"}
+
+
+def available(peer: str) -> bool:
+    try:
+        return importlib.util.find_spec(PEERS[peer]) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def summarize(prefill_ms: list[float], decode_ms: list[float]) -> dict:
+    return {"prefill_ms": float(np.median(prefill_ms)), "decode_ms_p50": float(np.percentile(decode_ms, 50)),
+            "decode_ms_p90": float(np.percentile(decode_ms, 90)),
+            "tokens_per_s": 1000.0 / float(np.median(decode_ms)),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def prompt_ids(vocab: int, n: int, seed: int = 0) -> list[int]:
+    """The same deterministic prompt every runner uses (ids drawn away from special tokens)."""
+    return np.random.default_rng(seed).integers(min(100, vocab // 2), vocab - 1, n).tolist()
+
+
+def bench_pytorch(source: str, threads: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+    import torch
+
+    from models.hf import load_hf_reference
+
+    torch.set_num_threads(threads)
+    model = load_hf_reference(source)
+    ids = torch.tensor([prompt_ids(model.config.vocab_size, prompt_len)])
+    prefill, decode = [], []
+    with torch.inference_mode():
+        for r in range(repeats + 1):  # first repetition warms up
+            t0 = time.perf_counter()
+            out = model(ids, use_cache=True)
+            t1 = time.perf_counter()
+            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            steps = []
+            for _ in range(new_tokens):
+                s = time.perf_counter()
+                out = model(tok, past_key_values=past, use_cache=True)
+                past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                steps.append((time.perf_counter() - s) * 1000)
+            if r:
+                prefill.append((t1 - t0) * 1000)
+                decode += steps
+    return summarize(prefill, decode)
+
+
+def bench_llamacpp(gguf: str, threads: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads, n_ctx=prompt_len + new_tokens + 8,
+                n_batch=max(prompt_len, 8), verbose=False)
+    ids = prompt_ids(llm.n_vocab(), prompt_len)
+    prefill, decode = [], []
+    for r in range(repeats + 1):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        t1 = time.perf_counter()
+        steps = []
+        for _ in range(new_tokens):
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            s = time.perf_counter()
+            llm.eval([tok])
+            steps.append((time.perf_counter() - s) * 1000)
+        if r:
+            prefill.append((t1 - t0) * 1000)
+            decode += steps
+    return summarize(prefill, decode)
+
+
+def bench_optimum(source: str, threads: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+    import tempfile
+
+    import onnxruntime as ort
+    import torch
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    with tempfile.TemporaryDirectory() as tmp:
+        model = ORTModelForCausalLM.from_pretrained(source, export=True, session_options=opts)
+        model.save_pretrained(tmp)
+        ids = torch.tensor([prompt_ids(model.config.vocab_size, prompt_len)])
+        prefill, decode = [], []
+        for r in range(repeats + 1):
+            t0 = time.perf_counter()
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+            t1 = time.perf_counter()
+            past, tok, n = out.past_key_values, out.logits[:, -1:].argmax(-1), prompt_len
+            steps = []
+            for _ in range(new_tokens):
+                n += 1
+                s = time.perf_counter()
+                out = model(input_ids=tok, attention_mask=torch.ones(1, n, dtype=torch.int64),
+                            past_key_values=past, use_cache=True)
+                past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                steps.append((time.perf_counter() - s) * 1000)
+            if r:
+                prefill.append((t1 - t0) * 1000)
+                decode += steps
+    return summarize(prefill, decode)
+
+
+RUNNERS = {"pytorch": bench_pytorch, "llamacpp": bench_llamacpp, "optimum": bench_optimum}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.peers")
+    p.add_argument("peer", choices=sorted(RUNNERS))
+    p.add_argument("model")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    a = p.parse_args(argv)
+    if not available(a.peer):
+        print(json.dumps({"missing": True, "install": INSTALL[a.peer]}))
+        return 0
+    result = RUNNERS[a.peer](a.model, a.threads, a.prompt_len, a.new_tokens, a.repeats)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

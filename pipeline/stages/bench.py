@@ -1,0 +1,120 @@
+"""Stage `bench`: every ONNX variant and the peers (PyTorch eager, Optimum, llama.cpp) in the same run.
+
+Each measurement runs in its own subprocess (`python -m runtimes bench`, `python -m pipeline.peers`) so peak
+memory is that runner's alone and one runner's allocator cannot warm another's caches. Timings on a shared
+machine are noisy: read them as ratios within one run (the table prints decode speed-up over PyTorch).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from models.errors import UserError
+from pipeline.manifest import RunDir
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    variants: tuple[str, ...] = ()   # () = every variant in the run
+    provider: str = "cpu"            # cpu | cuda | tensorrt
+    threads: int = 2                 # intra-op threads for every runner (ours and peers)
+    prompt_len: int = 32             # prefill tokens
+    new_tokens: int = 64             # decode steps timed
+    repeats: int = 3                 # timed repetitions after one warm-up
+    compare: tuple[str, ...] = ("pytorch",)  # peers: pytorch, optimum, llamacpp
+    timeout_s: int = 1800            # per runner
+
+
+def run_json(cmd: list[str], timeout: int) -> dict:
+    """Run a measuring subprocess; its last stdout line is one JSON object."""
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout}s"}
+    if p.returncode != 0:
+        lines = (p.stderr or p.stdout).strip().splitlines()
+        return {"error": lines[-1] if lines else f"exit {p.returncode}"}
+    try:
+        return json.loads(p.stdout.strip().splitlines()[-1])
+    except (json.JSONDecodeError, IndexError):
+        return {"error": "runner printed no JSON"}
+
+
+def bench_variant(path: Path, config: BenchConfig, cache_dir: Path) -> dict:
+    cmd = [sys.executable, "-m", "runtimes", "bench", str(path), "--provider", config.provider,
+           "--threads", str(config.threads), "--prompt-len", str(config.prompt_len),
+           "--new-tokens", str(config.new_tokens), "--repeats", str(config.repeats), "--json"]
+    if config.provider == "tensorrt":  # engines and timing caches live in the run, reused by the next bench
+        cmd += ["--trt-cache-dir", str(cache_dir)]
+    return run_json(cmd, config.timeout_s)
+
+
+def peer_model(run: RunDir, peer: str) -> str:
+    """What a peer loads: the source checkpoint; llama.cpp needs a .gguf file."""
+    source = run.artifact("source")["path"]
+    if peer == "llamacpp" and not source.endswith(".gguf"):
+        gguf = run.root / "peers" / "model.gguf"
+        if not gguf.exists():
+            raise UserError("llama.cpp needs a .gguf model: export from a .gguf file, or put one at "
+                            f"{gguf}")
+        return str(gguf)
+    return source
+
+
+def bench_peer(run: RunDir, peer: str, config: BenchConfig) -> dict:
+    from pipeline.peers import INSTALL, available
+
+    if peer not in INSTALL:
+        raise UserError(f"unknown peer {peer!r}: choose from {', '.join(sorted(INSTALL))}")
+    if not available(peer):
+        return {"missing": True, "install": INSTALL[peer]}
+    cmd = [sys.executable, "-m", "pipeline.peers", peer, peer_model(run, peer), "--threads", str(config.threads),
+           "--prompt-len", str(config.prompt_len), "--new-tokens", str(config.new_tokens),
+           "--repeats", str(config.repeats)]
+    return run_json(cmd, config.timeout_s)
+
+
+def bench(run: RunDir, config: BenchConfig) -> dict:
+    from runtimes.providers import resolve
+
+    resolve(config.provider)  # an unknown or absent provider fails here, with its install line
+    names = list(config.variants) or run.variants()
+    if not names:
+        raise UserError(f"run {run.root} has no ONNX variants to benchmark: run `pipeline export` first")
+    for n in names:
+        run.artifact(n)
+    rows = {}
+    for peer in config.compare:
+        rows[peer] = bench_peer(run, peer, config)
+    for n in names:
+        rows[n] = bench_variant(run.variant_path(n), config, run.root / "cache" / config.provider / n)
+    base = rows.get("pytorch", {}).get("decode_ms_p50")
+    for r in rows.values():
+        if base and r.get("decode_ms_p50"):
+            r["decode_speedup_vs_pytorch"] = base / r["decode_ms_p50"]
+    results = {"provider": config.provider, "threads": config.threads, "prompt_len": config.prompt_len,
+               "new_tokens": config.new_tokens, "rows": rows}
+    run.record("bench", asdict(config), {n: str(run.variant_path(n)) for n in names}, {}, results)
+    return results
+
+
+def render_table(results: dict) -> str:
+    head = (f"{'runner':<12} {'prefill ms':>10} {'decode p50':>10} {'p90':>7} {'tok/s':>7} {'x pytorch':>9} "
+            f"{'peak MB':>8} {'file MB':>8}")
+    lines = [f"provider {results['provider']}, {results['threads']} threads, batch 1, "
+             f"{results['prompt_len']}-token prompt, {results['new_tokens']} decode steps", head, "-" * len(head)]
+    for name, r in results["rows"].items():
+        if r.get("missing"):
+            lines.append(f"{name:<12} not installed: {r['install']}")
+        elif r.get("error"):
+            lines.append(f"{name:<12} error: {r['error']}")
+        else:
+            size = f"{r['file_bytes'] / 1e6:>8.2f}" if r.get("file_bytes") else f"{'-':>8}"
+            lines.append(f"{name:<12} {r['prefill_ms']:>10.2f} {r['decode_ms_p50']:>10.2f} {r['decode_ms_p90']:>7.2f} "
+                         f"{r['tokens_per_s']:>7.1f} {r.get('decode_speedup_vs_pytorch', float('nan')):>8.2f}x "
+                         f"{r['peak_rss_mb']:>8.0f} {size}")
+    return "\n".join(lines)

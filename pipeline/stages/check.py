@@ -1,0 +1,207 @@
+"""Stage `check`: every ONNX variant against the PyTorch model, on text the quantizer never saw.
+
+Per variant: max |logit difference|, teacher-forced top-1 agreement, KL(PyTorch || ONNX), perplexity of both,
+greedy tokens over N decode steps through the KV cache (ONNX through runtimes/, the code that ships), the share
+of MatMul FLOPs that run in int8, and the file size. Each variant kind has thresholds; a miss fails the stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from models.errors import UserError
+from pipeline.data import token_windows
+from pipeline.manifest import RunDir
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    max_abs_diff: float | None = None   # largest |logit difference| allowed (None: not judged)
+    min_top1: float = 0.0               # teacher-forced top-1 agreement with PyTorch
+    max_kl: float | None = None         # mean KL(PyTorch || ONNX) per token, nats
+    max_ppl_increase: float | None = None  # relative perplexity increase over PyTorch
+    min_greedy_match: float = 0.0       # share of greedy decode tokens equal to PyTorch's (prefix-aligned)
+
+
+# fp32 graphs must be exact to float rounding; fp16 to half-precision rounding; int8 keeps the model's quality.
+THRESHOLDS = {
+    "fp32": Thresholds(max_abs_diff=1e-3, min_top1=0.999, max_kl=1e-5, max_ppl_increase=0.001, min_greedy_match=1.0),
+    "fused": Thresholds(max_abs_diff=1e-3, min_top1=0.999, max_kl=1e-5, max_ppl_increase=0.001, min_greedy_match=1.0),
+    "fused-fp16": Thresholds(max_abs_diff=0.1, min_top1=0.98, max_kl=2e-3, max_ppl_increase=0.01),
+    "w8a8": Thresholds(min_top1=0.90, max_kl=0.05, max_ppl_increase=0.05),
+    "static": Thresholds(min_top1=0.85, max_kl=0.10, max_ppl_increase=0.10),
+    "w8": Thresholds(min_top1=0.95, max_kl=0.02, max_ppl_increase=0.02),
+    "w4": Thresholds(min_top1=0.85, max_kl=0.10, max_ppl_increase=0.10),
+}
+
+
+@dataclass(frozen=True)
+class CheckConfig:
+    variants: tuple[str, ...] = ()  # () = every variant in the run
+    model: str | None = None        # PyTorch reference; default: the source the run exported
+    text: str | None = None         # evaluation text file; default: the corpus's valid split
+    windows: int = 4                # evaluation windows
+    window: int = 128               # tokens per window
+    decode_steps: int = 16          # greedy steps through the KV cache
+    prompt_tokens: int = 16         # prompt length for the greedy comparison
+    provider: str = "cpu"
+    threads: int = 2
+    thresholds: dict = field(default_factory=dict)  # variant -> Thresholds overrides
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def compare_logits(ref: np.ndarray, got: np.ndarray, targets: np.ndarray) -> dict:
+    """ref/got: (S, V) logits for positions predicting `targets` (S,)."""
+    lr, lg = log_softmax(ref), log_softmax(got)
+    kl = float(np.mean(np.sum(np.exp(lr) * (lr - lg), axis=-1)))
+    idx = np.arange(len(targets))
+    return {"max_abs_diff": float(np.max(np.abs(ref.astype(np.float64) - got))),
+            "top1": float(np.mean(ref.argmax(-1) == got.argmax(-1))), "kl": kl,
+            "nll_ref": float(-lr[idx, targets].mean()), "nll_got": float(-lg[idx, targets].mean())}
+
+
+def int8_flop_share(model_path) -> dict:
+    """Share of weight-MatMul FLOPs (K*N per token) whose weights are int8/int4, and of those with int8
+    activations too (W8A8). Read from the graph itself, so it cannot disagree with what runs."""
+    import onnx
+
+    m = onnx.load(str(model_path), load_external_data=False)
+    g = m.graph
+    inits = {t.name: t for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+
+    def dq_int(name):  # name produced by DequantizeLinear of an int initializer?
+        n = producer.get(name)
+        return n is not None and n.op_type == "DequantizeLinear" and n.input[0] in inits
+
+    total = int8_w = int8_wa = 0
+    for n in g.node:
+        if n.op_type == "MatMulNBits":  # weight-only: int weights, float activations
+            attrs = {a.name: a.i for a in n.attribute}
+            total += attrs["K"] * attrs["N"]
+            int8_w += attrs["K"] * attrs["N"]
+        elif n.op_type == "MatMul" and n.input[1] in inits:  # float weight
+            dims = inits[n.input[1]].dims
+            total += dims[0] * dims[1]
+        elif n.op_type == "MatMul" and dq_int(n.input[1]):  # QDQ weight
+            dims = inits[producer[n.input[1]].input[0]].dims
+            total += dims[0] * dims[1]
+            int8_w += dims[0] * dims[1]
+            a = producer.get(n.input[0])
+            if a is not None and a.op_type == "DequantizeLinear":
+                int8_wa += dims[0] * dims[1]
+        # MatMuls of two activations (attention scores) are not weight MatMuls and are not counted
+    return {"int8_weight_flop_share": int8_w / total if total else 0.0,
+            "int8_w8a8_flop_share": int8_wa / total if total else 0.0}
+
+
+def torch_reference(run: RunDir, config: CheckConfig):
+    from models.hf import load_model
+
+    path = config.model or run.artifact("source")["path"]
+    return load_model(path).model
+
+
+def check_variant(name: str, path, model, windows, config: CheckConfig) -> dict:
+    import torch
+
+    from runtimes.generate import greedy_tokens
+    from runtimes.providers import resolve
+    from runtimes.session import open_session
+
+    sess = open_session(path, resolve(config.provider), threads=config.threads)
+    per_window = []
+    for ids in windows:
+        x = np.array([ids], dtype=np.int64)
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x))[0][0].numpy()
+        got = prefill_logits(sess, x)
+        per_window.append(compare_logits(ref[:-1], got[:-1], np.array(ids[1:])))
+    prompt = windows[0][:config.prompt_tokens]
+    with torch.no_grad():
+        ref_tokens = model.generate(torch.tensor([prompt]), config.decode_steps)[0].tolist()
+    got_tokens = greedy_tokens(sess, prompt, config.decode_steps)
+    match = next((i for i, (a, b) in enumerate(zip(ref_tokens, got_tokens)) if a != b), len(ref_tokens))
+    nll_ref = float(np.mean([w["nll_ref"] for w in per_window]))
+    nll_got = float(np.mean([w["nll_got"] for w in per_window]))
+    size = sum(f.stat().st_size for f in path.parent.iterdir() if f.name.startswith("model.onnx"))
+    return {"variant": name, "provider": sess.provider,
+            "max_abs_diff": max(w["max_abs_diff"] for w in per_window),
+            "top1": float(np.mean([w["top1"] for w in per_window])),
+            "kl": float(np.mean([w["kl"] for w in per_window])),
+            "ppl_ref": float(np.exp(nll_ref)), "ppl": float(np.exp(nll_got)),
+            "ppl_increase": float(np.exp(nll_got - nll_ref) - 1.0),
+            "greedy_match": match / max(1, len(ref_tokens)), "greedy_ref": ref_tokens, "greedy": got_tokens,
+            **int8_flop_share(path), "size_bytes": size}
+
+
+def prefill_logits(sess, x: np.ndarray) -> np.ndarray:
+    """Teacher-forced logits (S, V) of one window through the KV-cache graph with an empty past."""
+    c = sess.contract
+    kv = np.zeros((1, c.num_kv_heads, 0, c.head_dim), dtype=sess.kv_dtype)
+    feeds = {"input_ids": x, "attention_mask": np.ones_like(x), "position_ids": np.arange(x.shape[1])[None]}
+    feeds.update({n: kv for i in range(c.num_layers)
+                  for n in (f"past_key_values.{i}.key", f"past_key_values.{i}.value")})
+    feeds = {k: v for k, v in feeds.items() if k in sess.input_names}
+    return sess.run(feeds, ["logits"])[0][0].astype(np.float32)
+
+
+def judge(name: str, r: dict, config: CheckConfig) -> list[str]:
+    """Names of the thresholds this variant misses."""
+    t = config.thresholds.get(name) or THRESHOLDS.get(name) or THRESHOLDS["static"]
+    misses = []
+    if t.max_abs_diff is not None and r["max_abs_diff"] > t.max_abs_diff:
+        misses.append(f"max_abs_diff {r['max_abs_diff']:.3g} > {t.max_abs_diff}")
+    if r["top1"] < t.min_top1:
+        misses.append(f"top1 {r['top1']:.3f} < {t.min_top1}")
+    if t.max_kl is not None and r["kl"] > t.max_kl:
+        misses.append(f"kl {r['kl']:.3g} > {t.max_kl}")
+    if t.max_ppl_increase is not None and r["ppl_increase"] > t.max_ppl_increase:
+        misses.append(f"ppl +{100 * r['ppl_increase']:.2f}% > +{100 * t.max_ppl_increase:.1f}%")
+    if r["greedy_match"] < t.min_greedy_match:
+        misses.append(f"greedy match {r['greedy_match']:.2f} < {t.min_greedy_match}")
+    return misses
+
+
+def check(run: RunDir, config: CheckConfig) -> dict:
+    names = list(config.variants) or run.variants()
+    if not names:
+        raise UserError(f"run {run.root} has no ONNX variants to check: run `pipeline export` first")
+    for n in names:
+        run.artifact(n)
+        if not run.variant_path(n).exists():
+            raise UserError(f"variant {n!r} is recorded but {run.variant_path(n)} is missing")
+    model = torch_reference(run, config)
+    windows = token_windows(run.root, "valid", config.text, config.windows, config.window)
+    rows = []
+    for n in names:
+        r = check_variant(n, run.variant_path(n), model, windows, config)
+        r["failed"] = judge(n, r, config)
+        rows.append(r)
+    results = {"variants": rows, "passed": all(not r["failed"] for r in rows),
+               "tokens_evaluated": sum(len(w) - 1 for w in windows)}
+    cfg = {k: v for k, v in asdict(config).items() if k != "thresholds"}
+    run.record("check", cfg, {n: str(run.variant_path(n)) for n in names}, {}, results)
+    return results
+
+
+def render_table(results: dict) -> str:
+    head = f"{'variant':<11} {'max|dlogit|':>11} {'top1':>6} {'KL':>9} {'ppl ref':>8} {'ppl':>8} {'dppl':>7} " \
+           f"{'greedy':>6} {'int8 W':>6} {'W8A8':>5} {'MB':>7}  verdict"
+    lines = [head, "-" * len(head)]
+    for r in results["variants"]:
+        lines.append(f"{r['variant']:<11} {r['max_abs_diff']:>11.3g} {r['top1']:>6.3f} {r['kl']:>9.2e} "
+                     f"{r['ppl_ref']:>8.2f} {r['ppl']:>8.2f} {100 * r['ppl_increase']:>+6.2f}% "
+                     f"{r['greedy_match']:>6.2f} {r['int8_weight_flop_share']:>6.2f} "
+                     f"{r['int8_w8a8_flop_share']:>5.2f} {r['size_bytes'] / 1e6:>7.2f}  "
+                     + ("ok" if not r["failed"] else "FAIL: " + "; ".join(r["failed"])))
+    lines.append(f"({results['tokens_evaluated']} tokens evaluated; "
+                 f"{'all variants passed' if results['passed'] else 'some variants FAILED'})")
+    return "\n".join(lines)

@@ -1,0 +1,89 @@
+"""`pipeline run [CONFIG.toml]`: every stage in order from one config file; no file = the built-in demo.
+
+    out = "runs/smol"                 # run directory
+    [export]
+    model = "models/SmolLM2.gguf"     # or a [train] table to train the built-in decoder first
+    [optimize]
+    [quantize]
+    recipe = "w8a8"
+    [check]
+    [bench]
+    threads = 2
+
+A table present means the stage runs, with its keys as the stage's options; a stage left out is skipped.
+The demo is train -> export -> optimize -> quantize -> check -> bench into runs/demo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import tomllib
+from pathlib import Path
+from typing import Callable
+
+from models.errors import UserError
+from pipeline.manifest import RunDir
+from pipeline.stages import bench, check, export, optimize, quantize, train
+
+ORDER = ("train", "export", "optimize", "quantize", "check", "bench")
+DEMO = {"out": "runs/demo", "train": {}, "export": {}, "optimize": {}, "quantize": {"recipe": "w8a8"},
+        "check": {}, "bench": {}}
+STAGES = {
+    "train": (train.TrainStageConfig, train.train),
+    "export": (export.ExportConfig, export.export),
+    "optimize": (optimize.OptimizeStageConfig, optimize.optimize),
+    "quantize": (quantize.QuantizeStageConfig, quantize.quantize),
+    "check": (check.CheckConfig, check.check),
+    "bench": (bench.BenchConfig, bench.bench),
+}
+
+
+def load_config(path: str | None) -> dict:
+    if path is None:
+        return {k: dict(v) if isinstance(v, dict) else v for k, v in DEMO.items()}
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {p}")
+    try:
+        cfg = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{p} is not valid TOML: {e}") from e
+    unknown = set(cfg) - set(ORDER) - {"out"}
+    if unknown:
+        raise UserError(f"{p}: unknown table(s) {sorted(unknown)}; known: out, {', '.join(ORDER)}")
+    return cfg
+
+
+def make_config(stage: str, table: dict):
+    """The stage's frozen config from its TOML table; list values become tuples, unknown keys are errors."""
+    cls = STAGES[stage][0]
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(table) - names
+    if unknown:
+        raise UserError(f"[{stage}] has unknown key(s) {sorted(unknown)}; known: {', '.join(sorted(names))}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in table.items()})
+
+
+def run(config_path: str | None, out: str | None, log: Callable[[str], None]) -> dict:
+    cfg = load_config(config_path)
+    run_dir = RunDir.open(out or cfg.get("out", "runs/demo"), create=True)
+    if "train" in cfg:
+        cfg.setdefault("export", {}).setdefault("model", str(run_dir.root / "checkpoint"))
+    elif "export" in cfg and "model" not in cfg["export"]:
+        raise UserError("[export] needs `model = \"PATH\"` (or add a [train] table to train one)")
+    configs = {s: make_config(s, cfg[s]) for s in ORDER if s in cfg}  # validate all before running any
+    results, lines = {}, []
+    for stage, scfg in configs.items():
+        log(f"== {stage}")
+        t0 = time.perf_counter()
+        results[stage] = STAGES[stage][1](run_dir, scfg)
+        lines.append(f"{stage:<9} {time.perf_counter() - t0:7.1f}s")
+        if stage == "check":
+            log(check.render_table(results[stage]))
+        if stage == "bench":
+            log(bench.render_table(results[stage]))
+    passed = results.get("check", {}).get("passed", True)
+    summary = "\n".join([f"run directory: {run_dir.root} (manifest.json records every stage)", *lines,
+                         "check: " + ("passed" if passed else "FAILED")])
+    return {"run_dir": str(run_dir.root), "stages": results, "passed": passed, "summary": summary}

@@ -1,0 +1,27 @@
+"""Stage `train`: the built-in decoder and its tokenizer, trained on a local corpus -> RUN/checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+from pipeline.manifest import RunDir
+
+
+@dataclass(frozen=True)
+class TrainStageConfig:
+    corpus: str | None = None        # text file or directory; None = this Python's stdlib sources
+    max_seconds: float | None = None  # time budget; None = the training config's default
+    max_steps: int | None = None     # step budget; None = the training config's default
+
+
+def train(run: RunDir, config: TrainStageConfig) -> dict:
+    from models.train import TrainConfig, train as train_model
+
+    tcfg = TrainConfig()
+    overrides = {k: v for k, v in (("corpus", config.corpus), ("max_seconds", config.max_seconds),
+                                   ("max_steps", config.max_steps)) if v is not None}
+    tcfg = replace(tcfg, **overrides)
+    results = train_model(tcfg, run.root / "checkpoint")
+    run.record("train", {**asdict(config), "train_config": asdict(tcfg)}, {"corpus": config.corpus or "stdlib"},
+               {"checkpoint": {"kind": "checkpoint", "path": "checkpoint", "parent": None}}, results)
+    return results

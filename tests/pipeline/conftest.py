@@ -1,0 +1,73 @@
+"""Tiny random-init checkpoints of each supported family, built from configs (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+TEXT = "\n".join(
+    f"def function_{i}(x, y):\n    total = x + y * {i}\n    return total if total > {i} else -total\n"
+    for i in range(400))
+
+
+def make_tokenizer(out_dir: Path, vocab: int = 256) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([TEXT], trainer)
+    tok.save(str(out_dir / "tokenizer.json"))
+
+
+def make_hf_checkpoint(out_dir: Path, family: str = "llama", seed: int = 0) -> Path:
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=512, bos_token_id=0, eos_token_id=0)
+    if family == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=512, bos_token_id=0,
+                            eos_token_id=0)
+        model = tf.GPT2LMHeadModel(cfg)
+    else:
+        cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+               "mistral": (tf.MistralConfig, tf.MistralForCausalLM)}[family]
+        cfg = cls[0](intermediate_size=128, num_key_value_heads=2, **common)
+        model = cls[1](cfg)
+    with torch.no_grad():  # random norm weights, so a fusion that drops one shows in the logits
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and ("norm" in name or "ln" in name) and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    make_tokenizer(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("text") / "text.txt"
+    p.write_text(TEXT)
+    return p
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory) -> Path:
+    return make_hf_checkpoint(tmp_path_factory.mktemp("llama") / "ckpt", "llama")
+
+
+@pytest.fixture(scope="session")
+def bert_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("bert") / "ckpt"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"],
+                                               "hidden_size": 32, "num_hidden_layers": 1,
+                                               "num_attention_heads": 2, "intermediate_size": 64,
+                                               "vocab_size": 100}))
+    return d

@@ -1,0 +1,218 @@
+"""Every stage through the CLI on tiny random-init models, and every bad-input path: one line, non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.manifest import RunDir, sha256
+from tests.pipeline.conftest import make_hf_checkpoint
+
+
+def invoke(*args: str, ok: bool = True):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+def one_line_error(result, *needles: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "Traceback" not in result.output
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, llama_dir, text_file) -> Path:
+    out = tmp_path_factory.mktemp("run") / "run"
+    invoke("export", "--model", llama_dir, "--out", out)
+    invoke("optimize", out)
+    return out
+
+
+def test_export_writes_one_kv_graph_that_matches_pytorch(run_dir):
+    model = onnx.load(str(run_dir / "variants/fp32/model.onnx"))
+    inputs = [i.name for i in model.graph.input]
+    outputs = [o.name for o in model.graph.output]
+    assert inputs[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert inputs[3:] == [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    assert outputs == ["logits"] + [f"present.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    dims = [d.dim_param for d in model.graph.input[3].type.tensor_type.shape.dim]
+    assert dims[0] == "batch_size" and dims[2] == "past_sequence_length"
+    parity = RunDir(run_dir).results("export")["parity_max_abs_diff"]
+    assert set(parity) == {"prefill", "decode"} and max(parity.values()) < 1e-4
+
+
+def test_optimize_fuses_one_attention_per_layer(run_dir):
+    counts = Counter(n.op_type for n in onnx.load(str(run_dir / "variants/fused/model.onnx")).graph.node)
+    assert counts["GroupQueryAttention"] == 2
+    assert counts["SkipSimplifiedLayerNormalization"] + counts["SimplifiedLayerNormalization"] == 5
+    assert counts["Softmax"] == 0 and counts["Sin"] == 0  # attention and rotary live inside GQA now
+    res = RunDir(run_dir).results("optimize")
+    assert res["fused_ops"]["GroupQueryAttention"] == 2
+    assert max(res["parity_max_abs_logit_diff"].values()) < 1e-3
+
+
+def test_check_fp32_and_fused_pass_tight_thresholds(run_dir, text_file):
+    r = invoke("check", run_dir, "--variant", "fp32", "--variant", "fused", "--text", text_file, "--json",
+               "--steps", "8", "--window", "64")
+    res = json.loads(r.output)
+    assert res["passed"]
+    for row in res["variants"]:
+        assert row["max_abs_diff"] < 1e-3 and row["top1"] == 1.0 and row["greedy"] == row["greedy_ref"]
+        assert abs(row["ppl"] - row["ppl_ref"]) / row["ppl_ref"] < 1e-4
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "static", "w8", "w4"])
+def test_quantize_recipes_shrink_and_are_checked(run_dir, text_file, recipe):
+    invoke("quantize", run_dir, "--recipe", recipe, "--calib-text", text_file, "--calib-windows", "4",
+           "--window", "32", "--max-ppl-increase", "1.0")
+    path = run_dir / "variants" / recipe / "model.onnx"
+    ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    if recipe in ("w8", "w4"):
+        assert ops["MatMulNBits"] > 0
+    else:
+        assert ops["DequantizeLinear"] > 0
+    r = invoke("check", run_dir, "--variant", recipe, "--text", text_file, "--json", "--steps", "4",
+               "--window", "64", ok=False)
+    row = json.loads(r.output)["variants"][0]
+    assert row["int8_weight_flop_share"] > 0.5
+    assert row["size_bytes"] < (run_dir / "variants/fused/model.onnx").stat().st_size
+    assert 0 <= row["top1"] <= 1 and np.isfinite(row["ppl"])
+
+
+def test_check_fails_loudly_when_a_threshold_is_missed(run_dir, text_file, monkeypatch):
+    from pipeline.stages import check as check_mod
+
+    monkeypatch.setitem(check_mod.THRESHOLDS, "fused", check_mod.Thresholds(max_abs_diff=-1.0))
+    r = invoke("check", run_dir, "--variant", "fused", "--text", text_file, "--steps", "2", "--window", "32",
+               ok=False)
+    assert r.exit_code == 1 and "FAIL: max_abs_diff" in r.output
+
+
+def test_bench_reports_every_runner_with_pytorch_baseline(run_dir):
+    r = invoke("bench", run_dir, "--variant", "fused", "--json", "--prompt-len", "8", "--new-tokens", "4",
+               "--repeats", "1", "--threads", "1")
+    rows = json.loads(r.output)["rows"]
+    assert set(rows) == {"pytorch", "fused"}
+    for row in rows.values():
+        assert row["decode_ms_p50"] > 0 and row["prefill_ms"] > 0 and row["peak_rss_mb"] > 10
+    assert rows["fused"]["decode_speedup_vs_pytorch"] > 0
+
+
+def test_bench_names_missing_peers(run_dir):
+    from pipeline.peers import available
+
+    if available("optimum"):
+        pytest.skip("optimum is installed here")
+    r = invoke("bench", run_dir, "--variant", "fused", "--compare", "optimum", "--prompt-len", "4",
+               "--new-tokens", "2", "--repeats", "1")
+    assert "optimum" in r.output and "not installed" in r.output
+
+
+def test_generate_streams_text_and_seeds_reproduce(run_dir):
+    a = invoke("generate", run_dir, "--prompt", "def function_1(x", "--max-new-tokens", "12",
+               "--temperature", "0.9", "--top-p", "0.9", "--seed", "3")
+    b = invoke("generate", run_dir, "--prompt", "def function_1(x", "--max-new-tokens", "12",
+               "--temperature", "0.9", "--top-p", "0.9", "--seed", "3")
+    assert a.output == b.output and a.output.strip()
+
+
+def test_manifest_records_hashes_that_match_the_files(run_dir):
+    data = json.loads((run_dir / "manifest.json").read_text())
+    assert [s["stage"] for s in data["stages"]][:2] == ["export", "optimize"]
+    fused = data["artifacts"]["fused"]
+    assert fused["parent"] == "fp32" and fused["stage"] == "optimize"
+    for rel, digest in fused["files"].items():
+        assert sha256(run_dir / rel) == digest
+
+
+def test_run_from_toml_config(tmp_path, llama_dir, text_file):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'out = "{tmp_path / "r"}"\n[export]\nmodel = "{llama_dir}"\n[optimize]\n'
+                   f'[check]\ntext = "{text_file}"\nwindow = 32\ndecode_steps = 4\n')
+    invoke("run", cfg)
+    stages = [s["stage"] for s in json.loads((tmp_path / "r/manifest.json").read_text())["stages"]]
+    assert stages == ["export", "optimize", "check"]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2", "mistral"])
+def test_other_families_export_fuse_and_match(tmp_path, family, text_file):
+    ckpt = make_hf_checkpoint(tmp_path / "ckpt", family)
+    invoke("export", "--model", ckpt, "--out", tmp_path / "run")
+    invoke("optimize", tmp_path / "run")
+    counts = Counter(n.op_type for n in onnx.load(str(tmp_path / "run/variants/fused/model.onnx")).graph.node)
+    assert counts["GroupQueryAttention"] == 2
+    r = invoke("check", tmp_path / "run", "--text", text_file, "--json", "--steps", "4", "--window", "32")
+    assert json.loads(r.output)["passed"]
+
+
+# ---- bad input: one line, non-zero exit, nothing half-written ----
+
+def test_missing_model_path(tmp_path):
+    one_line_error(invoke("export", "--model", tmp_path / "nope", "--out", tmp_path / "r", ok=False), "nope")
+
+
+def test_hub_id_is_never_downloaded(tmp_path):
+    one_line_error(invoke("export", "--model", "HuggingFaceTB/SmolLM2-135M", "--out", tmp_path / "r", ok=False),
+                   "download")
+
+
+def test_non_decoder_checkpoint(tmp_path, bert_dir):
+    one_line_error(invoke("export", "--model", bert_dir, "--out", tmp_path / "r", ok=False), "bert")
+    assert not (tmp_path / "r/variants/fp32/model.onnx").exists()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_onnx(tmp_path, run_dir, damage):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    model = run / "variants/fp32/model.onnx"
+    data = model.read_bytes()
+    model.write_bytes(b"not an onnx file" * 10 if damage == "garbage" else data[:len(data) // 2])
+    shutil.rmtree(run / "variants/fused")
+    one_line_error(invoke("optimize", run, ok=False), "model.onnx")
+    assert not (run / "variants/fused/model.onnx").exists()
+    one_line_error(invoke("generate", run, "--variant", "fp32", "--prompt", "x", ok=False), "model.onnx")
+
+
+def test_unknown_and_absent_providers(run_dir):
+    one_line_error(invoke("bench", run_dir, "--provider", "npu", ok=False), "npu")
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        one_line_error(invoke("bench", run_dir, "--provider", "cuda", ok=False), "pip install")
+        one_line_error(invoke("generate", run_dir, "--provider", "tensorrt", "--prompt", "x", ok=False),
+                       "pip install")
+
+
+def test_interrupted_export_leaves_nothing_half_written(tmp_path, llama_dir, monkeypatch):
+    import torch
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.onnx, "export", interrupted)
+    r = invoke("export", "--model", llama_dir, "--out", tmp_path / "r", ok=False)
+    assert r.exit_code == 130 and "Traceback" not in r.output
+    leftovers = [p for p in (tmp_path / "r").rglob("*") if p.is_file() or p.name.startswith(".")]
+    assert not [p for p in leftovers if p.suffix in (".onnx", ".data") or p.name.startswith(".export")]
+
+
+def test_entry_point_prints_no_traceback(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "pipeline", "check", str(tmp_path / "missing")],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.startswith("error: ")
