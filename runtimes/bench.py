@@ -1,0 +1,110 @@
+"""Latency and memory of one model variant on one provider: prefill, per-token decode, cold start, peak RSS.
+
+Peak RSS is the process's high-water mark, so it is only honest for one variant per process: the orchestrator
+runs `python -m runtimes bench MODEL --json` once per variant, each in a fresh subprocess.
+
+The first run is timed apart from the rest (`cold_start_ms` = session creation + first run): on TensorRT that
+is where engines are built, or loaded from the cache on later runs; warmup and repeats measure steady state.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from runtimes.errors import RuntimeUserError
+from runtimes.generate import Generator, check_request
+from runtimes.providers import ProviderSpec, cpu
+from runtimes.session import open_session, resolve_model_path
+
+
+@dataclass(frozen=True)
+class RunTimes:
+    """One timed generation: the prompt's prefill and every decode step, in seconds."""
+    prefill: float
+    steps: tuple[float, ...]
+
+
+def timed_run(generator: Generator, prompt: np.ndarray, new_tokens: int) -> RunTimes:
+    """Prefill `prompt` (B, S), then `new_tokens` greedy decode steps, each timed on its own."""
+    clock = time.perf_counter
+    start = clock()
+    logits = generator.prefill(prompt, capacity=prompt.shape[1] + new_tokens)
+    prefill = clock() - start
+    steps = []
+    for _ in range(new_tokens):
+        start = clock()
+        logits = generator.step(logits.argmax(axis=-1))
+        steps.append(clock() - start)
+    return RunTimes(prefill, tuple(steps))
+
+
+def model_bytes(path: Path) -> int:
+    """The model file plus its external-data file (`<name>.data`, as the exporter writes it), if any."""
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory; ru_maxrss is KiB on Linux and bytes on macOS."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
+def _require_positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise RuntimeUserError(f"{name} is {value}: it must be at least 1")
+
+
+def bench_model(model_path: str | Path, spec: ProviderSpec | None = None, prompt_len: int = 32,
+                new_tokens: int = 64, warmup: int = 2, repeats: int = 5, threads: int | None = 2,
+                batch: int = 1, seed: int = 0) -> dict:
+    """Time `model_path` on `spec` (default CPU) with a random prompt; one flat, JSON-ready dict.
+
+    prefill_ms is the median over repeats; decode_ms_p50/p90 are over every decode step of every repeat;
+    tokens_per_s counts all sequences of the batch over the median decode time of a repeat.
+    """
+    _require_positive(prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats, batch=batch)
+    if warmup < 0:
+        raise RuntimeUserError(f"warmup is {warmup}: it must be 0 or more")
+    spec = spec or cpu()
+    path = resolve_model_path(model_path)
+    start = time.perf_counter()
+    session = open_session(path, spec, threads)
+    created = time.perf_counter() - start
+    check_request(session, prompt_len, new_tokens)
+    generator = Generator(session)
+    prompt = np.random.default_rng(seed).integers(0, session.contract.vocab_size, (batch, prompt_len))
+    first = timed_run(generator, prompt, new_tokens)
+    for _ in range(warmup):
+        timed_run(generator, prompt, new_tokens)
+    runs = [timed_run(generator, prompt, new_tokens) for _ in range(repeats)]
+    steps_ms = np.array([s for r in runs for s in r.steps]) * 1e3
+    decode_s = float(np.median([sum(r.steps) for r in runs]))
+    first_run_s = first.prefill + sum(first.steps)
+    return {
+        "model": str(path),
+        "provider": spec.name,
+        "provider_in_use": session.provider,
+        "threads": threads,
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "kv_dtype": session.kv_dtype.name,
+        "session_create_ms": created * 1e3,
+        "first_run_ms": first_run_s * 1e3,
+        "cold_start_ms": (created + first_run_s) * 1e3,
+        "prefill_ms": float(np.median([r.prefill for r in runs])) * 1e3,
+        "decode_ms_p50": float(np.percentile(steps_ms, 50)),
+        "decode_ms_p90": float(np.percentile(steps_ms, 90)),
+        "tokens_per_s": batch * new_tokens / decode_s,
+        "file_bytes": model_bytes(path),
+        "peak_rss_mb": peak_rss_mb(),
+    }

@@ -1,0 +1,84 @@
+"""bench_model numbers, and `python -m runtimes` as the orchestrator and a user call it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from runtimes.__main__ import main
+from runtimes.bench import bench_model
+from runtimes.errors import RuntimeUserError
+from runtimes.providers import cpu
+
+from .conftest import REPO
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "runtimes", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_bench_returns_sane_numbers(tiny_model):
+    r = bench_model(tiny_model, cpu(), prompt_len=6, new_tokens=5, warmup=1, repeats=3, threads=1)
+    assert r["provider_in_use"] == "CPUExecutionProvider" and r["kv_dtype"] == "float32"
+    assert 0 < r["prefill_ms"] < 10_000 and 0 < r["decode_ms_p50"] <= r["decode_ms_p90"] < 10_000
+    assert r["tokens_per_s"] > 0 and r["cold_start_ms"] >= r["session_create_ms"] > 0
+    assert r["file_bytes"] == tiny_model.stat().st_size and r["peak_rss_mb"] > 10
+
+
+def test_bench_rejects_bad_sizes(tiny_model):
+    with pytest.raises(RuntimeUserError, match="repeats is 0"):
+        bench_model(tiny_model, repeats=0)
+    with pytest.raises(RuntimeUserError, match="context of 64"):
+        bench_model(tiny_model, prompt_len=60, new_tokens=10)
+
+
+def test_bench_json_subcommand_prints_one_json_object(tiny_model):
+    out = run_cli("bench", str(tiny_model), "--provider", "cpu", "--threads", "1", "--prompt-len", "4",
+                  "--new-tokens", "3", "--warmup", "0", "--repeats", "2", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["threads"] == 1 and result["new_tokens"] == 3 and result["peak_rss_mb"] > 0
+
+
+@pytest.mark.parametrize("command", [["bench"], ["generate", "--prompt", "hi"]])
+def test_missing_model_prints_one_line_and_exits_2(tmp_path, command):
+    out = run_cli(command[0], str(tmp_path / "missing.onnx"), *command[1:])
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: ") and "does not exist" in out.stderr
+    assert "Traceback" not in out.stderr and out.stdout == ""
+
+
+def test_absent_provider_from_the_cli_names_the_install_line(tiny_model, capsys):
+    assert main(["bench", str(tiny_model), "--provider", "tensorrt", "--trt-fp16"]) == 2
+    assert "pip install 'edge-pipeline[tensorrt]'" in capsys.readouterr().err
+
+
+def test_provider_option_for_another_provider_is_rejected(tiny_model, capsys):
+    assert main(["bench", str(tiny_model), "--trt-fp16"]) == 2
+    assert "takes no option fp16" in capsys.readouterr().err
+
+
+def test_debug_env_shows_the_traceback(tmp_path, monkeypatch):
+    monkeypatch.setenv("RUNTIME_DEBUG", "1")
+    with pytest.raises(RuntimeUserError):
+        main(["bench", str(tmp_path / "missing.onnx")])
+
+
+def test_ctrl_c_exits_130(tiny_model, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("runtimes.bench.bench_model", interrupted)
+    assert main(["bench", str(tiny_model)]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_generate_subcommand_streams_text(bundle, capsys):
+    assert main(["generate", str(bundle), "--prompt", "w1 w2 w3", "--max-new-tokens", "4", "--temperature", "0.8",
+                 "--top-k", "20", "--top-p", "0.9", "--seed", "3"]) == 0
+    words = capsys.readouterr().out.split()
+    assert len(words) == 4

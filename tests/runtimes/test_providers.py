@@ -1,0 +1,112 @@
+"""Provider specs: registry lookup, install hints for absent providers, CUDA and TensorRT options."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnxruntime as ort
+import pytest
+
+from runtimes import providers
+from runtimes.errors import RuntimeUserError
+from runtimes.providers import (CPU_EP, CUDA_EP, TENSORRT_EP, ModelShape, TrtProfiles, available, cpu, cuda, resolve,
+                                tensorrt)
+
+SHAPE = ModelShape(input_names=("input_ids", "attention_mask", "position_ids", "past_key_values.0.key",
+                                "past_key_values.0.value", "past_key_values.1.key", "past_key_values.1.value"),
+                   num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+
+
+def test_resolve_cpu_passes_threads():
+    spec = resolve("cpu", threads=3)
+    assert spec == cpu(threads=3)
+    assert (spec.ep, spec.threads, spec.device) == (CPU_EP, 3, "cpu")
+    assert spec.session_providers() == [(CPU_EP, {})]
+
+
+def test_unknown_provider_lists_valid_names():
+    with pytest.raises(RuntimeUserError, match="unknown execution provider 'gpu': choose one of cpu, cuda, tensorrt"):
+        resolve("gpu")
+
+
+def test_option_of_another_provider_is_a_user_error():
+    with pytest.raises(RuntimeUserError, match="takes no option fp16: it takes threads"):
+        resolve("cpu", fp16=True)
+
+
+@pytest.mark.parametrize("name, ep, install", [("cuda", CUDA_EP, "pip install 'edge-pipeline[gpu]'"),
+                                               ("tensorrt", TENSORRT_EP, "pip install 'edge-pipeline[tensorrt]'")])
+def test_absent_provider_says_how_to_install_it(name, ep, install):
+    if available(ep):
+        pytest.skip(f"{ep} loads on this machine")
+    with pytest.raises(RuntimeUserError) as err:
+        resolve(name)
+    message = str(err.value)
+    assert install in message and name in message and "\n" not in message
+
+
+def test_the_embedded_probe_model_runs_on_cpu():
+    assert available(CPU_EP)
+
+
+def test_listed_provider_that_does_not_load_counts_as_absent(monkeypatch):
+    """A GPU package without its CUDA libraries lists CUDA, then falls back to CPU: that is 'absent'."""
+    if available(CUDA_EP):
+        pytest.skip("CUDA really loads here")
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA_EP, CPU_EP])
+    available.cache_clear()
+    try:
+        assert not available(CUDA_EP)
+    finally:
+        available.cache_clear()
+
+
+def test_cuda_options_and_cpu_fallback():
+    spec = cuda(device_id=1)
+    options = dict(spec.options)
+    assert options == {"device_id": "1", "cudnn_conv_algo_search": "DEFAULT", "do_copy_in_default_stream": "1"}
+    assert (spec.device, spec.device_id, spec.needs_nonempty_past) == ("cuda", 1, False)
+    assert [ep for ep, _ in spec.session_providers()] == [CUDA_EP, CPU_EP]
+
+
+def test_tensorrt_caches_live_under_the_given_directory(tmp_path):
+    spec = tensorrt(fp16=True, cache_dir=tmp_path / "trt")
+    options = dict(spec.options)
+    cache = str((tmp_path / "trt").resolve())
+    assert spec.cache_dir == cache
+    assert options["trt_engine_cache_enable"] == options["trt_timing_cache_enable"] == "True"
+    assert options["trt_engine_cache_path"] == options["trt_timing_cache_path"] == cache
+    assert (options["trt_fp16_enable"], options["trt_int8_enable"]) == ("True", "False")
+    assert spec.needs_nonempty_past and spec.needs_model_shape
+
+
+def _profile(options: dict[str, str], kind: str) -> dict[str, list[int]]:
+    entries = (e.split(":") for e in options[f"trt_profile_{kind}_shapes"].split(","))
+    return {name: [int(d) for d in dims.split("x")] for name, dims in entries}
+
+
+def test_tensorrt_profiles_cover_every_dynamic_input_with_min_past_one(tmp_path):
+    spec = tensorrt(cache_dir=tmp_path, profiles=TrtProfiles(max_seq_len=48, opt_past_len=16, batch=2))
+    (ep, options), fallback = spec.session_providers(SHAPE)
+    assert ep == TENSORRT_EP and fallback == (CPU_EP, {})
+    lo, opt, hi = (_profile(options, kind) for kind in ("min", "opt", "max"))
+    assert set(lo) == set(opt) == set(hi) == set(SHAPE.input_names)
+    for name in SHAPE.input_names:
+        if name.startswith("past_key_values."):
+            assert lo[name] == [1, 2, 1, 8] and opt[name] == [2, 2, 16, 8] and hi[name] == [2, 2, 48, 8]
+    assert (lo["input_ids"], opt["input_ids"], hi["input_ids"]) == ([1, 1], [2, 1], [2, 48])
+    assert (lo["attention_mask"], hi["attention_mask"]) == ([1, 2], [2, 49])  # past >= 1, plus the dummy slot
+
+
+def test_tensorrt_profiles_default_to_the_model_context_and_skip_dropped_inputs(tmp_path):
+    fused = ModelShape(tuple(n for n in SHAPE.input_names if n != "position_ids"), 2, 8, 64)
+    options = providers.trt_profile_options(TrtProfiles(), fused)
+    hi = _profile(options, "max")
+    assert "position_ids" not in hi and hi["past_key_values.1.value"] == [1, 2, 64, 8]
+    assert _profile(options, "opt")["past_key_values.0.key"] == [1, 2, 64, 8]  # opt capped at the context
+
+
+def test_specs_are_frozen():
+    with pytest.raises(AttributeError):
+        cpu().threads = 4  # type: ignore[misc]
+    assert isinstance(tensorrt(cache_dir=Path("x")).options, tuple)
