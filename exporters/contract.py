@@ -48,6 +48,7 @@ class Contract:
     max_position_embeddings: int = 2048
     rope_theta: float | None = None  # None: no rotary (learned positions); else fusion rebuilds cos/sin caches
     rope_scaling: dict | None = None
+    fused_attention: bool = False  # set by `pipeline optimize`: the KV cache feeds GroupQueryAttention ops
 
     def input_names(self) -> list[str]:
         names = [INPUT_IDS, ATTENTION_MASK, POSITION_IDS]

@@ -236,6 +236,7 @@ def optimize(in_path: str | Path, out_path: str | Path, config: OptimizeConfig =
     remove_dead_nodes(model)
     model = ort_fusions(model, contract, num_heads)
     remove_dead_nodes(model)
+    contract = replace(contract, fused_attention=True)
     if config.fp16:
         model = to_fp16(model)
         contract = replace(contract, kv_dtype="float16")

@@ -73,8 +73,11 @@ def bench_pytorch(source: str, threads: int, prompt_len: int, new_tokens: int, r
 def bench_llamacpp(gguf: str, threads: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
     from llama_cpp import Llama
 
-    llm = Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads, n_ctx=prompt_len + new_tokens + 8,
-                n_batch=max(prompt_len, 8), verbose=False)
+    n_ctx = prompt_len + new_tokens + 8
+    # n_batch = n_ctx: llama-cpp-python keeps n_batch rows of scores, indexed by position (the whole prompt
+    # still goes through in one batch, as llama.cpp's own tools do)
+    llm = Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_batch=n_ctx,
+                verbose=False)
     ids = prompt_ids(llm.n_vocab(), prompt_len)
     prefill, decode = [], []
     for r in range(repeats + 1):

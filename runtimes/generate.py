@@ -126,7 +126,9 @@ class Generator:
         self.session = session
         use_binding = session.spec.device != "cpu" if io_binding is None else io_binding
         self._cache = BoundCache(session) if use_binding else HostCache(session)
-        self._dummy = int(session.spec.needs_nonempty_past)
+        # a fused graph hands the past only to GroupQueryAttention (never a TensorRT subgraph), and that op
+        # reads sequence lengths from the mask sum: a dummy slot there would shift them, so it gets none
+        self._dummy = int(session.spec.needs_nonempty_past and not session.contract.fused_attention)
         self._feeds_mask = ATTENTION_MASK in session.input_names
         self._feeds_positions = POSITION_IDS in session.input_names
         self._mask = np.ones((1, 0), np.int64)   # (batch, capacity): 0 at the dummy slot, 1 elsewhere

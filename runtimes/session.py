@@ -53,6 +53,7 @@ class Contract:
     kv_dtype: str = "float32"
     family: str = "llama"
     max_position_embeddings: int = 2048
+    fused_attention: bool = False  # past/present go straight into GroupQueryAttention (`pipeline optimize`)
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, str], path: Path) -> "Contract":

