@@ -117,6 +117,92 @@ class FuseGroupQueryAttention:
         return True
 
 
+class PackProjections:
+    """Pack each layer's q/k/v projections into one MatMul feeding GroupQueryAttention's packed-QKV form, and
+    SwiGLU's gate/up projections into one MatMul followed by a Split.
+
+        h --q_proj/MatMul--> q --+                      h --qkv_proj/MatMul--> qkv --GQA(query=qkv, key='', value='')
+        h --k_proj/MatMul--> k --GQA          becomes
+        h --v_proj/MatMul--> v --+
+
+        h --gate_proj/MatMul--> g                       h --gate_up_proj/MatMul--Split--> g, u (same tensor names)
+        h --up_proj/MatMul----> u             becomes
+
+    At decode (one token) every MatMul is a matrix-vector product bound by weight reads and per-op overhead:
+    three or two small products become one wider one, and an int8 graph quantizes the shared input once.
+    Projections with a bias Add are packed with their biases concatenated.
+    """
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.nodes = {n.name: n for n in model.graph.node}
+        self.inits = {t.name: t for t in model.graph.initializer}
+
+    def _proj(self, scope: str, proj: str):
+        mm = self.nodes.get(f"{scope}{proj}/MatMul")
+        if mm is None or mm.input[1] not in self.inits:
+            return None
+        return mm, self.nodes.get(f"{scope}{proj}/Add")
+
+    def _packed(self, scope: str, projs: list[str], name: str):
+        """One MatMul (+ Add) over the concatenated weights; None when the projections do not match."""
+        parts = [self._proj(scope, p) for p in projs]
+        if any(p is None for p in parts) or len({p[0].input[0] for p in parts}) != 1:
+            return None
+        if len({p[1] is None for p in parts}) != 1:
+            return None
+        weights = [numpy_helper.to_array(self.inits[mm.input[1]]) for mm, _ in parts]
+        w = numpy_helper.from_array(np.concatenate(weights, axis=1), f"{scope}{name}.weight")
+        nodes = [helper.make_node("MatMul", [parts[0][0].input[0], w.name], [f"{scope}{name}/MatMul_output_0"],
+                                  name=f"{scope}{name}/MatMul")]
+        inits = [w]
+        out = nodes[0].output[0]
+        if parts[0][1] is not None:
+            bias_names = [a.input[1] if a.input[0] == mm.output[0] else a.input[0] for mm, a in parts]
+            if any(b not in self.inits for b in bias_names):
+                return None
+            b = numpy_helper.from_array(np.concatenate([numpy_helper.to_array(self.inits[n]) for n in bias_names]),
+                                        f"{scope}{name}.bias")
+            inits.append(b)
+            nodes.append(helper.make_node("Add", [out, b.name], [f"{scope}{name}/Add_output_0"],
+                                          name=f"{scope}{name}/Add"))
+            out = nodes[-1].output[0]
+        widths = [wt.shape[1] for wt in weights]
+        old_outputs = [(a or mm).output[0] for mm, a in parts]
+        doomed = [n for p in parts for n in p if n is not None]
+        return nodes, inits, out, widths, old_outputs, doomed
+
+    def _apply(self, nodes, inits, doomed) -> None:
+        for n in doomed:
+            self.model.graph.node.remove(n)
+        self.model.graph.node.extend(nodes)
+        self.model.graph.initializer.extend(inits)
+
+    def pack_qkv(self, layer: int) -> bool:
+        scope = f"/model/layers.{layer}/attn/"
+        gqa = self.nodes.get(scope + "GroupQueryAttention")
+        packed = self._packed(scope, ["q_proj", "k_proj", "v_proj"], "qkv_proj")
+        if gqa is None or packed is None:
+            return False
+        nodes, inits, out, _, old, doomed = packed
+        if list(gqa.input[:3]) != old:
+            return False
+        gqa.input[0], gqa.input[1], gqa.input[2] = out, "", ""
+        self._apply(nodes, inits, doomed)
+        return True
+
+    def pack_gate_up(self, layer: int) -> bool:
+        scope = f"/model/layers.{layer}/mlp/"
+        packed = self._packed(scope, ["gate_proj", "up_proj"], "gate_up_proj")
+        if packed is None:
+            return False
+        nodes, inits, out, widths, old, doomed = packed
+        split = numpy_helper.from_array(np.array(widths, np.int64), f"{scope}gate_up_proj.split")
+        nodes.append(helper.make_node("Split", [out, split.name], old, axis=-1, name=f"{scope}gate_up_proj/Split"))
+        self._apply(nodes, inits + [split], doomed)
+        return True
+
+
 def add_gqa_inputs(model: onnx.ModelProto, contract: Contract) -> None:
     """seqlens_k = sum(attention_mask) - 1 (int32), total_sequence_length = attention_mask.shape[1]; rotary
     cos/sin caches (max_position_embeddings, head_dim/2) rebuilt from the rope parameters."""
@@ -229,6 +315,9 @@ def optimize(in_path: str | Path, out_path: str | Path, config: OptimizeConfig =
     if missing:
         raise UserError(f"attention was not fused in layer(s) {missing}: the graph does not have the exported "
                         f"attention pattern (was it already optimized or quantized?)")
+    packer = PackProjections(model)
+    packed = {"qkv": sum(packer.pack_qkv(i) for i in range(contract.num_layers)),
+              "gate_up": sum(packer.pack_gate_up(i) for i in range(contract.num_layers))}
     add_gqa_inputs(model, contract)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
@@ -255,7 +344,7 @@ def optimize(in_path: str | Path, out_path: str | Path, config: OptimizeConfig =
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"fused_ops": {k: v for k, v in counts.items() if k in FUSED_OPS},
-            "nodes_before": nodes_before, "nodes_after": len(model.graph.node),
+            "nodes_before": nodes_before, "nodes_after": len(model.graph.node), "packed_layers": packed,
             "fp16": config.fp16, "parity_max_abs_logit_diff": parity}
 
 

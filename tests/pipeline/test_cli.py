@@ -61,8 +61,10 @@ def test_optimize_fuses_one_attention_per_layer(run_dir):
     assert counts["GroupQueryAttention"] == 2
     assert counts["SkipSimplifiedLayerNormalization"] + counts["SimplifiedLayerNormalization"] == 5
     assert counts["Softmax"] == 0 and counts["Sin"] == 0  # attention and rotary live inside GQA now
+    # q/k/v packed into one MatMul per layer, gate/up into another: 2 layers x (qkv, o, gate_up, down) + lm_head
+    assert counts["MatMul"] == 2 * 4 + 1 and counts["Split"] == 2
     res = RunDir(run_dir).results("optimize")
-    assert res["fused_ops"]["GroupQueryAttention"] == 2
+    assert res["fused_ops"]["GroupQueryAttention"] == 2 and res["packed_layers"] == {"qkv": 2, "gate_up": 2}
     assert max(res["parity_max_abs_logit_diff"].values()) < 1e-3
 
 
