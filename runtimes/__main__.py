@@ -1,4 +1,8 @@
-"""`python -m runtimes bench|generate`: the device-side entry point (argparse only; no click on the device).
+"""`python -m runtimes bench|generate|verify`: the device-side entry point (argparse only; no click on the device).
+
+`generate` and `verify` take a bundle directory or archive from `pipeline package` and check every file against
+its manifest before anything is loaded. Installed alone (`pip install ./runtimes`), the same commands are the
+`edge-runtime` console script, and `edge-generate` is `generate`.
 
 Errors print one line on stderr and exit 2 (RUNTIME_DEBUG=1 re-raises for the traceback); Ctrl-C exits 130.
 """
@@ -47,16 +51,32 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    from runtimes.bundle import opened_bundle
     from runtimes.generate import text_generate
 
     def show(piece: str) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    text_generate(args.model, args.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                  spec=provider_spec(args), threads=args.threads, eos_token_id=args.eos_token_id, on_text=show)
+    with opened_bundle(args.model) as (model, _):
+        text_generate(model, args.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                      spec=provider_spec(args), threads=args.threads, eos_token_id=args.eos_token_id, on_text=show)
     sys.stdout.write("\n")
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    from runtimes.bundle import opened_bundle
+
+    with opened_bundle(args.bundle, require_manifest=True) as (_, manifest):
+        files = manifest["files"]
+        summary = {"bundle": args.bundle, "ok": True, "variant": manifest.get("variant"), "files": len(files),
+                   "size_bytes": sum(f["size"] for f in files.values())}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"ok: {summary['bundle']} ({summary['variant']}): {summary['files']} files, "
+              f"{summary['size_bytes'] / 1e6:.1f} MB, every sha256 matches manifest.json")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_bench, threads=2)
 
     gen = commands.add_parser("generate", help="stream generated text to stdout")
-    gen.add_argument("model", help="exported .onnx file or bundle directory (tokenizer.json beside the model)")
+    gen.add_argument("model", help="bundle directory or archive (.tar.gz, .zip; verified first), or an exported "
+                                   ".onnx file (tokenizer.json beside the model)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -87,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stop token (default: generation_config.json next to the model, if any)")
     add_provider_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    verify = commands.add_parser("verify", help="check a bundle's files against its manifest.json")
+    verify.add_argument("bundle", help="bundle directory or archive (.tar.gz, .zip)")
+    verify.add_argument("--json", action="store_true", help="print one JSON object")
+    verify.set_defaults(func=cmd_verify)
     return parser
 
 
@@ -105,6 +131,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {lines[0]}{hint}", file=sys.stderr)
         return EXIT_ERROR
     return 0
+
+
+def generate_main() -> int:
+    """The `edge-generate` console script: `generate` without the subcommand word."""
+    return main(["generate", *sys.argv[1:]])
 
 
 if __name__ == "__main__":

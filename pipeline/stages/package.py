@@ -1,0 +1,417 @@
+"""Stage `package`: one ONNX variant of a run -> the bundle that goes onto the device (and optionally one archive).
+
+    BUNDLE/
+      model.onnx [model.onnx.data]   the variant, byte for byte as `check` measured it
+      tokenizer.json                 read by runtimes/ (tokenizers)
+      generation_config.json         eos/bos ids, so the runtime stops at end of sequence
+      genai_config.json              lets onnxruntime-genai load the folder as it is
+      tokenizer_config.json          onnxruntime-genai's tokenizer will not open without one
+      manifest.json                  sha256 + size of every other file, source, lineage, check and bench figures
+
+The bundle is assembled in a temporary directory beside BUNDLE and renamed into place, so a reader never sees a
+half-written bundle and an old one survives any failure; the archive is written the same way. The manifest and
+archives carry no packaging time or owner, so the same run packages to the same bytes.
+
+Every copied file is checked against the sha256 the run manifest recorded for it: what ships is what `check`
+and `bench` measured, or packaging stops.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+import uuid
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from models.errors import UserError
+from pipeline.manifest import RunDir, sha256
+from runtimes.bundle import BUNDLE_FORMAT, MANIFEST_FILE, describe_files
+
+MODEL_FILE = "model.onnx"
+BUNDLE_SCHEMA = 1
+INT8_RECIPES = ("w8a8", "w8", "static")  # most int8 work first: W8A8 runs its MatMuls in int8
+PREFERENCE_CHECKED = (*INT8_RECIPES, "fused", "fp32")
+PREFERENCE_UNCHECKED = ("fused", "fp32")
+# onnxruntime-genai model types whose decoder takes our separate past/present key and value names. Its "gpt2"
+# type expects one combined `past_%d` tensor per layer, so GPT-2 (and anything else) uses the generic "decoder".
+GENAI_TYPES = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral"}
+ARCHIVE_FORMATS = ("tar.gz", "zip")
+
+
+@dataclass(frozen=True)
+class PackageConfig:
+    out: str                     # bundle directory to write (replaced if it is an earlier bundle)
+    variant: str = ""            # "" = the best that passed check (see choose_variant)
+    archive: str | None = None   # also write OUT.tar.gz or OUT.zip
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What onnxruntime-genai needs to size its KV cache, read from the graph that ships."""
+    num_layers: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_size: int
+    hidden_size: int
+    vocab_size: int
+    context_length: int
+    fused_attention: bool
+    family: str
+
+
+def produced_at(stages: list[dict], name: str) -> int:
+    """Index of the stage that last wrote artifact `name` (-1 if none): figures from before it are stale."""
+    return max((i for i, s in enumerate(stages) if name in s.get("outputs", ())), default=-1)
+
+
+def check_row(stages: list[dict], name: str) -> dict | None:
+    """The latest `check` result for the variant as it is now, with that check's settings."""
+    after = produced_at(stages, name)
+    for i in range(len(stages) - 1, after, -1):
+        s = stages[i]
+        if s["stage"] == "check":
+            row = next((r for r in s["results"].get("variants", []) if r.get("variant") == name), None)
+            if row is not None:
+                return {**row, "passed": not row.get("failed"), "config": s["config"], "finished": s.get("finished")}
+    return None
+
+
+def bench_row(stages: list[dict], name: str) -> dict | None:
+    """The latest `bench` row for the variant as it is now, with the settings it was measured under."""
+    after = produced_at(stages, name)
+    for i in range(len(stages) - 1, after, -1):
+        s = stages[i]
+        if s["stage"] == "bench" and name in s["results"].get("rows", {}):
+            r = s["results"]
+            return {"provider": r.get("provider"), "threads": r.get("threads"), "prompt_len": r.get("prompt_len"),
+                    "new_tokens": r.get("new_tokens"), "finished": s.get("finished"), **r["rows"][name]}
+    return None
+
+
+def choose_variant(run_root: Path, have: list[str], stages: list[dict], wanted: str) -> str:
+    """`wanted`, else the most preferred variant that passed its latest check; when no variant has a current
+    check, fused before fp32. A run whose checked variants all failed is an error, not a silent fp32."""
+    if wanted:
+        if wanted not in have:
+            raise UserError(f"run {run_root} has no variant {wanted!r} (has: {', '.join(have) or 'none'})")
+        return wanted
+    checks = {v: row for v in have if (row := check_row(stages, v)) is not None}
+    if checks:
+        passed = [v for v in PREFERENCE_CHECKED if v in checks and checks[v]["passed"]]
+        if not passed:
+            raise UserError(f"no variant of run {run_root} passed `pipeline check` (checked: {', '.join(checks)}): "
+                            "fix them, or pass --variant to ship one anyway")
+        return passed[0]
+    for v in PREFERENCE_UNCHECKED:
+        if v in have:
+            return v
+    raise UserError(f"run {run_root} has neither a fused nor an fp32 variant to ship: run `pipeline export`, "
+                    "or pass --variant")
+
+
+def lineage(artifacts: dict, name: str) -> list[dict]:
+    """The variant and its ancestors up to the source: which stage made each, with which options and files."""
+    chain, seen = [], set()
+    while name is not None and name in artifacts and name not in seen:
+        seen.add(name)
+        art = artifacts[name]
+        chain.append({"artifact": name, "kind": art.get("kind"), "stage": art.get("stage"),
+                      "config": art.get("config"), "files": art.get("files"), "created": art.get("created")})
+        name = art.get("parent")
+    return chain
+
+
+def _weight_dims(name: str, inits: dict, producers: dict) -> list[int]:
+    """Shape of a weight that is an initializer, or the int8 initializer behind its DequantizeLinear."""
+    if name in inits:
+        return list(inits[name].dims)
+    node = producers.get(name)
+    if node is not None and node.op_type == "DequantizeLinear" and node.input[0] in inits:
+        return list(inits[node.input[0]].dims)
+    return []
+
+
+def _attention_heads(graph, inits: dict, producers: dict, head_dim: int) -> int:
+    """Query heads: GroupQueryAttention's attribute in a fused graph, else layer 0's q_proj width / head_dim."""
+    for node in graph.node:
+        if node.op_type == "GroupQueryAttention":
+            return next(a.i for a in node.attribute if a.name == "num_heads")
+    for node in graph.node:
+        if "/layers.0/attn/q_proj/MatMul" in node.name:
+            if node.op_type == "MatMulNBits":
+                return next(a.i for a in node.attribute if a.name == "N") // head_dim
+            dims = _weight_dims(node.input[1], inits, producers)
+            if len(dims) == 2:
+                return dims[1] // head_dim
+    raise UserError("cannot find the attention heads in the graph (no GroupQueryAttention, no layer 0 q_proj): "
+                    "was it written by `pipeline export`?")
+
+
+def read_geometry(model_path: Path) -> Geometry:
+    """Contract metadata plus the two numbers it does not carry (query heads, hidden size), from the graph."""
+    import onnx
+
+    from exporters.contract import read_contract
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    try:
+        contract = read_contract(model)
+    except ValueError as e:
+        raise UserError(f"{model_path}: {e}") from e
+    inits = {t.name: t for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    embedding = next((n for n in model.graph.node if n.op_type == "Gather" and n.input[1] == "input_ids"), None)
+    dims = _weight_dims(embedding.input[0], inits, producers) if embedding is not None else []
+    if len(dims) != 2:
+        raise UserError(f"cannot find the token embedding of {model_path}: was it written by `pipeline export`?")
+    return Geometry(num_layers=contract.num_layers,
+                    num_attention_heads=_attention_heads(model.graph, inits, producers, contract.head_dim),
+                    num_kv_heads=contract.num_kv_heads, head_size=contract.head_dim, hidden_size=dims[1],
+                    vocab_size=contract.vocab_size, context_length=contract.max_position_embeddings,
+                    fused_attention=contract.fused_attention, family=contract.family)
+
+
+def token_ids(source: dict) -> dict:
+    """bos/eos/pad ids of the source; pad is eos (nothing is padded at batch 1, but genai wants an id)."""
+    eos = source.get("eos_token_id")
+    ids = {"bos_token_id": source.get("bos_token_id"), "eos_token_id": eos,
+           "pad_token_id": eos[0] if isinstance(eos, list) and eos else eos}
+    return {k: v for k, v in ids.items() if v is not None}
+
+
+def generation_config(source: dict, geo: Geometry) -> dict:
+    """Hugging Face-style generation defaults; runtimes/ reads eos_token_id from it to stop generating."""
+    return {**token_ids(source), "do_sample": False, "max_length": geo.context_length}
+
+
+def genai_type(family: str) -> str:
+    return GENAI_TYPES.get(family, "decoder")
+
+
+def genai_config(source: dict, geo: Geometry) -> dict:
+    """onnxruntime-genai's config for this folder.
+
+    past_present_share_buffer: genai then allocates past and present once at max_length and passes the same
+    buffer as both. GroupQueryAttention (our fused graphs) detects that (past pointer == present pointer) and
+    appends in place, reading lengths from the attention mask genai keeps at the true length. The unfused graph
+    grows the cache with Concat, whose output cannot live in a fixed max_length buffer, so it must be false there.
+    """
+    ids = token_ids(source)
+    return {
+        "model": {
+            "type": genai_type(geo.family),
+            "bos_token_id": ids.get("bos_token_id", 0),
+            "eos_token_id": ids.get("eos_token_id", -1),
+            "pad_token_id": ids.get("pad_token_id", 0),
+            "vocab_size": geo.vocab_size,
+            "context_length": geo.context_length,
+            "decoder": {
+                "filename": MODEL_FILE,
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "head_size": geo.head_size,
+                "hidden_size": geo.hidden_size,
+                "num_attention_heads": geo.num_attention_heads,
+                "num_key_value_heads": geo.num_kv_heads,
+                "num_hidden_layers": geo.num_layers,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
+                           "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+            },
+        },
+        "search": {"do_sample": False, "max_length": geo.context_length, "min_length": 0, "num_beams": 1,
+                   "num_return_sequences": 1, "past_present_share_buffer": geo.fused_attention,
+                   "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+                   "early_stopping": True, "length_penalty": 1.0, "no_repeat_ngram_size": 0,
+                   "diversity_penalty": 0.0},
+    }
+
+
+def tokenizer_config(source: dict, tokenizer_json: Path, geo: Geometry) -> bytes:
+    """The source checkpoint's tokenizer_config.json when it still matches the run manifest's record of it;
+    else a minimal one over tokenizer.json (genai's tokenizer reads the class and special tokens from it)."""
+    own = Path(source.get("path", "")) / "tokenizer_config.json"
+    recorded = (source.get("files") or {}).get(str(own))
+    if recorded and own.is_file():
+        if sha256(own) != recorded:
+            raise UserError(f"{own} changed since `pipeline export` recorded it: re-export the model")
+        return own.read_bytes()
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": geo.context_length,
+              "clean_up_tokenization_spaces": False}
+    for key, token_id in token_ids(source).items():
+        first = token_id[0] if isinstance(token_id, list) else token_id
+        if key != "pad_token_id" and tok.id_to_token(first) is not None:
+            config[key.removesuffix("_id")] = tok.id_to_token(first)
+    return (json.dumps(config, indent=2) + "\n").encode()
+
+
+def copy_verified(src: Path, dst: Path, expected: str) -> None:
+    """Copy `src` to `dst`, hashing the bytes as they go; a file that differs from the run manifest's record
+    (changed after the stage that wrote it) stops packaging."""
+    if not src.is_file():
+        raise UserError(f"{src} is missing from the run: rerun the stage that wrote it")
+    digest = hashlib.sha256()
+    with open(src, "rb") as fin, open(dst, "xb") as fout:
+        while block := fin.read(1 << 20):
+            digest.update(block)
+            fout.write(block)
+    if digest.hexdigest() != expected:
+        raise UserError(f"{src} changed since the run manifest recorded it (sha256 differs): rerun the stage "
+                        "that wrote it")
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def stage_files(run: RunDir, variant: str, artifacts: dict, dest: Path) -> None:
+    """The variant's model file(s) and tokenizer.json into `dest`, each verified against the run manifest."""
+    files = artifacts[variant].get("files") or {}
+    if not files:
+        raise UserError(f"variant {variant!r} has no recorded files in {run.manifest_path}: rerun its stage")
+    for rel, digest in files.items():
+        copy_verified(run.root / rel, dest / Path(rel).name, digest)
+    tokenizer = artifacts.get("tokenizer")
+    if tokenizer is None or not (run.root / tokenizer["path"]).is_file():
+        raise UserError(f"run {run.root} has no tokenizer.json: export from a checkpoint that has a tokenizer")
+    copy_verified(run.root / tokenizer["path"], dest / "tokenizer.json", tokenizer["files"][tokenizer["path"]])
+
+
+def bundle_manifest(variant: str, data: dict, dest: Path) -> dict:
+    """What the device can check (files) and what a person needs to trust the model (where it came from, how it
+    was made, how it measured); no packaging time, so the same run gives the same bytes."""
+    source = data["artifacts"].get("source", {})
+    return {"format": BUNDLE_FORMAT, "schema": BUNDLE_SCHEMA, "variant": variant,
+            "files": describe_files(dest),
+            "source": {k: source.get(k) for k in ("path", "format", "family", "architecture", "bos_token_id",
+                                                  "eos_token_id")},
+            "lineage": lineage(data["artifacts"], variant),
+            "check": check_row(data["stages"], variant), "bench": bench_row(data["stages"], variant)}
+
+
+def _normalize(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    """No owner, no time, plain modes: the same bundle always archives to the same bytes."""
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.mtime = 0
+    info.mode = 0o755 if info.isdir() else 0o644
+    return info
+
+
+def _entries(bundle: Path) -> list[tuple[Path, str]]:
+    """(path, archive name) for the bundle folder and everything in it, sorted, under the folder's own name."""
+    paths = [bundle, *sorted(bundle.rglob("*"))]
+    return [(p, (Path(bundle.name) / p.relative_to(bundle)).as_posix()) for p in paths]
+
+
+def write_tar_gz(bundle: Path, dest: Path) -> None:
+    with open(dest, "xb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz, \
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path, name in _entries(bundle):
+            tar.add(path, arcname=name, recursive=False, filter=_normalize)
+
+
+def write_zip(bundle: Path, dest: Path) -> None:
+    with zipfile.ZipFile(dest, "x", compression=zipfile.ZIP_DEFLATED) as zf:
+        for path, name in _entries(bundle):
+            info = zipfile.ZipInfo(name + "/" if path.is_dir() else name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = (0o40755 if path.is_dir() else 0o100644) << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            if path.is_dir():
+                zf.writestr(info, b"")
+            else:
+                with open(path, "rb") as fin, zf.open(info, "w", force_zip64=True) as fout:
+                    shutil.copyfileobj(fin, fout, 1 << 20)
+
+
+def check_replaceable(out: Path) -> None:
+    """Only an earlier bundle (or an empty directory) may be replaced: `--out .` must never delete a project."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"{out} exists and is not a directory: choose another --out")
+    marker = out / MANIFEST_FILE
+    try:
+        is_bundle = marker.is_file() and json.loads(marker.read_text()).get("format") == BUNDLE_FORMAT
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        is_bundle = False
+    if not is_bundle and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not a bundle from `pipeline package`: choose another --out "
+                        "(an earlier bundle there would be replaced)")
+
+
+def publish(staged: Path, out: Path) -> None:
+    """Rename the finished bundle into place; an old bundle is moved aside first, put back if the rename fails,
+    and deleted only once the new one is there."""
+    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}") if out.exists() else None
+    if old is not None:
+        os.rename(out, old)
+    try:
+        os.rename(staged, out)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def staging_dir(out: Path) -> Iterator[Path]:
+    """A private directory beside `out` (same filesystem, so renames are atomic), removed whatever happens."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def package(run: RunDir, config: PackageConfig) -> dict:
+    if config.archive is not None and config.archive not in ARCHIVE_FORMATS:
+        raise UserError(f"unknown archive format {config.archive!r}: choose {' or '.join(ARCHIVE_FORMATS)}")
+    data = run.load()
+    variant = choose_variant(run.root, run.variants(), data["stages"], config.variant)
+    out = Path(config.out).absolute()
+    check_replaceable(out)
+    archive = out.with_name(f"{out.name}.{config.archive}") if config.archive else None
+    if archive is not None and archive.is_dir():
+        raise UserError(f"{archive} is a directory: choose another --out")
+    source = data["artifacts"].get("source", {})
+    with staging_dir(out) as tmp:
+        staged = tmp / out.name
+        staged.mkdir()
+        stage_files(run, variant, data["artifacts"], staged)
+        geo = read_geometry(staged / MODEL_FILE)  # from the verified copy: the graph that ships
+        write_json(staged / "generation_config.json", generation_config(source, geo))
+        write_json(staged / "genai_config.json", genai_config(source, geo))
+        (staged / "tokenizer_config.json").write_bytes(tokenizer_config(source, staged / "tokenizer.json", geo))
+        manifest = bundle_manifest(variant, data, staged)
+        write_json(staged / MANIFEST_FILE, manifest)
+        if archive is not None:
+            (write_tar_gz if config.archive == "tar.gz" else write_zip)(staged, tmp / archive.name)
+        publish(staged, out)
+        if archive is not None:
+            os.replace(tmp / archive.name, archive)
+    results = {"bundle": str(out), "variant": variant,
+               "size_bytes": sum(f["size"] for f in manifest["files"].values()),
+               "files": {name: f["size"] for name, f in manifest["files"].items()},
+               "manifest_sha256": sha256(out / MANIFEST_FILE),
+               "archive": str(archive) if archive else None,
+               "archive_bytes": archive.stat().st_size if archive else None,
+               "genai_type": genai_type(geo.family)}
+    run.record("package", asdict(config), {variant: str(run.variant_path(variant))}, {}, results)
+    return results

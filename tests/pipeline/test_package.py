@@ -1,0 +1,411 @@
+"""`pipeline package`: the bundle, its manifest and archives, atomic replacement, and the bundle running where
+no torch is installed: our runtime alone in a fresh virtual environment, and onnxruntime-genai."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import onnx
+import pytest
+
+from models.errors import UserError
+from pipeline.manifest import RunDir, sha256
+from pipeline.stages import package as package_stage
+from pipeline.stages.package import Geometry, PackageConfig, choose_variant, genai_config, package
+from runtimes.__main__ import main as runtime_main
+from runtimes.bundle import verify_bundle
+from runtimes.errors import RuntimeUserError
+from runtimes.generate import greedy_tokens, load_tokenizer
+from runtimes.session import open_session
+from tests.pipeline.conftest import make_hf_checkpoint
+from tests.pipeline.test_cli import invoke, one_line_error
+
+REPO = Path(__file__).resolve().parents[2]
+PROMPT = "def function_1(x, y):"
+NEW_TOKENS = 24
+EOS = 0  # make_hf_checkpoint's eos_token_id
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, llama_dir) -> Path:
+    out = tmp_path_factory.mktemp("run") / "run"
+    invoke("export", "--model", llama_dir, "--out", out)
+    invoke("optimize", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundles(run_dir, tmp_path_factory) -> dict[str, Path]:
+    """One bundle per variant, packaged through the CLI ("default" is the one chosen with no --variant)."""
+    root = tmp_path_factory.mktemp("bundles")
+    out = {"default": root / "default"}
+    invoke("package", run_dir, "--out", out["default"])
+    for variant in ("fp32", "fused"):
+        out[variant] = root / variant
+        invoke("package", run_dir, "--out", out[variant], "--variant", variant)
+    return out
+
+
+def copy_run(run_dir: Path, dest: Path) -> Path:
+    shutil.copytree(run_dir, dest)
+    return dest
+
+
+def prompt_ids(bundle: Path) -> list[int]:
+    return load_tokenizer(bundle / "tokenizer.json").encode(PROMPT).ids
+
+
+def main_env_tokens(run_dir: Path, variant: str) -> list[int]:
+    """Greedy tokens of the run's own variant file through runtimes/ in this (full) environment."""
+    ids = load_tokenizer(run_dir / "tokenizer.json").encode(PROMPT).ids
+    return greedy_tokens(open_session(RunDir(run_dir).variant_path(variant)), ids, NEW_TOKENS)
+
+
+def pipeline_text(run_dir: Path, variant: str) -> str:
+    return invoke("generate", run_dir, "--variant", variant, "--prompt", PROMPT,
+                  "--max-new-tokens", NEW_TOKENS).output
+
+
+def runtime_text(capsys, model: Path) -> str:
+    capsys.readouterr()
+    assert runtime_main(["generate", str(model), "--prompt", PROMPT, "--max-new-tokens", str(NEW_TOKENS)]) == 0
+    return capsys.readouterr().out
+
+
+# ---- the bundle --------------------------------------------------------------------------------------------
+
+def test_package_writes_a_verified_bundle_with_lineage_and_genai_config(bundles, run_dir):
+    bundle = bundles["default"]
+    manifest = verify_bundle(bundle)
+    assert manifest["variant"] == "fused"  # check never ran: fused before fp32
+    assert sorted(p.name for p in bundle.iterdir()) == [
+        "genai_config.json", "generation_config.json", "manifest.json", "model.onnx", "tokenizer.json",
+        "tokenizer_config.json"]
+    for name, entry in manifest["files"].items():
+        assert entry == {"sha256": sha256(bundle / name), "size": (bundle / name).stat().st_size}
+    assert manifest["files"]["model.onnx"]["sha256"] == sha256(run_dir / "variants/fused/model.onnx")
+    assert [step["artifact"] for step in manifest["lineage"]] == ["fused", "fp32", "source"]
+    assert manifest["source"]["family"] == "llama" and manifest["source"]["eos_token_id"] == EOS
+    assert manifest["check"] is None and manifest["bench"] is None
+    assert json.loads((bundle / "generation_config.json").read_text())["eos_token_id"] == EOS
+
+    genai = json.loads((bundle / "genai_config.json").read_text())
+    decoder = genai["model"]["decoder"]
+    assert genai["model"]["type"] == "llama" and decoder["filename"] == "model.onnx"
+    assert (decoder["head_size"], decoder["hidden_size"], decoder["num_attention_heads"],
+            decoder["num_key_value_heads"], decoder["num_hidden_layers"]) == (16, 64, 4, 2, 2)
+    assert (genai["model"]["vocab_size"], genai["model"]["context_length"]) == (256, 512)
+    assert decoder["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    assert decoder["outputs"]["present_value_names"] == "present.%d.value"
+    assert genai["search"]["past_present_share_buffer"] is True  # GroupQueryAttention shares past and present
+    fp32 = json.loads((bundles["fp32"] / "genai_config.json").read_text())
+    assert fp32["search"]["past_present_share_buffer"] is False  # Concat cannot write into a shared buffer
+
+    recorded = RunDir(run_dir).results("package")
+    assert recorded["manifest_sha256"] in {sha256(b / "manifest.json") for b in bundles.values()}
+
+
+def test_the_runtime_generates_from_the_bundle_what_pipeline_generate_does(capsys, bundles, run_dir):
+    assert runtime_text(capsys, bundles["default"]) == pipeline_text(run_dir, "fused")
+    tokens = greedy_tokens(open_session(bundles["fused"]), prompt_ids(bundles["fused"]), NEW_TOKENS)
+    assert tokens == main_env_tokens(run_dir, "fused") and len(set(tokens)) > 1
+
+
+def test_package_json_output(run_dir, tmp_path):
+    result = json.loads(invoke("package", run_dir, "--out", tmp_path / "b", "--json").output)
+    assert result["variant"] == "fused" and result["archive"] is None and result["genai_type"] == "llama"
+    assert result["size_bytes"] == sum(result["files"].values())
+    assert result["manifest_sha256"] == sha256(tmp_path / "b" / "manifest.json")
+
+
+def test_check_and_bench_figures_of_the_variant_go_into_the_manifest(run_dir, text_file, tmp_path):
+    run = copy_run(run_dir, tmp_path / "run")
+    invoke("check", run, "--variant", "fp32", "--variant", "fused", "--text", text_file, "--windows", "1",
+           "--window", "32", "--steps", "4")
+    invoke("bench", run, "--variant", "fused", "--compare", "none", "--repeats", "1", "--new-tokens", "4",
+           "--prompt-len", "4")
+    invoke("package", run, "--out", tmp_path / "b")
+    manifest = verify_bundle(tmp_path / "b")
+    assert manifest["variant"] == "fused"  # both passed; no int8 variant in this run
+    assert manifest["check"]["passed"] and manifest["check"]["variant"] == "fused"
+    assert manifest["check"]["top1"] == 1.0 and manifest["check"]["config"]["decode_steps"] == 4
+    assert manifest["bench"]["decode_ms_p50"] > 0 and manifest["bench"]["new_tokens"] == 4
+
+
+def stage(name: str, results: dict | None = None, outputs: tuple[str, ...] = ()) -> dict:
+    return {"stage": name, "config": {}, "results": results or {}, "outputs": list(outputs)}
+
+
+def checked(*rows: tuple[str, bool]) -> dict:
+    return stage("check", {"variants": [{"variant": v, "failed": [] if ok else ["top1"]} for v, ok in rows]})
+
+
+MADE = [stage("export", outputs=("fp32", "source")), stage("optimize", outputs=("fused",)),
+        stage("quantize", outputs=("w8a8",)), stage("quantize", outputs=("static",))]
+ALL = ["fp32", "fused", "w8a8", "static"]
+
+
+@pytest.mark.parametrize("have, stages, expected", [
+    (ALL, MADE, "fused"),                                                           # check never ran
+    (["fp32"], MADE[:1], "fp32"),
+    (ALL, [*MADE, checked(("fp32", True), ("fused", True), ("w8a8", True), ("static", True))], "w8a8"),
+    (ALL, [*MADE, checked(("fp32", True), ("fused", True), ("w8a8", False), ("static", True))], "static"),
+    (ALL, [*MADE, checked(("fp32", True), ("fused", True), ("w8a8", False), ("static", False))], "fused"),
+    (ALL, [*MADE, checked(("fp32", True), ("fused", False))], "fp32"),
+    # w8a8 was re-quantized after its check: that row is stale, and the fresh w8a8 has not passed anything
+    (ALL, [*MADE, checked(("w8a8", True), ("fused", True)), stage("quantize", outputs=("w8a8",))], "fused"),
+    (ALL, [*MADE, checked(("w8a8", True)), stage("quantize", outputs=("w8a8",))], "fused"),  # all stale
+])
+def test_default_variant_is_the_best_that_passed_check(have, stages, expected):
+    assert choose_variant(Path("run"), have, stages, "") == expected
+
+
+def test_no_default_when_every_checked_variant_failed():
+    with pytest.raises(UserError, match="passed `pipeline check`"):
+        choose_variant(Path("run"), ALL, [*MADE, checked(("fp32", False), ("fused", False))], "")
+
+
+def test_unknown_variant_is_a_one_line_error(run_dir, tmp_path):
+    one_line_error(invoke("package", run_dir, "--out", tmp_path / "b", "--variant", "w9", ok=False),
+                   "no variant 'w9'", "fp32", "fused")
+    assert not (tmp_path / "b").exists()
+
+
+def test_gpt2_uses_genai_generic_decoder_type():
+    """genai's "gpt2" type wants one combined past_%d tensor per layer; our graphs have separate key/value."""
+    geo = Geometry(num_layers=2, num_attention_heads=4, num_kv_heads=4, head_size=16, hidden_size=64,
+                   vocab_size=256, context_length=512, fused_attention=False, family="gpt2")
+    assert genai_config({}, geo)["model"]["type"] == "decoder"
+    assert genai_config({}, dataclasses.replace(geo, family="qwen2"))["model"]["type"] == "qwen2"
+
+
+# ---- atomic writes and archives ----------------------------------------------------------------------------
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+def test_a_failed_package_leaves_the_old_bundle_and_no_temp_files(run_dir, tmp_path, monkeypatch):
+    out = tmp_path / "b"
+    invoke("package", run_dir, "--out", out, "--variant", "fp32")
+    before = sha256(out / "manifest.json")
+
+    def broken(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(package_stage, "write_zip", broken)
+    with pytest.raises(OSError, match="disk full"):
+        package(RunDir(run_dir), PackageConfig(out=str(out), variant="fused", archive="zip"))
+    assert sha256(out / "manifest.json") == before and verify_bundle(out)["variant"] == "fp32"
+    assert not (tmp_path / "b.zip").exists() and leftovers(tmp_path) == []
+    monkeypatch.undo()
+
+    invoke("package", run_dir, "--out", out, "--variant", "fused")
+    assert verify_bundle(out)["variant"] == "fused" and leftovers(tmp_path) == []
+
+
+def test_only_an_earlier_bundle_is_replaced(run_dir, tmp_path):
+    precious = tmp_path / "project"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    one_line_error(invoke("package", run_dir, "--out", precious, ok=False), "is not a bundle")
+    one_line_error(invoke("package", run_dir, "--out", run_dir, ok=False), "is not a bundle")
+    assert (precious / "notes.txt").read_text() == "keep me" and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", ["tar.gz", "zip"])
+def test_archive_holds_the_bundle_folder_runs_and_is_reproducible(capsys, run_dir, tmp_path, kind):
+    out = tmp_path / "bundle"
+    result = json.loads(invoke("package", run_dir, "--out", out, "--archive", kind, "--json").output)
+    archive = tmp_path / f"bundle.{kind}"
+    assert result["archive"] == str(archive) and result["archive_bytes"] == archive.stat().st_size
+    if kind == "tar.gz":
+        with tarfile.open(archive) as tar:
+            names = tar.getnames()
+    else:
+        with zipfile.ZipFile(archive) as zf:
+            names = [n.rstrip("/") for n in zf.namelist()]
+    assert names[0] == "bundle" and "bundle/model.onnx" in names and "bundle/manifest.json" in names
+    first = sha256(archive)
+    invoke("package", run_dir, "--out", out, "--archive", kind)
+    assert sha256(archive) == first  # no timestamps or owners inside: same run, same bytes
+    assert runtime_text(capsys, archive) == runtime_text(capsys, out)
+
+
+def test_external_data_ships_beside_the_model_and_is_verified(capsys, run_dir, tmp_path):
+    """Models over 2 GB keep weights in model.onnx.data; made here from the tiny fused graph."""
+    run = RunDir(copy_run(run_dir, tmp_path / "run"))
+    model_path = run.variant_path("fused")
+    onnx.save_model(onnx.load(str(model_path)), str(model_path), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
+    run.record("optimize", {"source": "fp32"}, {}, {"fused": {"kind": "onnx", "path": "variants/fused/model.onnx",
+                                                              "parent": "fp32"}}, {})
+    out = tmp_path / "b"
+    invoke("package", run.root, "--out", out, "--variant", "fused")
+    assert "model.onnx.data" in verify_bundle(out)["files"]
+    assert (out / "model.onnx").stat().st_size < 0.2 * (out / "model.onnx.data").stat().st_size
+    assert runtime_text(capsys, out) == pipeline_text(run_dir, "fused")
+    with open(out / "model.onnx.data", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x7f")
+    with pytest.raises(RuntimeUserError, match="model.onnx.data does not match its sha256"):
+        verify_bundle(out)
+
+
+def test_a_variant_changed_after_its_stage_is_not_shipped(run_dir, tmp_path):
+    run = copy_run(run_dir, tmp_path / "run")
+    with open(run / "variants/fp32/model.onnx", "ab") as f:
+        f.write(b"\0")
+    one_line_error(invoke("package", run, "--out", tmp_path / "b", "--variant", "fp32", ok=False),
+                   "changed since the run manifest recorded it")
+    assert not (tmp_path / "b").exists() and leftovers(tmp_path) == []
+
+
+# ---- on a machine without torch ----------------------------------------------------------------------------
+
+VENV_PROBE = """
+import contextlib, io, json, sys
+import runtimes
+from runtimes.__main__ import main
+from runtimes.generate import greedy_tokens, load_tokenizer
+from runtimes.session import open_session
+
+bundle, prompt, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+text = io.StringIO()
+with contextlib.redirect_stdout(text):
+    code = main(["generate", bundle, "--prompt", prompt, "--max-new-tokens", str(n)])
+ids = load_tokenizer(bundle + "/tokenizer.json").encode(prompt).ids
+print(json.dumps({"code": code, "text": text.getvalue(), "runtimes": runtimes.__file__,
+                  "tokens": greedy_tokens(open_session(bundle), ids, n),
+                  "imported": sorted(m for m in ("torch", "transformers", "onnx", "click") if m in sys.modules)}))
+"""
+
+GENAI_PROBE = """
+import json, sys
+import onnxruntime_genai as og
+
+bundle, prompt, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+model = og.Model(bundle)
+ids = [int(i) for i in og.Tokenizer(model).encode(prompt)]
+params = og.GeneratorParams(model)
+params.set_search_options(max_length=len(ids) + n, do_sample=False)
+generator = og.Generator(model, params)
+generator.append_tokens([ids])
+tokens = []
+while not generator.is_done():
+    generator.generate_next_token()
+    tokens.append(int(generator.get_next_tokens()[0]))
+print(json.dumps({"ids": ids, "tokens": tokens}))
+"""
+
+
+def clean_env() -> dict[str, str]:
+    """No PYTHONPATH or virtualenv of ours leaking into the venv's interpreter."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+
+
+def venv_run(args: list, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, cwd=cwd, env=clean_env(),
+                          timeout=timeout)
+
+
+def last_line(p: subprocess.CompletedProcess) -> str:
+    lines = (p.stderr or p.stdout).strip().splitlines()
+    return lines[-1] if lines else f"exit {p.returncode}"
+
+
+@pytest.fixture(scope="module")
+def runtime_venv(tmp_path_factory) -> Path:
+    """A fresh virtual environment (no system site packages) with the runtime distribution installed the way
+    the README says, its dependencies pinned to this environment's versions so tokens compare exactly."""
+    root = tmp_path_factory.mktemp("device")
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=clean_env(), timeout=300)
+    python = venv / "bin" / "python"
+    pins = [f"{d}=={importlib.metadata.version(d)}" for d in ("onnxruntime", "numpy", "tokenizers")]
+    deps = venv_run([python, "-m", "pip", "install", "-q", *pins], root)
+    if deps.returncode != 0:
+        pytest.skip(f"cannot install {', '.join(pins)} from the package index (offline?): {last_line(deps)}")
+    source = root / "runtimes"  # a copy, so pip's in-tree build leaves nothing in the checkout
+    shutil.copytree(REPO / "runtimes", source, ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info"))
+    install = venv_run([python, "-m", "pip", "install", "-q", source], root)
+    assert install.returncode == 0, install.stderr
+    return python
+
+
+def test_the_runtime_alone_generates_the_pipelines_tokens_without_torch(runtime_venv, bundles, run_dir):
+    venv_bin = runtime_venv.parent
+    cwd = runtime_venv.parents[2]
+    requires = venv_run([runtime_venv, "-I", "-c", "import importlib.metadata as m; "
+                         "print('\\n'.join(m.requires('edge-pipeline-runtime')))"], cwd)
+    assert sorted(r.split(">")[0] for r in requires.stdout.split("\n") if r and "extra" not in r) == [
+        "numpy", "onnxruntime", "tokenizers"]
+    absent = venv_run([runtime_venv, "-I", "-c", "import importlib.util as u; "
+                       "print([m for m in ('torch', 'transformers', 'onnx') if u.find_spec(m)])"], cwd)
+    assert absent.stdout.strip() == "[]", absent.stdout
+
+    probe = venv_run([runtime_venv, "-I", "-c", VENV_PROBE, bundles["fused"], PROMPT, NEW_TOKENS], cwd)
+    assert probe.returncode == 0, probe.stderr
+    got = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert got["runtimes"].startswith(str(venv_bin.parent)), got["runtimes"]  # the installed copy, not the repo
+    assert got["imported"] == []
+    assert got["code"] == 0 and got["text"] == pipeline_text(run_dir, "fused")
+    assert got["tokens"] == main_env_tokens(run_dir, "fused")
+
+    script = venv_run([venv_bin / "edge-generate", bundles["default"], "--prompt", PROMPT,
+                       "--max-new-tokens", NEW_TOKENS], cwd)
+    assert script.returncode == 0 and script.stdout == pipeline_text(run_dir, "fused"), script.stderr
+    verified = venv_run([venv_bin / "edge-runtime", "verify", bundles["default"]], cwd)
+    assert verified.returncode == 0 and verified.stdout.startswith("ok: "), verified.stderr
+    (bundles["fp32"] / "stray.onnx").write_bytes(b"")
+    try:
+        refused = venv_run([venv_bin / "edge-generate", bundles["fp32"], "--prompt", PROMPT], cwd)
+    finally:
+        (bundles["fp32"] / "stray.onnx").unlink()
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "stray.onnx" in refused.stderr
+
+
+@pytest.fixture(scope="module")
+def genai_python(runtime_venv) -> Path:
+    install = venv_run([runtime_venv, "-m", "pip", "install", "-q", "onnxruntime-genai"], runtime_venv.parents[2])
+    if install.returncode != 0:
+        pytest.skip(f"onnxruntime-genai is not installable here: {last_line(install)}")
+    return runtime_venv
+
+
+def until_eos(tokens: list[int]) -> list[int]:
+    """genai stops after emitting end-of-sequence (and returns it); the reference here never stops."""
+    return tokens[:tokens.index(EOS) + 1] if EOS in tokens else tokens
+
+
+def genai_tokens(python: Path, bundle: Path) -> list[int]:
+    probe = venv_run([python, "-I", "-c", GENAI_PROBE, bundle, PROMPT, NEW_TOKENS], python.parents[2])
+    assert probe.returncode == 0, probe.stderr
+    got = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert got["ids"] == prompt_ids(bundle)  # genai's tokenizer reads our tokenizer(_config).json
+    return got["tokens"]
+
+
+@pytest.mark.parametrize("variant", ["fused", "fp32"])
+def test_onnxruntime_genai_loads_the_bundle_and_agrees(genai_python, bundles, run_dir, variant):
+    expected = until_eos(main_env_tokens(run_dir, variant))
+    assert genai_tokens(genai_python, bundles[variant]) == expected and len(expected) > 1
+
+
+def test_onnxruntime_genai_runs_a_gpt2_bundle_as_a_generic_decoder(genai_python, tmp_path):
+    checkpoint = make_hf_checkpoint(tmp_path / "gpt2", "gpt2")
+    run = tmp_path / "run"
+    invoke("export", "--model", checkpoint, "--out", run)
+    invoke("optimize", run)
+    invoke("package", run, "--out", tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "genai_config.json").read_text())["model"]["type"] == "decoder"
+    assert genai_tokens(genai_python, tmp_path / "b") == until_eos(main_env_tokens(run, "fused"))
