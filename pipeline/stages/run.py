@@ -9,6 +9,9 @@
     [check]
     [bench]
     threads = 2
+    [package]
+    out = "bundles/smol"
+    archive = "tar.gz"
 
 A table present means the stage runs, with its keys as the stage's options; a stage left out is skipped.
 The demo is train -> export -> optimize -> quantize -> check -> bench into runs/demo.
@@ -24,9 +27,9 @@ from typing import Callable
 
 from models.errors import UserError
 from pipeline.manifest import RunDir
-from pipeline.stages import bench, check, export, optimize, quantize, train
+from pipeline.stages import bench, check, export, optimize, package, quantize, train
 
-ORDER = ("train", "export", "optimize", "quantize", "check", "bench")
+ORDER = ("train", "export", "optimize", "quantize", "check", "bench", "package")
 DEMO = {"out": "runs/demo", "train": {}, "export": {}, "optimize": {}, "quantize": {"recipe": "w8a8"},
         "check": {}, "bench": {}}
 STAGES = {
@@ -36,6 +39,7 @@ STAGES = {
     "quantize": (quantize.QuantizeStageConfig, quantize.quantize),
     "check": (check.CheckConfig, check.check),
     "bench": (bench.BenchConfig, bench.bench),
+    "package": (package.PackageConfig, package.package),
 }
 
 
@@ -72,7 +76,10 @@ def run(config_path: str | None, out: str | None, log: Callable[[str], None]) ->
         cfg.setdefault("export", {}).setdefault("model", str(run_dir.root / "checkpoint"))
     elif "export" in cfg and "model" not in cfg["export"]:
         raise UserError("[export] needs `model = \"PATH\"` (or add a [train] table to train one)")
-    configs = {s: make_config(s, cfg[s]) for s in ORDER if s in cfg}  # validate all before running any
+    try:
+        configs = {s: make_config(s, cfg[s]) for s in ORDER if s in cfg}  # validate all before running any
+    except TypeError as e:  # a required key is missing, e.g. [package] without out
+        raise UserError(f"config: {e}") from e
     results, lines = {}, []
     for stage, scfg in configs.items():
         log(f"== {stage}")

@@ -145,10 +145,22 @@ def test_manifest_records_hashes_that_match_the_files(run_dir):
 def test_run_from_toml_config(tmp_path, llama_dir, text_file):
     cfg = tmp_path / "run.toml"
     cfg.write_text(f'out = "{tmp_path / "r"}"\n[export]\nmodel = "{llama_dir}"\n[optimize]\n'
-                   f'[check]\ntext = "{text_file}"\nwindow = 32\ndecode_steps = 4\n')
+                   f'[check]\ntext = "{text_file}"\nwindow = 32\ndecode_steps = 4\n'
+                   f'[package]\nout = "{tmp_path / "bundle"}"\n')
     invoke("run", cfg)
     stages = [s["stage"] for s in json.loads((tmp_path / "r/manifest.json").read_text())["stages"]]
-    assert stages == ["export", "optimize", "check"]
+    assert stages == ["export", "optimize", "check", "package"]
+    bundle = json.loads((tmp_path / "bundle/manifest.json").read_text())
+    assert "model.onnx" in json.dumps(bundle["files"]) and (tmp_path / "bundle/genai_config.json").exists()
+
+
+def test_run_config_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[export]\nmodel = 'x'\n[quantise]\n")
+    one_line_error(invoke("run", bad, ok=False), "quantise")
+    bad.write_text("[export]\nmodel = 'x'\n[package]\n")
+    one_line_error(invoke("run", bad, ok=False), "out")
+    one_line_error(invoke("run", tmp_path / "missing.toml", ok=False), "missing.toml")
 
 
 @pytest.mark.parametrize("family", ["gpt2", "qwen2", "mistral"])
