@@ -156,10 +156,14 @@ def quantize(run_dir, recipe, source, method, per_channel, calib_windows, window
 
     def render(r):
         click.echo(f"{recipe}: {r['size_before'] / 1e6:.2f} MB -> {r['size_after'] / 1e6:.2f} MB "
-                   f"({r['size_after'] / r['size_before']:.2f}x)")
-        for key in ("int8_flop_share", "ppl_before", "ppl_after", "kept_float"):
-            if r.get(key) is not None:
-                click.echo(f"  {key}: {r[key]}")
+                   f"({r['size_after'] / r['size_before']:.2f}x); {len(r['quantized_matmuls'])} MatMuls quantized, "
+                   f"{100 * r['quantized_flop_share']:.0f}% of weight-MatMul FLOPs")
+        if r.get("ppl"):
+            click.echo(f"  calibration-side perplexity: fp32 {r['ppl']['fp32']:.3f} -> {r['ppl']['quantized']:.3f} "
+                       f"({100 * r['ppl']['increase']:+.2f}%)")
+        kept = {n: why for n, why in r["float_matmuls"].items() if "attention" not in why}
+        if kept:
+            click.echo(f"  left in float: " + ", ".join(f"{n} ({why})" for n, why in kept.items()))
 
     emit(results, as_json, render)
 

@@ -16,7 +16,8 @@ class QuantizeStageConfig:
     per_channel: bool = True        # per-output-channel weight scales
     calib_windows: int = 8          # prefill windows of calibration text (each also seeds decode steps)
     window: int = 128               # tokens per window
-    valid_windows: int = 4          # calibration-side validation windows for the sensitivity search
+    valid_windows: int = 16         # calibration-side validation windows for the sensitivity search (~2k tokens:
+                                    # fewer make a 2% perplexity budget noise)
     max_ppl_increase: float = 0.02  # w8a8: largest relative perplexity increase accepted before mixed precision
     block_size: int = 32            # w8/w4: MatMulNBits block size
     accuracy_level: int = 4         # w8/w4: MatMulNBits compute accuracy (4 = int8 activations on CPU)
@@ -36,7 +37,10 @@ def quantize(run: RunDir, config: QuantizeStageConfig) -> dict:
     n = config.calib_windows + config.valid_windows
     windows = token_windows(run.root, "calib", config.calib_text, n, config.window)
     calib, valid = windows[:config.calib_windows], windows[config.calib_windows:] or None
+    decode_steps = min(4, config.window // 4)  # each window: a prefill, then decode steps fed its real past KV
     qcfg = QuantConfig(recipe=config.recipe, calibrate_method=config.calibrate_method,
+                       num_prefill=config.calib_windows, seq_len=config.window - decode_steps,
+                       num_decode_steps=decode_steps,
                        per_channel=config.per_channel, max_ppl_increase=config.max_ppl_increase,
                        block_size=config.block_size, accuracy_level=config.accuracy_level)
     out = run.variant_path(config.recipe)

@@ -1,0 +1,535 @@
+"""ONNX fp32 -> int8/int4: static QDQ (optionally smoothed, with a measured accuracy budget) or weight-only.
+
+Recipes:
+  static  onnxruntime quantize_static: QDQ, int8 symmetric weights (7-bit range by default, see below), uint8
+          activations, calibrated on prefill and decode feeds (exporters/calibration.py). Only MatMuls whose
+          weight is an initializer; embeddings (Gather) stay float.
+  w8a8    static + SmoothQuant smoothing (exporters/smoothing.py) + mixed precision: the quantized model's
+          perplexity is measured on validation ids and, over budget, MatMuls are ranked by the KL on the logits
+          with only that MatMul in int8 (`QuantSwitch` makes that one session, not one model per MatMul), and
+          the most sensitive ones stay float until the budget is met (verified on the real int8 model).
+  w8, w4  weight-only MatMulNBits (blockwise symmetric), no calibration: the int8/int4 weights are unpacked
+          per block inside the kernel, activations stay float (or int8 per block with accuracy_level 4).
+
+Choices read from onnxruntime's source (1.32):
+  * activations are uint8: on x86 the CPU QDQ fusion only accepts int8 activations on ARM
+    (`QDQIsInt8Allowed()`), so int8 activations would leave DQ -> float MatMul in the graph, slower than fp32;
+    uint8 x int8 (U8S8) is MLAS's fast path on x86 and fine on ARM.
+  * MatMul outputs are not quantized (`OpTypesToExcludeOutputQuantization`): every consumer (GQA, SiLU, norms)
+    is float, so Q/DQ there only adds error; DQ -> MatMul (no Q) fuses to MatMulIntegerToFloat.
+  * per-channel weight scales are on axis 1, the output channel of a (K, N) MatMul weight. That is already
+    ORT's QDQ default for MatMul; it is set explicitly (`QDQOpTypePerChannelSupportToAxis`) and tested.
+  * weights are 7-bit by default (`reduce_range`): on x86 without VNNI (AVX2), MLAS's U8S8 kernel adds pairs
+    of u8*s8 products in saturating int16 (255*127*2 > 32767). Per-channel scales put every column at the
+    full +-127, so it saturates everywhere: SmolLM2-135M went from perplexity 38 to 650,000 with 8-bit
+    per-channel weights (95 with the same graph run unfused in float), 86 with 7-bit. This, not the axis,
+    is why per-channel came out worse than per-tensor.
+  * calibration memory is bounded with `CalibStridedMinMax` = 1: the calibrator folds each sample into its
+    ranges / histograms before the next. It works for every method (`CalibMaxIntermediateOutputs` in 1.32 clears
+    the collected outputs without folding them in, so it would silently calibrate on the last partial batch),
+    and the histogram calibrators need it anyway: they stack one stride's tensors with np.asarray, which fails
+    when prefill (S tokens) and decode (1 token) samples share a stride.
+  * a MatMul left float must read the float activation: quantize_static shares one Q/DQ pair among all
+    readers of a tensor, so `restore_float_readers` undoes that for the readers that are not int8.
+  * the fused graph's contrib ops (GroupQueryAttention, SkipSimplifiedLayerNormalization) are unknown to ONNX
+    shape inference; without types ORT skips every activation after them and silently produces weight-only
+    DQ. ORT's symbolic shape inference, run first, knows them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Collection
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+from exporters.calibration import CalibrationPlan, KVCacheCalibrationReader, cpu_session, declared, empty_past, \
+    session_contract, step_feed
+from exporters.contract import LOGITS, Contract, read_contract
+from exporters.export import EXTERNAL_DATA_THRESHOLD, model_files, move_model, save_model
+from exporters.optimize import load_onnx
+from exporters.smoothing import collect_activation_max, find_smooth_groups, smooth, weight_matmuls
+from models.errors import UserError
+
+RECIPES = ("static", "w8a8", "w8", "w4")
+CALIBRATE_METHODS = ("minmax", "percentile", "entropy")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    recipe: str = "w8a8"            # "static" | "w8a8" | "w8" | "w4" (see the module docstring)
+    calibrate_method: str = "minmax"  # activation ranges: "minmax" | "percentile" (99.999%) | "entropy" (KL)
+    per_channel: bool = True        # one weight scale per output channel (axis 1 of the (K, N) weight)
+    num_prefill: int = 32           # calibration windows; each is one prefill sample of seq_len tokens ...
+    seq_len: int = 128              # ... of this many tokens ...
+    num_decode_steps: int = 4       # ... followed by this many single-token samples fed the real past KV
+    block_size: int = 32            # MatMulNBits: weights per scale along K (power of 2, >= 16)
+    accuracy_level: int = 4         # MatMulNBits compute type: 0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8 (fast on CPU)
+    max_ppl_increase: float = 0.02  # w8a8: allowed relative perplexity increase over fp32 on valid_ids (0.02 = 2%)
+    sensitivity_tokens: int = 256   # w8a8: valid_ids tokens each MatMul's one-at-a-time sensitivity is measured on
+    alpha: float = 0.5              # w8a8 smoothing: s = max|X|^alpha / max|W|^(1-alpha); higher: more range to W
+    reduce_range: bool = True       # 7-bit weights: no int16 saturation in U8S8 on x86 without VNNI (see above)
+    exclude: tuple[str, ...] = ()   # MatMul node names always left in float
+
+    def __post_init__(self):
+        if self.recipe not in RECIPES:
+            raise UserError(f"unknown quantization recipe {self.recipe!r} (choose from {', '.join(RECIPES)})")
+        if self.calibrate_method not in CALIBRATE_METHODS:
+            raise UserError(f"unknown calibration method {self.calibrate_method!r} "
+                            f"(choose from {', '.join(CALIBRATE_METHODS)})")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise UserError(f"block_size must be a power of 2 and at least 16, got {self.block_size}")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise UserError(f"accuracy_level must be 0..4, got {self.accuracy_level}")
+        if self.sensitivity_tokens < 2:
+            raise UserError(f"sensitivity_tokens must be at least 2, got {self.sensitivity_tokens}")
+        if self.max_ppl_increase < 0:
+            raise UserError(f"max_ppl_increase is a relative increase and cannot be negative, "
+                            f"got {self.max_ppl_increase}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise UserError(f"alpha must lie in [0, 1], got {self.alpha}")
+        self.plan  # validates the calibration sizes
+
+    @property
+    def plan(self) -> CalibrationPlan:
+        return CalibrationPlan(self.num_prefill, self.seq_len, self.num_decode_steps)
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+def _sequences(ids_list: list[list[int]], contract: Contract) -> list[np.ndarray]:
+    """Each sequence cut into chunks the model can hold (positions < max_position_embeddings); chunks under
+    2 tokens dropped. Ids outside the vocabulary are a user error, not an onnxruntime Gather failure."""
+    limit = contract.max_position_embeddings
+    chunks = [np.asarray(ids[i:i + limit], np.int64) for ids in ids_list for i in range(0, len(ids), limit)]
+    if any(c.size and (c.min() < 0 or c.max() >= contract.vocab_size) for c in chunks):
+        raise UserError(f"validation token ids must lie in [0, {contract.vocab_size}) (the model's vocabulary): "
+                        f"was the text tokenized with another tokenizer?")
+    return [c for c in chunks if c.size >= 2]
+
+
+def _log_probs(session: ort.InferenceSession, contract: Contract, ids: np.ndarray,
+               extra: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """Teacher-forced prefill of `ids`: log-softmax of the logits, (len - 1, vocab), predicting ids[1:]."""
+    feed = declared(step_feed(ids, 0, empty_past(contract)), {i.name for i in session.get_inputs()})
+    logits = session.run([LOGITS], {**feed, **(extra or {})})[0][0, :-1].astype(np.float64)
+    logits -= logits.max(axis=-1, keepdims=True)
+    return logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+
+
+def _perplexity(log_probs: Callable[[np.ndarray], np.ndarray], sequences: list[np.ndarray]) -> float:
+    nll, count = 0.0, 0
+    for ids in sequences:
+        nll -= float(log_probs(ids)[np.arange(ids.size - 1), ids[1:]].sum())
+        count += ids.size - 1
+    if count == 0:
+        raise UserError("perplexity needs at least one validation sequence of 2 or more tokens")
+    return float(np.exp(nll / count))
+
+
+def perplexity(model_path: str | Path, ids_list: list[list[int]]) -> float:
+    """exp(mean next-token NLL) over all `ids_list` tokens, each sequence run as one prefill (chunked to the
+    model's max_position_embeddings)."""
+    session = cpu_session(model_path)
+    contract = session_contract(session)
+    return _perplexity(lambda ids: _log_probs(session, contract, ids),
+                       _sequences(ids_list, contract))
+
+
+# ---------------------------------------------------------------------------------------------- the graph
+
+
+def _load_checked(model_path: Path) -> onnx.ModelProto:
+    """The model, if it is one `pipeline export` wrote (it carries the contract) and is float32."""
+    model = load_onnx(model_path)
+    try:
+        contract = read_contract(model)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    if contract.kv_dtype != "float32" or any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer):
+        raise UserError(f"{model_path} is a float16 model: quantize the float32 export (or its fused graph "
+                        f"without --fp16)")
+    return model
+
+
+def _weight_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
+    inits = {t.name: t for t in model.graph.initializer}
+    return {n.name: tuple(inits[n.input[1]].dims) for n in weight_matmuls(model)}
+
+
+def _targets(model: onnx.ModelProto, exclude: tuple[str, ...]) -> list[str]:
+    """Weight MatMuls to quantize; an excluded name that is not a weight MatMul is a user error (typo)."""
+    shapes = _weight_shapes(model)
+    unknown = sorted(set(exclude) - set(shapes))
+    if unknown:
+        raise UserError(f"cannot exclude {unknown}: not weight MatMul nodes of this model "
+                        f"(e.g. {next(iter(shapes), 'none')!r})")
+    return [n for n in shapes if n not in exclude]
+
+
+def _with_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Symbolic shape inference, which knows onnxruntime's contrib ops (see the module docstring)."""
+    from onnxruntime.quantization.quant_utils import add_pre_process_metadata
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception as e:  # an op it cannot type: quantizing would silently skip everything after it
+        raise UserError(f"shape inference failed before quantization ({type(e).__name__}: {e}); the graph has an "
+                        f"operator onnxruntime's symbolic shape inference does not support") from e
+    add_pre_process_metadata(inferred)  # what ORT's quant_pre_process marks: shapes are inferred
+    return inferred
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    size = sum(t.ByteSize() for t in model.graph.initializer)
+    save_model(model, path, external=size >= EXTERNAL_DATA_THRESHOLD)
+
+
+def _files_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in model_files(path))
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence onnxruntime's quantization tooling for the duration, and undo its global logging changes.
+
+    quantize_static logs advice through the root logger, its histogram calibrators print to stdout, its sessions
+    warn on stderr, and importing matmul_nbits_quantizer runs logging.basicConfig(level=INFO), which would make
+    every later INFO log of the process appear. The CLI prints the report, not this chatter.
+    """
+    root = logging.getLogger()
+    level, handlers, disabled = root.level, root.handlers[:], logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    ort.set_default_logger_severity(3)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        logging.disable(disabled)
+        ort.set_default_logger_severity(2)
+
+
+# ------------------------------------------------------------------------------------------ static (QDQ)
+
+
+@dataclass(frozen=True)
+class StaticJob:
+    """Everything one quantize_static call needs; the calibration cache makes every call after the first
+    (the budget search writes the chosen mix of int8 and float) reuse the ranges instead of recalibrating."""
+    fp32_path: Path      # shape-inferred (and for w8a8 smoothed) float model
+    cache_path: Path     # calibration ranges, written by the first call
+    reader: KVCacheCalibrationReader
+    config: QuantConfig
+
+
+def quantize_qdq(job: StaticJob, nodes: list[str], out_path: Path) -> None:
+    """Quantize exactly `nodes` (weight MatMuls) to QDQ int8; with none, the float model is copied."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if not nodes:
+        _save(onnx.load(str(job.fp32_path)), out_path)
+        return
+    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+              "entropy": CalibrationMethod.Entropy}[job.config.calibrate_method]
+    extra = {"OpTypesToExcludeOutputQuantization": ["MatMul"],
+             "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+             "CalibStridedMinMax": 1,
+             "WeightSymmetric": True}
+    big = sum(p.stat().st_size for p in model_files(job.fp32_path)) >= EXTERNAL_DATA_THRESHOLD
+    cached = job.cache_path.is_file()
+    with _quiet():
+        quantize_static(str(job.fp32_path), str(out_path), None if cached else job.reader,
+                        quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
+                        per_channel=job.config.per_channel, reduce_range=job.config.reduce_range,
+                        activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, nodes_to_quantize=nodes, use_external_data_format=big,
+                        calibrate_method=method, extra_options=extra, calibration_cache_path=str(job.cache_path))
+    graph = onnx.load(str(out_path), load_external_data=False)  # weights stay where they are
+    if restore_float_readers(graph, set(nodes)):
+        onnx.save_model(graph, str(out_path))
+
+
+def restore_float_readers(model: onnx.ModelProto, quantized: set[str]) -> bool:
+    """Give every reader of a quantized activation that is not an int8 MatMul the float tensor back.
+
+    quantize_static inserts one shared Q/DQ pair per activation and rewires *all* its readers to the DQ output
+    (DedicatedQDQPair only helps when two or more readers are quantized): with q and k left in float and v in
+    int8, q and k would silently run as float MatMuls on rounded inputs, slower and less accurate than asked.
+    Returns whether anything changed.
+    """
+    made_by = {o: n for n in model.graph.node for o in n.output}
+    rounded = {dq.output[0]: made_by[dq.input[0]].input[0] for dq in model.graph.node
+               if dq.op_type == "DequantizeLinear" and made_by.get(dq.input[0], dq).op_type == "QuantizeLinear"}
+    changed = False
+    for node in model.graph.node:
+        if node.name not in quantized:
+            for i, name in enumerate(node.input):
+                if name in rounded:
+                    node.input[i], changed = rounded[name], True
+    return changed
+
+
+def qdq_quantized(model: onnx.ModelProto) -> set[str]:
+    """MatMuls whose both inputs come from DequantizeLinear: what ORT fuses into an int8 MatMulIntegerToFloat."""
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    return {n.name for n in model.graph.node
+            if n.op_type == "MatMul" and all(producers.get(i) == "DequantizeLinear" for i in n.input[:2])}
+
+
+class QuantSwitch:
+    """The float model with each target MatMul's int8 rounding behind its own on/off input.
+
+    Both inputs of every target go through `Where(gate, DQ(Q(x)), x)`, with the exact scales, zero points and
+    int8 weights of the all-int8 graph, so one session evaluates any mix of int8 and float MatMuls (what the
+    int8 kernels compute, up to float rounding) without writing or loading a model per mix. That makes
+    quantize-one-at-a-time sensitivity affordable at 200+ MatMuls, and the budget search cheap.
+    """
+
+    def __init__(self, fp32: onnx.ModelProto, int8: onnx.ModelProto, targets: list[str], workdir: Path):
+        self.gates = {name: f"quant_switch.{i}" for i, name in enumerate(targets)}
+        inits = {t.name: t for t in int8.graph.initializer}
+        made_by = {o: n for n in int8.graph.node for o in n.output}
+        int8_nodes = {n.name: n for n in int8.graph.node}
+        nodes = []
+        for node in fp32.graph.node:
+            if node.name in self.gates:
+                a_dq, w_dq = (made_by[i] for i in int8_nodes[node.name].input[:2])
+                nodes += self._switch(fp32, node, a_dq, w_dq, inits)
+            nodes.append(node)
+        del fp32.graph.node[:]
+        fp32.graph.node.extend(nodes)
+        fp32.graph.input.extend(helper.make_tensor_value_info(g, onnx.TensorProto.BOOL, [])
+                                for g in self.gates.values())
+        path = workdir / "switch.onnx"
+        _save(fp32, path)
+        self.session = cpu_session(path)
+        self.contract = session_contract(self.session)
+
+    def _switch(self, model: onnx.ModelProto, node: onnx.NodeProto, a_dq: onnx.NodeProto, w_dq: onnx.NodeProto,
+                inits: dict[str, onnx.TensorProto]) -> list[onnx.NodeProto]:
+        """Route `node`'s activation and weight through gated copies of the int8 graph's Q/DQ."""
+        gate, tag = self.gates[node.name], self.gates[node.name] + "."
+        for name in {*a_dq.input[1:], *w_dq.input}:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(inits[name])
+            copy.name = tag + name
+            model.graph.initializer.append(copy)
+        a_params, w_params = [tag + n for n in a_dq.input[1:]], [tag + n for n in w_dq.input]
+        x, w = node.input[0], node.input[1]
+        node.input[0], node.input[1] = tag + "x", tag + "w"
+        return [helper.make_node("QuantizeLinear", [x, *a_params], [tag + "xq"]),
+                helper.make_node("DequantizeLinear", [tag + "xq", *a_params], [tag + "xdq"]),
+                helper.make_node("Where", [gate, tag + "xdq", x], [tag + "x"]),
+                helper.make_node("DequantizeLinear", w_params, [tag + "wdq"], axis=_axis(w_dq)),
+                helper.make_node("Where", [gate, tag + "wdq", w], [tag + "w"])]
+
+    def log_probs(self, ids: np.ndarray, in_int8: Collection[str]) -> np.ndarray:
+        gates = {g: np.array(name in in_int8) for name, g in self.gates.items()}
+        return _log_probs(self.session, self.contract, ids, gates)
+
+    def perplexity(self, ids_list: list[list[int]], in_int8: Collection[str]) -> float:
+        return _perplexity(lambda ids: self.log_probs(ids, in_int8),
+                           _sequences(ids_list, self.contract))
+
+
+def _axis(dq: onnx.NodeProto) -> int:
+    return next((a.i for a in dq.attribute if a.name == "axis"), 1)
+
+
+def _first_tokens(ids_list: list[list[int]], count: int) -> list[list[int]]:
+    """The first `count` tokens of `ids_list`, keeping the sequence boundaries."""
+    out = []
+    for ids in ids_list:
+        if count <= 0:
+            break
+        out.append(list(ids[:count]))
+        count -= len(out[-1])
+    return out
+
+
+def one_at_a_time_kl(switch: QuantSwitch, targets: list[str], ids_list: list[list[int]]) -> dict[str, float]:
+    """Mean per-token KL(float || only this MatMul int8) of the next-token distributions, for each target.
+
+    End to end, not per layer: the output error of a MatMul says little about its effect (a q/k projection
+    with a tiny relative error can move a peaked softmax a lot, a down_proj with a larger one may not matter).
+    """
+    sequences = _sequences(ids_list, switch.contract)
+    reference = [switch.log_probs(ids, ()) for ids in sequences]
+    tokens = sum(ids.size - 1 for ids in sequences)
+    kl = {}
+    for name in targets:
+        total = sum(float((np.exp(ref) * (ref - switch.log_probs(ids, {name}))).sum())
+                    for ids, ref in zip(sequences, reference))
+        kl[name] = total / max(tokens, 1)
+    return kl
+
+
+def smallest_prefix(n: int, meets: Callable[[int], bool]) -> int:
+    """Smallest k in 1..n with meets(k) (meets(0) is known to fail), by doubling then bisection: 2*log2(n)
+    evaluations instead of n, assuming more MatMuls in float never costs perplexity. n if nothing meets."""
+    lo, hi = 0, 1  # invariant: lo fails; hi meets, or hi == n
+    while hi < n and not meets(hi):
+        lo, hi = hi, min(2 * hi, n)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if meets(mid) else (mid, hi)
+    return hi
+
+
+def keep_float_until_budget(job: StaticJob, targets: list[str], staged: Path, ppl: dict,
+                            valid_ids: list[list[int]], workdir: Path) -> tuple[list[str], dict[str, float], dict]:
+    """Leave the most sensitive MatMuls in float until the perplexity increase meets the budget.
+
+    Ranks by one-at-a-time KL and searches the prefix length on the switchable model, then writes the real int8
+    model for that choice to `staged` and measures it; if the real model misses the budget (its kernels disagree
+    with the simulation, e.g. int16 saturation without reduce_range) more MatMuls go float until it meets it.
+    Returns (MatMuls left float, one-at-a-time KL of every target, search details for the report).
+    """
+    budget = job.config.max_ppl_increase
+    switch = QuantSwitch(onnx.load(str(job.fp32_path)), onnx.load(str(staged)), targets, workdir)
+    kl = one_at_a_time_kl(switch, targets, _first_tokens(valid_ids, job.config.sensitivity_tokens))
+    ranking = sorted(targets, key=kl.get, reverse=True)
+    simulated: dict[int, float] = {}
+
+    def simulated_meets(k: int) -> bool:
+        simulated[k] = switch.perplexity(valid_ids, set(ranking[k:]))
+        return simulated[k] / ppl["fp32"] - 1.0 <= budget
+
+    k, n = smallest_prefix(len(ranking), simulated_meets), len(ranking)
+    measured: dict[int, float] = {}
+    while True:
+        quantize_qdq(job, ranking[k:], staged)
+        measured[k] = perplexity(staged, valid_ids)
+        if measured[k] / ppl["fp32"] - 1.0 <= budget or k == n:
+            break
+        k = min(n, 2 * k)
+    details = {"kl_one_at_a_time": {name: kl[name] for name in ranking},
+               "simulated_ppl_by_float_count": dict(sorted(simulated.items())), "ppl_by_float_count": measured}
+    return ranking[:k], kl, details
+
+
+def _smooth_model(model: onnx.ModelProto, reader: KVCacheCalibrationReader, config: QuantConfig,
+                  workdir: Path) -> dict:
+    """Smooth in place; reports the largest activation magnitude before and after over the smoothed tensors."""
+    groups = find_smooth_groups(model, config.exclude)
+    if not groups:
+        return {"groups": 0}
+    act_max = collect_activation_max(model, [g.activation for g in groups], reader.feeds(), workdir)
+    scales = smooth(model, groups, act_max, config.alpha)
+    return {"groups": len(groups), "alpha": config.alpha,
+            "max_abs_activation_before": float(max(a.max() for a in act_max.values())),
+            "max_abs_activation_after": float(max((act_max[k] / s).max() for k, s in scales.items()))}
+
+
+def _static(model: onnx.ModelProto, model_path: Path, staged: Path, calib_ids: list[list[int]],
+            valid_ids: list[list[int]] | None, config: QuantConfig, workdir: Path) -> dict:
+    if not calib_ids or not any(len(ids) for ids in calib_ids):
+        raise UserError(f"recipe {config.recipe!r} needs calibration text: the calibration set is empty")
+    reader = KVCacheCalibrationReader(model_path, calib_ids, config.plan)
+    details: dict = {"calibration_samples": len(reader), "calibrate_method": config.calibrate_method,
+                     "per_channel": config.per_channel, "reduce_range": config.reduce_range}
+    if config.recipe == "w8a8":
+        details["smoothing"] = _smooth_model(model, reader, config, workdir)
+    job = StaticJob(workdir / "fp32.onnx", workdir / "calibration.json", reader, config)
+    _save(_with_value_info(model), job.fp32_path)
+    targets = _targets(model, config.exclude)
+    quantize_qdq(job, targets, staged)
+    reasons = {name: "excluded by config" for name in config.exclude}
+    details["ppl"] = _ppl_pair(model_path, staged, valid_ids) if valid_ids else None
+    if config.recipe == "w8a8" and valid_ids and targets and details["ppl"]["increase"] > config.max_ppl_increase:
+        keep, kl, search = keep_float_until_budget(job, targets, staged, details["ppl"], valid_ids, workdir)
+        reasons.update({name: f"sensitive: KL {kl[name]:.3g} with only this MatMul in int8" for name in keep})
+        final = search["ppl_by_float_count"][len(keep)]
+        details["sensitivity"] = search
+        details["ppl"] = {**details["ppl"], "all_int8": details["ppl"]["quantized"], "quantized": final,
+                          "increase": final / details["ppl"]["fp32"] - 1.0}
+    return {"details": details, "reasons": reasons}
+
+
+# ------------------------------------------------------------------------------------ weight-only (NBits)
+
+
+def nbits_quantized(model: onnx.ModelProto, bits: int) -> set[str]:
+    """Original names of the MatMuls that became MatMulNBits (ORT appends `_Q{bits}` to the node name)."""
+    return {n.name.removesuffix(f"_Q{bits}") for n in model.graph.node if n.op_type == "MatMulNBits"}
+
+
+def _weight_only(model: onnx.ModelProto, staged: Path, config: QuantConfig) -> dict:
+    _targets(model, config.exclude)  # validates the excluded names
+    bits = 8 if config.recipe == "w8" else 4
+    with _quiet():
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=config.block_size, is_symmetric=True,
+                                         accuracy_level=config.accuracy_level, nodes_to_exclude=list(config.exclude),
+                                         op_types_to_quantize=("MatMul",))
+        quantizer.process()
+    _save(quantizer.model.model, staged)  # the same ModelProto, metadata (the contract) included
+    return {"details": {"bits": bits, "block_size": config.block_size, "accuracy_level": config.accuracy_level},
+            "reasons": {name: "excluded by config" for name in config.exclude}}
+
+
+# ------------------------------------------------------------------------------------------------- entry
+
+
+def _ppl_pair(ref: Path, model: Path, valid_ids: list[list[int]]) -> dict:
+    fp32, q = perplexity(ref, valid_ids), perplexity(model, valid_ids)
+    return {"fp32": fp32, "quantized": q, "increase": q / fp32 - 1.0}
+
+
+def _report(shapes: dict[str, tuple[int, int]], activation_matmuls: list[str], staged: Path, config: QuantConfig,
+            result: dict) -> dict:
+    """Which MatMuls are quantized is read back from the written graph, not assumed from what was asked."""
+    after = onnx.load(str(staged), load_external_data=False)
+    bits = {"w8": 8, "w4": 4}.get(config.recipe)
+    done = (nbits_quantized(after, bits) if bits else qdq_quantized(after)) & set(shapes)
+    reasons = {name: "multiplies two activations (attention)" for name in activation_matmuls}
+    reasons.update(result["reasons"])
+    reasons.update({n: "onnxruntime did not quantize it" for n in shapes if n not in done and n not in reasons})
+    flops = {name: k * n for name, (k, n) in shapes.items()}
+    return {"recipe": config.recipe, "weight_bits": bits or 8, "activation_bits": None if bits else 8,
+            "quantized_matmuls": sorted(done), "float_matmuls": dict(sorted(reasons.items())),
+            "quantized_flop_share": sum(flops[n] for n in done) / max(sum(flops.values()), 1),
+            **result["details"], "config": asdict(config)}
+
+
+def quantize(model_path: str | Path, out_path: str | Path, calib_ids: list[list[int]],
+             config: QuantConfig = QuantConfig(), valid_ids: list[list[int]] | None = None) -> dict:
+    """Quantize `model_path` into `out_path` (written atomically, external data when over 2 GB).
+
+    `calib_ids` / `valid_ids`: token id sequences (tokenized by the caller) for calibration and for the
+    perplexity measurement. Returns the report: recipe, sizes, quantized MatMuls, float MatMuls with the reason,
+    share of weight-MatMul FLOPs (K*N per token) that runs quantized, perplexity before/after when `valid_ids`.
+    """
+    model_path, out_path = Path(model_path), Path(out_path)
+    model = _load_checked(model_path)
+    shapes = _weight_shapes(model)
+    activation_matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in shapes]
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix=".quantize-", dir=out_path.parent))
+    try:
+        staged = workdir / out_path.name
+        if config.recipe in ("w8", "w4"):
+            result = _weight_only(model, staged, config)
+            result["details"]["ppl"] = _ppl_pair(model_path, staged, valid_ids) if valid_ids else None
+        else:
+            result = _static(model, model_path, staged, calib_ids, valid_ids, config, workdir)
+        report = _report(shapes, activation_matmuls, staged, config, result)
+        report.update(size_before=_files_size(model_path), size_after=_files_size(staged))
+        move_model(staged, out_path)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return report

@@ -1,0 +1,270 @@
+"""SmoothQuant-style smoothing: move activation outliers into the weights before int8 quantization.
+
+LLM activations have a few channels whose magnitude is 10-100x the rest; one per-tensor int8 scale for such a
+tensor wastes almost all of its levels on those channels. Weights are flat and quantized per output channel, so
+they can absorb a per-input-channel factor. For every MatMul input X read only by weight MatMuls:
+
+    s_j = max|X_j|^alpha / max|W_j|^(1-alpha)       (W_j: row j of every consumer weight)
+    rows of every consumer MatMul weight *= s,  and the producer of X absorbs 1/s:
+      * a norm (SmoothQuant's case): its weight (and bias) /= s
+      * a gated MLP product act(gate) * up (the down_proj input, where Llama-family models keep their largest
+        outliers): the up_proj weight columns that produce X /= s (through a Split when gate/up are packed)
+
+which is an exact re-parametrisation: (x * g / s) @ (diag(s) W) = (x * g) @ W. An X that also feeds something
+else (a residual, a non-weight MatMul) is left alone, because dividing it by s would change that consumer
+(reading only its shape is fine). The attention output (o_proj input) is not smoothed: its producer is the
+value projection, and scaling it would change the KV cache the model outputs. Works on the plain export
+(RMSNorm ends in `Mul(weight, x_hat)`, GPT-2 uses LayerNormalization) and on the fused graph
+(SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization, SkipLayerNormalization).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from exporters.calibration import cpu_session
+from exporters.export import EXTERNAL_DATA_THRESHOLD, save_model
+
+# op type -> (input index of the scale, input index of the bias or None); output 0 is the normalized tensor
+NORM_SCALE_INPUTS: dict[str, tuple[int, int | None]] = {
+    "SimplifiedLayerNormalization": (1, None),
+    "LayerNormalization": (1, 2),
+    "SkipSimplifiedLayerNormalization": (2, None),
+    "SkipLayerNormalization": (2, 3),
+}
+
+# consumers that read only the shape of a tensor (the plain export takes `x.shape` in attention): scaling is safe
+SHAPE_ONLY_OPS = ("Shape", "Size")
+
+
+@dataclass(frozen=True)
+class SmoothGroup:
+    activation: str                # tensor read (as input A) by every consumer MatMul
+    source: str                    # node whose parameters absorb 1/s (see `scale_inputs` / `first_column`)
+    scale_inputs: tuple[int, ...]  # inputs of `source` divided by s: a norm's weight (and bias), or a MatMul's weight
+    first_column: int | None       # None: divide the whole vector (norm); else the MatMul weight columns
+                                   # [first_column, first_column + K) that produce the activation are divided
+    matmuls: tuple[str, ...]       # consumer MatMuls whose weight rows are multiplied by s
+
+
+@dataclass(frozen=True)
+class GraphIndex:
+    inits: dict[str, TensorProto]
+    producers: dict[str, onnx.NodeProto]
+    consumers: dict[str, list[onnx.NodeProto]]  # shape-only readers left out
+    weight_names: set[str]
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto) -> "GraphIndex":
+        consumers: dict[str, list[onnx.NodeProto]] = {}
+        for n in model.graph.node:
+            if n.op_type not in SHAPE_ONLY_OPS:
+                for name in n.input:
+                    consumers.setdefault(name, []).append(n)
+        return cls(initializers(model), {o: n for n in model.graph.node for o in n.output}, consumers,
+                   {n.name for n in weight_matmuls(model)})
+
+    def only_reader(self, tensor: str, node: onnx.NodeProto) -> bool:
+        return [c.name for c in self.consumers.get(tensor, [])] == [node.name]
+
+
+def initializers(model: onnx.ModelProto) -> dict[str, TensorProto]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def weight_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """MatMuls whose B is a 2-D float initializer: the projections and lm_head. Attention-score and rotary
+    MatMuls multiply two activations, so they are never in this list."""
+    inits = initializers(model)
+    return [n for n in model.graph.node
+            if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2
+            and inits[n.input[1]].data_type == TensorProto.FLOAT]
+
+
+def constant_source(name: str, inits: dict[str, TensorProto],
+                    producers: dict[str, onnx.NodeProto]) -> TensorProto | None:
+    """The initializer behind `name`, following Identity nodes: the PyTorch exporter deduplicates equal
+    parameters (every norm weight of a fresh model is all ones) into one initializer plus Identity copies."""
+    while name not in inits and name in producers and producers[name].op_type == "Identity":
+        name = producers[name].input[0]
+    return inits.get(name)
+
+
+def _norm_scale_inputs(node: onnx.NodeProto, g: GraphIndex, width: int) -> tuple[int, ...] | None:
+    """Inputs of a norm (or of the Mul applying an RMSNorm weight) holding its per-channel weight and bias."""
+    const = [constant_source(name, g.inits, g.producers) if name else None for name in node.input]
+    if node.op_type in NORM_SCALE_INPUTS:
+        scale, bias = NORM_SCALE_INPUTS[node.op_type]
+        picked = [i for i in (scale, bias) if i is not None and i < len(node.input) and node.input[i]]
+        return tuple(picked) if all(const[i] is not None for i in picked) else None
+    if node.op_type == "Mul":
+        found = [i for i, c in enumerate(const) if c is not None]
+        if len(found) == 1:
+            dims = list(const[found[0]].dims)
+            if dims and dims[-1] == width and int(np.prod(dims)) == width:
+                return tuple(found)
+    return None
+
+
+def _split_sizes(split: onnx.NodeProto, g: GraphIndex, total: int) -> list[int] | None:
+    """Output widths of a Split along the last axis (sizes from its input, its attribute, or equal parts)."""
+    attrs = {a.name: a for a in split.attribute}
+    if "axis" not in attrs or attrs["axis"].i not in (-1, 2):
+        return None
+    if len(split.input) > 1 and split.input[1]:
+        sizes = g.inits.get(split.input[1])
+        return None if sizes is None else [int(v) for v in numpy_helper.to_array(sizes)]
+    if "split" in attrs:
+        return list(attrs["split"].ints)
+    return [total // len(split.output)] * len(split.output)
+
+
+def _linear_factor(mul: onnx.NodeProto, g: GraphIndex, width: int) -> tuple[onnx.NodeProto, int] | None:
+    """The weight MatMul (and first column) producing one factor of `mul`, read by nothing else: in a gated MLP,
+    act(gate) * up, the `up` projection. Dividing its columns by s divides the product by s, exactly."""
+    for factor in mul.input:
+        if not g.only_reader(factor, mul) or factor not in g.producers:
+            continue
+        p = g.producers[factor]
+        if p.name in g.weight_names and p.output[0] == factor and g.inits[p.input[1]].dims[1] == width:
+            return p, 0
+        if p.op_type == "Split" and p.input[0] in g.producers:
+            mm = g.producers[p.input[0]]
+            if mm.name in g.weight_names and g.only_reader(mm.output[0], p):
+                sizes = _split_sizes(p, g, int(g.inits[mm.input[1]].dims[1]))
+                index = list(p.output).index(factor)
+                if sizes and sizes[index] == width:
+                    return mm, sum(sizes[:index])
+    return None
+
+
+def find_smooth_groups(model: onnx.ModelProto, exclude: Iterable[str] = ()) -> list[SmoothGroup]:
+    """Every MatMul input that only weight MatMuls (none in `exclude`) read, produced by a norm whose weight can
+    absorb 1/s, or by a gated-MLP product whose linear factor's MatMul columns can."""
+    g = GraphIndex.of(model)
+    outputs = {o.name for o in model.graph.output}
+    skip = set(exclude)
+    groups, seen = [], set()
+    for mm in weight_matmuls(model):
+        act = mm.input[0]
+        if act in seen or act in outputs or act not in g.producers:
+            continue
+        seen.add(act)
+        users = g.consumers[act]
+        if not all(u.name in g.weight_names and u.name not in skip and u.input[0] == act and u.input[1] != act
+                   for u in users):
+            continue
+        node = g.producers[act]
+        width = int(g.inits[mm.input[1]].dims[0])
+        matmuls = tuple(u.name for u in users)
+        picked = _norm_scale_inputs(node, g, width) if node.output[0] == act else None
+        if picked is not None:
+            groups.append(SmoothGroup(act, node.name, picked, None, matmuls))
+        elif node.op_type == "Mul" and (factor := _linear_factor(node, g, width)) is not None:
+            groups.append(SmoothGroup(act, factor[0].name, (1,), factor[1], matmuls))
+    return groups
+
+
+def probe(model: onnx.ModelProto, tensors: list[str], feeds: Iterable[dict[str, np.ndarray]],
+          workdir: Path | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """For each feed, the values of the intermediate `tensors`, exposed as extra graph outputs for the run.
+
+    The model is saved to a temporary file (external data when large, so models over 2 GB work too); the
+    extra outputs are removed from `model` again when the generator finishes or is closed.
+    """
+    outputs = {o.name for o in model.graph.output}
+    added = [helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in dict.fromkeys(tensors)
+             if t not in outputs]
+    model.graph.output.extend(added)
+    tmp = Path(tempfile.mkdtemp(prefix=".probe-", dir=workdir))
+    try:
+        path = tmp / "probe.onnx"
+        big = sum(t.ByteSize() for t in model.graph.initializer) >= EXTERNAL_DATA_THRESHOLD
+        save_model(model, path, external=big)
+        session = cpu_session(path)
+        for feed in feeds:
+            yield dict(zip(tensors, session.run(tensors, feed)))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for _ in added:
+            model.graph.output.pop()
+
+
+def collect_activation_max(model: onnx.ModelProto, tensors: list[str], feeds: Iterable[dict[str, np.ndarray]],
+                           workdir: Path | None = None) -> dict[str, np.ndarray]:
+    """Per-channel max|X| over all tokens of all feeds, for each of `tensors`."""
+    maxima: dict[str, np.ndarray] = {}
+    for values in probe(model, tensors, feeds, workdir):
+        for name, x in values.items():
+            m = np.abs(x.reshape(-1, x.shape[-1])).max(axis=0)
+            maxima[name] = np.maximum(maxima[name], m) if name in maxima else m
+    return maxima
+
+
+def smoothing_scales(act_max: np.ndarray, weights: list[np.ndarray], alpha: float) -> np.ndarray:
+    """s_j = max|X_j|^alpha / max|W_j|^(1-alpha), 1 where a channel is dead (zero activation or weight row)."""
+    w_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = np.power(act_max, alpha) / np.power(w_max, 1.0 - alpha)
+    return np.where(np.isfinite(s) & (s > 0), np.maximum(s, 1e-5), 1.0).astype(np.float32)
+
+
+def _private_initializer(model: onnx.ModelProto, node: onnx.NodeProto, index: int, uses: Counter) -> TensorProto:
+    """The initializer feeding `node.input[index]`, first copied under a new name if anything else reads it
+    (directly or through an Identity): scaling a shared tensor would silently rescale its other readers too."""
+    inits = initializers(model)
+    name = node.input[index]
+    if name in inits and uses[name] == 1:
+        return inits[name]
+    uses[name] -= 1
+    clone = TensorProto()
+    clone.CopyFrom(constant_source(name, inits, {o: n for n in model.graph.node for o in n.output}))
+    clone.name = f"{name}.smoothed.{node.name}"
+    model.graph.initializer.append(clone)
+    node.input[index] = clone.name
+    uses[clone.name] = 1
+    return model.graph.initializer[-1]
+
+
+def _rescale(tensor: TensorProto, fn) -> None:
+    tensor.CopyFrom(numpy_helper.from_array(fn(numpy_helper.to_array(tensor)).astype(np.float32), tensor.name))
+
+
+def smooth(model: onnx.ModelProto, groups: list[SmoothGroup], act_max: dict[str, np.ndarray],
+           alpha: float) -> dict[str, np.ndarray]:
+    """Fold the smoothing factors into `model` in place; returns s for each group's activation."""
+    nodes = {n.name: n for n in model.graph.node}
+    uses = Counter(i for n in model.graph.node for i in n.input)
+    scales = {}
+    for g in groups:
+        mms = [nodes[m] for m in g.matmuls]
+        inits = initializers(model)  # fresh: an earlier group may have rescaled or cloned these weights
+        s = smoothing_scales(act_max[g.activation], [numpy_helper.to_array(inits[m.input[1]]) for m in mms], alpha)
+        source = nodes[g.source]
+        for idx in g.scale_inputs:
+            _rescale(_private_initializer(model, source, idx, uses), _divider(s, g.first_column))
+        for mm in mms:
+            _rescale(_private_initializer(model, mm, 1, uses), lambda w: w * s[:, None])
+        scales[g.activation] = s
+    return scales
+
+
+def _divider(s: np.ndarray, first_column: int | None):
+    """w -> w / s: the whole vector for a norm weight, the columns producing the activation for a MatMul."""
+    if first_column is None:
+        return lambda w: w / s.reshape(w.shape)
+
+    def divide_columns(w: np.ndarray) -> np.ndarray:
+        w = w.copy()
+        w[:, first_column:first_column + s.size] /= s
+        return w
+    return divide_columns
