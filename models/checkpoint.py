@@ -100,6 +100,21 @@ def generation_config(extra: dict) -> dict:
     return gen
 
 
+def tokenizer_config(tokenizer_json: Path, extra: dict, max_length: int) -> dict:
+    """tokenizer_config.json for AutoTokenizer: a plain fast tokenizer over tokenizer.json, with the special tokens
+    named by the bos/eos ids in `extra` (without it, the llama model_type would pick LlamaTokenizerFast and its
+    <s>/</s> defaults, which this vocabulary does not have)."""
+    vocab = json.loads(tokenizer_json.read_text(encoding="utf-8")).get("added_tokens", [])
+    names = {t["id"]: t["content"] for t in vocab}
+    cfg: dict = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length,
+                 "clean_up_tokenization_spaces": False}
+    for key in ("bos", "eos", "pad"):
+        tid = extra.get(f"{key}_token_id")
+        if tid in names:
+            cfg[f"{key}_token"] = names[tid]
+    return cfg
+
+
 def write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
@@ -139,6 +154,8 @@ def save_checkpoint(model: Decoder, out_dir: str | Path, tokenizer_json: str | P
         write_json(tmp / "generation_config.json", generation_config(extra))
         if tokenizer_json is not None:
             shutil.copyfile(tokenizer_json, tmp / "tokenizer.json")
+            write_json(tmp / "tokenizer_config.json", tokenizer_config(Path(tokenizer_json), extra,
+                                                                           cfg.max_position_embeddings))
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

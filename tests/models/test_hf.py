@@ -136,7 +136,7 @@ def test_save_checkpoint_round_trip(tied, tmp_path):
     out = save_checkpoint(ours, tmp_path / "ckpt", tokenizer_json=tok,
                           extra={"bos_token_id": 3, "eos_token_id": 4, "steps": 10})
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "tok.json"]  # no temp dir left behind
     config = json.loads((out / "config.json").read_text())
     assert config["pipeline"]["extra"]["steps"] == 10 and config["pipeline"]["decoder"]["num_layers"] == 2

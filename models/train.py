@@ -1,0 +1,286 @@
+"""Train the demo decoder from scratch on CPU in a few minutes, and save it as a Hugging Face checkpoint.
+
+The run is: corpus (models/corpus.py) -> byte-level BPE (models/tokenizer.py) -> token stream with
+<|endoftext|> between documents -> AdamW with warmup and cosine decay -> validation loss/perplexity on the
+"valid" split, next to the unigram perplexity that a model which learned nothing about context would get ->
+a greedy sample -> save_checkpoint (atomic, so Ctrl-C never leaves a half-written checkpoint).
+
+Both `max_steps` and `max_seconds` bound the run; the learning-rate schedule follows whichever is nearer to
+its end, so a run cut short by the clock still finishes its cosine decay instead of stopping at a high rate.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from models.checkpoint import save_checkpoint
+from models.corpus import DEFAULT_MAX_BYTES, load_corpus
+from models.decoder import Decoder, DecoderConfig
+from models.errors import UserError
+from models.tokenizer import DEFAULT_VOCAB_SIZE, TrainedTokenizer, train_tokenizer
+
+SAMPLE_PROMPT = "    def"  # the corpus is Python; " def" after indentation is unambiguously the keyword
+REPETITION_PENALTY = 1.3   # for the sample only (see greedy_sample)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # model size: small on purpose. On 2 CPU cores a 4-minute run sees ~1M tokens, far too few for a wider
+    # model to catch up: at equal wall time width 128 reached validation ppl ~90 where width 192 reached ~160
+    hidden_size: int = 128           # width of the residual stream
+    num_layers: int = 4              # transformer blocks (6 layers learned slower per second)
+    num_heads: int = 4               # query heads (head_dim = 32)
+    num_kv_heads: int = 2            # grouped-query attention, as in the exported graphs
+    intermediate_size: int = 352     # SwiGLU width (~8/3 * hidden, multiple of 16)
+    vocab_size: int = DEFAULT_VOCAB_SIZE  # BPE vocabulary requested from the tokenizer trainer
+    # data
+    corpus: str | None = None        # text file or directory; None = the Python standard library's source
+    max_corpus_bytes: int = DEFAULT_MAX_BYTES  # corpus budget over all splits (train gets 80%, ~1.8M tokens)
+    seq_len: int = 128               # tokens per training window (cheaper attention than 256, learned faster)
+    batch_size: int = 8              # windows per step: at equal time, more small steps beat fewer big ones
+    eval_windows: int = 128          # validation windows scored at the end (128 * 128 = 16k tokens)
+    # optimisation
+    lr: float = 3e-3                 # peak learning rate (small models tolerate a high one)
+    min_lr_ratio: float = 0.1        # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 30           # linear warmup from 0, in steps
+    weight_decay: float = 0.1        # AdamW decay, applied to matrices only (not norms)
+    grad_clip: float = 1.0           # global gradient-norm clip: keeps the high lr stable early on
+    max_steps: int = 2000            # step budget: on 2 cores the clock ends the run first
+    max_seconds: float = 240.0       # wall-clock budget for the whole call (setup, training, eval, saving)
+    seed: int = 0                    # weights and data order
+    threads: int = 0                 # torch intra-op threads; 0 = torch's default less the cores already busy
+    sample_tokens: int = 48          # length of the greedy sample
+
+    def decoder_config(self, vocab_size: int) -> DecoderConfig:
+        """The model for a tokenizer of `vocab_size` tokens (the trainer may return fewer than requested)."""
+        return DecoderConfig(vocab_size=vocab_size, hidden_size=self.hidden_size, num_layers=self.num_layers,
+                             num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                             intermediate_size=self.intermediate_size,
+                             max_position_embeddings=max(self.seq_len, DecoderConfig.max_position_embeddings))
+
+
+def idle_cores() -> int:
+    """Cores not already busy (cores minus the 1-minute load average), at least 1.
+
+    More torch threads than free cores is far worse than fewer: on 2 cores shared with another busy process,
+    2 threads made each step 2.5x slower than 1 thread.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, round(cores - os.getloadavg()[0])))
+
+
+def token_stream(tok: TrainedTokenizer, docs: list[str]) -> torch.Tensor:
+    """All documents as one id stream, each preceded by <|endoftext|> so the model learns where documents start."""
+    encodings = tok.tokenizer.encode_batch(docs)  # batched: runs on all cores in Rust
+    ids: list[int] = []
+    for enc in encodings:
+        ids.append(tok.eos_id)
+        ids.extend(enc.ids)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def windows(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Non-overlapping (n, seq_len + 1) windows: inputs are [:, :-1], targets [:, 1:]."""
+    n = (len(stream) - 1) // seq_len
+    if n < 1:
+        raise UserError(f"corpus split has {len(stream)} tokens, fewer than one window of {seq_len}; "
+                        "give more text or a smaller seq_len")
+    return stream[: n * seq_len + 1].unfold(0, seq_len + 1, seq_len)
+
+
+def batches(data: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """Endless batches of windows, reshuffled each epoch from a seeded generator: the same order every run."""
+    gen = torch.Generator().manual_seed(seed)
+    batch_size = min(batch_size, len(data))
+    while True:
+        order = torch.randperm(len(data), generator=gen)
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            yield data[order[i:i + batch_size]]
+
+
+def lm_loss(model: Decoder, batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of a (B, T + 1) batch."""
+    logits, _ = model(batch[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+
+def make_optimizer(model: Decoder, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only: decaying norm gains towards 0 only hurts."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
+
+
+def lr_at(config: TrainConfig, step: int, progress: float) -> float:
+    """Linear warmup over warmup_steps, then cosine from lr to lr * min_lr_ratio as progress goes 0 -> 1."""
+    warm = min(1.0, (step + 1) / max(1, config.warmup_steps))
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return config.lr * warm * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+
+
+@torch.no_grad()
+def evaluate(model: Decoder, data: torch.Tensor, batch_size: int) -> float:
+    """Mean next-token loss over all of `data`'s windows (every window has the same length, so means average)."""
+    model.eval()
+    losses = [lm_loss(model, data[i:i + batch_size]).item() * len(data[i:i + batch_size])
+              for i in range(0, len(data), batch_size)]
+    model.train()
+    return sum(losses) / len(data)
+
+
+def unigram_loss(train_stream: torch.Tensor, data: torch.Tensor, vocab_size: int) -> float:
+    """Loss of predicting every target from training-token frequencies alone (add-one smoothed): the baseline
+    a model reaches if it learned nothing from context."""
+    counts = torch.bincount(train_stream, minlength=vocab_size).double() + 1
+    logp = (counts / counts.sum()).log()
+    return -logp[data[:, 1:].reshape(-1)].mean().item()
+
+
+@torch.no_grad()
+def greedy_sample(model: Decoder, tok: TrainedTokenizer, prompt: str, n_tokens: int) -> str:
+    """The prompt and its greedy continuation (with a repetition penalty), cut at the first <|endoftext|>.
+
+    Plain greedy decoding of a model this small falls into loops ("self.w, self.w, self.w") that hide what it
+    learned; HF-style repetition_penalty=REPETITION_PENALTY on already-present tokens keeps the sample
+    deterministic and shows the model's Python. The prompt is not preceded by <|endoftext|>: a continuation
+    from the middle of a stream is more telling than a guess at a file header.
+    """
+    ids = tok.tokenizer.encode(prompt).ids
+    seen = torch.zeros(tok.vocab_size, dtype=torch.bool)
+    seen[ids] = True
+    model.eval()
+    logits, past = model(torch.tensor([ids]))
+    new: list[int] = []
+    for _ in range(n_tokens):
+        last = logits[0, -1]
+        last = torch.where(seen, torch.where(last > 0, last / REPETITION_PENALTY, last * REPETITION_PENALTY), last)
+        nxt = int(last.argmax())
+        if nxt == tok.eos_id:
+            break
+        new.append(nxt)
+        seen[nxt] = True
+        logits, past = model(torch.tensor([[nxt]]), past_key_values=past)
+    model.train()
+    return prompt + tok.tokenizer.decode(new)
+
+
+def train(config: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict:
+    """Train a decoder as `config` says, save it at `out_dir` (HF Llama format) and return a summary.
+
+    KeyboardInterrupt propagates untouched: the checkpoint is written only at the end, atomically.
+    """
+    start = time.monotonic()
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads if config.threads > 0 else min(previous_threads, idle_cores()))
+    try:
+        with tempfile.TemporaryDirectory(prefix="pipeline-train-") as tmp:
+            return run(config, Path(out_dir), Path(tmp), start, progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def run(config: TrainConfig, out_dir: Path, tmp: Path, start: float, progress: bool) -> dict:
+    """train()'s body, with the tokenizer kept in `tmp` until save_checkpoint copies it."""
+    corpus = load_corpus(config.corpus, config.max_corpus_bytes)
+    tok = train_tokenizer(corpus["train"], tmp / "tokenizer.json", config.vocab_size)
+    train_stream = token_stream(tok, corpus["train"])
+    train_data = windows(train_stream, config.seq_len)
+    valid_data = windows(token_stream(tok, corpus["valid"]), config.seq_len)[: config.eval_windows]
+
+    torch.manual_seed(config.seed)
+    model = Decoder(config.decoder_config(tok.vocab_size))
+    optimizer = make_optimizer(model, config)
+    model.train()
+
+    loop = train_loop(model, optimizer, train_data, config, start, progress)
+    val_loss = evaluate(model, valid_data, config.batch_size)
+    uni_loss = unigram_loss(train_stream, valid_data, tok.vocab_size)
+    summary = {
+        **loop,
+        "val_loss": val_loss,
+        "val_ppl": math.exp(val_loss),
+        "unigram_ppl": math.exp(uni_loss),
+        "params": model.num_parameters(),
+        "vocab_size": tok.vocab_size,
+        "train_tokens_available": len(train_stream),
+        "threads": torch.get_num_threads(),
+        "sample": greedy_sample(model, tok, SAMPLE_PROMPT, config.sample_tokens),
+    }
+    extra = {"bos_token_id": tok.eos_id, "eos_token_id": tok.eos_id,
+             "training": summary, "train_config": asdict(config)}
+    summary["checkpoint"] = str(save_checkpoint(model, out_dir, tok.path, extra))
+    summary["seconds"] = time.monotonic() - start
+    return summary
+
+
+def reserve_seconds(config: TrainConfig, step_time: float) -> float:
+    """Time to keep for after the loop: evaluation runs `eval_windows` forward-only (about a third of a training
+    step per batch), plus a few seconds for the sample and the checkpoint."""
+    return math.ceil(config.eval_windows / config.batch_size) * step_time / 3 + 5.0
+
+
+def train_loop(model: Decoder, optimizer: torch.optim.Optimizer, data: torch.Tensor, config: TrainConfig,
+               start: float, progress: bool) -> dict:
+    """Optimise until max_steps, or until the clock leaves just enough of max_seconds for evaluation and saving.
+
+    The deadline is re-estimated every step from the mean step time so far; the progress bar's total follows
+    it, so its ETA is right whichever budget ends the run.
+    """
+    loop_start = time.monotonic()
+    recent: list[float] = []
+    initial_loss = None
+    tokens_seen = 0
+    stopped_by = "max_steps"
+    step = 0
+    with tqdm(total=config.max_steps, desc="train", unit="step", file=sys.stderr, disable=not progress,
+              dynamic_ncols=True) as bar:
+        for batch in batches(data, config.batch_size, config.seed):
+            if step >= config.max_steps:
+                break
+            now = time.monotonic()
+            step_time = (now - loop_start) / step if step else 0.0
+            deadline = start + config.max_seconds - reserve_seconds(config, step_time)
+            if step and now + step_time > deadline:
+                stopped_by = "max_seconds"
+                break
+            if step:
+                bar.total = min(config.max_steps, step + int((deadline - now) / step_time))
+            time_frac = (now - loop_start) / max(1e-9, deadline - loop_start)
+            lr = lr_at(config, step, max(step / config.max_steps, time_frac))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = lm_loss(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            value = loss.item()
+            initial_loss = value if initial_loss is None else initial_loss
+            recent = (recent + [value])[-20:]
+            step += 1
+            tokens_seen += batch[:, :-1].numel()
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.1e}")
+    seconds = time.monotonic() - loop_start
+    return {
+        "initial_loss": initial_loss,
+        "train_loss": sum(recent) / len(recent),  # mean of the last 20 steps: one batch is noisy
+        "steps": step,
+        "train_seconds": seconds,
+        "steps_per_s": step / seconds,
+        "tokens_seen": tokens_seen,
+        "stopped_by": stopped_by,
+    }
