@@ -70,14 +70,35 @@ class TrainConfig:
                              max_position_embeddings=max(self.seq_len, DecoderConfig.max_position_embeddings))
 
 
+def busy_cores(interval: float = 0.5) -> float:
+    """Cores' worth of CPU time other processes are using now, sampled from /proc/stat over `interval` seconds.
+
+    The 1-minute load average would do on paper, but it lags: a minute after a heavy job ends it still reads
+    ~1 on an idle machine. Where /proc/stat is missing, it is the fallback.
+    """
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(interval)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0]
+    cores = os.cpu_count() or 1
+    return cores * (1 - (idle1 - idle0) / max(1, total1 - total0))
+
+
 def idle_cores() -> int:
-    """Cores not already busy (cores minus the 1-minute load average), at least 1.
+    """Cores not already busy, at least 1.
 
     More torch threads than free cores is far worse than fewer: on 2 cores shared with another busy process,
     2 threads made each step 2.5x slower than 1 thread.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, round(cores - os.getloadavg()[0])))
+    return max(1, min(cores, round(cores - busy_cores())))
 
 
 def token_stream(tok: TrainedTokenizer, docs: list[str]) -> torch.Tensor:

@@ -83,13 +83,11 @@ def main():
 @user_errors
 def train(out, corpus, max_seconds, max_steps, as_json):
     """Train the built-in decoder and tokenizer on a local corpus (HF-format checkpoint)."""
-    from pipeline.stages.train import TrainStageConfig, train as train_stage
+    from pipeline.stages.train import TrainStageConfig, render, train as train_stage
 
     results = train_stage(RunDir.open(out, create=True),
                           TrainStageConfig(corpus=corpus, max_seconds=max_seconds, max_steps=max_steps))
-    emit(results, as_json, lambda r: click.echo(
-        f"trained {r['params']:,} parameters in {r['seconds']:.0f}s ({r['steps']} steps): "
-        f"val loss {r['val_loss']:.3f}, val perplexity {r['val_ppl']:.1f}\nsample: {r['sample']!r}"))
+    emit(results, as_json, lambda r: click.echo(render(r)))
 
 
 @main.command(epilog="\b\nExample:\n  pipeline export --model ./Qwen2.5-0.5B --out runs/qwen")
@@ -173,7 +171,7 @@ def quantize(run_dir, recipe, source, method, per_channel, calib_windows, window
 @variants_opt
 @click.option("--model", default=None, help="PyTorch reference checkpoint (default: the one the run exported).")
 @click.option("--text", default=None, help="Text file to evaluate on (default: the corpus's valid split).")
-@click.option("--windows", type=int, default=4, show_default=True, help="Evaluation windows.")
+@click.option("--windows", type=int, default=16, show_default=True, help="Evaluation windows, spread over the text.")
 @click.option("--window", type=int, default=128, show_default=True, help="Tokens per window.")
 @click.option("--steps", type=int, default=16, show_default=True, help="Greedy decode steps through the KV cache.")
 @provider_opt

@@ -35,12 +35,19 @@ def read_text(split: str, text_path: str | None, max_chars: int) -> str:
     return split_text(load_corpus(), split, max_chars)
 
 
+MAX_TEXT_CHARS = 4_000_000  # the most text read for one role: a few MB tokenizes in about a second
+
+
 def token_windows(run_root: Path, split: str, text_path: str | None, n_windows: int, window: int) -> list[list[int]]:
-    """`n_windows` consecutive, non-overlapping windows of `window` tokens."""
+    """`n_windows` non-overlapping windows of `window` tokens, spread evenly over the whole text.
+
+    Spread, not the first N: a corpus split is a series of documents, and its first few can be unlike the rest
+    (the stdlib's valid split opens with a file of Tk constants), which would make a perplexity unrepresentative.
+    """
     tok = load_tokenizer(run_root)
-    text = read_text(split, text_path, max_chars=n_windows * window * 8)
-    ids = tok.encode(text).ids
-    windows = [ids[i * window:(i + 1) * window] for i in range(min(n_windows, len(ids) // window))]
-    if not windows:
+    ids = tok.encode(read_text(split, text_path, MAX_TEXT_CHARS)).ids
+    count = min(n_windows, len(ids) // window)
+    if count == 0:
         raise UserError(f"text for {split!r} is shorter than one window of {window} tokens")
-    return windows
+    stride = len(ids) // count  # >= window
+    return [ids[i * stride:i * stride + window] for i in range(count)]

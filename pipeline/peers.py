@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import resource
 import sys
 import time
 
 import numpy as np
+
+from runtimes.bench import peak_rss_mb
 
 PEERS = {"pytorch": "torch", "optimum": "optimum.onnxruntime", "llamacpp": "llama_cpp"}
 INSTALL = {"pytorch": "pip install torch==2.13.0", "optimum": "pip install 'edge-pipeline[peers]' (optimum-onnx)",
@@ -35,7 +36,7 @@ def summarize(prefill_ms: list[float], decode_ms: list[float]) -> dict:
     return {"prefill_ms": float(np.median(prefill_ms)), "decode_ms_p50": float(np.percentile(decode_ms, 50)),
             "decode_ms_p90": float(np.percentile(decode_ms, 90)),
             "tokens_per_s": 1000.0 / float(np.median(decode_ms)),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def prompt_ids(vocab: int, n: int, seed: int = 0) -> list[int]:

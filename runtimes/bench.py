@@ -51,7 +51,19 @@ def model_bytes(path: Path) -> int:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory; ru_maxrss is KiB on Linux and bytes on macOS."""
+    """This process's own peak resident memory in MB.
+
+    Linux: VmHWM from /proc/self/status, which belongs to this process image. ru_maxrss is not: the kernel
+    carries it across fork and exec, so a runner started by a big parent (the pipeline after training) would
+    report the parent's peak. Elsewhere ru_maxrss is the best there is (KiB on Linux, bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 

@@ -42,7 +42,7 @@ class CheckConfig:
     variants: tuple[str, ...] = ()  # () = every variant in the run
     model: str | None = None        # PyTorch reference; default: the source the run exported
     text: str | None = None         # evaluation text file; default: the corpus's valid split
-    windows: int = 4                # evaluation windows
+    windows: int = 16               # evaluation windows, spread over the text
     window: int = 128               # tokens per window
     decode_steps: int = 16          # greedy steps through the KV cache
     prompt_tokens: int = 16         # prompt length for the greedy comparison

@@ -29,6 +29,19 @@ class QuantizeStageConfig:
         return "fused" if "fused" in run.variants() else "fp32"
 
 
+def split_windows(windows: list[list[int]], n_calib: int) -> tuple[list[list[int]], list[list[int]] | None]:
+    """Up to `n_calib` calibration windows, the rest validation, interleaved so both sample the whole text.
+
+    Calibration comes first when the text is short: no validation windows then (the search is skipped).
+    """
+    n_valid = len(windows) - n_calib
+    if n_valid <= 0:
+        return windows, None
+    picks = {int((j + 0.5) * len(windows) / n_valid) for j in range(n_valid)}
+    return ([w for i, w in enumerate(windows) if i not in picks],
+            [w for i, w in enumerate(windows) if i in picks])
+
+
 def quantize(run: RunDir, config: QuantizeStageConfig) -> dict:
     from exporters.quantize import QuantConfig, quantize as quantize_model
 
@@ -36,7 +49,7 @@ def quantize(run: RunDir, config: QuantizeStageConfig) -> dict:
     run.artifact(source)
     n = config.calib_windows + config.valid_windows
     windows = token_windows(run.root, "calib", config.calib_text, n, config.window)
-    calib, valid = windows[:config.calib_windows], windows[config.calib_windows:] or None
+    calib, valid = split_windows(windows, config.calib_windows)
     decode_steps = min(4, config.window // 4)  # each window: a prefill, then decode steps fed its real past KV
     qcfg = QuantConfig(recipe=config.recipe, calibrate_method=config.calibrate_method,
                        num_prefill=config.calib_windows, seq_len=config.window - decode_steps,

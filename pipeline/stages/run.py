@@ -86,6 +86,8 @@ def run(config_path: str | None, out: str | None, log: Callable[[str], None]) ->
         t0 = time.perf_counter()
         results[stage] = STAGES[stage][1](run_dir, scfg)
         lines.append(f"{stage:<9} {time.perf_counter() - t0:7.1f}s")
+        if stage == "train":
+            log(train.render(results[stage]))
         if stage == "check":
             log(check.render_table(results[stage]))
         if stage == "bench":

@@ -25,3 +25,9 @@ def train(run: RunDir, config: TrainStageConfig) -> dict:
     run.record("train", {**asdict(config), "train_config": asdict(tcfg)}, {"corpus": config.corpus or "stdlib"},
                {"checkpoint": {"kind": "checkpoint", "path": "checkpoint", "parent": None}}, results)
     return results
+
+
+def render(results: dict) -> str:
+    return (f"trained {results['params']:,} parameters in {results['seconds']:.0f}s ({results['steps']} steps, "
+            f"{results['threads']} threads): val loss {results['val_loss']:.3f}, val perplexity "
+            f"{results['val_ppl']:.1f} (unigram baseline {results['unigram_ppl']:.0f})\nsample: {results['sample']!r}")

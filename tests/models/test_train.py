@@ -133,3 +133,19 @@ def test_default_config_learns_python_within_five_minutes(tmp_path):
     assert result["seconds"] < 300
     assert result["val_ppl"] < result["unigram_ppl"] / 4
     assert result["sample"].lstrip().startswith("def") and "(" in result["sample"]
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="samples /proc/stat")
+def test_busy_cores_sees_a_spinning_process_at_once():
+    """A process that has just started spinning counts as busy now (a load average would lag by a minute)."""
+    import subprocess
+    import sys
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        busy = train_module.busy_cores(interval=1.0)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert 0.7 <= busy <= (os.cpu_count() or 1) + 0.01
+    assert 1 <= train_module.idle_cores() <= len(os.sched_getaffinity(0))

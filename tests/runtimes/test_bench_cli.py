@@ -82,3 +82,17 @@ def test_generate_subcommand_streams_text(bundle, capsys):
                  "--top-k", "20", "--top-p", "0.9", "--seed", "3"]) == 0
     words = capsys.readouterr().out.split()
     assert len(words) == 4
+
+
+def test_peak_memory_is_the_runners_own_not_its_parents():
+    """ru_maxrss survives fork+exec on Linux: a runner started by a big parent would report the parent's peak."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    ballast = np.ones(400 << 20, dtype=np.uint8)  # touch 400 MB in this (parent) process
+    out = subprocess.run([sys.executable, "-c", "from runtimes.bench import peak_rss_mb; print(peak_rss_mb())"],
+                         capture_output=True, text=True, check=True)
+    assert ballast.sum() == 400 << 20
+    assert 5 < float(out.stdout) < 300
