@@ -7,7 +7,11 @@ Recipes:
   w8a8    static + SmoothQuant smoothing (exporters/smoothing.py) + mixed precision: the quantized model's
           perplexity is measured on validation ids and, over budget, MatMuls are ranked by the KL on the logits
           with only that MatMul in int8 (`QuantSwitch` makes that one session, not one model per MatMul), and
-          the most sensitive ones stay float until the budget is met (verified on the real int8 model).
+          the most sensitive ones leave static int8 until the budget is met (verified on the real model). They
+          fall back (`fallback`) to int8 weight-only MatMulNBits (default: on the CPU its accuracy level 4
+          quantizes the activation per block at run time, so they still compute in int8 and stream int8
+          weights), or to float (`fallback="float"`: a graph that is all static QDQ or float, as NPU execution
+          providers require).
   w8, w4  weight-only MatMulNBits (blockwise symmetric), no calibration: the int8/int4 weights are unpacked
           per block inside the kernel, activations stay float (or int8 per block with accuracy_level 4).
 
@@ -50,17 +54,18 @@ from typing import Callable, Collection
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from exporters.calibration import CalibrationPlan, KVCacheCalibrationReader, cpu_session, declared, empty_past, \
     session_contract, step_feed
 from exporters.contract import LOGITS, Contract, read_contract
 from exporters.export import EXTERNAL_DATA_THRESHOLD, model_files, move_model, save_model
 from exporters.optimize import load_onnx
-from exporters.smoothing import collect_activation_max, find_smooth_groups, smooth, weight_matmuls
+from exporters.smoothing import best_alpha, collect_activation_stats, find_smooth_groups, smooth, weight_matmuls
 from models.errors import UserError
 
 RECIPES = ("static", "w8a8", "w8", "w4")
+FALLBACKS = ("w8", "float")
 CALIBRATE_METHODS = ("minmax", "percentile", "entropy")
 
 
@@ -76,13 +81,24 @@ class QuantConfig:
     accuracy_level: int = 4         # MatMulNBits compute type: 0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8 (fast on CPU)
     max_ppl_increase: float = 0.02  # w8a8: allowed relative perplexity increase over fp32 on valid_ids (0.02 = 2%)
     sensitivity_tokens: int = 256   # w8a8: valid_ids tokens each MatMul's one-at-a-time sensitivity is measured on
-    alpha: float = 0.5              # w8a8 smoothing: s = max|X|^alpha / max|W|^(1-alpha); higher: more range to W
+    alpha: float | None = None      # w8a8 smoothing: s = max|X|^alpha / max|W|^(1-alpha); higher: more range to W.
+                                    # None: per activation, the alpha with the least fake-quantized output error
     reduce_range: bool = True       # 7-bit weights: no int16 saturation in U8S8 on x86 without VNNI (see above)
     exclude: tuple[str, ...] = ()   # MatMul node names always left in float
+    fallback: str = "w8"            # w8a8: what the sensitive MatMuls become, "w8" (MatMulNBits) or "float"
+    embedding_bits: int = 8         # w8a8/w8/w4: token-embedding table as GatherBlockQuantized (8), or float (32)
+    head_bits: int = 8              # w4: the output projection (lm_head) at 8 bits, as llama.cpp's Q4_K_M keeps
+                                    # output.weight at 6; 4 = like every other MatMul
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
             raise UserError(f"unknown quantization recipe {self.recipe!r} (choose from {', '.join(RECIPES)})")
+        if self.head_bits not in (4, 8):
+            raise UserError(f"head_bits must be 4 or 8, got {self.head_bits}")
+        if self.embedding_bits not in (8, 32):
+            raise UserError(f"embedding_bits must be 8 or 32 (float), got {self.embedding_bits}")
+        if self.fallback not in FALLBACKS:
+            raise UserError(f"unknown fallback {self.fallback!r} (choose from {', '.join(FALLBACKS)})")
         if self.calibrate_method not in CALIBRATE_METHODS:
             raise UserError(f"unknown calibration method {self.calibrate_method!r} "
                             f"(choose from {', '.join(CALIBRATE_METHODS)})")
@@ -95,7 +111,7 @@ class QuantConfig:
         if self.max_ppl_increase < 0:
             raise UserError(f"max_ppl_increase is a relative increase and cannot be negative, "
                             f"got {self.max_ppl_increase}")
-        if not 0.0 <= self.alpha <= 1.0:
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
             raise UserError(f"alpha must lie in [0, 1], got {self.alpha}")
         self.plan  # validates the calibration sizes
 
@@ -240,7 +256,10 @@ def quantize_qdq(job: StaticJob, nodes: list[str], out_path: Path) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if not nodes:
-        _save(onnx.load(str(job.fp32_path)), out_path)
+        model = onnx.load(str(job.fp32_path))
+        if _embeds(job.config):
+            quantize_embeddings(model, job.config.block_size)
+        _save(model, out_path)
         return
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[job.config.calibrate_method]
@@ -257,9 +276,39 @@ def quantize_qdq(job: StaticJob, nodes: list[str], out_path: Path) -> None:
                         activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, nodes_to_quantize=nodes, use_external_data_format=big,
                         calibrate_method=method, extra_options=extra, calibration_cache_path=str(job.cache_path))
+    if _embeds(job.config):  # every model the search measures is the one it would write
+        graph = onnx.load(str(out_path))
+        restore_float_readers(graph, set(nodes))
+        quantize_embeddings(graph, job.config.block_size)
+        _save(graph, out_path)
+        return
     graph = onnx.load(str(out_path), load_external_data=False)  # weights stay where they are
     if restore_float_readers(graph, set(nodes)):
         onnx.save_model(graph, str(out_path))
+
+
+def write_mix(job: StaticJob, static_nodes: list[str], fallback_nodes: list[str], out_path: Path) -> None:
+    """`static_nodes` as static QDQ int8, `fallback_nodes` as the config's fallback (w8 weight-only or float)."""
+    quantize_qdq(job, static_nodes, out_path)
+    if fallback_nodes and job.config.fallback == "w8":
+        model = onnx.load(str(out_path))
+        _save(_nbits(model, 8, job.config, include=fallback_nodes), out_path)
+
+
+def _nbits(model: onnx.ModelProto, bits: int, config: QuantConfig,
+           include: list[str] | None = None) -> onnx.ModelProto:
+    """MatMulNBits (blockwise symmetric) for the float weight MatMuls: `include` only, or all but the excluded."""
+    exclude = set(config.exclude)
+    if include is not None:  # the quantizer's own nodes_to_include adds to the op types instead of narrowing
+        exclude |= {n.name for n in weight_matmuls(model)} - set(include)
+    with _quiet():
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=config.block_size, is_symmetric=True,
+                                         accuracy_level=config.accuracy_level, nodes_to_exclude=sorted(exclude),
+                                         op_types_to_quantize=("MatMul",))
+        quantizer.process()
+    return quantizer.model.model  # the same ModelProto, metadata (the contract) included
 
 
 def restore_float_readers(model: onnx.ModelProto, quantized: set[str]) -> bool:
@@ -391,12 +440,13 @@ def smallest_prefix(n: int, meets: Callable[[int], bool]) -> int:
 
 def keep_float_until_budget(job: StaticJob, targets: list[str], staged: Path, ppl: dict,
                             valid_ids: list[list[int]], workdir: Path) -> tuple[list[str], dict[str, float], dict]:
-    """Leave the most sensitive MatMuls in float until the perplexity increase meets the budget.
+    """Take the most sensitive MatMuls out of static int8 until the perplexity increase meets the budget.
 
-    Ranks by one-at-a-time KL and searches the prefix length on the switchable model, then writes the real int8
-    model for that choice to `staged` and measures it; if the real model misses the budget (its kernels disagree
-    with the simulation, e.g. int16 saturation without reduce_range) more MatMuls go float until it meets it.
-    Returns (MatMuls left float, one-at-a-time KL of every target, search details for the report).
+    Ranks by one-at-a-time KL and searches the prefix length on the switchable model (simulating the taken-out
+    MatMuls as float), then writes the real model for that choice to `staged`, taken-out MatMuls as the config's
+    fallback, and measures it; if the real model misses the budget (its kernels disagree with the simulation,
+    e.g. int16 saturation without reduce_range, or the w8 fallback's own error) more MatMuls come out until it
+    meets it. Returns (MatMuls taken out, one-at-a-time KL of every target, search details for the report).
     """
     budget = job.config.max_ppl_increase
     switch = QuantSwitch(onnx.load(str(job.fp32_path)), onnx.load(str(staged)), targets, workdir)
@@ -411,7 +461,7 @@ def keep_float_until_budget(job: StaticJob, targets: list[str], staged: Path, pp
     k, n = smallest_prefix(len(ranking), simulated_meets), len(ranking)
     measured: dict[int, float] = {}
     while True:
-        quantize_qdq(job, ranking[k:], staged)
+        write_mix(job, ranking[k:], ranking[:k], staged)
         measured[k] = perplexity(staged, valid_ids)
         if measured[k] / ppl["fp32"] - 1.0 <= budget or k == n:
             break
@@ -423,15 +473,29 @@ def keep_float_until_budget(job: StaticJob, targets: list[str], staged: Path, pp
 
 def _smooth_model(model: onnx.ModelProto, reader: KVCacheCalibrationReader, config: QuantConfig,
                   workdir: Path) -> dict:
-    """Smooth in place; reports the largest activation magnitude before and after over the smoothed tensors."""
+    """Smooth in place; reports the alphas and the largest activation magnitude before and after."""
     groups = find_smooth_groups(model, config.exclude)
     if not groups:
         return {"groups": 0}
-    act_max = collect_activation_max(model, [g.activation for g in groups], reader.feeds(), workdir)
-    scales = smooth(model, groups, act_max, config.alpha)
-    return {"groups": len(groups), "alpha": config.alpha,
-            "max_abs_activation_before": float(max(a.max() for a in act_max.values())),
-            "max_abs_activation_after": float(max((act_max[k] / s).max() for k, s in scales.items()))}
+    stats = collect_activation_stats(model, [g.activation for g in groups], reader.feeds(), workdir)
+    act_max = {name: st.abs_max for name, st in stats.items()}
+    report: dict = {"groups": len(groups)}
+    if config.alpha is None:
+        inits = {t.name: t for t in model.graph.initializer}
+        nodes = {n.name: n for n in model.graph.node}
+        levels = 64 if config.reduce_range else 127
+        chosen = {}
+        for g in groups:
+            weights = [numpy_helper.to_array(inits[nodes[m].input[1]]) for m in g.matmuls]
+            chosen[g.activation] = best_alpha(stats[g.activation], weights, levels)
+        alpha = {name: a for name, (a, _) in chosen.items()}
+        report["alpha"] = {"auto": {name: {"alpha": a, "relative_error": e} for name, (a, e) in chosen.items()}}
+    else:
+        alpha = report["alpha"] = config.alpha
+    scales = smooth(model, groups, act_max, alpha)
+    report.update(max_abs_activation_before=float(max(a.max() for a in act_max.values())),
+                  max_abs_activation_after=float(max((act_max[k] / s).max() for k, s in scales.items())))
+    return report
 
 
 def _static(model: onnx.ModelProto, model_path: Path, staged: Path, calib_ids: list[list[int]],
@@ -440,7 +504,8 @@ def _static(model: onnx.ModelProto, model_path: Path, staged: Path, calib_ids: l
         raise UserError(f"recipe {config.recipe!r} needs calibration text: the calibration set is empty")
     reader = KVCacheCalibrationReader(model_path, calib_ids, config.plan)
     details: dict = {"calibration_samples": len(reader), "calibrate_method": config.calibrate_method,
-                     "per_channel": config.per_channel, "reduce_range": config.reduce_range}
+                     "per_channel": config.per_channel, "reduce_range": config.reduce_range,
+                     "fallback": config.fallback if config.recipe == "w8a8" else None}
     if config.recipe == "w8a8":
         details["smoothing"] = _smooth_model(model, reader, config, workdir)
     job = StaticJob(workdir / "fp32.onnx", workdir / "calibration.json", reader, config)
@@ -451,7 +516,9 @@ def _static(model: onnx.ModelProto, model_path: Path, staged: Path, calib_ids: l
     details["ppl"] = _ppl_pair(model_path, staged, valid_ids) if valid_ids else None
     if config.recipe == "w8a8" and valid_ids and targets and details["ppl"]["increase"] > config.max_ppl_increase:
         keep, kl, search = keep_float_until_budget(job, targets, staged, details["ppl"], valid_ids, workdir)
-        reasons.update({name: f"sensitive: KL {kl[name]:.3g} with only this MatMul in int8" for name in keep})
+        how = "int8 weight-only fallback" if config.fallback == "w8" else "float"
+        reasons.update({name: f"sensitive: KL {kl[name]:.3g} with only this MatMul in int8 -> {how}"
+                        for name in keep})
         final = search["ppl_by_float_count"][len(keep)]
         details["sensitivity"] = search
         details["ppl"] = {**details["ppl"], "all_int8": details["ppl"]["quantized"], "quantized": final,
@@ -462,24 +529,83 @@ def _static(model: onnx.ModelProto, model_path: Path, staged: Path, calib_ids: l
 # ------------------------------------------------------------------------------------ weight-only (NBits)
 
 
-def nbits_quantized(model: onnx.ModelProto, bits: int) -> set[str]:
-    """Original names of the MatMuls that became MatMulNBits (ORT appends `_Q{bits}` to the node name)."""
-    return {n.name.removesuffix(f"_Q{bits}") for n in model.graph.node if n.op_type == "MatMulNBits"}
+def _output_projection(model: onnx.ModelProto) -> str | None:
+    """The weight MatMul that writes the logits (lm_head), if there is one."""
+    weights = {n.name for n in weight_matmuls(model)}
+    return next((n.name for n in model.graph.node if LOGITS in n.output and n.name in weights), None)
+
+
+def nbits_quantized(model: onnx.ModelProto, bits: int | None = None) -> set[str]:
+    """Original names of the MatMuls that became MatMulNBits (of `bits`, or any); ORT appends `_Q{bits}`."""
+    found = set()
+    for n in model.graph.node:
+        if n.op_type == "MatMulNBits":
+            b = next(a.i for a in n.attribute if a.name == "bits")
+            if bits is None or b == bits:
+                found.add(n.name.removesuffix(f"_Q{b}"))
+    return found
 
 
 def _weight_only(model: onnx.ModelProto, staged: Path, config: QuantConfig) -> dict:
     _targets(model, config.exclude)  # validates the excluded names
     bits = 8 if config.recipe == "w8" else 4
-    with _quiet():
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=config.block_size, is_symmetric=True,
-                                         accuracy_level=config.accuracy_level, nodes_to_exclude=list(config.exclude),
-                                         op_types_to_quantize=("MatMul",))
-        quantizer.process()
-    _save(quantizer.model.model, staged)  # the same ModelProto, metadata (the contract) included
-    return {"details": {"bits": bits, "block_size": config.block_size, "accuracy_level": config.accuracy_level},
+    head = _output_projection(model) if bits == 4 and config.head_bits == 8 else None
+    if head is not None and head not in config.exclude:
+        model = _nbits(model, 8, config, include=[head])
+    model = _nbits(model, bits, config)
+    if _embeds(config):
+        quantize_embeddings(model, config.block_size)
+    _save(model, staged)
+    return {"details": {"bits": bits, "block_size": config.block_size, "accuracy_level": config.accuracy_level,
+                        "output_projection_bits": 8 if head is not None else bits},
             "reasons": {name: "excluded by config" for name in config.exclude}}
+
+
+# ------------------------------------------------------------------------------------------------ embedding
+
+
+def quantize_embeddings(model: onnx.ModelProto, block_size: int) -> list[str]:
+    """Each Gather from a 2-D float table that nothing else reads becomes GatherBlockQuantized (com.microsoft):
+    uint8 with zero point 128 (symmetric int8), one scale per `block_size` values of a row. Returns the tables.
+
+    Only a row per token is read, so this costs no time; it is about size: SmolLM2-135M's 49152 x 576 table is
+    113 MB in float, a sixth of the model, and MatMul quantization alone never touches it.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    readers: dict[str, int] = {}
+    for n in model.graph.node:
+        for name in n.input:
+            readers[name] = readers.get(name, 0) + 1
+    done = []
+    for node in model.graph.node:
+        table = inits.get(node.input[0]) if node.op_type == "Gather" else None
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if (table is None or table.data_type != onnx.TensorProto.FLOAT or len(table.dims) != 2 or axis != 0
+                or readers[table.name] != 1 or table.dims[1] % block_size):
+            continue
+        w = numpy_helper.to_array(table)
+        blocks = w.reshape(w.shape[0], -1, block_size)
+        scale = (np.abs(blocks).max(-1) / 127).astype(np.float32)
+        scale[scale == 0] = 1.0
+        q = (np.clip(np.round(blocks / scale[..., None]), -127, 127) + 128).astype(np.uint8).reshape(w.shape)
+        base = table.name
+        model.graph.initializer.remove(table)
+        model.graph.initializer.extend([numpy_helper.from_array(q, base + "_Q8"),
+                                        numpy_helper.from_array(scale, base + "_scales"),
+                                        numpy_helper.from_array(np.full(scale.shape, 128, np.uint8), base + "_zp")])
+        gathered = helper.make_node("GatherBlockQuantized", [base + "_Q8", node.input[1], base + "_scales", base + "_zp"],
+                                    list(node.output), name=node.name + "_Q8", domain="com.microsoft",
+                                    gather_axis=0, quantize_axis=1, block_size=block_size, bits=8)
+        node.CopyFrom(gathered)
+        done.append(base)
+    if done and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return done
+
+
+def _embeds(config: QuantConfig) -> bool:
+    """Whether the recipe quantizes the embedding table (not `static`: the stock recipe, left as ORT makes it)."""
+    return config.embedding_bits == 8 and config.recipe != "static"
 
 
 # ------------------------------------------------------------------------------------------------- entry
@@ -492,17 +618,30 @@ def _ppl_pair(ref: Path, model: Path, valid_ids: list[list[int]]) -> dict:
 
 def _report(shapes: dict[str, tuple[int, int]], activation_matmuls: list[str], staged: Path, config: QuantConfig,
             result: dict) -> dict:
-    """Which MatMuls are quantized is read back from the written graph, not assumed from what was asked."""
+    """Which MatMuls are quantized, and how, is read back from the written graph, not assumed from what was asked.
+
+    quantized_*: the recipe's own form (QDQ int8 for static/w8a8, MatMulNBits for w8/w4); fallback_*: w8a8's
+    sensitive MatMuls that became int8 weight-only instead; float_matmuls: everything else, with the reason.
+    """
     after = onnx.load(str(staged), load_external_data=False)
     bits = {"w8": 8, "w4": 4}.get(config.recipe)
-    done = (nbits_quantized(after, bits) if bits else qdq_quantized(after)) & set(shapes)
+    done = (nbits_quantized(after) if bits else qdq_quantized(after)) & set(shapes)
+    fallback = set() if bits else nbits_quantized(after, 8) & set(shapes)
+    tables = [n.input[0].removesuffix("_Q8") for n in after.graph.node if n.op_type == "GatherBlockQuantized"]
     reasons = {name: "multiplies two activations (attention)" for name in activation_matmuls}
     reasons.update(result["reasons"])
-    reasons.update({n: "onnxruntime did not quantize it" for n in shapes if n not in done and n not in reasons})
+    reasons.update({n: "onnxruntime did not quantize it" for n in shapes if n not in done | fallback
+                    and n not in reasons})
     flops = {name: k * n for name, (k, n) in shapes.items()}
+    total = max(sum(flops.values()), 1)
     return {"recipe": config.recipe, "weight_bits": bits or 8, "activation_bits": None if bits else 8,
-            "quantized_matmuls": sorted(done), "float_matmuls": dict(sorted(reasons.items())),
-            "quantized_flop_share": sum(flops[n] for n in done) / max(sum(flops.values()), 1),
+            "quantized_matmuls": sorted(done),
+            "fallback_matmuls": {n: reasons[n] for n in sorted(fallback)},
+            "float_matmuls": {n: why for n, why in sorted(reasons.items()) if n not in fallback},
+            "quantized_flop_share": sum(flops[n] for n in done) / total,
+            "fallback_flop_share": sum(flops[n] for n in fallback) / total,
+            "embedding": {"bits": 8 if tables else 32, "block_size": config.block_size if tables else None,
+                          "tables": tables},
             **result["details"], "config": asdict(config)}
 
 

@@ -210,6 +210,85 @@ def collect_activation_max(model: onnx.ModelProto, tensors: list[str], feeds: It
     return maxima
 
 
+@dataclass
+class ActivationStats:
+    """What the smoothing needs of one activation: per-channel extremes over every calibration token, and a
+    sample of token rows (the extreme ones always in it) to measure quantization error on."""
+    abs_max: np.ndarray  # (C,)
+    low: np.ndarray      # (C,) per-channel min
+    high: np.ndarray     # (C,) per-channel max
+    rows: np.ndarray     # (R, C)
+
+
+def collect_activation_stats(model: onnx.ModelProto, tensors: list[str], feeds: Iterable[dict[str, np.ndarray]],
+                             workdir: Path | None = None, max_rows: int = 512,
+                             seed: int = 0) -> dict[str, ActivationStats]:
+    """Per-channel extremes over all tokens of all feeds, and up to `max_rows` token rows, for each tensor.
+
+    The rows are every feed's largest-magnitude token (LLMs put their "massive activations" on a few tokens,
+    often the first, and those set the int8 range) plus a uniform sample of the rest.
+    """
+    rng = np.random.default_rng(seed)
+    acc: dict[str, dict] = {}
+    for values in probe(model, tensors, feeds, workdir):
+        for name, x in values.items():
+            x = x.reshape(-1, x.shape[-1])
+            a = acc.setdefault(name, {"low": x.min(0), "high": x.max(0), "peak": [], "rest": []})
+            a["low"], a["high"] = np.minimum(a["low"], x.min(0)), np.maximum(a["high"], x.max(0))
+            peak = int(np.abs(x).max(1).argmax())
+            a["peak"].append(x[peak])
+            others = np.delete(x, peak, axis=0)
+            if len(others):
+                a["rest"].append(others[rng.choice(len(others), min(len(others), max_rows // 8), replace=False)])
+    stats = {}
+    for name, a in acc.items():
+        peaks, rest = np.stack(a["peak"]), np.concatenate(a["rest"]) if a["rest"] else np.zeros((0, a["low"].size))
+        if len(peaks) + len(rest) > max_rows:
+            peaks = peaks[np.argsort(-np.abs(peaks).max(1))[: max_rows // 4]]
+            rest = rest[rng.choice(len(rest), min(len(rest), max_rows - len(peaks)), replace=False)]
+        stats[name] = ActivationStats(np.maximum(-a["low"], a["high"]), a["low"], a["high"],
+                                      np.concatenate([peaks, rest]).astype(np.float32))
+    return stats
+
+
+def fake_quant_error(stats: ActivationStats, weights: list[np.ndarray], s: np.ndarray, weight_levels: int) -> float:
+    """Mean over the sampled token rows of the relative squared error of Q(X/s) @ Q(diag(s) W_m) against
+    X @ W_m, summed over the readers m. Per row, so the few massive-activation tokens do not drown the rest.
+
+    Q of the activation: one asymmetric uint8 scale over the tensor's whole smoothed range (as static minmax
+    calibration sets it); Q of a weight: symmetric per output channel with `weight_levels` (127, or 63 with
+    reduce_range), as the quantizer writes them.
+    """
+    low, high = min(0.0, float((stats.low / s).min())), max(0.0, float((stats.high / s).max()))
+    scale = (high - low) / 255 or 1.0
+    zero = np.round(-low / scale)
+    xq = (np.clip(np.round(stats.rows / s / scale) + zero, 0, 255) - zero) * scale
+    err = ref = np.zeros(len(stats.rows))
+    for w in weights:
+        ws = w * s[:, None]
+        wscale = np.abs(ws).max(0) / weight_levels
+        wscale[wscale == 0] = 1.0
+        wq = np.round(ws / wscale) * wscale
+        y = stats.rows @ w
+        err = err + ((xq @ wq - y) ** 2).sum(1)
+        ref = ref + (y ** 2).sum(1)
+    return float(np.mean(err / np.maximum(ref, 1e-30)))
+
+
+ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(4, 20))  # 0.2 .. 0.95
+
+
+def best_alpha(stats: ActivationStats, weights: list[np.ndarray], weight_levels: int,
+               grid: Iterable[float] = ALPHA_GRID) -> tuple[float, float]:
+    """The migration strength with the least fake-quantized output error for this activation and its readers
+    (SmoothQuant's alpha, searched per tensor as Intel Neural Compressor's auto-alpha does). Returns
+    (alpha, relative error)."""
+    errors = {a: fake_quant_error(stats, weights, smoothing_scales(stats.abs_max, weights, a), weight_levels)
+              for a in grid}
+    alpha = min(errors, key=errors.get)
+    return alpha, errors[alpha]
+
+
 def smoothing_scales(act_max: np.ndarray, weights: list[np.ndarray], alpha: float) -> np.ndarray:
     """s_j = max|X_j|^alpha / max|W_j|^(1-alpha), 1 where a channel is dead (zero activation or weight row)."""
     w_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
@@ -240,15 +319,18 @@ def _rescale(tensor: TensorProto, fn) -> None:
 
 
 def smooth(model: onnx.ModelProto, groups: list[SmoothGroup], act_max: dict[str, np.ndarray],
-           alpha: float) -> dict[str, np.ndarray]:
-    """Fold the smoothing factors into `model` in place; returns s for each group's activation."""
+           alpha: float | dict[str, float]) -> dict[str, np.ndarray]:
+    """Fold the smoothing factors into `model` in place; returns s for each group's activation.
+
+    `alpha`: one migration strength for all, or one per activation name."""
     nodes = {n.name: n for n in model.graph.node}
     uses = Counter(i for n in model.graph.node for i in n.input)
     scales = {}
     for g in groups:
         mms = [nodes[m] for m in g.matmuls]
         inits = initializers(model)  # fresh: an earlier group may have rescaled or cloned these weights
-        s = smoothing_scales(act_max[g.activation], [numpy_helper.to_array(inits[m.input[1]]) for m in mms], alpha)
+        a = alpha[g.activation] if isinstance(alpha, dict) else alpha
+        s = smoothing_scales(act_max[g.activation], [numpy_helper.to_array(inits[m.input[1]]) for m in mms], a)
         source = nodes[g.source]
         for idx in g.scale_inputs:
             _rescale(_private_initializer(model, source, idx, uses), _divider(s, g.first_column))

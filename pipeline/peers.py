@@ -6,6 +6,10 @@
 
 Each prints one JSON object with the same keys as `python -m runtimes bench`: prefill_ms, decode_ms_p50,
 decode_ms_p90, tokens_per_s, peak_rss_mb. A peer that is not installed is reported as missing, not faked.
+
+Optimum (optimum-onnx) pins transformers < 4.58, older than this project needs, so it cannot share our
+environment: it runs from its own interpreter, named by PIPELINE_OPTIMUM_PYTHON (the module is put on that
+interpreter's path; it needs only numpy and onnxruntime from us, which optimum brings).
 """
 
 from __future__ import annotations
@@ -13,23 +17,50 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 from runtimes.bench import peak_rss_mb
 
 PEERS = {"pytorch": "torch", "optimum": "optimum.onnxruntime", "llamacpp": "llama_cpp"}
-INSTALL = {"pytorch": "pip install torch==2.13.0", "optimum": "pip install 'edge-pipeline[peers]' (optimum-onnx)",
-           "llamacpp": "pip install llama-cpp-python (builds from source, ~10 minutes)"}
+OPTIMUM_PYTHON = "PIPELINE_OPTIMUM_PYTHON"
+INSTALL = {"pytorch": "pip install torch==2.13.0",
+           "optimum": "optimum-onnx pins transformers<4.58, so give it its own environment: python -m venv ENV && "
+                      "ENV/bin/pip install torch==2.13.0 'optimum-onnx[onnxruntime]' 'transformers<4.58', "
+                      f"then export {OPTIMUM_PYTHON}=ENV/bin/python",
+           "llamacpp": "pip install 'edge-pipeline[llamacpp]' (llama-cpp-python builds from source, ~10 minutes)"}
+PROJECT_ROOT = Path(__file__).resolve().parent.parent  # holds the pipeline and runtimes packages
+
+
+def interpreter(peer: str) -> str:
+    """The Python that runs `peer`: ours, or for Optimum the one PIPELINE_OPTIMUM_PYTHON names."""
+    return os.environ.get(OPTIMUM_PYTHON) or sys.executable if peer == "optimum" else sys.executable
 
 
 def available(peer: str) -> bool:
+    python = interpreter(peer)
+    if python != sys.executable:
+        try:
+            return subprocess.run([python, "-c", f"import {PEERS[peer]}"], capture_output=True,
+                                  timeout=120).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            return False
     try:
         return importlib.util.find_spec(PEERS[peer]) is not None
     except ModuleNotFoundError:
         return False
+
+
+def command(peer: str, model: str, *options: str) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment that measure `peer` in a fresh process of its own interpreter."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    return [interpreter(peer), "-m", "pipeline.peers", peer, model, *options], env
 
 
 def summarize(prefill_ms: list[float], decode_ms: list[float]) -> dict:

@@ -29,10 +29,10 @@ class BenchConfig:
     timeout_s: int = 1800            # per runner
 
 
-def run_json(cmd: list[str], timeout: int) -> dict:
+def run_json(cmd: list[str], timeout: int, env: dict[str, str] | None = None) -> dict:
     """Run a measuring subprocess; its last stdout line is one JSON object."""
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout}s"}
     if p.returncode != 0:
@@ -54,7 +54,8 @@ def bench_variant(path: Path, config: BenchConfig, cache_dir: Path) -> dict:
 
 
 def peer_model(run: RunDir, peer: str) -> str:
-    """What a peer loads: the source checkpoint; llama.cpp needs a .gguf file."""
+    """What a peer loads: the source checkpoint. llama.cpp needs a .gguf file; Optimum exports from a Hugging Face
+    directory, so a .gguf source is written out once as one (run/peers/hf, the dequantized float weights)."""
     source = run.artifact("source")["path"]
     if peer == "llamacpp" and not source.endswith(".gguf"):
         gguf = run.root / "peers" / "model.gguf"
@@ -62,20 +63,43 @@ def peer_model(run: RunDir, peer: str) -> str:
             raise UserError("llama.cpp needs a .gguf model: export from a .gguf file, or put one at "
                             f"{gguf}")
         return str(gguf)
+    if peer == "optimum" and source.endswith(".gguf"):
+        return str(hf_directory(source, run.root / "peers" / "hf"))
     return source
 
 
+def hf_directory(gguf: str, out: Path) -> Path:
+    """The GGUF model as a Hugging Face checkpoint directory (weights, config, tokenizer), written atomically."""
+    import shutil
+    import tempfile
+
+    from models.hf import export_tokenizer, load_hf_reference
+
+    if (out / "config.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".hf-", dir=out.parent))
+    try:
+        load_hf_reference(gguf).save_pretrained(tmp)
+        export_tokenizer(gguf, tmp)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 def bench_peer(run: RunDir, peer: str, config: BenchConfig) -> dict:
-    from pipeline.peers import INSTALL, available
+    from pipeline.peers import INSTALL, available, command
 
     if peer not in INSTALL:
         raise UserError(f"unknown peer {peer!r}: choose from {', '.join(sorted(INSTALL))}")
     if not available(peer):
         return {"missing": True, "install": INSTALL[peer]}
-    cmd = [sys.executable, "-m", "pipeline.peers", peer, peer_model(run, peer), "--threads", str(config.threads),
-           "--prompt-len", str(config.prompt_len), "--new-tokens", str(config.new_tokens),
-           "--repeats", str(config.repeats)]
-    return run_json(cmd, config.timeout_s)
+    cmd, env = command(peer, peer_model(run, peer), "--threads", str(config.threads),
+                       "--prompt-len", str(config.prompt_len), "--new-tokens", str(config.new_tokens),
+                       "--repeats", str(config.repeats))
+    return run_json(cmd, config.timeout_s, env)
 
 
 def bench(run: RunDir, config: BenchConfig) -> dict:

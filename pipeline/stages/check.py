@@ -68,8 +68,9 @@ def compare_logits(ref: np.ndarray, got: np.ndarray, targets: np.ndarray) -> dic
 
 
 def int8_flop_share(model_path) -> dict:
-    """Share of weight-MatMul FLOPs (K*N per token) whose weights are int8/int4, and of those with int8
-    activations too (W8A8). Read from the graph itself, so it cannot disagree with what runs."""
+    """Shares of weight-MatMul FLOPs (K*N per token), read from the graph itself so they cannot disagree with
+    what runs: int8/int4 weights; static W8A8 (QDQ weight and activation); int8 compute, which adds the
+    MatMulNBits with accuracy_level 4, whose activations the CPU kernel quantizes to int8 per block at run time."""
     import onnx
 
     m = onnx.load(str(model_path), load_external_data=False)
@@ -81,12 +82,13 @@ def int8_flop_share(model_path) -> dict:
         n = producer.get(name)
         return n is not None and n.op_type == "DequantizeLinear" and n.input[0] in inits
 
-    total = int8_w = int8_wa = 0
+    total = int8_w = int8_wa = int8_dyn = 0
     for n in g.node:
-        if n.op_type == "MatMulNBits":  # weight-only: int weights, float activations
+        if n.op_type == "MatMulNBits":  # weight-only: int weights; int8 compute at accuracy level 4
             attrs = {a.name: a.i for a in n.attribute}
             total += attrs["K"] * attrs["N"]
             int8_w += attrs["K"] * attrs["N"]
+            int8_dyn += attrs["K"] * attrs["N"] if attrs.get("accuracy_level") == 4 else 0
         elif n.op_type == "MatMul" and n.input[1] in inits:  # float weight
             dims = inits[n.input[1]].dims
             total += dims[0] * dims[1]
@@ -98,8 +100,9 @@ def int8_flop_share(model_path) -> dict:
             if a is not None and a.op_type == "DequantizeLinear":
                 int8_wa += dims[0] * dims[1]
         # MatMuls of two activations (attention scores) are not weight MatMuls and are not counted
-    return {"int8_weight_flop_share": int8_w / total if total else 0.0,
-            "int8_w8a8_flop_share": int8_wa / total if total else 0.0}
+    share = (lambda x: x / total) if total else (lambda x: 0.0)
+    return {"int8_weight_flop_share": share(int8_w), "int8_w8a8_flop_share": share(int8_wa),
+            "int8_compute_flop_share": share(int8_wa + int8_dyn)}
 
 
 def torch_reference(run: RunDir, config: CheckConfig):
@@ -194,14 +197,17 @@ def check(run: RunDir, config: CheckConfig) -> dict:
 
 def render_table(results: dict) -> str:
     head = f"{'variant':<11} {'max|dlogit|':>11} {'top1':>6} {'KL':>9} {'ppl ref':>8} {'ppl':>8} {'dppl':>7} " \
-           f"{'greedy':>6} {'int8 W':>6} {'W8A8':>5} {'MB':>7}  verdict"
+           f"{'greedy':>6} {'int8 W':>6} {'W8A8':>5} {'i8 mm':>5} {'MB':>7}  verdict"
     lines = [head, "-" * len(head)]
     for r in results["variants"]:
         lines.append(f"{r['variant']:<11} {r['max_abs_diff']:>11.3g} {r['top1']:>6.3f} {r['kl']:>9.2e} "
                      f"{r['ppl_ref']:>8.2f} {r['ppl']:>8.2f} {100 * r['ppl_increase']:>+6.2f}% "
                      f"{r['greedy_match']:>6.2f} {r['int8_weight_flop_share']:>6.2f} "
-                     f"{r['int8_w8a8_flop_share']:>5.2f} {r['size_bytes'] / 1e6:>7.2f}  "
+                     f"{r['int8_w8a8_flop_share']:>5.2f} {r['int8_compute_flop_share']:>5.2f} "
+                     f"{r['size_bytes'] / 1e6:>7.2f}  "
                      + ("ok" if not r["failed"] else "FAIL: " + "; ".join(r["failed"])))
+    lines.append("(int8 W / W8A8 / i8 mm: share of weight-MatMul FLOPs with int weights / static int8 weights and "
+                 "activations / int8 arithmetic, counting MatMulNBits at accuracy level 4)")
     lines.append(f"({results['tokens_evaluated']} tokens evaluated; "
                  f"{'all variants passed' if results['passed'] else 'some variants FAILED'})")
     return "\n".join(lines)

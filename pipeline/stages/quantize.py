@@ -22,6 +22,7 @@ class QuantizeStageConfig:
     block_size: int = 32            # w8/w4: MatMulNBits block size
     accuracy_level: int = 4         # w8/w4: MatMulNBits compute accuracy (4 = int8 activations on CPU)
     calib_text: str | None = None   # text file for calibration instead of the corpus's calib split
+    fallback: str = "w8"            # w8a8: sensitive MatMuls become "w8" (int8 weight-only) or stay "float"
 
     def resolved_source(self, run: RunDir) -> str:
         if self.source:
@@ -55,7 +56,8 @@ def quantize(run: RunDir, config: QuantizeStageConfig) -> dict:
                        num_prefill=config.calib_windows, seq_len=config.window - decode_steps,
                        num_decode_steps=decode_steps,
                        per_channel=config.per_channel, max_ppl_increase=config.max_ppl_increase,
-                       block_size=config.block_size, accuracy_level=config.accuracy_level)
+                       block_size=config.block_size, accuracy_level=config.accuracy_level,
+                       fallback=config.fallback)
     out = run.variant_path(config.recipe)
     report = quantize_model(run.variant_path(source), out, calib, qcfg, valid_ids=valid)
     run.record("quantize", {**asdict(config), "source": source}, {source: str(run.variant_path(source))},
