@@ -90,7 +90,8 @@ def main() -> None:
                      "--windows", str(a.windows), "--steps", "32", "--json")
     peers = ["pytorch"] + (["llamacpp"] if llamacpp_q8(Path(a.gguf), out / "peers" / "model.gguf") else []) \
         + ["optimum"]
-    bench = pipeline("bench", str(out), *vargs, "--threads", str(a.threads), "--prompt-len", "32",
+    bargs = ["--variant", "fp32", *vargs]  # the plain export too: what fusion alone buys
+    bench = pipeline("bench", str(out), *bargs, "--threads", str(a.threads), "--prompt-len", "32",
                      "--new-tokens", "64", "--repeats", "3", "--compare", ",".join(peers), "--json")
     report = {"quantize": quant, "check": check, "bench": bench}
     (out / "smollm2-report.json").write_text(json.dumps(report, indent=2))
@@ -98,12 +99,14 @@ def main() -> None:
 
 
 def render(r: dict) -> str:
-    lines = ["| variant | perplexity | fp32 ppl | Δppl | top-1 vs fp32 | KL | int8 FLOP share (W / W8A8) | MB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | perplexity | fp32 ppl | Δppl | top-1 vs fp32 | KL | greedy match | MatMul FLOPs: int weights "
+             "/ static W8A8 / int8 compute | MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for v in r["check"]["variants"]:
         lines.append(f"| {v['variant']} | {v['ppl']:.2f} | {v['ppl_ref']:.2f} | {100 * v['ppl_increase']:+.2f}% | "
-                     f"{v['top1']:.3f} | {v['kl']:.4f} | {v['int8_weight_flop_share']:.2f} / "
-                     f"{v['int8_w8a8_flop_share']:.2f} | {v['size_bytes'] / 1e6:.1f} |")
+                     f"{v['top1']:.3f} | {v['kl']:.4f} | {v['greedy_match']:.2f} | {v['int8_weight_flop_share']:.2f} / "
+                     f"{v['int8_w8a8_flop_share']:.2f} / {v['int8_compute_flop_share']:.2f} | "
+                     f"{v['size_bytes'] / 1e6:.1f} |")
     lines += ["", "| runner | prefill ms | decode ms/token p50 | p90 | tokens/s | × PyTorch | peak MB |",
               "|---|---|---|---|---|---|---|"]
     for name, b in r["bench"]["rows"].items():
@@ -114,9 +117,11 @@ def render(r: dict) -> str:
                      f"{b['tokens_per_s']:.1f} | {b.get('decode_speedup_vs_pytorch', float('nan')):.2f} | "
                      f"{b['peak_rss_mb']:.0f} |")
     for recipe, q in r["quantize"].items():
-        kept = q.get("kept_float")
-        if kept:
-            lines.append(f"\n{recipe}: kept in float by the sensitivity search: {', '.join(kept)}")
+        ppl = q.get("ppl") or {}
+        lines.append(f"\n{recipe}: calibration-side perplexity {ppl.get('fp32', float('nan')):.3f} -> "
+                     f"{ppl.get('quantized', float('nan')):.3f}; static int8 {100 * q['quantized_flop_share']:.1f}% "
+                     f"of weight-MatMul FLOPs" + (f", int8 weight-only fallback {100 * q['fallback_flop_share']:.1f}%: "
+                                                  + ", ".join(q["fallback_matmuls"]) if q.get("fallback_matmuls") else ""))
     return "\n".join(lines)
 
 

@@ -445,8 +445,8 @@ def keep_float_until_budget(job: StaticJob, targets: list[str], staged: Path, pp
     Ranks by one-at-a-time KL and searches the prefix length on the switchable model (simulating the taken-out
     MatMuls as float), then writes the real model for that choice to `staged`, taken-out MatMuls as the config's
     fallback, and measures it; if the real model misses the budget (its kernels disagree with the simulation,
-    e.g. int16 saturation without reduce_range, or the w8 fallback's own error) more MatMuls come out until it
-    meets it. Returns (MatMuls taken out, one-at-a-time KL of every target, search details for the report).
+    e.g. int16 saturation without reduce_range, or the w8 fallback's own error) more MatMuls come out, 25% more
+    at a time, until it meets it. Returns (MatMuls taken out, one-at-a-time KL of every target, search details for the report).
     """
     budget = job.config.max_ppl_increase
     switch = QuantSwitch(onnx.load(str(job.fp32_path)), onnx.load(str(staged)), targets, workdir)
@@ -465,7 +465,7 @@ def keep_float_until_budget(job: StaticJob, targets: list[str], staged: Path, pp
         measured[k] = perplexity(staged, valid_ids)
         if measured[k] / ppl["fp32"] - 1.0 <= budget or k == n:
             break
-        k = min(n, 2 * k)
+        k = min(n, k + max(1, k // 4))  # small steps: each MatMul taken out costs static-int8 share
     details = {"kl_one_at_a_time": {name: kl[name] for name in ranking},
                "simulated_ppl_by_float_count": dict(sorted(simulated.items())), "ppl_by_float_count": measured}
     return ranking[:k], kl, details

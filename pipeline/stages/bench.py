@@ -73,14 +73,23 @@ def hf_directory(gguf: str, out: Path) -> Path:
     import shutil
     import tempfile
 
+    from safetensors.torch import save_model
+
     from models.hf import export_tokenizer, load_hf_reference
 
     if (out / "config.json").is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".hf-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it owner-only
     try:
-        load_hf_reference(gguf).save_pretrained(tmp)
+        model = load_hf_reference(gguf)
+        # save_pretrained refuses a model that came from a GGUF ("not serializable"); its weights are plain
+        # float tensors once loaded, so write them and the config directly
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         export_tokenizer(gguf, tmp)
         tmp.rename(out)
     except BaseException:
