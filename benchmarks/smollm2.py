@@ -47,6 +47,14 @@ def pipeline(*args: str) -> dict:
     return json.loads(p.stdout) if "--json" in args else {}
 
 
+def last_quantize_report(out: Path, recipe: str) -> dict:
+    stages = json.loads((out / "manifest.json").read_text())["stages"]
+    found = [s["results"] for s in stages if s["stage"] == "quantize" and s["results"].get("recipe") == recipe]
+    if not found:
+        sys.exit(f"--skip-quantize: {out} has no {recipe} variant")
+    return found[-1]
+
+
 def llamacpp_q8(gguf: Path, out: Path) -> bool:
     """Re-quantize the GGUF to Q8_0 for llama.cpp with its own quantizer; False if llama-cpp-python is absent."""
     try:
@@ -75,6 +83,8 @@ def main() -> None:
     p.add_argument("--window", type=int, default=512, help="evaluation window (tokens)")
     p.add_argument("--windows", type=int, default=2)
     p.add_argument("--skip-export", action="store_true", help="reuse the run's fp32 and fused variants")
+    p.add_argument("--skip-quantize", action="store_true",
+                   help="reuse the run's quantized variants too (their reports come from manifest.json)")
     a = p.parse_args()
     out = Path(a.out)
     calib, evaluation = texts(out / "text")
@@ -83,7 +93,8 @@ def main() -> None:
         pipeline("optimize", str(out))
     quant = {}
     for recipe in a.recipes.split(","):
-        quant[recipe] = pipeline("quantize", str(out), "--recipe", recipe, "--calib-text", str(calib), "--json")
+        quant[recipe] = last_quantize_report(out, recipe) if a.skip_quantize else \
+            pipeline("quantize", str(out), "--recipe", recipe, "--calib-text", str(calib), "--json")
     variants = ["fused", *a.recipes.split(",")]
     vargs = [x for v in variants for x in ("--variant", v)]
     check = pipeline("check", str(out), *vargs, "--text", str(evaluation), "--window", str(a.window),
@@ -119,8 +130,9 @@ def render(r: dict) -> str:
     for recipe, q in r["quantize"].items():
         ppl = q.get("ppl") or {}
         lines.append(f"\n{recipe}: calibration-side perplexity {ppl.get('fp32', float('nan')):.3f} -> "
-                     f"{ppl.get('quantized', float('nan')):.3f}; static int8 {100 * q['quantized_flop_share']:.1f}% "
-                     f"of weight-MatMul FLOPs" + (f", int8 weight-only fallback {100 * q['fallback_flop_share']:.1f}%: "
+                     f"{ppl.get('quantized', float('nan')):.3f}; {100 * q['quantized_flop_share']:.1f}% "
+                     f"of weight-MatMul FLOPs in the recipe's own form" + (f", 8-bit weight-only instead "
+                                                                         f"{100 * q['fallback_flop_share']:.1f}%: "
                                                   + ", ".join(q["fallback_matmuls"]) if q.get("fallback_matmuls") else ""))
     return "\n".join(lines)
 

@@ -87,12 +87,15 @@ class QuantConfig:
     exclude: tuple[str, ...] = ()   # MatMul node names always left in float
     fallback: str = "w8"            # w8a8: what the sensitive MatMuls become, "w8" (MatMulNBits) or "float"
     embedding_bits: int = 8         # w8a8/w8/w4: token-embedding table as GatherBlockQuantized (8), or float (32)
+    w4_max_ppl_increase: float = 0.08  # w4: MatMuls move to 8 bits, most damaging first, until within this
     head_bits: int = 8              # w4: the output projection (lm_head) at 8 bits, as llama.cpp's Q4_K_M keeps
                                     # output.weight at 6; 4 = like every other MatMul
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
             raise UserError(f"unknown quantization recipe {self.recipe!r} (choose from {', '.join(RECIPES)})")
+        if self.w4_max_ppl_increase < 0:
+            raise UserError(f"w4_max_ppl_increase cannot be negative, got {self.w4_max_ppl_increase}")
         if self.head_bits not in (4, 8):
             raise UserError(f"head_bits must be 4 or 8, got {self.head_bits}")
         if self.embedding_bits not in (8, 32):
@@ -348,15 +351,24 @@ class QuantSwitch:
     """
 
     def __init__(self, fp32: onnx.ModelProto, int8: onnx.ModelProto, targets: list[str], workdir: Path):
-        self.gates = {name: f"quant_switch.{i}" for i, name in enumerate(targets)}
         inits = {t.name: t for t in int8.graph.initializer}
         made_by = {o: n for n in int8.graph.node for o in n.output}
         int8_nodes = {n.name: n for n in int8.graph.node}
+
+        def route(model: onnx.ModelProto, node: onnx.NodeProto) -> list[onnx.NodeProto]:
+            a_dq, w_dq = (made_by[i] for i in int8_nodes[node.name].input[:2])
+            return self._switch(model, node, a_dq, w_dq, inits)
+
+        self._build(fp32, targets, route, workdir)
+
+    def _build(self, fp32: onnx.ModelProto, targets: list[str],
+               route: Callable[[onnx.ModelProto, onnx.NodeProto], list[onnx.NodeProto]], workdir: Path) -> None:
+        """Insert `route`'s nodes before every target, add one boolean gate input per target, open a session."""
+        self.gates = {name: f"quant_switch.{i}" for i, name in enumerate(targets)}
         nodes = []
         for node in fp32.graph.node:
             if node.name in self.gates:
-                a_dq, w_dq = (made_by[i] for i in int8_nodes[node.name].input[:2])
-                nodes += self._switch(fp32, node, a_dq, w_dq, inits)
+                nodes += route(fp32, node)
             nodes.append(node)
         del fp32.graph.node[:]
         fp32.graph.node.extend(nodes)
@@ -392,6 +404,21 @@ class QuantSwitch:
     def perplexity(self, ids_list: list[list[int]], in_int8: Collection[str]) -> float:
         return _perplexity(lambda ids: self.log_probs(ids, in_int8),
                            _sequences(ids_list, self.contract))
+
+
+class WeightSwitch(QuantSwitch):
+    """The float model with each target MatMul's weight switchable to a stand-in (e.g. its 4-bit rounding):
+    `Where(gate, W', W)`, the same one-session evaluation of any mix as QuantSwitch, for weight-only recipes."""
+
+    def __init__(self, fp32: onnx.ModelProto, alternatives: dict[str, np.ndarray], workdir: Path):
+        def route(model: onnx.ModelProto, node: onnx.NodeProto) -> list[onnx.NodeProto]:
+            tag = self.gates[node.name] + "."
+            model.graph.initializer.append(numpy_helper.from_array(alternatives[node.name], tag + "w_alt"))
+            w = node.input[1]
+            node.input[1] = tag + "w"
+            return [helper.make_node("Where", [self.gates[node.name], tag + "w_alt", w], [tag + "w"])]
+
+        self._build(fp32, list(alternatives), route, workdir)
 
 
 def _axis(dq: onnx.NodeProto) -> int:
@@ -546,19 +573,92 @@ def nbits_quantized(model: onnx.ModelProto, bits: int | None = None) -> set[str]
     return found
 
 
-def _weight_only(model: onnx.ModelProto, staged: Path, config: QuantConfig) -> dict:
+def _weight_only(model: onnx.ModelProto, model_path: Path, staged: Path, config: QuantConfig,
+                 valid_ids: list[list[int]] | None, workdir: Path) -> dict:
     _targets(model, config.exclude)  # validates the excluded names
     bits = 8 if config.recipe == "w8" else 4
     head = _output_projection(model) if bits == 4 and config.head_bits == 8 else None
-    if head is not None and head not in config.exclude:
-        model = _nbits(model, 8, config, include=[head])
-    model = _nbits(model, bits, config)
-    if _embeds(config):
-        quantize_embeddings(model, config.block_size)
-    _save(model, staged)
-    return {"details": {"bits": bits, "block_size": config.block_size, "accuracy_level": config.accuracy_level,
-                        "output_projection_bits": 8 if head is not None else bits},
-            "reasons": {name: "excluded by config" for name in config.exclude}}
+    eight = [head] if head is not None and head not in config.exclude else []
+    reasons = {name: "excluded by config" for name in config.exclude}
+    details = {"bits": bits, "block_size": config.block_size, "accuracy_level": config.accuracy_level}
+    if bits == 4:
+        reasons.update({n: "output projection (head_bits 8)" for n in eight})
+
+    def write(at_8: list[str]) -> None:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        if at_8:
+            m = _nbits(m, 8, config, include=at_8)
+        m = _nbits(m, bits, config)
+        if _embeds(config):
+            quantize_embeddings(m, config.block_size)
+        _save(m, staged)
+
+    def measure(at_8: list[str]) -> float:
+        write(eight + at_8)
+        return perplexity(staged, valid_ids)
+
+    write(eight)
+    if bits == 4 and valid_ids:
+        fp32 = perplexity(model_path, valid_ids)
+        details["ppl_all_4bit"] = perplexity(staged, valid_ids)
+        if details["ppl_all_4bit"] / fp32 - 1.0 > config.w4_max_ppl_increase:
+            upgraded, search = eight_bits_until_budget(model, eight, fp32, valid_ids, config, workdir, measure)
+            kl = search["kl_one_at_a_time"]
+            reasons.update({n: f"sensitive: KL {kl[n]:.3g} with only this MatMul in 4 bits -> 8 bits"
+                            for n in upgraded})
+            details["w4_search"] = search
+    return {"details": details, "reasons": reasons}
+
+
+def eight_bits_until_budget(model: onnx.ModelProto, eight: list[str], fp32_ppl: float, valid_ids: list[list[int]],
+                            config: QuantConfig, workdir: Path,
+                            measure: Callable[[list[str]], float]) -> tuple[list[str], dict]:
+    """w4's mixed precision, as w8a8's: rank the MatMuls by the KL each causes alone in 4 bits (WeightSwitch:
+    one session, float activations), find the shortest most-sensitive prefix that meets the budget on the
+    simulation, then `measure` the real model (8-bit weights for the prefix) and lengthen it 25% at a time
+    until that meets it too. Returns (MatMuls moved to 8 bits, search details)."""
+    weights = {t.name: t for t in model.graph.initializer}
+    targets = [n for n in weight_matmuls(model) if n.name not in eight and n.name not in config.exclude]
+    alternatives = {n.name: fake_nbits(numpy_helper.to_array(weights[n.input[1]]), 4, config.block_size)
+                    for n in targets}
+    switch_model = onnx.ModelProto()
+    switch_model.CopyFrom(model)
+    switch = WeightSwitch(switch_model, alternatives, workdir)
+    kl = one_at_a_time_kl(switch, list(alternatives), _first_tokens(valid_ids, config.sensitivity_tokens))
+    ranking = sorted(kl, key=kl.get, reverse=True)
+    budget = config.w4_max_ppl_increase
+    simulated: dict[int, float] = {}
+
+    def simulated_meets(k: int) -> bool:
+        simulated[k] = switch.perplexity(valid_ids, set(ranking[k:]))
+        return simulated[k] / fp32_ppl - 1.0 <= budget
+
+    k, n = smallest_prefix(len(ranking), simulated_meets), len(ranking)
+    del switch
+    measured: dict[int, float] = {}
+    while True:
+        measured[k] = measure(ranking[:k])
+        if measured[k] / fp32_ppl - 1.0 <= budget or k == n:
+            break
+        k = min(n, k + max(1, k // 4))
+    return ranking[:k], {"kl_one_at_a_time": {name: kl[name] for name in ranking},
+                         "simulated_ppl_by_8bit_count": dict(sorted(simulated.items())),
+                         "ppl_by_8bit_count": measured}
+
+
+def fake_nbits(w: np.ndarray, bits: int, block_size: int) -> np.ndarray:
+    """w (K, N) rounded as symmetric `bits`-bit blocks of `block_size` along K (K padded to a whole block)."""
+    k, n = w.shape
+    pad = -k % block_size
+    blocks = np.pad(w, ((0, pad), (0, 0))).reshape(-1, block_size, n)
+    top = 2 ** (bits - 1)
+    # MLAS's symmetric blocks: the value of largest magnitude maps exactly to -top (the scale takes its sign)
+    peak = np.take_along_axis(blocks, np.abs(blocks).argmax(1)[:, None, :], axis=1)
+    scale = peak / -top
+    scale[scale == 0] = 1.0
+    q = np.clip(np.round(blocks / scale), -top, top - 1) * scale
+    return q.reshape(-1, n)[:k]
 
 
 # ------------------------------------------------------------------------------------------------ embedding
@@ -620,13 +720,14 @@ def _report(shapes: dict[str, tuple[int, int]], activation_matmuls: list[str], s
             result: dict) -> dict:
     """Which MatMuls are quantized, and how, is read back from the written graph, not assumed from what was asked.
 
-    quantized_*: the recipe's own form (QDQ int8 for static/w8a8, MatMulNBits for w8/w4); fallback_*: w8a8's
-    sensitive MatMuls that became int8 weight-only instead; float_matmuls: everything else, with the reason.
+    quantized_*: the recipe's own form (QDQ int8 for static/w8a8, MatMulNBits for w8/w4); fallback_*: the
+    MatMuls kept at 8-bit weight-only instead (w8a8's and w4's sensitive ones, w4's output projection);
+    float_matmuls: everything else, with the reason.
     """
     after = onnx.load(str(staged), load_external_data=False)
     bits = {"w8": 8, "w4": 4}.get(config.recipe)
-    done = (nbits_quantized(after) if bits else qdq_quantized(after)) & set(shapes)
-    fallback = set() if bits else nbits_quantized(after, 8) & set(shapes)
+    done = (nbits_quantized(after, bits) if bits else qdq_quantized(after)) & set(shapes)
+    fallback = (set() if bits == 8 else nbits_quantized(after, 8)) & set(shapes)
     tables = [n.input[0].removesuffix("_Q8") for n in after.graph.node if n.op_type == "GatherBlockQuantized"]
     reasons = {name: "multiplies two activations (attention)" for name in activation_matmuls}
     reasons.update(result["reasons"])
@@ -662,7 +763,7 @@ def quantize(model_path: str | Path, out_path: str | Path, calib_ids: list[list[
     try:
         staged = workdir / out_path.name
         if config.recipe in ("w8", "w4"):
-            result = _weight_only(model, staged, config)
+            result = _weight_only(model, model_path, staged, config, valid_ids, workdir)
             result["details"]["ppl"] = _ppl_pair(model_path, staged, valid_ids) if valid_ids else None
         else:
             result = _static(model, model_path, staged, calib_ids, valid_ids, config, workdir)

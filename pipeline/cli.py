@@ -140,20 +140,22 @@ def optimize(run_dir, fp16, as_json):
 @click.option("--fallback", type=click.Choice(["w8", "float"]), default="w8", show_default=True,
               help="w8a8: what the MatMuls the budget takes out of static int8 become: int8 weight-only "
                    "(MatMulNBits) or float (a pure QDQ graph, for NPU execution providers).")
+@click.option("--w4-max-ppl-increase", type=float, default=0.08, show_default=True,
+              help="w4: MatMuls move to 8 bits, largest 4-bit output error first, until perplexity is within this.")
 @click.option("--block-size", type=int, default=32, show_default=True, help="w8/w4 block size.")
 @click.option("--accuracy-level", type=int, default=4, show_default=True, help="w8/w4 MatMulNBits accuracy level.")
 @click.option("--calib-text", default=None, help="Text file to calibrate on (default: the corpus's calib split).")
 @json_opt
 @user_errors
 def quantize(run_dir, recipe, source, method, per_channel, calib_windows, window, max_ppl_increase, fallback,
-             block_size, accuracy_level, calib_text, as_json):
+             w4_max_ppl_increase, block_size, accuracy_level, calib_text, as_json):
     """Quantize a variant to int8 (QDQ) or int4/int8 weight-only, calibrated on prefill and decode steps."""
     from pipeline.stages.quantize import QuantizeStageConfig, quantize as quantize_stage
 
     cfg = QuantizeStageConfig(recipe=recipe, source=source, calibrate_method=method, per_channel=per_channel,
                               calib_windows=calib_windows, window=window, max_ppl_increase=max_ppl_increase,
                               block_size=block_size, accuracy_level=accuracy_level, calib_text=calib_text,
-                              fallback=fallback)
+                              fallback=fallback, w4_max_ppl_increase=w4_max_ppl_increase)
     results = quantize_stage(RunDir.open(run_dir), cfg)
 
     def render(r):
@@ -161,7 +163,7 @@ def quantize(run_dir, recipe, source, method, per_channel, calib_windows, window
                    f"({r['size_after'] / r['size_before']:.2f}x); {len(r['quantized_matmuls'])} MatMuls quantized, "
                    f"{100 * r['quantized_flop_share']:.0f}% of weight-MatMul FLOPs")
         if r.get("fallback_matmuls"):
-            click.echo(f"  int8 weight-only fallback: {len(r['fallback_matmuls'])} MatMuls, "
+            click.echo(f"  8-bit weight-only instead: {len(r['fallback_matmuls'])} MatMuls, "
                        f"{100 * r['fallback_flop_share']:.0f}% of FLOPs: " + ", ".join(r["fallback_matmuls"]))
         if r.get("ppl"):
             click.echo(f"  calibration-side perplexity: fp32 {r['ppl']['fp32']:.3f} -> {r['ppl']['quantized']:.3f} "

@@ -23,6 +23,7 @@ class QuantizeStageConfig:
     accuracy_level: int = 4         # w8/w4: MatMulNBits compute accuracy (4 = int8 activations on CPU)
     calib_text: str | None = None   # text file for calibration instead of the corpus's calib split
     fallback: str = "w8"            # w8a8: sensitive MatMuls become "w8" (int8 weight-only) or stay "float"
+    w4_max_ppl_increase: float = 0.08  # w4: MatMuls move to 8 bits, most damaging first, until within this
 
     def resolved_source(self, run: RunDir) -> str:
         if self.source:
@@ -57,7 +58,7 @@ def quantize(run: RunDir, config: QuantizeStageConfig) -> dict:
                        num_decode_steps=decode_steps,
                        per_channel=config.per_channel, max_ppl_increase=config.max_ppl_increase,
                        block_size=config.block_size, accuracy_level=config.accuracy_level,
-                       fallback=config.fallback)
+                       fallback=config.fallback, w4_max_ppl_increase=config.w4_max_ppl_increase)
     out = run.variant_path(config.recipe)
     report = quantize_model(run.variant_path(source), out, calib, qcfg, valid_ids=valid)
     run.record("quantize", {**asdict(config), "source": source}, {source: str(run.variant_path(source))},
