@@ -10,7 +10,9 @@ they can absorb a per-input-channel factor. For every MatMul input X read only b
       * a gated MLP product act(gate) * up (the down_proj input, where Llama-family models keep their largest
         outliers): the up_proj weight columns that produce X /= s (through a Split when gate/up are packed)
 
-which is an exact re-parametrisation: (x * g / s) @ (diag(s) W) = (x * g) @ W. An X that also feeds something
+which is an exact re-parametrisation: (x * g / s) @ (diag(s) W) = (x * g) @ W. The migration strength alpha
+can be chosen per activation (`best_alpha`): the grid value whose fake-quantized Q(X/s) @ Q(diag(s) W) is
+closest to X @ W on sampled calibration tokens. An X that also feeds something
 else (a residual, a non-weight MatMul) is left alone, because dividing it by s would change that consumer
 (reading only its shape is fine). The attention output (o_proj input) is not smoothed: its producer is the
 value projection, and scaling it would change the KV cache the model outputs. Works on the plain export
@@ -197,17 +199,6 @@ def probe(model: onnx.ModelProto, tensors: list[str], feeds: Iterable[dict[str, 
         shutil.rmtree(tmp, ignore_errors=True)
         for _ in added:
             model.graph.output.pop()
-
-
-def collect_activation_max(model: onnx.ModelProto, tensors: list[str], feeds: Iterable[dict[str, np.ndarray]],
-                           workdir: Path | None = None) -> dict[str, np.ndarray]:
-    """Per-channel max|X| over all tokens of all feeds, for each of `tensors`."""
-    maxima: dict[str, np.ndarray] = {}
-    for values in probe(model, tensors, feeds, workdir):
-        for name, x in values.items():
-            m = np.abs(x.reshape(-1, x.shape[-1])).max(axis=0)
-            maxima[name] = np.maximum(maxima[name], m) if name in maxima else m
-    return maxima
 
 
 @dataclass

@@ -30,7 +30,8 @@ from exporters.contract import read_contract
 from exporters.export import export_onnx
 from exporters.optimize import optimize
 from exporters.quantize import _nbits, fake_nbits, QuantConfig, perplexity, quantize
-from exporters.smoothing import collect_activation_max, find_smooth_groups, smooth, weight_matmuls
+from exporters.smoothing import ALPHA_GRID, ActivationStats, best_alpha, collect_activation_stats, fake_quant_error, \
+    find_smooth_groups, smooth, smoothing_scales, weight_matmuls
 from models.decoder import Decoder, DecoderConfig
 from models.errors import UserError
 
@@ -342,15 +343,39 @@ def test_smoothing_is_exact_and_flattens_activations(models, calib_ids, graph, t
     groups = find_smooth_groups(model)
     assert len(groups) == 2 * 3 + 1  # per layer: input norm, post-attention norm, gated MLP product; final norm
     tensors = [g.activation for g in groups]
-    before = collect_activation_max(model, tensors, reader.feeds())
+    stats = collect_activation_stats(model, tensors, reader.feeds())
+    before = {t: st.abs_max for t, st in stats.items()}
     smooth(model, groups, before, alpha=0.5)
-    after = collect_activation_max(model, tensors, reader.feeds())
+    after = {t: st.abs_max for t, st in collect_activation_stats(model, tensors, reader.feeds()).items()}
     onnx.save(model, tmp_path / "smoothed.onnx")
     ids = np.random.default_rng(2).integers(0, VOCAB, 20)
     np.testing.assert_allclose(logits(tmp_path / "smoothed.onnx", ids), logits(models[graph], ids), atol=1e-4)
     assert max(a.max() for a in after.values()) < 0.5 * max(b.max() for b in before.values())
     for t in tensors:  # outlier channels are flattened: max/median across channels shrinks
         assert after[t].max() / np.median(after[t]) < before[t].max() / np.median(before[t])
+
+
+def test_activation_stats_keep_the_extreme_token_and_bound_the_sample(models, calib_ids):
+    model = onnx.load(str(models["fused"]))
+    reader = KVCacheCalibrationReader(models["fused"], calib_ids, CalibrationPlan(4, 16, 2))
+    tensor = find_smooth_groups(model)[0].activation
+    st = collect_activation_stats(model, [tensor], reader.feeds(), max_rows=12)[tensor]
+    assert st.rows.shape[0] <= 12 and (st.low <= st.high).all()
+    assert np.abs(st.rows).max() == pytest.approx(st.abs_max.max())  # the row holding the peak is in the sample
+    assert (st.rows >= st.low - 1e-6).all() and (st.rows <= st.high + 1e-6).all()
+
+
+def test_auto_alpha_minimises_the_measured_error():
+    """One outlier channel: a mid alpha beats both ends, and best_alpha returns the grid's minimum."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 16)).astype(np.float32)
+    x[:, 3] *= 60  # an outlier channel
+    w = rng.standard_normal((16, 8)).astype(np.float32)
+    st = ActivationStats(np.abs(x).max(0), x.min(0), x.max(0), x)
+    errors = {a: fake_quant_error(st, [w], smoothing_scales(st.abs_max, [w], a), 64) for a in ALPHA_GRID}
+    alpha, error = best_alpha(st, [w], 64)
+    assert error == min(errors.values()) and errors[alpha] == error
+    assert error < 0.5 * fake_quant_error(st, [w], np.ones(16, np.float32), 64)  # smoothing helps at all
 
 
 def test_perplexity_matches_pytorch(models, valid_ids):

@@ -262,3 +262,27 @@ def test_entry_point_prints_no_traceback(tmp_path):
     p = subprocess.run([sys.executable, "-m", "pipeline", "check", str(tmp_path / "missing")],
                        capture_output=True, text=True)
     assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.startswith("error: ")
+
+
+def test_gguf_source_becomes_a_hugging_face_directory_for_peers(tmp_path):
+    """Optimum exports from an HF directory: a .gguf source is written out once as one, which transformers
+    loads back with the same logits (save_pretrained itself refuses GGUF-loaded models)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from pipeline.stages.bench import hf_directory
+    from tests.models.test_hf import TINY, TOKENS, tiny_hf, write_gguf
+
+    ref = tiny_hf(LlamaConfig(**{**TINY, "vocab_size": len(TOKENS)}, rms_norm_eps=1e-5))
+    gguf_path = tmp_path / "tiny.gguf"
+    write_gguf(ref, gguf_path)
+    out = hf_directory(str(gguf_path), tmp_path / "peers" / "hf")
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json"}
+    ids = torch.tensor([[1, 5, 3, 2, 7]])
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits
+        want = ref(ids).logits
+    assert (got - want).abs().max().item() < 1e-4
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    assert hf_directory(str(gguf_path), out) == out and (out / "model.safetensors").stat().st_mtime_ns == stamp
+    assert not list(out.parent.glob(".hf-*"))
