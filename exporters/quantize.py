@@ -465,36 +465,36 @@ def smallest_prefix(n: int, meets: Callable[[int], bool]) -> int:
     return hi
 
 
-def keep_float_until_budget(job: StaticJob, targets: list[str], staged: Path, ppl: dict,
-                            valid_ids: list[list[int]], workdir: Path) -> tuple[list[str], dict[str, float], dict]:
-    """Take the most sensitive MatMuls out of static int8 until the perplexity increase meets the budget.
+def take_out_until_budget(switch: QuantSwitch, targets: list[str], fp32_ppl: float, budget: float,
+                          valid_ids: list[list[int]], sensitivity_tokens: int,
+                          measure: Callable[[list[str]], float]) -> tuple[list[str], dict[str, float], dict]:
+    """Mixed precision by measured sensitivity, shared by w8a8 and w4: the fewest, most sensitive `targets` to
+    take out of the low-precision form so that perplexity stays within `budget` of `fp32_ppl`.
 
-    Ranks by one-at-a-time KL and searches the prefix length on the switchable model (simulating the taken-out
-    MatMuls as float), then writes the real model for that choice to `staged`, taken-out MatMuls as the config's
-    fallback, and measures it; if the real model misses the budget (its kernels disagree with the simulation,
-    e.g. int16 saturation without reduce_range, or the w8 fallback's own error) more MatMuls come out, 25% more
-    at a time, until it meets it. Returns (MatMuls taken out, one-at-a-time KL of every target, search details for the report).
+    Ranks by one-at-a-time KL on `switch` (gate on = the low-precision form, off = float), searches the prefix
+    length on the simulation, then `measure`s the real model (it writes it, the prefix in the recipe's
+    fallback form, and returns its perplexity); if the real model misses the budget (its kernels disagree with
+    the simulation, e.g. int16 saturation without reduce_range, or the fallback's own error), more come out,
+    25% more at a time, until it meets it. The last model measured is the one chosen.
+    Returns (taken out, one-at-a-time KL of every target, search details for the report).
     """
-    budget = job.config.max_ppl_increase
-    switch = QuantSwitch(onnx.load(str(job.fp32_path)), onnx.load(str(staged)), targets, workdir)
-    kl = one_at_a_time_kl(switch, targets, _first_tokens(valid_ids, job.config.sensitivity_tokens))
+    kl = one_at_a_time_kl(switch, targets, _first_tokens(valid_ids, sensitivity_tokens))
     ranking = sorted(targets, key=kl.get, reverse=True)
     simulated: dict[int, float] = {}
 
     def simulated_meets(k: int) -> bool:
         simulated[k] = switch.perplexity(valid_ids, set(ranking[k:]))
-        return simulated[k] / ppl["fp32"] - 1.0 <= budget
+        return simulated[k] / fp32_ppl - 1.0 <= budget
 
     k, n = smallest_prefix(len(ranking), simulated_meets), len(ranking)
     measured: dict[int, float] = {}
     while True:
-        write_mix(job, ranking[k:], ranking[:k], staged)
-        measured[k] = perplexity(staged, valid_ids)
-        if measured[k] / ppl["fp32"] - 1.0 <= budget or k == n:
+        measured[k] = measure(ranking[:k])
+        if measured[k] / fp32_ppl - 1.0 <= budget or k == n:
             break
-        k = min(n, k + max(1, k // 4))  # small steps: each MatMul taken out costs static-int8 share
+        k = min(n, k + max(1, k // 4))  # small steps: each one taken out costs low-precision share
     details = {"kl_one_at_a_time": {name: kl[name] for name in ranking},
-               "simulated_ppl_by_float_count": dict(sorted(simulated.items())), "ppl_by_float_count": measured}
+               "simulated_ppl_by_count": dict(sorted(simulated.items())), "ppl_by_count": measured}
     return ranking[:k], kl, details
 
 
@@ -542,11 +542,17 @@ def _static(model: onnx.ModelProto, model_path: Path, staged: Path, calib_ids: l
     reasons = {name: "excluded by config" for name in config.exclude}
     details["ppl"] = _ppl_pair(model_path, staged, valid_ids) if valid_ids else None
     if config.recipe == "w8a8" and valid_ids and targets and details["ppl"]["increase"] > config.max_ppl_increase:
-        keep, kl, search = keep_float_until_budget(job, targets, staged, details["ppl"], valid_ids, workdir)
+        def measure(taken_out: list[str]) -> float:
+            write_mix(job, [t for t in targets if t not in taken_out], taken_out, staged)
+            return perplexity(staged, valid_ids)
+
+        switch = QuantSwitch(onnx.load(str(job.fp32_path)), onnx.load(str(staged)), targets, workdir)
+        keep, kl, search = take_out_until_budget(switch, targets, details["ppl"]["fp32"], config.max_ppl_increase,
+                                                 valid_ids, config.sensitivity_tokens, measure)
         how = "int8 weight-only fallback" if config.fallback == "w8" else "float"
         reasons.update({name: f"sensitive: KL {kl[name]:.3g} with only this MatMul in int8 -> {how}"
                         for name in keep})
-        final = search["ppl_by_float_count"][len(keep)]
+        final = search["ppl_by_count"][len(keep)]
         details["sensitivity"] = search
         details["ppl"] = {**details["ppl"], "all_int8": details["ppl"]["quantized"], "quantized": final,
                           "increase": final / details["ppl"]["fp32"] - 1.0}
@@ -603,48 +609,18 @@ def _weight_only(model: onnx.ModelProto, model_path: Path, staged: Path, config:
         fp32 = perplexity(model_path, valid_ids)
         details["ppl_all_4bit"] = perplexity(staged, valid_ids)
         if details["ppl_all_4bit"] / fp32 - 1.0 > config.w4_max_ppl_increase:
-            upgraded, search = eight_bits_until_budget(model, eight, fp32, valid_ids, config, workdir, measure)
-            kl = search["kl_one_at_a_time"]
+            inits = {t.name: t for t in model.graph.initializer}
+            alternatives = {n.name: fake_nbits(numpy_helper.to_array(inits[n.input[1]]), 4, config.block_size)
+                            for n in weight_matmuls(model) if n.name not in eight and n.name not in config.exclude}
+            switch_model = onnx.ModelProto()
+            switch_model.CopyFrom(model)
+            switch = WeightSwitch(switch_model, alternatives, workdir)
+            upgraded, kl, search = take_out_until_budget(switch, list(alternatives), fp32, config.w4_max_ppl_increase,
+                                                         valid_ids, config.sensitivity_tokens, measure)
             reasons.update({n: f"sensitive: KL {kl[n]:.3g} with only this MatMul in 4 bits -> 8 bits"
                             for n in upgraded})
             details["w4_search"] = search
     return {"details": details, "reasons": reasons}
-
-
-def eight_bits_until_budget(model: onnx.ModelProto, eight: list[str], fp32_ppl: float, valid_ids: list[list[int]],
-                            config: QuantConfig, workdir: Path,
-                            measure: Callable[[list[str]], float]) -> tuple[list[str], dict]:
-    """w4's mixed precision, as w8a8's: rank the MatMuls by the KL each causes alone in 4 bits (WeightSwitch:
-    one session, float activations), find the shortest most-sensitive prefix that meets the budget on the
-    simulation, then `measure` the real model (8-bit weights for the prefix) and lengthen it 25% at a time
-    until that meets it too. Returns (MatMuls moved to 8 bits, search details)."""
-    weights = {t.name: t for t in model.graph.initializer}
-    targets = [n for n in weight_matmuls(model) if n.name not in eight and n.name not in config.exclude]
-    alternatives = {n.name: fake_nbits(numpy_helper.to_array(weights[n.input[1]]), 4, config.block_size)
-                    for n in targets}
-    switch_model = onnx.ModelProto()
-    switch_model.CopyFrom(model)
-    switch = WeightSwitch(switch_model, alternatives, workdir)
-    kl = one_at_a_time_kl(switch, list(alternatives), _first_tokens(valid_ids, config.sensitivity_tokens))
-    ranking = sorted(kl, key=kl.get, reverse=True)
-    budget = config.w4_max_ppl_increase
-    simulated: dict[int, float] = {}
-
-    def simulated_meets(k: int) -> bool:
-        simulated[k] = switch.perplexity(valid_ids, set(ranking[k:]))
-        return simulated[k] / fp32_ppl - 1.0 <= budget
-
-    k, n = smallest_prefix(len(ranking), simulated_meets), len(ranking)
-    del switch
-    measured: dict[int, float] = {}
-    while True:
-        measured[k] = measure(ranking[:k])
-        if measured[k] / fp32_ppl - 1.0 <= budget or k == n:
-            break
-        k = min(n, k + max(1, k // 4))
-    return ranking[:k], {"kl_one_at_a_time": {name: kl[name] for name in ranking},
-                         "simulated_ppl_by_8bit_count": dict(sorted(simulated.items())),
-                         "ppl_by_8bit_count": measured}
 
 
 def fake_nbits(w: np.ndarray, bits: int, block_size: int) -> np.ndarray:

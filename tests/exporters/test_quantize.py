@@ -425,7 +425,7 @@ def test_sensitivity_search_takes_out_the_most_sensitive_first(models, quantized
     kl = search["kl_one_at_a_time"]
     assert list(kl) == sorted(kl, key=kl.get, reverse=True)
     assert left == set(list(kl)[:len(left)])
-    assert len(search["simulated_ppl_by_float_count"]) <= 2 * 4
+    assert len(search["simulated_ppl_by_count"]) <= 2 * 4
     assert perplexity(path, valid_ids) == pytest.approx(report["ppl"]["quantized"])
 
 
