@@ -31,7 +31,8 @@ PEERS = {"pytorch": "torch", "optimum": "optimum.onnxruntime", "llamacpp": "llam
 OPTIMUM_PYTHON = "PIPELINE_OPTIMUM_PYTHON"
 INSTALL = {"pytorch": "pip install torch==2.13.0",
            "optimum": "optimum-onnx pins transformers<4.58, so give it its own environment: python -m venv ENV && "
-                      "ENV/bin/pip install torch==2.13.0 'optimum-onnx[onnxruntime]' 'transformers<4.58', "
+                      "ENV/bin/pip install 'torch<2.9' 'optimum-onnx[onnxruntime]' 'transformers<4.58' (its Llama export "
+                      "fails in torch 2.13's tracer), "
                       f"then export {OPTIMUM_PYTHON}=ENV/bin/python",
            "llamacpp": "pip install 'edge-pipeline[llamacpp]' (llama-cpp-python builds from source, ~10 minutes)"}
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # holds the pipeline and runtimes packages
@@ -39,7 +40,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent  # holds the pipeline and 
 
 def interpreter(peer: str) -> str:
     """The Python that runs `peer`: ours, or for Optimum the one PIPELINE_OPTIMUM_PYTHON names."""
-    return os.environ.get(OPTIMUM_PYTHON) or sys.executable if peer == "optimum" else sys.executable
+    return (os.environ.get(OPTIMUM_PYTHON) or sys.executable) if peer == "optimum" else sys.executable
 
 
 def available(peer: str) -> bool:
