@@ -129,11 +129,13 @@ def render(r: dict) -> str:
                      f"{b['peak_rss_mb']:.0f} |")
     for recipe, q in r["quantize"].items():
         ppl = q.get("ppl") or {}
-        lines.append(f"\n{recipe}: calibration-side perplexity {ppl.get('fp32', float('nan')):.3f} -> "
-                     f"{ppl.get('quantized', float('nan')):.3f}; {100 * q['quantized_flop_share']:.1f}% "
-                     f"of weight-MatMul FLOPs in the recipe's own form" + (f", 8-bit weight-only instead "
-                                                                         f"{100 * q['fallback_flop_share']:.1f}%: "
-                                                  + ", ".join(q["fallback_matmuls"]) if q.get("fallback_matmuls") else ""))
+        line = (f"\n{recipe}: calibration-side perplexity {ppl.get('fp32', float('nan')):.3f} -> "
+                f"{ppl.get('quantized', float('nan')):.3f}; {100 * q['quantized_flop_share']:.1f}% "
+                f"of weight-MatMul FLOPs in the recipe's own form")
+        if q.get("fallback_matmuls"):
+            line += (f", 8-bit weight-only instead {100 * q['fallback_flop_share']:.1f}%: "
+                     + ", ".join(q["fallback_matmuls"]))
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -669,9 +669,10 @@ def quantize_embeddings(model: onnx.ModelProto, block_size: int) -> list[str]:
         model.graph.initializer.extend([numpy_helper.from_array(q, base + "_Q8"),
                                         numpy_helper.from_array(scale, base + "_scales"),
                                         numpy_helper.from_array(np.full(scale.shape, 128, np.uint8), base + "_zp")])
-        gathered = helper.make_node("GatherBlockQuantized", [base + "_Q8", node.input[1], base + "_scales", base + "_zp"],
-                                    list(node.output), name=node.name + "_Q8", domain="com.microsoft",
-                                    gather_axis=0, quantize_axis=1, block_size=block_size, bits=8)
+        inputs = [base + "_Q8", node.input[1], base + "_scales", base + "_zp"]
+        gathered = helper.make_node("GatherBlockQuantized", inputs, list(node.output), name=node.name + "_Q8",
+                                    domain="com.microsoft", gather_axis=0, quantize_axis=1, block_size=block_size,
+                                    bits=8)
         node.CopyFrom(gathered)
         done.append(base)
     if done and not any(o.domain == "com.microsoft" for o in model.opset_import):

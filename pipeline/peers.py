@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -30,9 +31,9 @@ from runtimes.bench import peak_rss_mb
 PEERS = {"pytorch": "torch", "optimum": "optimum.onnxruntime", "llamacpp": "llama_cpp"}
 OPTIMUM_PYTHON = "PIPELINE_OPTIMUM_PYTHON"
 INSTALL = {"pytorch": "pip install torch==2.13.0",
-           "optimum": "optimum-onnx pins transformers<4.58, so give it its own environment: python -m venv ENV && "
-                      "ENV/bin/pip install 'torch<2.9' 'optimum-onnx[onnxruntime]' 'transformers<4.58' (its Llama export "
-                      "fails in torch 2.13's tracer), "
+           "optimum": "optimum-onnx pins transformers<4.58, so give it its own environment: python -m venv ENV "
+                      "&& ENV/bin/pip install 'torch<2.9' 'optimum-onnx[onnxruntime]' 'transformers<4.58' (its Llama "
+                      "export fails in torch 2.13's tracer), "
                       f"then export {OPTIMUM_PYTHON}=ENV/bin/python",
            "llamacpp": "pip install 'edge-pipeline[llamacpp]' (llama-cpp-python builds from source, ~10 minutes)"}
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # holds the pipeline and runtimes packages
@@ -76,6 +77,24 @@ def prompt_ids(vocab: int, n: int, seed: int = 0) -> list[int]:
     return np.random.default_rng(seed).integers(min(100, vocab // 2), vocab - 1, n).tolist()
 
 
+def timed(prefill: Callable[[], object], step: Callable[[object], object], new_tokens: int, repeats: int) -> dict:
+    """Time `prefill()` and `new_tokens` greedy `step(state) -> state` calls, `repeats` times after one warm-up."""
+    prefill_ms, decode_ms = [], []
+    for r in range(repeats + 1):
+        t0 = time.perf_counter()
+        state = prefill()
+        t1 = time.perf_counter()
+        steps = []
+        for _ in range(new_tokens):
+            s = time.perf_counter()
+            state = step(state)
+            steps.append((time.perf_counter() - s) * 1000)
+        if r:
+            prefill_ms.append((t1 - t0) * 1000)
+            decode_ms += steps
+    return summarize(prefill_ms, decode_ms)
+
+
 def bench_pytorch(source: str, threads: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
     import torch
 
@@ -84,23 +103,13 @@ def bench_pytorch(source: str, threads: int, prompt_len: int, new_tokens: int, r
     torch.set_num_threads(threads)
     model = load_hf_reference(source)
     ids = torch.tensor([prompt_ids(model.config.vocab_size, prompt_len)])
-    prefill, decode = [], []
+
+    def greedy(out):  # (past, next token)
+        return out.past_key_values, out.logits[:, -1:].argmax(-1)
+
     with torch.inference_mode():
-        for r in range(repeats + 1):  # first repetition warms up
-            t0 = time.perf_counter()
-            out = model(ids, use_cache=True)
-            t1 = time.perf_counter()
-            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            steps = []
-            for _ in range(new_tokens):
-                s = time.perf_counter()
-                out = model(tok, past_key_values=past, use_cache=True)
-                past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-                steps.append((time.perf_counter() - s) * 1000)
-            if r:
-                prefill.append((t1 - t0) * 1000)
-                decode += steps
-    return summarize(prefill, decode)
+        return timed(lambda: greedy(model(ids, use_cache=True)),
+                     lambda st: greedy(model(st[1], past_key_values=st[0], use_cache=True)), new_tokens, repeats)
 
 
 def bench_llamacpp(gguf: str, threads: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
@@ -112,55 +121,37 @@ def bench_llamacpp(gguf: str, threads: int, prompt_len: int, new_tokens: int, re
     llm = Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_batch=n_ctx,
                 verbose=False)
     ids = prompt_ids(llm.n_vocab(), prompt_len)
-    prefill, decode = [], []
-    for r in range(repeats + 1):
+
+    def prefill() -> None:
         llm.reset()
-        t0 = time.perf_counter()
         llm.eval(ids)
-        t1 = time.perf_counter()
-        steps = []
-        for _ in range(new_tokens):
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            s = time.perf_counter()
-            llm.eval([tok])
-            steps.append((time.perf_counter() - s) * 1000)
-        if r:
-            prefill.append((t1 - t0) * 1000)
-            decode += steps
-    return summarize(prefill, decode)
+
+    def step(_) -> None:
+        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+
+    return timed(prefill, step, new_tokens, repeats)
 
 
 def bench_optimum(source: str, threads: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
-    import tempfile
-
     import onnxruntime as ort
     import torch
     from optimum.onnxruntime import ORTModelForCausalLM
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
-    with tempfile.TemporaryDirectory() as tmp:
-        model = ORTModelForCausalLM.from_pretrained(source, export=True, session_options=opts)
-        model.save_pretrained(tmp)
-        ids = torch.tensor([prompt_ids(model.config.vocab_size, prompt_len)])
-        prefill, decode = [], []
-        for r in range(repeats + 1):
-            t0 = time.perf_counter()
-            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
-            t1 = time.perf_counter()
-            past, tok, n = out.past_key_values, out.logits[:, -1:].argmax(-1), prompt_len
-            steps = []
-            for _ in range(new_tokens):
-                n += 1
-                s = time.perf_counter()
-                out = model(input_ids=tok, attention_mask=torch.ones(1, n, dtype=torch.int64),
-                            past_key_values=past, use_cache=True)
-                past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-                steps.append((time.perf_counter() - s) * 1000)
-            if r:
-                prefill.append((t1 - t0) * 1000)
-                decode += steps
-    return summarize(prefill, decode)
+    model = ORTModelForCausalLM.from_pretrained(source, export=True, session_options=opts)
+    ids = torch.tensor([prompt_ids(model.config.vocab_size, prompt_len)])
+
+    def greedy(out, n):  # (past, next token, tokens so far)
+        return out.past_key_values, out.logits[:, -1:].argmax(-1), n
+
+    def step(st):
+        past, tok, n = st
+        mask = torch.ones(1, n + 1, dtype=torch.int64)
+        return greedy(model(input_ids=tok, attention_mask=mask, past_key_values=past, use_cache=True), n + 1)
+
+    return timed(lambda: greedy(model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True), prompt_len),
+                 step, new_tokens, repeats)
 
 
 RUNNERS = {"pytorch": bench_pytorch, "llamacpp": bench_llamacpp, "optimum": bench_optimum}

@@ -221,7 +221,8 @@ def test_embedding_table_is_int8_blockwise_and_gathers_the_same_rows(models, qua
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     node = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
     data, scales, zp = (inits[i] for i in (node.input[0], node.input[2], node.input[3]))
-    assert data.dtype == np.uint8 and data.shape == table.shape and scales.shape == (table.shape[0], table.shape[1] // 32)
+    assert data.dtype == np.uint8 and data.shape == table.shape
+    assert scales.shape == (table.shape[0], table.shape[1] // 32)
     assert (zp == 128).all() and {a.name: a.i for a in node.attribute}["bits"] == 8
     rows = (data.astype(np.float32) - 128).reshape(*scales.shape, 32) * scales[..., None]
     np.testing.assert_array_less(np.abs(rows.reshape(table.shape) - table), scales.repeat(32, 1) / 2 + 1e-7)
