@@ -99,3 +99,17 @@ def test_model_shape_feeds_tensorrt_profiles_for_every_real_input(tiny_model, tm
     (_, options), _ = tensorrt(cache_dir=tmp_path).session_providers(shape)
     named = {entry.split(":")[0] for entry in options["trt_profile_min_shapes"].split(",")}
     assert named == set(shape.input_names) and len(named) == 7
+
+
+def test_runtime_contract_mirrors_the_exporters():
+    """runtimes/ ships without exporters/, so it keeps its own copy of the contract it reads. Every field it
+    knows must be one the exporter writes, with the same default, or old bundles would be misread."""
+    import dataclasses
+
+    from exporters.contract import Contract as Written
+    from runtimes.session import Contract as Read
+
+    written = {f.name: f.default for f in dataclasses.fields(Written)}
+    read = {f.name: f.default for f in dataclasses.fields(Read)}
+    assert read.keys() <= written.keys()
+    assert {k: read[k] for k in read} == {k: written[k] for k in read}
