@@ -605,10 +605,11 @@ def _weight_only(model: onnx.ModelProto, model_path: Path, staged: Path, config:
         return perplexity(staged, valid_ids)
 
     write(eight)
+    details["ppl"] = _ppl_pair(model_path, staged, valid_ids) if valid_ids else None
     if bits == 4 and valid_ids:
-        fp32 = perplexity(model_path, valid_ids)
-        details["ppl_all_4bit"] = perplexity(staged, valid_ids)
-        if details["ppl_all_4bit"] / fp32 - 1.0 > config.w4_max_ppl_increase:
+        fp32 = details["ppl"]["fp32"]
+        details["ppl_all_4bit"] = details["ppl"]["quantized"]
+        if details["ppl"]["increase"] > config.w4_max_ppl_increase:
             inits = {t.name: t for t in model.graph.initializer}
             alternatives = {n.name: fake_nbits(numpy_helper.to_array(inits[n.input[1]]), 4, config.block_size)
                             for n in weight_matmuls(model) if n.name not in eight and n.name not in config.exclude}
@@ -620,6 +621,8 @@ def _weight_only(model: onnx.ModelProto, model_path: Path, staged: Path, config:
             reasons.update({n: f"sensitive: KL {kl[n]:.3g} with only this MatMul in 4 bits -> 8 bits"
                             for n in upgraded})
             details["w4_search"] = search
+            final = search["ppl_by_count"][len(upgraded)]  # the model last written is this one
+            details["ppl"] = {"fp32": fp32, "quantized": final, "increase": final / fp32 - 1.0}
     return {"details": details, "reasons": reasons}
 
 
@@ -741,7 +744,6 @@ def quantize(model_path: str | Path, out_path: str | Path, calib_ids: list[list[
         staged = workdir / out_path.name
         if config.recipe in ("w8", "w4"):
             result = _weight_only(model, model_path, staged, config, valid_ids, workdir)
-            result["details"]["ppl"] = _ppl_pair(model_path, staged, valid_ids) if valid_ids else None
         else:
             result = _static(model, model_path, staged, calib_ids, valid_ids, config, workdir)
         report = _report(shapes, activation_matmuls, staged, config, result)
