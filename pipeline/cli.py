@@ -133,7 +133,8 @@ def optimize(run_dir, fp16, as_json):
 @click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax",
               show_default=True, help="Activation calibration method.")
 @click.option("--per-channel/--per-tensor", default=True, show_default=True, help="Weight scale granularity.")
-@click.option("--calib-windows", type=int, default=8, show_default=True, help="Calibration windows of text.")
+@click.option("--calib-windows", type=int, default=16, show_default=True,
+              help="Calibration windows of text (w8a8's GPTQ rounds a MatMul only with more tokens than inputs).")
 @click.option("--window", type=int, default=128, show_default=True, help="Tokens per calibration window.")
 @click.option("--max-ppl-increase", type=float, default=0.02, show_default=True,
               help="w8a8: largest relative perplexity increase before MatMuls leave static int8.")
@@ -145,17 +146,20 @@ def optimize(run_dir, fp16, as_json):
 @click.option("--block-size", type=int, default=32, show_default=True, help="w8/w4 block size.")
 @click.option("--accuracy-level", type=int, default=4, show_default=True, help="w8/w4 MatMulNBits accuracy level.")
 @click.option("--calib-text", default=None, help="Text file to calibrate on (default: the corpus's calib split).")
+@click.option("--weight-rounding", type=click.Choice(["gptq", "nearest"]), default="gptq", show_default=True,
+              help="w8a8: int8 weights rounded by GPTQ (least output error on the calibration text) or to nearest.")
 @json_opt
 @user_errors
 def quantize(run_dir, recipe, source, method, per_channel, calib_windows, window, max_ppl_increase, fallback,
-             w4_max_ppl_increase, block_size, accuracy_level, calib_text, as_json):
+             w4_max_ppl_increase, block_size, accuracy_level, calib_text, weight_rounding, as_json):
     """Quantize a variant to int8 (QDQ) or int4/int8 weight-only, calibrated on prefill and decode steps."""
     from pipeline.stages.quantize import QuantizeStageConfig, quantize as quantize_stage
 
     cfg = QuantizeStageConfig(recipe=recipe, source=source, calibrate_method=method, per_channel=per_channel,
                               calib_windows=calib_windows, window=window, max_ppl_increase=max_ppl_increase,
                               block_size=block_size, accuracy_level=accuracy_level, calib_text=calib_text,
-                              fallback=fallback, w4_max_ppl_increase=w4_max_ppl_increase)
+                              fallback=fallback, w4_max_ppl_increase=w4_max_ppl_increase,
+                              weight_rounding=weight_rounding)
     results = quantize_stage(RunDir.open(run_dir), cfg)
 
     def render(r):

@@ -14,7 +14,8 @@ class QuantizeStageConfig:
     source: str = ""                # variant to quantize; "" = fused if present, else fp32
     calibrate_method: str = "minmax"  # minmax | percentile | entropy
     per_channel: bool = True        # per-output-channel weight scales
-    calib_windows: int = 8          # prefill windows of calibration text (each also seeds decode steps)
+    calib_windows: int = 16         # prefill windows of calibration text (each also seeds decode steps); 16 of
+                                    # 128 tokens: more tokens than a 1536-wide MatMul has inputs, for GPTQ
     window: int = 128               # tokens per window
     valid_windows: int = 16         # calibration-side validation windows for the sensitivity search (~2k tokens:
                                     # fewer make a 2% perplexity budget noise)
@@ -24,6 +25,7 @@ class QuantizeStageConfig:
     calib_text: str | None = None   # text file for calibration instead of the corpus's calib split
     fallback: str = "w8"            # w8a8: sensitive MatMuls become "w8" (int8 weight-only) or stay "float"
     w4_max_ppl_increase: float = 0.08  # w4: MatMuls move to 8 bits, most damaging first, until within this
+    weight_rounding: str = "gptq"   # w8a8: "gptq" or "nearest"
 
     def resolved_source(self, run: RunDir) -> str:
         if self.source:
@@ -58,7 +60,8 @@ def quantize(run: RunDir, config: QuantizeStageConfig) -> dict:
                        num_decode_steps=decode_steps,
                        per_channel=config.per_channel, max_ppl_increase=config.max_ppl_increase,
                        block_size=config.block_size, accuracy_level=config.accuracy_level,
-                       fallback=config.fallback, w4_max_ppl_increase=config.w4_max_ppl_increase)
+                       fallback=config.fallback, w4_max_ppl_increase=config.w4_max_ppl_increase,
+                       weight_rounding=config.weight_rounding)
     out = run.variant_path(config.recipe)
     report = quantize_model(run.variant_path(source), out, calib, qcfg, valid_ids=valid)
     run.record("quantize", {**asdict(config), "source": source}, {source: str(run.variant_path(source))},
