@@ -75,3 +75,45 @@ def gptq(w: np.ndarray, hessian: np.ndarray, levels: int, damp: float = 0.01,
     out = np.empty_like(q)
     out[order] = q
     return out, scale.astype(np.float32)
+
+
+def gptq_blockwise(w: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, damp: float = 0.01,
+                   block: int = 128) -> np.ndarray:
+    """GPTQ on MatMulNBits' symmetric blockwise grid; returns the rounded weights as float32 (K, N).
+
+    Each block of `block_size` inputs of a column has MLAS's scale, peak / -2^(bits-1) (`peak`: the value of
+    largest magnitude, so it lands exactly on -2^(bits-1)), fixed from `w` before rounding. The peak keeps that
+    grid point whatever error reaches it, and no other value can exceed it, so onnxruntime's quantizer given the
+    result computes the same scales and stores exactly these values: the rounding survives its re-quantization.
+    """
+    k, n = w.shape
+    top = 2 ** (bits - 1)
+    blocks = -(-k // block_size)
+    padded = np.pad(w.astype(np.float64), ((0, blocks * block_size - k), (0, 0))).reshape(blocks, block_size, n)
+    peak_at = np.abs(padded).argmax(1)                                   # (blocks, N): row within the block
+    peak = np.take_along_axis(padded, peak_at[:, None, :], axis=1)[:, 0]  # (blocks, N), signed
+    scale = np.where(peak == 0, 1.0, peak / -top)
+    peak_row = peak_at + block_size * np.arange(blocks)[:, None]         # (blocks, N): row in w
+    h = hessian.astype(np.float64).copy()
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    order = np.argsort(-np.diag(h), kind="stable")
+    h = h[order][:, order]
+    h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
+    u = np.linalg.cholesky(np.linalg.inv(h)).T
+    work = w.astype(np.float64)[order]
+    out = np.zeros((k, n))
+    for start in range(0, k, block):
+        end = min(start + block, k)
+        err = np.zeros((end - start, n))
+        for i in range(start, end):
+            r = order[i]
+            s = scale[r // block_size]
+            row = np.clip(np.round(work[i] / s), -top, top - 1)
+            row[peak_row[r // block_size] == r] = -top
+            out[r] = row * s
+            e = (work[i] - out[r]) / u[i, i]
+            work[i + 1:end] -= np.outer(u[i, i + 1:end], e)
+            err[i - start] = e
+        work[end:] -= u[start:end, end:].T @ err
+    return out.astype(np.float32)

@@ -12,8 +12,9 @@ Recipes:
           quantizes the activation per block at run time, so they still compute in int8 and stream int8
           weights), or to float (`fallback="float"`: a graph that is all static QDQ or float, as NPU execution
           providers require).
-  w8, w4  weight-only MatMulNBits (blockwise symmetric), no calibration: the int8/int4 weights are unpacked
-          per block inside the kernel, activations stay float (or int8 per block with accuracy_level 4).
+  w8, w4  weight-only MatMulNBits (blockwise symmetric): the int8/int4 weights are unpacked per block inside the
+          kernel, activations stay float (or int8 per block with accuracy_level 4). Calibration text only serves
+          the GPTQ rounding (`BlockwiseRounding`); w4 moves its most damaging MatMuls to 8 bits within a budget.
 
 Choices read from onnxruntime's source (1.32):
   * activations are uint8: on x86 the CPU QDQ fusion only accepts int8 activations on ARM
@@ -47,6 +48,7 @@ import io
 import logging
 import shutil
 import tempfile
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Collection
@@ -60,7 +62,7 @@ from exporters.calibration import CalibrationPlan, KVCacheCalibrationReader, cpu
     session_contract, step_feed
 from exporters.contract import LOGITS, Contract, read_contract
 from exporters.export import EXTERNAL_DATA_THRESHOLD, model_files, move_model, save_model
-from exporters.gptq import gptq, input_hessians
+from exporters.gptq import gptq, gptq_blockwise, input_hessians
 from exporters.optimize import load_onnx
 from exporters.smoothing import best_alpha, collect_activation_stats, find_smooth_groups, smooth, weight_matmuls
 from models.errors import UserError
@@ -88,7 +90,7 @@ class QuantConfig:
     reduce_range: bool = True       # 7-bit weights: no int16 saturation in U8S8 on x86 without VNNI (see above)
     exclude: tuple[str, ...] = ()   # MatMul node names always left in float
     fallback: str = "w8"            # w8a8: what the sensitive MatMuls become, "w8" (MatMulNBits) or "float"
-    weight_rounding: str = "gptq"   # w8a8: int8 weights rounded by GPTQ (least output error on the calibration
+    weight_rounding: str = "gptq"   # w8a8/w8/w4: weights rounded by GPTQ (least output error on the calibration
                                     # tokens, exporters/gptq.py) or to "nearest" (onnxruntime's own)
     embedding_bits: int = 8         # w8a8/w8/w4: token-embedding table as GatherBlockQuantized (8), or float (32)
     w4_max_ppl_increase: float = 0.08  # w4: MatMuls move to 8 bits, most damaging first, until within this
@@ -637,8 +639,43 @@ def nbits_quantized(model: onnx.ModelProto, bits: int | None = None) -> set[str]
     return found
 
 
+class BlockwiseRounding:
+    """GPTQ-rounded stand-ins for the weights of `targets` on MatMulNBits' grid (exporters/gptq.py), computed once
+    per (MatMul, bits) from the input Hessians over the calibration feeds. Written into a copy of the float model
+    before MatMulNBitsQuantizer runs, they come out of it unchanged (same scales, same grid points)."""
+
+    def __init__(self, model: onnx.ModelProto, targets: list[str], reader: KVCacheCalibrationReader,
+                 block_size: int, workdir: Path):
+        nodes = {n.name: n for n in model.graph.node}
+        self.inits = {t.name: t for t in model.graph.initializer}
+        readers = Counter(i for n in model.graph.node for i in n.input)
+        self.weight = {t: nodes[t].input[1] for t in targets if readers[nodes[t].input[1]] == 1}
+        self.activation = {t: nodes[t].input[0] for t in self.weight}
+        self.hessians, self.tokens = input_hessians(model, sorted(set(self.activation.values())), reader.feeds(),
+                                                    workdir)
+        self.nearest = sorted(t for t in targets if t not in self.weight
+                              or self.inits[self.weight[t]].dims[0] > self.tokens)
+        self.block_size, self._cache = block_size, {}
+
+    def rounded(self, name: str, bits: int) -> np.ndarray | None:
+        if name in self.nearest or name not in self.weight:
+            return None
+        if (name, bits) not in self._cache:
+            w = numpy_helper.to_array(self.inits[self.weight[name]])
+            self._cache[name, bits] = gptq_blockwise(w, self.hessians[self.activation[name]], bits, self.block_size)
+        return self._cache[name, bits]
+
+    def apply(self, model: onnx.ModelProto, bits_of: dict[str, int]) -> None:
+        """Replace, in `model` (a copy of the float model), each named MatMul's weight by its rounding."""
+        inits = {t.name: t for t in model.graph.initializer}
+        for name, bits in bits_of.items():
+            w = self.rounded(name, bits)
+            if w is not None:
+                inits[self.weight[name]].CopyFrom(numpy_helper.from_array(w, self.weight[name]))
+
+
 def _weight_only(model: onnx.ModelProto, model_path: Path, staged: Path, config: QuantConfig,
-                 valid_ids: list[list[int]] | None, workdir: Path) -> dict:
+                 calib_ids: list[list[int]], valid_ids: list[list[int]] | None, workdir: Path) -> dict:
     _targets(model, config.exclude)  # validates the excluded names
     bits = 8 if config.recipe == "w8" else 4
     head = _output_projection(model) if bits == 4 and config.head_bits == 8 else None
@@ -647,10 +684,19 @@ def _weight_only(model: onnx.ModelProto, model_path: Path, staged: Path, config:
     details = {"bits": bits, "block_size": config.block_size, "accuracy_level": config.accuracy_level}
     if bits == 4:
         reasons.update({n: "output projection (head_bits 8)" for n in eight})
+    targets = [n.name for n in weight_matmuls(model) if n.name not in config.exclude]
+    rounding = None
+    details["weight_rounding"] = config.weight_rounding if any(len(ids) for ids in calib_ids) else "nearest"
+    if details["weight_rounding"] == "gptq":
+        rounding = BlockwiseRounding(model, targets, KVCacheCalibrationReader(model_path, calib_ids, config.plan),
+                                     config.block_size, workdir)
+        details["gptq"] = {"calibration_tokens": rounding.tokens, "nearest_too_few_tokens": rounding.nearest}
 
     def write(at_8: list[str]) -> None:
         m = onnx.ModelProto()
         m.CopyFrom(model)
+        if rounding is not None:
+            rounding.apply(m, {t: 8 if t in at_8 else bits for t in targets})
         if at_8:
             m = _nbits(m, 8, config, include=at_8)
         m = _nbits(m, bits, config)
@@ -671,6 +717,8 @@ def _weight_only(model: onnx.ModelProto, model_path: Path, staged: Path, config:
             inits = {t.name: t for t in model.graph.initializer}
             alternatives = {n.name: fake_nbits(numpy_helper.to_array(inits[n.input[1]]), 4, config.block_size)
                             for n in weight_matmuls(model) if n.name not in eight and n.name not in config.exclude}
+            if rounding is not None:  # the stand-in is what would be written
+                alternatives.update({n: w for n in alternatives if (w := rounding.rounded(n, 4)) is not None})
             switch_model = onnx.ModelProto()
             switch_model.CopyFrom(model)
             switch = WeightSwitch(switch_model, alternatives, workdir)
@@ -802,7 +850,7 @@ def quantize(model_path: str | Path, out_path: str | Path, calib_ids: list[list[
     try:
         staged = workdir / out_path.name
         if config.recipe in ("w8", "w4"):
-            result = _weight_only(model, model_path, staged, config, valid_ids, workdir)
+            result = _weight_only(model, model_path, staged, config, calib_ids, valid_ids, workdir)
         else:
             result = _static(model, model_path, staged, calib_ids, valid_ids, config, workdir)
         report = _report(shapes, activation_matmuls, staged, config, result)

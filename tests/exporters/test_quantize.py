@@ -29,7 +29,7 @@ from exporters.calibration import CalibrationPlan, KVCacheCalibrationReader, cpu
 from exporters.contract import read_contract
 from exporters.export import export_onnx
 from exporters.optimize import optimize
-from exporters.gptq import gptq
+from exporters.gptq import gptq, gptq_blockwise
 from exporters.quantize import _nbits, fake_nbits, QuantConfig, perplexity, qdq_quantized, quantize
 from exporters.smoothing import ALPHA_GRID, ActivationStats, best_alpha, collect_activation_stats, fake_quant_error, \
     find_smooth_groups, smooth, smoothing_scales, weight_matmuls
@@ -550,3 +550,40 @@ def test_gptq_needs_more_calibration_tokens_than_inputs(quantized):
     assert gptq_report["gptq"]["calibration_tokens"] == 72
     assert set(gptq_report["gptq"]["nearest_too_few_tokens"]) == set(gptq_report["quantized_matmuls"])
     assert gptq_report["ppl"] == pytest.approx(near_report["ppl"])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_blockwise_gptq_survives_matmul_nbits_and_beats_nearest(bits):
+    """The GPTQ rounding on MatMulNBits' grid, handed to onnxruntime's quantizer as float weights, is stored
+    exactly (same scales, same grid points), and its held-out MatMul output error is well below nearest's."""
+    rng = np.random.default_rng(0)
+    k, n = 192, 48
+    x = rng.standard_normal((3000, k)) @ (np.eye(k) + 0.3 * rng.standard_normal((k, k)))
+    x[:, :4] *= 8
+    w = (0.05 * rng.standard_normal((k, n))).astype(np.float32)
+    fit, held_out = x[:2000], x[2000:]
+    rounded = gptq_blockwise(w, fit.T @ fit, bits, 32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [k, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [k, n])],
+                              [numpy_helper.from_array(rounded, "w")])
+    model = _nbits(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), bits,
+                   QuantConfig(recipe="w4", accuracy_level=0))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    stored = session.run(None, {"x": np.eye(k, dtype=np.float32)})[0]
+    np.testing.assert_array_equal(stored, rounded)
+    ref = held_out @ w
+
+    def error(wq: np.ndarray) -> float:
+        return float(np.mean((held_out @ wq - ref) ** 2) / np.mean(ref ** 2))
+    assert error(rounded) < 0.5 * error(fake_nbits(w, bits, 32))
+
+
+def test_w4_gptq_beats_nearest(quantized):
+    """On the test model all-4-bit costs +55% perplexity with nearest rounding, +29% with GPTQ."""
+    more = dict(num_prefill=8, seq_len=48, w4_max_ppl_increase=1e9)  # ~400 calibration tokens, no search
+    _, g = quantized("fused", "w4", **more)
+    _, r = quantized("fused", "w4", weight_rounding="nearest", **more)
+    assert (g["weight_rounding"], r["weight_rounding"]) == ("gptq", "nearest")
+    assert g["gptq"]["nearest_too_few_tokens"] == []
+    assert g["ppl"]["increase"] < 0.75 * r["ppl"]["increase"]
