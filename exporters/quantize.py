@@ -266,6 +266,7 @@ class StaticJob:
     reader: KVCacheCalibrationReader
     config: QuantConfig
     rounded: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # MatMul -> GPTQ (q, scale)
+    fallback_rounding: "BlockwiseRounding | None" = None  # GPTQ for the MatMuls that fall back to w8
 
 
 def quantize_qdq(job: StaticJob, nodes: list[str], out_path: Path) -> None:
@@ -320,10 +321,17 @@ def set_rounded_weights(model: onnx.ModelProto, rounded: dict[str, tuple[np.ndar
                 inits[name].CopyFrom(numpy_helper.from_array(value, name))
 
 
-def gptq_weights(model: onnx.ModelProto, targets: list[str], reader: KVCacheCalibrationReader, levels: int,
-                 workdir: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
+def weight_hessians(model: onnx.ModelProto, targets: list[str], reader: KVCacheCalibrationReader,
+                    workdir: Path) -> tuple[dict[str, np.ndarray], int]:
+    """Input Hessians (X^T X over the calibration feeds) of the `targets` MatMuls, by activation name."""
+    nodes = {n.name: n for n in model.graph.node}
+    return input_hessians(model, sorted({nodes[t].input[0] for t in targets}), reader.feeds(), workdir)
+
+
+def gptq_weights(model: onnx.ModelProto, targets: list[str], hessians: dict[str, np.ndarray], tokens: int,
+                 levels: int) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
     """GPTQ-rounded int8 weights and scales of `targets`, from the input Hessians of `model` (the smoothed
-    float graph) over the calibration feeds; and what to report.
+    float graph) over `tokens` calibration tokens; and what to report.
 
     A MatMul with more inputs (K) than there are calibration tokens keeps nearest rounding: its Hessian is
     singular, and GPTQ fitted to it overfits the calibration text (measured: +3% perplexity on a test model
@@ -331,7 +339,6 @@ def gptq_weights(model: onnx.ModelProto, targets: list[str], reader: KVCacheCali
     """
     nodes = {n.name: n for n in model.graph.node}
     inits = {t.name: t for t in model.graph.initializer}
-    hessians, tokens = input_hessians(model, sorted({nodes[t].input[0] for t in targets}), reader.feeds(), workdir)
     rounded, nearest = {}, []
     for t in targets:
         w = numpy_helper.to_array(inits[nodes[t].input[1]])
@@ -347,6 +354,8 @@ def write_mix(job: StaticJob, static_nodes: list[str], fallback_nodes: list[str]
     quantize_qdq(job, static_nodes, out_path)
     if fallback_nodes and job.config.fallback == "w8":
         model = onnx.load(str(out_path))
+        if job.fallback_rounding is not None:
+            job.fallback_rounding.apply(model, {name: 8 for name in fallback_nodes})
         _save(_nbits(model, 8, job.config, include=fallback_nodes), out_path)
 
 
@@ -591,13 +600,16 @@ def _static(model: onnx.ModelProto, model_path: Path, staged: Path, calib_ids: l
                      "fallback": config.fallback if config.recipe == "w8a8" else None}
     if config.recipe == "w8a8":
         details["smoothing"] = _smooth_model(model, reader, config, workdir)
-    job = StaticJob(workdir / "fp32.onnx", workdir / "calibration.json", reader, config)
-    _save(_with_value_info(model), job.fp32_path)
     targets = _targets(model, config.exclude)
     details["weight_rounding"] = config.weight_rounding if config.recipe == "w8a8" else "nearest"
+    rounded, fallback_rounding = {}, None
     if details["weight_rounding"] == "gptq":
-        rounded, details["gptq"] = gptq_weights(model, targets, reader, 64 if config.reduce_range else 127, workdir)
-        job.rounded.update(rounded)
+        hessians, tokens = weight_hessians(model, targets, reader, workdir)
+        rounded, details["gptq"] = gptq_weights(model, targets, hessians, tokens, 64 if config.reduce_range else 127)
+        if config.fallback == "w8":
+            fallback_rounding = BlockwiseRounding(model, targets, hessians, tokens, config.block_size)
+    job = StaticJob(workdir / "fp32.onnx", workdir / "calibration.json", reader, config, rounded, fallback_rounding)
+    _save(_with_value_info(model), job.fp32_path)
     quantize_qdq(job, targets, staged)
     reasons = {name: "excluded by config" for name in config.exclude}
     details["ppl"] = _ppl_pair(model_path, staged, valid_ids) if valid_ids else None
@@ -644,15 +656,14 @@ class BlockwiseRounding:
     per (MatMul, bits) from the input Hessians over the calibration feeds. Written into a copy of the float model
     before MatMulNBitsQuantizer runs, they come out of it unchanged (same scales, same grid points)."""
 
-    def __init__(self, model: onnx.ModelProto, targets: list[str], reader: KVCacheCalibrationReader,
-                 block_size: int, workdir: Path):
+    def __init__(self, model: onnx.ModelProto, targets: list[str], hessians: dict[str, np.ndarray], tokens: int,
+                 block_size: int):
         nodes = {n.name: n for n in model.graph.node}
         self.inits = {t.name: t for t in model.graph.initializer}
         readers = Counter(i for n in model.graph.node for i in n.input)
         self.weight = {t: nodes[t].input[1] for t in targets if readers[nodes[t].input[1]] == 1}
         self.activation = {t: nodes[t].input[0] for t in self.weight}
-        self.hessians, self.tokens = input_hessians(model, sorted(set(self.activation.values())), reader.feeds(),
-                                                    workdir)
+        self.hessians, self.tokens = hessians, tokens
         self.nearest = sorted(t for t in targets if t not in self.weight
                               or self.inits[self.weight[t]].dims[0] > self.tokens)
         self.block_size, self._cache = block_size, {}
@@ -688,8 +699,9 @@ def _weight_only(model: onnx.ModelProto, model_path: Path, staged: Path, config:
     rounding = None
     details["weight_rounding"] = config.weight_rounding if any(len(ids) for ids in calib_ids) else "nearest"
     if details["weight_rounding"] == "gptq":
-        rounding = BlockwiseRounding(model, targets, KVCacheCalibrationReader(model_path, calib_ids, config.plan),
-                                     config.block_size, workdir)
+        reader = KVCacheCalibrationReader(model_path, calib_ids, config.plan)
+        rounding = BlockwiseRounding(model, targets, *weight_hessians(model, targets, reader, workdir),
+                                     config.block_size)
         details["gptq"] = {"calibration_tokens": rounding.tokens, "nearest_too_few_tokens": rounding.nearest}
 
     def write(at_8: list[str]) -> None:

@@ -587,3 +587,20 @@ def test_w4_gptq_beats_nearest(quantized):
     assert (g["weight_rounding"], r["weight_rounding"]) == ("gptq", "nearest")
     assert g["gptq"]["nearest_too_few_tokens"] == []
     assert g["ppl"]["increase"] < 0.75 * r["ppl"]["increase"]
+
+
+def test_w8_fallback_weights_are_gptq_rounded_too(quantized):
+    """Budget 0: every MatMul falls back to 8-bit MatMulNBits; with GPTQ they store other grid points than
+    nearest rounding (the same Hessians as the static weights), and the model is no worse for it."""
+    more = dict(num_prefill=8, seq_len=48, max_ppl_increase=0.0)
+    g_path, g = quantized("fused", "w8a8", **more)
+    n_path, n = quantized("fused", "w8a8", weight_rounding="nearest", **more)
+    assert g["quantized_flop_share"] == n["quantized_flop_share"] == 0.0 and g["fallback_flop_share"] == 1.0
+
+    def packed(path: Path) -> dict[str, np.ndarray]:
+        model = onnx.load(str(path))
+        inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        return {n.name: inits[n.input[1]] for n in model.graph.node if n.op_type == "MatMulNBits"}
+    pg, pn = packed(g_path), packed(n_path)
+    assert pg.keys() == pn.keys() and all(not np.array_equal(pg[k], pn[k]) for k in pg)
+    assert g["ppl"]["quantized"] <= n["ppl"]["quantized"] * 1.005
