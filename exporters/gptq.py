@@ -14,7 +14,7 @@ energy are rounded first, while the most rows remain to absorb their error), in 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import onnx
@@ -43,15 +43,15 @@ def per_channel_scales(w: np.ndarray, levels: int) -> np.ndarray:
     return scale
 
 
-def gptq(w: np.ndarray, hessian: np.ndarray, levels: int, damp: float = 0.01,
-         block: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """Round `w` (K, N) to int8 in [-levels, levels] with per-column scales; returns (q int8, scales float32).
+def _error_feedback(w: np.ndarray, hessian: np.ndarray, round_row: Callable[[int, np.ndarray], np.ndarray],
+                    damp: float, block: int) -> np.ndarray:
+    """GPTQ's loop: rows in descending H diagonal, each rounded by `round_row(row index in w, values)` and its
+    error spread over the rows not yet rounded, in blocks with lazy updates. Returns the rounded (K, N) float64.
 
     `damp` * mean(diag H) is added to the diagonal (H from a few thousand tokens is often singular); inputs that
     never fire (zero diagonal) round to nearest, as nothing downstream can see their error.
     """
-    k = w.shape[0]
-    scale = per_channel_scales(w, levels).astype(np.float64)
+    k, n = w.shape
     h = hessian.astype(np.float64).copy()
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
@@ -61,20 +61,27 @@ def gptq(w: np.ndarray, hessian: np.ndarray, levels: int, damp: float = 0.01,
     # upper Cholesky factor of H^-1: row i holds how row i's error spreads over the rows after it
     u = np.linalg.cholesky(np.linalg.inv(h)).T
     work = w.astype(np.float64)[order]
-    q = np.zeros(work.shape, np.int8)
+    out = np.zeros((k, n))
     for start in range(0, k, block):
         end = min(start + block, k)
-        err = np.zeros((end - start, work.shape[1]))
+        err = np.zeros((end - start, n))
         for i in range(start, end):
-            row = np.clip(np.round(work[i] / scale), -levels, levels)
-            q[i] = row
-            e = (work[i] - row * scale) / u[i, i]
+            r = order[i]
+            out[r] = round_row(r, work[i])
+            e = (work[i] - out[r]) / u[i, i]
             work[i + 1:end] -= np.outer(u[i, i + 1:end], e)
             err[i - start] = e
         work[end:] -= u[start:end, end:].T @ err
-    out = np.empty_like(q)
-    out[order] = q
-    return out, scale.astype(np.float32)
+    return out
+
+
+def gptq(w: np.ndarray, hessian: np.ndarray, levels: int, damp: float = 0.01,
+         block: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """Round `w` (K, N) to int8 in [-levels, levels] with per-column scales; returns (q int8, scales float32)."""
+    scale = per_channel_scales(w, levels).astype(np.float64)
+    rounded = _error_feedback(w, hessian, lambda _, v: np.clip(np.round(v / scale), -levels, levels) * scale,
+                              damp, block)
+    return np.round(rounded / scale).astype(np.int8), scale.astype(np.float32)
 
 
 def gptq_blockwise(w: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, damp: float = 0.01,
@@ -94,26 +101,11 @@ def gptq_blockwise(w: np.ndarray, hessian: np.ndarray, bits: int, block_size: in
     peak = np.take_along_axis(padded, peak_at[:, None, :], axis=1)[:, 0]  # (blocks, N), signed
     scale = np.where(peak == 0, 1.0, peak / -top)
     peak_row = peak_at + block_size * np.arange(blocks)[:, None]         # (blocks, N): row in w
-    h = hessian.astype(np.float64).copy()
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
-    order = np.argsort(-np.diag(h), kind="stable")
-    h = h[order][:, order]
-    h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
-    u = np.linalg.cholesky(np.linalg.inv(h)).T
-    work = w.astype(np.float64)[order]
-    out = np.zeros((k, n))
-    for start in range(0, k, block):
-        end = min(start + block, k)
-        err = np.zeros((end - start, n))
-        for i in range(start, end):
-            r = order[i]
-            s = scale[r // block_size]
-            row = np.clip(np.round(work[i] / s), -top, top - 1)
-            row[peak_row[r // block_size] == r] = -top
-            out[r] = row * s
-            e = (work[i] - out[r]) / u[i, i]
-            work[i + 1:end] -= np.outer(u[i, i + 1:end], e)
-            err[i - start] = e
-        work[end:] -= u[start:end, end:].T @ err
-    return out.astype(np.float32)
+
+    def round_row(r: int, values: np.ndarray) -> np.ndarray:
+        s = scale[r // block_size]
+        q = np.clip(np.round(values / s), -top, top - 1)
+        q[peak_row[r // block_size] == r] = -top
+        return q * s
+
+    return _error_feedback(w, hessian, round_row, damp, block).astype(np.float32)

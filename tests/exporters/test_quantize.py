@@ -497,16 +497,20 @@ def test_histogram_calibration_methods(quantized, method):
     assert ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
+def correlated_problem(n: int, k: int = 192) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A (k, n) weight and inputs like a smoothed LLM activation (correlated channels, a few loud ones): 2000
+    tokens to fit a rounding on, 1000 others to measure it on."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3000, k)) @ (np.eye(k) + 0.3 * rng.standard_normal((k, k)))
+    x[:, :4] *= 8
+    return (0.05 * rng.standard_normal((k, n))).astype(np.float32), x[:2000], x[2000:]
+
+
 def test_gptq_keeps_onnxruntime_scales_and_lowers_held_out_output_error():
     """Correlated inputs with a few loud channels, like a smoothed LLM activation: GPTQ's rounding, fitted on
     one set of tokens, gives a much smaller MatMul output error than nearest rounding on other tokens, on the
     very scales onnxruntime would write (so the graph is an ordinary QDQ one)."""
-    rng = np.random.default_rng(0)
-    k, n = 192, 96
-    x = rng.standard_normal((3000, k)) @ (np.eye(k) + 0.3 * rng.standard_normal((k, k)))
-    x[:, :4] *= 8
-    w = (0.05 * rng.standard_normal((k, n))).astype(np.float32)
-    fit, held_out = x[:2000], x[2000:]
+    w, fit, held_out = correlated_problem(n=96)
     q, scale = gptq(w, fit.T @ fit, 64)
     np.testing.assert_array_equal(scale, (np.abs(w).max(0) / 64).astype(np.float32))
     assert q.dtype == np.int8 and np.abs(q).max() <= 64
@@ -556,12 +560,8 @@ def test_gptq_needs_more_calibration_tokens_than_inputs(quantized):
 def test_blockwise_gptq_survives_matmul_nbits_and_beats_nearest(bits):
     """The GPTQ rounding on MatMulNBits' grid, handed to onnxruntime's quantizer as float weights, is stored
     exactly (same scales, same grid points), and its held-out MatMul output error is well below nearest's."""
-    rng = np.random.default_rng(0)
-    k, n = 192, 48
-    x = rng.standard_normal((3000, k)) @ (np.eye(k) + 0.3 * rng.standard_normal((k, k)))
-    x[:, :4] *= 8
-    w = (0.05 * rng.standard_normal((k, n))).astype(np.float32)
-    fit, held_out = x[:2000], x[2000:]
+    w, fit, held_out = correlated_problem(n=48)
+    k, n = w.shape
     rounded = gptq_blockwise(w, fit.T @ fit, bits, 32)
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [k, k])],
