@@ -109,6 +109,18 @@ def test_quantize_recipes_shrink_and_are_checked(run_dir, text_file, recipe):
     assert 0 <= row["top1"] <= 1 and np.isfinite(row["ppl"])
 
 
+def test_quantize_weight_rounding_option_reaches_the_quantizer(run_dir, text_file):
+    """GPTQ is the default and reports the calibration tokens it saw (4 windows: 4 x 28 prefill + 4 x 4 decode);
+    `--weight-rounding nearest` turns it off."""
+    common = ("--recipe", "w8", "--calib-text", text_file, "--calib-windows", "4", "--window", "32")
+    invoke("quantize", run_dir, *common)
+    report = manifest_results(run_dir, "quantize")
+    assert report["weight_rounding"] == "gptq" and report["gptq"]["calibration_tokens"] == 4 * 32
+    invoke("quantize", run_dir, *common, "--weight-rounding", "nearest")
+    report = manifest_results(run_dir, "quantize")
+    assert report["weight_rounding"] == "nearest" and "gptq" not in report
+
+
 def test_check_fails_loudly_when_a_threshold_is_missed(run_dir, text_file, monkeypatch):
     from pipeline.stages import check as check_mod
 
