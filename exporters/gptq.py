@@ -28,12 +28,19 @@ def input_hessians(model: onnx.ModelProto, tensors: list[str], feeds: Iterable[d
     hessians: dict[str, np.ndarray] = {}
     tokens = 0
     for values in probe(model, tensors, feeds, workdir):
-        for name, x in values.items():
-            x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+        rows = {name: x.reshape(-1, x.shape[-1]).astype(np.float64) for name, x in values.items()}
+        for name, x in rows.items():
             h = hessians.setdefault(name, np.zeros((x.shape[1], x.shape[1])))
             h += x.T @ x
-        tokens += x.shape[0]
+        tokens += next(iter(rows.values())).shape[0]  # every tensor has one row per token
     return hessians, tokens
+
+
+def fits(k: int, tokens: int) -> bool:
+    """Whether `tokens` calibration tokens can fit GPTQ to a weight with `k` inputs: k of them at least. With fewer, the
+    Hessian is singular and GPTQ overfits the calibration text (measured: +3% perplexity on a test model
+    calibrated on 72 tokens for K = 128..256, against -1..-3% with 400), so the weight keeps nearest rounding."""
+    return k <= tokens
 
 
 def per_channel_scales(w: np.ndarray, levels: int) -> np.ndarray:

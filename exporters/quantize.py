@@ -62,7 +62,7 @@ from exporters.calibration import CalibrationPlan, KVCacheCalibrationReader, cpu
     session_contract, step_feed
 from exporters.contract import LOGITS, Contract, read_contract
 from exporters.export import EXTERNAL_DATA_THRESHOLD, model_files, move_model, save_model
-from exporters.gptq import gptq, gptq_blockwise, input_hessians
+from exporters.gptq import fits, gptq, gptq_blockwise, input_hessians
 from exporters.optimize import load_onnx
 from exporters.smoothing import best_alpha, collect_activation_stats, find_smooth_groups, smooth, weight_matmuls
 from models.errors import UserError
@@ -194,9 +194,9 @@ def _weight_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
     return {n.name: tuple(inits[n.input[1]].dims) for n in weight_matmuls(model)}
 
 
-def _flops(model: onnx.ModelProto) -> dict[str, int]:
+def _flops(shapes: dict[str, tuple[int, int]]) -> dict[str, int]:
     """Multiply-adds per token of each weight MatMul: K*N."""
-    return {name: k * n for name, (k, n) in _weight_shapes(model).items()}
+    return {name: k * n for name, (k, n) in shapes.items()}
 
 
 def _targets(model: onnx.ModelProto, exclude: tuple[str, ...]) -> list[str]:
@@ -331,18 +331,14 @@ def weight_hessians(model: onnx.ModelProto, targets: list[str], reader: KVCacheC
 def gptq_weights(model: onnx.ModelProto, targets: list[str], hessians: dict[str, np.ndarray], tokens: int,
                  levels: int) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
     """GPTQ-rounded int8 weights and scales of `targets`, from the input Hessians of `model` (the smoothed
-    float graph) over `tokens` calibration tokens; and what to report.
-
-    A MatMul with more inputs (K) than there are calibration tokens keeps nearest rounding: its Hessian is
-    singular, and GPTQ fitted to it overfits the calibration text (measured: +3% perplexity on a test model
-    calibrated on 72 tokens for K = 128..256, against -1..-3% with 400).
-    """
+    float graph) over `tokens` calibration tokens (a weight too wide for them keeps nearest rounding, see
+    `gptq.fits`); and what to report."""
     nodes = {n.name: n for n in model.graph.node}
     inits = {t.name: t for t in model.graph.initializer}
     rounded, nearest = {}, []
     for t in targets:
         w = numpy_helper.to_array(inits[nodes[t].input[1]])
-        if w.shape[0] > tokens:
+        if not fits(w.shape[0], tokens):
             nearest.append(t)
             continue
         rounded[t] = gptq(w, hessians[nodes[t].input[0]], levels)
@@ -620,7 +616,8 @@ def _static(model: onnx.ModelProto, model_path: Path, staged: Path, calib_ids: l
 
         switch = QuantSwitch(onnx.load(str(job.fp32_path)), onnx.load(str(staged)), targets, workdir)
         keep, kl, search = take_out_until_budget(switch, targets, details["ppl"]["fp32"], config.max_ppl_increase,
-                                                 valid_ids, config.sensitivity_tokens, measure, _flops(model))
+                                                 valid_ids, config.sensitivity_tokens, measure,
+                                                 _flops(_weight_shapes(model)))
         how = "int8 weight-only fallback" if config.fallback == "w8" else "float"
         reasons.update({name: f"sensitive: KL {kl[name]:.3g} with only this MatMul in int8 -> {how}"
                         for name in keep})
@@ -665,7 +662,7 @@ class BlockwiseRounding:
         self.activation = {t: nodes[t].input[0] for t in self.weight}
         self.hessians, self.tokens = hessians, tokens
         self.nearest = sorted(t for t in targets if t not in self.weight
-                              or self.inits[self.weight[t]].dims[0] > self.tokens)
+                              or not fits(self.inits[self.weight[t]].dims[0], tokens))
         self.block_size, self._cache = block_size, {}
 
     def rounded(self, name: str, bits: int) -> np.ndarray | None:
@@ -727,16 +724,20 @@ def _weight_only(model: onnx.ModelProto, model_path: Path, staged: Path, config:
         details["ppl_all_4bit"] = details["ppl"]["quantized"]
         if details["ppl"]["increase"] > config.w4_max_ppl_increase:
             inits = {t.name: t for t in model.graph.initializer}
-            alternatives = {n.name: fake_nbits(numpy_helper.to_array(inits[n.input[1]]), 4, config.block_size)
-                            for n in weight_matmuls(model) if n.name not in eight and n.name not in config.exclude}
-            if rounding is not None:  # the stand-in is what would be written
-                alternatives.update({n: w for n in alternatives if (w := rounding.rounded(n, 4)) is not None})
+
+            def stand_in(node: onnx.NodeProto) -> np.ndarray:  # the 4-bit weight that would be written
+                rounded = rounding.rounded(node.name, 4) if rounding is not None else None
+                if rounded is not None:
+                    return rounded
+                return fake_nbits(numpy_helper.to_array(inits[node.input[1]]), 4, config.block_size)
+            alternatives = {n.name: stand_in(n) for n in weight_matmuls(model)
+                            if n.name not in eight and n.name not in config.exclude}
             switch_model = onnx.ModelProto()
             switch_model.CopyFrom(model)
             switch = WeightSwitch(switch_model, alternatives, workdir)
             upgraded, kl, search = take_out_until_budget(switch, list(alternatives), fp32, config.w4_max_ppl_increase,
                                                          valid_ids, config.sensitivity_tokens, measure,
-                                                         _flops(model))
+                                                         _flops(_weight_shapes(model)))
             reasons.update({n: f"sensitive: KL {kl[n]:.3g} with only this MatMul in 4 bits -> 8 bits"
                             for n in upgraded})
             details["w4_search"] = search
@@ -832,7 +833,7 @@ def _report(shapes: dict[str, tuple[int, int]], activation_matmuls: list[str], s
     reasons.update(result["reasons"])
     reasons.update({n: "onnxruntime did not quantize it" for n in shapes if n not in done | fallback
                     and n not in reasons})
-    flops = {name: k * n for name, (k, n) in shapes.items()}
+    flops = _flops(shapes)
     total = max(sum(flops.values()), 1)
     return {"recipe": config.recipe, "weight_bits": bits or 8, "activation_bits": None if bits else 8,
             "quantized_matmuls": sorted(done),

@@ -147,7 +147,8 @@ def optimize(run_dir, fp16, as_json):
 @click.option("--accuracy-level", type=int, default=4, show_default=True, help="w8/w4 MatMulNBits accuracy level.")
 @click.option("--calib-text", default=None, help="Text file to calibrate on (default: the corpus's calib split).")
 @click.option("--weight-rounding", type=click.Choice(["gptq", "nearest"]), default="gptq", show_default=True,
-              help="w8a8: int8 weights rounded by GPTQ (least output error on the calibration text) or to nearest.")
+              help="w8a8/w8/w4: weights rounded by GPTQ (least output error on the calibration text) or to "
+                   "nearest.")
 @json_opt
 @user_errors
 def quantize(run_dir, recipe, source, method, per_channel, calib_windows, window, max_ppl_increase, fallback,

@@ -25,7 +25,7 @@ class QuantizeStageConfig:
     calib_text: str | None = None   # text file for calibration instead of the corpus's calib split
     fallback: str = "w8"            # w8a8: sensitive MatMuls become "w8" (int8 weight-only) or stay "float"
     w4_max_ppl_increase: float = 0.08  # w4: MatMuls move to 8 bits, most damaging first, until within this
-    weight_rounding: str = "gptq"   # w8a8: "gptq" or "nearest"
+    weight_rounding: str = "gptq"   # w8a8/w8/w4: "gptq" or "nearest"
 
     def resolved_source(self, run: RunDir) -> str:
         if self.source:
