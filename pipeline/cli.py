@@ -149,10 +149,13 @@ def optimize(run_dir, fp16, as_json):
 @click.option("--weight-rounding", type=click.Choice(["gptq", "nearest"]), default="gptq", show_default=True,
               help="w8a8/w8/w4: weights rounded by GPTQ (least output error on the calibration text) or to "
                    "nearest.")
+@click.option("--rotate/--no-rotate", default=True, show_default=True,
+              help="w8a8: fold randomized Hadamard rotations into the weights (residual stream and attention "
+                   "values) before smoothing; exact in float, no extra ops in the graph.")
 @json_opt
 @user_errors
 def quantize(run_dir, recipe, source, method, per_channel, calib_windows, window, max_ppl_increase, fallback,
-             w4_max_ppl_increase, block_size, accuracy_level, calib_text, weight_rounding, as_json):
+             w4_max_ppl_increase, block_size, accuracy_level, calib_text, weight_rounding, rotate, as_json):
     """Quantize a variant to int8 (QDQ) or int4/int8 weight-only, calibrated on prefill and decode steps."""
     from pipeline.stages.quantize import QuantizeStageConfig, quantize as quantize_stage
 
@@ -160,7 +163,7 @@ def quantize(run_dir, recipe, source, method, per_channel, calib_windows, window
                               calib_windows=calib_windows, window=window, max_ppl_increase=max_ppl_increase,
                               block_size=block_size, accuracy_level=accuracy_level, calib_text=calib_text,
                               fallback=fallback, w4_max_ppl_increase=w4_max_ppl_increase,
-                              weight_rounding=weight_rounding)
+                              weight_rounding=weight_rounding, rotate=rotate)
     results = quantize_stage(RunDir.open(run_dir), cfg)
 
     def render(r):

@@ -26,6 +26,7 @@ class QuantizeStageConfig:
     fallback: str = "w8"            # w8a8: sensitive MatMuls become "w8" (int8 weight-only) or stay "float"
     w4_max_ppl_increase: float = 0.08  # w4: MatMuls move to 8 bits, most damaging first, until within this
     weight_rounding: str = "gptq"   # w8a8/w8/w4: "gptq" or "nearest"
+    rotate: bool = True             # w8a8: fold randomized Hadamard rotations into the weights first
 
     def resolved_source(self, run: RunDir) -> str:
         if self.source:
@@ -61,7 +62,7 @@ def quantize(run: RunDir, config: QuantizeStageConfig) -> dict:
                        per_channel=config.per_channel, max_ppl_increase=config.max_ppl_increase,
                        block_size=config.block_size, accuracy_level=config.accuracy_level,
                        fallback=config.fallback, w4_max_ppl_increase=config.w4_max_ppl_increase,
-                       weight_rounding=config.weight_rounding)
+                       weight_rounding=config.weight_rounding, rotate=config.rotate)
     out = run.variant_path(config.recipe)
     report = quantize_model(run.variant_path(source), out, calib, qcfg, valid_ids=valid)
     run.record("quantize", {**asdict(config), "source": source}, {source: str(run.variant_path(source))},

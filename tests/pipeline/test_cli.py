@@ -121,6 +121,18 @@ def test_quantize_weight_rounding_option_reaches_the_quantizer(run_dir, text_fil
     assert report["weight_rounding"] == "nearest" and "gptq" not in report
 
 
+def test_quantize_rotate_option_reaches_the_quantizer(run_dir, text_file):
+    """w8a8 rotates the fused graph by default and says so; `--no-rotate` leaves it unrotated and is recorded."""
+    common = ("--recipe", "w8a8", "--calib-text", text_file, "--calib-windows", "4", "--window", "32",
+              "--max-ppl-increase", "1.0")
+    invoke("quantize", run_dir, *common)
+    report = manifest_results(run_dir, "quantize")
+    assert report["rotation"]["residual"] and report["rotation"]["value_heads"] > 0
+    invoke("quantize", run_dir, *common, "--no-rotate")
+    entry = [s for s in json.loads((run_dir / "manifest.json").read_text())["stages"] if s["stage"] == "quantize"][-1]
+    assert "rotation" not in entry["results"] and entry["config"]["rotate"] is False
+
+
 def test_check_fails_loudly_when_a_threshold_is_missed(run_dir, text_file, monkeypatch):
     from pipeline.stages import check as check_mod
 

@@ -1,0 +1,214 @@
+"""Orthogonal rotations folded into the weights (QuaRot / SpinQuant's R1 and R2): outliers spread over all channels.
+
+An RMSNorm without its weight commutes with any orthogonal Q: rms(x Q) = rms(x), so norm(x Q) = norm(x) Q. Once
+every norm weight g is folded into the rows of the MatMuls that read the norm (diag(g) W), the whole residual
+stream can be carried in a rotated basis, exactly:
+
+    embedding table E      -> E Q          (the stream starts rotated)
+    residual writers W     -> W Q          (o_proj, down_proj: the skip inputs of the norms)
+    residual readers W     -> Q^T diag(g) W  (qkv, gate/up, lm_head), and every norm weight becomes ones
+
+The fixed channels where LLMs keep their large residual-stream activations are no longer channels: with Q a
+randomized Hadamard matrix each one is spread evenly over all of them, so a per-tensor static int8 scale fits
+the norm outputs of every token. R2 does the same inside attention, per head: the value columns of the packed
+QKV projection -> V H and the o_proj rows of every head -> H^T W_o (attention mixes values linearly, per head).
+The value cache then holds V H; the runtime only feeds the cache back to the same model, and the logits are
+unchanged. Nothing is added to the graph; smoothing runs after this, on the rotated activations.
+
+Works on the fused graph of RMSNorm models (SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization,
+GroupQueryAttention with packed QKV); `rotate` reports why not when the graph has another shape (LayerNorm's
+mean subtraction does not commute with Q, an unfused export has its norms as Pow/ReduceMean/Mul).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from exporters.smoothing import initializers, weight_matmuls
+
+NORMS = {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 2}  # op -> weight input
+SHAPE_ONLY = ("Shape", "Size")
+
+
+def _paley12() -> np.ndarray:
+    """The 12x12 Hadamard matrix from Paley's construction over GF(11)."""
+    q = 11
+    residues = {(i * i) % q for i in range(1, q)}
+    chi = np.array([0] + [1 if a in residues else -1 for a in range(1, q)])
+    core = np.array([[chi[(j - i) % q] for j in range(q)] for i in range(q)])
+    s = np.zeros((12, 12))
+    s[0, 1:], s[1:, 0], s[1:, 1:] = 1, -1, core
+    return s + np.eye(12)
+
+
+def hadamard(n: int) -> np.ndarray | None:
+    """Orthonormal Hadamard matrix of order n = 2^a * 12^b (576, 768, 1536, 2048, 3072, 4096...), else None."""
+    if n < 1:
+        return None
+    m, h = n, np.ones((1, 1))
+    while m % 12 == 0:
+        h, m = np.kron(h, _paley12()), m // 12
+    if m & (m - 1):
+        return None
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h / np.sqrt(n)
+
+
+def random_rotation(n: int, seed: int) -> np.ndarray:
+    """diag(random signs) @ H: a randomized Hadamard (QuaRot), or a random orthogonal matrix (QR of a Gaussian)
+    when n has no Hadamard matrix of the constructible orders."""
+    rng = np.random.default_rng(seed)
+    h = hadamard(n)
+    if h is None:
+        q, r = np.linalg.qr(rng.standard_normal((n, n)))
+        return q * np.sign(np.diag(r))
+    return rng.choice([-1.0, 1.0], n)[:, None] * h
+
+
+@dataclass(frozen=True)
+class RotationReport:
+    residual: bool          # R1 folded
+    values: int             # attention layers whose value / o_proj pair got R2
+    reason: str | None      # why R1 was not applied
+
+    def as_dict(self) -> dict:
+        return {"residual": self.residual, "value_heads": self.values, "not_rotated": self.reason}
+
+
+class _Graph:
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.inits = initializers(model)
+        self.producers = {o: n for n in model.graph.node for o in n.output}
+        self.readers: dict[str, list[onnx.NodeProto]] = {}
+        for n in model.graph.node:
+            if n.op_type not in SHAPE_ONLY:
+                for i in n.input:
+                    self.readers.setdefault(i, []).append(n)
+        self.uses = Counter(i for n in model.graph.node for i in n.input)
+        self.weights = {n.name for n in weight_matmuls(model)}
+
+    def get(self, name: str) -> np.ndarray:
+        return numpy_helper.to_array(self.inits[name]).astype(np.float64)
+
+    def put(self, name: str, value: np.ndarray) -> None:
+        self.inits[name].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
+
+    def private_weight(self, node: onnx.NodeProto) -> bool:
+        """A weight MatMul whose initializer nothing else reads (rotating it must not touch another node)."""
+        return node.name in self.weights and self.uses[node.input[1]] == 1
+
+
+def _residual_plan(g: _Graph) -> tuple[onnx.NodeProto, list, list, list] | str:
+    """(embedding Gather, norms, reader MatMuls per norm, writer MatMuls), or why the graph cannot be rotated."""
+    norms = [n for n in g.model.graph.node if n.op_type in NORMS]
+    if not norms:
+        return "no SimplifiedLayerNormalization: R1 needs the fused graph of an RMSNorm model"
+    others = sorted({n.op_type for n in g.model.graph.node if n.op_type in ("LayerNormalization",
+                                                                            "SkipLayerNormalization")})
+    if others:
+        return f"{others[0]} subtracts the mean, which does not commute with a rotation"
+    stream: set[str] = set()
+    writers, readers = [], []
+    for n in norms:
+        stream.add(n.input[0])
+        if n.op_type == "SkipSimplifiedLayerNormalization":
+            if len(n.input) > 3 and n.input[3]:
+                return f"{n.name} has a bias"
+            stream.add(n.input[1])
+            if len(n.output) > 3 and n.output[3]:
+                stream.add(n.output[3])
+        if n.input[NORMS[n.op_type]] not in g.inits:
+            return f"{n.name}: its weight is not an initializer"
+        mms = g.readers.get(n.output[0], [])
+        if not mms or any(not g.private_weight(m) or m.input[0] != n.output[0] for m in mms):
+            return f"{n.name}: its output is read by something other than weight MatMuls"
+        readers.append(mms)
+    gathers, outputs = [], {o.name for o in g.model.graph.output}
+    for t in stream:
+        for r in g.readers.get(t, []):
+            skip = r.op_type == "SkipSimplifiedLayerNormalization" and r.input[1] == t
+            if r.op_type not in NORMS or r.input[0] != t and not skip:
+                return f"the residual stream {t} is read by {r.op_type} {r.name}"
+        if t in outputs:
+            return f"the residual stream {t} is a graph output"
+        p = g.producers.get(t)
+        if p is None:
+            return f"the residual stream {t} is a graph input"
+        if p.op_type == "Gather":
+            gathers.append(p)
+        elif p.op_type == "MatMul" and g.private_weight(p) and len(g.readers[t]) == 1:
+            writers.append(p)
+        elif p.op_type not in NORMS:
+            return f"the residual stream {t} is written by {p.op_type} {p.name}"
+    if len(gathers) != 1 or gathers[0].input[0] not in g.inits or g.uses[gathers[0].input[0]] != 1:
+        return "the residual stream does not start at one token-embedding Gather"
+    return gathers[0], norms, readers, writers
+
+
+def rotate_residual(model: onnx.ModelProto, seed: int = 0) -> str | None:
+    """R1 in place; returns None, or (changing nothing) why this graph cannot be rotated."""
+    g = _Graph(model)
+    plan = _residual_plan(g)
+    if isinstance(plan, str):
+        return plan
+    gather, norms, readers, writers = plan
+    table = g.get(gather.input[0])
+    q = random_rotation(table.shape[1], seed)
+    g.put(gather.input[0], table @ q)
+    for w in writers:
+        g.put(w.input[1], g.get(w.input[1]) @ q)
+    for norm, mms in zip(norms, readers):
+        idx = NORMS[norm.op_type]
+        gamma = g.get(norm.input[idx])
+        for m in mms:
+            g.put(m.input[1], q.T @ (gamma[:, None] * g.get(m.input[1])))
+        ones = f"{norm.name}.rotated.ones"  # one per norm: smoothing later divides it by its own factors
+        model.graph.initializer.append(numpy_helper.from_array(np.ones(gamma.size, np.float32), ones))
+        norm.input[idx] = ones
+    used = Counter(i for n in model.graph.node for i in n.input)
+    keep = [t for t in model.graph.initializer if used[t.name]]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    return None
+
+
+def rotate_values(model: onnx.ModelProto, seed: int = 1) -> int:
+    """R2 in place on every GroupQueryAttention with packed QKV whose projections are private weight MatMuls;
+    returns how many were rotated."""
+    g = _Graph(model)
+    done = 0
+    for n in model.graph.node:
+        if n.op_type != "GroupQueryAttention" or any(n.input[i] for i in (1, 2) if i < len(n.input)):
+            continue
+        attrs = {a.name: a.i for a in n.attribute}
+        heads, kv_heads = attrs["num_heads"], attrs["kv_num_heads"]
+        qkv, outs = g.producers.get(n.input[0]), g.readers.get(n.output[0], [])
+        if qkv is None or not g.private_weight(qkv) or len(outs) != 1 or not g.private_weight(outs[0]):
+            continue
+        w, wo = g.get(qkv.input[1]), g.get(outs[0].input[1])
+        head = w.shape[1] // (heads + 2 * kv_heads)
+        if head * (heads + 2 * kv_heads) != w.shape[1] or wo.shape[0] != heads * head:
+            continue
+        h = random_rotation(head, seed)
+        v0 = (heads + kv_heads) * head
+        for k in range(kv_heads):
+            w[:, v0 + k * head:v0 + (k + 1) * head] = w[:, v0 + k * head:v0 + (k + 1) * head] @ h
+        for k in range(heads):
+            wo[k * head:(k + 1) * head] = h.T @ wo[k * head:(k + 1) * head]
+        g.put(qkv.input[1], w)
+        g.put(outs[0].input[1], wo)
+        done += 1
+    return done
+
+
+def rotate(model: onnx.ModelProto, seed: int = 0) -> RotationReport:
+    """R1 then R2, in place (see the module docstring)."""
+    reason = rotate_residual(model, seed)
+    return RotationReport(reason is None, rotate_values(model, seed + 1), reason)

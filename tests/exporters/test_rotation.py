@@ -1,0 +1,105 @@
+"""Rotations folded into the weights: exact in float (through the KV cache too), outliers spread, refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from exporters.calibration import CalibrationPlan, KVCacheCalibrationReader, cpu_session, declared, empty_past, \
+    session_contract, step_feed
+from exporters.export import export_onnx
+from exporters.optimize import optimize
+from exporters.rotation import NORMS, hadamard, random_rotation, rotate
+from exporters.smoothing import collect_activation_stats
+from tests.exporters.test_quantize import VOCAB, outlier_decoder
+
+
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("rotation")
+    torch.manual_seed(1)
+    export_onnx(outlier_decoder(), root / "plain.onnx")
+    optimize(root / "plain.onnx", root / "fused.onnx")
+    return {"plain": root / "plain.onnx", "fused": root / "fused.onnx"}
+
+
+def generate_logits(path: Path, ids: np.ndarray, steps: int) -> np.ndarray:
+    """Prefill `ids`, then `steps` greedy decode steps feeding back the model's own KV cache: logits of each."""
+    session = cpu_session(path)
+    contract = session_contract(session)
+    names = {i.name for i in session.get_inputs()}
+    outputs = [o.name for o in session.get_outputs()]
+    past, pos, feed_ids, out = empty_past(contract), 0, ids, []
+    for _ in range(steps + 1):
+        result = dict(zip(outputs, session.run(outputs, declared(step_feed(feed_ids, pos, past), names))))
+        logits = result["logits"][0, -1]
+        out.append(logits)
+        pos += feed_ids.size
+        past = {k.replace("present", "past_key_values"): v for k, v in result.items() if k.startswith("present")}
+        feed_ids = np.array([int(logits.argmax())])
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("n", [12, 64, 576, 768, 1536])
+def test_hadamard_is_orthonormal_with_equal_magnitudes(n):
+    h = hadamard(n)
+    np.testing.assert_allclose(h @ h.T, np.eye(n), atol=1e-10)
+    np.testing.assert_allclose(np.abs(h), 1 / np.sqrt(n))
+
+
+def test_orders_without_hadamard_get_a_random_orthogonal_matrix():
+    assert hadamard(20) is None and hadamard(0) is None
+    q = random_rotation(20, seed=3)
+    np.testing.assert_allclose(q @ q.T, np.eye(20), atol=1e-10)
+    assert not np.allclose(q, random_rotation(20, seed=4))
+
+
+def test_rotation_is_exact_through_the_kv_cache(graphs, tmp_path):
+    model = onnx.load(str(graphs["fused"]))
+    report = rotate(model)
+    assert report.residual and report.values == 2 and report.reason is None
+    norm_weights = [numpy_helper.to_array(t) for n in model.graph.node if n.op_type in NORMS
+                    for t in model.graph.initializer if t.name == n.input[NORMS[n.op_type]]]
+    assert len(norm_weights) == 5 and all(np.array_equal(w, np.ones_like(w)) for w in norm_weights)
+    onnx.save(model, tmp_path / "rotated.onnx")
+    ids = np.random.default_rng(2).integers(0, VOCAB, 12)
+    expected = generate_logits(graphs["fused"], ids, steps=4)
+    np.testing.assert_allclose(generate_logits(tmp_path / "rotated.onnx", ids, steps=4), expected, atol=2e-4)
+    # the value cache is held rotated: the model's own cache differs from the unrotated one, its logits do not
+    session, original = cpu_session(tmp_path / "rotated.onnx"), cpu_session(graphs["fused"])
+    feed = step_feed(ids, 0, empty_past(session_contract(session)))
+    values = [s.run(["present.0.value"], declared(feed, {i.name for i in s.get_inputs()}))[0]
+              for s in (session, original)]
+    assert np.abs(values[0] - values[1]).max() > 1e-2
+
+
+def test_rotation_spreads_outlier_channels_of_the_norm_outputs(graphs, tmp_path):
+    """The outlier decoder's norms weight four channels by 20: per channel, the norm outputs' max over tokens
+    has those channels far above the median. Rotated, every channel carries about the same."""
+    ids = [np.random.default_rng(0).integers(0, VOCAB, 200).tolist()]
+    model = onnx.load(str(graphs["fused"]))
+    norm_outputs = [n.output[0] for n in model.graph.node if n.op_type in NORMS]
+
+    def peak_over_median(m: onnx.ModelProto, path: Path) -> float:
+        reader = KVCacheCalibrationReader(path, ids, CalibrationPlan(1, 64, 1))
+        stats = collect_activation_stats(m, norm_outputs, reader.feeds())
+        return max(float(st.abs_max.max() / np.median(st.abs_max)) for st in stats.values())
+
+    before = peak_over_median(model, graphs["fused"])
+    rotate(model)
+    onnx.save(model, tmp_path / "rotated.onnx")
+    after = peak_over_median(model, tmp_path / "rotated.onnx")
+    assert before > 8 and after < 0.25 * before
+
+
+def test_graphs_that_do_not_commute_are_left_alone_with_the_reason(graphs):
+    model = onnx.load(str(graphs["plain"]))
+    before = model.SerializeToString()
+    report = rotate(model)
+    assert not report.residual and "fused graph" in report.reason
+    assert report.values == 0 and model.SerializeToString() == before
