@@ -8,8 +8,8 @@ itself, so any perturbation of the model raises the expected perplexity (Gibbs' 
 
 Measured on this model (onnxruntime 1.32, x86 AVX2 without VNNI), relative perplexity increase over fp32
 (ppl ~97): static +16% (per-tensor +13%; 8-bit instead of 7-bit weights +74%, the U8S8 saturation), w8a8 +2.1%
-(rotation, then smoothing at the down_proj input; smoothing alone, at the norms too, +4.9%), w8 +2.1% (accuracy_level 0: -0.5%), w4 +56%.
-Thresholds leave about 2x headroom.
+(rotation, then smoothing at the down_proj input; smoothing alone, at the norms too, +4.9%), w8 +2.1%
+(accuracy_level 0: -0.5%), w4 +56%. Thresholds leave about 2x headroom.
 """
 
 from __future__ import annotations
@@ -327,14 +327,14 @@ def test_sizes_shrink(quantized):
 
 
 @pytest.mark.parametrize("recipe, extra, min_agree, max_ppl", [
-    ("static", {}, 0.55, 0.3), ("w8a8", {}, 0.7, 0.09), ("w8", {}, 0.75, 0.05),
+    ("static", {}, 0.55, 0.3), ("w8a8", {}, 0.6, 0.05), ("w8", {}, 0.75, 0.05),
     ("w8", {"accuracy_level": 0, "embedding_bits": 32}, 0.9, 0.01), ("w4", {}, 0.3, 1.0)])
 def test_quantized_logits_stay_close(models, quantized, recipe, extra, min_agree, max_ppl):
     """Top-1 agreement with fp32 on random token ids, and perplexity increase on the model's own samples.
 
     Random ids give flat next-token distributions, where the top-1 often wins by a hair, so agreement is a
     coarse signal; perplexity is the precise one. Measured (mean over 3 x 96 random positions; ppl increase):
-    static 0.66, +16%; w8a8 0.80, +4.5%; w8 0.86, +2.1% (accuracy_level 0, float activations and float
+    static 0.66, +16%; w8a8 0.70, +2.1% (0.70, +4.9% without the rotations); w8 0.86, +2.1% (accuracy_level 0, float activations and float
     embedding: 0.93, -0.5%);
     w4 0.35, +56% (4-bit round-to-nearest of scaled-up Gaussian weights moves this peaked model a lot).
     """
