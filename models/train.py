@@ -277,10 +277,13 @@ def train_loop(model: Decoder, optimizer: torch.optim.Optimizer, data: torch.Ten
             if step and now + step_time > deadline:
                 stopped_by = "max_seconds"
                 break
+            planned = config.max_steps  # steps the run will take: the time budget only ever lowers it
             if step:
-                bar.total = min(config.max_steps, step + int((deadline - now) / step_time))
-            time_frac = (now - loop_start) / max(1e-9, deadline - loop_start)
-            lr = lr_at(config, step, max(step / config.max_steps, time_frac))
+                planned = min(planned, step + int((deadline - now) / max(step_time, 1e-9)))
+                bar.total = planned
+            # the schedule reads the clock only when the time budget binds: otherwise the same seed gives the
+            # same model however loaded the machine is (a wall-clock fraction here moved step 0's lr with load)
+            lr = lr_at(config, step, step / max(planned, 1))
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss = lm_loss(model, batch)

@@ -92,6 +92,21 @@ def test_same_seed_same_model(trained, tmp_path):
     assert (tmp_path / "again" / "model.safetensors").read_bytes() == (path / "model.safetensors").read_bytes()
 
 
+def test_same_seed_same_model_however_fast_the_clock_runs(tmp_path, monkeypatch):
+    """A time budget far from binding must not touch the schedule: two clocks, one 50x faster, same model."""
+    import itertools
+    import types
+
+    paths = []
+    for tick in (0.001, 0.05):  # seconds per clock read: a few seconds in all, against max_seconds=120
+        clock = itertools.count(0.0, tick)
+        monkeypatch.setattr(train_module, "time", types.SimpleNamespace(monotonic=lambda: next(clock),
+                                                                        sleep=lambda s: None))
+        train(TINY, tmp_path / str(tick), progress=False)
+        paths.append(tmp_path / str(tick) / "model.safetensors")
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+
+
 def test_time_budget_stops_cleanly(tmp_path):
     config = replace(TINY, max_steps=100_000, max_seconds=7.0)
     result = train(config, tmp_path / "out", progress=False)
