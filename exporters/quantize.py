@@ -604,10 +604,11 @@ def _static(model: onnx.ModelProto, model_path: Path, staged: Path, calib_ids: l
                      "per_channel": config.per_channel, "reduce_range": config.reduce_range,
                      "fallback": config.fallback if config.recipe == "w8a8" else None}
     if config.recipe == "w8a8":
-        rotation = rotate(model) if config.rotate else None
-        if rotation is not None:
-            details["rotation"] = rotation.as_dict()
-        details["smoothing"] = _smooth_model(model, reader, config, workdir, rotation is not None and rotation.residual)
+        rotated = False
+        if config.rotate:
+            rotation = rotate(model)
+            details["rotation"], rotated = rotation.as_dict(), rotation.residual
+        details["smoothing"] = _smooth_model(model, reader, config, workdir, rotated)
     targets = _targets(model, config.exclude)
     details["weight_rounding"] = config.weight_rounding if config.recipe == "w8a8" else "nearest"
     rounded, fallback_rounding = {}, None

@@ -23,16 +23,16 @@ mean subtraction does not commute with Q, an unfused export has its norms as Pow
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import numpy_helper
 
-from exporters.smoothing import initializers, weight_matmuls
+from exporters.smoothing import NORM_SCALE_INPUTS, GraphIndex, rescale
 
-NORMS = {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 2}  # op -> weight input
-SHAPE_ONLY = ("Shape", "Size")
+RMS_NORMS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization")
+NORMS = {op: NORM_SCALE_INPUTS[op][0] for op in RMS_NORMS}  # op -> input index of its weight
 
 
 def _paley12() -> np.ndarray:
@@ -73,44 +73,26 @@ def random_rotation(n: int, seed: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class RotationReport:
-    residual: bool          # R1 folded
-    values: int             # attention layers whose value / o_proj pair got R2
-    reason: str | None      # why R1 was not applied
+    residual: bool            # R1 folded
+    value_heads: int          # attention layers whose value / o_proj pair got R2
+    not_rotated: str | None   # why R1 was not applied
 
     def as_dict(self) -> dict:
-        return {"residual": self.residual, "value_heads": self.values, "not_rotated": self.reason}
+        return asdict(self)
 
 
-class _Graph:
-    def __init__(self, model: onnx.ModelProto):
-        self.model = model
-        self.inits = initializers(model)
-        self.producers = {o: n for n in model.graph.node for o in n.output}
-        self.readers: dict[str, list[onnx.NodeProto]] = {}
-        for n in model.graph.node:
-            if n.op_type not in SHAPE_ONLY:
-                for i in n.input:
-                    self.readers.setdefault(i, []).append(n)
-        self.uses = Counter(i for n in model.graph.node for i in n.input)
-        self.weights = {n.name for n in weight_matmuls(model)}
-
-    def get(self, name: str) -> np.ndarray:
-        return numpy_helper.to_array(self.inits[name]).astype(np.float64)
-
-    def put(self, name: str, value: np.ndarray) -> None:
-        self.inits[name].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
-
-    def private_weight(self, node: onnx.NodeProto) -> bool:
-        """A weight MatMul whose initializer nothing else reads (rotating it must not touch another node)."""
-        return node.name in self.weights and self.uses[node.input[1]] == 1
+def _private_weight(g: GraphIndex, uses: Counter, node: onnx.NodeProto) -> bool:
+    """A weight MatMul whose initializer nothing else reads (rotating it must not touch another node)."""
+    return node.name in g.weight_names and uses[node.input[1]] == 1
 
 
-def _residual_plan(g: _Graph) -> tuple[onnx.NodeProto, list, list, list] | str:
+def _residual_plan(model: onnx.ModelProto, g: GraphIndex,
+                   uses: Counter) -> tuple[onnx.NodeProto, list, list, list] | str:
     """(embedding Gather, norms, reader MatMuls per norm, writer MatMuls), or why the graph cannot be rotated."""
-    norms = [n for n in g.model.graph.node if n.op_type in NORMS]
+    norms = [n for n in model.graph.node if n.op_type in NORMS]
     if not norms:
         return "no SimplifiedLayerNormalization: R1 needs the fused graph of an RMSNorm model"
-    others = sorted({n.op_type for n in g.model.graph.node if n.op_type in ("LayerNormalization",
+    others = sorted({n.op_type for n in model.graph.node if n.op_type in ("LayerNormalization",
                                                                             "SkipLayerNormalization")})
     if others:
         return f"{others[0]} subtracts the mean, which does not commute with a rotation"
@@ -126,13 +108,13 @@ def _residual_plan(g: _Graph) -> tuple[onnx.NodeProto, list, list, list] | str:
                 stream.add(n.output[3])
         if n.input[NORMS[n.op_type]] not in g.inits:
             return f"{n.name}: its weight is not an initializer"
-        mms = g.readers.get(n.output[0], [])
-        if not mms or any(not g.private_weight(m) or m.input[0] != n.output[0] for m in mms):
+        mms = g.consumers.get(n.output[0], [])
+        if not mms or any(not _private_weight(g, uses, m) or m.input[0] != n.output[0] for m in mms):
             return f"{n.name}: its output is read by something other than weight MatMuls"
         readers.append(mms)
-    gathers, outputs = [], {o.name for o in g.model.graph.output}
+    gathers, outputs = [], {o.name for o in model.graph.output}
     for t in stream:
-        for r in g.readers.get(t, []):
+        for r in g.consumers.get(t, []):
             skip = r.op_type == "SkipSimplifiedLayerNormalization" and r.input[1] == t
             if r.op_type not in NORMS or r.input[0] != t and not skip:
                 return f"the residual stream {t} is read by {r.op_type} {r.name}"
@@ -143,36 +125,34 @@ def _residual_plan(g: _Graph) -> tuple[onnx.NodeProto, list, list, list] | str:
             return f"the residual stream {t} is a graph input"
         if p.op_type == "Gather":
             gathers.append(p)
-        elif p.op_type == "MatMul" and g.private_weight(p) and len(g.readers[t]) == 1:
+        elif p.op_type == "MatMul" and _private_weight(g, uses, p) and len(g.consumers[t]) == 1:
             writers.append(p)
         elif p.op_type not in NORMS:
             return f"the residual stream {t} is written by {p.op_type} {p.name}"
-    if len(gathers) != 1 or gathers[0].input[0] not in g.inits or g.uses[gathers[0].input[0]] != 1:
+    if len(gathers) != 1 or gathers[0].input[0] not in g.inits or uses[gathers[0].input[0]] != 1:
         return "the residual stream does not start at one token-embedding Gather"
     return gathers[0], norms, readers, writers
 
 
 def rotate_residual(model: onnx.ModelProto, seed: int = 0) -> str | None:
     """R1 in place; returns None, or (changing nothing) why this graph cannot be rotated."""
-    g = _Graph(model)
-    plan = _residual_plan(g)
+    g, uses = GraphIndex.of(model), Counter(i for n in model.graph.node for i in n.input)
+    plan = _residual_plan(model, g, uses)
     if isinstance(plan, str):
         return plan
     gather, norms, readers, writers = plan
-    table = g.get(gather.input[0])
-    q = random_rotation(table.shape[1], seed)
-    g.put(gather.input[0], table @ q)
-    for w in writers:
-        g.put(w.input[1], g.get(w.input[1]) @ q)
+    q = random_rotation(g.inits[gather.input[0]].dims[1], seed)
+    for name in [gather.input[0]] + [w.input[1] for w in writers]:
+        rescale(g.inits[name], lambda w: w @ q)
     for norm, mms in zip(norms, readers):
         idx = NORMS[norm.op_type]
-        gamma = g.get(norm.input[idx])
+        gamma = numpy_helper.to_array(g.inits[norm.input[idx]])
         for m in mms:
-            g.put(m.input[1], q.T @ (gamma[:, None] * g.get(m.input[1])))
+            rescale(g.inits[m.input[1]], lambda w: q.T @ (gamma[:, None] * w))
         ones = f"{norm.name}.rotated.ones"  # one per norm: smoothing later divides it by its own factors
         model.graph.initializer.append(numpy_helper.from_array(np.ones(gamma.size, np.float32), ones))
         norm.input[idx] = ones
-    used = Counter(i for n in model.graph.node for i in n.input)
+    used = Counter(i for n in model.graph.node for i in n.input)  # the folded norm weights are read no more
     keep = [t for t in model.graph.initializer if used[t.name]]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
@@ -182,28 +162,30 @@ def rotate_residual(model: onnx.ModelProto, seed: int = 0) -> str | None:
 def rotate_values(model: onnx.ModelProto, seed: int = 1) -> int:
     """R2 in place on every GroupQueryAttention with packed QKV whose projections are private weight MatMuls;
     returns how many were rotated."""
-    g = _Graph(model)
+    g, uses = GraphIndex.of(model), Counter(i for n in model.graph.node for i in n.input)
     done = 0
     for n in model.graph.node:
         if n.op_type != "GroupQueryAttention" or any(n.input[i] for i in (1, 2) if i < len(n.input)):
             continue
         attrs = {a.name: a.i for a in n.attribute}
         heads, kv_heads = attrs["num_heads"], attrs["kv_num_heads"]
-        qkv, outs = g.producers.get(n.input[0]), g.readers.get(n.output[0], [])
-        if qkv is None or not g.private_weight(qkv) or len(outs) != 1 or not g.private_weight(outs[0]):
+        qkv, outs = g.producers.get(n.input[0]), g.consumers.get(n.output[0], [])
+        if qkv is None or not _private_weight(g, uses, qkv) or len(outs) != 1 \
+                or not _private_weight(g, uses, outs[0]):
             continue
-        w, wo = g.get(qkv.input[1]), g.get(outs[0].input[1])
-        head = w.shape[1] // (heads + 2 * kv_heads)
-        if head * (heads + 2 * kv_heads) != w.shape[1] or wo.shape[0] != heads * head:
+        width, o_rows = g.inits[qkv.input[1]].dims[1], g.inits[outs[0].input[1]].dims[0]
+        head = width // (heads + 2 * kv_heads)
+        if head * (heads + 2 * kv_heads) != width or o_rows != heads * head:
             continue
         h = random_rotation(head, seed)
-        v0 = (heads + kv_heads) * head
-        for k in range(kv_heads):
-            w[:, v0 + k * head:v0 + (k + 1) * head] = w[:, v0 + k * head:v0 + (k + 1) * head] @ h
-        for k in range(heads):
-            wo[k * head:(k + 1) * head] = h.T @ wo[k * head:(k + 1) * head]
-        g.put(qkv.input[1], w)
-        g.put(outs[0].input[1], wo)
+        v0 = (heads + kv_heads) * head  # value columns: the last kv_heads * head of the packed projection
+
+        def rotate_v(w: np.ndarray) -> np.ndarray:
+            w = w.astype(np.float64)
+            w[:, v0:] = w[:, v0:] @ np.kron(np.eye(kv_heads), h)
+            return w
+        rescale(g.inits[qkv.input[1]], rotate_v)
+        rescale(g.inits[outs[0].input[1]], lambda w: np.kron(np.eye(heads), h).T @ w)
         done += 1
     return done
 

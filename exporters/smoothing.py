@@ -305,7 +305,8 @@ def _private_initializer(model: onnx.ModelProto, node: onnx.NodeProto, index: in
     return model.graph.initializer[-1]
 
 
-def _rescale(tensor: TensorProto, fn) -> None:
+def rescale(tensor: TensorProto, fn) -> None:
+    """tensor <- fn(tensor), stored as float32."""
     tensor.CopyFrom(numpy_helper.from_array(fn(numpy_helper.to_array(tensor)).astype(np.float32), tensor.name))
 
 
@@ -324,9 +325,9 @@ def smooth(model: onnx.ModelProto, groups: list[SmoothGroup], act_max: dict[str,
         s = smoothing_scales(act_max[g.activation], [numpy_helper.to_array(inits[m.input[1]]) for m in mms], a)
         source = nodes[g.source]
         for idx in g.scale_inputs:
-            _rescale(_private_initializer(model, source, idx, uses), _divider(s, g.first_column))
+            rescale(_private_initializer(model, source, idx, uses), _divider(s, g.first_column))
         for mm in mms:
-            _rescale(_private_initializer(model, mm, 1, uses), lambda w: w * s[:, None])
+            rescale(_private_initializer(model, mm, 1, uses), lambda w: w * s[:, None])
         scales[g.activation] = s
     return scales
 

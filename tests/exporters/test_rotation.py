@@ -62,7 +62,7 @@ def test_orders_without_hadamard_get_a_random_orthogonal_matrix():
 def test_rotation_is_exact_through_the_kv_cache(graphs, tmp_path):
     model = onnx.load(str(graphs["fused"]))
     report = rotate(model)
-    assert report.residual and report.values == 2 and report.reason is None
+    assert report.residual and report.value_heads == 2 and report.not_rotated is None
     norm_weights = [numpy_helper.to_array(t) for n in model.graph.node if n.op_type in NORMS
                     for t in model.graph.initializer if t.name == n.input[NORMS[n.op_type]]]
     assert len(norm_weights) == 5 and all(np.array_equal(w, np.ones_like(w)) for w in norm_weights)
@@ -101,5 +101,5 @@ def test_graphs_that_do_not_commute_are_left_alone_with_the_reason(graphs):
     model = onnx.load(str(graphs["plain"]))
     before = model.SerializeToString()
     report = rotate(model)
-    assert not report.residual and "fused graph" in report.reason
-    assert report.values == 0 and model.SerializeToString() == before
+    assert not report.residual and "fused graph" in report.not_rotated
+    assert report.value_heads == 0 and model.SerializeToString() == before
