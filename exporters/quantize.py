@@ -5,9 +5,11 @@ Recipes:
           activations, calibrated on prefill and decode feeds (exporters/calibration.py). Only MatMuls whose
           weight is an initializer; embeddings (Gather) stay float.
   w8a8    static + rotations folded into the weights (exporters/rotation.py) + SmoothQuant smoothing
-          (exporters/smoothing.py) + mixed precision: the quantized model's
-          perplexity is measured on validation ids and, over budget, MatMuls are ranked by the KL on the logits
-          with only that MatMul in int8 (`QuantSwitch` makes that one session, not one model per MatMul), and
+          (exporters/smoothing.py), whose largest outlier channels are split off into small float MatMuls, + an
+          online Hadamard rotation before each down_proj (rotation.py's `online_hadamard`) + mixed precision:
+          the quantized model's perplexity is measured on validation ids and, over budget, MatMuls are ranked
+          by the KL on the logits with only that MatMul in int8 (`QuantSwitch` makes that one session, not
+          one model per MatMul), and
           the most sensitive ones leave static int8 until the budget is met (verified on the real model). They
           fall back (`fallback`) to int8 weight-only MatMulNBits (default: on the CPU its accuracy level 4
           quantizes the activation per block at run time, so they still compute in int8 and stream int8
@@ -65,8 +67,9 @@ from exporters.contract import LOGITS, Contract, read_contract
 from exporters.export import EXTERNAL_DATA_THRESHOLD, model_files, move_model, save_model
 from exporters.gptq import fits, gptq, gptq_blockwise, input_hessians
 from exporters.optimize import load_onnx
-from exporters.rotation import rotate
-from exporters.smoothing import best_alpha, collect_activation_stats, find_smooth_groups, smooth, weight_matmuls
+from exporters.rotation import ONLINE_SUFFIX, hadamard, online_hadamard, rotate
+from exporters.smoothing import ActivationStats, best_alpha, collect_activation_stats, find_smooth_groups, \
+    outlier_matmuls, pick_outliers, smooth, weight_matmuls
 from models.errors import UserError
 
 RECIPES = ("static", "w8a8", "w8", "w4")
@@ -100,6 +103,12 @@ class QuantConfig:
                                     # output.weight at 6; 4 = like every other MatMul
     rotate: bool = True             # w8a8: fold randomized Hadamard rotations (exporters/rotation.py) into the
                                     # weights before smoothing, so no channel of the residual stream is an outlier
+    online_hadamard: int = 128      # w8a8 with rotate: block size of the online Hadamard rotation before each
+                                    # down_proj, after the outlier split (exporters/rotation.py); 0: none. Without
+                                    # R1 it measured worse (tiny test model: +5.9% vs +4.9%), so rotate gates it
+    outlier_channels: int = 16      # w8a8: per smoothed activation, at most this many channels over 4x the 99th
+                                    # percentile channel peak leave the int8 MatMul for a small float one
+                                    # (exporters/smoothing.py, `split_channels`); 0: none
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -126,6 +135,11 @@ class QuantConfig:
         if self.max_ppl_increase < 0:
             raise UserError(f"max_ppl_increase is a relative increase and cannot be negative, "
                             f"got {self.max_ppl_increase}")
+        if self.online_hadamard and hadamard(self.online_hadamard) is None:
+            raise UserError(f"online_hadamard must be 0 or a Hadamard order 2^a * 12^b (e.g. 64, 128), "
+                            f"got {self.online_hadamard}")
+        if self.outlier_channels < 0:
+            raise UserError(f"outlier_channels cannot be negative, got {self.outlier_channels}")
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
             raise UserError(f"alpha must lie in [0, 1], got {self.alpha}")
         self.plan  # validates the calibration sizes
@@ -364,7 +378,7 @@ def _nbits(model: onnx.ModelProto, bits: int, config: QuantConfig,
     """MatMulNBits (blockwise symmetric) for the float weight MatMuls: `include` only, or all but the excluded."""
     exclude = set(config.exclude)
     if include is not None:  # the quantizer's own nodes_to_include adds to the op types instead of narrowing
-        exclude |= {n.name for n in weight_matmuls(model)} - set(include)
+        exclude |= {n.name for n in model.graph.node if n.op_type == "MatMul"} - set(include)
     with _quiet():
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -576,6 +590,7 @@ def _smooth_model(model: onnx.ModelProto, reader: KVCacheCalibrationReader, conf
         return {"groups": 0}
     stats = collect_activation_stats(model, [g.activation for g in groups], reader.feeds(), workdir)
     act_max = {name: st.abs_max for name, st in stats.items()}
+    outliers = {name: pick_outliers(a, config.outlier_channels) for name, a in act_max.items()}
     report: dict = {"groups": len(groups)}
     if config.alpha is None:
         inits = {t.name: t for t in model.graph.initializer}
@@ -584,14 +599,22 @@ def _smooth_model(model: onnx.ModelProto, reader: KVCacheCalibrationReader, conf
         chosen = {}
         for g in groups:
             weights = [numpy_helper.to_array(inits[nodes[m].input[1]]) for m in g.matmuls]
-            chosen[g.activation] = best_alpha(stats[g.activation], weights, levels)
+            st, rest = stats[g.activation], np.setdiff1d(np.arange(act_max[g.activation].size), outliers[g.activation])
+            if rest.size < st.abs_max.size:  # the split channels leave the int8 MatMul: choose alpha for the rest
+                st = ActivationStats(st.abs_max[rest], st.low[rest], st.high[rest], st.rows[:, rest])
+                weights = [w[rest] for w in weights]
+            chosen[g.activation] = best_alpha(st, weights, levels)
         alpha = {name: a for name, (a, _) in chosen.items()}
         report["alpha"] = {"auto": {name: {"alpha": a, "relative_error": e} for name, (a, e) in chosen.items()}}
     else:
         alpha = report["alpha"] = config.alpha
-    scales = smooth(model, groups, act_max, alpha)
+    scales = smooth(model, groups, act_max, alpha, outliers)
+
+    def rest_max(name: str, s: np.ndarray) -> float:
+        return float(np.delete(act_max[name] / s, outliers[name]).max(initial=0.0))
     report.update(max_abs_activation_before=float(max(a.max() for a in act_max.values())),
-                  max_abs_activation_after=float(max((act_max[k] / s).max() for k, s in scales.items())))
+                  max_abs_activation_after=max(rest_max(k, s) for k, s in scales.items()),
+                  outlier_channels={name: [int(c) for c in o] for name, o in outliers.items() if o.size})
     return report
 
 
@@ -608,8 +631,12 @@ def _static(model: onnx.ModelProto, model_path: Path, staged: Path, calib_ids: l
         if config.rotate:
             rotation = rotate(model)
             details["rotation"], rotated = rotation.as_dict(), rotation.residual
+        gated = [m for g in find_smooth_groups(model, config.exclude) if g.first_column is not None for m in g.matmuls]
         details["smoothing"] = _smooth_model(model, reader, config, workdir, rotated)
-    targets = _targets(model, config.exclude)
+        if config.rotate and config.online_hadamard:
+            details["online_hadamard"] = online_hadamard(model, gated, config.online_hadamard)
+    split_off = outlier_matmuls(model)
+    targets = [t for t in _targets(model, config.exclude) if t not in split_off]
     details["weight_rounding"] = config.weight_rounding if config.recipe == "w8a8" else "nearest"
     rounded, fallback_rounding = {}, None
     if details["weight_rounding"] == "gptq":
@@ -621,6 +648,13 @@ def _static(model: onnx.ModelProto, model_path: Path, staged: Path, calib_ids: l
     _save(_with_value_info(model), job.fp32_path)
     quantize_qdq(job, targets, staged)
     reasons = {name: "excluded by config" for name in config.exclude}
+    now = _weight_shapes(model)
+    added = {name: now[name] for name in split_off}
+    reasons.update({name: f"outlier channels of {main}: {now[name][0]} of its {now[main][0]} inputs, in float"
+                    for name, main in split_off.items()})
+    for name in details.get("online_hadamard", {}).get("matmuls", []):  # float, K*b multiply-adds per token
+        added[f"{name}{ONLINE_SUFFIX}/matmul"] = (now[name][0], config.online_hadamard)
+        reasons[f"{name}{ONLINE_SUFFIX}/matmul"] = f"online Hadamard rotation of {name}'s input, in float"
     details["ppl"] = _ppl_pair(model_path, staged, valid_ids) if valid_ids else None
     if config.recipe == "w8a8" and valid_ids and targets and details["ppl"]["increase"] > config.max_ppl_increase:
         def measure(taken_out: list[str]) -> float:
@@ -638,7 +672,7 @@ def _static(model: onnx.ModelProto, model_path: Path, staged: Path, calib_ids: l
         details["sensitivity"] = search
         details["ppl"] = {**details["ppl"], "all_int8": details["ppl"]["quantized"], "quantized": final,
                           "increase": final / details["ppl"]["fp32"] - 1.0}
-    return {"details": details, "reasons": reasons}
+    return {"details": details, "reasons": reasons, "added_shapes": added}
 
 
 # ------------------------------------------------------------------------------------ weight-only (NBits)
@@ -879,7 +913,7 @@ def quantize(model_path: str | Path, out_path: str | Path, calib_ids: list[list[
             result = _weight_only(model, model_path, staged, config, calib_ids, valid_ids, workdir)
         else:
             result = _static(model, model_path, staged, calib_ids, valid_ids, config, workdir)
-        report = _report(shapes, activation_matmuls, staged, config, result)
+        report = _report({**shapes, **result.get("added_shapes", {})}, activation_matmuls, staged, config, result)
         report.update(size_before=_files_size(model_path), size_after=_files_size(staged))
         move_model(staged, out_path)
     finally:

@@ -15,6 +15,11 @@ QKV projection -> V H and the o_proj rows of every head -> H^T W_o (attention mi
 The value cache then holds V H; the runtime only feeds the cache back to the same model, and the logits are
 unchanged. Nothing is added to the graph; smoothing runs after this, on the rotated activations.
 
+The down_proj input (the SwiGLU product) is out of reach of any folded rotation, and it is where static int8
+loses most on SmolLM2. `online_hadamard` rotates it in the graph, in blocks, after smoothing has split off its
+few huge channels: on SmolLM2, every MatMul static, held-out perplexity +3.8% -> +1.5% and top-1 0.888 -> 0.938
+(docs/benchmarks.md).
+
 Works on the fused graph of RMSNorm models (SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization,
 GroupQueryAttention with packed QKV); `rotate` reports why not when the graph has another shape (LayerNorm's
 mean subtraction does not commute with Q, an unfused export has its norms as Pow/ReduceMean/Mul).
@@ -27,7 +32,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from exporters.smoothing import NORM_SCALE_INPUTS, GraphIndex, rescale
 
@@ -188,6 +193,60 @@ def rotate_values(model: onnx.ModelProto, seed: int = 1) -> int:
         rescale(g.inits[outs[0].input[1]], lambda w: np.kron(np.eye(heads), h).T @ w)
         done += 1
     return done
+
+
+ONLINE_SUFFIX = "/online_hadamard"  # names of the nodes and the matrix `online_hadamard` adds before a MatMul
+
+
+def online_hadamard(model: onnx.ModelProto, matmuls: list[str], block: int = 128, seed: int = 2) -> dict:
+    """QuaRot's online rotation, in place, before each named weight MatMul (meant for the gated-MLP products, the
+    down_proj inputs, which no folded rotation reaches: SwiGLU's nonlinearity sits between up_proj and
+    down_proj). Its input X (..., K) is rotated in blocks, X -> reshape(X, (..., K/b, b)) @ diag(d) H_b, flattened
+    back, and its weight absorbs the inverse, W -> R^T W with R = I_{K/b} (x) diag(d) H_b: exact in float.
+
+    Per-tensor int8 needs every channel of a token on a similar scale; the rotation mixes each channel with the
+    b - 1 others of its block. Channels 1000x the rest must be split off first (smoothing's `outlier_channels`),
+    or the rotation smears them over their whole block. One b x b matrix (64 KB at b=128, random signs d) serves
+    every MatMul; it is 3-D (1, b, b), so it is not a weight MatMul to quantize. Costs three float ops and
+    K*b multiply-adds per token per MatMul (a seventh of a 1536 x 576 down_proj's at b=128).
+    Returns {"block", "matmuls": rotated names, "skipped": name -> why}.
+    """
+    g, uses = GraphIndex.of(model), Counter(i for n in model.graph.node for i in n.input)
+    h = hadamard(block)
+    if h is None:
+        raise ValueError(f"no Hadamard matrix of order {block} (use 2^a * 12^b)")
+    rotation = np.random.default_rng(seed).choice([-1.0, 1.0], block)[:, None] * h
+    matrix = f"{ONLINE_SUFFIX.strip('/')}.{block}"
+    nodes = {n.name: n for n in model.graph.node}
+    done, skipped, added, shapes = [], {}, {}, set()
+    for name in matmuls:
+        node = nodes[name]
+        k = int(g.inits[node.input[1]].dims[0]) if _private_weight(g, uses, node) else 0
+        if not k or k % block:
+            skipped[name] = "shared weight" if not k else f"{k} inputs are not a multiple of {block}"
+            continue
+        rescale(g.inits[node.input[1]],
+                lambda w: np.einsum("ba,kbn->kan", rotation, w.astype(np.float64).reshape(k // block, block, -1))
+                .reshape(k, -1))
+        p = f"{name}{ONLINE_SUFFIX}"
+        shapes.add(k // block)
+        added[name] = [helper.make_node("Reshape", [node.input[0], f"{matrix}.blocks{k // block}"], [f"{p}/blocks"],
+                                        name=f"{p}/reshape"),
+                       helper.make_node("MatMul", [f"{p}/blocks", matrix], [f"{p}/rotated"], name=f"{p}/matmul"),
+                       helper.make_node("Reshape", [f"{p}/rotated", f"{matrix}.flat"], [f"{p}/x"], name=f"{p}/flat")]
+        node.input[0] = f"{p}/x"
+        done.append(name)
+    if done:
+        model.graph.initializer.extend([numpy_helper.from_array(rotation[None].astype(np.float32), matrix),
+                                        numpy_helper.from_array(np.array([0, 0, -1], np.int64), f"{matrix}.flat")])
+        model.graph.initializer.extend(numpy_helper.from_array(np.array([0, 0, count, block], np.int64),
+                                                               f"{matrix}.blocks{count}") for count in sorted(shapes))
+        order = []
+        for n in model.graph.node:
+            order += added.get(n.name, []) + [n]
+        del model.graph.node[:]
+        model.graph.node.extend(order)
+    return {"block": block, "matmuls": done, "skipped": skipped}
 
 
 def rotate(model: onnx.ModelProto, seed: int = 0) -> RotationReport:

@@ -18,6 +18,17 @@ else (a residual, a non-weight MatMul) is left alone, because dividing it by s w
 value projection, and scaling it would change the KV cache the model outputs. Works on the plain export
 (RMSNorm ends in `Mul(weight, x_hat)`, GPT-2 uses LayerNormalization) and on the fused graph
 (SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization, SkipLayerNormalization).
+
+Smoothing cannot tame a channel 1000x the rest (SmolLM2's down_proj inputs reach 3323 where the typical channel
+peaks near 1): whatever alpha, either the activation range or that weight row is wasted on it. Such channels are
+split off instead (`outlier_channels`, LLM.int8()'s decomposition made static): their s is a power of two large
+enough that the smoothed channel sits well inside the rest's range, the int8 MatMul gets a zero weight row for
+them, and a small float MatMul reads them back through a Gather and adds their exact contribution:
+
+    X @ W = (X/s)[:, R] @ (sW)[R] + (X/s)[:, O] @ (sW)[O]       R: the other channels, O: the split ones
+
+so the calibrated int8 range of X/s is set by the rest alone, and a held-out spike in a split channel costs
+nothing (its int8 row is zero, its float path does not clip).
 """
 
 from __future__ import annotations
@@ -311,10 +322,11 @@ def rescale(tensor: TensorProto, fn) -> None:
 
 
 def smooth(model: onnx.ModelProto, groups: list[SmoothGroup], act_max: dict[str, np.ndarray],
-           alpha: float | dict[str, float]) -> dict[str, np.ndarray]:
+           alpha: float | dict[str, float], outliers: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Fold the smoothing factors into `model` in place; returns s for each group's activation.
 
-    `alpha`: one migration strength for all, or one per activation name."""
+    `alpha`: one migration strength for all, or one per activation name. `outliers`: per activation name, the
+    channels to split off into a float MatMul (see the module docstring and `split_channels`)."""
     nodes = {n.name: n for n in model.graph.node}
     uses = Counter(i for n in model.graph.node for i in n.input)
     scales = {}
@@ -323,13 +335,79 @@ def smooth(model: onnx.ModelProto, groups: list[SmoothGroup], act_max: dict[str,
         inits = initializers(model)  # fresh: an earlier group may have rescaled or cloned these weights
         a = alpha[g.activation] if isinstance(alpha, dict) else alpha
         s = smoothing_scales(act_max[g.activation], [numpy_helper.to_array(inits[m.input[1]]) for m in mms], a)
+        split = np.asarray((outliers or {}).get(g.activation, ()), np.int64)
+        if split.size:
+            s[split] = split_scales(act_max[g.activation], s, split)
         source = nodes[g.source]
         for idx in g.scale_inputs:
             rescale(_private_initializer(model, source, idx, uses), _divider(s, g.first_column))
         for mm in mms:
             rescale(_private_initializer(model, mm, 1, uses), lambda w: w * s[:, None])
+        if split.size:
+            split_channels(model, g, split)
         scales[g.activation] = s
     return scales
+
+
+# a split channel's calibrated peak ends up at most this fraction of the other channels' smoothed range
+SPLIT_HEADROOM = 0.25
+# channels whose calibrated peak exceeds this multiple of the tensor's 99th-percentile channel peak are split off
+OUTLIER_RATIO = 4.0
+# suffix of the float MatMul that adds back the split channels' contribution (`outlier_matmuls` finds them)
+OUTLIER_SUFFIX = "/outlier_channels"
+
+
+def pick_outliers(act_max: np.ndarray, limit: int, ratio: float = OUTLIER_RATIO) -> np.ndarray:
+    """Up to `limit` channels, largest first, whose calibrated peak is over `ratio` x the 99th percentile of the
+    channel peaks (a threshold relative to the tensor: typical channels' scale differs 6x across SmolLM2's layers)."""
+    if limit <= 0 or act_max.size < 2:
+        return np.zeros(0, np.int64)
+    top = np.argsort(-act_max, kind="stable")[:limit]
+    return np.sort(top[act_max[top] > ratio * np.percentile(act_max, 99)]).astype(np.int64)
+
+
+def split_scales(act_max: np.ndarray, s: np.ndarray, split: np.ndarray) -> np.ndarray:
+    """s for the split channels: powers of two (exact to divide by) putting each channel's peak within
+    SPLIT_HEADROOM of the other channels' smoothed range, so the int8 range is set by those alone."""
+    rest = np.setdiff1d(np.arange(act_max.size), split)
+    rest_max = float((act_max[rest] / s[rest]).max()) if rest.size else 1.0
+    need = act_max[split] / (SPLIT_HEADROOM * max(rest_max, 1e-30))
+    return np.exp2(np.ceil(np.log2(np.maximum(need, 1.0)))).astype(np.float32)
+
+
+def split_channels(model: onnx.ModelProto, group: SmoothGroup, channels: np.ndarray) -> None:
+    """Move `channels` of the group's activation out of its MatMuls: their weight rows become zero, and
+    Gather(X, channels) @ those rows (a float MatMul named `<reader><OUTLIER_SUFFIX>`) is added to each output."""
+    inits = initializers(model)
+    readers = set(group.matmuls)
+    index, picked = f"{group.activation}{OUTLIER_SUFFIX}", f"{group.activation}{OUTLIER_SUFFIX}/x"
+    model.graph.initializer.append(numpy_helper.from_array(channels.astype(np.int64), index))
+    gather = helper.make_node("Gather", [group.activation, index], [picked], axis=-1, name=f"{index}/gather")
+    nodes = []
+    for node in model.graph.node:
+        if node.name not in readers:
+            nodes.append(node)
+            continue
+        if gather is not None:
+            nodes.append(gather)
+            gather = None
+        w = numpy_helper.to_array(inits[node.input[1]])
+        side, out, name = w[channels], node.output[0], f"{node.name}{OUTLIER_SUFFIX}"
+        w = w.copy()
+        w[channels] = 0.0
+        inits[node.input[1]].CopyFrom(numpy_helper.from_array(w, node.input[1]))
+        model.graph.initializer.append(numpy_helper.from_array(side, f"{name}.weight"))
+        node.output[0] = f"{out}/without_outliers"
+        nodes += [node, helper.make_node("MatMul", [picked, f"{name}.weight"], [f"{name}/y"], name=name),
+                  helper.make_node("Add", [node.output[0], f"{name}/y"], [out], name=f"{name}/add")]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+
+
+def outlier_matmuls(model: onnx.ModelProto) -> dict[str, str]:
+    """The float MatMuls `split_channels` added, each mapped to the MatMul whose split channels it computes."""
+    return {n.name: n.name.removesuffix(OUTLIER_SUFFIX) for n in model.graph.node
+            if n.op_type == "MatMul" and n.name.endswith(OUTLIER_SUFFIX)}
 
 
 def _divider(s: np.ndarray, first_column: int | None):

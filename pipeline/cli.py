@@ -151,11 +151,19 @@ def optimize(run_dir, fp16, as_json):
                    "nearest.")
 @click.option("--rotate/--no-rotate", default=True, show_default=True,
               help="w8a8: fold randomized Hadamard rotations into the weights (residual stream and attention "
-                   "values) before smoothing; exact in float, no extra ops in the graph.")
+                   "values) before smoothing, exact in float and adding no ops; and the online one of "
+                   "--online-hadamard.")
+@click.option("--online-hadamard", type=click.IntRange(min=0), default=128, show_default=True,
+              help="w8a8 with --rotate: block size of an online Hadamard rotation before each down_proj (three float "
+                   "ops per layer that make its input fit static int8); 0: none.")
+@click.option("--outlier-channels", type=click.IntRange(min=0), default=16, show_default=True,
+              help="w8a8: at most this many channels of each smoothed activation, those over 4x its 99th-percentile "
+                   "channel peak, leave the int8 MatMul for a small float one (0: none).")
 @json_opt
 @user_errors
 def quantize(run_dir, recipe, source, method, per_channel, calib_windows, window, max_ppl_increase, fallback,
-             w4_max_ppl_increase, block_size, accuracy_level, calib_text, weight_rounding, rotate, as_json):
+             w4_max_ppl_increase, block_size, accuracy_level, calib_text, weight_rounding, rotate, online_hadamard,
+             outlier_channels, as_json):
     """Quantize a variant to int8 (QDQ) or int4/int8 weight-only, calibrated on prefill and decode steps."""
     from pipeline.stages.quantize import QuantizeStageConfig, quantize as quantize_stage
 
@@ -163,7 +171,8 @@ def quantize(run_dir, recipe, source, method, per_channel, calib_windows, window
                               calib_windows=calib_windows, window=window, max_ppl_increase=max_ppl_increase,
                               block_size=block_size, accuracy_level=accuracy_level, calib_text=calib_text,
                               fallback=fallback, w4_max_ppl_increase=w4_max_ppl_increase,
-                              weight_rounding=weight_rounding, rotate=rotate)
+                              weight_rounding=weight_rounding, rotate=rotate, online_hadamard=online_hadamard,
+                              outlier_channels=outlier_channels)
     results = quantize_stage(RunDir.open(run_dir), cfg)
 
     def render(r):
@@ -176,7 +185,17 @@ def quantize(run_dir, recipe, source, method, per_channel, calib_windows, window
         if r.get("ppl"):
             click.echo(f"  calibration-side perplexity: fp32 {r['ppl']['fp32']:.3f} -> {r['ppl']['quantized']:.3f} "
                        f"({100 * r['ppl']['increase']:+.2f}%)")
-        kept = {n: why for n, why in r["float_matmuls"].items() if "attention" not in why}
+        split = {n: why for n, why in r["float_matmuls"].items() if why.startswith("outlier channels")}
+        if split:
+            channels = sum(len(c) for c in r["smoothing"]["outlier_channels"].values())
+            click.echo(f"  outlier channels split off into float: {channels} channels of "
+                       f"{len(r['smoothing']['outlier_channels'])} activations ({len(split)} small MatMuls)")
+        online = {n for n, why in r["float_matmuls"].items() if why.startswith("online Hadamard")}
+        if online:
+            click.echo(f"  online Hadamard ({r['online_hadamard']['block']}-wide blocks, float) before "
+                       f"{len(online)} MatMuls")
+        kept = {n: why for n, why in r["float_matmuls"].items()
+                if "attention" not in why and n not in split and n not in online}
         if kept:
             click.echo(f"  left in float: " + ", ".join(f"{n} ({why})" for n, why in kept.items()))
 

@@ -72,6 +72,7 @@ def int8_flop_share(model_path) -> dict:
     what runs: int8/int4 weights; static W8A8 (QDQ weight and activation); int8 compute, which adds the
     MatMulNBits with accuracy_level 4, whose activations the CPU kernel quantizes to int8 per block at run time."""
     import onnx
+    from onnx import numpy_helper
 
     m = onnx.load(str(model_path), load_external_data=False)
     g = m.graph
@@ -82,6 +83,13 @@ def int8_flop_share(model_path) -> dict:
         n = producer.get(name)
         return n is not None and n.op_type == "DequantizeLinear" and n.input[0] in inits
 
+    def blocks(name):  # rows per token: K/b when A is (batch, seq, K/b, b), as an online rotation reshapes it
+        n = producer.get(name)
+        if n is None or n.op_type != "Reshape" or n.input[1] not in inits:
+            return 1
+        shape = numpy_helper.to_array(inits[n.input[1]])
+        return int(np.prod(shape[2:-1])) if shape.size > 3 and (shape[2:-1] > 0).all() else 1
+
     total = int8_w = int8_wa = int8_dyn = 0
     for n in g.node:
         if n.op_type == "MatMulNBits":  # weight-only: int weights; int8 compute at accuracy level 4
@@ -91,7 +99,7 @@ def int8_flop_share(model_path) -> dict:
             int8_dyn += attrs["K"] * attrs["N"] if attrs.get("accuracy_level") == 4 else 0
         elif n.op_type == "MatMul" and n.input[1] in inits:  # float weight
             dims = inits[n.input[1]].dims
-            total += dims[0] * dims[1]
+            total += dims[-2] * dims[-1] * blocks(n.input[0])
         elif n.op_type == "MatMul" and dq_int(n.input[1]):  # QDQ weight
             dims = inits[producer[n.input[1]].input[0]].dims
             total += dims[0] * dims[1]

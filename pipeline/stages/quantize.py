@@ -27,6 +27,8 @@ class QuantizeStageConfig:
     w4_max_ppl_increase: float = 0.08  # w4: MatMuls move to 8 bits, most damaging first, until within this
     weight_rounding: str = "gptq"   # w8a8/w8/w4: "gptq" or "nearest"
     rotate: bool = True             # w8a8: fold randomized Hadamard rotations into the weights first
+    outlier_channels: int = 16      # w8a8: most channels per smoothed activation split off into a float MatMul
+    online_hadamard: int = 128      # w8a8 with rotate: online Hadamard block before each down_proj (0: none)
 
     def resolved_source(self, run: RunDir) -> str:
         if self.source:
@@ -62,7 +64,8 @@ def quantize(run: RunDir, config: QuantizeStageConfig) -> dict:
                        per_channel=config.per_channel, max_ppl_increase=config.max_ppl_increase,
                        block_size=config.block_size, accuracy_level=config.accuracy_level,
                        fallback=config.fallback, w4_max_ppl_increase=config.w4_max_ppl_increase,
-                       weight_rounding=config.weight_rounding, rotate=config.rotate)
+                       weight_rounding=config.weight_rounding, rotate=config.rotate,
+                       outlier_channels=config.outlier_channels, online_hadamard=config.online_hadamard)
     out = run.variant_path(config.recipe)
     report = quantize_model(run.variant_path(source), out, calib, qcfg, valid_ids=valid)
     run.record("quantize", {**asdict(config), "source": source}, {source: str(run.variant_path(source))},

@@ -14,8 +14,8 @@ from exporters.calibration import CalibrationPlan, KVCacheCalibrationReader, cpu
     session_contract, step_feed
 from exporters.export import export_onnx
 from exporters.optimize import optimize
-from exporters.rotation import NORMS, hadamard, random_rotation, rotate
-from exporters.smoothing import collect_activation_stats
+from exporters.rotation import NORMS, hadamard, online_hadamard, random_rotation, rotate
+from exporters.smoothing import collect_activation_stats, find_smooth_groups, weight_matmuls
 from tests.exporters.test_quantize import VOCAB, outlier_decoder
 
 
@@ -103,3 +103,35 @@ def test_graphs_that_do_not_commute_are_left_alone_with_the_reason(graphs):
     report = rotate(model)
     assert not report.residual and "fused graph" in report.not_rotated
     assert report.value_heads == 0 and model.SerializeToString() == before
+
+
+@pytest.mark.parametrize("graph", ["plain", "fused"])
+def test_online_hadamard_is_exact_and_adds_three_ops_per_matmul(graphs, graph, tmp_path):
+    """Before each down_proj: reshape into 128-wide blocks, one shared (1, 128, 128) float matrix, flatten; the
+    down_proj weight absorbs the inverse, so prefill and KV-cache decode logits do not move."""
+    model = onnx.load(str(graphs[graph]))
+    gated = [m for g in find_smooth_groups(model) if g.first_column is not None for m in g.matmuls]
+    ops = len(model.graph.node)
+    report = online_hadamard(model, gated, block=128)
+    assert report == {"block": 128, "matmuls": gated, "skipped": {}} and len(gated) == 2
+    assert len(model.graph.node) == ops + 3 * len(gated)
+    matrices = [t for t in model.graph.initializer if t.name.startswith("online_hadamard.128")
+                and t.data_type == onnx.TensorProto.FLOAT]
+    assert len(matrices) == 1 and tuple(matrices[0].dims) == (1, 128, 128)
+    h = numpy_helper.to_array(matrices[0])[0]
+    np.testing.assert_allclose(h @ h.T, np.eye(128), atol=1e-5)
+    assert not any(n.input[1] == matrices[0].name for n in weight_matmuls(model))  # not a projection to quantize
+    onnx.save(model, tmp_path / "online.onnx")
+    ids = np.random.default_rng(2).integers(0, VOCAB, 12)
+    np.testing.assert_allclose(generate_logits(tmp_path / "online.onnx", ids, steps=3),
+                               generate_logits(graphs[graph], ids, steps=3), atol=2e-4)
+
+
+def test_online_hadamard_skips_widths_it_cannot_block(graphs):
+    model = onnx.load(str(graphs["fused"]))
+    gated = [m for g in find_smooth_groups(model) if g.first_column is not None for m in g.matmuls]
+    report = online_hadamard(model, gated, block=512)  # the tiny model's MLP is 256 wide
+    assert report["matmuls"] == [] and set(report["skipped"]) == set(gated)
+    assert all("not a multiple of 512" in why for why in report["skipped"].values())
+    with pytest.raises(ValueError, match="no Hadamard matrix of order 100"):
+        online_hadamard(model, gated, block=100)

@@ -102,9 +102,15 @@ def test_quantize_recipes_shrink_and_are_checked(run_dir, text_file, recipe):
     if recipe in ("w8", "w4"):  # accuracy level 4: int8 arithmetic on activations quantized at run time
         assert row["int8_weight_flop_share"] == row["int8_compute_flop_share"] == 1.0
         assert row["int8_w8a8_flop_share"] == 0.0
-    else:  # budget 100%: nothing leaves static int8
+    elif recipe == "static":  # budget 100%: nothing leaves static int8
         assert row["int8_w8a8_flop_share"] == row["int8_compute_flop_share"] == 1.0
         assert report["quantized_flop_share"] == 1.0 and not report["fallback_matmuls"]
+    else:  # the same, but for the online Hadamard before each down_proj: float, and counted as such
+        assert row["int8_w8a8_flop_share"] == row["int8_compute_flop_share"] \
+            == pytest.approx(report["quantized_flop_share"])
+        assert 0.5 < report["quantized_flop_share"] < 1.0 and not report["fallback_matmuls"]
+        assert all(why.startswith(("online Hadamard", "multiplies two activations"))
+                   for why in report["float_matmuls"].values())
     assert row["size_bytes"] < (run_dir / "variants/fused/model.onnx").stat().st_size
     assert 0 <= row["top1"] <= 1 and np.isfinite(row["ppl"])
 
@@ -128,9 +134,17 @@ def test_quantize_rotate_option_reaches_the_quantizer(run_dir, text_file):
     invoke("quantize", run_dir, *common)
     report = manifest_results(run_dir, "quantize")
     assert report["rotation"]["residual"] and report["rotation"]["value_heads"] > 0
+    assert report["online_hadamard"]["block"] == 128 and report["online_hadamard"]["matmuls"]
     invoke("quantize", run_dir, *common, "--no-rotate")
     entry = [s for s in json.loads((run_dir / "manifest.json").read_text())["stages"] if s["stage"] == "quantize"][-1]
     assert "rotation" not in entry["results"] and entry["config"]["rotate"] is False
+    assert "online_hadamard" not in entry["results"]
+    out = invoke("quantize", run_dir, *common, "--online-hadamard", "64", "--outlier-channels", "0").output
+    entry = [s for s in json.loads((run_dir / "manifest.json").read_text())["stages"] if s["stage"] == "quantize"][-1]
+    assert entry["results"]["online_hadamard"]["block"] == 64 and "online Hadamard (64-wide blocks" in out
+    assert entry["config"]["outlier_channels"] == 0 and entry["results"]["config"]["outlier_channels"] == 0
+    one_line_error(invoke("quantize", run_dir, *common, "--online-hadamard", "100", ok=False),
+                   "online_hadamard", "2^a * 12^b")
 
 
 def test_check_fails_loudly_when_a_threshold_is_missed(run_dir, text_file, monkeypatch):
