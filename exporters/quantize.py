@@ -9,12 +9,11 @@ Recipes:
           online Hadamard rotation before each down_proj (rotation.py's `online_hadamard`) + mixed precision:
           the quantized model's perplexity is measured on validation ids and, over budget, MatMuls are ranked
           by the KL on the logits with only that MatMul in int8 (`QuantSwitch` makes that one session, not
-          one model per MatMul), and
-          the most sensitive ones leave static int8 until the budget is met (verified on the real model). They
-          fall back (`fallback`) to int8 weight-only MatMulNBits (default: on the CPU its accuracy level 4
-          quantizes the activation per block at run time, so they still compute in int8 and stream int8
-          weights), or to float (`fallback="float"`: a graph that is all static QDQ or float, as NPU execution
-          providers require).
+          one model per MatMul), and the most sensitive ones leave static int8 until the budget is met
+          (verified on the real model). They fall back (`fallback`) to int8 weight-only MatMulNBits (default:
+          on the CPU its accuracy level 4 quantizes the activation per block at run time, so they still compute
+          in int8 and stream int8 weights), or to float (`fallback="float"`: a graph that is all static QDQ or
+          float, as NPU execution providers require).
   w8, w4  weight-only MatMulNBits (blockwise symmetric): the int8/int4 weights are unpacked per block inside the
           kernel, activations stay float (or int8 per block with accuracy_level 4). Calibration text only serves
           the GPTQ rounding (`BlockwiseRounding`); w4 moves its most damaging MatMuls to 8 bits within a budget.

@@ -17,8 +17,8 @@ unchanged. Nothing is added to the graph; smoothing runs after this, on the rota
 
 The down_proj input (the SwiGLU product) is out of reach of any folded rotation, and it is where static int8
 loses most on SmolLM2. `online_hadamard` rotates it in the graph, in blocks, after smoothing has split off its
-few huge channels: on SmolLM2, every MatMul static, held-out perplexity +3.8% -> +1.5% and top-1 0.888 -> 0.938
-(docs/benchmarks.md).
+few huge channels: on SmolLM2, every MatMul static, held-out perplexity +4.8% (split alone) -> +0.98% and top-1
+0.892 -> 0.946 (docs/benchmarks.md).
 
 Works on the fused graph of RMSNorm models (SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization,
 GroupQueryAttention with packed QKV); `rotate` reports why not when the graph has another shape (LayerNorm's
