@@ -3,8 +3,11 @@
 The loop is prefill (the whole prompt, empty past) then one step per new token, each step feeding the previous
 step's `present.*` back as `past_key_values.*`. Where the cache lives is the only provider-dependent part:
 
-* `HostCache` — plain `session.run`: presents come back as numpy arrays and go straight back in (CPU, where
-  host memory *is* device memory, so nothing is copied beyond what onnxruntime does itself).
+* `HostCache` — plain `session.run`: presents come back as numpy arrays and go straight back in (CPU graphs
+  without GroupQueryAttention, whose attention concatenates past and new keys into a new tensor anyway).
+* `SharedCache` — CPU, fused graphs: one buffer of the whole capacity per past tensor, bound as both the past
+  input and the present output, so GroupQueryAttention writes the new positions in place and a decode step
+  copies no cache at all (onnxruntime-genai's `past_present_share_buffer`). The default there.
 * `BoundCache` — IO binding: presents are bound to the provider's device and rebound as the next step's past,
   so on CUDA the cache never leaves the GPU; only the logits of the new position are copied to the host.
 
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from runtimes.errors import RuntimeUserError
 from runtimes.providers import ProviderSpec
@@ -73,7 +77,7 @@ class HostCache:
         self._outputs = [LOGITS, *present_names(session.contract.num_layers)]
         self._past: dict[str, np.ndarray] = {}
 
-    def reset(self, past: np.ndarray) -> None:
+    def reset(self, past: np.ndarray, capacity: int) -> None:
         self._past = dict.fromkeys(self._past_names, past)
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -81,6 +85,52 @@ class HostCache:
         logits, *presents = self._run(self._outputs, feeds)
         self._past = dict(zip(self._past_names, presents))
         return logits
+
+
+class SharedCache:
+    """KV cache updated in place by GroupQueryAttention: past and present bound to one host buffer per tensor.
+
+    GroupQueryAttention shares the buffer when its past and present pointers are equal: it writes the new
+    positions' keys and values at the offsets the attention mask's sum gives and reads only those positions, so
+    the buffer holds `capacity` positions from the start and the mask (length = positions so far) says how many
+    are live. Without sharing, every step zero-fills and copies the whole cache into 2 x layers new tensors,
+    and `session.run` copies each into numpy. Past the capacity the buffers double (one copy).
+    """
+
+    def __init__(self, session: DecoderSession):
+        self._session = session.ort
+        self._binding = session.ort.io_binding()
+        self._names = list(zip(past_names(session.contract.num_layers), present_names(session.contract.num_layers)))
+        self._buffers: list[np.ndarray] = []  # owners of the memory the bound OrtValues wrap
+        self._binding.bind_output(LOGITS, "cpu")  # first bound: output 0 (rebinding keeps a name's place)
+
+    def reset(self, past: np.ndarray, capacity: int) -> None:
+        batch, heads, _, head_dim = past.shape
+        self._bind([np.zeros((batch, heads, max(capacity, 1), head_dim), past.dtype) for _ in self._names])
+
+    def _bind(self, buffers: list[np.ndarray]) -> None:
+        self._buffers = buffers
+        for (past, present), buffer in zip(self._names, buffers):
+            value = ort.OrtValue.ortvalue_from_numpy(buffer)  # wraps the array's memory, no copy
+            self._binding.bind_ortvalue_input(past, value)
+            self._binding.bind_ortvalue_output(present, value)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        total = feeds[ATTENTION_MASK].shape[1]
+        capacity = self._buffers[0].shape[2]
+        if total > capacity:
+            grown = []
+            for old in self._buffers:
+                new = np.zeros((*old.shape[:2], 2 * total, old.shape[3]), old.dtype)
+                new[:, :, :capacity] = old
+                grown.append(new)
+            self._bind(grown)
+        binding = self._binding
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, array)
+        binding.bind_output(LOGITS, "cpu")  # rebound: its shape changes from prefill to decode
+        self._session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
 
 
 class BoundCache:
@@ -97,7 +147,7 @@ class BoundCache:
         self._past_names = past_names(session.contract.num_layers)
         self._outputs = [LOGITS, *present_names(session.contract.num_layers)]
 
-    def reset(self, past: np.ndarray) -> None:
+    def reset(self, past: np.ndarray, capacity: int) -> None:
         """Bind the initial (empty or dummy) past from the host: onnxruntime copies it over once, at prefill,
         and no zero-sized buffer is ever allocated on the device."""
         for name in self._past_names:
@@ -119,13 +169,17 @@ class BoundCache:
 class Generator:
     """Prefill / step / generate over one session; holds one sequence batch's KV cache at a time.
 
-    `io_binding` None picks IO binding exactly when the provider's outputs live off the host (CUDA, TensorRT).
+    `io_binding` None picks IO binding exactly when the provider's outputs live off the host (CUDA, TensorRT),
+    and on the CPU the in-place cache for fused graphs; True / False force `BoundCache` / `HostCache`.
     """
 
     def __init__(self, session: DecoderSession, io_binding: bool | None = None):
         self.session = session
-        use_binding = session.spec.device != "cpu" if io_binding is None else io_binding
-        self._cache = BoundCache(session) if use_binding else HostCache(session)
+        if io_binding is None and session.spec.device == "cpu" and session.contract.fused_attention:
+            self._cache = SharedCache(session)
+        else:
+            use_binding = session.spec.device != "cpu" if io_binding is None else io_binding
+            self._cache = BoundCache(session) if use_binding else HostCache(session)
         # a fused graph hands the past only to GroupQueryAttention (never a TensorRT subgraph), and that op
         # reads sequence lengths from the mask sum: a dummy slot there would shift them, so it gets none
         self._dummy = int(session.spec.needs_nonempty_past and not session.contract.fused_attention)
@@ -144,7 +198,8 @@ class Generator:
         batch, length = ids.shape
         check_request(self.session, length, max(capacity - length, 0))
         c = self.session.contract
-        self._cache.reset(np.zeros((batch, c.num_kv_heads, self._dummy, c.head_dim), self.session.kv_dtype))
+        self._cache.reset(np.zeros((batch, c.num_kv_heads, self._dummy, c.head_dim), self.session.kv_dtype),
+                          max(capacity, length) + self._dummy)
         self._mask = np.ones((batch, max(capacity, length) + self._dummy), np.int64)
         self._mask[:, :self._dummy] = 0
         self._total, self._next_position = self._dummy + length, length

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
-from runtimes.generate import Generator, greedy_tokens
+from runtimes.generate import Generator, HostCache, SharedCache, greedy_tokens
 from runtimes.providers import cpu
 from runtimes.session import open_session
 
@@ -53,3 +54,32 @@ def test_tensorrt_style_spec_adds_no_dummy_slot_to_a_fused_graph(fused_pair):
     expected = greedy_tokens(open_session(plain, cpu(threads=1)), [7, 8, 9], 8)
     assert greedy_tokens(open_session(fused, trt_like), [7, 8, 9], 8) == expected
     assert greedy_tokens(open_session(plain, trt_like), [7, 8, 9], 8) == expected
+
+
+def test_fused_graph_on_the_cpu_updates_one_cache_buffer_in_place(fused_pair):
+    """The default CPU cache of a fused graph: past and present are one buffer per tensor, which
+    GroupQueryAttention fills position by position; the logits equal those of the copying HostCache."""
+    fused = open_session(fused_pair[1], cpu(threads=1))
+    shared, host = Generator(fused), Generator(fused, io_binding=False)
+    assert isinstance(shared._cache, SharedCache) and isinstance(host._cache, HostCache)
+    prompt = [5, 17, 3, 99, 42]
+    a, b = shared.prefill(prompt, capacity=16), host.prefill(prompt, capacity=16)
+    buffers = shared._cache._buffers
+    assert len(buffers) == 4 and all(x.shape == (1, 2, 16, 16) for x in buffers)
+    assert all(np.abs(x[:, :, :5]).min() > 0 and not x[:, :, 5:].any() for x in buffers)
+    for token in (7, 8, 9):
+        a, b = shared.step(token), host.step(token)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert shared._cache._buffers is buffers  # no new cache was allocated
+    assert all(np.abs(x[:, :, :8]).min() > 0 and not x[:, :, 8:].any() for x in buffers)
+
+
+def test_shared_cache_grows_past_its_capacity_hint(fused_pair):
+    """Generation beyond the prefill's capacity hint doubles the buffers and keeps the cache."""
+    fused = open_session(fused_pair[1], cpu(threads=1))
+    shared, host = Generator(fused), Generator(fused, io_binding=False)
+    prompt = [5, 17, 3]
+    shared.prefill(prompt, capacity=4), host.prefill(prompt, capacity=4)
+    for token in range(10, 20):
+        np.testing.assert_allclose(shared.step(token), host.step(token), rtol=1e-5, atol=1e-5)
+    assert shared._cache._buffers[0].shape[2] >= 13
