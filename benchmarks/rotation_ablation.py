@@ -15,8 +15,9 @@ then with the 30 down_proj at 8-bit weight-only.
 not at all. --outlier-channels N: with smoothing, up to N channels per smoothed activation (those over 4x its
 99th-percentile channel peak) split off into a float MatMul (exporters/smoothing.py). --online-block B: the
 online block Hadamard before every down_proj (exporters/rotation.py's `online_hadamard`; 0: none), the rotation
-that cannot be folded (the SwiGLU product sits between up_proj and down_proj). The defaults are `pipeline
-quantize --recipe w8a8`'s. About 5-10 minutes a configuration, 2 threads.
+that cannot be folded (the SwiGLU product sits between up_proj and down_proj). --method: activation ranges;
+--weight-bits 7|8: reduce_range or not. The defaults are `pipeline quantize --recipe w8a8`'s. About 5-10
+minutes a configuration, 2 threads.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from exporters.rotation import online_hadamard, rotate  # noqa: E402
 from exporters.smoothing import find_smooth_groups, outlier_matmuls  # noqa: E402
 from pipeline.data import token_windows  # noqa: E402
 from pipeline.stages.quantize import split_windows  # noqa: E402
+from runtimes.providers import int8_gemm_saturates  # noqa: E402
 
 
 def main() -> None:
@@ -50,6 +52,10 @@ def main() -> None:
     p.add_argument("--online-block", type=int, default=128)
     p.add_argument("--outlier-channels", type=int, default=16)
     p.add_argument("--calib-windows", type=int, default=32)
+    p.add_argument("--method", choices=["minmax", "percentile", "entropy"], default=None,
+                   help="activation ranges (default: w8a8's, percentile)")
+    p.add_argument("--weight-bits", type=int, choices=[7, 8], default=None,
+                   help="static int8 weights: 7 (reduce_range) or 8; default: what `pipeline quantize` picks here")
     args = p.parse_args()
     run = Path(args.run)
     fused = run / "variants/fused/model.onnx"
@@ -57,7 +63,8 @@ def main() -> None:
                              args.calib_windows)
     held_out = token_windows(run, "valid", str(run / "text/eval.txt"), 2, 512)
     config = QuantConfig(recipe="w8a8", num_prefill=args.calib_windows, seq_len=124, num_decode_steps=4,
-                         outlier_channels=args.outlier_channels)
+                         outlier_channels=args.outlier_channels, calibrate_method=args.method,
+                         reduce_range=int8_gemm_saturates() if args.weight_bits is None else args.weight_bits == 7)
     reader = KVCacheCalibrationReader(fused, calib, config.plan)
     ref = cpu_session(fused)
     contract = session_contract(ref)
@@ -93,12 +100,13 @@ def main() -> None:
         split_off = outlier_matmuls(model)
         targets = [t for t in _targets(model, ()) if t not in split_off]
         hessians, tokens = weight_hessians(model, targets, reader, work)
-        rounded, _ = gptq_weights(model, targets, hessians, tokens, 64)
+        rounded, _ = gptq_weights(model, targets, hessians, tokens, 64 if config.reduce_range else 127)
         job = StaticJob(job.fp32_path, job.cache_path, reader, config, rounded)
         out = work / "w8a8.onnx"
         quantize_qdq(job, targets, out)
         label = (f"rotate {args.rotate}, smooth {args.smooth}, outlier channels <= {args.outlier_channels}, "
-                 f"online block {args.online_block or '-'}")
+                 f"online block {args.online_block or '-'}, {config.calibrate_method} ranges, "
+                 f"{7 if config.reduce_range else 8}-bit weights")
         print(f"{label}: all {len(targets)} MatMuls static: {evaluate(out)}", flush=True)
         down = [x for x in targets if x.endswith("down_proj/MatMul")]
         write_mix(job, [x for x in targets if x not in down], down, out)

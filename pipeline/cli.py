@@ -130,8 +130,9 @@ def optimize(run_dir, fp16, as_json):
               help="w8a8: static int8 with smoothing and sensitivity-chosen mixed precision; static: plain QDQ "
                    "int8; w8/w4: weight-only MatMulNBits.")
 @click.option("--source", default="", help="Variant to quantize (default: fused if present, else fp32).")
-@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax",
-              show_default=True, help="Activation calibration method.")
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]), default=None,
+              help="Activation calibration method. Default: percentile (99.999% of |x|) for w8a8, minmax for "
+                   "static.")
 @click.option("--per-channel/--per-tensor", default=True, show_default=True, help="Weight scale granularity.")
 @click.option("--calib-windows", type=int, default=16, show_default=True,
               help="Calibration windows of text (w8a8's GPTQ rounds a MatMul only with more tokens than inputs).")
@@ -159,11 +160,14 @@ def optimize(run_dir, fp16, as_json):
 @click.option("--outlier-channels", type=click.IntRange(min=0), default=16, show_default=True,
               help="w8a8: at most this many channels of each smoothed activation, those over 4x its 99th-percentile "
                    "channel peak, leave the int8 MatMul for a small float one (0: none).")
+@click.option("--reduce-range/--no-reduce-range", default=None,
+              help="w8a8/static: 7-bit weights, for x86 CPUs without VNNI, whose int8 kernels overflow with 8-bit "
+                   "ones (the runtime refuses such a model there). Default: on exactly when this machine is one.")
 @json_opt
 @user_errors
 def quantize(run_dir, recipe, source, method, per_channel, calib_windows, window, max_ppl_increase, fallback,
              w4_max_ppl_increase, block_size, accuracy_level, calib_text, weight_rounding, rotate, online_hadamard,
-             outlier_channels, as_json):
+             outlier_channels, reduce_range, as_json):
     """Quantize a variant to int8 (QDQ) or int4/int8 weight-only, calibrated on prefill and decode steps."""
     from pipeline.stages.quantize import QuantizeStageConfig, quantize as quantize_stage
 
@@ -172,7 +176,7 @@ def quantize(run_dir, recipe, source, method, per_channel, calib_windows, window
                               block_size=block_size, accuracy_level=accuracy_level, calib_text=calib_text,
                               fallback=fallback, w4_max_ppl_increase=w4_max_ppl_increase,
                               weight_rounding=weight_rounding, rotate=rotate, online_hadamard=online_hadamard,
-                              outlier_channels=outlier_channels)
+                              outlier_channels=outlier_channels, reduce_range=reduce_range)
     results = quantize_stage(RunDir.open(run_dir), cfg)
 
     def render(r):
@@ -182,6 +186,9 @@ def quantize(run_dir, recipe, source, method, per_channel, calib_windows, window
         if r.get("fallback_matmuls"):
             click.echo(f"  8-bit weight-only instead: {len(r['fallback_matmuls'])} MatMuls, "
                        f"{100 * r['fallback_flop_share']:.0f}% of FLOPs: " + ", ".join(r["fallback_matmuls"]))
+        if "reduce_range" in r:
+            click.echo(f"  static int8 weights: {7 if r['reduce_range'] else 8}-bit"
+                       + (" (--reduce-range: this CPU's int8 kernels saturate without it)" if r["reduce_range"] else ""))
         if r.get("ppl"):
             click.echo(f"  calibration-side perplexity: fp32 {r['ppl']['fp32']:.3f} -> {r['ppl']['quantized']:.3f} "
                        f"({100 * r['ppl']['increase']:+.2f}%)")

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import inspect
 import io
+import platform
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -185,3 +186,28 @@ def resolve(name: str, **opts) -> ProviderSpec:
         raise RuntimeUserError(f"provider {name!r} takes no option {', '.join(wrong)}: it takes "
                                f"{', '.join(accepted) or 'no options'}")
     return ensure_available(factory(**opts))
+
+
+_X86 = {"x86_64", "amd64", "i386", "i686", "x86"}
+_VNNI_FLAGS = {"avx512_vnni", "avx_vnni"}  # /proc/cpuinfo names of AVX512-VNNI and AVX-VNNI
+
+
+def int8_gemm_saturates(cpuinfo: str | None = None, machine: str | None = None) -> bool:
+    """Whether onnxruntime's CPU int8 GEMM (MLAS, u8 activations x s8 weights) can overflow on this machine.
+
+    Without VNNI, MLAS's x86 U8S8 kernels (AVX2, AVX512BW) add pairs of u8*s8 products in saturating int16, and
+    255 * 127 * 2 > 32767: weights must then keep to 7 bits (`reduce_range`). With AVX-VNNI or AVX512-VNNI the
+    products accumulate in int32, and ARM's kernels widen first; full 8-bit weights are exact there. An x86
+    machine whose flags cannot be read (no /proc/cpuinfo) counts as saturating. `cpuinfo` and `machine`
+    stand in for /proc/cpuinfo and platform.machine() in tests.
+    """
+    if (machine or platform.machine()).lower() not in _X86:
+        return False
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return True
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), None)
+    return flags is None or not _VNNI_FLAGS & set(flags)
+

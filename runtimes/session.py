@@ -20,9 +20,11 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from runtimes.errors import RuntimeUserError
-from runtimes.providers import CPU_EP, ModelShape, ProviderSpec, cpu, ensure_available, with_cpu_fallback
+from runtimes.providers import (CPU_EP, ModelShape, ProviderSpec, cpu, ensure_available, int8_gemm_saturates,
+                               with_cpu_fallback)
 
 METADATA_KEY = "pipeline.contract"
+WEIGHT_BITS_KEY = "pipeline.int8_weight_bits"  # written by `pipeline quantize` for static int8 weights: "7" or "8"
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
@@ -157,6 +159,15 @@ def _describe(session: ort.InferenceSession, path: Path) -> tuple[Contract, tupl
     return contract, inputs, outputs
 
 
+def check_int8_weights(meta: Mapping[str, str], path: Path, spec: ProviderSpec) -> None:
+    """Refuse full 8-bit static int8 weights on a CPU whose int8 kernels saturate: the model would load and run,
+    and its logits would be garbage (SmolLM2-135M: perplexity 38 -> 650,000)."""
+    if spec.device == "cpu" and meta.get(WEIGHT_BITS_KEY) == "8" and int8_gemm_saturates():
+        raise RuntimeUserError(f"{path} has full 8-bit int8 weights, which overflow onnxruntime's int8 kernels on "
+                               "this CPU (x86 without VNNI): quantize it again with `pipeline quantize "
+                               "--reduce-range` (7-bit weights)")
+
+
 def model_shape(path: Path) -> ModelShape:
     """Inputs and KV geometry, read with a throwaway CPU session without graph optimizations.
 
@@ -181,6 +192,7 @@ def open_session(model_path: str | Path, spec: ProviderSpec | None = None, threa
     shape = model_shape(path) if spec.needs_model_shape else None
     session = _load(path, options, spec.session_providers(shape))
     contract, inputs, outputs = _describe(session, path)
+    check_int8_weights(session.get_modelmeta().custom_metadata_map, path, spec)
     kv_type = next(i.type for i in session.get_inputs() if i.name == past_names(1)[0])
     if kv_type not in _KV_DTYPES:
         raise RuntimeUserError(f"{path} has a {kv_type} KV cache; this runtime supports float32 and float16")

@@ -6,13 +6,14 @@ from dataclasses import asdict, dataclass
 
 from pipeline.data import token_windows
 from pipeline.manifest import RunDir
+from runtimes.providers import int8_gemm_saturates
 
 
 @dataclass(frozen=True)
 class QuantizeStageConfig:
     recipe: str = "w8a8"            # static | w8a8 | w8 | w4
     source: str = ""                # variant to quantize; "" = fused if present, else fp32
-    calibrate_method: str = "minmax"  # minmax | percentile | entropy
+    calibrate_method: str | None = None  # minmax | percentile | entropy; None: percentile for w8a8, else minmax
     per_channel: bool = True        # per-output-channel weight scales
     calib_windows: int = 16         # prefill windows of calibration text (each also seeds decode steps); 16 of
                                     # 128 tokens: more tokens than a 1536-wide MatMul has inputs, for GPTQ
@@ -29,6 +30,8 @@ class QuantizeStageConfig:
     rotate: bool = True             # w8a8: fold randomized Hadamard rotations into the weights first
     outlier_channels: int = 16      # w8a8: most channels per smoothed activation split off into a float MatMul
     online_hadamard: int = 128      # w8a8 with rotate: online Hadamard block before each down_proj (0: none)
+    reduce_range: bool | None = None  # static/w8a8: 7-bit weights; None: exactly where this machine's int8
+                                    # kernels saturate (x86 without VNNI, runtimes.providers.int8_gemm_saturates)
 
     def resolved_source(self, run: RunDir) -> str:
         if self.source:
@@ -65,7 +68,8 @@ def quantize(run: RunDir, config: QuantizeStageConfig) -> dict:
                        block_size=config.block_size, accuracy_level=config.accuracy_level,
                        fallback=config.fallback, w4_max_ppl_increase=config.w4_max_ppl_increase,
                        weight_rounding=config.weight_rounding, rotate=config.rotate,
-                       outlier_channels=config.outlier_channels, online_hadamard=config.online_hadamard)
+                       outlier_channels=config.outlier_channels, online_hadamard=config.online_hadamard,
+                       reduce_range=int8_gemm_saturates() if config.reduce_range is None else config.reduce_range)
     out = run.variant_path(config.recipe)
     report = quantize_model(run.variant_path(source), out, calib, qcfg, valid_ids=valid)
     run.record("quantize", {**asdict(config), "source": source}, {source: str(run.variant_path(source))},

@@ -147,6 +147,23 @@ def test_quantize_rotate_option_reaches_the_quantizer(run_dir, text_file):
                    "online_hadamard", "2^a * 12^b")
 
 
+@pytest.mark.parametrize("saturates, flag, bits", [(True, (), 7), (False, (), 8), (False, ("--reduce-range",), 7),
+                                                   (True, ("--no-reduce-range",), 8)])
+def test_quantize_weight_range_follows_the_machine_unless_told(run_dir, text_file, monkeypatch, saturates, flag,
+                                                              bits):
+    """7-bit weights exactly where this machine's int8 kernels saturate, unless --reduce-range says otherwise;
+    the choice is reported, recorded in the manifest and written into the model."""
+    import pipeline.stages.quantize as stage
+
+    monkeypatch.setattr(stage, "int8_gemm_saturates", lambda: saturates)
+    out = invoke("quantize", run_dir, "--recipe", "static", "--calib-text", text_file, "--calib-windows", "4",
+                 "--window", "32", *flag).output
+    assert f"static int8 weights: {bits}-bit" in out
+    assert manifest_results(run_dir, "quantize")["reduce_range"] is (bits == 7)
+    meta = {p.key: p.value for p in onnx.load(str(run_dir / "variants/static/model.onnx")).metadata_props}
+    assert meta["pipeline.int8_weight_bits"] == str(bits)
+
+
 def test_check_fails_loudly_when_a_threshold_is_missed(run_dir, text_file, monkeypatch):
     from pipeline.stages import check as check_mod
 

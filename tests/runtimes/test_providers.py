@@ -110,3 +110,37 @@ def test_specs_are_frozen():
     with pytest.raises(AttributeError):
         cpu().threads = 4  # type: ignore[misc]
     assert isinstance(tensorrt(cache_dir=Path("x")).options, tuple)
+
+
+@pytest.mark.parametrize("machine, flags, saturates", [
+    ("x86_64", "fpu sse2 avx2 fma", True),                            # Haswell..Skylake, Zen 1-3: AVX2 only
+    ("x86_64", "fpu avx2 avx512f avx512bw", True),                    # Skylake-X: AVX512 without VNNI
+    ("x86_64", "fpu avx2 avx512f avx512bw avx512_vnni", False),       # Cascade Lake, Zen 4
+    ("x86_64", "fpu avx2 avx_vnni", False),                           # Alder Lake
+    ("aarch64", "fp asimd", False),                                   # ARM: widening kernels
+])
+def test_int8_gemm_saturates_exactly_on_x86_without_vnni(machine, flags, saturates):
+    cpuinfo = f"processor\t: 0\nmodel name\t: some cpu\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n"
+    assert providers.int8_gemm_saturates(cpuinfo, machine) is saturates
+
+
+def test_int8_gemm_saturation_unknown_flags_count_as_saturating_on_x86():
+    assert providers.int8_gemm_saturates("processor\t: 0\n", "AMD64") is True
+    assert providers.int8_gemm_saturates("processor\t: 0\n", "arm64") is False
+
+
+def test_int8_gemm_saturation_matches_this_machine():
+    """The flag test agrees with onnxruntime itself: u8 255 x s8 127 over K=64, which overflows int16 pairs."""
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    k = 64
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["A", "B"], ["Y"])], "g",
+        [helper.make_tensor_value_info("A", TensorProto.UINT8, [1, k])],
+        [helper.make_tensor_value_info("Y", TensorProto.INT32, [1, 16])],
+        [helper.make_tensor("B", TensorProto.INT8, [k, 16], [127] * (k * 16))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    session = ort.InferenceSession(model.SerializeToString(), providers=[CPU_EP])
+    y = session.run(None, {"A": np.full((1, k), 255, np.uint8)})[0]
+    assert (int(y[0, 0]) != 255 * 127 * k) is providers.int8_gemm_saturates()

@@ -75,6 +75,30 @@ def test_contract_that_does_not_match_the_graph_is_a_user_error(tmp_path, tiny_m
         open_session(tmp_path / "lying.onnx")
 
 
+@pytest.mark.parametrize("bits, saturates, refused", [("8", True, True), ("8", False, False), ("7", True, False)])
+def test_full_range_int8_weights_are_refused_where_the_cpu_kernels_saturate(tmp_path, tiny_model, monkeypatch,
+                                                                            bits, saturates, refused):
+    """Full 8-bit weights on an x86 CPU without VNNI would run and give garbage: one clear error instead."""
+    import runtimes.session as session_module
+
+    proto = onnx.load(str(tiny_model))
+    proto.metadata_props.add(key="pipeline.int8_weight_bits", value=bits)
+    onnx.save(proto, str(tmp_path / "q.onnx"))
+    monkeypatch.setattr(session_module, "int8_gemm_saturates", lambda: saturates)
+    if refused:
+        with pytest.raises(RuntimeUserError, match="--reduce-range"):
+            open_session(tmp_path / "q.onnx")
+    else:
+        assert open_session(tmp_path / "q.onnx").contract.num_layers == 2
+
+
+def test_weight_bits_key_mirrors_the_exporters():
+    from exporters.quantize import WEIGHT_BITS_KEY as written
+    from runtimes.session import WEIGHT_BITS_KEY as read
+
+    assert read == written
+
+
 def test_profiling_writes_a_trace(tmp_path, tiny_model):
     s = open_session(tiny_model, profile_prefix=str(tmp_path / "trace"))
     greedy_tokens(s, [1, 2], 2)
