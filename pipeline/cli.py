@@ -187,8 +187,8 @@ def quantize(run_dir, recipe, source, method, per_channel, calib_windows, window
             click.echo(f"  8-bit weight-only instead: {len(r['fallback_matmuls'])} MatMuls, "
                        f"{100 * r['fallback_flop_share']:.0f}% of FLOPs: " + ", ".join(r["fallback_matmuls"]))
         if "reduce_range" in r:
-            click.echo(f"  static int8 weights: {7 if r['reduce_range'] else 8}-bit"
-                       + (" (--reduce-range: this CPU's int8 kernels saturate without it)" if r["reduce_range"] else ""))
+            click.echo(f"  static int8 weights: " + ("7-bit (reduce range: for x86 CPUs without VNNI)"
+                                                       if r["reduce_range"] else "8-bit"))
         if r.get("ppl"):
             click.echo(f"  calibration-side perplexity: fp32 {r['ppl']['fp32']:.3f} -> {r['ppl']['quantized']:.3f} "
                        f"({100 * r['ppl']['increase']:+.2f}%)")
