@@ -64,6 +64,7 @@ def main() -> None:
     held_out = token_windows(run, "valid", str(run / "text/eval.txt"), 2, 512)
     config = QuantConfig(recipe="w8a8", num_prefill=args.calib_windows, seq_len=124, num_decode_steps=4,
                          outlier_channels=args.outlier_channels, calibrate_method=args.method,
+                         rotate=args.rotate == "r1r2", online_hadamard=args.online_block,
                          reduce_range=int8_gemm_saturates() if args.weight_bits is None else args.weight_bits == 7)
     reader = KVCacheCalibrationReader(fused, calib, config.plan)
     ref = cpu_session(fused)

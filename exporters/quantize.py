@@ -69,7 +69,7 @@ from exporters.contract import LOGITS, Contract, read_contract
 from exporters.export import EXTERNAL_DATA_THRESHOLD, model_files, move_model, save_model
 from exporters.gptq import fits, gptq, gptq_blockwise, input_hessians
 from exporters.optimize import load_onnx
-from exporters.rotation import ONLINE_SUFFIX, hadamard, online_hadamard, rotate
+from exporters.rotation import ONLINE_SUFFIX, hadamard, online_hadamard, online_matrix, rotate
 from exporters.smoothing import ActivationStats, best_alpha, collect_activation_stats, find_smooth_groups, \
     outlier_matmuls, pick_outliers, smooth, weight_matmuls
 from models.errors import UserError
@@ -615,10 +615,17 @@ def _smooth_model(model: onnx.ModelProto, reader: KVCacheCalibrationReader, conf
         inits = {t.name: t for t in model.graph.initializer}
         nodes = {n.name: n for n in model.graph.node}
         levels = 64 if config.reduce_range else 127
+        # the gated-MLP products get the online Hadamard after this (`_static`): choose alpha for what is then
+        # quantized, the rotated input and weights with the split channels added back exactly
+        rotation = online_matrix(config.online_hadamard) if config.rotate and config.online_hadamard else None
         chosen = {}
         for g in groups:
             weights = [numpy_helper.to_array(inits[nodes[m].input[1]]) for m in g.matmuls]
-            st, rest = stats[g.activation], np.setdiff1d(np.arange(act_max[g.activation].size), outliers[g.activation])
+            st, split = stats[g.activation], outliers[g.activation]
+            if rotation is not None and g.first_column is not None and weights[0].shape[0] % len(rotation) == 0:
+                chosen[g.activation] = best_alpha(st, weights, levels, rotation=rotation, split=split)
+                continue
+            rest = np.setdiff1d(np.arange(act_max[g.activation].size), split)
             if rest.size < st.abs_max.size:  # the split channels leave the int8 MatMul: choose alpha for the rest
                 st = ActivationStats(st.abs_max[rest], st.low[rest], st.high[rest], st.rows[:, rest])
                 weights = [w[rest] for w in weights]

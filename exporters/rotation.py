@@ -198,6 +198,14 @@ def rotate_values(model: onnx.ModelProto, seed: int = 1) -> int:
 ONLINE_SUFFIX = "/online_hadamard"  # names of the nodes and the matrix `online_hadamard` adds before a MatMul
 
 
+def online_matrix(block: int, seed: int = 2) -> np.ndarray:
+    """The b x b randomized Hadamard matrix diag(d) H_b that `online_hadamard` applies (orthonormal)."""
+    h = hadamard(block)
+    if h is None:
+        raise ValueError(f"no Hadamard matrix of order {block} (use 2^a * 12^b)")
+    return np.random.default_rng(seed).choice([-1.0, 1.0], block)[:, None] * h
+
+
 def online_hadamard(model: onnx.ModelProto, matmuls: list[str], block: int = 128, seed: int = 2) -> dict:
     """QuaRot's online rotation, in place, before each named weight MatMul (meant for the gated-MLP products, the
     down_proj inputs, which no folded rotation reaches: SwiGLU's nonlinearity sits between up_proj and
@@ -212,10 +220,7 @@ def online_hadamard(model: onnx.ModelProto, matmuls: list[str], block: int = 128
     Returns {"block", "matmuls": rotated names, "skipped": name -> why}.
     """
     g, uses = GraphIndex.of(model), Counter(i for n in model.graph.node for i in n.input)
-    h = hadamard(block)
-    if h is None:
-        raise ValueError(f"no Hadamard matrix of order {block} (use 2^a * 12^b)")
-    rotation = np.random.default_rng(seed).choice([-1.0, 1.0], block)[:, None] * h
+    rotation = online_matrix(block, seed)
     matrix = f"{ONLINE_SUFFIX.strip('/')}.{block}"
     nodes = {n.name: n for n in model.graph.node}
     done, skipped, added, shapes = [], {}, {}, set()

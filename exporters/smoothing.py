@@ -253,26 +253,44 @@ def collect_activation_stats(model: onnx.ModelProto, tensors: list[str], feeds: 
     return stats
 
 
-def fake_quant_error(stats: ActivationStats, weights: list[np.ndarray], s: np.ndarray, weight_levels: int) -> float:
+def fake_quant_error(stats: ActivationStats, weights: list[np.ndarray], s: np.ndarray, weight_levels: int,
+                     rotation: np.ndarray | None = None, split: np.ndarray | None = None) -> float:
     """Mean over the sampled token rows of the relative squared error of Q(X/s) @ Q(diag(s) W_m) against
     X @ W_m, summed over the readers m. Per row, so the few massive-activation tokens do not drown the rest.
 
     Q of the activation: one asymmetric uint8 scale over the tensor's whole smoothed range (as static minmax
     calibration sets it); Q of a weight: symmetric per output channel with `weight_levels` (127, or 63 with
     reduce_range), as the quantizer writes them.
+
+    `rotation` (b x b): the online block rotation that will follow the smoothing (rotation.py's
+    `online_hadamard`), so what is quantized is (X/s) R and R^T diag(s) W, R = I (x) rotation; the `split`
+    channels leave the int8 MatMul (their weight rows zero there) and are added back exactly, as `split_channels`
+    does. Without a rotation the caller passes only the channels that stay (`split` must be None).
     """
-    low, high = min(0.0, float((stats.low / s).min())), max(0.0, float((stats.high / s).max()))
+    x = stats.rows / s
+    split = np.zeros(0, np.int64) if split is None else split
+    if rotation is not None:
+        b = rotation.shape[0]
+        x = (x.reshape(len(x), -1, b) @ rotation).reshape(x.shape)
+        low, high = min(0.0, float(x.min())), max(0.0, float(x.max()))
+    else:
+        low, high = min(0.0, float((stats.low / s).min())), max(0.0, float((stats.high / s).max()))
     scale = (high - low) / 255 or 1.0
     zero = np.round(-low / scale)
-    xq = (np.clip(np.round(stats.rows / s / scale) + zero, 0, 255) - zero) * scale
+    xq = (np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale
     err = ref = np.zeros(len(stats.rows))
     for w in weights:
         ws = w * s[:, None]
+        ws[split] = 0.0
+        if rotation is not None:
+            b = rotation.shape[0]
+            ws = np.einsum("ba,kbn->kan", rotation, ws.reshape(-1, b, ws.shape[1])).reshape(ws.shape)
         wscale = np.abs(ws).max(0) / weight_levels
         wscale[wscale == 0] = 1.0
         wq = np.round(ws / wscale) * wscale
         y = stats.rows @ w
-        err = err + ((xq @ wq - y) ** 2).sum(1)
+        exact = stats.rows[:, split] @ w[split] if split.size else 0.0
+        err = err + ((xq @ wq + exact - y) ** 2).sum(1)
         ref = ref + (y ** 2).sum(1)
     return float(np.mean(err / np.maximum(ref, 1e-30)))
 
@@ -281,12 +299,20 @@ ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(4, 20))  # 0.2 .. 0.95
 
 
 def best_alpha(stats: ActivationStats, weights: list[np.ndarray], weight_levels: int,
-               grid: Iterable[float] = ALPHA_GRID) -> tuple[float, float]:
+               grid: Iterable[float] = ALPHA_GRID, rotation: np.ndarray | None = None,
+               split: np.ndarray | None = None) -> tuple[float, float]:
     """The migration strength with the least fake-quantized output error for this activation and its readers
     (SmoothQuant's alpha, searched per tensor as Intel Neural Compressor's auto-alpha does). Returns
-    (alpha, relative error)."""
-    errors = {a: fake_quant_error(stats, weights, smoothing_scales(stats.abs_max, weights, a), weight_levels)
-              for a in grid}
+    (alpha, relative error). With an online `rotation` to follow, the error is that of the rotated int8 MatMul
+    plus the exact `split` channels, each alpha's s built as `smooth` builds it (see `fake_quant_error`)."""
+    def scales(a: float) -> np.ndarray:
+        s = smoothing_scales(stats.abs_max, weights, a)
+        if rotation is not None and split is not None and split.size:
+            s[split] = split_scales(stats.abs_max, s, split)
+        return s
+
+    errors = {a: fake_quant_error(stats, weights, scales(a), weight_levels, rotation,
+                                  split if rotation is not None else None) for a in grid}
     alpha = min(errors, key=errors.get)
     return alpha, errors[alpha]
 

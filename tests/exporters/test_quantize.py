@@ -31,10 +31,11 @@ from exporters.contract import read_contract
 from exporters.export import export_onnx
 from exporters.optimize import optimize
 from exporters.gptq import gptq, gptq_blockwise
-from exporters.rotation import ONLINE_SUFFIX, rotate
+from exporters.rotation import ONLINE_SUFFIX, hadamard, rotate
 from exporters.quantize import WEIGHT_BITS_KEY, _nbits, fake_nbits, QuantConfig, perplexity, qdq_quantized, quantize
 from exporters.smoothing import ALPHA_GRID, SPLIT_HEADROOM, ActivationStats, best_alpha, collect_activation_stats, \
-    fake_quant_error, find_smooth_groups, outlier_matmuls, pick_outliers, smooth, smoothing_scales, weight_matmuls
+    fake_quant_error, find_smooth_groups, outlier_matmuls, pick_outliers, smooth, smoothing_scales, split_scales, \
+    weight_matmuls
 from models.decoder import Decoder, DecoderConfig
 from models.errors import UserError
 from pipeline.stages.check import int8_flop_share
@@ -495,6 +496,34 @@ def test_auto_alpha_minimises_the_measured_error():
     alpha, error = best_alpha(st, [w], 64)
     assert error == min(errors.values()) and errors[alpha] == error
     assert error < 0.5 * fake_quant_error(st, [w], np.ones(16, np.float32), 64)  # smoothing helps at all
+
+
+def test_rotated_error_is_the_plain_one_under_identity_and_counts_split_channels_exactly():
+    """With the online rotation to follow, the objective quantizes (X/s) R and R^T diag(s) W: an identity R gives
+    the plain error back; a split channel's contribution is exact, so splitting a massive channel before a real
+    Hadamard cuts the error that the rotation would otherwise smear over its block."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((96, 32)).astype(np.float32)
+    w = rng.standard_normal((32, 8)).astype(np.float32)
+    st = ActivationStats(np.abs(x).max(0), x.min(0), x.max(0), x)
+    s = smoothing_scales(st.abs_max, [w], 0.5)
+    plain = fake_quant_error(st, [w], s, 127)
+    assert fake_quant_error(st, [w], s, 127, rotation=np.eye(16)) == pytest.approx(plain, rel=1e-6)
+    x[:, 5] *= 500  # a massive channel
+    st = ActivationStats(np.abs(x).max(0), x.min(0), x.max(0), x)
+    h = hadamard(16)
+    s = np.ones(32, np.float32)
+    smeared = fake_quant_error(st, [w], s, 127, rotation=h)
+    split = np.array([5])
+    s[split] = split_scales(st.abs_max, s, split)
+    assert fake_quant_error(st, [w], s, 127, rotation=h, split=split) < 0.2 * smeared
+    errors = {}
+    for a in ALPHA_GRID:  # each alpha's s built as `smooth` builds it: split channels get power-of-two scales
+        sa = smoothing_scales(st.abs_max, [w], a)
+        sa[split] = split_scales(st.abs_max, sa, split)
+        errors[a] = fake_quant_error(st, [w], sa, 127, rotation=h, split=split)
+    alpha, error = best_alpha(st, [w], 127, rotation=h, split=split)
+    assert error == min(errors.values()) == errors[alpha]
 
 
 def test_perplexity_matches_pytorch(models, valid_ids):
