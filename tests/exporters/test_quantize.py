@@ -376,7 +376,7 @@ def test_rotation_beats_smoothing_alone_on_outliers(quantized):
     assert rotated["ppl"]["increase"] < 0.6 * plain["ppl"]["increase"]
     assert rotated["smoothing"]["groups"] == 2  # the two gated-MLP products; the rotated norm outputs are not
     assert len(rotated["online_hadamard"]["matmuls"]) == 2 and "online_hadamard" not in plain  # --no-rotate: none
-    assert rotated["ppl"]["increase"] < 0.7 * quantized("fused", "w8a8", online_hadamard=0)[1]["ppl"]["increase"]
+    assert rotated["ppl"]["increase"] < 0.6 * quantized("fused", "w8a8", online_hadamard=0)[1]["ppl"]["increase"]
 
 
 @pytest.mark.parametrize("graph", ["plain", "fused", "fresh_plain", "fresh_fused"])
