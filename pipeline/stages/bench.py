@@ -68,12 +68,26 @@ def peer_model(run: RunDir, peer: str) -> str:
     return source
 
 
+def checkpoint_tensors(model) -> dict:
+    """The state dict as a checkpoint stores it: a tensor shared by several names (tied embeddings) once, under
+    its first name, `model.embed_tokens.weight`, which is what transformers reads and ties `lm_head` to.
+    (safetensors' save_model keeps `lm_head.weight` instead; transformers 4.57 then leaves the input embedding
+    on the meta device, and Optimum's export fails on it.)"""
+    tensors, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        tensors[name] = tensor.contiguous()
+    return tensors
+
+
 def hf_directory(gguf: str, out: Path) -> Path:
     """The GGUF model as a Hugging Face checkpoint directory (weights, config, tokenizer), written atomically."""
     import shutil
     import tempfile
 
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     from models.hf import export_tokenizer, load_hf_reference
 
@@ -89,7 +103,7 @@ def hf_directory(gguf: str, out: Path) -> Path:
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(checkpoint_tensors(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         export_tokenizer(gguf, tmp)
         tmp.rename(out)
     except BaseException:

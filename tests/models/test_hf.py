@@ -223,7 +223,8 @@ def write_gguf(ref: PreTrainedModel, path, with_tokenizer: bool = True) -> None:
                 t = llama_cpp_permute(t, c.num_key_value_heads)
             w.add_tensor(f"blk.{i}.{gguf_name}.weight", np.ascontiguousarray(t))
     w.add_tensor("output_norm.weight", sd["model.norm.weight"])
-    w.add_tensor("output.weight", sd["lm_head.weight"])
+    if not c.tie_word_embeddings:  # tied models (SmolLM2) ship without output.weight: llama.cpp reuses token_embd
+        w.add_tensor("output.weight", sd["lm_head.weight"])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -319,20 +319,27 @@ def test_entry_point_prints_no_traceback(tmp_path):
     assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.startswith("error: ")
 
 
-def test_gguf_source_becomes_a_hugging_face_directory_for_peers(tmp_path):
+@pytest.mark.parametrize("tied", [False, True])
+def test_gguf_source_becomes_a_hugging_face_directory_for_peers(tmp_path, tied):
     """Optimum exports from an HF directory: a .gguf source is written out once as one, which transformers
-    loads back with the same logits (save_pretrained itself refuses GGUF-loaded models)."""
+    loads back with the same logits (save_pretrained itself refuses GGUF-loaded models). Tied embeddings are
+    stored once, as the input embedding (SmolLM2: stored as lm_head only, transformers 4.57 left the
+    embedding on the meta device and Optimum's export failed)."""
     import torch
+    from safetensors import safe_open
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from pipeline.stages.bench import hf_directory
     from tests.models.test_hf import TINY, TOKENS, tiny_hf, write_gguf
 
-    ref = tiny_hf(LlamaConfig(**{**TINY, "vocab_size": len(TOKENS)}, rms_norm_eps=1e-5))
+    ref = tiny_hf(LlamaConfig(**{**TINY, "vocab_size": len(TOKENS)}, rms_norm_eps=1e-5, tie_word_embeddings=tied))
     gguf_path = tmp_path / "tiny.gguf"
     write_gguf(ref, gguf_path)
     out = hf_directory(str(gguf_path), tmp_path / "peers" / "hf")
     assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json"}
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        stored = set(f.keys())
+    assert "model.embed_tokens.weight" in stored and ("lm_head.weight" in stored) is not tied
     ids = torch.tensor([[1, 5, 3, 2, 7]])
     with torch.no_grad():
         got = AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits
