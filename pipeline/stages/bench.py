@@ -75,9 +75,10 @@ def checkpoint_tensors(model) -> dict:
     on the meta device, and Optimum's export fails on it.)"""
     tensors, seen = {}, set()
     for name, tensor in model.state_dict().items():
-        if tensor.data_ptr() in seen:
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if tensor.numel() and key in seen:
             continue
-        seen.add(tensor.data_ptr())
+        seen.add(key)
         tensors[name] = tensor.contiguous()
     return tensors
 
