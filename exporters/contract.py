@@ -85,12 +85,17 @@ class Contract:
         return cls(**json.loads(s))
 
 
-def write_contract(model: onnx.ModelProto, contract: Contract) -> None:
-    """Store the contract in the model's metadata_props (replacing any previous one)."""
-    keep = [p for p in model.metadata_props if p.key != METADATA_KEY]
+def set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
+    """Set one metadata_props entry, replacing any previous one under the same key."""
+    keep = [p for p in model.metadata_props if p.key != key]
     del model.metadata_props[:]
     model.metadata_props.extend(keep)
-    model.metadata_props.add(key=METADATA_KEY, value=contract.to_json())
+    model.metadata_props.add(key=key, value=value)
+
+
+def write_contract(model: onnx.ModelProto, contract: Contract) -> None:
+    """Store the contract in the model's metadata_props (replacing any previous one)."""
+    set_metadata(model, METADATA_KEY, contract.to_json())
 
 
 def read_contract(model: onnx.ModelProto) -> Contract:

@@ -65,7 +65,7 @@ from onnx import helper, numpy_helper
 
 from exporters.calibration import CalibrationPlan, KVCacheCalibrationReader, cpu_session, declared, empty_past, \
     session_contract, step_feed
-from exporters.contract import LOGITS, Contract, read_contract
+from exporters.contract import LOGITS, Contract, read_contract, set_metadata
 from exporters.export import EXTERNAL_DATA_THRESHOLD, model_files, move_model, save_model
 from exporters.gptq import fits, gptq, gptq_blockwise, input_hessians
 from exporters.optimize import load_onnx
@@ -258,10 +258,7 @@ def mark_weight_bits(path: Path, bits: int) -> None:
     """Record in the model's metadata how many bits its static int8 weights use (WEIGHT_BITS_KEY): the runtime
     refuses full 8-bit weights on a CPU whose int8 kernels would saturate (runtimes/providers.py)."""
     model = onnx.load(str(path), load_external_data=False)  # the weights stay where they are
-    keep = [p for p in model.metadata_props if p.key != WEIGHT_BITS_KEY]
-    del model.metadata_props[:]
-    model.metadata_props.extend(keep)
-    model.metadata_props.add(key=WEIGHT_BITS_KEY, value=str(bits))
+    set_metadata(model, WEIGHT_BITS_KEY, str(bits))
     onnx.save_model(model, str(path))
 
 

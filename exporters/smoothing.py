@@ -270,7 +270,7 @@ def fake_quant_error(stats: ActivationStats, weights: list[np.ndarray], s: np.nd
     x = stats.rows / s
     split = np.zeros(0, np.int64) if split is None else split
     if rotation is not None:
-        b = rotation.shape[0]
+        b = len(rotation)
         x = (x.reshape(len(x), -1, b) @ rotation).reshape(x.shape)
         low, high = min(0.0, float(x.min())), max(0.0, float(x.max()))
     else:
@@ -283,7 +283,6 @@ def fake_quant_error(stats: ActivationStats, weights: list[np.ndarray], s: np.nd
         ws = w * s[:, None]
         ws[split] = 0.0
         if rotation is not None:
-            b = rotation.shape[0]
             ws = np.einsum("ba,kbn->kan", rotation, ws.reshape(-1, b, ws.shape[1])).reshape(ws.shape)
         wscale = np.abs(ws).max(0) / weight_levels
         wscale[wscale == 0] = 1.0

@@ -198,9 +198,9 @@ class Generator:
         batch, length = ids.shape
         check_request(self.session, length, max(capacity - length, 0))
         c = self.session.contract
-        self._cache.reset(np.zeros((batch, c.num_kv_heads, self._dummy, c.head_dim), self.session.kv_dtype),
-                          max(capacity, length) + self._dummy)
-        self._mask = np.ones((batch, max(capacity, length) + self._dummy), np.int64)
+        slots = max(capacity, length) + self._dummy
+        self._cache.reset(np.zeros((batch, c.num_kv_heads, self._dummy, c.head_dim), self.session.kv_dtype), slots)
+        self._mask = np.ones((batch, slots), np.int64)
         self._mask[:, :self._dummy] = 0
         self._total, self._next_position = self._dummy + length, length
         positions = np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length))
