@@ -138,8 +138,9 @@ def render(r: dict) -> str:
         if b.get("missing") or b.get("error"):
             lines.append(f"| {name} | {b.get('install') or b.get('error')} | | | | | |")
             continue
+        speedup = f"{b['decode_speedup_vs_pytorch']:.2f}" if b.get("decode_speedup_vs_pytorch") else "-"
         lines.append(f"| {name} | {b['prefill_ms']:.1f} | {b['decode_ms_p50']:.2f} | {b['decode_ms_p90']:.2f} | "
-                     f"{b['tokens_per_s']:.1f} | {b.get('decode_speedup_vs_pytorch', float('nan')):.2f} | "
+                     f"{b['tokens_per_s']:.1f} | {speedup} | "
                      f"{b['peak_rss_mb']:.0f} |")
     for recipe, q in r["quantize"].items():
         ppl = q.get("ppl") or {}

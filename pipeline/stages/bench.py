@@ -162,7 +162,8 @@ def render_table(results: dict) -> str:
             lines.append(f"{name:<12} error: {r['error']}")
         else:
             size = f"{r['file_bytes'] / 1e6:>8.2f}" if r.get("file_bytes") else f"{'-':>8}"
+            speedup = r.get("decode_speedup_vs_pytorch")  # absent when PyTorch was not compared
+            speedup = f"{speedup:>8.2f}x" if speedup else f"{'-':>9}"
             lines.append(f"{name:<12} {r['prefill_ms']:>10.2f} {r['decode_ms_p50']:>10.2f} {r['decode_ms_p90']:>7.2f} "
-                         f"{r['tokens_per_s']:>7.1f} {r.get('decode_speedup_vs_pytorch', float('nan')):>8.2f}x "
-                         f"{r['peak_rss_mb']:>8.0f} {size}")
+                         f"{r['tokens_per_s']:>7.1f} {speedup} {r['peak_rss_mb']:>8.0f} {size}")
     return "\n".join(lines)

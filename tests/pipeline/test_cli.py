@@ -192,6 +192,8 @@ def test_bench_names_missing_peers(run_dir, monkeypatch):
     r = invoke("bench", run_dir, "--variant", "fused", "--compare", "optimum", "--prompt-len", "4",
                "--new-tokens", "2", "--repeats", "1")
     assert "optimum" in r.output and "not installed" in r.output and OPTIMUM_PYTHON in r.output
+    fused = next(line for line in r.output.splitlines() if line.startswith("fused")).split()
+    assert fused[5] == "-", fused  # no PyTorch row to divide by: a dash, not "nanx"
 
 
 def test_peers_run_from_their_own_interpreter_with_our_modules_on_its_path(tmp_path, monkeypatch):
