@@ -169,8 +169,12 @@ def read_geometry(model_path: Path) -> Geometry:
         raise UserError(f"{model_path}: {e}") from e
     inits = {t.name: t for t in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
-    embedding = next((n for n in model.graph.node if n.op_type == "Gather" and n.input[1] == "input_ids"), None)
+    embedding = next((n for n in model.graph.node
+                      if n.op_type in ("Gather", "GatherBlockQuantized") and n.input[1] == "input_ids"), None)
     dims = _weight_dims(embedding.input[0], inits, producers) if embedding is not None else []
+    if len(dims) == 2 and embedding.op_type == "GatherBlockQuantized":  # int8 rows (the quantized recipes)
+        bits = next((a.i for a in embedding.attribute if a.name == "bits"), 4)  # onnxruntime's default: 4
+        dims[1] = dims[1] * 8 // bits
     if len(dims) != 2:
         raise UserError(f"cannot find the token embedding of {model_path}: was it written by `pipeline export`?")
     return Geometry(num_layers=contract.num_layers,

@@ -120,6 +120,28 @@ def test_the_runtime_generates_from_the_bundle_what_pipeline_generate_does(capsy
     assert tokens == main_env_tokens(run_dir, "fused") and len(set(tokens)) > 1
 
 
+@pytest.mark.parametrize("recipe", ["w8a8", "w4"])
+def test_a_quantized_variant_with_an_int8_embedding_table_packages_and_runs(capsys, run_dir, text_file, tmp_path,
+                                                                             recipe):
+    """The quantized recipes gather token rows from a blockwise-int8 table (GatherBlockQuantized): the bundle's
+    geometry is read through it (this used to fail: no float Gather of input_ids)."""
+    run = copy_run(run_dir, tmp_path / "run")
+    invoke("quantize", run, "--recipe", recipe, "--calib-text", text_file, "--calib-windows", "2", "--window", "32",
+           "--max-ppl-increase", "1.0", "--w4-max-ppl-increase", "1.0")
+    ops = {n.op_type for n in onnx.load(str(RunDir(run).variant_path(recipe)), load_external_data=False).graph.node}
+    assert "GatherBlockQuantized" in ops
+    invoke("package", run, "--out", tmp_path / "b", "--variant", recipe)
+    decoder = json.loads((tmp_path / "b" / "genai_config.json").read_text())["model"]["decoder"]
+    assert decoder["hidden_size"] == read_hidden_size(RunDir(run).variant_path("fused"))
+    assert runtime_text(capsys, tmp_path / "b") == pipeline_text(run, recipe)
+
+
+def read_hidden_size(path: Path) -> int:
+    model = onnx.load(str(path), load_external_data=False)
+    table = next(n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input[1] == "input_ids")
+    return next(t.dims[1] for t in model.graph.initializer if t.name == table)
+
+
 def test_package_json_output(run_dir, tmp_path):
     result = json.loads(invoke("package", run_dir, "--out", tmp_path / "b", "--json").output)
     assert result["variant"] == "fused" and result["archive"] is None and result["genai_type"] == "llama"
