@@ -99,6 +99,11 @@ def save_model(proto: onnx.ModelProto, path: Path, external: bool) -> None:
         onnx.save_model(proto, str(path))
 
 
+def save_model_auto(proto: onnx.ModelProto, path: Path) -> None:
+    """Inline weights, or external data once they would not fit in protobuf's 2 GB."""
+    save_model(proto, path, external=sum(t.ByteSize() for t in proto.graph.initializer) >= EXTERNAL_DATA_THRESHOLD)
+
+
 def model_files(path: Path) -> list[Path]:
     """The model file and its external-data file, if it has one."""
     data = path.with_name(path.name + ".data")

@@ -66,7 +66,7 @@ from onnx import helper, numpy_helper
 from exporters.calibration import CalibrationPlan, KVCacheCalibrationReader, cpu_session, declared, empty_past, \
     session_contract, step_feed
 from exporters.contract import LOGITS, Contract, read_contract, set_metadata
-from exporters.export import EXTERNAL_DATA_THRESHOLD, model_files, move_model, save_model
+from exporters.export import EXTERNAL_DATA_THRESHOLD, model_files, move_model, save_model_auto
 from exporters.gptq import fits, gptq, gptq_blockwise, input_hessians
 from exporters.optimize import load_onnx
 from exporters.rotation import ONLINE_SUFFIX, hadamard, online_hadamard, online_matrix, rotate
@@ -249,11 +249,6 @@ def _with_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
     return inferred
 
 
-def _save(model: onnx.ModelProto, path: Path) -> None:
-    size = sum(t.ByteSize() for t in model.graph.initializer)
-    save_model(model, path, external=size >= EXTERNAL_DATA_THRESHOLD)
-
-
 def mark_weight_bits(path: Path, bits: int) -> None:
     """Record in the model's metadata how many bits its static int8 weights use (WEIGHT_BITS_KEY): the runtime
     refuses full 8-bit weights on a CPU whose int8 kernels would saturate (runtimes/providers.py)."""
@@ -311,7 +306,7 @@ def quantize_qdq(job: StaticJob, nodes: list[str], out_path: Path) -> None:
         model = onnx.load(str(job.fp32_path))
         if _embeds(job.config):
             quantize_embeddings(model, job.config.block_size)
-        _save(model, out_path)
+        save_model_auto(model, out_path)
         return
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[job.config.calibrate_method]
@@ -334,7 +329,7 @@ def quantize_qdq(job: StaticJob, nodes: list[str], out_path: Path) -> None:
         set_rounded_weights(graph, {n: job.rounded[n] for n in nodes if n in job.rounded})
         if _embeds(job.config):
             quantize_embeddings(graph, job.config.block_size)
-        _save(graph, out_path)
+        save_model_auto(graph, out_path)
         return
     graph = onnx.load(str(out_path), load_external_data=False)  # weights stay where they are
     if restore_float_readers(graph, set(nodes)):
@@ -386,7 +381,7 @@ def write_mix(job: StaticJob, static_nodes: list[str], fallback_nodes: list[str]
         model = onnx.load(str(out_path))
         if job.fallback_rounding is not None:
             job.fallback_rounding.apply(model, {name: 8 for name in fallback_nodes})
-        _save(_nbits(model, 8, job.config, include=fallback_nodes), out_path)
+        save_model_auto(_nbits(model, 8, job.config, include=fallback_nodes), out_path)
 
 
 def _nbits(model: onnx.ModelProto, bits: int, config: QuantConfig,
@@ -466,7 +461,7 @@ class QuantSwitch:
         fp32.graph.input.extend(helper.make_tensor_value_info(g, onnx.TensorProto.BOOL, [])
                                 for g in self.gates.values())
         path = workdir / "switch.onnx"
-        _save(fp32, path)
+        save_model_auto(fp32, path)
         self.session = cpu_session(path)
         self.contract = session_contract(self.session)
 
@@ -668,7 +663,7 @@ def _static(model: onnx.ModelProto, model_path: Path, staged: Path, calib_ids: l
         if config.fallback == "w8":
             fallback_rounding = BlockwiseRounding(model, targets, hessians, tokens, config.block_size)
     job = StaticJob(workdir / "fp32.onnx", workdir / "calibration.json", reader, config, rounded, fallback_rounding)
-    _save(_with_value_info(model), job.fp32_path)
+    save_model_auto(_with_value_info(model), job.fp32_path)
     quantize_qdq(job, targets, staged)
     reasons = {name: "excluded by config" for name in config.exclude}
     now = _weight_shapes(model)
@@ -781,7 +776,7 @@ def _weight_only(model: onnx.ModelProto, model_path: Path, staged: Path, config:
         m = _nbits(m, bits, config)
         if _embeds(config):
             quantize_embeddings(m, config.block_size)
-        _save(m, staged)
+        save_model_auto(m, staged)
 
     def measure(at_8: list[str]) -> float:
         write(eight + at_8)

@@ -106,22 +106,34 @@ def export(model, out, as_json):
         + ", ".join(f"{k} {v:.2g}" for k, v in r["parity_max_abs_diff"].items())))
 
 
-@main.command(epilog="\b\nExample:\n  pipeline optimize runs/demo --fp16")
+@main.command(epilog="\b\nExamples:\n  pipeline optimize runs/demo --fp16\n"
+                     "  pipeline optimize runs/demo --native-int8      # w8a8 -> w8a8-native")
 @run_dir_arg
 @click.option("--fp16", is_flag=True, help="Also convert to float16 (for the CUDA / TensorRT providers).")
+@click.option("--native-int8", is_flag=True,
+              help="Instead of fusing: put a static int8 variant's MatMuls on pipeline's native CPU kernel "
+                   "(x86-64 with AVX512-VNNI; build it with `python -m runtimes.kernels build`). Same logits, "
+                   "faster decode; writes <source>-native.")
+@click.option("--source", default="", help="Variant to rewrite (default: fp32, or w8a8 with --native-int8).")
 @json_opt
 @user_errors
-def optimize(run_dir, fp16, as_json):
-    """Fuse attention (GroupQueryAttention), rotary and residual+RMSNorm; fail if a layer is not fused."""
+def optimize(run_dir, fp16, native_int8, source, as_json):
+    """Fuse attention (GroupQueryAttention), rotary and residual+RMSNorm; fail if a layer is not fused. With
+    --native-int8: move a static int8 variant onto pipeline's own int8 kernel, checked for equal logits."""
     from pipeline.stages.optimize import OptimizeStageConfig, optimize as optimize_stage
 
-    cfg = OptimizeStageConfig(fp16=fp16)
+    cfg = OptimizeStageConfig(source=source, fp16=fp16, native_int8=native_int8)
     results = optimize_stage(RunDir.open(run_dir), cfg)
-    emit(results, as_json, lambda r: click.echo(
-        f"{cfg.target}: {r['nodes_before']} -> {r['nodes_after']} nodes; fused ops: "
-        + ", ".join(f"{k} {v}" for k, v in sorted(r["fused_ops"].items()))
-        + "; max |logit diff| vs unfused: "
-        + ", ".join(f"{k} {v:.2g}" for k, v in (r["parity_max_abs_logit_diff"] or {}).items())))
+    parity = ", ".join(f"{k} {v:.2g}" for k, v in (results["parity_max_abs_logit_diff"] or {}).items())
+    if native_int8:
+        emit(results, as_json, lambda r: click.echo(
+            f"{cfg.target}: {r['matmuls']} MatMuls on {r['kernel']}, {r['nodes_before']} -> {r['nodes_after']} "
+            f"nodes; max |logit diff| vs {cfg.source_variant}: {parity}"))
+    else:
+        emit(results, as_json, lambda r: click.echo(
+            f"{cfg.target}: {r['nodes_before']} -> {r['nodes_after']} nodes; fused ops: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(r["fused_ops"].items()))
+            + f"; max |logit diff| vs unfused: {parity}"))
 
 
 @main.command(epilog="\b\nExample:\n  pipeline quantize runs/demo --recipe w8a8 --method percentile")

@@ -192,6 +192,17 @@ _X86 = {"x86_64", "amd64", "i386", "i686", "x86"}
 _VNNI_FLAGS = {"avx512_vnni", "avx_vnni"}  # /proc/cpuinfo names of AVX512-VNNI and AVX-VNNI
 
 
+def cpu_flags(cpuinfo: str | None = None) -> set[str] | None:
+    """The CPU's feature flags as /proc/cpuinfo names them; None where they cannot be read."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    return next((set(line.split(":", 1)[1].split()) for line in cpuinfo.splitlines() if line.startswith("flags")),
+                None)
+
+
 def int8_gemm_saturates(cpuinfo: str | None = None, machine: str | None = None) -> bool:
     """Whether onnxruntime's CPU int8 GEMM (MLAS, u8 activations x s8 weights) can overflow on this machine.
 
@@ -203,11 +214,5 @@ def int8_gemm_saturates(cpuinfo: str | None = None, machine: str | None = None) 
     """
     if (machine or platform.machine()).lower() not in _X86:
         return False
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return True
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), None)
-    return flags is None or not _VNNI_FLAGS & set(flags)
-
+    flags = cpu_flags(cpuinfo)
+    return flags is None or not _VNNI_FLAGS & flags

@@ -19,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
+from runtimes import kernels
 from runtimes.errors import RuntimeUserError
 from runtimes.providers import (CPU_EP, ModelShape, ProviderSpec, cpu, ensure_available, int8_gemm_saturates,
                                with_cpu_fallback)
@@ -123,6 +124,10 @@ def _load(path: Path, options: ort.SessionOptions,
         with contextlib.redirect_stdout(sys.stderr):
             return ort.InferenceSession(str(path), options, providers=providers)
     except _LOAD_ERRORS as e:
+        if kernels.OP in str(e):  # a graph for the native kernel, which is not registered here
+            reason = f"build it with {kernels.HOW_TO_BUILD}" if kernels.cpu_supported() else "this CPU cannot run it"
+            raise RuntimeUserError(f"{path} uses pipeline's native int8 kernel ({kernels.OP}), which is not "
+                                   f"available: {reason}; or run the portable w8a8 variant") from e
         raise RuntimeUserError(f"cannot load {path} ({_first_line(e)}): the file is corrupt or truncated, "
                                "copy or export it again") from e
     except ort_errors.EPFail as e:
@@ -143,6 +148,13 @@ def session_options(threads: int | None, optimize: bool = True,
     if profile_prefix:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
+    library = kernels.available()
+    if library:  # graphs from `pipeline optimize --native-int8` need it; others do not notice it
+        try:
+            options.register_custom_ops_library(str(library))
+        except (RuntimeError, *_LOAD_ERRORS) as e:
+            raise RuntimeUserError(f"the native kernel library {library} does not load ({_first_line(e)}): "
+                                   f"delete it and rebuild it with {kernels.HOW_TO_BUILD}") from e
     return options
 
 

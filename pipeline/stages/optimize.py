@@ -1,29 +1,74 @@
-"""Stage `optimize`: variants/fp32 -> variants/fused (or fused-fp16): one fused attention op per layer."""
+"""Stage `optimize`: ONNX -> ONNX rewrites of a variant.
+
+- fusion (default): variants/fp32 -> variants/fused (or fused-fp16): one fused attention op per layer;
+- `native_int8`: a static-int8 variant (w8a8) -> variants/<source>-native, its MatMuls on pipeline's native
+  CPU kernel (exporters/cpu_kernels.py), checked against the source on this machine's onnxruntime.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
+from models.errors import UserError
 from pipeline.manifest import RunDir
 
 
 @dataclass(frozen=True)
 class OptimizeStageConfig:
-    source: str = "fp32"  # variant to fuse
-    fp16: bool = False    # float16 variant for the CUDA / TensorRT providers
+    source: str = ""           # variant to rewrite (default: fp32 for fusion, w8a8 for native_int8)
+    fp16: bool = False         # float16 variant for the CUDA / TensorRT providers
+    native_int8: bool = False  # static int8 MatMuls -> com.pipeline.StaticInt8MatMul (x86-64, AVX512-VNNI)
+
+    @property
+    def source_variant(self) -> str:
+        return self.source or ("w8a8" if self.native_int8 else "fp32")
 
     @property
     def target(self) -> str:
+        if self.native_int8:
+            return f"{self.source_variant}-native"
         return "fused-fp16" if self.fp16 else "fused"
 
 
-def optimize(run: RunDir, config: OptimizeStageConfig) -> dict:
-    from exporters.optimize import OptimizeConfig, optimize as fuse
+def native_parity(source, target, steps: int = 4, prompt_len: int = 8) -> float:
+    """Max |logit difference| between the two graphs over one prefill and `steps` greedy decode steps."""
+    from runtimes.generate import Generator
+    from runtimes.session import open_session
 
-    run.artifact(config.source)
-    results = fuse(run.variant_path(config.source), run.variant_path(config.target), OptimizeConfig(fp16=config.fp16))
-    results["size_bytes"] = sum(f.stat().st_size for f in run.variant_dir(config.target).iterdir())
-    run.record("optimize", asdict(config), {config.source: str(run.variant_path(config.source))},
-               {config.target: {"kind": "onnx", "path": f"variants/{config.target}/model.onnx",
-                                "parent": config.source}}, results)
+    ref, new = Generator(open_session(source, threads=1)), Generator(open_session(target, threads=1))
+    prompt = np.random.default_rng(0).integers(0, ref.session.contract.vocab_size, prompt_len)
+    a, b = ref.prefill(prompt, prompt_len + steps), new.prefill(prompt, prompt_len + steps)
+    worst = float(np.abs(a - b).max())
+    for _ in range(steps):
+        token = int(a.argmax())
+        a, b = ref.step(token), new.step(token)
+        worst = max(worst, float(np.abs(a - b).max()))
+    return worst
+
+
+def optimize(run: RunDir, config: OptimizeStageConfig) -> dict:
+    source, target = config.source_variant, config.target
+    run.artifact(source)
+    if config.native_int8:
+        from exporters.cpu_kernels import specialize
+        from runtimes import kernels
+
+        if config.fp16:
+            raise UserError("--native-int8 rewrites a static int8 variant; --fp16 is for fusion")
+        if kernels.available() is None:  # before writing anything: the variant is only kept once checked
+            why = "this CPU lacks AVX512-VNNI" if not kernels.cpu_supported() else \
+                f"the kernel is not built: {kernels.HOW_TO_BUILD}"
+            raise UserError(f"{target} could not be checked against {source} here: {why}")
+        results = specialize(run.variant_path(source), run.variant_path(target))
+        results["parity_max_abs_logit_diff"] = {"prefill+decode": native_parity(run.variant_path(source),
+                                                                                 run.variant_path(target))}
+    else:
+        from exporters.optimize import OptimizeConfig, optimize as fuse
+
+        results = fuse(run.variant_path(source), run.variant_path(target), OptimizeConfig(fp16=config.fp16))
+    results["size_bytes"] = sum(f.stat().st_size for f in run.variant_dir(target).iterdir())
+    run.record("optimize", asdict(config), {source: str(run.variant_path(source))},
+               {target: {"kind": "onnx", "path": f"variants/{target}/model.onnx", "parent": source}}, results)
     return results

@@ -115,6 +115,39 @@ def test_quantize_recipes_shrink_and_are_checked(run_dir, text_file, recipe):
     assert 0 <= row["top1"] <= 1 and np.isfinite(row["ppl"])
 
 
+def w8a8_variant(run_dir, text_file) -> Path:
+    path = run_dir / "variants" / "w8a8" / "model.onnx"
+    if not path.exists():
+        invoke("quantize", run_dir, "--recipe", "w8a8", "--calib-text", text_file, "--calib-windows", "4",
+               "--window", "32", "--max-ppl-increase", "1.0")
+    return path
+
+
+def test_optimize_native_int8_without_the_kernel_is_one_line_error(run_dir, text_file, monkeypatch):
+    w8a8_variant(run_dir, text_file)
+    monkeypatch.setenv("PIPELINE_KERNELS", str(run_dir / "not-built.so"))
+    before = set((run_dir / "variants").iterdir())
+    one_line_error(invoke("optimize", run_dir, "--native-int8", ok=False), "w8a8-native")
+    assert set((run_dir / "variants").iterdir()) == before  # nothing written that was not checked
+
+
+def test_optimize_native_int8_keeps_w8a8_logits_and_is_checked_and_benched(run_dir, text_file, native_kernels):
+    w8a8_variant(run_dir, text_file)
+    res = json.loads(invoke("optimize", run_dir, "--native-int8", "--json").output)
+    path = run_dir / "variants" / "w8a8-native" / "model.onnx"
+    ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    assert res["matmuls"] == ops["StaticInt8MatMul"] > 0 and ops["QuantizeLinear"] == 0
+    assert res["parity_max_abs_logit_diff"]["prefill+decode"] <= 1e-4
+    r = invoke("check", run_dir, "--variant", "w8a8", "--variant", "w8a8-native", "--text", text_file, "--json",
+               "--steps", "4", "--window", "64", ok=False)
+    rows = {row["variant"]: row for row in json.loads(r.output)["variants"]}
+    for key in ("top1", "kl", "ppl", "int8_w8a8_flop_share", "greedy_match"):
+        assert rows["w8a8-native"][key] == pytest.approx(rows["w8a8"][key], rel=1e-4, abs=1e-6), key
+    r = invoke("bench", run_dir, "--variant", "w8a8-native", "--json", "--prompt-len", "8", "--new-tokens", "4",
+               "--repeats", "1", "--threads", "1")
+    assert json.loads(r.output)["rows"]["w8a8-native"]["decode_ms_p50"] > 0
+
+
 def test_quantize_weight_rounding_option_reaches_the_quantizer(run_dir, text_file):
     """GPTQ is the default and reports the calibration tokens it saw (4 windows: 4 x 28 prefill + 4 x 4 decode);
     `--weight-rounding nearest` turns it off."""

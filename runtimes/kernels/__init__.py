@@ -1,0 +1,101 @@
+"""pipeline's native CPU kernels: an onnxruntime custom-op library, built from C on the machine that runs it.
+
+One op so far, `com.pipeline.StaticInt8MatMul` (int8_matmul.c): a static W8A8 MatMul for x86-64 with
+AVX512-VNNI, which `pipeline optimize --native-int8` puts in place of a QDQ graph's QuantizeLinear +
+MatMulIntegerToFloat. It exists because onnxruntime's int8 GEMM reads a one-row product's weights at ~65% of
+this machine's memory rate, and batch-1 decode is that product (docs/benchmarks.md).
+
+    python -m runtimes.kernels build [--ort-include DIR]   # needs cc and onnxruntime's C API headers
+    python -m runtimes.kernels status
+
+The library goes to a per-user cache named after the source's hash (a changed source is never served by a
+stale build); PIPELINE_KERNELS names another. `open_session` registers it whenever it is built and the CPU
+has the instructions, so a model that needs it just loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from runtimes.errors import RuntimeUserError
+from runtimes.providers import cpu_flags
+
+SOURCE = Path(__file__).with_name("int8_matmul.c")
+OP = "StaticInt8MatMul"
+LIBRARY_ENV = "PIPELINE_KERNELS"        # path of the built library, instead of the cache
+INCLUDE_ENV = "ORT_INCLUDE_DIR"         # directory holding onnxruntime_c_api.h
+REQUIRED_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}  # /proc/cpuinfo names
+CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-fPIC", "-shared", "-std=c11",
+          "-Wall", "-Werror"]
+HEADER_DIRS = ["/usr/include/onnxruntime", "/usr/local/include/onnxruntime", "/usr/include",
+               "/usr/local/include"]
+HOW_TO_BUILD = ("`python -m runtimes.kernels build` (a C compiler and onnxruntime's C API headers: Debian's "
+                "libonnxruntime-dev, or --ort-include DIR)")
+
+
+def cpu_supported(cpuinfo: str | None = None, machine: str | None = None) -> bool:
+    """x86-64 with the AVX512 subsets the kernel is compiled for (AVX512-VNNI among them)."""
+    if (machine or platform.machine()).lower() not in ("x86_64", "amd64"):
+        return False
+    flags = cpu_flags(cpuinfo)
+    return flags is not None and REQUIRED_FLAGS <= flags
+
+
+def library_path() -> Path:
+    if os.environ.get(LIBRARY_ENV):
+        return Path(os.environ[LIBRARY_ENV])
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-pipeline"
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:12]
+    return cache / f"libpipeline_int8-{digest}.so"
+
+
+def available() -> Path | None:
+    """The built library, where this CPU can run it; None otherwise."""
+    path = library_path()
+    return path if path.is_file() and cpu_supported() else None
+
+
+def find_headers(include_dir: str | Path | None = None) -> Path:
+    candidates = [Path(include_dir)] if include_dir else \
+        [Path(d) for d in (os.environ.get(INCLUDE_ENV), *HEADER_DIRS) if d]
+    for d in candidates:
+        if (d / "onnxruntime_c_api.h").is_file():
+            return d
+    where = ", ".join(str(d) for d in candidates)
+    raise RuntimeUserError(f"onnxruntime_c_api.h is not in {where}: install onnxruntime's C API headers (Debian: "
+                           f"libonnxruntime-dev) or pass --ort-include DIR (or set {INCLUDE_ENV})")
+
+
+def build(include_dir: str | Path | None = None, compiler: str | None = None, out: Path | None = None) -> Path:
+    """Compile int8_matmul.c into the library `open_session` registers; returns its path.
+
+    The headers may be older than the onnxruntime that loads the library: the C API only grows, and the library
+    asks for the version it was compiled against.
+    """
+    if not cpu_supported():
+        raise RuntimeUserError(f"this CPU lacks {', '.join(sorted(REQUIRED_FLAGS))}: the native int8 kernel is "
+                               "for x86-64 with AVX512-VNNI; use the portable w8a8 variant here")
+    cc = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        raise RuntimeUserError("no C compiler (cc, gcc or clang) on PATH: install one (Debian: gcc) or set CC")
+    headers = find_headers(include_dir)
+    out = out or library_path()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run([cc, *CFLAGS, f"-I{headers}", str(SOURCE), "-o", tmp], capture_output=True,
+                                text=True)
+        if result.returncode != 0:
+            first = (result.stderr.strip().splitlines() or ["no output"])[0]
+            raise RuntimeUserError(f"compiling {SOURCE.name} with {cc} failed: {first}")
+        os.replace(tmp, out)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return out

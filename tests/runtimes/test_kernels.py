@@ -1,0 +1,107 @@
+"""runtimes/kernels: the native StaticInt8MatMul against onnxruntime's own QDQ int8 path, its build and its errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from runtimes import kernels
+from runtimes.errors import RuntimeUserError
+
+FLAGS = "flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512vl {}\n"
+
+
+def test_cpu_support_reads_the_flags():
+    assert kernels.cpu_supported(FLAGS.format("avx512_vnni"), "x86_64")
+    assert not kernels.cpu_supported(FLAGS.format("avx_vnni"), "x86_64")  # AVX-VNNI alone: 256-bit only
+    assert not kernels.cpu_supported(FLAGS.format("avx512_vnni"), "aarch64")
+    assert not kernels.cpu_supported("processor : 0\n", "x86_64")
+
+
+def test_building_without_headers_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setattr(kernels, "cpu_supported", lambda *a: True)
+    with pytest.raises(RuntimeUserError, match="onnxruntime_c_api.h is not in .*libonnxruntime-dev"):
+        kernels.build(include_dir=tmp_path, out=tmp_path / "lib.so")
+    assert not (tmp_path / "lib.so").exists()
+
+
+def pair(m: int, k: int, n: int, seed: int) -> tuple[onnx.ModelProto, onnx.ModelProto, np.ndarray]:
+    """The same static int8 MatMul as onnxruntime's QDQ graph and as StaticInt8MatMul; and an input that also
+    drives some activations past the uint8 range (saturation) and onto exact .5 steps (rounding)."""
+    from exporters.cpu_kernels import rewrite
+
+    rng = np.random.default_rng(seed)
+    w = rng.integers(-128, 128, (k, n), dtype=np.int8)
+    scale, zero = np.float32(0.03), np.uint8(rng.integers(0, 256))
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(rng.uniform(1e-3, 2e-2, n).astype(np.float32),
+                                                                      "w_scale"),
+             numpy_helper.from_array(np.zeros(n, np.int8), "w_zero"), numpy_helper.from_array(scale, "x_scale"),
+             numpy_helper.from_array(zero, "x_zero")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zero"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zero"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "w_scale", "w_zero"], ["wd"], axis=1),
+             helper.make_node("MatMul", ["xd", "wd"], ["y"], name="mm")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, m, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, m, n])], inits)
+    qdq = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    native = onnx.ModelProto()
+    native.CopyFrom(qdq)
+    assert rewrite(native) == 1
+    x = rng.standard_normal((1, m, k)).astype(np.float32) * 3
+    x.flat[::7] = (np.round(x.flat[::7] / scale) + 0.5) * scale  # ties
+    x.flat[::11] *= 100  # far outside [0, 255] after quantization
+    return qdq, native, x
+
+
+def run(model: onnx.ModelProto, x: np.ndarray, library=None, threads: int = 2) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    if library:
+        options.register_custom_ops_library(str(library))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("m, k, n", [(1, 576, 960), (1, 36, 48), (5, 64, 64), (8, 100, 16), (3, 1536, 80)])
+def test_static_int8_matmul_computes_what_onnxruntime_qdq_does(native_kernels, m, k, n):
+    """Decode rows (1), prefill rows in blocks of 4 and a remainder, panel counts that are not a multiple of
+    4, K with a quantization tail: the same integer products and epilogue as QuantizeLinear +
+    MatMulIntegerToFloat, up to float rounding of the last step."""
+    qdq, native, x = pair(m, k, n, seed=m * 1000 + k + n)
+    want = run(qdq, x)
+    for threads in (1, 2):
+        got = run(native, x, native_kernels, threads)
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+
+
+def test_a_native_graph_without_the_kernel_is_one_line_error(tiny_model, tmp_path, monkeypatch):
+    """A model from `pipeline optimize --native-int8` on a machine where the kernel is not built."""
+    from exporters.cpu_kernels import specialize
+    from exporters.quantize import QuantConfig, quantize
+    from runtimes.session import open_session
+
+    ids = [np.random.default_rng(0).integers(0, 128, 40).tolist()]
+    quantize(tiny_model, tmp_path / "static.onnx", ids,
+             QuantConfig(recipe="static", num_prefill=1, seq_len=16, num_decode_steps=1))
+    specialize(tmp_path / "static.onnx", tmp_path / "native" / "model.onnx")
+    monkeypatch.setenv(kernels.LIBRARY_ENV, str(tmp_path / "not-built.so"))
+    with pytest.raises(RuntimeUserError, match=f"native int8 kernel \\({kernels.OP}\\).*portable w8a8") as e:
+        open_session(tmp_path / "native" / "model.onnx")
+    assert "\n" not in str(e.value)
+
+
+def test_a_library_that_does_not_load_is_one_line_error(tiny_model, tmp_path, monkeypatch):
+    """A truncated or foreign file where the library should be: say so and how to rebuild, no traceback."""
+    from runtimes.session import open_session
+
+    monkeypatch.setattr(kernels, "cpu_supported", lambda *a: True)
+    broken = tmp_path / "libpipeline_int8.so"
+    broken.write_bytes(b"\x7fELF truncated")
+    monkeypatch.setenv(kernels.LIBRARY_ENV, str(broken))
+    with pytest.raises(RuntimeUserError, match="does not load .*rebuild it") as e:
+        open_session(tiny_model)
+    assert "\n" not in str(e.value)
