@@ -8,13 +8,14 @@ For each model, in one process and in alternating rounds so that all see the sam
              thread): what reading the weights once costs on this machine
     matmuls  a graph of only the model's weight MatMuls (same initializers, so the same onnxruntime kernels:
              QuantizeLinear + MatMulIntegerToFloat for QDQ int8, MatMulNBits, float MatMul), each fed its own
-             input: the kernels' share of a step
+             input: the kernels' share of a step (pipeline's StaticInt8MatMul too, with its library)
     rest     the model with every weight MatMul replaced by a shape-only op (Pad / Slice / Identity), driven
              by the same decode loop: norms, attention, activations, quantize ops, dispatch, the Python loop
     step     the model's own decode step (the `pipeline bench` figure)
 
 A weight MatMul multiplies by a 2-D constant of at least 65,536 values (int8 through DequantizeLinear,
-MatMulNBits' packed blocks, or float); smaller ones (the online Hadamard, the outlier split) stay in `rest`.
+MatMulNBits' packed blocks, StaticInt8MatMul's packed panels, or float); smaller ones (the online Hadamard, the
+outlier split) stay in `rest`.
 Timings only: the `rest` graph computes nothing meaningful.
 """
 
@@ -35,14 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtimes.bench import timed_run  # noqa: E402
 from runtimes.generate import Generator  # noqa: E402
-from runtimes.session import open_session  # noqa: E402
+from runtimes.session import open_session, session_options  # noqa: E402
 
 MIN_WEIGHT_VALUES = 1 << 16
 
 
 @dataclass
 class WeightMatMul:
-    node: onnx.NodeProto       # the MatMul / MatMulNBits
+    node: onnx.NodeProto       # the MatMul / MatMulNBits / StaticInt8MatMul
     x: str                     # its float activation input (before any QuantizeLinear)
     k: int
     n: int
@@ -65,6 +66,9 @@ def weight_matmuls(model: onnx.ModelProto) -> list[WeightMatMul]:
             nbytes = sum(int(np.prod(inits[i].dims)) * (4 if inits[i].data_type == TensorProto.FLOAT else 1)
                          for i in node.input[1:] if i in inits)
             found.append(WeightMatMul(node, node.input[0], k, n, [], None, nbytes))
+        elif node.op_type == "StaticInt8MatMul":  # pipeline's native kernel: w_packed (N/16, K/4, 64)
+            panels, groups, _ = inits[node.input[1]].dims
+            found.append(WeightMatMul(node, node.input[0], 4 * groups, 16 * panels, [], None, 64 * panels * groups))
         elif node.op_type == "MatMul":
             w = node.input[1]
             dq = producer.get(w)
@@ -181,8 +185,7 @@ def main() -> None:
         mm_path, rest_path = tmp / f"{index}_matmuls.onnx", tmp / f"{index}_rest.onnx"
         matmuls_only(model, mms, mm_path)
         without_matmuls(model, mms, rest_path)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = a.threads
+        options = session_options(a.threads)  # registers the native kernel library where it is built
         kernels = ort.InferenceSession(str(mm_path), options, providers=["CPUExecutionProvider"])
         feed = {i.name: np.random.default_rng(0).standard_normal(i.shape).astype(np.float32)
                 for i in kernels.get_inputs()}

@@ -59,6 +59,16 @@ def pipeline(*args: str) -> dict:
     return json.loads(p.stdout) if "--json" in args else {}
 
 
+def native_kernel_built() -> bool:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from runtimes import kernels
+
+    if kernels.available() is None:
+        print(f"w8a8-native skipped: {kernels.HOW_TO_BUILD}", file=sys.stderr)
+        return False
+    return True
+
+
 def last_quantize_report(out: Path, recipe: str) -> dict:
     stages = json.loads((out / "manifest.json").read_text())["stages"]
     found = [s["results"] for s in stages if s["stage"] == "quantize" and s["results"].get("recipe") == recipe]
@@ -110,6 +120,10 @@ def main() -> None:
             pipeline("quantize", str(out), "--recipe", recipe, "--calib-text", str(calib),
                      "--calib-windows", str(a.calib_windows), "--json")
     variants = ["fused", *a.recipes.split(",")]
+    native = None
+    if "w8a8" in variants and native_kernel_built():  # the same w8a8 on pipeline's own int8 kernel
+        native = pipeline("optimize", str(out), "--native-int8", "--json")
+        variants.append("w8a8-native")
     vargs = [x for v in variants for x in ("--variant", v)]
     check = pipeline("check", str(out), *vargs, "--text", str(evaluation), "--window", str(a.window),
                      "--windows", str(a.windows), "--steps", "32", "--json")
@@ -118,7 +132,7 @@ def main() -> None:
     bargs = ["--variant", "fp32", *vargs]  # the plain export too: what fusion alone buys
     bench = pipeline("bench", str(out), *bargs, "--threads", str(a.threads), "--prompt-len", "32",
                      "--new-tokens", "64", "--repeats", "3", "--compare", ",".join(peers), "--json")
-    report = {"quantize": quant, "check": check, "bench": bench}
+    report = {"quantize": quant, "native": native, "check": check, "bench": bench}
     (out / "smollm2-report.json").write_text(json.dumps(report, indent=2))
     print(render(report))
 
@@ -151,6 +165,10 @@ def render(r: dict) -> str:
             line += (f", 8-bit weight-only instead {100 * q['fallback_flop_share']:.1f}%: "
                      + ", ".join(q["fallback_matmuls"]))
         lines.append(line)
+    if r.get("native"):
+        n = r["native"]
+        lines.append(f"\nw8a8-native: {n['matmuls']} MatMuls on {n['kernel']}; max |logit diff| vs w8a8 "
+                     f"{max(n['parity_max_abs_logit_diff'].values()):.2g}")
     return "\n".join(lines)
 
 
