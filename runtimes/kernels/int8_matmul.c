@@ -226,12 +226,7 @@ static int ORT_API_CALL end_version(const OrtCustomOp* op) { (void)op; return 21
 
 static OrtCustomOp g_op;
 
-/* The entry point onnxruntime looks up in a library given to SessionOptions.register_custom_ops_library. */
-ORT_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base) {
-    g_api = base->GetApi(ORT_API_VERSION);
-    if (!g_api) return NULL; /* an onnxruntime older than these headers: it will then not find the op */
-    memset(&g_op, 0, sizeof(g_op));
-    g_op.version = ORT_API_VERSION;
+static void fill_op(void) {
     g_op.GetName = op_name;
     g_op.GetExecutionProviderType = op_provider;
     g_op.GetInputType = input_type;
@@ -246,6 +241,15 @@ ORT_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
     g_op.KernelDestroy = destroy_kernel;
     g_op.GetStartVersion = start_version;
     g_op.GetEndVersion = end_version;
+    g_op.version = ORT_API_VERSION;
+}
+
+/* The entry point onnxruntime looks up in a library given to SessionOptions.register_custom_ops_library. */
+ORT_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base) {
+    g_api = base->GetApi(ORT_API_VERSION);
+    if (!g_api) /* an onnxruntime older than these headers; version 1 of the API has CreateStatus too */
+        return base->GetApi(1)->CreateStatus(ORT_FAIL, "StaticInt8MatMul needs onnxruntime >= 1.21");
+    if (g_op.version == 0) fill_op(); /* once: sessions registered earlier keep pointing at it */
     OrtCustomOpDomain* domain;
     RETURN_IF_ERROR(g_api->CreateCustomOpDomain("com.pipeline", &domain));
     RETURN_IF_ERROR(g_api->CustomOpDomain_Add(domain, &g_op));

@@ -148,6 +148,15 @@ def test_optimize_native_int8_keeps_w8a8_logits_and_is_checked_and_benched(run_d
     assert json.loads(r.output)["rows"]["w8a8-native"]["decode_ms_p50"] > 0
 
 
+def test_a_native_variant_whose_logits_differ_is_not_kept(run_dir, text_file, native_kernels, monkeypatch):
+    from pipeline.stages import optimize as optimize_stage
+
+    w8a8_variant(run_dir, text_file)
+    monkeypatch.setattr(optimize_stage, "native_parity", lambda source, target: 0.5)
+    one_line_error(invoke("optimize", run_dir, "--native-int8", ok=False), "differs from w8a8 by 0.5", "not kept")
+    assert not (run_dir / "variants" / "w8a8-native").exists()
+
+
 def test_quantize_weight_rounding_option_reaches_the_quantizer(run_dir, text_file):
     """GPTQ is the default and reports the calibration tokens it saw (4 windows: 4 x 28 prefill + 4 x 4 decode);
     `--weight-rounding nearest` turns it off."""
