@@ -17,6 +17,8 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.manifest import RunDir, sha256
+from runtimes.generate import greedy_tokens
+from runtimes.session import open_session
 from tests.pipeline.conftest import make_hf_checkpoint
 
 
@@ -146,6 +148,11 @@ def test_optimize_native_int8_keeps_w8a8_logits_and_is_checked_and_benched(run_d
     r = invoke("bench", run_dir, "--variant", "w8a8-native", "--json", "--prompt-len", "8", "--new-tokens", "4",
                "--repeats", "1", "--threads", "1")
     assert json.loads(r.output)["rows"]["w8a8-native"]["decode_ms_p50"] > 0
+    bundle = run_dir.parent / "native-bundle"  # shipped only when asked for, and runs from the bundle
+    invoke("package", run_dir, "--out", bundle, "--variant", "w8a8-native")
+    ids = list(range(3, 11))
+    assert greedy_tokens(open_session(bundle), ids, 6) == greedy_tokens(open_session(path.parent.parent / "w8a8"),
+                                                                        ids, 6)
 
 
 def test_a_native_variant_whose_logits_differ_is_not_kept(run_dir, text_file, native_kernels, monkeypatch):
