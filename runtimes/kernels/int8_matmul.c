@@ -50,22 +50,25 @@ typedef struct {
     int64_t m, k, n, panels, groups, chunks;
 } Job;
 
+/* QuantizeLinear as onnxruntime computes it: x / scale clamped to [-zero_point, 255 - zero_point] in float (so
+ * huge values and infinities saturate, and NaN goes to the low end), rounded half to even, plus zero_point. */
+static inline __m128i quantize16(__m512 x, __m512 scale, __m512 lo, __m512 hi, __m512i zero_point) {
+    const __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(x, scale), lo), hi);
+    const __m512i r = _mm512_add_epi32(_mm512_cvt_roundps_epi32(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+                                       zero_point);
+    return _mm512_cvtepi32_epi8(r);
+}
+
 static void quantize(const float* x, uint8_t* q, int64_t count, float scale, int32_t zero_point) {
-    const __m512 s = _mm512_set1_ps(scale);
-    const __m512i z = _mm512_set1_epi32(zero_point), lo = _mm512_setzero_si512(), hi = _mm512_set1_epi32(255);
+    const __m512 s = _mm512_set1_ps(scale), lo = _mm512_set1_ps((float)-zero_point),
+                 hi = _mm512_set1_ps((float)(255 - zero_point));
+    const __m512i z = _mm512_set1_epi32(zero_point);
     int64_t i = 0;
-    for (; i + 16 <= count; i += 16) {
-        __m512i r = _mm512_cvt_roundps_epi32(_mm512_div_ps(_mm512_loadu_ps(x + i), s),
-                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        r = _mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(r, z), lo), hi);
-        _mm_storeu_si128((__m128i*)(q + i), _mm512_cvtepi32_epi8(r));
-    }
+    for (; i + 16 <= count; i += 16)
+        _mm_storeu_si128((__m128i*)(q + i), quantize16(_mm512_loadu_ps(x + i), s, lo, hi, z));
     if (i < count) {
         const __mmask16 mask = (__mmask16)((1u << (count - i)) - 1);
-        __m512i r = _mm512_cvt_roundps_epi32(_mm512_div_ps(_mm512_maskz_loadu_ps(mask, x + i), s),
-                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        r = _mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(r, z), lo), hi);
-        _mm_mask_storeu_epi8(q + i, mask, _mm512_cvtepi32_epi8(r));
+        _mm_mask_storeu_epi8(q + i, mask, quantize16(_mm512_maskz_loadu_ps(mask, x + i), s, lo, hi, z));
     }
 }
 

@@ -30,7 +30,8 @@ def test_building_without_headers_says_what_to_install(tmp_path, monkeypatch):
 
 def pair(m: int, k: int, n: int, seed: int) -> tuple[onnx.ModelProto, onnx.ModelProto, np.ndarray]:
     """The same static int8 MatMul as onnxruntime's QDQ graph and as StaticInt8MatMul; and an input that also
-    drives some activations past the uint8 range (saturation) and onto exact .5 steps (rounding)."""
+    drives some activations past the uint8 range (saturation, even past int32 and to -inf) and onto exact .5
+    steps (rounding)."""
     from exporters.cpu_kernels import rewrite
 
     rng = np.random.default_rng(seed)
@@ -53,6 +54,8 @@ def pair(m: int, k: int, n: int, seed: int) -> tuple[onnx.ModelProto, onnx.Model
     x = rng.standard_normal((1, m, k)).astype(np.float32) * 3
     x.flat[::7] = (np.round(x.flat[::7] / scale) + 0.5) * scale  # ties
     x.flat[::11] *= 100  # far outside [0, 255] after quantization
+    x.flat[1::13] = 1e12  # past int32 once divided by the scale
+    x.flat[2::17] = -np.inf
     return qdq, native, x
 
 
