@@ -34,6 +34,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from exporters.optimize import remove_dead_nodes  # noqa: E402
 from runtimes.bench import timed_run  # noqa: E402
 from runtimes.generate import Generator  # noqa: E402
 from runtimes.session import open_session, session_options  # noqa: E402
@@ -148,19 +149,9 @@ def without_matmuls(model: onnx.ModelProto, mms: list[WeightMatMul], path: Path)
             nodes.append(helper.make_node("Slice", [mm.x] + [c.name for c in consts], [out], name=name))
         else:
             nodes.append(helper.make_node("Identity", [mm.x], [out], name=name))
-    outputs = {o.name for o in graph.output}
-    while True:  # drop what only fed the replaced MatMuls (their quantize / dequantize nodes)
-        read = {i for n in nodes for i in n.input} | outputs
-        live = [n for n in nodes if any(o in read for o in n.output)]
-        if len(live) == len(nodes):
-            break
-        nodes = live
-    read = {i for n in nodes for i in n.input}
-    live_inits = [i for i in graph.initializer if i.name in read]
     del graph.node[:]
     graph.node.extend(nodes)
-    del graph.initializer[:]
-    graph.initializer.extend(live_inits)
+    remove_dead_nodes(model)  # what only fed the replaced MatMuls (their quantize / dequantize nodes)
     _save(model, path)
 
 

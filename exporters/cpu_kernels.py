@@ -27,6 +27,7 @@ from onnx import helper, numpy_helper
 
 from exporters.contract import set_metadata
 from exporters.export import move_model, save_model_auto
+from exporters.optimize import remove_dead_nodes
 from models.errors import UserError
 
 DOMAIN = "com.pipeline"
@@ -115,19 +116,10 @@ def rewrite(model: onnx.ModelProto) -> int:
                       numpy_helper.from_array(m.weight.sum(axis=0, dtype=np.int32), names[2])]
         nodes.append(helper.make_node(OP, [m.x, *names, m.x_scale, m.x_zero_point], [node.output[0]],
                                       name=f"{base}/{OP}", domain=DOMAIN))
-    outputs = {o.name for o in graph.output}
-    while True:  # the Q/DQ pairs and weight DequantizeLinear nodes nothing reads any more
-        read = {i for n in nodes for i in n.input} | outputs
-        live = [n for n in nodes if any(o in read for o in n.output)]
-        if len(live) == len(nodes):
-            break
-        nodes = live
     del graph.node[:]
-    graph.node.extend(nodes)
-    read = {i for n in nodes for i in n.input}
-    kept = [i for i in graph.initializer if i.name in read] + new_inits
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    graph.node.extend(nodes)  # each new node where its MatMul was: still in topological order
+    graph.initializer.extend(new_inits)
+    remove_dead_nodes(model)  # the Q/DQ pairs and weight DequantizeLinear nodes nothing reads any more
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     set_metadata(model, KERNEL_KEY, OP)

@@ -125,9 +125,9 @@ def _load(path: Path, options: ort.SessionOptions,
             return ort.InferenceSession(str(path), options, providers=providers)
     except _LOAD_ERRORS as e:
         if kernels.OP in str(e):  # a graph for the native kernel, which is not registered here
-            reason = f"build it with {kernels.HOW_TO_BUILD}" if kernels.cpu_supported() else "this CPU cannot run it"
             raise RuntimeUserError(f"{path} uses pipeline's native int8 kernel ({kernels.OP}), which is not "
-                                   f"available: {reason}; or run the portable w8a8 variant") from e
+                                   f"available: {kernels.unavailable_reason()}; or run the portable w8a8 "
+                                   "variant") from e
         raise RuntimeUserError(f"cannot load {path} ({_first_line(e)}): the file is corrupt or truncated, "
                                "copy or export it again") from e
     except ort_errors.EPFail as e:

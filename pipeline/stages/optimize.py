@@ -61,9 +61,8 @@ def optimize(run: RunDir, config: OptimizeStageConfig) -> dict:
 
         if config.fp16:
             raise UserError("--native-int8 rewrites a static int8 variant; --fp16 is for fusion")
-        if kernels.available() is None:  # before writing anything: the variant is only kept once checked
-            why = "this CPU lacks AVX512-VNNI" if not kernels.cpu_supported() else \
-                f"the kernel is not built: {kernels.HOW_TO_BUILD}"
+        why = kernels.unavailable_reason()
+        if why:  # before writing anything: the variant is only kept once checked
             raise UserError(f"{target} could not be checked against {source} here: {why}")
         results = specialize(run.variant_path(source), run.variant_path(target))
         try:

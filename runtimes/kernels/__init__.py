@@ -61,6 +61,15 @@ def available() -> Path | None:
     return path if path.is_file() and cpu_supported() else None
 
 
+def unavailable_reason() -> str | None:
+    """Why the native kernel cannot run here, as the end of a user message; None when it can."""
+    if not cpu_supported():
+        return "this CPU lacks AVX512-VNNI"
+    if not library_path().is_file():
+        return f"the kernel is not built: {HOW_TO_BUILD}"
+    return None
+
+
 def find_headers(include_dir: str | Path | None = None) -> Path:
     candidates = [Path(include_dir)] if include_dir else \
         [Path(d) for d in (os.environ.get(INCLUDE_ENV), *HEADER_DIRS) if d]
