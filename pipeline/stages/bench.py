@@ -15,6 +15,7 @@ from pathlib import Path
 
 from models.errors import UserError
 from pipeline.manifest import RunDir
+from pipeline.validation import fits_context, number, text
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,21 @@ class BenchConfig:
     compare: tuple[str, ...] = ("pytorch",)  # peers: pytorch, optimum, llamacpp
     timeout_s: int = 1800            # per runner
 
+    def __post_init__(self):
+        from runtimes.session import MAX_THREADS
+
+        number("threads", self.threads, 1, MAX_THREADS)
+        number("prompt_len", self.prompt_len, 1)
+        number("new_tokens", self.new_tokens, 1)
+        number("repeats", self.repeats, 1, MAX_REPEATS)
+        number("timeout_s", self.timeout_s, 1)
+        text("provider", self.provider)
+        for name in (*self.variants, *self.compare):
+            text("variants and compare entries", name)
+
+
+MAX_REPEATS = 1000  # timed repetitions: a median of more says nothing new
+
 
 def run_json(cmd: list[str], timeout: int, env: dict[str, str] | None = None) -> dict:
     """Run a measuring subprocess; its last stdout line is one JSON object."""
@@ -37,7 +53,7 @@ def run_json(cmd: list[str], timeout: int, env: dict[str, str] | None = None) ->
         return {"error": f"timed out after {timeout}s"}
     if p.returncode != 0:
         lines = (p.stderr or p.stdout).strip().splitlines()
-        return {"error": lines[-1] if lines else f"exit {p.returncode}"}
+        return {"error": lines[-1].removeprefix("error: ") if lines else f"exit {p.returncode}"}
     try:
         return json.loads(p.stdout.strip().splitlines()[-1])
     except (json.JSONDecodeError, IndexError):
@@ -133,20 +149,22 @@ def bench(run: RunDir, config: BenchConfig) -> dict:
     names = list(config.variants) or run.variants()
     if not names:
         raise UserError(f"run {run.root} has no ONNX variants to benchmark: run `pipeline export` first")
-    for n in names:
-        run.artifact(n)
+    paths = {n: run.verified(n) for n in names}
+    for n, path in paths.items():
+        fits_context("prompt_len + new_tokens", config.prompt_len + config.new_tokens, path, n)
     rows = {}
     for peer in config.compare:
         rows[peer] = bench_peer(run, peer, config)
-    for n in names:
-        rows[n] = bench_variant(run.variant_path(n), config, run.root / "cache" / config.provider / n)
+    for n, path in paths.items():
+        rows[n] = bench_variant(path, config, run.root / "cache" / config.provider / n)
     base = rows.get("pytorch", {}).get("decode_ms_p50")
     for r in rows.values():
         if base and r.get("decode_ms_p50"):
             r["decode_speedup_vs_pytorch"] = base / r["decode_ms_p50"]
+    failed = [name for name, r in rows.items() if r.get("error")]
     results = {"provider": config.provider, "threads": config.threads, "prompt_len": config.prompt_len,
-               "new_tokens": config.new_tokens, "rows": rows}
-    run.record("bench", asdict(config), {n: str(run.variant_path(n)) for n in names}, {}, results)
+               "new_tokens": config.new_tokens, "rows": rows, "failed": failed, "passed": not failed}
+    run.record("bench", asdict(config), {n: str(p) for n, p in paths.items()}, {}, results)
     return results
 
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import psutil
 
 from models.errors import UserError
 from pipeline.data import token_windows
 from pipeline.manifest import RunDir
+from pipeline.validation import number, text
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,39 @@ class CheckConfig:
     provider: str = "cpu"
     threads: int = 2
     thresholds: dict = field(default_factory=dict)  # variant -> Thresholds overrides
+
+    def __post_init__(self):
+        from runtimes.session import MAX_THREADS
+
+        number("windows", self.windows, 1, MAX_WINDOWS)
+        number("window", self.window, 2)  # a window predicts its tokens after the first: two at least
+        number("decode_steps", self.decode_steps, 0)
+        number("prompt_tokens", self.prompt_tokens, 1)
+        number("threads", self.threads, 1, MAX_THREADS)
+        text("provider", self.provider)
+        text("model", self.model, optional=True)
+        text("text", self.text, optional=True)
+
+
+MAX_WINDOWS = 4096  # evaluation windows: more than any text here fills, few enough to finish
+LOGIT_COPIES = 8    # float64 (S, V) arrays alive at once while one window is compared, with the float32 logits
+
+
+def check_fits(config: CheckConfig, context: int, vocab: int, heads: int, available: int) -> None:
+    """A window must fit the model's context and, with its logits and attention scores, this machine's memory."""
+    if config.window > context:
+        raise UserError(f"window is {config.window} tokens, longer than the model's context of {context}: "
+                        f"give at most {context}")
+    if config.prompt_tokens + config.decode_steps > context:
+        raise UserError(f"prompt_tokens + decode_steps ({config.prompt_tokens} + {config.decode_steps}) exceed the "
+                        f"model's context of {context}")
+    need = 8 * LOGIT_COPIES * config.window * vocab + 4 * 2 * heads * config.window ** 2
+    if need > 0.8 * available:
+        fits = next(w for w in (4096, 2048, 1024, 512, 256, 128, 64, 32, 16, 8, 2)
+                    if 8 * LOGIT_COPIES * w * vocab + 8 * heads * w * w <= 0.8 * available)
+        raise UserError(f"a window of {config.window} tokens needs about {need / 2**30:.1f} GiB for its logits "
+                        f"(vocabulary {vocab}) and attention, more than the {available / 2**30:.1f} GiB available: "
+                        f"give a window of at most {fits}")
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -155,7 +190,7 @@ def check_variant(name: str, path, model, windows, config: CheckConfig) -> dict:
             "kl": float(np.mean([w["kl"] for w in per_window])),
             "ppl_ref": float(np.exp(nll_ref)), "ppl": float(np.exp(nll_got)),
             "ppl_increase": float(np.exp(nll_got - nll_ref) - 1.0),
-            "greedy_match": match / max(1, len(ref_tokens)), "greedy_ref": ref_tokens, "greedy": got_tokens,
+            "greedy_match": match / len(ref_tokens) if ref_tokens else 1.0, "greedy_ref": ref_tokens, "greedy": got_tokens,
             **int8_flop_share(path), "size_bytes": size}
 
 
@@ -192,21 +227,21 @@ def check(run: RunDir, config: CheckConfig) -> dict:
     names = list(config.variants) or run.variants()
     if not names:
         raise UserError(f"run {run.root} has no ONNX variants to check: run `pipeline export` first")
-    for n in names:
-        run.artifact(n)
-        if not run.variant_path(n).exists():
-            raise UserError(f"variant {n!r} is recorded but {run.variant_path(n)} is missing")
+    paths = {n: run.verified(n) for n in names}
     model = torch_reference(run, config)
+    dims = model.config
+    check_fits(config, dims.max_position_embeddings, dims.vocab_size, dims.num_heads,
+               psutil.virtual_memory().available)
     windows = token_windows(run.root, "valid", config.text, config.windows, config.window)
     rows = []
     for n in names:
-        r = check_variant(n, run.variant_path(n), model, windows, config)
+        r = check_variant(n, paths[n], model, windows, config)
         r["failed"] = judge(n, r, config)
         rows.append(r)
     results = {"variants": rows, "passed": all(not r["failed"] for r in rows),
                "tokens_evaluated": sum(len(w) - 1 for w in windows)}
     cfg = {k: v for k, v in asdict(config).items() if k != "thresholds"}
-    run.record("check", cfg, {n: str(run.variant_path(n)) for n in names}, {}, results)
+    run.record("check", cfg, {n: str(p) for n, p in paths.items()}, {}, results)
     return results
 
 

@@ -1,4 +1,9 @@
-"""Stage `export`: a checkpoint (ours, a Hugging Face directory or a .gguf file) -> variants/fp32/model.onnx."""
+"""Stage `export`: a checkpoint (ours, a Hugging Face directory or a .gguf file) -> variants/fp32/model.onnx.
+
+The graph is validated against PyTorch before it becomes visible: until then it lives in the run's staging
+directory, so an interrupted or failed export leaves the run as it was. A new export replaces the run's source,
+so every variant made from the old one is removed with it.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline.manifest import RunDir
+from pipeline.validation import text
 
 
 @dataclass(frozen=True)
 class ExportConfig:
     model: str  # checkpoint directory or .gguf file; never a hub id (nothing is downloaded)
+
+    def __post_init__(self):
+        text("model", self.model)
 
 
 def export(run: RunDir, config: ExportConfig) -> dict:
@@ -18,19 +27,26 @@ def export(run: RunDir, config: ExportConfig) -> dict:
     from models.hf import export_tokenizer, load_model
 
     loaded = load_model(config.model)
-    out = run.variant_path("fp32")
-    contract = export_onnx(loaded.model, out, validate=False)
-    parity = validate_export(loaded.model, out, contract)
-    tokenizer = export_tokenizer(config.model, run.root)
-    results = {"contract": {"num_layers": contract.num_layers, "num_kv_heads": contract.num_kv_heads,
-                            "head_dim": contract.head_dim, "vocab_size": contract.vocab_size},
-               "parameters": loaded.model.num_parameters(),
-               "parity_max_abs_diff": {p.step: p.worst[1] for p in parity},
-               "size_bytes": sum(f.stat().st_size for f in out.parent.iterdir())}
-    source = {"kind": "source", "path": str(Path(config.model).resolve()), "parent": None, **loaded.source,
-              "bos_token_id": loaded.bos_token_id, "eos_token_id": loaded.eos_token_id}
-    outputs = {"source": source, "fp32": {"kind": "onnx", "path": "variants/fp32/model.onnx", "parent": "source"}}
-    if tokenizer is not None:
-        outputs["tokenizer"] = {"kind": "tokenizer", "path": "tokenizer.json", "parent": "source"}
-    run.record("export", asdict(config), {"model": config.model}, outputs, results)
+    model_path = Path(config.model).resolve()
+    own_checkpoint = (model_path == (run.root / "checkpoint").resolve()  # trained here: derived from it
+                      and "checkpoint" in run.load()["artifacts"])
+    with run.transaction() as tx:
+        if own_checkpoint:
+            tx.read("checkpoint")
+        out = tx.variant_path("fp32")
+        contract = export_onnx(loaded.model, out, validate=False)
+        parity = validate_export(loaded.model, out, contract)
+        tokenizer = export_tokenizer(config.model, tx.staging)
+        results = {"contract": {"num_layers": contract.num_layers, "num_kv_heads": contract.num_kv_heads,
+                                "head_dim": contract.head_dim, "vocab_size": contract.vocab_size},
+                   "parameters": loaded.model.num_parameters(),
+                   "parity_max_abs_diff": {p.step: p.worst[1] for p in parity},
+                   "size_bytes": sum(f.stat().st_size for f in out.parent.iterdir())}
+        source = {**loaded.source, "kind": "source", "path": str(model_path),
+                  "parent": "checkpoint" if own_checkpoint else None,
+                  "bos_token_id": loaded.bos_token_id, "eos_token_id": loaded.eos_token_id}
+        outputs = {"source": source, "fp32": {"kind": "onnx", "path": "variants/fp32/model.onnx", "parent": "source"}}
+        if tokenizer is not None:
+            outputs["tokenizer"] = {"kind": "tokenizer", "path": "tokenizer.json", "parent": "source"}
+        tx.record("export", asdict(config), {"model": config.model}, outputs, results)
     return results

@@ -7,6 +7,7 @@ from typing import Callable
 
 from models.errors import UserError
 from pipeline.manifest import RunDir
+from pipeline.validation import number, text
 
 PREFERENCE = ("w8a8", "w4", "w8", "static", "fused", "fp32", "fused-fp16")  # fastest sound CPU variant first
 
@@ -23,6 +24,21 @@ class GenerateConfig:
     provider: str = "cpu"
     threads: int = 2
 
+    def __post_init__(self):
+        from runtimes.session import MAX_THREADS
+
+        text("prompt", self.prompt)
+        text("variant", self.variant)
+        text("provider", self.provider)
+        number("max_new_tokens", self.max_new_tokens, 0)
+        number("temperature", self.temperature, 0, integer=False)
+        number("top_k", self.top_k, 0)
+        number("top_p", self.top_p, 0, 1, integer=False)
+        if self.top_p == 0:
+            raise UserError("top_p is 0: give a share in (0, 1]; 1.0 turns it off")
+        number("seed", self.seed, 0, optional=True)
+        number("threads", self.threads, 1, MAX_THREADS)
+
 
 def pick_variant(run: RunDir, wanted: str) -> str:
     have = run.variants()
@@ -37,14 +53,14 @@ def pick_variant(run: RunDir, wanted: str) -> str:
 
 
 def generate(run: RunDir, config: GenerateConfig, on_text: Callable[[str], None]) -> list[int]:
-    from runtimes.generate import Generator, TextStream, load_tokenizer
+    from runtimes.generate import Generator, TextStream, encode_prompt, load_tokenizer
     from runtimes.providers import resolve
     from runtimes.session import open_session
 
     variant = pick_variant(run, config.variant)
     tok = load_tokenizer(run.root / "tokenizer.json")
-    sess = open_session(run.variant_path(variant), resolve(config.provider), threads=config.threads)
-    ids = tok.encode(config.prompt).ids
+    ids = encode_prompt(tok, config.prompt)
+    sess = open_session(run.verified(variant), resolve(config.provider), threads=config.threads)
     if not ids:
         raise UserError("the prompt encodes to no tokens: give some text")
     stream = TextStream(tok)

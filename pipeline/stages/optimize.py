@@ -7,13 +7,13 @@
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from models.errors import UserError
 from pipeline.manifest import RunDir
+from pipeline.validation import flag, text
 
 
 NATIVE_TOLERANCE = 1e-3  # max |logit difference| of a -native variant: float rounding of the same integer sums
@@ -24,6 +24,13 @@ class OptimizeStageConfig:
     source: str = ""           # variant to rewrite (default: fp32 for fusion, w8a8 for native_int8)
     fp16: bool = False         # float16 variant for the CUDA / TensorRT providers
     native_int8: bool = False  # static int8 MatMuls -> com.pipeline.StaticInt8MatMul (x86-64, AVX512-VNNI)
+
+    def __post_init__(self):
+        text("source", self.source)
+        flag("fp16", self.fp16)
+        flag("native_int8", self.native_int8)
+        if self.fp16 and self.native_int8:
+            raise UserError("--native-int8 rewrites a static int8 variant; --fp16 is for fusion")
 
     @property
     def source_variant(self) -> str:
@@ -54,31 +61,29 @@ def native_parity(source, target, steps: int = 4, prompt_len: int = 8) -> float:
 
 def optimize(run: RunDir, config: OptimizeStageConfig) -> dict:
     source, target = config.source_variant, config.target
-    run.artifact(source)
-    if config.native_int8:
-        from exporters.cpu_kernels import specialize
-        from runtimes import kernels
+    if source == target:
+        raise UserError(f"--source {source} would be replaced by its own rewrite: give the variant it was made from")
+    with run.transaction() as tx:
+        source_path = tx.read(source)
+        out = tx.variant_path(target)
+        if config.native_int8:
+            from exporters.cpu_kernels import specialize
+            from runtimes import kernels
 
-        if config.fp16:
-            raise UserError("--native-int8 rewrites a static int8 variant; --fp16 is for fusion")
-        why = kernels.unavailable_reason()
-        if why:  # before writing anything: the variant is only kept once checked
-            raise UserError(f"{target} could not be checked against {source} here: {why}")
-        results = specialize(run.variant_path(source), run.variant_path(target))
-        try:
-            worst = native_parity(run.variant_path(source), run.variant_path(target))
+            why = kernels.unavailable_reason()
+            if why:  # before writing anything: the variant is only kept once checked
+                raise UserError(f"{target} could not be checked against {source} here: {why}")
+            results = specialize(source_path, out)
+            worst = native_parity(source_path, out)
             if not worst <= NATIVE_TOLERANCE:  # the same arithmetic: more than rounding means a kernel bug
                 raise UserError(f"{target} differs from {source} by {worst:.3g} in the logits (more than "
                                 f"{NATIVE_TOLERANCE}): not kept; please report it with the run's manifest.json")
-        except BaseException:
-            shutil.rmtree(run.variant_dir(target), ignore_errors=True)
-            raise
-        results["parity_max_abs_logit_diff"] = {"prefill+decode": worst}
-    else:
-        from exporters.optimize import OptimizeConfig, optimize as fuse
+            results["parity_max_abs_logit_diff"] = {"prefill+decode": worst}
+        else:
+            from exporters.optimize import OptimizeConfig, optimize as fuse
 
-        results = fuse(run.variant_path(source), run.variant_path(target), OptimizeConfig(fp16=config.fp16))
-    results["size_bytes"] = sum(f.stat().st_size for f in run.variant_dir(target).iterdir())
-    run.record("optimize", asdict(config), {source: str(run.variant_path(source))},
-               {target: {"kind": "onnx", "path": f"variants/{target}/model.onnx", "parent": source}}, results)
+            results = fuse(source_path, out, OptimizeConfig(fp16=config.fp16))
+        results["size_bytes"] = sum(f.stat().st_size for f in out.parent.iterdir())
+        tx.record("optimize", asdict(config), {source: str(source_path)},
+                  {target: {"kind": "onnx", "path": f"variants/{target}/model.onnx", "parent": source}}, results)
     return results

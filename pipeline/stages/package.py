@@ -34,6 +34,7 @@ from pathlib import Path
 
 from models.errors import UserError
 from pipeline.manifest import RunDir, sha256
+from pipeline.validation import choice, text
 from runtimes.bundle import BUNDLE_FORMAT, MANIFEST_FILE, describe_files
 
 MODEL_FILE = "model.onnx"
@@ -52,6 +53,11 @@ class PackageConfig:
     out: str                     # bundle directory to write (replaced if it is an earlier bundle)
     variant: str = ""            # "" = the best that passed check (see choose_variant)
     archive: str | None = None   # also write OUT.tar.gz or OUT.zip
+
+    def __post_init__(self):
+        text("out", self.out)
+        text("variant", self.variant)
+        choice("archive", self.archive, ARCHIVE_FORMATS, optional=True)
 
 
 @dataclass(frozen=True)
@@ -90,7 +96,7 @@ def bench_row(stages: list[dict], name: str) -> dict | None:
     after = produced_at(stages, name)
     for i in range(len(stages) - 1, after, -1):
         s = stages[i]
-        if s["stage"] == "bench" and name in s["results"].get("rows", {}):
+        if s["stage"] == "bench" and not s["results"].get("rows", {}).get(name, {"error": "absent"}).get("error"):
             r = s["results"]
             return {"provider": r.get("provider"), "threads": r.get("threads"), "prompt_len": r.get("prompt_len"),
                     "new_tokens": r.get("new_tokens"), "finished": s.get("finished"), **r["rows"][name]}
@@ -385,10 +391,9 @@ def staging_dir(out: Path) -> Iterator[Path]:
 
 
 def package(run: RunDir, config: PackageConfig) -> dict:
-    if config.archive is not None and config.archive not in ARCHIVE_FORMATS:
-        raise UserError(f"unknown archive format {config.archive!r}: choose {' or '.join(ARCHIVE_FORMATS)}")
     data = run.load()
     variant = choose_variant(run.root, run.variants(), data["stages"], config.variant)
+    run.verified(variant)  # its lineage; stage_files hashes every byte as it copies
     out = Path(config.out).absolute()
     check_replaceable(out)
     archive = out.with_name(f"{out.name}.{config.archive}") if config.archive else None

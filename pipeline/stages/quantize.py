@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from models.errors import UserError
 from pipeline.data import token_windows
 from pipeline.manifest import RunDir
+from pipeline.validation import fits_context, flag, number, text
 from runtimes.providers import int8_gemm_saturates
 
 
@@ -33,10 +35,46 @@ class QuantizeStageConfig:
     reduce_range: bool | None = None  # static/w8a8: 7-bit weights; None: exactly where this machine's int8
                                     # kernels saturate (x86 without VNNI, runtimes.providers.int8_gemm_saturates)
 
+    def __post_init__(self):
+        number("calib_windows", self.calib_windows, 1, MAX_WINDOWS)
+        number("valid_windows", self.valid_windows, 0, MAX_WINDOWS)
+        number("window", self.window, MIN_WINDOW)
+        text("source", self.source)
+        text("calib_text", self.calib_text, optional=True)
+        flag("reduce_range", self.reduce_range, optional=True)
+        for name in ("per_channel", "rotate"):
+            flag(name, getattr(self, name))
+        for name in ("block_size", "accuracy_level", "outlier_channels", "online_hadamard"):
+            number(name, getattr(self, name))
+        for name in ("max_ppl_increase", "w4_max_ppl_increase"):
+            number(name, getattr(self, name), 0, integer=False)
+        self.quant_config(reduce_range=False)  # the quantizer's own checks, before any work
+
+    @property
+    def decode_steps(self) -> int:
+        return min(4, self.window // 4)  # each window: a prefill, then decode steps fed its real past KV
+
+    def quant_config(self, reduce_range: bool):
+        from exporters.quantize import QuantConfig
+
+        return QuantConfig(recipe=self.recipe, calibrate_method=self.calibrate_method,
+                           num_prefill=self.calib_windows, seq_len=self.window - self.decode_steps,
+                           num_decode_steps=self.decode_steps,
+                           per_channel=self.per_channel, max_ppl_increase=self.max_ppl_increase,
+                           block_size=self.block_size, accuracy_level=self.accuracy_level,
+                           fallback=self.fallback, w4_max_ppl_increase=self.w4_max_ppl_increase,
+                           weight_rounding=self.weight_rounding, rotate=self.rotate,
+                           outlier_channels=self.outlier_channels, online_hadamard=self.online_hadamard,
+                           reduce_range=reduce_range)
+
     def resolved_source(self, run: RunDir) -> str:
         if self.source:
             return self.source
         return "fused" if "fused" in run.variants() else "fp32"
+
+
+MAX_WINDOWS = 4096  # calibration / validation windows: more than any calibration text here fills
+MIN_WINDOW = 8      # tokens per calibration window: a prefill and at least two decode steps
 
 
 def split_windows(windows: list[list[int]], n_calib: int) -> tuple[list[list[int]], list[list[int]] | None]:
@@ -53,26 +91,21 @@ def split_windows(windows: list[list[int]], n_calib: int) -> tuple[list[list[int
 
 
 def quantize(run: RunDir, config: QuantizeStageConfig) -> dict:
-    from exporters.quantize import QuantConfig, quantize as quantize_model
+    from exporters.quantize import quantize as quantize_model
 
     source = config.resolved_source(run)
-    run.artifact(source)
-    n = config.calib_windows + config.valid_windows
-    windows = token_windows(run.root, "calib", config.calib_text, n, config.window)
-    calib, valid = split_windows(windows, config.calib_windows)
-    decode_steps = min(4, config.window // 4)  # each window: a prefill, then decode steps fed its real past KV
-    qcfg = QuantConfig(recipe=config.recipe, calibrate_method=config.calibrate_method,
-                       num_prefill=config.calib_windows, seq_len=config.window - decode_steps,
-                       num_decode_steps=decode_steps,
-                       per_channel=config.per_channel, max_ppl_increase=config.max_ppl_increase,
-                       block_size=config.block_size, accuracy_level=config.accuracy_level,
-                       fallback=config.fallback, w4_max_ppl_increase=config.w4_max_ppl_increase,
-                       weight_rounding=config.weight_rounding, rotate=config.rotate,
-                       outlier_channels=config.outlier_channels, online_hadamard=config.online_hadamard,
-                       reduce_range=int8_gemm_saturates() if config.reduce_range is None else config.reduce_range)
-    out = run.variant_path(config.recipe)
-    report = quantize_model(run.variant_path(source), out, calib, qcfg, valid_ids=valid)
-    run.record("quantize", {**asdict(config), "source": source}, {source: str(run.variant_path(source))},
-               {config.recipe: {"kind": "onnx", "path": f"variants/{config.recipe}/model.onnx", "parent": source}},
-               report)
+    if source == config.recipe:
+        raise UserError(f"--source {source} would be replaced by its own {config.recipe} variant: quantize a float "
+                        "variant (fp32 or fused)")
+    with run.transaction() as tx:
+        source_path = tx.read(source)
+        fits_context("window", config.window, source_path, source)
+        qcfg = config.quant_config(int8_gemm_saturates() if config.reduce_range is None else config.reduce_range)
+        n = config.calib_windows + config.valid_windows
+        windows = token_windows(run.root, "calib", config.calib_text, n, config.window)
+        calib, valid = split_windows(windows, config.calib_windows)
+        report = quantize_model(source_path, tx.variant_path(config.recipe), calib, qcfg, valid_ids=valid)
+        tx.record("quantize", {**asdict(config), "source": source}, {source: str(source_path)},
+                  {config.recipe: {"kind": "onnx", "path": f"variants/{config.recipe}/model.onnx", "parent": source}},
+                  report)
     return report

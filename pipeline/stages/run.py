@@ -92,7 +92,8 @@ def run(config_path: str | None, out: str | None, log: Callable[[str], None]) ->
             log(check.render_table(results[stage]))
         if stage == "bench":
             log(bench.render_table(results[stage]))
-    passed = results.get("check", {}).get("passed", True)
+    verdicts = {s: "passed" if results[s]["passed"] else "FAILED" for s in ("check", "bench") if s in results}
+    passed = all(v == "passed" for v in verdicts.values())
     summary = "\n".join([f"run directory: {run_dir.root} (manifest.json records every stage)", *lines,
-                         "check: " + ("passed" if passed else "FAILED")])
+                         *(f"{s}: {v}" for s, v in verdicts.items())])
     return {"run_dir": str(run_dir.root), "stages": results, "passed": passed, "summary": summary}

@@ -266,11 +266,12 @@ def test_archive_holds_the_bundle_folder_runs_and_is_reproducible(capsys, run_di
 def test_external_data_ships_beside_the_model_and_is_verified(capsys, run_dir, tmp_path):
     """Models over 2 GB keep weights in model.onnx.data; made here from the tiny fused graph."""
     run = RunDir(copy_run(run_dir, tmp_path / "run"))
-    model_path = run.variant_path("fused")
-    onnx.save_model(onnx.load(str(model_path)), str(model_path), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
-    run.record("optimize", {"source": "fp32"}, {}, {"fused": {"kind": "onnx", "path": "variants/fused/model.onnx",
-                                                              "parent": "fp32"}}, {})
+    with run.transaction() as tx:
+        onnx.save_model(onnx.load(str(run.variant_path("fused"))), str(tx.variant_path("fused")),
+                        save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx.data",
+                        size_threshold=1024)
+        tx.record("optimize", {"source": "fp32"}, {}, {"fused": {"kind": "onnx", "path": "variants/fused/model.onnx",
+                                                                 "parent": "fp32"}}, {})
     out = tmp_path / "b"
     invoke("package", run.root, "--out", out, "--variant", "fused")
     assert "model.onnx.data" in verify_bundle(out)["files"]
@@ -288,7 +289,7 @@ def test_a_variant_changed_after_its_stage_is_not_shipped(run_dir, tmp_path):
     with open(run / "variants/fp32/model.onnx", "ab") as f:
         f.write(b"\0")
     one_line_error(invoke("package", run, "--out", tmp_path / "b", "--variant", "fp32", ok=False),
-                   "changed since the run manifest recorded it")
+                   "differs from what manifest.json recorded")
     assert not (tmp_path / "b").exists() and leftovers(tmp_path) == []
 
 
