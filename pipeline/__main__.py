@@ -1,3 +1,37 @@
-from pipeline.cli import main
+"""`python -m pipeline` and the `pipeline` console script."""
 
-main()
+import os
+import signal
+import sys
+
+EXIT_INTERRUPTED = 130
+
+
+def entry() -> None:
+    """The CLI, with Ctrl-C handled where the CLI's own handler cannot be: while it is still being imported,
+    and once its work is over (a late Ctrl-C must not turn a finished stage into a killed process)."""
+    try:
+        from pipeline.cli import main
+
+        main()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        _exit_interrupted()
+    except SystemExit as e:
+        if e.code == EXIT_INTERRUPTED:
+            _exit_interrupted()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _exit_interrupted() -> None:
+    """Exit 130 now. CPython 3.11 remembers a KeyboardInterrupt raised inside exec()'d code (dataclasses, torch's
+    imports) even once it was handled, and would end the process by SIGINT at shutdown instead of exiting 130."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_INTERRUPTED)
+
+
+if __name__ == "__main__":
+    entry()

@@ -29,8 +29,19 @@ Examples:
 """
 
 
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def os_error_line(e: OSError) -> str:
+    """A failed read or write (disk full, read-only, no permission) as one line that names the file."""
+    where = f": {e.filename}" if e.filename else ""
+    return f"{e.strerror or type(e).__name__}{where} (the run is as it was before this command)"
+
+
 def user_errors(fn):
-    """Turn the project's user-error types (and Ctrl-C) into one line on stderr and a non-zero exit."""
+    """Turn the project's user-error types, the system's refusals to write (disk full, read-only, permission)
+    and Ctrl-C into one line on stderr and a non-zero exit."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -39,16 +50,35 @@ def user_errors(fn):
 
         try:
             return fn(*args, **kwargs)
-        except (UserError, RuntimeUserError) as e:
+        except (UserError, RuntimeUserError, OSError) as e:
             if os.environ.get("PIPELINE_DEBUG"):
                 raise
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
+            line = os_error_line(e) if isinstance(e, OSError) else str(e)
+            click.echo(f"error: {line.splitlines()[0] if line else type(e).__name__}", err=True)
+            sys.exit(EXIT_ERROR)
         except KeyboardInterrupt:
             click.echo("interrupted: nothing half-written was left behind", err=True)
-            sys.exit(130)
+            sys.exit(EXIT_INTERRUPTED)
 
     return wrapper
+
+
+class OneLineGroup(click.Group):
+    """click's usage errors (an unknown option, `--threads two`) as one `error:` line too, not a usage block."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+            click.echo(f"error: {e.format_message()}{hint}", err=True)
+            sys.exit(EXIT_ERROR)
+        except click.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except click.ClickException as e:
+            click.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
 
 
 def emit(data: dict, as_json: bool, render) -> None:
@@ -67,7 +97,7 @@ variants_opt = click.option("--variant", "variants", multiple=True,
                             help="Variant(s) to use (fp32, fused, fused-fp16, w8a8, static, w8, w4); default: all.")
 
 
-@click.group(epilog=EXAMPLES)
+@click.group(cls=OneLineGroup, epilog=EXAMPLES)
 @click.version_option(package_name="edge-pipeline")
 def main():
     """Export, fuse, quantize, check and benchmark decoder LMs on ONNX Runtime."""
@@ -265,6 +295,11 @@ def bench(run_dir, variants, provider, threads, prompt_len, new_tokens, repeats,
                       compare=tuple(c for c in compare.split(",") if c and c != "none"))
     results = bench_stage(RunDir.open(run_dir), cfg)
     emit(results, as_json, lambda r: click.echo(render_table(r)))
+    if results["failed"]:
+        first = results["rows"][results["failed"][0]]["error"]
+        click.echo(f"error: {len(results['failed'])} runner(s) failed ({', '.join(results['failed'])}); "
+                   f"{results['failed'][0]}: {first}", err=True)
+        sys.exit(1)
 
 
 @main.command(epilog="\b\nExample:\n  pipeline generate runs/demo --prompt 'import os' --temperature 0.8 --top-p 0.9 --seed 1")
