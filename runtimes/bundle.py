@@ -188,21 +188,28 @@ def extract_archive(archive: Path, dest: Path) -> Path:
                            "pass an archive written by `pipeline package --archive`")
 
 
+BUNDLE_MARKERS = ("genai_config.json", "generation_config.json", "tokenizer_config.json")  # what package writes
+
+
 @contextlib.contextmanager
 def opened_bundle(path: str | Path, require_manifest: bool = False) -> Iterator[tuple[Path, dict | None]]:
     """(the path to load, its verified manifest), checked before anything is loaded.
 
-    An archive is unpacked into a temporary directory (removed on exit) and verified; a directory with
-    manifest.json is verified in place. Anything else (a bare .onnx file, a directory without a manifest) comes
-    back with manifest None for the loader to judge, unless `require_manifest`.
+    An archive is unpacked into a temporary directory (removed on exit) and verified; a directory is a bundle
+    and must carry a manifest.json that verifies, and so must a model file inside such a directory. Only a
+    bare .onnx file outside any bundle (a run's variant, say) comes back with manifest None for the loader to
+    judge, unless `require_manifest`.
     """
     path = Path(path)
     if is_archive(path):
         with tempfile.TemporaryDirectory(prefix="edge-bundle-") as tmp:
             root = extract_archive(path, Path(tmp))
             yield root, verify_bundle(root)
-    elif path.is_dir() and (require_manifest or (path / MANIFEST_FILE).exists()):
-        yield path, verify_bundle(path)
+    elif path.is_dir():
+        yield path, verify_bundle(path)  # no manifest: refused by load_manifest
+    elif path.is_file() and ((path.parent / MANIFEST_FILE).exists()
+                             or any((path.parent / m).exists() for m in BUNDLE_MARKERS)):
+        yield path, verify_bundle(path.parent)  # a file of a bundle: the whole bundle is checked
     elif require_manifest:
         raise RuntimeUserError(f"{path} is neither a bundle directory nor a bundle archive "
                                f"({', '.join(ARCHIVE_SUFFIXES)})")

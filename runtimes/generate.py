@@ -241,6 +241,8 @@ class Generator:
         sampling = Sampling(temperature, top_k, top_p)
         check_request(self.session, len(prompt_ids), max_new_tokens)
         stops = frozenset([eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else eos_token_id or ())
+        if seed is not None and seed < 0:
+            raise RuntimeUserError(f"seed {seed} is negative: give 0 or more")
         return self._stream(prompt_ids, max_new_tokens, sampling, np.random.default_rng(seed), stops, on_token)
 
     def _stream(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Sampling,
@@ -327,6 +329,16 @@ def default_eos(model_dir: Path) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos or [])
 
 
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """The prompt's token ids; text that is not valid Unicode (bytes that are not UTF-8 reach Python's argv as
+    lone surrogates) is refused with one line instead of the tokenizer's TypeError."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RuntimeUserError(f"the prompt is not valid UTF-8 text (byte {e.start} of it): pass UTF-8 text") from None
+    return tokenizer.encode(prompt).ids
+
+
 def text_generate(model: str | Path, tokenizer_path: str | Path | None, prompt: str, max_new_tokens: int = 64,
                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                   spec: ProviderSpec | None = None, threads: int | None = None,
@@ -339,7 +351,7 @@ def text_generate(model: str | Path, tokenizer_path: str | Path | None, prompt: 
     """
     model_path = resolve_model_path(model)
     tokenizer = load_tokenizer(tokenizer_path or model_path.parent / TOKENIZER_FILE)
-    prompt_ids = tokenizer.encode(prompt).ids
+    prompt_ids = encode_prompt(tokenizer, prompt)
     session = open_session(model_path, spec, threads)
     stops = default_eos(model_path.parent) if eos_token_id is None else eos_token_id
     stream = TextStream(tokenizer)

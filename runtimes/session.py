@@ -31,6 +31,7 @@ ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
 LOGITS = "logits"
 MODEL_FILE = "model.onnx"  # the model's name inside a bundle directory
+MAX_THREADS = 1024  # intra-op threads: more than any machine has cores, fewer than would exhaust the process
 
 # onnxruntime's ways of saying "this file is not a model it can load"
 _LOAD_ERRORS = (ort_errors.InvalidProtobuf, ort_errors.InvalidGraph, ort_errors.Fail, ort_errors.NoSuchFile,
@@ -139,6 +140,8 @@ def session_options(threads: int | None, optimize: bool = True,
                     profile_prefix: str | None = None) -> ort.SessionOptions:
     """All graph optimizations (fusions are where CPU speed comes from); `optimize` False only for probes that
     read names and metadata, where optimizing would be wasted time."""
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise RuntimeUserError(f"{threads} threads: give a count from 1 to {MAX_THREADS}")
     options = ort.SessionOptions()
     options.log_severity_level = 3  # warnings about CPU fallback of single nodes are expected, not news
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize

@@ -78,7 +78,7 @@ def test_ctrl_c_exits_130(tiny_model, monkeypatch, capsys):
 
 
 def test_generate_subcommand_streams_text(bundle, capsys):
-    assert main(["generate", str(bundle), "--prompt", "w1 w2 w3", "--max-new-tokens", "4", "--temperature", "0.8",
+    assert main(["generate", str(bundle / "model.onnx"), "--prompt", "w1 w2 w3", "--max-new-tokens", "4", "--temperature", "0.8",
                  "--top-k", "20", "--top-p", "0.9", "--seed", "3"]) == 0
     words = capsys.readouterr().out.split()
     assert len(words) == 4
