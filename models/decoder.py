@@ -234,7 +234,7 @@ class Decoder(nn.Module):
                  top_k: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
         """Greedy (temperature 0) or sampled continuation through the KV cache; returns the new tokens (B, N)."""
         logits, past = self(input_ids)
-        out = []
+        out = [input_ids[:, :0]]  # (B, 0): zero new tokens is an empty result, not an error
         for _ in range(max_new_tokens):
             last = logits[:, -1, :]
             if temperature <= 0:

@@ -82,12 +82,16 @@ def resolve_source(path: str | Path) -> Source:
 
 @contextmanager
 def quiet_progress() -> Iterator[None]:
-    """Hide transformers' per-file progress bars: one tiny load should not print screens of tqdm output."""
+    """Hide transformers' per-file progress bars and its load reports: one tiny load should not print screens of
+    output, and what goes wrong is said in our one error line."""
     was_enabled = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
         yield
     finally:
+        hf_logging.set_verbosity(verbosity)
         if was_enabled:
             hf_logging.enable_progress_bar()
 
@@ -165,6 +169,9 @@ def load_transformers_model(src: Source) -> PreTrainedModel:
     except ImportError as e:
         raise UserError(f"cannot load {src.path}: {first_line(e)}") from e
     except Exception as e:
+        if "ignore_mismatched_sizes" in str(e):  # transformers' way of saying a weight has the wrong shape
+            raise UserError(f"{culprit(src)} holds weights whose shapes differ from {src.directory / 'config.json'}: "
+                            "the checkpoint and its config do not belong together, re-download or re-export it") from e
         raise UserError(f"cannot read the weights in {culprit(src)}: {first_line(e)}; "
                         "the file is corrupt or truncated, re-download or re-export it") from e
     bad = sorted(info.get("missing_keys", ())) + sorted(str(k) for k in info.get("mismatched_keys", ()))
