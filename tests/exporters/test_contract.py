@@ -50,12 +50,12 @@ def test_every_variant_carries_the_full_contract_with_the_decoders_dimensions(va
     meta = {p.key: p.value for p in model.metadata_props}
     assert set(json.loads(meta[METADATA_KEY])) == {f.name for f in dataclasses.fields(Contract)}
     c = read_contract(model, variants[variant])
-    c_ = CONFIG
+    cfg = CONFIG
     assert (c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size, c.vocab_size,
             c.max_position_embeddings, c.attention_windows) == \
-        (c_.num_layers, c_.num_heads, c_.num_kv_heads, c_.head_dim, c_.hidden_size, c_.vocab_size,
-         c_.max_position_embeddings, (None, None))
-    assert (c.family, c.rope_theta, c.rope_scaling) == (c_.family, c_.rope_theta, c_.rope_scaling)
+        (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, cfg.vocab_size,
+         cfg.max_position_embeddings, (None, None))
+    assert (c.family, c.rope_theta, c.rope_scaling) == (cfg.family, cfg.rope_theta, cfg.rope_scaling)
     assert (c.fused_attention, c.kv_dtype) == EXPECTED[variant]
     # the graph keeps the contract's names and dtypes (fused graphs drop position_ids)
     dtypes = c.dtypes()
