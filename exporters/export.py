@@ -16,19 +16,23 @@ import numpy as np
 import onnx
 import torch
 
-from exporters.contract import Contract, write_contract
 from models.decoder import Decoder
 from models.errors import UserError
+from runtimes.contract import Contract, write_contract
 
 EXTERNAL_DATA_THRESHOLD = 1 << 31  # protobuf cannot hold a model over 2 GB: weights go to model.onnx.data
 OPSET = 17
 
 
 def contract_for(model: Decoder) -> Contract:
+    """Every field of the contract, from the decoder's config. Attention is global in every layer: the decoder
+    has no sliding window (models/hf.py caps max_position_embeddings at a checkpoint's window instead)."""
     c = model.config
-    return Contract(num_layers=c.num_layers, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
-                    vocab_size=c.vocab_size, family=c.family, max_position_embeddings=c.max_position_embeddings,
-                    rope_theta=c.rope_theta if c.positions == "rope" else None, rope_scaling=c.rope_scaling)
+    return Contract(num_layers=c.num_layers, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
+                    head_dim=c.head_dim, hidden_size=c.hidden_size, vocab_size=c.vocab_size,
+                    max_position_embeddings=c.max_position_embeddings, attention_windows=(None,) * c.num_layers,
+                    kv_dtype="float32", family=c.family, rope_theta=c.rope_theta if c.positions == "rope" else None,
+                    rope_scaling=c.rope_scaling, fused_attention=False)
 
 
 class ExportWrapper(torch.nn.Module):

@@ -25,11 +25,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from exporters.contract import ATTENTION_MASK, Contract, past_key, past_value, present_key, present_value, \
-    read_contract, write_contract
 from exporters.export import move_model, save_model, EXTERNAL_DATA_THRESHOLD
 from models.decoder import rope_inv_freq
 from models.errors import UserError
+from runtimes.contract import (ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, Contract, past_key, past_names,
+                               past_value, present_key, present_names, present_value, read_contract, write_contract)
 
 FUSED_OPS = ("GroupQueryAttention", "MultiHeadAttention", "SimplifiedLayerNormalization",
              "SkipSimplifiedLayerNormalization", "LayerNormalization", "SkipLayerNormalization",
@@ -63,20 +63,20 @@ class FuseGroupQueryAttention:
     Matched, per layer i (names from the exporter's module scopes):
 
         h --q_proj/MatMul(+Add)--> q --Reshape-Transpose-[rotary: Mul,Slice,Neg,Concat,Add]--+
-        h --k_proj/MatMul(+Add)--> k --Reshape-Transpose-[rotary]--Concat(past_key)--> present.i.key
-        h --v_proj/MatMul(+Add)--> v --Reshape-Transpose-----------Concat(past_value)-> present.i.value
+        h --k_proj/MatMul(+Add)--> k --Reshape-Transpose-[rotary]--Concat(past_key)--> present_key(i)
+        h --v_proj/MatMul(+Add)--> v --Reshape-Transpose-----------Concat(past_value)-> present_value(i)
         q, k --MatMul-Mul(scale)-Add(mask)-Softmax--MatMul(v)--Transpose-Reshape--> o_proj/MatMul
 
     Rewritten to:
 
         q, k, v, past_key, past_value, seqlens_k, total_seq_len, cos, sin
-            --GroupQueryAttention(do_rotary)--> (o_proj/MatMul input, present.i.key, present.i.value)
+            --GroupQueryAttention(do_rotary)--> (o_proj/MatMul input, present_key(i), present_value(i))
 
     Everything else in the layer's `attn/` scope except the four projections is removed.
     """
 
-    def __init__(self, model: onnx.ModelProto, contract: Contract, num_heads: int):
-        self.model, self.contract, self.num_heads = model, contract, num_heads
+    def __init__(self, model: onnx.ModelProto, contract: Contract):
+        self.model, self.contract = model, contract
         self.nodes_by_name = {n.name: n for n in model.graph.node}
 
     def projection_output(self, layer: int, proj: str) -> str:
@@ -108,7 +108,7 @@ class FuseGroupQueryAttention:
              COS_CACHE if rope else "", SIN_CACHE if rope else ""],
             [attn_out, present_key(layer), present_value(layer)],
             name=scope + "GroupQueryAttention", domain="com.microsoft",
-            num_heads=self.num_heads, kv_num_heads=self.contract.num_kv_heads,
+            num_heads=self.contract.num_heads, kv_num_heads=self.contract.num_kv_heads,
             do_rotary=int(rope), rotary_interleaved=0)
         for n in doomed:
             self.model.graph.node.remove(n)
@@ -263,16 +263,7 @@ def topological_sort(model: onnx.ModelProto) -> None:
     g.node.extend(ordered)
 
 
-def num_heads_of(model: onnx.ModelProto, contract: Contract) -> int:
-    """Query heads = q_proj output width / head_dim, read from the weight's shape."""
-    inits = {t.name: t for t in model.graph.initializer}
-    for n in model.graph.node:
-        if n.name == "/model/layers.0/attn/q_proj/MatMul" and n.input[1] in inits:
-            return int(inits[n.input[1]].dims[1]) // contract.head_dim
-    raise UserError("cannot find layer 0's q_proj weight: the graph was not written by `pipeline export`")
-
-
-def ort_fusions(model: onnx.ModelProto, contract: Contract, num_heads: int) -> onnx.ModelProto:
+def ort_fusions(model: onnx.ModelProto, contract: Contract) -> onnx.ModelProto:
     """onnxruntime.transformers' own fusions (norms, skip-norms, Gelu) on a model that already holds GQA."""
     from onnxruntime.transformers import optimizer
     from onnxruntime.transformers.fusion_options import FusionOptions
@@ -280,8 +271,8 @@ def ort_fusions(model: onnx.ModelProto, contract: Contract, num_heads: int) -> o
     opts = FusionOptions("gpt2")
     opts.enable_attention = False  # attention is ours (GroupQueryAttention) already
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
-    opt = optimizer.optimize_model(model, model_type="gpt2", num_heads=num_heads,
-                                   hidden_size=num_heads * contract.head_dim, optimization_options=opts,
+    opt = optimizer.optimize_model(model, model_type="gpt2", num_heads=contract.num_heads,
+                                   hidden_size=contract.hidden_size, optimization_options=opts,
                                    opt_level=0)
     return opt.model
 
@@ -303,13 +294,12 @@ def optimize(in_path: str | Path, out_path: str | Path, config: OptimizeConfig =
     """Fuse `in_path` into `out_path`; returns {fused op counts, node counts, parity} for the manifest."""
     in_path, out_path = Path(in_path), Path(out_path)
     model = load_onnx(in_path)
-    contract = read_contract(model)
+    contract = read_contract(model, in_path)
     nodes_before = len(model.graph.node)
     if contract.head_dim % 16:
         raise UserError(f"head_dim {contract.head_dim} is not a multiple of 16, which onnxruntime's "
                         f"GroupQueryAttention requires: use the unfused export for this model")
-    num_heads = num_heads_of(model, contract)
-    fuser = FuseGroupQueryAttention(model, contract, num_heads)
+    fuser = FuseGroupQueryAttention(model, contract)
     fused_layers = [i for i in range(contract.num_layers) if fuser.fuse(i)]
     missing = sorted(set(range(contract.num_layers)) - set(fused_layers))
     if missing:
@@ -323,7 +313,7 @@ def optimize(in_path: str | Path, out_path: str | Path, config: OptimizeConfig =
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     topological_sort(model)
     remove_dead_nodes(model)
-    model = ort_fusions(model, contract, num_heads)
+    model = ort_fusions(model, contract)
     remove_dead_nodes(model)
     contract = replace(contract, fused_attention=True)
     if config.fp16:
@@ -355,19 +345,19 @@ def fused_parity(ref_path: Path, fused_path: Path, contract: Contract, seed: int
     rng = np.random.default_rng(seed)
     ref = ort.InferenceSession(str(ref_path), providers=["CPUExecutionProvider"])
     new = ort.InferenceSession(str(fused_path), providers=["CPUExecutionProvider"])
-    kv_np = np.float16 if contract.kv_dtype == "float16" else np.float32
+    kv_np = np.dtype(contract.kv_dtype)
+    outputs = [LOGITS, *present_names(contract.num_layers)]
     out = {}
-    past = {n: np.zeros((1, contract.num_kv_heads, 0, contract.head_dim), np.float32)
-            for i in range(contract.num_layers) for n in (past_key(i), past_value(i))}
+    past = dict.fromkeys(past_names(contract.num_layers),
+                         np.zeros((1, contract.num_kv_heads, 0, contract.head_dim), np.float32))
     seq = rng.integers(0, contract.vocab_size, (1, 8))
     for step, (start, stop) in (("prefill", (0, 7)), ("decode", (7, 8))):
-        feeds = {"input_ids": seq[:, start:stop], "attention_mask": np.ones((1, stop), np.int64),
-                 "position_ids": np.arange(start, stop)[None]}
+        feeds = {INPUT_IDS: seq[:, start:stop], ATTENTION_MASK: np.ones((1, stop), np.int64),
+                 POSITION_IDS: np.arange(start, stop)[None]}
         feeds.update(past)
-        r = ref.run(None, {k: v for k, v in feeds.items() if k in {i.name for i in ref.get_inputs()}})
-        n = new.run(None, {k: (v.astype(kv_np) if v.dtype == np.float32 else v) for k, v in feeds.items()
-                           if k in {i.name for i in new.get_inputs()}})
+        r = ref.run(outputs, {k: v for k, v in feeds.items() if k in {i.name for i in ref.get_inputs()}})
+        n = new.run(outputs, {k: (v.astype(kv_np) if v.dtype == np.float32 else v) for k, v in feeds.items()
+                              if k in {i.name for i in new.get_inputs()}})
         out[step] = float(np.max(np.abs(r[0] - n[0].astype(np.float32))))
-        names = [o.name for o in ref.get_outputs()]
-        past = {n.replace("present", "past_key_values"): t for n, t in zip(names[1:], r[1:])}
+        past = dict(zip(past_names(contract.num_layers), r[1:]))
     return out

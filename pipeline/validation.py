@@ -46,12 +46,9 @@ def model_context(path) -> int:
     """The longest sequence a variant was exported for, from the contract in its metadata."""
     import onnx
 
-    from exporters.contract import read_contract
+    from runtimes.contract import read_contract
 
-    try:
-        return read_contract(onnx.load(str(path), load_external_data=False)).max_position_embeddings
-    except ValueError as e:
-        raise UserError(f"{path}: {e}") from e
+    return read_contract(onnx.load(str(path), load_external_data=False), path).max_position_embeddings
 
 
 def fits_context(what: str, tokens: int, path, variant: str) -> None:

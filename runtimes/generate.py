@@ -1,7 +1,8 @@
 """Token generation over a DecoderSession, whichever provider runs it.
 
 The loop is prefill (the whole prompt, empty past) then one step per new token, each step feeding the previous
-step's `present.*` back as `past_key_values.*`. Where the cache lives is the only provider-dependent part:
+step's present keys and values back as the next past (runtimes/contract.py names both). Where the cache lives
+is the only provider-dependent part:
 
 * `HostCache` — plain `session.run`: presents come back as numpy arrays and go straight back in (CPU graphs
   without GroupQueryAttention, whose attention concatenates past and new keys into a new tensor anyway).
@@ -27,8 +28,8 @@ import onnxruntime as ort
 
 from runtimes.errors import RuntimeUserError
 from runtimes.providers import ProviderSpec
-from runtimes.session import (ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, DecoderSession, open_session,
-                              past_names, present_names, resolve_model_path)
+from runtimes.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, past_names, present_names
+from runtimes.session import DecoderSession, open_session, resolve_model_path
 
 TOKENIZER_FILE = "tokenizer.json"
 GENERATION_CONFIG_FILE = "generation_config.json"

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from runtimes.contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, Contract, is_past
 from runtimes.errors import RuntimeUserError
 
 CPU_EP = "CPUExecutionProvider"
@@ -48,11 +49,9 @@ class TrtProfiles:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What provider options may depend on, read from the model: its inputs and KV cache geometry."""
+    """What provider options may depend on, read from the model: the inputs it declares and its contract."""
     input_names: tuple[str, ...]
-    num_kv_heads: int
-    head_dim: int
-    max_position_embeddings: int
+    contract: Contract
 
 
 @dataclass(frozen=True)
@@ -136,14 +135,14 @@ def trt_profile_options(profiles: TrtProfiles, shape: ModelShape) -> dict[str, s
     Past length runs from 1 (the dummy slot, never 0) to max_seq_len; the attention mask covers past + new, so
     its total length is one more than the longest real sequence.
     """
-    longest = profiles.max_seq_len or shape.max_position_embeddings
+    longest = profiles.max_seq_len or shape.contract.max_position_embeddings
     opt_past = min(profiles.opt_past_len, longest)
-    b, heads, dim = profiles.batch, shape.num_kv_heads, shape.head_dim
+    b, heads, dim = profiles.batch, shape.contract.num_kv_heads, shape.contract.head_dim
     tokens = ("1x1", f"{b}x1", f"{b}x{longest}")
     kv = (f"1x{heads}x1x{dim}", f"{b}x{heads}x{opt_past}x{dim}", f"{b}x{heads}x{longest}x{dim}")
-    ranges = {"input_ids": tokens, "position_ids": tokens,
-              "attention_mask": ("1x2", f"{b}x{opt_past + 1}", f"{b}x{longest + 1}")}
-    rows = [(n, ranges.get(n, kv)) for n in shape.input_names if n in ranges or n.startswith("past_key_values.")]
+    ranges = {INPUT_IDS: tokens, POSITION_IDS: tokens,
+              ATTENTION_MASK: ("1x2", f"{b}x{opt_past + 1}", f"{b}x{longest + 1}")}
+    rows = [(n, ranges.get(n, kv)) for n in shape.input_names if n in ranges or is_past(n)]
     return {f"trt_profile_{kind}_shapes": ",".join(f"{n}:{r[k]}" for n, r in rows)
             for k, kind in enumerate(("min", "opt", "max"))}
 

@@ -1,18 +1,17 @@
 """The one place an onnxruntime session is created for a decoder: options, providers, load errors, contract.
 
 The model's I/O contract is read from its own metadata (key `pipeline.contract`, written by the exporter), so
-the device needs nothing from the export side. Names are the exporter's: `past_key_values.{i}.key` in,
-`present.{i}.key` out. Optimized variants may drop inputs (position_ids after GroupQueryAttention fusion), so
-callers feed only `input_names`, and the KV dtype comes from the graph, not from the metadata.
+the device needs nothing from the export side; the names come from runtimes/contract.py. Optimized variants may
+drop inputs (position_ids after GroupQueryAttention fusion), so callers feed only `input_names`, and the KV dtype
+comes from the graph, not from the metadata.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,16 +19,12 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from runtimes import kernels
+from runtimes.contract import INPUT_IDS, LOGITS, METADATA_KEY, Contract, past_key, past_names, present_names
 from runtimes.errors import RuntimeUserError
 from runtimes.providers import (CPU_EP, ModelShape, ProviderSpec, cpu, ensure_available, int8_gemm_saturates,
                                with_cpu_fallback)
 
-METADATA_KEY = "pipeline.contract"
 WEIGHT_BITS_KEY = "pipeline.int8_weight_bits"  # written by `pipeline quantize` for static int8 weights: "7" or "8"
-INPUT_IDS = "input_ids"
-ATTENTION_MASK = "attention_mask"
-POSITION_IDS = "position_ids"
-LOGITS = "logits"
 MODEL_FILE = "model.onnx"  # the model's name inside a bundle directory
 MAX_THREADS = 1024  # intra-op threads: more than any machine has cores, fewer than would exhaust the process
 
@@ -37,38 +32,6 @@ MAX_THREADS = 1024  # intra-op threads: more than any machine has cores, fewer t
 _LOAD_ERRORS = (ort_errors.InvalidProtobuf, ort_errors.InvalidGraph, ort_errors.Fail, ort_errors.NoSuchFile,
                 ort_errors.InvalidArgument, ort_errors.NotImplemented)
 _KV_DTYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16)}
-
-
-def past_names(num_layers: int) -> list[str]:
-    return [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-
-
-def present_names(num_layers: int) -> list[str]:
-    return [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-
-
-@dataclass(frozen=True)
-class Contract:
-    """The exporter's contract as read back from the model; unknown keys (newer exporters) are ignored."""
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    kv_dtype: str = "float32"
-    family: str = "llama"
-    max_position_embeddings: int = 2048
-    fused_attention: bool = False  # past/present go straight into GroupQueryAttention (`pipeline optimize`)
-
-    @classmethod
-    def from_metadata(cls, meta: Mapping[str, str], path: Path) -> "Contract":
-        if METADATA_KEY not in meta:
-            raise RuntimeUserError(f"{path} carries no {METADATA_KEY} metadata: export it with `pipeline export`")
-        try:
-            raw = json.loads(meta[METADATA_KEY])
-            return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
-        except (ValueError, TypeError) as e:
-            raise RuntimeUserError(f"{path} has an unreadable {METADATA_KEY} metadata entry ({e}): "
-                                   "re-export the model") from e
 
 
 @dataclass(frozen=True)
@@ -190,7 +153,7 @@ def model_shape(path: Path) -> ModelShape:
     """
     probe = _load(path, session_options(1, optimize=False), with_cpu_fallback(CPU_EP, {}))
     contract, inputs, _ = _describe(probe, path)
-    return ModelShape(inputs, contract.num_kv_heads, contract.head_dim, contract.max_position_embeddings)
+    return ModelShape(inputs, contract)
 
 
 def open_session(model_path: str | Path, spec: ProviderSpec | None = None, threads: int | None = None,
@@ -208,7 +171,7 @@ def open_session(model_path: str | Path, spec: ProviderSpec | None = None, threa
     session = _load(path, options, spec.session_providers(shape))
     contract, inputs, outputs = _describe(session, path)
     check_int8_weights(session.get_modelmeta().custom_metadata_map, path, spec)
-    kv_type = next(i.type for i in session.get_inputs() if i.name == past_names(1)[0])
+    kv_type = next(i.type for i in session.get_inputs() if i.name == past_key(0))
     if kv_type not in _KV_DTYPES:
         raise RuntimeUserError(f"{path} has a {kv_type} KV cache; this runtime supports float32 and float16")
     return DecoderSession(ort=session, spec=spec, path=path, contract=contract, input_names=inputs,

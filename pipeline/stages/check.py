@@ -16,6 +16,7 @@ from models.errors import UserError
 from pipeline.data import token_windows
 from pipeline.manifest import RunDir
 from pipeline.validation import number, text
+from runtimes.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, past_names
 
 
 @dataclass(frozen=True)
@@ -198,11 +199,10 @@ def prefill_logits(sess, x: np.ndarray) -> np.ndarray:
     """Teacher-forced logits (S, V) of one window through the KV-cache graph with an empty past."""
     c = sess.contract
     kv = np.zeros((1, c.num_kv_heads, 0, c.head_dim), dtype=sess.kv_dtype)
-    feeds = {"input_ids": x, "attention_mask": np.ones_like(x), "position_ids": np.arange(x.shape[1])[None]}
-    feeds.update({n: kv for i in range(c.num_layers)
-                  for n in (f"past_key_values.{i}.key", f"past_key_values.{i}.value")})
+    feeds = {INPUT_IDS: x, ATTENTION_MASK: np.ones_like(x), POSITION_IDS: np.arange(x.shape[1])[None],
+             **dict.fromkeys(past_names(c.num_layers), kv)}
     feeds = {k: v for k, v in feeds.items() if k in sess.input_names}
-    return sess.run(feeds, ["logits"])[0][0].astype(np.float32)
+    return sess.run(feeds, [LOGITS])[0][0].astype(np.float32)
 
 
 def judge(name: str, r: dict, config: CheckConfig) -> list[str]:

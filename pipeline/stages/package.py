@@ -36,6 +36,8 @@ from models.errors import UserError
 from pipeline.manifest import RunDir, sha256
 from pipeline.validation import choice, text
 from runtimes.bundle import BUNDLE_FORMAT, MANIFEST_FILE, describe_files
+from runtimes.contract import (ATTENTION_MASK, INPUT_IDS, LOGITS, PAST_KEY, PAST_VALUE, POSITION_IDS, PRESENT_KEY,
+                               PRESENT_VALUE, Contract, read_contract)
 
 MODEL_FILE = "model.onnx"
 BUNDLE_SCHEMA = 1
@@ -58,20 +60,6 @@ class PackageConfig:
         text("out", self.out)
         text("variant", self.variant)
         choice("archive", self.archive, ARCHIVE_FORMATS, optional=True)
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """What onnxruntime-genai needs to size its KV cache, read from the graph that ships."""
-    num_layers: int
-    num_attention_heads: int
-    num_kv_heads: int
-    head_size: int
-    hidden_size: int
-    vocab_size: int
-    context_length: int
-    fused_attention: bool
-    family: str
 
 
 def produced_at(stages: list[dict], name: str) -> int:
@@ -136,58 +124,11 @@ def lineage(artifacts: dict, name: str) -> list[dict]:
     return chain
 
 
-def _weight_dims(name: str, inits: dict, producers: dict) -> list[int]:
-    """Shape of a weight that is an initializer, or the int8 initializer behind its DequantizeLinear."""
-    if name in inits:
-        return list(inits[name].dims)
-    node = producers.get(name)
-    if node is not None and node.op_type == "DequantizeLinear" and node.input[0] in inits:
-        return list(inits[node.input[0]].dims)
-    return []
-
-
-def _attention_heads(graph, inits: dict, producers: dict, head_dim: int) -> int:
-    """Query heads: GroupQueryAttention's attribute in a fused graph, else layer 0's q_proj width / head_dim."""
-    for node in graph.node:
-        if node.op_type == "GroupQueryAttention":
-            return next(a.i for a in node.attribute if a.name == "num_heads")
-    for node in graph.node:
-        if "/layers.0/attn/q_proj/MatMul" in node.name:
-            if node.op_type == "MatMulNBits":
-                return next(a.i for a in node.attribute if a.name == "N") // head_dim
-            dims = _weight_dims(node.input[1], inits, producers)
-            if len(dims) == 2:
-                return dims[1] // head_dim
-    raise UserError("cannot find the attention heads in the graph (no GroupQueryAttention, no layer 0 q_proj): "
-                    "was it written by `pipeline export`?")
-
-
-def read_geometry(model_path: Path) -> Geometry:
-    """Contract metadata plus the two numbers it does not carry (query heads, hidden size), from the graph."""
+def model_contract(model_path: Path) -> Contract:
+    """The I/O contract and dimensions of the graph that ships, from its own metadata (weights not loaded)."""
     import onnx
 
-    from exporters.contract import read_contract
-
-    model = onnx.load(str(model_path), load_external_data=False)
-    try:
-        contract = read_contract(model)
-    except ValueError as e:
-        raise UserError(f"{model_path}: {e}") from e
-    inits = {t.name: t for t in model.graph.initializer}
-    producers = {o: n for n in model.graph.node for o in n.output}
-    embedding = next((n for n in model.graph.node
-                      if n.op_type in ("Gather", "GatherBlockQuantized") and n.input[1] == "input_ids"), None)
-    dims = _weight_dims(embedding.input[0], inits, producers) if embedding is not None else []
-    if len(dims) == 2 and embedding.op_type == "GatherBlockQuantized":  # int8 rows (the quantized recipes)
-        bits = next((a.i for a in embedding.attribute if a.name == "bits"), 4)  # onnxruntime's default: 4
-        dims[1] = dims[1] * 8 // bits
-    if len(dims) != 2:
-        raise UserError(f"cannot find the token embedding of {model_path}: was it written by `pipeline export`?")
-    return Geometry(num_layers=contract.num_layers,
-                    num_attention_heads=_attention_heads(model.graph, inits, producers, contract.head_dim),
-                    num_kv_heads=contract.num_kv_heads, head_size=contract.head_dim, hidden_size=dims[1],
-                    vocab_size=contract.vocab_size, context_length=contract.max_position_embeddings,
-                    fused_attention=contract.fused_attention, family=contract.family)
+    return read_contract(onnx.load(str(model_path), load_external_data=False), model_path)
 
 
 def token_ids(source: dict) -> dict:
@@ -198,16 +139,16 @@ def token_ids(source: dict) -> dict:
     return {k: v for k, v in ids.items() if v is not None}
 
 
-def generation_config(source: dict, geo: Geometry) -> dict:
+def generation_config(source: dict, contract: Contract) -> dict:
     """Hugging Face-style generation defaults; runtimes/ reads eos_token_id from it to stop generating."""
-    return {**token_ids(source), "do_sample": False, "max_length": geo.context_length}
+    return {**token_ids(source), "do_sample": False, "max_length": contract.max_position_embeddings}
 
 
 def genai_type(family: str) -> str:
     return GENAI_TYPES.get(family, "decoder")
 
 
-def genai_config(source: dict, geo: Geometry) -> dict:
+def genai_config(source: dict, contract: Contract) -> dict:
     """onnxruntime-genai's config for this folder.
 
     past_present_share_buffer: genai then allocates past and present once at max_length and passes the same
@@ -216,38 +157,38 @@ def genai_config(source: dict, geo: Geometry) -> dict:
     grows the cache with Concat, whose output cannot live in a fixed max_length buffer, so it must be false there.
     """
     ids = token_ids(source)
+    context = contract.max_position_embeddings
     return {
         "model": {
-            "type": genai_type(geo.family),
+            "type": genai_type(contract.family),
             "bos_token_id": ids.get("bos_token_id", 0),
             "eos_token_id": ids.get("eos_token_id", -1),
             "pad_token_id": ids.get("pad_token_id", 0),
-            "vocab_size": geo.vocab_size,
-            "context_length": geo.context_length,
+            "vocab_size": contract.vocab_size,
+            "context_length": context,
             "decoder": {
                 "filename": MODEL_FILE,
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
-                "head_size": geo.head_size,
-                "hidden_size": geo.hidden_size,
-                "num_attention_heads": geo.num_attention_heads,
-                "num_key_value_heads": geo.num_kv_heads,
-                "num_hidden_layers": geo.num_layers,
-                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
-                           "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
-                           "past_value_names": "past_key_values.%d.value"},
-                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
-                            "present_value_names": "present.%d.value"},
+                "head_size": contract.head_dim,
+                "hidden_size": contract.hidden_size,
+                "num_attention_heads": contract.num_heads,
+                "num_key_value_heads": contract.num_kv_heads,
+                "num_hidden_layers": contract.num_layers,
+                "inputs": {"input_ids": INPUT_IDS, "attention_mask": ATTENTION_MASK, "position_ids": POSITION_IDS,
+                           "past_key_names": PAST_KEY.format("%d"), "past_value_names": PAST_VALUE.format("%d")},
+                "outputs": {"logits": LOGITS, "present_key_names": PRESENT_KEY.format("%d"),
+                            "present_value_names": PRESENT_VALUE.format("%d")},
             },
         },
-        "search": {"do_sample": False, "max_length": geo.context_length, "min_length": 0, "num_beams": 1,
-                   "num_return_sequences": 1, "past_present_share_buffer": geo.fused_attention,
+        "search": {"do_sample": False, "max_length": context, "min_length": 0, "num_beams": 1,
+                   "num_return_sequences": 1, "past_present_share_buffer": contract.fused_attention,
                    "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
                    "early_stopping": True, "length_penalty": 1.0, "no_repeat_ngram_size": 0,
                    "diversity_penalty": 0.0},
     }
 
 
-def tokenizer_config(source: dict, tokenizer_json: Path, geo: Geometry) -> bytes:
+def tokenizer_config(source: dict, tokenizer_json: Path, contract: Contract) -> bytes:
     """The source checkpoint's tokenizer_config.json when it still matches the run manifest's record of it;
     else a minimal one over tokenizer.json (genai's tokenizer reads the class and special tokens from it)."""
     own = Path(source.get("path", "")) / "tokenizer_config.json"
@@ -259,7 +200,7 @@ def tokenizer_config(source: dict, tokenizer_json: Path, geo: Geometry) -> bytes
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_json))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": geo.context_length,
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": contract.max_position_embeddings,
               "clean_up_tokenization_spaces": False}
     for key, token_id in token_ids(source).items():
         first = token_id[0] if isinstance(token_id, list) else token_id
@@ -404,10 +345,11 @@ def package(run: RunDir, config: PackageConfig) -> dict:
         staged = tmp / out.name
         staged.mkdir()
         stage_files(run, variant, data["artifacts"], staged)
-        geo = read_geometry(staged / MODEL_FILE)  # from the verified copy: the graph that ships
-        write_json(staged / "generation_config.json", generation_config(source, geo))
-        write_json(staged / "genai_config.json", genai_config(source, geo))
-        (staged / "tokenizer_config.json").write_bytes(tokenizer_config(source, staged / "tokenizer.json", geo))
+        contract = model_contract(staged / MODEL_FILE)  # from the verified copy: the graph that ships
+        write_json(staged / "generation_config.json", generation_config(source, contract))
+        write_json(staged / "genai_config.json", genai_config(source, contract))
+        (staged / "tokenizer_config.json").write_bytes(tokenizer_config(source, staged / "tokenizer.json",
+                                                                        contract))
         manifest = bundle_manifest(variant, data, staged)
         write_json(staged / MANIFEST_FILE, manifest)
         if archive is not None:
@@ -421,6 +363,6 @@ def package(run: RunDir, config: PackageConfig) -> dict:
                "manifest_sha256": sha256(out / MANIFEST_FILE),
                "archive": str(archive) if archive else None,
                "archive_bytes": archive.stat().st_size if archive else None,
-               "genai_type": genai_type(geo.family)}
+               "genai_type": genai_type(contract.family)}
     run.record("package", asdict(config), {variant: str(run.variant_path(variant))}, {}, results)
     return results

@@ -27,7 +27,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from exporters.calibration import CalibrationPlan, KVCacheCalibrationReader, cpu_session, declared, empty_past, \
     session_contract, step_feed
-from exporters.contract import read_contract
 from exporters.export import export_onnx
 from exporters.optimize import optimize
 from exporters.gptq import gptq, gptq_blockwise
@@ -39,6 +38,7 @@ from exporters.smoothing import ALPHA_GRID, SPLIT_HEADROOM, ActivationStats, bes
 from models.decoder import Decoder, DecoderConfig
 from models.errors import UserError
 from pipeline.stages.check import int8_flop_share
+from runtimes.contract import past_key, past_value, present_key, read_contract
 
 VOCAB = 256
 FAST = dict(num_prefill=4, seq_len=16, num_decode_steps=2)  # 12 calibration samples
@@ -143,13 +143,13 @@ def test_reader_yields_prefill_then_decode_with_real_past(models, calib_ids, gra
     feeds = list(iter(reader.get_next, None))
     assert len(feeds) == len(reader) == 2 * 4
     declared = {i.name for i in cpu_session(models[graph]).get_inputs()}
-    past_lens = [f["past_key_values.0.key"].shape[2] for f in feeds]
+    past_lens = [f[past_key(0)].shape[2] for f in feeds]
     assert past_lens == [0, 8, 9, 10] * 2
     assert [f["input_ids"].shape[1] for f in feeds] == [8, 1, 1, 1] * 2
     assert all(set(f) == declared for f in feeds)  # the fused graph has no position_ids input
     # the first decode step's past is the prefill's present
-    present = cpu_session(models[graph]).run(["present.0.key"], feeds[0])[0]
-    np.testing.assert_allclose(feeds[1]["past_key_values.0.key"], present, atol=1e-6)
+    present = cpu_session(models[graph]).run([present_key(0)], feeds[0])[0]
+    np.testing.assert_allclose(feeds[1][past_key(0)], present, atol=1e-6)
     assert np.abs(present).max() > 0
 
 
@@ -162,7 +162,7 @@ def test_reader_strided_ranges_continue_one_pass(models, calib_ids):
         strided += list(iter(reader.get_next, None))
     assert len(strided) == len(whole) == 6
     for a, b in zip(strided, whole):
-        np.testing.assert_array_equal(a["past_key_values.1.value"], b["past_key_values.1.value"])
+        np.testing.assert_array_equal(a[past_value(1)], b[past_value(1)])
     reader.set_range(3, 5)  # a jump restarts at the window holding sample 3: its decode step, then window 2
     jumped = list(iter(reader.get_next, None))
     assert [f["input_ids"].shape[1] for f in jumped] == [1, 8]

@@ -16,6 +16,7 @@ from exporters.export import export_onnx
 from exporters.optimize import optimize
 from exporters.rotation import NORMS, hadamard, online_hadamard, random_rotation, rotate
 from exporters.smoothing import collect_activation_stats, find_smooth_groups, weight_matmuls
+from runtimes.contract import present_value
 from tests.exporters.test_quantize import VOCAB, outlier_decoder
 
 
@@ -73,7 +74,7 @@ def test_rotation_is_exact_through_the_kv_cache(graphs, tmp_path):
     # the value cache is held rotated: the model's own cache differs from the unrotated one, its logits do not
     session, original = cpu_session(tmp_path / "rotated.onnx"), cpu_session(graphs["fused"])
     feed = step_feed(ids, 0, empty_past(session_contract(session)))
-    values = [s.run(["present.0.value"], declared(feed, {i.name for i in s.get_inputs()}))[0]
+    values = [s.run([present_value(0)], declared(feed, {i.name for i in s.get_inputs()}))[0]
               for s in (session, original)]
     assert np.abs(values[0] - values[1]).max() > 1e-2
 

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.manifest import RunDir, sha256
+from runtimes.contract import past_names, present_names
 from runtimes.generate import greedy_tokens
 from runtimes.session import open_session
 from tests.pipeline.conftest import make_hf_checkpoint
@@ -51,8 +52,8 @@ def test_export_writes_one_kv_graph_that_matches_pytorch(run_dir):
     inputs = [i.name for i in model.graph.input]
     outputs = [o.name for o in model.graph.output]
     assert inputs[:3] == ["input_ids", "attention_mask", "position_ids"]
-    assert inputs[3:] == [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
-    assert outputs == ["logits"] + [f"present.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    assert inputs[3:] == past_names(2)
+    assert outputs == ["logits"] + present_names(2)
     dims = [d.dim_param for d in model.graph.input[3].type.tensor_type.shape.dim]
     assert dims[0] == "batch_size" and dims[2] == "past_sequence_length"
     parity = RunDir(run_dir).results("export")["parity_max_abs_diff"]

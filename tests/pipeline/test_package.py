@@ -20,9 +20,10 @@ import pytest
 from models.errors import UserError
 from pipeline.manifest import RunDir, sha256
 from pipeline.stages import package as package_stage
-from pipeline.stages.package import Geometry, PackageConfig, choose_variant, genai_config, package
+from pipeline.stages.package import PackageConfig, choose_variant, genai_config, package
 from runtimes.__main__ import main as runtime_main
 from runtimes.bundle import verify_bundle
+from runtimes.contract import Contract, past_key, present_value
 from runtimes.errors import RuntimeUserError
 from runtimes.generate import greedy_tokens, load_tokenizer
 from runtimes.session import open_session
@@ -104,8 +105,8 @@ def test_package_writes_a_verified_bundle_with_lineage_and_genai_config(bundles,
     assert (decoder["head_size"], decoder["hidden_size"], decoder["num_attention_heads"],
             decoder["num_key_value_heads"], decoder["num_hidden_layers"]) == (16, 64, 4, 2, 2)
     assert (genai["model"]["vocab_size"], genai["model"]["context_length"]) == (256, 512)
-    assert decoder["inputs"]["past_key_names"] == "past_key_values.%d.key"
-    assert decoder["outputs"]["present_value_names"] == "present.%d.value"
+    assert decoder["inputs"]["past_key_names"] % 1 == past_key(1)  # genai fills %d with the layer
+    assert decoder["outputs"]["present_value_names"] % 0 == present_value(0)
     assert genai["search"]["past_present_share_buffer"] is True  # GroupQueryAttention shares past and present
     fp32 = json.loads((bundles["fp32"] / "genai_config.json").read_text())
     assert fp32["search"]["past_present_share_buffer"] is False  # Concat cannot write into a shared buffer
@@ -204,10 +205,10 @@ def test_unknown_variant_is_a_one_line_error(run_dir, tmp_path):
 
 def test_gpt2_uses_genai_generic_decoder_type():
     """genai's "gpt2" type wants one combined past_%d tensor per layer; our graphs have separate key/value."""
-    geo = Geometry(num_layers=2, num_attention_heads=4, num_kv_heads=4, head_size=16, hidden_size=64,
-                   vocab_size=256, context_length=512, fused_attention=False, family="gpt2")
-    assert genai_config({}, geo)["model"]["type"] == "decoder"
-    assert genai_config({}, dataclasses.replace(geo, family="qwen2"))["model"]["type"] == "qwen2"
+    contract = Contract(num_layers=2, num_heads=4, num_kv_heads=4, head_dim=16, hidden_size=64, vocab_size=256,
+                        max_position_embeddings=512, attention_windows=(None, None), family="gpt2")
+    assert genai_config({}, contract)["model"]["type"] == "decoder"
+    assert genai_config({}, dataclasses.replace(contract, family="qwen2"))["model"]["type"] == "qwen2"
 
 
 # ---- atomic writes and archives ----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from runtimes.contract import is_past
 from runtimes.errors import RuntimeUserError
 from runtimes.generate import Generator, Sampling, TextStream, choose, default_eos, greedy_tokens, text_generate
 from runtimes.providers import CUDA_EP, available, cpu, cuda
@@ -35,7 +36,7 @@ def recompute_greedy(model_path, prompt: list[int], n: int) -> list[int]:
     for _ in range(n):
         ids = np.array([seq], np.int64)
         feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(ids.shape[1])[None],
-                 **{i.name: empty for i in raw.get_inputs() if i.name.startswith("past_key_values.")}}
+                 **{i.name: empty for i in raw.get_inputs() if is_past(i.name)}}
         seq.append(int(raw.run(["logits"], feeds)[0][0, -1].argmax()))
     return seq[len(prompt):]
 

@@ -8,13 +8,14 @@ import onnxruntime as ort
 import pytest
 
 from runtimes import providers
+from runtimes.contract import Contract, is_past, past_key, past_value
 from runtimes.errors import RuntimeUserError
 from runtimes.providers import (CPU_EP, CUDA_EP, TENSORRT_EP, ModelShape, TrtProfiles, available, cpu, cuda, resolve,
                                 tensorrt)
 
-SHAPE = ModelShape(input_names=("input_ids", "attention_mask", "position_ids", "past_key_values.0.key",
-                                "past_key_values.0.value", "past_key_values.1.key", "past_key_values.1.value"),
-                   num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+CONTRACT = Contract(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, hidden_size=32, vocab_size=128,
+                    max_position_embeddings=64, attention_windows=(None, None))
+SHAPE = ModelShape(input_names=tuple(CONTRACT.input_names()), contract=CONTRACT)
 
 
 def test_resolve_cpu_passes_threads():
@@ -92,18 +93,18 @@ def test_tensorrt_profiles_cover_every_dynamic_input_with_min_past_one(tmp_path)
     lo, opt, hi = (_profile(options, kind) for kind in ("min", "opt", "max"))
     assert set(lo) == set(opt) == set(hi) == set(SHAPE.input_names)
     for name in SHAPE.input_names:
-        if name.startswith("past_key_values."):
+        if is_past(name):
             assert lo[name] == [1, 2, 1, 8] and opt[name] == [2, 2, 16, 8] and hi[name] == [2, 2, 48, 8]
     assert (lo["input_ids"], opt["input_ids"], hi["input_ids"]) == ([1, 1], [2, 1], [2, 48])
     assert (lo["attention_mask"], hi["attention_mask"]) == ([1, 2], [2, 49])  # past >= 1, plus the dummy slot
 
 
 def test_tensorrt_profiles_default_to_the_model_context_and_skip_dropped_inputs(tmp_path):
-    fused = ModelShape(tuple(n for n in SHAPE.input_names if n != "position_ids"), 2, 8, 64)
+    fused = ModelShape(tuple(n for n in SHAPE.input_names if n != "position_ids"), CONTRACT)
     options = providers.trt_profile_options(TrtProfiles(), fused)
     hi = _profile(options, "max")
-    assert "position_ids" not in hi and hi["past_key_values.1.value"] == [1, 2, 64, 8]
-    assert _profile(options, "opt")["past_key_values.0.key"] == [1, 2, 64, 8]  # opt capped at the context
+    assert "position_ids" not in hi and hi[past_value(1)] == [1, 2, 64, 8]
+    assert _profile(options, "opt")[past_key(0)] == [1, 2, 64, 8]  # opt capped at the context
 
 
 def test_specs_are_frozen():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 
+from runtimes.contract import past_key, past_value, present_value
 from runtimes.errors import RuntimeUserError
 from runtimes.generate import greedy_tokens
 from runtimes.providers import CPU_EP, cpu, tensorrt
@@ -24,7 +26,7 @@ def test_session_exposes_contract_names_dtype_and_provider(tiny_model):
     c = s.contract
     assert (c.num_layers, c.num_kv_heads, c.head_dim, c.vocab_size, c.max_position_embeddings) == (2, 2, 8, 128, 64)
     assert s.input_names[:3] == ("input_ids", "attention_mask", "position_ids")
-    assert "past_key_values.1.value" in s.input_names and "present.1.value" in s.output_names
+    assert past_value(1) in s.input_names and present_value(1) in s.output_names
     assert s.kv_dtype == np.float32 and s.provider == CPU_EP
     empty = np.zeros((1, 2, 0, 8), np.float32)
     feeds = {"input_ids": np.array([[1, 2]]), "attention_mask": np.ones((1, 2), np.int64),
@@ -69,9 +71,9 @@ def test_model_without_contract_metadata_is_a_user_error(tmp_path, tiny_model):
 def test_contract_that_does_not_match_the_graph_is_a_user_error(tmp_path, tiny_model):
     proto = onnx.load(str(tiny_model))
     entry = next(p for p in proto.metadata_props if p.key == "pipeline.contract")
-    entry.value = json.dumps({**json.loads(entry.value), "num_layers": 3})
+    entry.value = json.dumps({**json.loads(entry.value), "num_layers": 3, "attention_windows": [None] * 3})
     onnx.save(proto, str(tmp_path / "lying.onnx"))
-    with pytest.raises(RuntimeUserError, match="past_key_values.2.key"):
+    with pytest.raises(RuntimeUserError, match=re.escape(past_key(2))):
         open_session(tmp_path / "lying.onnx")
 
 
@@ -119,21 +121,18 @@ def test_runtimes_imports_nothing_outside_the_device_allowlist():
 def test_model_shape_feeds_tensorrt_profiles_for_every_real_input(tiny_model, tmp_path):
     """The path open_session takes for TensorRT (minus TensorRT itself): read the model, then build profiles."""
     shape = model_shape(tiny_model)
-    assert (shape.num_kv_heads, shape.head_dim, shape.max_position_embeddings) == (2, 8, 64)
+    c = shape.contract
+    assert (c.num_kv_heads, c.head_dim, c.max_position_embeddings) == (2, 8, 64)
     (_, options), _ = tensorrt(cache_dir=tmp_path).session_providers(shape)
     named = {entry.split(":")[0] for entry in options["trt_profile_min_shapes"].split(",")}
     assert named == set(shape.input_names) and len(named) == 7
 
 
-def test_runtime_contract_mirrors_the_exporters():
-    """runtimes/ ships without exporters/, so it keeps its own copy of the contract it reads. Every field it
-    knows must be one the exporter writes, with the same default, or old bundles would be misread."""
-    import dataclasses
+def test_runtime_and_exporters_share_one_contract():
+    """runtimes/ owns the contract; exporters/contract.py only re-exports it, and the session reads that class."""
+    from exporters import contract as written
+    from runtimes import contract as owned
+    from runtimes import session
 
-    from exporters.contract import Contract as Written
-    from runtimes.session import Contract as Read
-
-    written = {f.name: f.default for f in dataclasses.fields(Written)}
-    read = {f.name: f.default for f in dataclasses.fields(Read)}
-    assert read.keys() <= written.keys()
-    assert {k: read[k] for k in read} == {k: written[k] for k in read}
+    assert written.Contract is owned.Contract is session.Contract
+    assert written.past_key is owned.past_key and written.write_contract is owned.write_contract
