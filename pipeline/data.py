@@ -12,15 +12,13 @@ from models.errors import UserError
 
 
 def load_tokenizer(run_root: Path):
-    from tokenizers import Tokenizer
+    """The run's tokenizer.json, read as the device reads it (runtimes.generate.load_tokenizer)."""
+    from runtimes.generate import load_tokenizer as read_tokenizer
 
     path = run_root / "tokenizer.json"
     if not path.exists():
         raise UserError(f"{path} not found: the model has no tokenizer (export it from a checkpoint that has one)")
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:
-        raise UserError(f"{path} is not a valid tokenizer.json ({e})") from e
+    return read_tokenizer(path)
 
 
 def read_text(split: str, text_path: str | None, max_chars: int) -> str:

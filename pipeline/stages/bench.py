@@ -14,35 +14,29 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from models.errors import UserError
+from pipeline import options
 from pipeline.manifest import RunDir
-from pipeline.validation import fits_context, number, text
+from pipeline.options import check_options, fits_context, option
+
+
+MAX_REPEATS = 1000  # timed repetitions: a median of more says nothing new
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    variants: tuple[str, ...] = ()   # () = every variant in the run
-    provider: str = "cpu"            # cpu | cuda | tensorrt
-    threads: int = 2                 # intra-op threads for every runner (ours and peers)
-    prompt_len: int = 32             # prefill tokens
-    new_tokens: int = 64             # decode steps timed
-    repeats: int = 3                 # timed repetitions after one warm-up
-    compare: tuple[str, ...] = ("pytorch",)  # peers: pytorch, optimum, llamacpp
-    timeout_s: int = 1800            # per runner
+    variant: tuple[str, ...] = options.variants("benchmark")
+    provider: str = options.provider()
+    threads: int = options.threads()  # for every runner, ours and the peers
+    prompt_len: int = option(int, 32, "Prompt tokens (prefill).", lo=1)
+    new_tokens: int = option(int, 64, "Decode steps timed.", lo=1)
+    repeats: int = option(int, 3, "Timed repetitions after one warm-up (median reported).", lo=1, hi=MAX_REPEATS)
+    compare: tuple[str, ...] = option(str, ("pytorch",), "Peers measured in the same run: pytorch, optimum, "
+                                      "llamacpp, or none; repeat the flag or separate by commas.", many=True)
+    timeout_s: int = option(int, 1800, "Seconds each runner may take.", lo=1)
 
     def __post_init__(self):
-        from runtimes.session import MAX_THREADS
-
-        number("threads", self.threads, 1, MAX_THREADS)
-        number("prompt_len", self.prompt_len, 1)
-        number("new_tokens", self.new_tokens, 1)
-        number("repeats", self.repeats, 1, MAX_REPEATS)
-        number("timeout_s", self.timeout_s, 1)
-        text("provider", self.provider)
-        for name in (*self.variants, *self.compare):
-            text("variants and compare entries", name)
-
-
-MAX_REPEATS = 1000  # timed repetitions: a median of more says nothing new
+        check_options(self)
+        object.__setattr__(self, "compare", tuple(c for c in self.compare if c != "none"))
 
 
 def run_json(cmd: list[str], timeout: int, env: dict[str, str] | None = None) -> dict:
@@ -146,7 +140,7 @@ def bench(run: RunDir, config: BenchConfig) -> dict:
     from runtimes.providers import resolve
 
     resolve(config.provider)  # an unknown or absent provider fails here, with its install line
-    names = list(config.variants) or run.variants()
+    names = list(config.variant) or run.variants()
     if not names:
         raise UserError(f"run {run.root} has no ONNX variants to benchmark: run `pipeline export` first")
     paths = {n: run.verified(n) for n in names}

@@ -13,9 +13,10 @@ import numpy as np
 import psutil
 
 from models.errors import UserError
+from pipeline import options
 from pipeline.data import token_windows
 from pipeline.manifest import RunDir
-from pipeline.validation import number, text
+from pipeline.options import check_options, option
 from runtimes.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, past_names
 
 
@@ -40,33 +41,26 @@ THRESHOLDS = {
 }
 
 
+MAX_WINDOWS = 4096  # evaluation windows: more than any text here fills, few enough to finish
+
+
 @dataclass(frozen=True)
 class CheckConfig:
-    variants: tuple[str, ...] = ()  # () = every variant in the run
-    model: str | None = None        # PyTorch reference; default: the source the run exported
-    text: str | None = None         # evaluation text file; default: the corpus's valid split
-    windows: int = 16               # evaluation windows, spread over the text
-    window: int = 128               # tokens per window
-    decode_steps: int = 16          # greedy steps through the KV cache
-    prompt_tokens: int = 16         # prompt length for the greedy comparison
-    provider: str = "cpu"
-    threads: int = 2
-    thresholds: dict = field(default_factory=dict)  # variant -> Thresholds overrides
+    variant: tuple[str, ...] = options.variants("check")
+    model: str | None = option(str, None, "PyTorch reference checkpoint (default: the one the run exported).",
+                               optional=True)
+    text: str | None = option(str, None, "Text file to evaluate on (default: the corpus's valid split).",
+                              optional=True)
+    windows: int = option(int, 16, "Evaluation windows, spread over the text.", lo=1, hi=MAX_WINDOWS)
+    window: int = option(int, 128, "Tokens per window (at most the model's context).", lo=2)
+    steps: int = option(int, 16, "Greedy decode steps through the KV cache.", lo=0)
+    prompt_tokens: int = option(int, 16, "Prompt tokens before the greedy steps.", lo=1)
+    provider: str = options.provider()
+    threads: int = options.threads()
+    thresholds: dict = field(default_factory=dict)  # variant -> Thresholds overrides (Python only)
 
     def __post_init__(self):
-        from runtimes.session import MAX_THREADS
-
-        number("windows", self.windows, 1, MAX_WINDOWS)
-        number("window", self.window, 2)  # a window predicts its tokens after the first: two at least
-        number("decode_steps", self.decode_steps, 0)
-        number("prompt_tokens", self.prompt_tokens, 1)
-        number("threads", self.threads, 1, MAX_THREADS)
-        text("provider", self.provider)
-        text("model", self.model, optional=True)
-        text("text", self.text, optional=True)
-
-
-MAX_WINDOWS = 4096  # evaluation windows: more than any text here fills, few enough to finish
+        check_options(self)
 LOGIT_COPIES = 8    # float64 (S, V) arrays alive at once while one window is compared, with the float32 logits
 
 
@@ -75,8 +69,8 @@ def check_fits(config: CheckConfig, context: int, vocab: int, heads: int, availa
     if config.window > context:
         raise UserError(f"window is {config.window} tokens, longer than the model's context of {context}: "
                         f"give at most {context}")
-    if config.prompt_tokens + config.decode_steps > context:
-        raise UserError(f"prompt_tokens + decode_steps ({config.prompt_tokens} + {config.decode_steps}) exceed the "
+    if config.prompt_tokens + config.steps > context:
+        raise UserError(f"prompt_tokens + steps ({config.prompt_tokens} + {config.steps}) exceed the "
                         f"model's context of {context}")
     need = 8 * LOGIT_COPIES * config.window * vocab + 4 * 2 * heads * config.window ** 2
     if need > 0.8 * available:
@@ -165,6 +159,7 @@ def torch_reference(run: RunDir, config: CheckConfig):
 def check_variant(name: str, path, model, windows, config: CheckConfig) -> dict:
     import torch
 
+    from runtimes.bench import model_bytes
     from runtimes.generate import greedy_tokens
     from runtimes.providers import resolve
     from runtimes.session import open_session
@@ -179,12 +174,12 @@ def check_variant(name: str, path, model, windows, config: CheckConfig) -> dict:
         per_window.append(compare_logits(ref[:-1], got[:-1], np.array(ids[1:])))
     prompt = windows[0][:config.prompt_tokens]
     with torch.no_grad():
-        ref_tokens = model.generate(torch.tensor([prompt]), config.decode_steps)[0].tolist()
-    got_tokens = greedy_tokens(sess, prompt, config.decode_steps)
+        ref_tokens = model.generate(torch.tensor([prompt]), config.steps)[0].tolist()
+    got_tokens = greedy_tokens(sess, prompt, config.steps)
     match = next((i for i, (a, b) in enumerate(zip(ref_tokens, got_tokens)) if a != b), len(ref_tokens))
     nll_ref = float(np.mean([w["nll_ref"] for w in per_window]))
     nll_got = float(np.mean([w["nll_got"] for w in per_window]))
-    size = sum(f.stat().st_size for f in path.parent.iterdir() if f.name.startswith("model.onnx"))
+    size = model_bytes(path)
     return {"variant": name, "provider": sess.provider,
             "max_abs_diff": max(w["max_abs_diff"] for w in per_window),
             "top1": float(np.mean([w["top1"] for w in per_window])),
@@ -224,7 +219,7 @@ def judge(name: str, r: dict, config: CheckConfig) -> list[str]:
 
 
 def check(run: RunDir, config: CheckConfig) -> dict:
-    names = list(config.variants) or run.variants()
+    names = list(config.variant) or run.variants()
     if not names:
         raise UserError(f"run {run.root} has no ONNX variants to check: run `pipeline export` first")
     paths = {n: run.verified(n) for n in names}

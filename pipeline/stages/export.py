@@ -7,24 +7,27 @@ so every variant made from the old one is removed with it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline.manifest import RunDir
-from pipeline.validation import text
+from pipeline.options import check_options, option
 
 
 @dataclass(frozen=True)
 class ExportConfig:
-    model: str  # checkpoint directory or .gguf file; never a hub id (nothing is downloaded)
+    model: str = option(str, dataclasses.MISSING, "Checkpoint directory (Hugging Face or ours) or .gguf file; "
+                        "nothing is downloaded.")
 
     def __post_init__(self):
-        text("model", self.model)
+        check_options(self)
 
 
 def export(run: RunDir, config: ExportConfig) -> dict:
     from exporters.export import export_onnx, validate_export
     from models.hf import export_tokenizer, load_model
+    from runtimes.bench import model_bytes
 
     loaded = load_model(config.model)
     model_path = Path(config.model).resolve()
@@ -41,7 +44,7 @@ def export(run: RunDir, config: ExportConfig) -> dict:
                                 "head_dim": contract.head_dim, "vocab_size": contract.vocab_size},
                    "parameters": loaded.model.num_parameters(),
                    "parity_max_abs_diff": {p.step: p.worst[1] for p in parity},
-                   "size_bytes": sum(f.stat().st_size for f in out.parent.iterdir())}
+                   "size_bytes": model_bytes(out)}
         source = {**loaded.source, "kind": "source", "path": str(model_path),
                   "parent": "checkpoint" if own_checkpoint else None,
                   "bos_token_id": loaded.bos_token_id, "eos_token_id": loaded.eos_token_id}

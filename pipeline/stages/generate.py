@@ -2,42 +2,33 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
 from models.errors import UserError
+from pipeline import options
 from pipeline.manifest import RunDir
-from pipeline.validation import number, text
+from pipeline.options import check_options, option
 
 PREFERENCE = ("w8a8", "w4", "w8", "static", "fused", "fp32", "fused-fp16")  # fastest sound CPU variant first
 
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    prompt: str
-    variant: str = ""          # "" = the first available in PREFERENCE
-    max_new_tokens: int = 64
-    temperature: float = 0.0   # 0 = greedy
-    top_k: int = 0             # 0 = off
-    top_p: float = 1.0         # 1.0 = off
-    seed: int | None = None
-    provider: str = "cpu"
-    threads: int = 2
+    prompt: str = option(str, dataclasses.MISSING, "Text to continue.")
+    variant: str = option(str, "", "Variant to run (default: the best available).")
+    max_new_tokens: int = option(int, 64, "Tokens to generate at most.", lo=0)
+    temperature: float = option(float, 0.0, "Sampling temperature; 0 = greedy.", lo=0)
+    top_k: int = option(int, 0, "Sample among the k likeliest tokens; 0 = off.", lo=0)
+    top_p: float = option(float, 1.0, "Sample among the likeliest tokens whose probabilities add up to p; "
+                          "1.0 = off.", lo=1e-12, hi=1)
+    seed: int | None = option(int, None, "Sampling seed (reproducible output).", lo=0, optional=True)
+    provider: str = options.provider()
+    threads: int = options.threads()
 
     def __post_init__(self):
-        from runtimes.session import MAX_THREADS
-
-        text("prompt", self.prompt)
-        text("variant", self.variant)
-        text("provider", self.provider)
-        number("max_new_tokens", self.max_new_tokens, 0)
-        number("temperature", self.temperature, 0, integer=False)
-        number("top_k", self.top_k, 0)
-        number("top_p", self.top_p, 0, 1, integer=False)
-        if self.top_p == 0:
-            raise UserError("top_p is 0: give a share in (0, 1]; 1.0 turns it off")
-        number("seed", self.seed, 0, optional=True)
-        number("threads", self.threads, 1, MAX_THREADS)
+        check_options(self)
 
 
 def pick_variant(run: RunDir, wanted: str) -> str:

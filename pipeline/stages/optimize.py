@@ -13,7 +13,8 @@ import numpy as np
 
 from models.errors import UserError
 from pipeline.manifest import RunDir
-from pipeline.validation import flag, text
+from pipeline.options import check_options, option
+from runtimes.bench import model_bytes
 
 
 NATIVE_TOLERANCE = 1e-3  # max |logit difference| of a -native variant: float rounding of the same integer sums
@@ -21,14 +22,14 @@ NATIVE_TOLERANCE = 1e-3  # max |logit difference| of a -native variant: float ro
 
 @dataclass(frozen=True)
 class OptimizeStageConfig:
-    source: str = ""           # variant to rewrite (default: fp32 for fusion, w8a8 for native_int8)
-    fp16: bool = False         # float16 variant for the CUDA / TensorRT providers
-    native_int8: bool = False  # static int8 MatMuls -> com.pipeline.StaticInt8MatMul (x86-64, AVX512-VNNI)
+    source: str = option(str, "", "Variant to rewrite (default: fp32, or w8a8 with --native-int8).")
+    fp16: bool = option(bool, False, "Also convert to float16 (for the CUDA / TensorRT providers).")
+    native_int8: bool = option(bool, False, "Instead of fusing: put a static int8 variant's MatMuls on pipeline's "
+                               "native CPU kernel (x86-64 with AVX512-VNNI; build it with `python -m runtimes.kernels "
+                               "build`). Same logits, faster decode; writes <source>-native.")
 
     def __post_init__(self):
-        text("source", self.source)
-        flag("fp16", self.fp16)
-        flag("native_int8", self.native_int8)
+        check_options(self)
         if self.fp16 and self.native_int8:
             raise UserError("--native-int8 rewrites a static int8 variant; --fp16 is for fusion")
 
@@ -83,7 +84,7 @@ def optimize(run: RunDir, config: OptimizeStageConfig) -> dict:
             from exporters.optimize import OptimizeConfig, optimize as fuse
 
             results = fuse(source_path, out, OptimizeConfig(fp16=config.fp16))
-        results["size_bytes"] = sum(f.stat().st_size for f in out.parent.iterdir())
+        results["size_bytes"] = model_bytes(out)
         tx.record("optimize", asdict(config), {source: str(source_path)},
                   {target: {"kind": "onnx", "path": f"variants/{target}/model.onnx", "parent": source}}, results)
     return results

@@ -18,6 +18,7 @@ and `bench` measured, or packaging stops.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -34,7 +35,7 @@ from pathlib import Path
 
 from models.errors import UserError
 from pipeline.manifest import RunDir, sha256
-from pipeline.validation import choice, text
+from pipeline.options import check_options, option
 from runtimes.bundle import BUNDLE_FORMAT, MANIFEST_FILE, describe_files
 from runtimes.contract import (ATTENTION_MASK, INPUT_IDS, LOGITS, PAST_KEY, PAST_VALUE, POSITION_IDS, PRESENT_KEY,
                                PRESENT_VALUE, Contract, read_contract)
@@ -52,14 +53,13 @@ ARCHIVE_FORMATS = ("tar.gz", "zip")
 
 @dataclass(frozen=True)
 class PackageConfig:
-    out: str                     # bundle directory to write (replaced if it is an earlier bundle)
-    variant: str = ""            # "" = the best that passed check (see choose_variant)
-    archive: str | None = None   # also write OUT.tar.gz or OUT.zip
+    out: str = option(str, dataclasses.MISSING, "Bundle directory to write (an earlier bundle there is replaced).")
+    variant: str = option(str, "", "Variant to ship (default: the best that passed check).")
+    archive: str | None = option(str, None, "Also write one archive file, OUT.tar.gz or OUT.zip.",
+                                 choices=ARCHIVE_FORMATS, optional=True)
 
     def __post_init__(self):
-        text("out", self.out)
-        text("variant", self.variant)
-        choice("archive", self.archive, ARCHIVE_FORMATS, optional=True)
+        check_options(self)
 
 
 def produced_at(stages: list[dict], name: str) -> int:

@@ -7,48 +7,62 @@ from dataclasses import asdict, dataclass
 from models.errors import UserError
 from pipeline.data import token_windows
 from pipeline.manifest import RunDir
-from pipeline.validation import fits_context, flag, number, text
+from pipeline.options import check_options, fits_context, option
 from runtimes.providers import int8_gemm_saturates
+
+RECIPES = ("w8a8", "static", "w8", "w4")
+METHODS = ("minmax", "percentile", "entropy")
+
+
+MAX_WINDOWS = 4096  # calibration / validation windows: more than any calibration text here fills
+MIN_WINDOW = 8      # tokens per calibration window: a prefill and at least two decode steps
 
 
 @dataclass(frozen=True)
 class QuantizeStageConfig:
-    recipe: str = "w8a8"            # static | w8a8 | w8 | w4
-    source: str = ""                # variant to quantize; "" = fused if present, else fp32
-    calibrate_method: str | None = None  # minmax | percentile | entropy; None: percentile for w8a8, else minmax
-    per_channel: bool = True        # per-output-channel weight scales
-    calib_windows: int = 16         # prefill windows of calibration text (each also seeds decode steps); 16 of
-                                    # 128 tokens: more tokens than a 1536-wide MatMul has inputs, for GPTQ
-    window: int = 128               # tokens per window
-    valid_windows: int = 16         # calibration-side validation windows for the sensitivity search (~2k tokens:
-                                    # fewer make a 2% perplexity budget noise)
-    max_ppl_increase: float = 0.02  # w8a8: largest relative perplexity increase accepted before mixed precision
-    block_size: int = 32            # w8/w4: MatMulNBits block size
-    accuracy_level: int = 4         # w8/w4: MatMulNBits compute accuracy (4 = int8 activations on CPU)
-    calib_text: str | None = None   # text file for calibration instead of the corpus's calib split
-    fallback: str = "w8"            # w8a8: sensitive MatMuls become "w8" (int8 weight-only) or stay "float"
-    w4_max_ppl_increase: float = 0.08  # w4: MatMuls move to 8 bits, most damaging first, until within this
-    weight_rounding: str = "gptq"   # w8a8/w8/w4: "gptq" or "nearest"
-    rotate: bool = True             # w8a8: fold randomized Hadamard rotations into the weights first
-    outlier_channels: int = 16      # w8a8: most channels per smoothed activation split off into a float MatMul
-    online_hadamard: int = 128      # w8a8 with rotate: online Hadamard block before each down_proj (0: none)
-    reduce_range: bool | None = None  # static/w8a8: 7-bit weights; None: exactly where this machine's int8
-                                    # kernels saturate (x86 without VNNI, runtimes.providers.int8_gemm_saturates)
+    recipe: str = option(str, "w8a8", "w8a8: static int8 with smoothing and sensitivity-chosen mixed precision; "
+                         "static: plain QDQ int8; w8/w4: weight-only MatMulNBits.", choices=RECIPES)
+    source: str = option(str, "", "Variant to quantize (default: fused if present, else fp32).")
+    method: str | None = option(str, None, "Activation calibration method. Default: percentile (99.999% of |x|) "
+                                "for w8a8, minmax for static.", choices=METHODS, optional=True)
+    per_channel: bool = option(bool, True, "Weight scale granularity: one scale per output channel, or per "
+                               "tensor.", off="--per-tensor")
+    calib_windows: int = option(int, 16, "Calibration windows of text (each also seeds decode steps; w8a8's GPTQ "
+                                "rounds a MatMul only with more tokens than inputs).", lo=1, hi=MAX_WINDOWS)
+    window: int = option(int, 128, "Tokens per calibration window (at most the model's context).", lo=MIN_WINDOW)
+    valid_windows: int = option(int, 16, "Calibration-side validation windows for the sensitivity search (fewer "
+                                "make a 2% perplexity budget noise).", lo=0, hi=MAX_WINDOWS)
+    max_ppl_increase: float = option(float, 0.02, "w8a8: largest relative perplexity increase before MatMuls "
+                                     "leave static int8.", lo=0)
+    fallback: str = option(str, "w8", "w8a8: what the MatMuls the budget takes out of static int8 become: int8 "
+                           "weight-only (MatMulNBits) or float (a pure QDQ graph, for NPU execution providers).",
+                           choices=("w8", "float"))
+    w4_max_ppl_increase: float = option(float, 0.08, "w4: MatMuls move to 8 bits, most damaging first, until "
+                                        "perplexity is within this.", lo=0)
+    block_size: int = option(int, 32, "w8/w4: MatMulNBits block size (a power of 2, at least 16).", lo=16)
+    accuracy_level: int = option(int, 4, "w8/w4: MatMulNBits compute accuracy (4: int8 activations on CPU).",
+                                 lo=0, hi=4)
+    calib_text: str | None = option(str, None, "Text file to calibrate on (default: the corpus's calib split).",
+                                    optional=True)
+    weight_rounding: str = option(str, "gptq", "w8a8/w8/w4: weights rounded by GPTQ (least output error on the "
+                                  "calibration text) or to nearest.", choices=("gptq", "nearest"))
+    rotate: bool = option(bool, True, "w8a8: fold randomized Hadamard rotations into the weights (residual stream "
+                          "and attention values) before smoothing, exact in float and adding no ops; and the "
+                          "online one of --online-hadamard.", off="--no-rotate")
+    online_hadamard: int = option(int, 128, "w8a8 with --rotate: block size of an online Hadamard rotation before "
+                                  "each down_proj (three float ops per layer that make its input fit static int8); "
+                                  "0: none.", lo=0)
+    outlier_channels: int = option(int, 16, "w8a8: at most this many channels of each smoothed activation, those "
+                                   "over 4x its 99th-percentile channel peak, leave the int8 MatMul for a small "
+                                   "float one (0: none).", lo=0)
+    reduce_range: bool | None = option(bool, None, "w8a8/static: 7-bit weights, for x86 CPUs without VNNI, whose "
+                                       "int8 kernels overflow with 8-bit ones (the runtime refuses such a model "
+                                       "there). Default: on exactly when this machine is one.",
+                                       off="--no-reduce-range", optional=True)
 
     def __post_init__(self):
-        number("calib_windows", self.calib_windows, 1, MAX_WINDOWS)
-        number("valid_windows", self.valid_windows, 0, MAX_WINDOWS)
-        number("window", self.window, MIN_WINDOW)
-        text("source", self.source)
-        text("calib_text", self.calib_text, optional=True)
-        flag("reduce_range", self.reduce_range, optional=True)
-        for name in ("per_channel", "rotate"):
-            flag(name, getattr(self, name))
-        for name in ("block_size", "accuracy_level", "outlier_channels", "online_hadamard"):
-            number(name, getattr(self, name))
-        for name in ("max_ppl_increase", "w4_max_ppl_increase"):
-            number(name, getattr(self, name), 0, integer=False)
-        self.quant_config(reduce_range=False)  # the quantizer's own checks, before any work
+        check_options(self)
+        self.quant_config(reduce_range=False)  # the quantizer's own checks (block size, Hadamard order) first
 
     @property
     def decode_steps(self) -> int:
@@ -57,7 +71,7 @@ class QuantizeStageConfig:
     def quant_config(self, reduce_range: bool):
         from exporters.quantize import QuantConfig
 
-        return QuantConfig(recipe=self.recipe, calibrate_method=self.calibrate_method,
+        return QuantConfig(recipe=self.recipe, calibrate_method=self.method,
                            num_prefill=self.calib_windows, seq_len=self.window - self.decode_steps,
                            num_decode_steps=self.decode_steps,
                            per_channel=self.per_channel, max_ppl_increase=self.max_ppl_increase,
@@ -71,10 +85,6 @@ class QuantizeStageConfig:
         if self.source:
             return self.source
         return "fused" if "fused" in run.variants() else "fp32"
-
-
-MAX_WINDOWS = 4096  # calibration / validation windows: more than any calibration text here fills
-MIN_WINDOW = 8      # tokens per calibration window: a prefill and at least two decode steps
 
 
 def split_windows(windows: list[list[int]], n_calib: int) -> tuple[list[list[int]], list[list[int]] | None]:

@@ -14,12 +14,13 @@
     archive = "tar.gz"
 
 A table present means the stage runs, with its keys as the stage's options; a stage left out is skipped.
-The demo is train -> export -> optimize -> quantize -> check -> bench into runs/demo.
+A key is the CLI flag's name with underscores (`--calib-windows` -> `calib_windows`); every table is checked
+before the first stage starts. docs/config.md lists them all (`python -m pipeline.stages.run --markdown`
+writes its tables). The demo is train -> export -> optimize -> quantize -> check -> bench into runs/demo.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import tomllib
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Callable
 
 from models.errors import UserError
 from pipeline.manifest import RunDir
+from pipeline.options import options_of
 from pipeline.stages import bench, check, export, optimize, package, quantize, train
 
 ORDER = ("train", "export", "optimize", "quantize", "check", "bench", "package")
@@ -56,17 +58,32 @@ def load_config(path: str | None) -> dict:
     unknown = set(cfg) - set(ORDER) - {"out"}
     if unknown:
         raise UserError(f"{p}: unknown table(s) {sorted(unknown)}; known: out, {', '.join(ORDER)}")
+    if not isinstance(cfg.get("out", ""), str):
+        raise UserError(f"{p}: out is {cfg['out']!r}: give the run directory as a string")
+    for stage in ORDER:
+        if stage in cfg and not isinstance(cfg[stage], dict):
+            raise UserError(f"{p}: {stage} is {cfg[stage]!r}: give a [{stage}] table")
     return cfg
+
+
+def markdown() -> str:
+    """docs/config.md's option tables, from the stage configs themselves."""
+    from pipeline.options import markdown as tables
+
+    return tables({stage: STAGES[stage][0] for stage in ORDER})
 
 
 def make_config(stage: str, table: dict):
     """The stage's frozen config from its TOML table; list values become tuples, unknown keys are errors."""
     cls = STAGES[stage][0]
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(table) - names
+    names = [f.name for f, _ in options_of(cls)]
+    unknown = set(table) - set(names)
     if unknown:
-        raise UserError(f"[{stage}] has unknown key(s) {sorted(unknown)}; known: {', '.join(sorted(names))}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in table.items()})
+        raise UserError(f"[{stage}] has unknown key(s) {sorted(unknown)}; known: {', '.join(names)}")
+    try:
+        return cls(**table)
+    except UserError as e:
+        raise UserError(f"[{stage}] {e}") from e
 
 
 def run(config_path: str | None, out: str | None, log: Callable[[str], None]) -> dict:
@@ -97,3 +114,10 @@ def run(config_path: str | None, out: str | None, log: Callable[[str], None]) ->
     summary = "\n".join([f"run directory: {run_dir.root} (manifest.json records every stage)", *lines,
                          *(f"{s}: {v}" for s, v in verdicts.items())])
     return {"run_dir": str(run_dir.root), "stages": results, "passed": passed, "summary": summary}
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--markdown"]:
+        print(markdown(), end="")

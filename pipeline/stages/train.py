@@ -5,19 +5,20 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 from pipeline.manifest import RunDir
-from pipeline.validation import number, text
+from pipeline.options import check_options, option
 
 
 @dataclass(frozen=True)
 class TrainStageConfig:
-    corpus: str | None = None        # text file or directory; None = this Python's stdlib sources
-    max_seconds: float | None = None  # time budget; None = the training config's default
-    max_steps: int | None = None     # step budget; None = the training config's default
+    corpus: str | None = option(str, None, "Text file or directory (default: this Python's stdlib sources).",
+                                optional=True)
+    max_seconds: float | None = option(float, None, "Training time budget (default: the training config's).",
+                                       lo=0.001, optional=True)
+    max_steps: int | None = option(int, None, "Stop after this many optimizer steps (default: the training "
+                                   "config's).", lo=1, optional=True)
 
     def __post_init__(self):
-        text("corpus", self.corpus, optional=True)
-        number("max_seconds", self.max_seconds, 1e-3, integer=False, optional=True)
-        number("max_steps", self.max_steps, 1, optional=True)
+        check_options(self)
 
 
 def train(run: RunDir, config: TrainStageConfig) -> dict:

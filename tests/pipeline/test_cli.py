@@ -284,7 +284,7 @@ def test_manifest_records_hashes_that_match_the_files(run_dir):
 def test_run_from_toml_config(tmp_path, llama_dir, text_file):
     cfg = tmp_path / "run.toml"
     cfg.write_text(f'out = "{tmp_path / "r"}"\n[export]\nmodel = "{llama_dir}"\n[optimize]\n'
-                   f'[check]\ntext = "{text_file}"\nwindow = 32\ndecode_steps = 4\n'
+                   f'[check]\ntext = "{text_file}"\nwindow = 32\nsteps = 4\n'
                    f'[package]\nout = "{tmp_path / "bundle"}"\n')
     invoke("run", cfg)
     stages = [s["stage"] for s in json.loads((tmp_path / "r/manifest.json").read_text())["stages"]]

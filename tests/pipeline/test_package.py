@@ -160,7 +160,7 @@ def test_check_and_bench_figures_of_the_variant_go_into_the_manifest(run_dir, te
     manifest = verify_bundle(tmp_path / "b")
     assert manifest["variant"] == "fused"  # both passed; no int8 variant in this run
     assert manifest["check"]["passed"] and manifest["check"]["variant"] == "fused"
-    assert manifest["check"]["top1"] == 1.0 and manifest["check"]["config"]["decode_steps"] == 4
+    assert manifest["check"]["top1"] == 1.0 and manifest["check"]["config"]["steps"] == 4
     assert manifest["bench"]["decode_ms_p50"] > 0 and manifest["bench"]["new_tokens"] == 4
 
 
