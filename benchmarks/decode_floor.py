@@ -35,7 +35,7 @@ from onnx import TensorProto, helper, numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from exporters.optimize import remove_dead_nodes  # noqa: E402
-from runtimes.bench import timed_run  # noqa: E402
+from runtimes.bench import greedy_calls, timed_run  # noqa: E402
 from runtimes.generate import Generator  # noqa: E402
 from runtimes.session import open_session, session_options  # noqa: E402
 
@@ -196,7 +196,7 @@ def main() -> None:
         return float(np.median(times)) * 1e3
 
     def decode_ms(g: Generator) -> float:
-        return float(np.median(timed_run(g, prompt, a.new_tokens).steps)) * 1e3
+        return float(np.median(timed_run(*greedy_calls(g, prompt, a.new_tokens), a.new_tokens).steps)) * 1e3
 
     parts = ("memory", "matmuls", "rest", "step")
     times = {path: {part: [] for part in parts} for path in cases}

@@ -17,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runtimes.bench import timed_run  # noqa: E402
+from runtimes.bench import greedy_calls, timed_run  # noqa: E402
 from runtimes.generate import Generator, HostCache, SharedCache  # noqa: E402
 from runtimes.session import open_session  # noqa: E402
 
@@ -37,10 +37,11 @@ def main() -> None:
     prompt = np.random.default_rng(0).integers(0, session.contract.vocab_size, (1, a.prompt_len))
     times: dict[str, list[float]] = {name: [] for name in modes}
     for g in modes.values():  # warm-up
-        timed_run(g, prompt, a.new_tokens)
+        timed_run(*greedy_calls(g, prompt, a.new_tokens), a.new_tokens)
     for _ in range(a.repeats):
         for name, g in modes.items():
-            times[name].append(float(np.median(timed_run(g, prompt, a.new_tokens).steps)) * 1e3)
+            steps = timed_run(*greedy_calls(g, prompt, a.new_tokens), a.new_tokens).steps
+            times[name].append(float(np.median(steps)) * 1e3)
     print(f"{a.model}: {a.prompt_len}-token prompt, {a.new_tokens} decode steps, {a.threads} threads")
     for name, t in times.items():
         print(f"  {name:24s} {np.median(t):7.2f} ms/token  (runs: {', '.join(f'{x:.2f}' for x in t)})")

@@ -26,7 +26,7 @@ from typing import Callable
 
 import numpy as np
 
-from runtimes.bench import peak_rss_mb
+from runtimes.bench import measure, peak_rss_mb
 
 PEERS = {"pytorch": "torch", "optimum": "optimum.onnxruntime", "llamacpp": "llama_cpp"}
 OPTIMUM_PYTHON = "PIPELINE_OPTIMUM_PYTHON"
@@ -65,37 +65,18 @@ def command(peer: str, model: str, *options: str) -> tuple[list[str], dict[str, 
     return [interpreter(peer), "-m", "pipeline.peers", peer, model, *options], env
 
 
-def summarize(prefill_ms: list[float], decode_ms: list[float]) -> dict:
-    return {"prefill_ms": float(np.median(prefill_ms)), "decode_ms_p50": float(np.percentile(decode_ms, 50)),
-            "decode_ms_p90": float(np.percentile(decode_ms, 90)),
-            "tokens_per_s": 1000.0 / float(np.median(decode_ms)),
-            "peak_rss_mb": peak_rss_mb()}
-
-
 def prompt_ids(vocab: int, n: int, seed: int = 0) -> list[int]:
     """The same deterministic prompt every runner uses (ids drawn away from special tokens)."""
     return np.random.default_rng(seed).integers(min(100, vocab // 2), vocab - 1, n).tolist()
 
 
-def timed(prefill: Callable[[], object], step: Callable[[object], object], new_tokens: int, repeats: int) -> dict:
-    """Time `prefill()` and `new_tokens` greedy `step(state) -> state` calls, `repeats` times after one warm-up."""
-    prefill_ms, decode_ms = [], []
-    for r in range(repeats + 1):
-        t0 = time.perf_counter()
-        state = prefill()
-        t1 = time.perf_counter()
-        steps = []
-        for _ in range(new_tokens):
-            s = time.perf_counter()
-            state = step(state)
-            steps.append((time.perf_counter() - s) * 1000)
-        if r:
-            prefill_ms.append((t1 - t0) * 1000)
-            decode_ms += steps
-    return summarize(prefill_ms, decode_ms)
+def timed(prefill: Callable[[], object], step: Callable[[object], object], new_tokens: int, warmup: int,
+          repeats: int) -> dict:
+    """runtimes.bench's harness (the same runs, warm-ups and summaries as our variants') and this process's peak."""
+    return {**measure(prefill, step, new_tokens, warmup, repeats), "peak_rss_mb": peak_rss_mb()}
 
 
-def bench_pytorch(source: str, threads: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+def bench_pytorch(source: str, threads: int, prompt_len: int, new_tokens: int, warmup: int, repeats: int) -> dict:
     import torch
 
     from models.hf import load_hf_reference
@@ -109,10 +90,11 @@ def bench_pytorch(source: str, threads: int, prompt_len: int, new_tokens: int, r
 
     with torch.inference_mode():
         return timed(lambda: greedy(model(ids, use_cache=True)),
-                     lambda st: greedy(model(st[1], past_key_values=st[0], use_cache=True)), new_tokens, repeats)
+                     lambda st: greedy(model(st[1], past_key_values=st[0], use_cache=True)),
+                     new_tokens, warmup, repeats)
 
 
-def bench_llamacpp(gguf: str, threads: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+def bench_llamacpp(gguf: str, threads: int, prompt_len: int, new_tokens: int, warmup: int, repeats: int) -> dict:
     from llama_cpp import Llama
 
     n_ctx = prompt_len + new_tokens + 8
@@ -129,10 +111,10 @@ def bench_llamacpp(gguf: str, threads: int, prompt_len: int, new_tokens: int, re
     def step(_) -> None:
         llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
 
-    return timed(prefill, step, new_tokens, repeats)
+    return timed(prefill, step, new_tokens, warmup, repeats)
 
 
-def bench_optimum(source: str, threads: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+def bench_optimum(source: str, threads: int, prompt_len: int, new_tokens: int, warmup: int, repeats: int) -> dict:
     import onnxruntime as ort
     import torch
     from optimum.onnxruntime import ORTModelForCausalLM
@@ -151,7 +133,7 @@ def bench_optimum(source: str, threads: int, prompt_len: int, new_tokens: int, r
         return greedy(model(input_ids=tok, attention_mask=mask, past_key_values=past, use_cache=True), n + 1)
 
     return timed(lambda: greedy(model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True), prompt_len),
-                 step, new_tokens, repeats)
+                 step, new_tokens, warmup, repeats)
 
 
 RUNNERS = {"pytorch": bench_pytorch, "llamacpp": bench_llamacpp, "optimum": bench_optimum}
@@ -164,12 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args(argv)
     if not available(a.peer):
         print(json.dumps({"missing": True, "install": INSTALL[a.peer]}))
         return 0
-    result = RUNNERS[a.peer](a.model, a.threads, a.prompt_len, a.new_tokens, a.repeats)
+    result = RUNNERS[a.peer](a.model, a.threads, a.prompt_len, a.new_tokens, a.warmup, a.repeats)
     print(json.dumps(result))
     return 0
 

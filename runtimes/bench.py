@@ -12,8 +12,10 @@ from __future__ import annotations
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -30,18 +32,44 @@ class RunTimes:
     steps: tuple[float, ...]
 
 
-def timed_run(generator: Generator, prompt: np.ndarray, new_tokens: int) -> RunTimes:
-    """Prefill `prompt` (B, S), then `new_tokens` greedy decode steps, each timed on its own."""
+def timed_run(prefill: Callable[[], Any], step: Callable[[Any], Any], new_tokens: int) -> RunTimes:
+    """`prefill() -> state`, then `new_tokens` greedy `step(state) -> state` calls, each timed on its own.
+
+    The one timing harness of every runner in a bench table, ours and the peers (pipeline/peers.py), so their
+    figures mean the same thing."""
     clock = time.perf_counter
     start = clock()
-    logits = generator.prefill(prompt, capacity=prompt.shape[1] + new_tokens)
-    prefill = clock() - start
+    state = prefill()
+    prefilled = clock() - start
     steps = []
     for _ in range(new_tokens):
         start = clock()
-        logits = generator.step(logits.argmax(axis=-1))
+        state = step(state)
         steps.append(clock() - start)
-    return RunTimes(prefill, tuple(steps))
+    return RunTimes(prefilled, tuple(steps))
+
+
+def greedy_calls(generator: Generator, prompt: np.ndarray, new_tokens: int) -> tuple[Callable, Callable]:
+    """(prefill, step) for timed_run / measure: `prompt` (B, S) with room for `new_tokens`, then greedy steps."""
+    return (lambda: generator.prefill(prompt, capacity=prompt.shape[1] + new_tokens),
+            lambda logits: generator.step(logits.argmax(axis=-1)))
+
+
+def measure(prefill: Callable[[], Any], step: Callable[[Any], Any], new_tokens: int, warmup: int, repeats: int,
+            batch: int = 1) -> dict:
+    """One cold run (timed apart), `warmup` untimed runs, then `repeats` timed ones, summarized:
+    prefill_ms is the median over repeats; decode_ms_p50/p90 are over every decode step of every repeat;
+    tokens_per_s counts all sequences of the batch over the median decode time of a repeat."""
+    first = timed_run(prefill, step, new_tokens)
+    for _ in range(warmup):
+        timed_run(prefill, step, new_tokens)
+    runs = [timed_run(prefill, step, new_tokens) for _ in range(repeats)]
+    steps_ms = np.array([s for r in runs for s in r.steps]) * 1e3
+    return {"first_run_ms": (first.prefill + sum(first.steps)) * 1e3,
+            "prefill_ms": float(np.median([r.prefill for r in runs])) * 1e3,
+            "decode_ms_p50": float(np.percentile(steps_ms, 50)),
+            "decode_ms_p90": float(np.percentile(steps_ms, 90)),
+            "tokens_per_s": batch * new_tokens / float(np.median([sum(r.steps) for r in runs]))}
 
 
 def model_bytes(path: Path) -> int:
@@ -77,11 +105,7 @@ def _require_positive(**values: int) -> None:
 def bench_model(model_path: str | Path, spec: ProviderSpec | None = None, prompt_len: int = 32,
                 new_tokens: int = 64, warmup: int = 2, repeats: int = 5, threads: int | None = 2,
                 batch: int = 1, seed: int = 0) -> dict:
-    """Time `model_path` on `spec` (default CPU) with a random prompt; one flat, JSON-ready dict.
-
-    prefill_ms is the median over repeats; decode_ms_p50/p90 are over every decode step of every repeat;
-    tokens_per_s counts all sequences of the batch over the median decode time of a repeat.
-    """
+    """Time `model_path` on `spec` (default CPU) with a random prompt; one flat, JSON-ready dict (see measure)."""
     _require_positive(prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats, batch=batch)
     if warmup < 0:
         raise RuntimeUserError(f"warmup is {warmup}: it must be 0 or more")
@@ -93,13 +117,7 @@ def bench_model(model_path: str | Path, spec: ProviderSpec | None = None, prompt
     check_request(session, prompt_len, new_tokens)
     generator = Generator(session)
     prompt = np.random.default_rng(seed).integers(0, session.contract.vocab_size, (batch, prompt_len))
-    first = timed_run(generator, prompt, new_tokens)
-    for _ in range(warmup):
-        timed_run(generator, prompt, new_tokens)
-    runs = [timed_run(generator, prompt, new_tokens) for _ in range(repeats)]
-    steps_ms = np.array([s for r in runs for s in r.steps]) * 1e3
-    decode_s = float(np.median([sum(r.steps) for r in runs]))
-    first_run_s = first.prefill + sum(first.steps)
+    times = measure(*greedy_calls(generator, prompt, new_tokens), new_tokens, warmup, repeats, batch)
     return {
         "model": str(path),
         "provider": spec.name,
@@ -111,12 +129,8 @@ def bench_model(model_path: str | Path, spec: ProviderSpec | None = None, prompt
         "repeats": repeats,
         "kv_dtype": session.kv_dtype.name,
         "session_create_ms": created * 1e3,
-        "first_run_ms": first_run_s * 1e3,
-        "cold_start_ms": (created + first_run_s) * 1e3,
-        "prefill_ms": float(np.median([r.prefill for r in runs])) * 1e3,
-        "decode_ms_p50": float(np.percentile(steps_ms, 50)),
-        "decode_ms_p90": float(np.percentile(steps_ms, 90)),
-        "tokens_per_s": batch * new_tokens / decode_s,
+        "cold_start_ms": created * 1e3 + times["first_run_ms"],
+        **times,
         "file_bytes": model_bytes(path),
         "peak_rss_mb": peak_rss_mb(),
     }

@@ -29,7 +29,9 @@ class BenchConfig:
     threads: int = options.threads()  # for every runner, ours and the peers
     prompt_len: int = option(int, 32, "Prompt tokens (prefill).", lo=1)
     new_tokens: int = option(int, 64, "Decode steps timed.", lo=1)
-    repeats: int = option(int, 3, "Timed repetitions after one warm-up (median reported).", lo=1, hi=MAX_REPEATS)
+    warmup: int = option(int, 2, "Untimed runs after the first (cold) one, before the timed repeats.", lo=0,
+                         hi=MAX_REPEATS)
+    repeats: int = option(int, 3, "Timed repetitions (medians reported).", lo=1, hi=MAX_REPEATS)
     compare: tuple[str, ...] = option(str, ("pytorch",), "Peers measured in the same run: pytorch, optimum, "
                                       "llamacpp, or none; repeat the flag or separate by commas.", many=True)
     timeout_s: int = option(int, 1800, "Seconds each runner may take.", lo=1)
@@ -57,7 +59,8 @@ def run_json(cmd: list[str], timeout: int, env: dict[str, str] | None = None) ->
 def bench_variant(path: Path, config: BenchConfig, cache_dir: Path) -> dict:
     cmd = [sys.executable, "-m", "runtimes", "bench", str(path), "--provider", config.provider,
            "--threads", str(config.threads), "--prompt-len", str(config.prompt_len),
-           "--new-tokens", str(config.new_tokens), "--repeats", str(config.repeats), "--json"]
+           "--new-tokens", str(config.new_tokens), "--warmup", str(config.warmup), "--repeats", str(config.repeats),
+           "--json"]
     if config.provider == "tensorrt":  # engines and timing caches live in the run, reused by the next bench
         cmd += ["--trt-cache-dir", str(cache_dir)]
     return run_json(cmd, config.timeout_s)
@@ -132,7 +135,7 @@ def bench_peer(run: RunDir, peer: str, config: BenchConfig) -> dict:
         return {"missing": True, "install": INSTALL[peer]}
     cmd, env = command(peer, peer_model(run, peer), "--threads", str(config.threads),
                        "--prompt-len", str(config.prompt_len), "--new-tokens", str(config.new_tokens),
-                       "--repeats", str(config.repeats))
+                       "--warmup", str(config.warmup), "--repeats", str(config.repeats))
     return run_json(cmd, config.timeout_s, env)
 
 

@@ -96,3 +96,18 @@ def test_peak_memory_is_the_runners_own_not_its_parents():
                          capture_output=True, text=True, check=True)
     assert ballast.sum() == 400 << 20
     assert 5 < float(out.stdout) < 300
+
+
+def test_one_harness_times_every_runner_alike(monkeypatch):
+    """Ours and the peers' rows come from runtimes.bench.measure: a cold run, warm-ups, then timed repeats;
+    tokens/s is new tokens over the median repeat's decode time (peers once used 1000 / median step)."""
+    import runtimes.bench as bench
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(ticks) * 1e-3)  # every call 1 ms later
+    calls = []
+    result = bench.measure(lambda: calls.append("prefill"), lambda state: calls.append("step"), new_tokens=4,
+                           warmup=2, repeats=3)
+    assert calls.count("prefill") == 1 + 2 + 3 and calls.count("step") == 4 * 6
+    assert result["prefill_ms"] == pytest.approx(1.0) and result["decode_ms_p50"] == pytest.approx(1.0)
+    assert result["tokens_per_s"] == pytest.approx(4 / 4e-3) and result["first_run_ms"] == pytest.approx(5.0)
