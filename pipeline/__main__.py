@@ -1,8 +1,10 @@
 """`python -m pipeline` and the `pipeline` console script."""
 
+import _thread
 import os
 import signal
 import sys
+import threading
 
 EXIT_INTERRUPTED = 130
 
@@ -10,6 +12,7 @@ EXIT_INTERRUPTED = 130
 def entry() -> None:
     """The CLI, with Ctrl-C handled where the CLI's own handler cannot be: while it is still being imported,
     and once its work is over (a late Ctrl-C must not turn a finished stage into a killed process)."""
+    sys.unraisablehook = _redeliver_interrupts
     try:
         from pipeline.cli import main
 
@@ -23,6 +26,15 @@ def entry() -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _redeliver_interrupts(unraisable, default=sys.unraisablehook) -> None:
+    """A Ctrl-C that lands inside a finalizer or weakref callback is printed and dropped by Python; hand it to
+    the main thread again instead, so it stops the command as any other Ctrl-C does."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):  # from another thread, once this hook has returned
+        threading.Timer(0.05, _thread.interrupt_main).start()
+    else:
+        default(unraisable)
 
 
 def _exit_interrupted() -> None:

@@ -103,9 +103,14 @@ json_opt = click.option("--json", "as_json", is_flag=True, help="Print the resul
 
 @click.group(cls=OneLineGroup, epilog=EXAMPLES)
 @click.version_option(package_name="edge-pipeline")
-def main():
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars on stderr (they are off anyway when stderr is "
+                                                   "not a terminal).")
+def main(quiet):
     """Export, fuse, quantize, check and benchmark decoder LMs on ONNX Runtime."""
+    from pipeline import progress
+
     warnings.filterwarnings("ignore")
+    progress.QUIET["on"] = quiet
 
 
 @main.command(epilog="\b\nExample:\n  pipeline train --out runs/demo --max-seconds 120")
@@ -274,7 +279,8 @@ def run(config, out, as_json):
     """Every stage in order from one TOML config; with no config, the built-in demo."""
     from pipeline.stages.run import run as run_stages
 
-    results = run_stages(config, out, log=lambda s: click.echo(s, err=True))
+    results = run_stages(config, out, log=lambda s: click.echo(s, err=True),
+                         show=(lambda s: None) if as_json else click.echo)
     emit(results, as_json, lambda r: click.echo(r["summary"]))
     if not results.get("passed", True):
         sys.exit(1)

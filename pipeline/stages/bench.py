@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from models.errors import UserError
-from pipeline import options
+from pipeline import options, progress
 from pipeline.manifest import RunDir
 from pipeline.options import check_options, fits_context, option
 
@@ -150,10 +150,10 @@ def bench(run: RunDir, config: BenchConfig) -> dict:
     for n, path in paths.items():
         fits_context("prompt_len + new_tokens", config.prompt_len + config.new_tokens, path, n)
     rows = {}
-    for peer in config.compare:
-        rows[peer] = bench_peer(run, peer, config)
-    for n, path in paths.items():
-        rows[n] = bench_variant(path, config, run.root / "cache" / config.provider / n)
+    runners = [*config.compare, *paths]
+    for name in progress.each(runners, "bench", unit="runner"):
+        rows[name] = (bench_variant(paths[name], config, run.root / "cache" / config.provider / name)
+                      if name in paths else bench_peer(run, name, config))
     base = rows.get("pytorch", {}).get("decode_ms_p50")
     for r in rows.values():
         if base and r.get("decode_ms_p50"):

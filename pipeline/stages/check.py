@@ -13,7 +13,7 @@ import numpy as np
 import psutil
 
 from models.errors import UserError
-from pipeline import options
+from pipeline import options, progress
 from pipeline.data import token_windows
 from pipeline.manifest import RunDir
 from pipeline.options import check_options, option
@@ -166,7 +166,7 @@ def check_variant(name: str, path, model, windows, config: CheckConfig) -> dict:
 
     sess = open_session(path, resolve(config.provider), threads=config.threads)
     per_window = []
-    for ids in windows:
+    for ids in progress.each(windows, f"check {name}", unit="window"):
         x = np.array([ids], dtype=np.int64)
         with torch.no_grad():
             ref = model(torch.from_numpy(x))[0][0].numpy()

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pipeline import progress
 from pipeline.manifest import RunDir
 from pipeline.options import check_options, option
 
@@ -29,16 +30,21 @@ def export(run: RunDir, config: ExportConfig) -> dict:
     from models.hf import export_tokenizer, load_model
     from runtimes.bench import model_bytes
 
-    loaded = load_model(config.model)
-    model_path = Path(config.model).resolve()
-    own_checkpoint = (model_path == (run.root / "checkpoint").resolve()  # trained here: derived from it
-                      and "checkpoint" in run.load()["artifacts"])
-    with run.transaction() as tx:
+    with progress.phases("export", ["load checkpoint", "trace to ONNX", "validate against PyTorch", "tokenizer",
+                                    "publish"]) as phase, run.transaction() as tx:
+        phase("load checkpoint")
+        loaded = load_model(config.model)
+        model_path = Path(config.model).resolve()
+        own_checkpoint = (model_path == (run.root / "checkpoint").resolve()  # trained here: derived from it
+                          and "checkpoint" in run.load()["artifacts"])
         if own_checkpoint:
             tx.read("checkpoint")
+        phase("trace to ONNX")
         out = tx.variant_path("fp32")
         contract = export_onnx(loaded.model, out, validate=False)
+        phase("validate against PyTorch")
         parity = validate_export(loaded.model, out, contract)
+        phase("tokenizer")
         tokenizer = export_tokenizer(config.model, tx.staging)
         results = {"contract": {"num_layers": contract.num_layers, "num_kv_heads": contract.num_kv_heads,
                                 "head_dim": contract.head_dim, "vocab_size": contract.vocab_size},
@@ -52,4 +58,5 @@ def export(run: RunDir, config: ExportConfig) -> dict:
         if tokenizer is not None:
             outputs["tokenizer"] = {"kind": "tokenizer", "path": "tokenizer.json", "parent": "source"}
         tx.record("export", asdict(config), {"model": config.model}, outputs, results)
+        phase("publish")
     return results

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from models.errors import UserError
+from pipeline import progress
 from pipeline.manifest import RunDir
 from pipeline.options import check_options, option
 from runtimes.bench import model_bytes
@@ -64,7 +65,8 @@ def optimize(run: RunDir, config: OptimizeStageConfig) -> dict:
     source, target = config.source_variant, config.target
     if source == target:
         raise UserError(f"--source {source} would be replaced by its own rewrite: give the variant it was made from")
-    with run.transaction() as tx:
+    with progress.phases(f"optimize {target}", ["rewrite", "publish"]) as phase, run.transaction() as tx:
+        phase("rewrite")
         source_path = tx.read(source)
         out = tx.variant_path(target)
         if config.native_int8:
@@ -87,4 +89,5 @@ def optimize(run: RunDir, config: OptimizeStageConfig) -> dict:
         results["size_bytes"] = model_bytes(out)
         tx.record("optimize", asdict(config), {source: str(source_path)},
                   {target: {"kind": "onnx", "path": f"variants/{target}/model.onnx", "parent": source}}, results)
+        phase("publish")
     return results

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from models.errors import UserError
+from pipeline import progress
 from pipeline.manifest import RunDir, sha256
 from pipeline.options import check_options, option
 from runtimes.bundle import BUNDLE_FORMAT, MANIFEST_FILE, describe_files
@@ -341,10 +342,13 @@ def package(run: RunDir, config: PackageConfig) -> dict:
     if archive is not None and archive.is_dir():
         raise UserError(f"{archive} is a directory: choose another --out")
     source = data["artifacts"].get("source", {})
-    with staging_dir(out) as tmp:
+    steps = ["copy and verify", "configs and manifest", "archive", "publish"]
+    with progress.phases(f"package {variant}", steps) as phase, staging_dir(out) as tmp:
+        phase(steps[0])
         staged = tmp / out.name
         staged.mkdir()
         stage_files(run, variant, data["artifacts"], staged)
+        phase(steps[1])
         contract = model_contract(staged / MODEL_FILE)  # from the verified copy: the graph that ships
         write_json(staged / "generation_config.json", generation_config(source, contract))
         write_json(staged / "genai_config.json", genai_config(source, contract))
@@ -353,7 +357,9 @@ def package(run: RunDir, config: PackageConfig) -> dict:
         manifest = bundle_manifest(variant, data, staged)
         write_json(staged / MANIFEST_FILE, manifest)
         if archive is not None:
+            phase(steps[2])
             (write_tar_gz if config.archive == "tar.gz" else write_zip)(staged, tmp / archive.name)
+        phase(steps[3])
         publish(staged, out)
         if archive is not None:
             os.replace(tmp / archive.name, archive)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from models.errors import UserError
+from pipeline import progress
 from pipeline.data import token_windows
 from pipeline.manifest import RunDir
 from pipeline.options import check_options, fits_context, option
@@ -107,15 +108,19 @@ def quantize(run: RunDir, config: QuantizeStageConfig) -> dict:
     if source == config.recipe:
         raise UserError(f"--source {source} would be replaced by its own {config.recipe} variant: quantize a float "
                         "variant (fp32 or fused)")
-    with run.transaction() as tx:
+    steps = ["calibration text", "calibrate, search and write", "publish"]
+    with progress.phases(f"quantize {config.recipe}", steps) as phase, run.transaction() as tx:
+        phase(steps[0])
         source_path = tx.read(source)
         fits_context("window", config.window, source_path, source)
         qcfg = config.quant_config(int8_gemm_saturates() if config.reduce_range is None else config.reduce_range)
         n = config.calib_windows + config.valid_windows
         windows = token_windows(run.root, "calib", config.calib_text, n, config.window)
         calib, valid = split_windows(windows, config.calib_windows)
+        phase(steps[1])
         report = quantize_model(source_path, tx.variant_path(config.recipe), calib, qcfg, valid_ids=valid)
         tx.record("quantize", {**asdict(config), "source": source}, {source: str(source_path)},
                   {config.recipe: {"kind": "onnx", "path": f"variants/{config.recipe}/model.onnx", "parent": source}},
                   report)
+        phase(steps[2])
     return report

@@ -86,7 +86,9 @@ def make_config(stage: str, table: dict):
         raise UserError(f"[{stage}] {e}") from e
 
 
-def run(config_path: str | None, out: str | None, log: Callable[[str], None]) -> dict:
+def run(config_path: str | None, out: str | None, log: Callable[[str], None], show: Callable[[str], None]) -> dict:
+    """Every stage of the config in order; `log` gets progress lines (stderr), `show` each stage's results
+    (stdout) as soon as the stage ends."""
     cfg = load_config(config_path)
     run_dir = RunDir.open(out or cfg.get("out", "runs/demo"), create=True)
     if "train" in cfg:
@@ -104,11 +106,11 @@ def run(config_path: str | None, out: str | None, log: Callable[[str], None]) ->
         results[stage] = STAGES[stage][1](run_dir, scfg)
         lines.append(f"{stage:<9} {time.perf_counter() - t0:7.1f}s")
         if stage == "train":
-            log(train.render(results[stage]))
+            show(train.render(results[stage]))
         if stage == "check":
-            log(check.render_table(results[stage]))
+            show(check.render_table(results[stage]))
         if stage == "bench":
-            log(bench.render_table(results[stage]))
+            show(bench.render_table(results[stage]))
     verdicts = {s: "passed" if results[s]["passed"] else "FAILED" for s in ("check", "bench") if s in results}
     passed = all(v == "passed" for v in verdicts.values())
     summary = "\n".join([f"run directory: {run_dir.root} (manifest.json records every stage)", *lines,

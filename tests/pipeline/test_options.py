@@ -72,3 +72,19 @@ def test_toml_keys_are_the_cli_names_and_lists_or_commas_both_work():
     assert BenchConfig(compare=("none",)).compare == ()
     with pytest.raises(UserError, match="repeats is 0"):
         BenchConfig(repeats=0)
+
+
+def test_results_go_to_stdout_and_progress_to_stderr_unless_quiet(tmp_path, llama_dir, text_file, monkeypatch):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'out = "{tmp_path / "r"}"\n[export]\nmodel = "{llama_dir}"\n[optimize]\n'
+                   f'[check]\ntext = "{text_file}"\nwindow = 32\nwindows = 2\nsteps = 2\n'
+                   f'[bench]\ncompare = "none"\nnew_tokens = 2\nrepeats = 1\nwarmup = 0\n')
+    monkeypatch.setenv("PIPELINE_PROGRESS", "1")  # as if stderr were a terminal
+    result = CliRunner().invoke(main, ["run", str(cfg)])
+    assert result.exit_code == 0, result.output
+    assert "max|dlogit|" in result.stdout and "decode p50" in result.stdout  # the check and bench tables
+    assert "check: passed" in result.stdout and "bench: passed" in result.stdout
+    assert "== export" in result.stderr and "validate against PyTorch" in result.stderr  # the export's phases
+    assert "check fused" in result.stderr and "window" in result.stderr and "max|dlogit|" not in result.stderr
+    quiet = CliRunner().invoke(main, ["--quiet", "run", str(cfg), "--out", str(tmp_path / "q")])
+    assert quiet.exit_code == 0 and "validate against PyTorch" not in quiet.stderr and "window" not in quiet.stderr
