@@ -27,8 +27,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from exporters.contract import ATTENTION_MASK, Contract, past_key, past_value, present_key, present_value, \
     read_contract, write_contract
-from exporters.export import move_model, save_model, EXTERNAL_DATA_THRESHOLD
-from models.decoder import rope_inv_freq
+from exporters.onnx_io import EXTERNAL_DATA_THRESHOLD, load_onnx, move_model, save_model
+from models.rope import rope_inv_freq
 from models.errors import UserError
 
 FUSED_OPS = ("GroupQueryAttention", "MultiHeadAttention", "SimplifiedLayerNormalization",
@@ -44,17 +44,6 @@ SIN_CACHE = "gqa.sin_cache"
 class OptimizeConfig:
     fp16: bool = False  # float16 weights/activations/KV cache: halves size, for GPU providers
     check_parity: bool = True  # compare fused and unfused outputs on a prefill and a decode step after fusing
-
-
-def load_onnx(path: str | Path) -> onnx.ModelProto:
-    """Load a model, turning a missing, truncated or corrupt file into one clear error."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"ONNX model not found: {path}")
-    try:
-        return onnx.load(str(path))
-    except Exception as e:  # protobuf DecodeError, missing external data, ...
-        raise UserError(f"cannot read ONNX model {path}: the file is corrupt or truncated ({type(e).__name__})") from e
 
 
 class FuseGroupQueryAttention:
@@ -218,7 +207,7 @@ def add_gqa_inputs(model: onnx.ModelProto, contract: Contract) -> None:
         helper.make_node("Cast", ["gqa.total64"], [TOTAL_SEQ_LEN], to=TensorProto.INT32, name="gqa/CastTotal"),
     ])
     if contract.rope_theta is not None:
-        inv_freq = rope_inv_freq(contract.head_dim, contract.rope_theta, contract.rope_scaling).double().numpy()
+        inv_freq = rope_inv_freq(contract.head_dim, contract.rope_theta, contract.rope_scaling).astype(np.float64)
         freqs = np.outer(np.arange(contract.max_position_embeddings, dtype=np.float64), inv_freq)
         g.initializer.extend([numpy_helper.from_array(np.cos(freqs).astype(np.float32), COS_CACHE),
                               numpy_helper.from_array(np.sin(freqs).astype(np.float32), SIN_CACHE)])
