@@ -26,7 +26,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from exporters.contract import set_metadata
-from exporters.export import move_model, save_model_auto
+from exporters.onnx_io import move_model, save_model_auto
 from exporters.optimize import remove_dead_nodes
 from models.errors import UserError
 
