@@ -52,6 +52,8 @@ class QuantConfig:
                                     # (exporters/smoothing.py, `split_channels`); 0: none
     judge_like_check: bool = True   # w8a8/w4 search: a model is within budget only if it also meets check's top-1
                                     # and KL thresholds for the recipe (exporters/acceptance.py); False: perplexity
+    top1_z: float = 2.0             # ... top-1 by a margin of this many binomial standard errors of its estimate on
+                                    # valid_ids: check evaluates other text, so a bare pass there is a coin flip
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -83,6 +85,8 @@ class QuantConfig:
         if self.online_hadamard and hadamard(self.online_hadamard) is None:
             raise UserError(f"online_hadamard must be 0 or a Hadamard order 2^a * 12^b (e.g. 64, 128), "
                             f"got {self.online_hadamard}")
+        if self.top1_z < 0:
+            raise UserError(f"top1_z cannot be negative, got {self.top1_z}")
         if self.outlier_channels < 0:
             raise UserError(f"outlier_channels cannot be negative, got {self.outlier_channels}")
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:

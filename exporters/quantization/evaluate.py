@@ -68,17 +68,26 @@ class Agreement:
     ppl: float       # perplexity of the candidate
     top1: float      # mean over sequences of the share of positions whose argmax agrees with the reference's
     kl: float        # mean over sequences of the mean per-token KL(reference || candidate), nats
+    tokens: int = 0  # positions compared (0: top-1 and KL not measured)
 
     @property
     def ppl_increase(self) -> float:
         return self.ppl / self.ppl_ref - 1.0
 
-    def meets(self, t: Thresholds) -> bool:
+    def top1_bound(self, z: float) -> float:
+        """A lower confidence bound on top-1: `z` binomial standard errors below the estimate. Another text
+        (check's) draws other positions, so a model that clears the threshold only by its own sampling error
+        would fail there about half the time."""
+        if not self.tokens:
+            return self.top1
+        return self.top1 - z * (self.top1 * (1.0 - self.top1) / self.tokens) ** 0.5
+
+    def meets(self, t: Thresholds, z: float = 0.0) -> bool:
         return ((t.max_ppl_increase is None or self.ppl_increase <= t.max_ppl_increase)
-                and self.top1 >= t.min_top1 and (t.max_kl is None or self.kl <= t.max_kl))
+                and self.top1_bound(z) >= t.min_top1 and (t.max_kl is None or self.kl <= t.max_kl))
 
     def to_dict(self) -> dict:
-        return {"ppl_increase": self.ppl_increase, "top1": self.top1, "kl": self.kl}
+        return {"ppl_increase": self.ppl_increase, "top1": self.top1, "kl": self.kl, "tokens": self.tokens}
 
 
 def agreement(reference: LogProbs, candidate: LogProbs, seqs: list[np.ndarray]) -> Agreement:
@@ -94,4 +103,4 @@ def agreement(reference: LogProbs, candidate: LogProbs, seqs: list[np.ndarray]) 
     if count == 0:
         raise UserError("perplexity needs at least one validation sequence of 2 or more tokens")
     return Agreement(float(np.exp(nll_ref / count)), float(np.exp(nll / count)), float(np.mean(top1)),
-                     float(np.mean(kl)))
+                     float(np.mean(kl)), count)

@@ -249,6 +249,7 @@ def run_write_nbits(q: Quantizing, config: WriteNBitsConfig) -> Quantizing:
 @dataclass(frozen=True)
 class SearchConfig:
     accept: Thresholds        # what the written model must meet against the source (ppl increase, top-1, KL)
+    top1_z: float             # top-1 must clear its threshold by this many standard errors of its estimate
     sensitivity_tokens: int   # validation tokens each MatMul's one-at-a-time KL is measured on
     ppl_key: str              # report key of the perplexity before the search ("all_int8" / "ppl_all_4bit")
     report_key: str           # report key of the search ("sensitivity" / "w4_search")
@@ -262,12 +263,12 @@ def run_search(q: Quantizing, config: SearchConfig) -> Quantizing:
     if not q.valid_ids:
         q.details["ppl"] = None
         return q
-    judge = Judge(q.source, q.valid_ids, config.accept)
+    judge = Judge(q.source, q.valid_ids, config.accept, config.top1_z)
     a = q.agreement = judge.model(q.staged)
     q.details["ppl"] = {"fp32": a.ppl_ref, "quantized": a.ppl, "increase": a.ppl_increase}
     if config.ppl_key == "ppl_all_4bit":
         q.details["ppl_all_4bit"] = a.ppl
-    if a.meets(config.accept) or not q.targets or q.switch is None:
+    if judge.accepts(a) or not q.targets or q.switch is None:
         _record_acceptance(q, config, judge)
         return q
 
@@ -296,4 +297,5 @@ def run_search(q: Quantizing, config: SearchConfig) -> Quantizing:
 def _record_acceptance(q: Quantizing, config: SearchConfig, judge: Judge) -> None:
     """The written model's top-1 and KL against the source, and the thresholds it was judged by."""
     if not judge.ppl_only and config.report_key:
-        q.details["acceptance"] = {**q.agreement.to_dict(), "thresholds": asdict(config.accept)}
+        q.details["acceptance"] = {**q.agreement.to_dict(), "top1_bound": q.agreement.top1_bound(config.top1_z),
+                                   "thresholds": asdict(config.accept)}

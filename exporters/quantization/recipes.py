@@ -38,18 +38,18 @@ def _nbits(bits: int) -> Callable[[QuantConfig], p.WriteNBitsConfig]:
 
 def _measure_only(c: QuantConfig) -> p.SearchConfig:
     """Perplexity before and after; nothing is judged, so nothing is searched."""
-    return p.SearchConfig(Thresholds(), c.sensitivity_tokens, "", "", "", "")
+    return p.SearchConfig(Thresholds(), 0.0, c.sensitivity_tokens, "", "", "", "")
 
 
 def _w8a8_search(c: QuantConfig) -> p.SearchConfig:
     how = "int8 weight-only fallback" if c.fallback == "w8" else "float"
-    return p.SearchConfig(c.acceptance(c.max_ppl_increase), c.sensitivity_tokens, "all_int8", "sensitivity", how,
-                          "int8")
+    return p.SearchConfig(c.acceptance(c.max_ppl_increase), c.top1_z, c.sensitivity_tokens, "all_int8",
+                          "sensitivity", how, "int8")
 
 
 def _w4_search(c: QuantConfig) -> p.SearchConfig:
-    return p.SearchConfig(c.acceptance(c.w4_max_ppl_increase), c.sensitivity_tokens, "ppl_all_4bit", "w4_search",
-                          "8 bits", "4 bits")
+    return p.SearchConfig(c.acceptance(c.w4_max_ppl_increase), c.top1_z, c.sensitivity_tokens, "ppl_all_4bit",
+                          "w4_search", "8 bits", "4 bits")
 
 
 def _targets(c: QuantConfig) -> object:

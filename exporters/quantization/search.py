@@ -19,10 +19,10 @@ from exporters.quantization.switch import QuantSwitch
 class Judge:
     """Measures candidates against the float source model on the validation ids, and says if they are accepted."""
 
-    def __init__(self, source: Path, valid_ids: list[list[int]], accept: Thresholds):
+    def __init__(self, source: Path, valid_ids: list[list[int]], accept: Thresholds, z: float = 0.0):
         self.reference, contract = session_log_probs(source)
         self.seqs = sequences(valid_ids, contract)
-        self.valid_ids, self.accept = valid_ids, accept
+        self.valid_ids, self.accept, self.z = valid_ids, accept, z
         self.ppl_ref = perplexity_of(self.reference, self.seqs)
         self.ppl_only = accept.min_top1 <= 0 and accept.max_kl is None  # no second forward pass needed
 
@@ -33,6 +33,9 @@ class Judge:
 
     def model(self, path: Path) -> Agreement:
         return self(session_log_probs(path)[0])
+
+    def accepts(self, a: Agreement) -> bool:
+        return a.meets(self.accept, self.z)
 
 
 @dataclass
@@ -112,7 +115,7 @@ def take_out_until_budget(switch: QuantSwitch, candidates: list[str], judge: Jud
     def simulated_meets(k: int) -> bool:
         a = judge(lambda ids: switch.log_probs(ids, set(ranking[k:])))
         report.simulated_ppl_by_count[k] = a.ppl
-        return a.meets(judge.accept)
+        return judge.accepts(a)
 
     k, n = smallest_prefix(len(ranking), simulated_meets), len(ranking)
     while True:
@@ -120,7 +123,7 @@ def take_out_until_budget(switch: QuantSwitch, candidates: list[str], judge: Jud
         report.ppl_by_count[k] = a.ppl
         if not judge.ppl_only:
             report.agreement_by_count[k] = a.to_dict()
-        if a.meets(judge.accept) or k == n:
+        if judge.accepts(a) or k == n:
             break
         k = min(n, k + max(1, k // 4))  # small steps: each one taken out costs low-precision share
     return ranking[:k], kl, report, a
