@@ -27,6 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from exporters.contract import ATTENTION_MASK, Contract, past_key, past_value, present_key, present_value, \
     read_contract, write_contract
+from exporters.graph import GraphIndex
 from exporters.onnx_io import EXTERNAL_DATA_THRESHOLD, load_onnx, move_model, save_model
 from models.rope import rope_inv_freq
 from models.errors import UserError
@@ -66,7 +67,7 @@ class FuseGroupQueryAttention:
 
     def __init__(self, model: onnx.ModelProto, contract: Contract, num_heads: int):
         self.model, self.contract, self.num_heads = model, contract, num_heads
-        self.nodes_by_name = {n.name: n for n in model.graph.node}
+        self.nodes_by_name = GraphIndex(model).nodes
 
     def projection_output(self, layer: int, proj: str) -> str:
         """Output of the projection's MatMul, or of its bias Add when it has one."""
@@ -83,7 +84,7 @@ class FuseGroupQueryAttention:
         if o_proj is None:
             return False
         q, k, v = (self.projection_output(layer, p) for p in ("q_proj", "k_proj", "v_proj"))
-        producers = {o: n for n in self.model.graph.node for o in n.output}
+        producers = GraphIndex(self.model).producers
         for name in (present_key(layer), present_value(layer)):  # safety: present must come from this scope
             if name not in producers or not producers[name].name.startswith(scope):
                 return False
@@ -124,8 +125,8 @@ class PackProjections:
 
     def __init__(self, model: onnx.ModelProto):
         self.model = model
-        self.nodes = {n.name: n for n in model.graph.node}
-        self.inits = {t.name: t for t in model.graph.initializer}
+        index = GraphIndex(model)
+        self.nodes, self.inits = index.nodes, index.inits
 
     def _proj(self, scope: str, proj: str):
         mm = self.nodes.get(f"{scope}{proj}/MatMul")

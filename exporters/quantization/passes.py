@@ -295,7 +295,8 @@ def run_search(q: Quantizing, config: SearchConfig) -> Quantizing:
 
 
 def _record_acceptance(q: Quantizing, config: SearchConfig, judge: Judge) -> None:
-    """The written model's top-1 and KL against the source, and the thresholds it was judged by."""
+    """The written model's top-1 and KL against the source, the thresholds it was judged by, and whether it met
+    them (not when even every MatMul taken out does not: the model is written all the same, `check` will say)."""
     if not judge.ppl_only and config.report_key:
         q.details["acceptance"] = {**q.agreement.to_dict(), "top1_bound": q.agreement.top1_bound(config.top1_z),
-                                   "thresholds": asdict(config.accept)}
+                                   "accepted": judge.accepts(q.agreement), "thresholds": asdict(config.accept)}
