@@ -55,15 +55,14 @@ from pathlib import Path
 
 import onnx
 
-from exporters.contract import read_contract, set_metadata
+from exporters.contract import read_contract
 from exporters.graph import GraphIndex
 from exporters.onnx_io import files_size, load_onnx, move_model
-from exporters.quantization.config import CALIBRATE_METHODS, FALLBACKS, RECIPES, ROUNDINGS, WEIGHT_BITS_KEY, \
-    QuantConfig  # noqa: F401 (the stage and tests import them from here)
+from exporters.quantization.config import WEIGHT_BITS_KEY, QuantConfig  # noqa: F401 (imported from here)
 from exporters.quantization.evaluate import perplexity  # noqa: F401
-from exporters.quantization.nbits import fake_nbits, nbits, nbits_quantized  # noqa: F401
+from exporters.quantization.nbits import fake_nbits  # noqa: F401
 from exporters.quantization.passes import Quantizing, targets
-from exporters.quantization.qdq import qdq_quantized  # noqa: F401
+from exporters.quantization.qdq import mark_weight_bits, qdq_quantized  # noqa: F401
 from exporters.quantization.recipes import steps
 from exporters.quantization.report import read_report
 from models.errors import UserError
@@ -80,14 +79,6 @@ def _load_checked(model_path: Path) -> onnx.ModelProto:
         raise UserError(f"{model_path} is a float16 model: quantize the float32 export (or its fused graph "
                         f"without --fp16)")
     return model
-
-
-def mark_weight_bits(path: Path, bits: int) -> None:
-    """Record in the model's metadata how many bits its static int8 weights use (WEIGHT_BITS_KEY): the runtime
-    refuses full 8-bit weights on a CPU whose int8 kernels would saturate (runtimes/providers.py)."""
-    model = onnx.load(str(path), load_external_data=False)  # the weights stay where they are
-    set_metadata(model, WEIGHT_BITS_KEY, str(bits))
-    onnx.save_model(model, str(path))
 
 
 def quantize(model_path: str | Path, out_path: str | Path, calib_ids: list[list[int]],
@@ -109,14 +100,12 @@ def quantize(model_path: str | Path, out_path: str | Path, calib_ids: list[list[
     workdir = Path(tempfile.mkdtemp(prefix=".quantize-", dir=out_path.parent))
     try:
         q = Quantizing(model, model_path, workdir / out_path.name, workdir, calib_ids, valid_ids, config.exclude,
-                       details={"recipe": config.recipe},
                        reasons={name: "excluded by config" for name in config.exclude})
         q.targets = targets(model, config.exclude)  # validates the excluded names
         for step, step_config in steps(config):
             q = step.run(q, step_config)
-        q.details.pop("recipe")
         q.details.setdefault("weight_rounding", "nearest")
-        if config.searched_bits is None:
+        if config.weight_only_bits is None:
             mark_weight_bits(q.staged, 7 if config.reduce_range else 8)
         report = read_report({**shapes, **q.added_shapes}, activation_matmuls, q.staged, config, q.details,
                              q.reasons)

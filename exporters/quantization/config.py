@@ -98,7 +98,7 @@ class QuantConfig:
         return CalibrationPlan(self.num_prefill, self.seq_len, self.num_decode_steps)
 
     @property
-    def searched_bits(self) -> int | None:
+    def weight_only_bits(self) -> int | None:
         """Bits of the recipe's MatMulNBits (8, 4), or None for the static int8 recipes."""
         return {"w8": 8, "w4": 4}.get(self.recipe)
 

@@ -79,6 +79,7 @@ def flops(shapes: dict[str, tuple[int, int]]) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class CalibrateConfig:
+    recipe: str                      # named in the error when there is no calibration text
     plan: CalibrationPlan            # prefill windows, their length, decode steps after each
     calibrate_method: str            # activation ranges: "minmax" | "percentile" | "entropy"
     per_channel: bool                # one weight scale per output channel
@@ -89,7 +90,7 @@ class CalibrateConfig:
 def calibrate(q: Quantizing, config: CalibrateConfig) -> Quantizing:
     """Open the calibration feeds (static int8 needs them: an empty calibration set is a user error)."""
     if not q.calib_ids or not any(len(ids) for ids in q.calib_ids):
-        raise UserError(f"recipe {q.details['recipe']!r} needs calibration text: the calibration set is empty")
+        raise UserError(f"recipe {config.recipe!r} needs calibration text: the calibration set is empty")
     q.reader = KVCacheCalibrationReader(q.source, q.calib_ids, config.plan)
     q.details.update(calibration_samples=len(q.reader), calibrate_method=config.calibrate_method,
                      per_channel=config.per_channel, reduce_range=config.reduce_range, fallback=config.fallback)

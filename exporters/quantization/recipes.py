@@ -22,7 +22,7 @@ class Step:
 
 
 def _calibrate(c: QuantConfig) -> p.CalibrateConfig:
-    return p.CalibrateConfig(c.plan, c.calibrate_method, c.per_channel, c.reduce_range,
+    return p.CalibrateConfig(c.recipe, c.plan, c.calibrate_method, c.per_channel, c.reduce_range,
                              c.fallback if c.recipe == "w8a8" else None)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import onnx
 
@@ -26,13 +26,11 @@ class QuantReport:
     config: QuantConfig                 # what was asked
     size_before: int = 0                # bytes on disk of the float model
     size_after: int = 0                 # ... of the quantized model
-    extra: dict = field(default_factory=dict)  # reserved for callers
 
     def to_dict(self) -> dict:
         """The flat dict the run manifest and the CLI read (keys as they have always been)."""
-        out = {k: v for k, v in asdict(self).items() if k not in ("details", "config", "extra", "size_before",
-                                                                  "size_after")}
-        return {**out, **self.details, "config": asdict(self.config), **self.extra,
+        out = {k: v for k, v in asdict(self).items() if k not in ("details", "config", "size_before", "size_after")}
+        return {**out, **self.details, "config": asdict(self.config),
                 "size_before": self.size_before, "size_after": self.size_after}
 
 
@@ -42,7 +40,7 @@ def read_report(shapes: dict[str, tuple[int, int]], activation_matmuls: list[str
     MatMuls kept at 8-bit weight-only instead (w8a8's and w4's sensitive ones, w4's output projection);
     float_matmuls: everything else, with the reason."""
     after = onnx.load(str(staged), load_external_data=False)
-    bits = config.searched_bits
+    bits = config.weight_only_bits
     done = (nbits_quantized(after, bits) if bits else qdq_quantized(after)) & set(shapes)
     fallback = (set() if bits == 8 else nbits_quantized(after, 8)) & set(shapes)
     tables = [n.input[0].removesuffix("_Q8") for n in after.graph.node if n.op_type == "GatherBlockQuantized"]
