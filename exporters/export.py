@@ -16,7 +16,8 @@ import onnx
 import torch
 
 from exporters.contract import Contract, write_contract
-from exporters.onnx_io import EXTERNAL_DATA_THRESHOLD, model_files, move_model, save_model, save_model_auto  # noqa: F401
+from exporters.onnx_io import EXTERNAL_DATA_THRESHOLD, model_files, move_model, save_model, \
+    save_model_auto  # noqa: F401 (re-exported: they lived here)
 from models.decoder import Decoder
 from models.errors import UserError
 

@@ -1,25 +1,14 @@
-"""Pass `embed`: the token-embedding table as int8 blocks (com.microsoft.GatherBlockQuantized)."""
+"""The token-embedding table as int8 blocks (com.microsoft.GatherBlockQuantized). The writer passes apply it to
+every model they write (`QdqConfig.embedding`, `WriteNBitsConfig.embedding_block`), so that each model the budget
+search measures is the one it would keep."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from exporters.graph import GraphIndex
-
-
-@dataclass(frozen=True)
-class EmbeddingConfig:
-    block_size: int  # values of a table row per scale
-
-
-def run(model: onnx.ModelProto, config: EmbeddingConfig) -> onnx.ModelProto:
-    """`quantize_embeddings` in place; returns the model."""
-    quantize_embeddings(model, config.block_size)
-    return model
 
 
 def quantize_embeddings(model: onnx.ModelProto, block_size: int) -> list[str]:

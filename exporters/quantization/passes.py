@@ -208,10 +208,10 @@ def run_write_nbits(q: Quantizing, config: WriteNBitsConfig) -> Quantizing:
     search's) at 8 bits."""
     bits, model = config.bits, q.model
     head = output_projection(model) if bits == 4 and config.head_bits == 8 else None
-    eight = [head] if head is not None and head not in q.exclude else []
+    head_at_8 = [head] if head is not None and head not in q.exclude else []
     q.details.update(bits=bits, block_size=config.nbits.block_size, accuracy_level=config.nbits.accuracy_level)
     if bits == 4:
-        q.reasons.update({n: "output projection (head_bits 8)" for n in eight})
+        q.reasons.update({n: "output projection (head_bits 8)" for n in head_at_8})
 
     def write(at_8: list[str]) -> None:
         m = onnx.ModelProto()
@@ -234,13 +234,13 @@ def run_write_nbits(q: Quantizing, config: WriteNBitsConfig) -> Quantizing:
                 return rounded
             return fake_nbits(numpy_helper.to_array(inits[node.input[1]]), 4, config.nbits.block_size)
         alternatives = {n.name: stand_in(n) for n in GraphIndex(model).weight_matmuls()
-                        if n.name not in eight and n.name not in q.exclude}
+                        if n.name not in head_at_8 and n.name not in q.exclude}
         switch_model = onnx.ModelProto()
         switch_model.CopyFrom(model)
         return WeightSwitch(switch_model, alternatives, q.workdir)
 
-    q.write, q.switch = (lambda at_8: write(eight + at_8)), switch
-    write(eight)
+    q.write, q.switch = (lambda at_8: write(head_at_8 + at_8)), switch
+    write(head_at_8)
     return q
 
 
@@ -279,9 +279,8 @@ def run_search(q: Quantizing, config: SearchConfig) -> Quantizing:
 
     shapes = q.weight_shapes()
     switch = q.switch()
-    candidates = switch.gates and list(switch.gates)
-    taken, kl, search, q.agreement = take_out_until_budget(switch, candidates, judge, config.sensitivity_tokens,
-                                                           measure, flops(shapes))
+    taken, kl, search, q.agreement = take_out_until_budget(switch, list(switch.gates), judge,
+                                                           config.sensitivity_tokens, measure, flops(shapes))
     q.reasons.update({name: f"sensitive: KL {kl[name]:.3g} with only this MatMul in {config.low_precision} -> "
                             f"{config.taken_out_as}" for name in taken})
     q.details[config.report_key] = search.to_dict()
