@@ -167,7 +167,12 @@ def run_blockwise_gptq(q: Quantizing, config: BlockwiseGptqConfig) -> Quantizing
 # ------------------------------------------------------------------------------------------------- writers
 
 
-def choose_static_targets(q: Quantizing) -> Quantizing:
+@dataclass(frozen=True)
+class TargetsConfig:
+    """No options: which MatMuls static int8 takes follows from the graph the float passes left."""
+
+
+def choose_static_targets(q: Quantizing, config: TargetsConfig) -> Quantizing:
     """The weight MatMuls static int8 quantizes: all but the excluded and the split-off outlier MatMuls; the
     float MatMuls the float passes added are reported with why."""
     split_off = outlier_matmuls(q.model)

@@ -52,11 +52,7 @@ def _w4_search(c: QuantConfig) -> p.SearchConfig:
                           "w4_search", "8 bits", "4 bits")
 
 
-def _targets(c: QuantConfig) -> object:
-    return c  # no options: the step always runs
-
-
-STATIC_WRITE = (Step("targets", lambda q, _: p.choose_static_targets(q), _targets),)
+STATIC_WRITE = (Step("targets", p.choose_static_targets, lambda c: p.TargetsConfig()),)
 
 RECIPES: dict[str, tuple[Step, ...]] = {
     "static": (Step("calibrate", p.calibrate, _calibrate),
