@@ -23,8 +23,8 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader
 
-from exporters.contract import ATTENTION_MASK, INPUT_IDS, METADATA_KEY, POSITION_IDS, Contract, past_key, \
-    past_value, present_key, present_value
+from runtimes.contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, Contract, past_key, past_value, present_key, \
+    present_value
 from models.errors import UserError
 
 
@@ -57,10 +57,7 @@ def cpu_session(model_path: str | Path) -> ort.InferenceSession:
 
 def session_contract(session: ort.InferenceSession) -> Contract:
     """The contract stored in the model's metadata, read from a session (no second load of the weights)."""
-    meta = session.get_modelmeta().custom_metadata_map
-    if METADATA_KEY not in meta:
-        raise UserError("the ONNX model carries no pipeline contract metadata: was it written by `pipeline export`?")
-    return Contract.from_json(meta[METADATA_KEY])
+    return Contract.from_metadata(session.get_modelmeta().custom_metadata_map)
 
 
 def token_windows(ids_list: Iterable[list[int]], window_len: int, count: int, vocab_size: int) -> np.ndarray:

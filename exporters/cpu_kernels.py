@@ -25,8 +25,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from exporters.contract import set_metadata
-from exporters.export import move_model, save_model_auto
+from runtimes.contract import set_metadata
+from exporters.graph import GraphIndex
+from exporters.onnx_io import move_model, save_model_auto
 from exporters.optimize import remove_dead_nodes
 from models.errors import UserError
 
@@ -61,8 +62,8 @@ def _scalar(inits: dict, name: str) -> np.ndarray | None:
 
 def matches(model: onnx.ModelProto) -> list[Match]:
     graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
+    index = GraphIndex(model)
+    inits, producer = index.inits, index.producers
     found = []
     for node in graph.node:
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):

@@ -6,7 +6,6 @@ Layers: `ExportWrapper` flattens the cache into named tensors, `export_onnx` tra
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -16,11 +15,12 @@ import numpy as np
 import onnx
 import torch
 
+from exporters.onnx_io import EXTERNAL_DATA_THRESHOLD, model_files, move_model, save_model, \
+    save_model_auto  # noqa: F401 (re-exported: they lived here)
 from models.decoder import Decoder
 from models.errors import UserError
 from runtimes.contract import Contract, write_contract
 
-EXTERNAL_DATA_THRESHOLD = 1 << 31  # protobuf cannot hold a model over 2 GB: weights go to model.onnx.data
 OPSET = 17
 
 
@@ -92,38 +92,6 @@ def export_onnx(model: Decoder, out_path: str | Path, validate: bool = True) -> 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return contract
-
-
-def save_model(proto: onnx.ModelProto, path: Path, external: bool) -> None:
-    """Save with weights inline, or in `<name>.data` beside it when the model is too big for protobuf."""
-    if external:
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(proto, str(path))
-
-
-def save_model_auto(proto: onnx.ModelProto, path: Path) -> None:
-    """Inline weights, or external data once they would not fit in protobuf's 2 GB."""
-    save_model(proto, path, external=sum(t.ByteSize() for t in proto.graph.initializer) >= EXTERNAL_DATA_THRESHOLD)
-
-
-def model_files(path: Path) -> list[Path]:
-    """The model file and its external-data file, if it has one."""
-    data = path.with_name(path.name + ".data")
-    return [path, data] if data.exists() else [path]
-
-
-def move_model(src: Path, dst: Path) -> None:
-    """Rename a staged model (and its external data) into place; the .onnx goes last, so it never points at
-    missing data."""
-    dst_data = dst.with_name(dst.name + ".data")
-    src_data = src.with_name(src.name + ".data")
-    if src_data.exists():
-        os.replace(src_data, dst_data)
-    elif dst_data.exists():
-        dst_data.unlink()
-    os.replace(src, dst)
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from exporters.export import move_model, save_model, EXTERNAL_DATA_THRESHOLD
-from models.decoder import rope_inv_freq
+from exporters.graph import GraphIndex
+from exporters.onnx_io import EXTERNAL_DATA_THRESHOLD, load_onnx, move_model, save_model
+from models.rope import rope_inv_freq
 from models.errors import UserError
 from runtimes.contract import (ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, Contract, past_key, past_names,
                                past_value, present_key, present_names, present_value, read_contract, write_contract)
@@ -44,17 +45,6 @@ SIN_CACHE = "gqa.sin_cache"
 class OptimizeConfig:
     fp16: bool = False  # float16 weights/activations/KV cache: halves size, for GPU providers
     check_parity: bool = True  # compare fused and unfused outputs on a prefill and a decode step after fusing
-
-
-def load_onnx(path: str | Path) -> onnx.ModelProto:
-    """Load a model, turning a missing, truncated or corrupt file into one clear error."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"ONNX model not found: {path}")
-    try:
-        return onnx.load(str(path))
-    except Exception as e:  # protobuf DecodeError, missing external data, ...
-        raise UserError(f"cannot read ONNX model {path}: the file is corrupt or truncated ({type(e).__name__})") from e
 
 
 class FuseGroupQueryAttention:
@@ -77,7 +67,7 @@ class FuseGroupQueryAttention:
 
     def __init__(self, model: onnx.ModelProto, contract: Contract):
         self.model, self.contract = model, contract
-        self.nodes_by_name = {n.name: n for n in model.graph.node}
+        self.nodes_by_name = GraphIndex(model).nodes
 
     def projection_output(self, layer: int, proj: str) -> str:
         """Output of the projection's MatMul, or of its bias Add when it has one."""
@@ -94,7 +84,7 @@ class FuseGroupQueryAttention:
         if o_proj is None:
             return False
         q, k, v = (self.projection_output(layer, p) for p in ("q_proj", "k_proj", "v_proj"))
-        producers = {o: n for n in self.model.graph.node for o in n.output}
+        producers = GraphIndex(self.model).producers
         for name in (present_key(layer), present_value(layer)):  # safety: present must come from this scope
             if name not in producers or not producers[name].name.startswith(scope):
                 return False
@@ -135,8 +125,8 @@ class PackProjections:
 
     def __init__(self, model: onnx.ModelProto):
         self.model = model
-        self.nodes = {n.name: n for n in model.graph.node}
-        self.inits = {t.name: t for t in model.graph.initializer}
+        index = GraphIndex(model)
+        self.nodes, self.inits = index.nodes, index.inits
 
     def _proj(self, scope: str, proj: str):
         mm = self.nodes.get(f"{scope}{proj}/MatMul")
@@ -218,7 +208,7 @@ def add_gqa_inputs(model: onnx.ModelProto, contract: Contract) -> None:
         helper.make_node("Cast", ["gqa.total64"], [TOTAL_SEQ_LEN], to=TensorProto.INT32, name="gqa/CastTotal"),
     ])
     if contract.rope_theta is not None:
-        inv_freq = rope_inv_freq(contract.head_dim, contract.rope_theta, contract.rope_scaling).double().numpy()
+        inv_freq = rope_inv_freq(contract.head_dim, contract.rope_theta, contract.rope_scaling).astype(np.float64)
         freqs = np.outer(np.arange(contract.max_position_embeddings, dtype=np.float64), inv_freq)
         g.initializer.extend([numpy_helper.from_array(np.cos(freqs).astype(np.float32), COS_CACHE),
                               numpy_helper.from_array(np.sin(freqs).astype(np.float32), SIN_CACHE)])

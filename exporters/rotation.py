@@ -17,8 +17,7 @@ unchanged. Nothing is added to the graph; smoothing runs after this, on the rota
 
 The down_proj input (the SwiGLU product) is out of reach of any folded rotation, and it is where static int8
 loses most on SmolLM2. `online_hadamard` rotates it in the graph, in blocks, after smoothing has split off its
-few huge channels: on SmolLM2, every MatMul static, held-out perplexity +4.8% (split alone) -> +0.98% and top-1
-0.892 -> 0.946 (docs/benchmarks.md).
+few huge channels (docs/ has the measured effect).
 
 Works on the fused graph of RMSNorm models (SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization,
 GroupQueryAttention with packed QKV); `rotate` reports why not when the graph has another shape (LayerNorm's
@@ -27,14 +26,14 @@ mean subtraction does not commute with Q, an unfused export has its norms as Pow
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from exporters.smoothing import NORM_SCALE_INPUTS, GraphIndex, rescale
+from exporters.graph import GraphIndex, rescale
+from exporters.smoothing import NORM_SCALE_INPUTS
 
 RMS_NORMS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization")
 NORMS = {op: NORM_SCALE_INPUTS[op][0] for op in RMS_NORMS}  # op -> input index of its weight
@@ -86,13 +85,12 @@ class RotationReport:
         return asdict(self)
 
 
-def _private_weight(g: GraphIndex, uses: Counter, node: onnx.NodeProto) -> bool:
+def _private_weight(g: GraphIndex, node: onnx.NodeProto) -> bool:
     """A weight MatMul whose initializer nothing else reads (rotating it must not touch another node)."""
-    return node.name in g.weight_names and uses[node.input[1]] == 1
+    return node.name in g.weight_names and g.uses[node.input[1]] == 1
 
 
-def _residual_plan(model: onnx.ModelProto, g: GraphIndex,
-                   uses: Counter) -> tuple[onnx.NodeProto, list, list, list] | str:
+def _residual_plan(model: onnx.ModelProto, g: GraphIndex) -> tuple[onnx.NodeProto, list, list, list] | str:
     """(embedding Gather, norms, reader MatMuls per norm, writer MatMuls), or why the graph cannot be rotated."""
     norms = [n for n in model.graph.node if n.op_type in NORMS]
     if not norms:
@@ -114,7 +112,7 @@ def _residual_plan(model: onnx.ModelProto, g: GraphIndex,
         if n.input[NORMS[n.op_type]] not in g.inits:
             return f"{n.name}: its weight is not an initializer"
         mms = g.consumers.get(n.output[0], [])
-        if not mms or any(not _private_weight(g, uses, m) or m.input[0] != n.output[0] for m in mms):
+        if not mms or any(not _private_weight(g, m) or m.input[0] != n.output[0] for m in mms):
             return f"{n.name}: its output is read by something other than weight MatMuls"
         readers.append(mms)
     gathers, outputs = [], {o.name for o in model.graph.output}
@@ -130,19 +128,19 @@ def _residual_plan(model: onnx.ModelProto, g: GraphIndex,
             return f"the residual stream {t} is a graph input"
         if p.op_type == "Gather":
             gathers.append(p)
-        elif p.op_type == "MatMul" and _private_weight(g, uses, p) and len(g.consumers[t]) == 1:
+        elif p.op_type == "MatMul" and _private_weight(g, p) and len(g.consumers[t]) == 1:
             writers.append(p)
         elif p.op_type not in NORMS:
             return f"the residual stream {t} is written by {p.op_type} {p.name}"
-    if len(gathers) != 1 or gathers[0].input[0] not in g.inits or uses[gathers[0].input[0]] != 1:
+    if len(gathers) != 1 or gathers[0].input[0] not in g.inits or g.uses[gathers[0].input[0]] != 1:
         return "the residual stream does not start at one token-embedding Gather"
     return gathers[0], norms, readers, writers
 
 
 def rotate_residual(model: onnx.ModelProto, seed: int = 0) -> str | None:
     """R1 in place; returns None, or (changing nothing) why this graph cannot be rotated."""
-    g, uses = GraphIndex.of(model), Counter(i for n in model.graph.node for i in n.input)
-    plan = _residual_plan(model, g, uses)
+    g = GraphIndex.of(model)
+    plan = _residual_plan(model, g)
     if isinstance(plan, str):
         return plan
     gather, norms, readers, writers = plan
@@ -157,17 +155,14 @@ def rotate_residual(model: onnx.ModelProto, seed: int = 0) -> str | None:
         ones = f"{norm.name}.rotated.ones"  # one per norm: smoothing later divides it by its own factors
         model.graph.initializer.append(numpy_helper.from_array(np.ones(gamma.size, np.float32), ones))
         norm.input[idx] = ones
-    used = Counter(i for n in model.graph.node for i in n.input)  # the folded norm weights are read no more
-    keep = [t for t in model.graph.initializer if used[t.name]]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
+    g.remove_unused_initializers()  # the folded norm weights are read no more
     return None
 
 
 def rotate_values(model: onnx.ModelProto, seed: int = 1) -> int:
     """R2 in place on every GroupQueryAttention with packed QKV whose projections are private weight MatMuls;
     returns how many were rotated."""
-    g, uses = GraphIndex.of(model), Counter(i for n in model.graph.node for i in n.input)
+    g = GraphIndex.of(model)
     done = 0
     for n in model.graph.node:
         if n.op_type != "GroupQueryAttention" or any(n.input[i] for i in (1, 2) if i < len(n.input)):
@@ -175,8 +170,8 @@ def rotate_values(model: onnx.ModelProto, seed: int = 1) -> int:
         attrs = {a.name: a.i for a in n.attribute}
         heads, kv_heads = attrs["num_heads"], attrs["kv_num_heads"]
         qkv, outs = g.producers.get(n.input[0]), g.consumers.get(n.output[0], [])
-        if qkv is None or not _private_weight(g, uses, qkv) or len(outs) != 1 \
-                or not _private_weight(g, uses, outs[0]):
+        if qkv is None or not _private_weight(g, qkv) or len(outs) != 1 \
+                or not _private_weight(g, outs[0]):
             continue
         width, o_rows = g.inits[qkv.input[1]].dims[1], g.inits[outs[0].input[1]].dims[0]
         head = width // (heads + 2 * kv_heads)
@@ -219,14 +214,14 @@ def online_hadamard(model: onnx.ModelProto, matmuls: list[str], block: int = 128
     K*b multiply-adds per token per MatMul (a seventh of a 1536 x 576 down_proj's at b=128).
     Returns {"block", "matmuls": rotated names, "skipped": name -> why}.
     """
-    g, uses = GraphIndex.of(model), Counter(i for n in model.graph.node for i in n.input)
+    g = GraphIndex.of(model)
     rotation = online_matrix(block, seed)
     matrix = f"{ONLINE_SUFFIX.strip('/')}.{block}"
-    nodes = {n.name: n for n in model.graph.node}
+    nodes = g.nodes
     done, skipped, added, shapes = [], {}, {}, set()
     for name in matmuls:
         node = nodes[name]
-        k = int(g.inits[node.input[1]].dims[0]) if _private_weight(g, uses, node) else 0
+        k = int(g.inits[node.input[1]].dims[0]) if _private_weight(g, node) else 0
         if not k or k % block:
             skipped[name] = "shared weight" if not k else f"{k} inputs are not a multiple of {block}"
             continue
@@ -246,11 +241,7 @@ def online_hadamard(model: onnx.ModelProto, matmuls: list[str], block: int = 128
                                         numpy_helper.from_array(np.array([0, 0, -1], np.int64), f"{matrix}.flat")])
         model.graph.initializer.extend(numpy_helper.from_array(np.array([0, 0, count, block], np.int64),
                                                                f"{matrix}.blocks{count}") for count in sorted(shapes))
-        order = []
-        for n in model.graph.node:
-            order += added.get(n.name, []) + [n]
-        del model.graph.node[:]
-        model.graph.node.extend(order)
+        g.insert_before(added)
     return {"block": block, "matmuls": done, "skipped": skipped}
 
 

@@ -33,19 +33,17 @@ nothing (its int8 row is zero, its float path does not clip).
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from exporters.calibration import cpu_session
-from exporters.export import EXTERNAL_DATA_THRESHOLD, save_model
+from exporters.graph import GraphIndex, rescale
+from exporters.probe import probe
 
 # op type -> (input index of the scale, input index of the bias or None); output 0 is the normalized tensor
 NORM_SCALE_INPUTS: dict[str, tuple[int, int | None]] = {
@@ -54,10 +52,6 @@ NORM_SCALE_INPUTS: dict[str, tuple[int, int | None]] = {
     "SkipSimplifiedLayerNormalization": (2, None),
     "SkipLayerNormalization": (2, 3),
 }
-
-# consumers that read only the shape of a tensor (the plain export takes `x.shape` in attention): scaling is safe
-SHAPE_ONLY_OPS = ("Shape", "Size")
-
 
 @dataclass(frozen=True)
 class SmoothGroup:
@@ -69,52 +63,9 @@ class SmoothGroup:
     matmuls: tuple[str, ...]       # consumer MatMuls whose weight rows are multiplied by s
 
 
-@dataclass(frozen=True)
-class GraphIndex:
-    inits: dict[str, TensorProto]
-    producers: dict[str, onnx.NodeProto]
-    consumers: dict[str, list[onnx.NodeProto]]  # shape-only readers left out
-    weight_names: set[str]
-
-    @classmethod
-    def of(cls, model: onnx.ModelProto) -> "GraphIndex":
-        consumers: dict[str, list[onnx.NodeProto]] = {}
-        for n in model.graph.node:
-            if n.op_type not in SHAPE_ONLY_OPS:
-                for name in n.input:
-                    consumers.setdefault(name, []).append(n)
-        return cls(initializers(model), {o: n for n in model.graph.node for o in n.output}, consumers,
-                   {n.name for n in weight_matmuls(model)})
-
-    def only_reader(self, tensor: str, node: onnx.NodeProto) -> bool:
-        return [c.name for c in self.consumers.get(tensor, [])] == [node.name]
-
-
-def initializers(model: onnx.ModelProto) -> dict[str, TensorProto]:
-    return {t.name: t for t in model.graph.initializer}
-
-
-def weight_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """MatMuls whose B is a 2-D float initializer: the projections and lm_head. Attention-score and rotary
-    MatMuls multiply two activations, so they are never in this list."""
-    inits = initializers(model)
-    return [n for n in model.graph.node
-            if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2
-            and inits[n.input[1]].data_type == TensorProto.FLOAT]
-
-
-def constant_source(name: str, inits: dict[str, TensorProto],
-                    producers: dict[str, onnx.NodeProto]) -> TensorProto | None:
-    """The initializer behind `name`, following Identity nodes: the PyTorch exporter deduplicates equal
-    parameters (every norm weight of a fresh model is all ones) into one initializer plus Identity copies."""
-    while name not in inits and name in producers and producers[name].op_type == "Identity":
-        name = producers[name].input[0]
-    return inits.get(name)
-
-
 def _norm_scale_inputs(node: onnx.NodeProto, g: GraphIndex, width: int) -> tuple[int, ...] | None:
     """Inputs of a norm (or of the Mul applying an RMSNorm weight) holding its per-channel weight and bias."""
-    const = [constant_source(name, g.inits, g.producers) if name else None for name in node.input]
+    const = [g.constant_source(name) if name else None for name in node.input]
     if node.op_type in NORM_SCALE_INPUTS:
         scale, bias = NORM_SCALE_INPUTS[node.op_type]
         picked = [i for i in (scale, bias) if i is not None and i < len(node.input) and node.input[i]]
@@ -167,7 +118,7 @@ def find_smooth_groups(model: onnx.ModelProto, exclude: Iterable[str] = ()) -> l
     outputs = {o.name for o in model.graph.output}
     skip = set(exclude)
     groups, seen = [], set()
-    for mm in weight_matmuls(model):
+    for mm in g.weight_matmuls():
         act = mm.input[0]
         if act in seen or act in outputs or act not in g.producers:
             continue
@@ -185,31 +136,6 @@ def find_smooth_groups(model: onnx.ModelProto, exclude: Iterable[str] = ()) -> l
         elif node.op_type == "Mul" and (factor := _linear_factor(node, g, width)) is not None:
             groups.append(SmoothGroup(act, factor[0].name, (1,), factor[1], matmuls))
     return groups
-
-
-def probe(model: onnx.ModelProto, tensors: list[str], feeds: Iterable[dict[str, np.ndarray]],
-          workdir: Path | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """For each feed, the values of the intermediate `tensors`, exposed as extra graph outputs for the run.
-
-    The model is saved to a temporary file (external data when large, so models over 2 GB work too); the
-    extra outputs are removed from `model` again when the generator finishes or is closed.
-    """
-    outputs = {o.name for o in model.graph.output}
-    added = [helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in dict.fromkeys(tensors)
-             if t not in outputs]
-    model.graph.output.extend(added)
-    tmp = Path(tempfile.mkdtemp(prefix=".probe-", dir=workdir))
-    try:
-        path = tmp / "probe.onnx"
-        big = sum(t.ByteSize() for t in model.graph.initializer) >= EXTERNAL_DATA_THRESHOLD
-        save_model(model, path, external=big)
-        session = cpu_session(path)
-        for feed in feeds:
-            yield dict(zip(tensors, session.run(tensors, feed)))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for _ in added:
-            model.graph.output.pop()
 
 
 @dataclass
@@ -327,23 +253,18 @@ def smoothing_scales(act_max: np.ndarray, weights: list[np.ndarray], alpha: floa
 def _private_initializer(model: onnx.ModelProto, node: onnx.NodeProto, index: int, uses: Counter) -> TensorProto:
     """The initializer feeding `node.input[index]`, first copied under a new name if anything else reads it
     (directly or through an Identity): scaling a shared tensor would silently rescale its other readers too."""
-    inits = initializers(model)
+    g = GraphIndex(model)
     name = node.input[index]
-    if name in inits and uses[name] == 1:
-        return inits[name]
+    if name in g.inits and uses[name] == 1:
+        return g.inits[name]
     uses[name] -= 1
     clone = TensorProto()
-    clone.CopyFrom(constant_source(name, inits, {o: n for n in model.graph.node for o in n.output}))
+    clone.CopyFrom(g.constant_source(name))
     clone.name = f"{name}.smoothed.{node.name}"
     model.graph.initializer.append(clone)
     node.input[index] = clone.name
     uses[clone.name] = 1
     return model.graph.initializer[-1]
-
-
-def rescale(tensor: TensorProto, fn) -> None:
-    """tensor <- fn(tensor), stored as float32."""
-    tensor.CopyFrom(numpy_helper.from_array(fn(numpy_helper.to_array(tensor)).astype(np.float32), tensor.name))
 
 
 def smooth(model: onnx.ModelProto, groups: list[SmoothGroup], act_max: dict[str, np.ndarray],
@@ -352,12 +273,12 @@ def smooth(model: onnx.ModelProto, groups: list[SmoothGroup], act_max: dict[str,
 
     `alpha`: one migration strength for all, or one per activation name. `outliers`: per activation name, the
     channels to split off into a float MatMul (see the module docstring and `split_channels`)."""
-    nodes = {n.name: n for n in model.graph.node}
-    uses = Counter(i for n in model.graph.node for i in n.input)
+    index = GraphIndex(model)
+    nodes, uses = index.nodes, index.uses
     scales = {}
     for g in groups:
         mms = [nodes[m] for m in g.matmuls]
-        inits = initializers(model)  # fresh: an earlier group may have rescaled or cloned these weights
+        inits = GraphIndex(model).inits  # fresh: an earlier group may have rescaled or cloned these weights
         a = alpha[g.activation] if isinstance(alpha, dict) else alpha
         s = smoothing_scales(act_max[g.activation], [numpy_helper.to_array(inits[m.input[1]]) for m in mms], a)
         split = np.asarray((outliers or {}).get(g.activation, ()), np.int64)
@@ -403,7 +324,7 @@ def split_scales(act_max: np.ndarray, s: np.ndarray, split: np.ndarray) -> np.nd
 def split_channels(model: onnx.ModelProto, group: SmoothGroup, channels: np.ndarray) -> None:
     """Move `channels` of the group's activation out of its MatMuls: their weight rows become zero, and
     Gather(X, channels) @ those rows (a float MatMul named `<reader><OUTLIER_SUFFIX>`) is added to each output."""
-    inits = initializers(model)
+    inits = GraphIndex(model).inits
     readers = set(group.matmuls)
     index, picked = f"{group.activation}{OUTLIER_SUFFIX}", f"{group.activation}{OUTLIER_SUFFIX}/x"
     model.graph.initializer.append(numpy_helper.from_array(channels.astype(np.int64), index))
@@ -425,8 +346,7 @@ def split_channels(model: onnx.ModelProto, group: SmoothGroup, channels: np.ndar
         node.output[0] = f"{out}/without_outliers"
         nodes += [node, helper.make_node("MatMul", [picked, f"{name}.weight"], [f"{name}/y"], name=name),
                   helper.make_node("Add", [node.output[0], f"{name}/y"], [out], name=f"{name}/add")]
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
+    GraphIndex(model).set_nodes(nodes)
 
 
 def outlier_matmuls(model: onnx.ModelProto) -> dict[str, str]:

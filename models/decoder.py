@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models import rope
+
 MASK_VALUE = -65504.0  # float16's most negative finite: masks stay finite (no NaN) after an fp16 conversion
 
 
@@ -67,25 +69,8 @@ class DecoderConfig:
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
-    """Inverse frequencies (head_dim/2,), with HF's "linear" and "llama3" rope scaling applied."""
-    d = head_dim
-    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-    sc = scaling or {}
-    kind = sc.get("rope_type", sc.get("type", "default"))
-    if kind == "linear":
-        inv_freq = inv_freq / sc["factor"]
-    elif kind == "llama3":
-        factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
-        old_ctx = sc["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        smooth = (old_ctx / wavelen - lo) / (hi - lo)
-        scaled = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
-        mid = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-        is_mid = (wavelen <= old_ctx / lo) & (wavelen >= old_ctx / hi)
-        inv_freq = torch.where(is_mid, mid, scaled)
-    elif kind != "default":
-        raise ValueError(f"rope scaling {kind!r} is not supported (supported: default, linear, llama3)")
-    return inv_freq.float()
+    """Inverse frequencies (head_dim/2,), with HF's "linear" and "llama3" rope scaling applied (models/rope.py)."""
+    return torch.from_numpy(rope.rope_inv_freq(head_dim, theta, scaling))
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -12,33 +12,13 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import psutil
 
+from exporters.acceptance import THRESHOLDS, Thresholds
 from models.errors import UserError
 from pipeline import options, progress
 from pipeline.data import token_windows
 from pipeline.manifest import RunDir
 from pipeline.options import check_options, option
 from runtimes.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, past_names
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    max_abs_diff: float | None = None   # largest |logit difference| allowed (None: not judged)
-    min_top1: float = 0.0               # teacher-forced top-1 agreement with PyTorch
-    max_kl: float | None = None         # mean KL(PyTorch || ONNX) per token, nats
-    max_ppl_increase: float | None = None  # relative perplexity increase over PyTorch
-    min_greedy_match: float = 0.0       # share of greedy decode tokens equal to PyTorch's (prefix-aligned)
-
-
-# fp32 graphs must be exact to float rounding; fp16 to half-precision rounding; int8 keeps the model's quality.
-THRESHOLDS = {
-    "fp32": Thresholds(max_abs_diff=1e-3, min_top1=0.999, max_kl=1e-5, max_ppl_increase=0.001, min_greedy_match=1.0),
-    "fused": Thresholds(max_abs_diff=1e-3, min_top1=0.999, max_kl=1e-5, max_ppl_increase=0.001, min_greedy_match=1.0),
-    "fused-fp16": Thresholds(max_abs_diff=0.1, min_top1=0.98, max_kl=2e-3, max_ppl_increase=0.01),
-    "w8a8": Thresholds(min_top1=0.90, max_kl=0.05, max_ppl_increase=0.05),
-    "static": Thresholds(min_top1=0.85, max_kl=0.10, max_ppl_increase=0.10),
-    "w8": Thresholds(min_top1=0.95, max_kl=0.02, max_ppl_increase=0.02),
-    "w4": Thresholds(min_top1=0.85, max_kl=0.10, max_ppl_increase=0.10),
-}
 
 
 MAX_WINDOWS = 4096  # evaluation windows: more than any text here fills, few enough to finish

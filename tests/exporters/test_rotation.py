@@ -15,7 +15,8 @@ from exporters.calibration import CalibrationPlan, KVCacheCalibrationReader, cpu
 from exporters.export import export_onnx
 from exporters.optimize import optimize
 from exporters.rotation import NORMS, hadamard, online_hadamard, random_rotation, rotate
-from exporters.smoothing import collect_activation_stats, find_smooth_groups, weight_matmuls
+from exporters.graph import weight_matmuls
+from exporters.smoothing import collect_activation_stats, find_smooth_groups
 from runtimes.contract import present_value
 from tests.exporters.test_quantize import VOCAB, outlier_decoder
 

@@ -1,0 +1,57 @@
+"""Intermediate activations of an ONNX model on calibration feeds, exposed as extra graph outputs for one run.
+
+Smoothing reads their per-channel extremes, GPTQ their input Hessians; both go through `probe`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from exporters.calibration import cpu_session
+from exporters.onnx_io import EXTERNAL_DATA_THRESHOLD, save_model
+
+
+def probe(model: onnx.ModelProto, tensors: list[str], feeds: Iterable[dict[str, np.ndarray]],
+          workdir: Path | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """For each feed, the values of the intermediate `tensors`, exposed as extra graph outputs for the run.
+
+    The model is saved to a temporary file (external data when large, so models over 2 GB work too); the
+    extra outputs are removed from `model` again when the generator finishes or is closed.
+    """
+    outputs = {o.name for o in model.graph.output}
+    added = [helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in dict.fromkeys(tensors)
+             if t not in outputs]
+    model.graph.output.extend(added)
+    tmp = Path(tempfile.mkdtemp(prefix=".probe-", dir=workdir))
+    try:
+        path = tmp / "probe.onnx"
+        big = sum(t.ByteSize() for t in model.graph.initializer) >= EXTERNAL_DATA_THRESHOLD
+        save_model(model, path, external=big)
+        session = cpu_session(path)
+        for feed in feeds:
+            yield dict(zip(tensors, session.run(tensors, feed)))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for _ in added:
+            model.graph.output.pop()
+
+
+def input_hessians(model: onnx.ModelProto, tensors: list[str], feeds: Iterable[dict[str, np.ndarray]],
+                   workdir: Path | None = None) -> tuple[dict[str, np.ndarray], int]:
+    """X^T X over every token of every feed, for each tensor (float64, (K, K)); and the number of tokens."""
+    hessians: dict[str, np.ndarray] = {}
+    tokens = 0
+    for values in probe(model, tensors, feeds, workdir):
+        rows = {name: x.reshape(-1, x.shape[-1]).astype(np.float64) for name, x in values.items()}
+        for name, x in rows.items():
+            h = hessians.setdefault(name, np.zeros((x.shape[1], x.shape[1])))
+            h += x.T @ x
+        tokens += next(iter(rows.values())).shape[0]  # every tensor has one row per token
+    return hessians, tokens

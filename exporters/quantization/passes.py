@@ -1,0 +1,307 @@
+"""The quantization passes, in Olive's shape: a frozen config and `run(state, config) -> state`.
+
+`Quantizing` is the handle they hand each other: the float graph the float passes rewrite in place, the files,
+and what each pass learned for the report. The writer passes (`write_qdq`, `write_nbits`) leave behind how to
+write any mix of low-precision and fallback MatMuls, which `search` uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from exporters.acceptance import Thresholds
+from exporters.calibration import CalibrationPlan, KVCacheCalibrationReader
+from exporters.graph import GraphIndex
+from exporters.onnx_io import save_model_auto
+from exporters.quantization.embedding import quantize_embeddings
+from exporters.quantization.evaluate import Agreement
+from exporters.quantization.nbits import BlockwiseRounding, NBitsConfig, fake_nbits, nbits, output_projection
+from exporters.quantization.qdq import QdqConfig, QdqJob, gptq_weights, quantize_qdq, weight_hessians, \
+    with_value_info, write_mix
+from exporters.quantization.search import Judge, take_out_until_budget
+from exporters.quantization.smooth import SmoothConfig, smooth_model
+from exporters.quantization.switch import QuantSwitch, WeightSwitch
+from exporters.rotation import ONLINE_SUFFIX, online_hadamard, rotate
+from exporters.smoothing import find_smooth_groups, outlier_matmuls
+from models.errors import UserError
+
+
+@dataclass
+class Quantizing:
+    """The model handle: one float graph on its way to a quantized file, and the report being gathered."""
+    model: onnx.ModelProto                  # the float graph; float passes rewrite it in place
+    source: Path                            # the float model file as given (calibration feeds, reference)
+    staged: Path                            # where the writer passes write the quantized model
+    workdir: Path                           # scratch, removed by the caller
+    calib_ids: list[list[int]]              # calibration token ids
+    valid_ids: list[list[int]] | None       # validation token ids (perplexity, search); None: not measured
+    exclude: tuple[str, ...]                # MatMuls always left float
+    reader: KVCacheCalibrationReader | None = None  # calibration feeds, once a pass needs them
+    details: dict = field(default_factory=dict)     # report sections, by name
+    reasons: dict[str, str] = field(default_factory=dict)  # MatMul -> why it is not in the recipe's form
+    added_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)  # float MatMuls the passes added
+    rotated: bool = False                   # the residual stream was rotated (R1)
+    gated: list[str] = field(default_factory=list)  # readers of gated-MLP products (down_proj), before smoothing
+    targets: list[str] = field(default_factory=list)  # MatMuls the writer puts in the recipe's form
+    rounded: dict = field(default_factory=dict)      # static int8 GPTQ: MatMul -> (q, scale)
+    blockwise: BlockwiseRounding | None = None       # GPTQ on MatMulNBits' grid
+    write: Callable[[list[str]], None] | None = None  # the writer: the model with these MatMuls taken out
+    switch: Callable[[], QuantSwitch] | None = None  # one-session simulation of any mix (for the search)
+    agreement: Agreement | None = None      # the written model against the source, when valid_ids
+
+    def weight_shapes(self) -> dict[str, tuple[int, int]]:
+        return GraphIndex(self.model).weight_shapes()
+
+
+def targets(model: onnx.ModelProto, exclude: tuple[str, ...]) -> list[str]:
+    """Weight MatMuls to quantize; an excluded name that is not a weight MatMul is a user error (typo)."""
+    shapes = GraphIndex(model).weight_shapes()
+    unknown = sorted(set(exclude) - set(shapes))
+    if unknown:
+        raise UserError(f"cannot exclude {unknown}: not weight MatMul nodes of this model "
+                        f"(e.g. {next(iter(shapes), 'none')!r})")
+    return [n for n in shapes if n not in exclude]
+
+
+def flops(shapes: dict[str, tuple[int, int]]) -> dict[str, int]:
+    """Multiply-adds per token of each weight MatMul: K*N."""
+    return {name: k * n for name, (k, n) in shapes.items()}
+
+
+# ----------------------------------------------------------------------------------------------- calibrate
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    recipe: str                      # named in the error when there is no calibration text
+    plan: CalibrationPlan            # prefill windows, their length, decode steps after each
+    calibrate_method: str            # activation ranges: "minmax" | "percentile" | "entropy"
+    per_channel: bool                # one weight scale per output channel
+    reduce_range: bool               # 7-bit static int8 weights
+    fallback: str | None             # what the search's taken-out MatMuls become (None: no search)
+
+
+def calibrate(q: Quantizing, config: CalibrateConfig) -> Quantizing:
+    """Open the calibration feeds (static int8 needs them: an empty calibration set is a user error)."""
+    if not q.calib_ids or not any(len(ids) for ids in q.calib_ids):
+        raise UserError(f"recipe {config.recipe!r} needs calibration text: the calibration set is empty")
+    q.reader = KVCacheCalibrationReader(q.source, q.calib_ids, config.plan)
+    q.details.update(calibration_samples=len(q.reader), calibrate_method=config.calibrate_method,
+                     per_channel=config.per_channel, reduce_range=config.reduce_range, fallback=config.fallback)
+    return q
+
+
+# -------------------------------------------------------------------------------------------- float passes
+
+
+@dataclass(frozen=True)
+class RotateConfig:
+    seed: int = 0  # R1's random signs; R2's are seed + 1 (exporters/rotation.py)
+
+
+def run_rotate(q: Quantizing, config: RotateConfig) -> Quantizing:
+    """QuaRot's R1 and R2 folded into the weights (exporters/rotation.py)."""
+    rotation = rotate(q.model, config.seed)
+    q.details["rotation"], q.rotated = rotation.as_dict(), rotation.residual
+    return q
+
+
+def run_smooth(q: Quantizing, config: SmoothConfig) -> Quantizing:
+    """SmoothQuant smoothing and outlier-channel splitting (exporters/smoothing.py); remembers the gated-MLP
+    readers first, which the online Hadamard rotates after the split."""
+    q.gated = [m for g in find_smooth_groups(q.model, q.exclude) if g.first_column is not None for m in g.matmuls]
+    q.details["smoothing"] = smooth_model(q.model, q.reader, config, q.workdir, q.rotated)
+    return q
+
+
+@dataclass(frozen=True)
+class OnlineHadamardConfig:
+    block: int  # block size of the rotation before each down_proj (a Hadamard order 2^a * 12^b)
+
+
+def run_online_hadamard(q: Quantizing, config: OnlineHadamardConfig) -> Quantizing:
+    """QuaRot's online rotation of the gated-MLP products (exporters/rotation.py's `online_hadamard`)."""
+    q.details["online_hadamard"] = online_hadamard(q.model, q.gated, config.block)
+    return q
+
+
+@dataclass(frozen=True)
+class GptqConfig:
+    levels: int                  # static int8 weight levels: 127, or 64 with reduce_range
+    fallback_block_size: int | None  # also round on MatMulNBits' grid, of this block size, for the w8 fallback
+
+
+def run_gptq(q: Quantizing, config: GptqConfig) -> Quantizing:
+    """GPTQ rounding of the static int8 targets (and of their w8 fallback) from the calibration Hessians."""
+    hessians, tokens = weight_hessians(q.model, q.targets, q.reader, q.workdir)
+    q.rounded, q.details["gptq"] = gptq_weights(q.model, q.targets, hessians, tokens, config.levels)
+    q.details["weight_rounding"] = "gptq"
+    if config.fallback_block_size is not None:
+        q.blockwise = BlockwiseRounding(q.model, q.targets, hessians, tokens, config.fallback_block_size)
+    return q
+
+
+@dataclass(frozen=True)
+class BlockwiseGptqConfig:
+    plan: CalibrationPlan  # calibration feeds
+    block_size: int        # MatMulNBits' block size, the grid GPTQ rounds on
+
+
+def run_blockwise_gptq(q: Quantizing, config: BlockwiseGptqConfig) -> Quantizing:
+    """GPTQ on MatMulNBits' grid; nearest rounding (nothing to do) when there is no calibration text."""
+    q.details["weight_rounding"] = "gptq" if any(len(ids) for ids in q.calib_ids) else "nearest"
+    if q.details["weight_rounding"] == "gptq":
+        reader = KVCacheCalibrationReader(q.source, q.calib_ids, config.plan)
+        q.blockwise = BlockwiseRounding(q.model, q.targets, *weight_hessians(q.model, q.targets, reader, q.workdir),
+                                        config.block_size)
+        q.details["gptq"] = {"calibration_tokens": q.blockwise.tokens, "nearest_too_few_tokens": q.blockwise.nearest}
+    return q
+
+
+# ------------------------------------------------------------------------------------------------- writers
+
+
+@dataclass(frozen=True)
+class TargetsConfig:
+    """No options: which MatMuls static int8 takes follows from the graph the float passes left."""
+
+
+def choose_static_targets(q: Quantizing, config: TargetsConfig) -> Quantizing:
+    """The weight MatMuls static int8 quantizes: all but the excluded and the split-off outlier MatMuls; the
+    float MatMuls the float passes added are reported with why."""
+    split_off = outlier_matmuls(q.model)
+    q.targets = [t for t in targets(q.model, q.exclude) if t not in split_off]
+    q.details.setdefault("weight_rounding", "nearest")
+    now = q.weight_shapes()
+    q.added_shapes.update({name: now[name] for name in split_off})
+    q.reasons.update({name: f"outlier channels of {main}: {now[name][0]} of its {now[main][0]} inputs, in float"
+                      for name, main in split_off.items()})
+    online = q.details.get("online_hadamard", {})
+    for name in online.get("matmuls", []):  # float, K*b multiply-adds per token
+        q.added_shapes[f"{name}{ONLINE_SUFFIX}/matmul"] = (now[name][0], online["block"])
+        q.reasons[f"{name}{ONLINE_SUFFIX}/matmul"] = f"online Hadamard rotation of {name}'s input, in float"
+    return q
+
+
+def run_write_qdq(q: Quantizing, config: QdqConfig) -> Quantizing:
+    """Every target as static QDQ int8 (exporters/quantization/qdq.py); the taken-out ones, when the search asks,
+    as the configured fallback."""
+    job = QdqJob(q.workdir / "fp32.onnx", q.workdir / "calibration.json", q.reader, config, q.rounded, q.blockwise)
+    save_model_auto(with_value_info(q.model), job.fp32_path)
+    quantize_qdq(job, q.targets, q.staged)
+    q.write = lambda taken_out: write_mix(job, [t for t in q.targets if t not in taken_out], taken_out, q.staged)
+    q.switch = lambda: QuantSwitch(onnx.load(str(job.fp32_path)), onnx.load(str(q.staged)), q.targets, q.workdir)
+    return q
+
+
+@dataclass(frozen=True)
+class WriteNBitsConfig:
+    bits: int                      # 8 or 4
+    nbits: NBitsConfig             # block size, accuracy level, excluded MatMuls
+    head_bits: int                 # the output projection's bits (8 keeps it at 8 in a 4-bit model)
+    embedding_block: int | None    # the embedding table as int8 blocks of this size; None: float
+
+
+def run_write_nbits(q: Quantizing, config: WriteNBitsConfig) -> Quantizing:
+    """Weight-only MatMulNBits for every target, GPTQ-rounded when `blockwise_gptq` ran; taken-out MatMuls (the
+    search's) at 8 bits."""
+    bits, model = config.bits, q.model
+    head = output_projection(model) if bits == 4 and config.head_bits == 8 else None
+    head_at_8 = [head] if head is not None and head not in q.exclude else []
+    q.details.update(bits=bits, block_size=config.nbits.block_size, accuracy_level=config.nbits.accuracy_level)
+    if bits == 4:
+        q.reasons.update({n: "output projection (head_bits 8)" for n in head_at_8})
+
+    def write(at_8: list[str]) -> None:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        if q.blockwise is not None:
+            q.blockwise.apply(m, {t: 8 if t in at_8 else bits for t in q.targets})
+        if at_8:
+            m = nbits(m, 8, config.nbits, include=at_8)
+        m = nbits(m, bits, config.nbits)
+        if config.embedding_block is not None:
+            quantize_embeddings(m, config.embedding_block)
+        save_model_auto(m, q.staged)
+
+    def switch() -> WeightSwitch:
+        inits = GraphIndex(model).inits
+
+        def stand_in(node: onnx.NodeProto) -> np.ndarray:  # the 4-bit weight that would be written
+            rounded = q.blockwise.rounded(node.name, 4) if q.blockwise is not None else None
+            if rounded is not None:
+                return rounded
+            return fake_nbits(numpy_helper.to_array(inits[node.input[1]]), 4, config.nbits.block_size)
+        alternatives = {n.name: stand_in(n) for n in GraphIndex(model).weight_matmuls()
+                        if n.name not in head_at_8 and n.name not in q.exclude}
+        switch_model = onnx.ModelProto()
+        switch_model.CopyFrom(model)
+        return WeightSwitch(switch_model, alternatives, q.workdir)
+
+    q.write, q.switch = (lambda at_8: write(head_at_8 + at_8)), switch
+    write(head_at_8)
+    return q
+
+
+# ------------------------------------------------------------------------------------------------- measure
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    accept: Thresholds        # what the written model must meet against the source (ppl increase, top-1, KL)
+    top1_z: float             # top-1 must clear its threshold by this many standard errors of its estimate
+    sensitivity_tokens: int   # validation tokens each MatMul's one-at-a-time KL is measured on
+    ppl_key: str              # report key of the perplexity before the search ("all_int8" / "ppl_all_4bit")
+    report_key: str           # report key of the search ("sensitivity" / "w4_search")
+    taken_out_as: str         # what a taken-out MatMul becomes, for the reasons ("int8 weight-only fallback", ...)
+    low_precision: str        # the form it leaves, for the reasons ("int8", "4 bits")
+
+
+def run_search(q: Quantizing, config: SearchConfig) -> Quantizing:
+    """Measure the written model; when it misses `accept`, take MatMuls out of the low-precision form, most
+    damaging per FLOP first, until it meets it (exporters/quantization/search.py)."""
+    if not q.valid_ids:
+        q.details["ppl"] = None
+        return q
+    judge = Judge(q.source, q.valid_ids, config.accept, config.top1_z)
+    a = q.agreement = judge.model(q.staged)
+    q.details["ppl"] = {"fp32": a.ppl_ref, "quantized": a.ppl, "increase": a.ppl_increase}
+    if config.ppl_key == "ppl_all_4bit":
+        q.details["ppl_all_4bit"] = a.ppl
+    if judge.accepts(a) or not q.targets or q.switch is None:
+        _record_acceptance(q, config, judge)
+        return q
+
+    def measure(taken_out: list[str]) -> Agreement:
+        q.write(taken_out)
+        return judge.model(q.staged)
+
+    shapes = q.weight_shapes()
+    switch = q.switch()
+    taken, kl, search, q.agreement = take_out_until_budget(switch, list(switch.gates), judge,
+                                                           config.sensitivity_tokens, measure, flops(shapes))
+    q.reasons.update({name: f"sensitive: KL {kl[name]:.3g} with only this MatMul in {config.low_precision} -> "
+                            f"{config.taken_out_as}" for name in taken})
+    q.details[config.report_key] = search.to_dict()
+    final = q.agreement
+    if config.ppl_key == "all_int8":
+        q.details["ppl"] = {**q.details["ppl"], "all_int8": a.ppl, "quantized": final.ppl,
+                            "increase": final.ppl_increase}
+    else:
+        q.details["ppl"] = {"fp32": a.ppl_ref, "quantized": final.ppl, "increase": final.ppl_increase}
+    _record_acceptance(q, config, judge)
+    return q
+
+
+def _record_acceptance(q: Quantizing, config: SearchConfig, judge: Judge) -> None:
+    """The written model's top-1 and KL against the source, the thresholds it was judged by, and whether it met
+    them (not when even every MatMul taken out does not: the model is written all the same, `check` will say)."""
+    if not judge.ppl_only and config.report_key:
+        q.details["acceptance"] = {**q.agreement.to_dict(), "top1_bound": q.agreement.top1_bound(config.top1_z),
+                                   "accepted": judge.accepts(q.agreement), "thresholds": asdict(config.accept)}

@@ -1,0 +1,72 @@
+"""Pass `smooth`: SmoothQuant smoothing with a per-activation alpha, and the outlier-channel split
+(exporters/smoothing.py), configured for the static int8 and online rotation that follow."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from exporters.calibration import KVCacheCalibrationReader
+from exporters.graph import GraphIndex
+from exporters.rotation import online_matrix
+from exporters.smoothing import ActivationStats, best_alpha, collect_activation_stats, find_smooth_groups, \
+    pick_outliers, smooth
+
+
+@dataclass(frozen=True)
+class SmoothConfig:
+    alpha: float | None            # migration strength; None: per activation, the least fake-quantized error
+    outlier_channels: int          # most channels per smoothed activation split off into a float MatMul
+    weight_levels: int             # static int8 weight levels the error model rounds to (127, or 64: 7 bits)
+    online_block: int              # block of the online Hadamard that will follow (alpha is chosen for it); 0: none
+    exclude: tuple[str, ...] = ()  # MatMuls left float: their inputs are not smoothed
+
+
+def smooth_model(model: onnx.ModelProto, reader: KVCacheCalibrationReader, config: SmoothConfig,
+                 workdir: Path, rotated: bool = False) -> dict:
+    """Smooth in place; reports the alphas and the largest activation magnitude before and after.
+
+    `rotated`: the residual stream was rotated, so the norm outputs have no outlier channels left to migrate;
+    only the gated-MLP products (down_proj inputs, which no rotation reaches) are smoothed (smoothing the rotated
+    norm outputs too measured worse: benchmarks/rotation_ablation.py)."""
+    groups = [g for g in find_smooth_groups(model, config.exclude) if not rotated or g.first_column is not None]
+    if not groups:
+        return {"groups": 0}
+    stats = collect_activation_stats(model, [g.activation for g in groups], reader.feeds(), workdir)
+    act_max = {name: st.abs_max for name, st in stats.items()}
+    outliers = {name: pick_outliers(a, config.outlier_channels) for name, a in act_max.items()}
+    report: dict = {"groups": len(groups)}
+    if config.alpha is None:
+        index = GraphIndex(model)
+        inits, nodes, levels = index.inits, index.nodes, config.weight_levels
+        # the gated-MLP products get the online Hadamard after this (pass `online_hadamard`): choose alpha for what
+        # is then quantized, the rotated input and weights with the split channels added back exactly
+        rotation = online_matrix(config.online_block) if config.online_block else None
+        chosen = {}
+        for g in groups:
+            weights = [numpy_helper.to_array(inits[nodes[m].input[1]]) for m in g.matmuls]
+            st, split = stats[g.activation], outliers[g.activation]
+            if rotation is not None and g.first_column is not None and weights[0].shape[0] % len(rotation) == 0:
+                chosen[g.activation] = best_alpha(st, weights, levels, rotation=rotation, split=split)
+                continue
+            rest = np.setdiff1d(np.arange(act_max[g.activation].size), split)
+            if rest.size < st.abs_max.size:  # the split channels leave the int8 MatMul: choose alpha for the rest
+                st = ActivationStats(st.abs_max[rest], st.low[rest], st.high[rest], st.rows[:, rest])
+                weights = [w[rest] for w in weights]
+            chosen[g.activation] = best_alpha(st, weights, levels)
+        alpha = {name: a for name, (a, _) in chosen.items()}
+        report["alpha"] = {"auto": {name: {"alpha": a, "relative_error": e} for name, (a, e) in chosen.items()}}
+    else:
+        alpha = report["alpha"] = config.alpha
+    scales = smooth(model, groups, act_max, alpha, outliers)
+
+    def rest_max(name: str, s: np.ndarray) -> float:
+        return float(np.delete(act_max[name] / s, outliers[name]).max(initial=0.0))
+    report.update(max_abs_activation_before=float(max(a.max() for a in act_max.values())),
+                  max_abs_activation_after=max(rest_max(k, s) for k, s in scales.items()),
+                  outlier_channels={name: [int(c) for c in o] for name, o in outliers.items() if o.size})
+    return report

@@ -1,0 +1,96 @@
+"""One session that evaluates any mix of quantized and float MatMuls: what makes the budget search affordable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Collection
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from exporters.calibration import cpu_session, session_contract
+from exporters.graph import GraphIndex
+from exporters.onnx_io import save_model_auto
+from exporters.quantization.evaluate import log_probs, perplexity_of, sequences
+
+
+class QuantSwitch:
+    """The float model with each target MatMul's int8 rounding behind its own on/off input.
+
+    Both inputs of every target go through `Where(gate, DQ(Q(x)), x)`, with the exact scales, zero points and
+    int8 weights of the all-int8 graph, so one session evaluates any mix of int8 and float MatMuls (what the
+    int8 kernels compute, up to float rounding) without writing or loading a model per mix. That makes
+    quantize-one-at-a-time sensitivity affordable at 200+ MatMuls, and the budget search cheap.
+    """
+
+    def __init__(self, fp32: onnx.ModelProto, int8: onnx.ModelProto, targets: list[str], workdir: Path):
+        g = GraphIndex(int8)
+        inits, made_by, int8_nodes = g.inits, g.producers, g.nodes
+
+        def route(model: onnx.ModelProto, node: onnx.NodeProto) -> list[onnx.NodeProto]:
+            a_dq, w_dq = (made_by[i] for i in int8_nodes[node.name].input[:2])
+            return self._switch(model, node, a_dq, w_dq, inits)
+
+        self._build(fp32, targets, route, workdir)
+
+    def _build(self, fp32: onnx.ModelProto, targets: list[str],
+               route: Callable[[onnx.ModelProto, onnx.NodeProto], list[onnx.NodeProto]], workdir: Path) -> None:
+        """Insert `route`'s nodes before every target, add one boolean gate input per target, open a session."""
+        self.gates = {name: f"quant_switch.{i}" for i, name in enumerate(targets)}
+        nodes = []
+        for node in fp32.graph.node:
+            if node.name in self.gates:
+                nodes += route(fp32, node)
+            nodes.append(node)
+        GraphIndex(fp32).set_nodes(nodes)
+        fp32.graph.input.extend(helper.make_tensor_value_info(g, onnx.TensorProto.BOOL, [])
+                                for g in self.gates.values())
+        path = workdir / "switch.onnx"
+        save_model_auto(fp32, path)
+        self.session = cpu_session(path)
+        self.contract = session_contract(self.session)
+
+    def _switch(self, model: onnx.ModelProto, node: onnx.NodeProto, a_dq: onnx.NodeProto, w_dq: onnx.NodeProto,
+                inits: dict[str, onnx.TensorProto]) -> list[onnx.NodeProto]:
+        """Route `node`'s activation and weight through gated copies of the int8 graph's Q/DQ."""
+        gate, tag = self.gates[node.name], self.gates[node.name] + "."
+        for name in {*a_dq.input[1:], *w_dq.input}:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(inits[name])
+            copy.name = tag + name
+            model.graph.initializer.append(copy)
+        a_params, w_params = [tag + n for n in a_dq.input[1:]], [tag + n for n in w_dq.input]
+        x, w = node.input[0], node.input[1]
+        node.input[0], node.input[1] = tag + "x", tag + "w"
+        return [helper.make_node("QuantizeLinear", [x, *a_params], [tag + "xq"]),
+                helper.make_node("DequantizeLinear", [tag + "xq", *a_params], [tag + "xdq"]),
+                helper.make_node("Where", [gate, tag + "xdq", x], [tag + "x"]),
+                helper.make_node("DequantizeLinear", w_params, [tag + "wdq"], axis=_axis(w_dq)),
+                helper.make_node("Where", [gate, tag + "wdq", w], [tag + "w"])]
+
+    def log_probs(self, ids: np.ndarray, in_int8: Collection[str]) -> np.ndarray:
+        gates = {g: np.array(name in in_int8) for name, g in self.gates.items()}
+        return log_probs(self.session, self.contract, ids, gates)
+
+    def perplexity(self, ids_list: list[list[int]], in_int8: Collection[str]) -> float:
+        return perplexity_of(lambda ids: self.log_probs(ids, in_int8), sequences(ids_list, self.contract))
+
+
+class WeightSwitch(QuantSwitch):
+    """The float model with each target MatMul's weight switchable to a stand-in (e.g. its 4-bit rounding):
+    `Where(gate, W', W)`, the same one-session evaluation of any mix as QuantSwitch, for weight-only recipes."""
+
+    def __init__(self, fp32: onnx.ModelProto, alternatives: dict[str, np.ndarray], workdir: Path):
+        def route(model: onnx.ModelProto, node: onnx.NodeProto) -> list[onnx.NodeProto]:
+            tag = self.gates[node.name] + "."
+            model.graph.initializer.append(numpy_helper.from_array(alternatives[node.name], tag + "w_alt"))
+            w = node.input[1]
+            node.input[1] = tag + "w"
+            return [helper.make_node("Where", [self.gates[node.name], tag + "w_alt", w], [tag + "w"])]
+
+        self._build(fp32, list(alternatives), route, workdir)
+
+
+def _axis(dq: onnx.NodeProto) -> int:
+    return next((a.i for a in dq.attribute if a.name == "axis"), 1)
