@@ -23,9 +23,9 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader
 
+from models.errors import UserError
 from runtimes.contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, Contract, past_key, past_value, present_key, \
     present_value
-from models.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,6 @@ the QDQ graph it came from stays the portable one (NPU execution providers, othe
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,11 +23,12 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from runtimes.contract import set_metadata
 from exporters.graph import GraphIndex
 from exporters.onnx_io import move_model, save_model_auto
 from exporters.optimize import remove_dead_nodes
 from models.errors import UserError
+from models.files import staging_dir
+from runtimes.contract import set_metadata
 
 DOMAIN = "com.pipeline"
 OP = "StaticInt8MatMul"
@@ -135,11 +134,7 @@ def specialize(source: Path, target: Path) -> dict:
     if not count:
         raise UserError(f"{source} has no static int8 MatMul the native kernel can take: quantize it with "
                         "`pipeline quantize --recipe w8a8` (or static) first")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
-    try:  # saved under its final name (the external data's name is inside it), then moved into place
+    with staging_dir(target) as staging:  # saved under its final name (the external data's name is inside it)
         save_model_auto(model, staging / target.name)
         move_model(staging / target.name, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return {"kernel": OP, "matmuls": count, "nodes_before": before, "nodes_after": len(model.graph.node)}

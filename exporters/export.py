@@ -6,8 +6,6 @@ Layers: `ExportWrapper` flattens the cache into named tensors, `export_onnx` tra
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from exporters.onnx_io import EXTERNAL_DATA_THRESHOLD, model_files, move_model, 
     save_model_auto  # noqa: F401 (re-exported: they lived here)
 from models.decoder import Decoder
 from models.errors import UserError
+from models.files import staging_dir
 from runtimes.contract import Contract, write_contract
 
 OPSET = 17
@@ -74,9 +73,7 @@ def export_onnx(model: Decoder, out_path: str | Path, validate: bool = True) -> 
     contract = contract_for(model)
     # past length 3 and sequence 2 while tracing, so no axis is specialised to 0 or 1
     args = example_inputs(contract, batch=2, seq=2, past=3, vocab=contract.vocab_size)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out_path.parent))
-    try:
+    with staging_dir(out_path) as tmp:
         raw = tmp / "raw.onnx"
         with torch.no_grad():
             torch.onnx.export(ExportWrapper(model), args, str(raw), dynamo=False, opset_version=OPSET,
@@ -89,8 +86,6 @@ def export_onnx(model: Decoder, out_path: str | Path, validate: bool = True) -> 
         if validate:
             validate_export(model, staged, contract)
         move_model(staged, out_path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return contract
 
 

@@ -15,8 +15,6 @@ Order of work:
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,8 +25,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from exporters.graph import GraphIndex
 from exporters.onnx_io import EXTERNAL_DATA_THRESHOLD, load_onnx, move_model, save_model
-from models.rope import rope_inv_freq
 from models.errors import UserError
+from models.files import staging_dir
+from models.rope import rope_inv_freq
 from runtimes.contract import (ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, Contract, past_key, past_names,
                                past_value, present_key, present_names, present_value, read_contract, write_contract)
 
@@ -314,15 +313,11 @@ def optimize(in_path: str | Path, out_path: str | Path, config: OptimizeConfig =
     gqa = counts.get("GroupQueryAttention", 0)
     if gqa != contract.num_layers:
         raise UserError(f"expected {contract.num_layers} GroupQueryAttention ops after fusion, found {gqa}")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".optimize-", dir=out_path.parent))
-    try:
+    with staging_dir(out_path) as tmp:
         staged = tmp / out_path.name
         save_model(model, staged, external=model.ByteSize() >= EXTERNAL_DATA_THRESHOLD)
         parity = fused_parity(in_path, staged, contract) if config.check_parity else None
         move_model(staged, out_path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {"fused_ops": {k: v for k, v in counts.items() if k in FUSED_OPS},
             "nodes_before": nodes_before, "nodes_after": len(model.graph.node), "packed_layers": packed,
             "fp16": config.fp16, "parity_max_abs_logit_diff": parity}

@@ -49,13 +49,10 @@ Choices read from onnxruntime's source (1.32):
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import onnx
 
-from runtimes.contract import read_contract
 from exporters.graph import GraphIndex
 from exporters.onnx_io import files_size, load_onnx, move_model
 from exporters.quantization.config import WEIGHT_BITS_KEY, QuantConfig  # noqa: F401 (imported from here)
@@ -66,6 +63,8 @@ from exporters.quantization.qdq import mark_weight_bits, qdq_quantized  # noqa: 
 from exporters.quantization.recipes import steps
 from exporters.quantization.report import read_report
 from models.errors import UserError
+from models.files import staging_dir
+from runtimes.contract import read_contract
 
 
 def _load_checked(model_path: Path) -> onnx.ModelProto:
@@ -93,9 +92,7 @@ def quantize(model_path: str | Path, out_path: str | Path, calib_ids: list[list[
     index = GraphIndex(model)
     shapes = index.weight_shapes()
     activation_matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in shapes]
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix=".quantize-", dir=out_path.parent))
-    try:
+    with staging_dir(out_path) as workdir:
         q = Quantizing(model, model_path, workdir / out_path.name, workdir, calib_ids, valid_ids, config.exclude,
                        reasons={name: "excluded by config" for name in config.exclude})
         q.targets = targets(model, config.exclude)  # validates the excluded names
@@ -108,6 +105,4 @@ def quantize(model_path: str | Path, out_path: str | Path, calib_ids: list[list[
                              q.reasons)
         report.size_before, report.size_after = files_size(model_path), files_size(q.staged)
         move_model(q.staged, out_path)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
     return report.to_dict()

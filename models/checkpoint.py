@@ -9,9 +9,7 @@ so a crash or Ctrl-C never leaves a half-written checkpoint that a later `load_m
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,6 +17,7 @@ from safetensors.torch import save_file
 
 from models.decoder import Decoder, DecoderConfig
 from models.errors import UserError
+from models.files import publish, staging_dir
 
 # HF module inside model.layers.{i}. -> our module inside layers.{i}. (models/hf.py reads with the same table)
 LLAMA_LAYER_MODULES = {
@@ -119,17 +118,6 @@ def write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Move `tmp` to `out`; an existing `out` is moved aside first and deleted only once the new one is in place."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.replace(out, old / out.name)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_checkpoint(model: Decoder, out_dir: str | Path, tokenizer_json: str | Path | None = None,
                     extra: dict | None = None) -> Path:
     """Write `model` as an HF LlamaForCausalLM checkpoint directory at `out_dir` and return its path.
@@ -145,10 +133,9 @@ def save_checkpoint(model: Decoder, out_dir: str | Path, tokenizer_json: str | P
         raise UserError(f"tokenizer file {tokenizer_json} does not exist; pass an existing tokenizer.json or none")
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a directory; choose another output directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it owner-only; the checkpoint should read like any other directory
+    with staging_dir(out) as staging:
+        tmp = staging / out.name
+        tmp.mkdir()
         save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         write_json(tmp / "config.json", hf_config(cfg, extra))
         write_json(tmp / "generation_config.json", generation_config(extra))
@@ -156,8 +143,5 @@ def save_checkpoint(model: Decoder, out_dir: str | Path, tokenizer_json: str | P
             shutil.copyfile(tokenizer_json, tmp / "tokenizer.json")
             write_json(tmp / "tokenizer_config.json", tokenizer_config(Path(tokenizer_json), extra,
                                                                            cfg.max_position_embeddings))
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        publish(tmp, out)
     return out

@@ -12,8 +12,8 @@ import onnxruntime as ort
 
 from exporters.acceptance import Thresholds
 from exporters.calibration import cpu_session, declared, empty_past, session_contract, step_feed
-from runtimes.contract import LOGITS, Contract
 from models.errors import UserError
+from runtimes.contract import LOGITS, Contract
 
 LogProbs = Callable[[np.ndarray], np.ndarray]  # ids (S,) -> log-softmax of the logits predicting ids[1:], (S-1, V)
 

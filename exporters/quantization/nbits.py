@@ -8,10 +8,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from runtimes.contract import LOGITS
 from exporters.gptq import fits, gptq_blockwise
 from exporters.graph import GraphIndex
 from exporters.quantization.quiet import quiet
+from runtimes.contract import LOGITS
 
 
 @dataclass(frozen=True)

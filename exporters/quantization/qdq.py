@@ -13,7 +13,6 @@ import onnx
 from onnx import numpy_helper
 
 from exporters.calibration import KVCacheCalibrationReader
-from runtimes.contract import set_metadata
 from exporters.gptq import fits, gptq
 from exporters.graph import GraphIndex
 from exporters.onnx_io import EXTERNAL_DATA_THRESHOLD, files_size, save_model_auto
@@ -23,6 +22,7 @@ from exporters.quantization.embedding import quantize_embeddings
 from exporters.quantization.nbits import BlockwiseRounding, nbits
 from exporters.quantization.quiet import quiet
 from models.errors import UserError
+from runtimes.contract import set_metadata
 
 
 @dataclass(frozen=True)

@@ -98,19 +98,16 @@ def checkpoint_tensors(model) -> dict:
 
 def hf_directory(gguf: str, out: Path) -> Path:
     """The GGUF model as a Hugging Face checkpoint directory (weights, config, tokenizer), written atomically."""
-    import shutil
-    import tempfile
-
     from safetensors.torch import save_file
 
+    from models.files import publish, staging_dir
     from models.hf import export_tokenizer, load_hf_reference
 
     if (out / "config.json").is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".hf-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it owner-only
-    try:
+    with staging_dir(out) as staging:
+        tmp = staging / out.name
+        tmp.mkdir()
         model = load_hf_reference(gguf)
         # save_pretrained refuses a model that came from a GGUF ("not serializable"); its weights are plain
         # float tensors once loaded, so write them and the config directly
@@ -119,10 +116,7 @@ def hf_directory(gguf: str, out: Path) -> Path:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         save_file(checkpoint_tensors(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         export_tokenizer(gguf, tmp)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        publish(tmp, out)
     return out
 
 

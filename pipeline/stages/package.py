@@ -25,15 +25,12 @@ import json
 import os
 import shutil
 import tarfile
-import tempfile
-import uuid
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from models.errors import UserError
+from models.files import publish, staging_dir
 from pipeline import progress
 from pipeline.manifest import RunDir, sha256
 from pipeline.options import check_options, option
@@ -303,33 +300,6 @@ def check_replaceable(out: Path) -> None:
     if not is_bundle and any(out.iterdir()):
         raise UserError(f"{out} exists and is not a bundle from `pipeline package`: choose another --out "
                         "(an earlier bundle there would be replaced)")
-
-
-def publish(staged: Path, out: Path) -> None:
-    """Rename the finished bundle into place; an old bundle is moved aside first, put back if the rename fails,
-    and deleted only once the new one is there."""
-    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}") if out.exists() else None
-    if old is not None:
-        os.rename(out, old)
-    try:
-        os.rename(staged, out)
-    except BaseException:
-        if old is not None:
-            os.rename(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-@contextmanager
-def staging_dir(out: Path) -> Iterator[Path]:
-    """A private directory beside `out` (same filesystem, so renames are atomic), removed whatever happens."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def package(run: RunDir, config: PackageConfig) -> dict:
