@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.errors import UserError
+from runtimes.bundle import file_sha256 as sha256
 
 MANIFEST = "manifest.json"
 SCHEMA = 2                    # 2: artifacts carry digest / parent_digest / stat
@@ -47,14 +48,6 @@ LOCK = ".pipeline.lock"
 STAGING_PREFIX = ".staging-"
 TRASH_PREFIX = ".trash-"
 OWN_ENTRIES = (LOCK, STAGING_PREFIX, TRASH_PREFIX, f".{MANIFEST}.")  # what a stage may leave in a fresh directory
-
-
-def sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def files_under(path: Path) -> list[Path]:
@@ -65,28 +58,9 @@ def files_under(path: Path) -> list[Path]:
     return sorted(f for f in path.parent.glob(path.name + "*") if f.is_file())
 
 
-def hash_files(paths: list[Path], root: Path) -> dict[str, str]:
-    """{path: sha256} for files and every file under directories; paths inside `root` are relative to it."""
-    out = {}
-    for p in paths:
-        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-        for f in files:
-            out[str(f.relative_to(root)) if f.is_relative_to(root) else str(f)] = sha256(f)
-    return out
-
-
 def digest(files: dict[str, str]) -> str:
     """One hash naming an artifact's exact content: its files' names and sha256s."""
     return hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = write_json_temp(path, data)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_json_temp(path: Path, data: dict) -> Path:
