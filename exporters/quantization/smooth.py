@@ -17,6 +17,9 @@ from exporters.smoothing import ActivationStats, best_alpha, collect_activation_
     pick_outliers, smooth
 
 
+SMOOTH_GROUPS = ("auto", "all", "gated", "none")  # SmoothConfig.groups
+
+
 @dataclass(frozen=True)
 class SmoothConfig:
     alpha: float | None            # migration strength; None: per activation, the least fake-quantized error
@@ -24,6 +27,12 @@ class SmoothConfig:
     weight_levels: int             # static int8 weight levels the error model rounds to (127, or 64: 7 bits)
     online_block: int              # block of the online Hadamard that will follow (alpha is chosen for it); 0: none
     exclude: tuple[str, ...] = ()  # MatMuls left float: their inputs are not smoothed
+    groups: str = "auto"           # which activations: "all", "gated" (the down_proj inputs only) or "none";
+                                   # "auto": "gated" once the residual stream is rotated, else "all"
+
+    def __post_init__(self):
+        if self.groups not in SMOOTH_GROUPS:
+            raise ValueError(f"groups must be one of {SMOOTH_GROUPS}, got {self.groups!r}")
 
 
 def smooth_model(model: onnx.ModelProto, reader: KVCacheCalibrationReader, config: SmoothConfig,
@@ -31,9 +40,12 @@ def smooth_model(model: onnx.ModelProto, reader: KVCacheCalibrationReader, confi
     """Smooth in place; reports the alphas and the largest activation magnitude before and after.
 
     `rotated`: the residual stream was rotated, so the norm outputs have no outlier channels left to migrate;
-    only the gated-MLP products (down_proj inputs, which no rotation reaches) are smoothed (smoothing the rotated
-    norm outputs too measured worse: benchmarks/rotation_ablation.py)."""
-    groups = [g for g in find_smooth_groups(model, config.exclude) if not rotated or g.first_column is not None]
+    with `groups="auto"` only the gated-MLP products (down_proj inputs, which no rotation reaches) are smoothed
+    (smoothing the rotated norm outputs too measured worse: benchmarks/rotation_ablation.py, which sets `groups`
+    to compare)."""
+    which = config.groups if config.groups != "auto" else "gated" if rotated else "all"
+    groups = [g for g in find_smooth_groups(model, config.exclude)
+              if which == "all" or which == "gated" and g.first_column is not None]
     if not groups:
         return {"groups": 0}
     stats = collect_activation_stats(model, [g.activation for g in groups], reader.feeds(), workdir)
