@@ -1,10 +1,11 @@
 """Which rotations and which smoothing make SmolLM2's static int8 hold up on held-out text: an ablation.
 
 Reads a run directory that `benchmarks/smollm2.py` made (its fused variant and its text/calib.txt, text/eval.txt),
-builds the float graph of one configuration, quantizes every weight MatMul to static W8A8 (GPTQ rounding, minmax
+builds the float graph of one configuration, quantizes every weight MatMul to static W8A8 (GPTQ rounding, activation
 ranges over prefill and decode steps, as `pipeline quantize --recipe w8a8` does before its budget search), and
 prints held-out perplexity increase, top-1 agreement and KL against the fused fp32 graph: all MatMuls static,
-then with the 30 down_proj at 8-bit weight-only.
+then with the 30 down_proj at 8-bit weight-only (MatMulNBits rounded by GPTQ on its grid: what the search's w8
+fallback writes).
 
     python benchmarks/rotation_ablation.py --run runs/smol                       # what w8a8 does by default
     python benchmarks/rotation_ablation.py --run runs/smol --online-block 0 --outlier-channels 0
@@ -15,9 +16,12 @@ then with the 30 down_proj at 8-bit weight-only.
 not at all. --outlier-channels N: with smoothing, up to N channels per smoothed activation (those over 4x its
 99th-percentile channel peak) split off into a float MatMul (exporters/smoothing.py). --online-block B: the
 online block Hadamard before every down_proj (exporters/rotation.py's `online_hadamard`; 0: none), the rotation
-that cannot be folded (the SwiGLU product sits between up_proj and down_proj). --method: activation ranges;
---weight-bits 7|8: reduce_range or not. The defaults are `pipeline quantize --recipe w8a8`'s. About 5-10
-minutes a configuration, 2 threads.
+that cannot be folded (the SwiGLU product sits between up_proj and down_proj); the smoothing strengths are chosen
+for it. --method: activation ranges; --weight-bits 7|8: reduce_range or not. The defaults are `pipeline quantize
+--recipe w8a8`'s, and with them the script runs exactly its passes (exporters/quantization/recipes.py) up to the
+budget search; the options replace the configs of the `smooth` and `online_hadamard` steps (the recipe ties both
+to the rotation). Calibration and held-out windows are as many as the texts hold, up to --calib-windows and 2.
+About 5-10 minutes a configuration, 2 threads.
 """
 
 from __future__ import annotations
@@ -26,22 +30,23 @@ import argparse
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from exporters.calibration import KVCacheCalibrationReader, cpu_session, session_contract  # noqa: E402
-from exporters.quantize import (QuantConfig, StaticJob, _log_probs, _save, _sequences, _smooth_model,  # noqa: E402
-                                _targets, _with_value_info, gptq_weights, quantize_qdq, weight_hessians,
-                                write_mix)
-from exporters.rotation import online_hadamard, rotate  # noqa: E402
-from exporters.smoothing import find_smooth_groups, outlier_matmuls  # noqa: E402
+from exporters.onnx_io import save_model_auto  # noqa: E402
+from exporters.quantization import passes  # noqa: E402
+from exporters.quantization.config import QuantConfig  # noqa: E402
+from exporters.quantization.evaluate import agreement, sequences, session_log_probs  # noqa: E402
+from exporters.quantization.recipes import RECIPES  # noqa: E402
 from pipeline.data import token_windows  # noqa: E402
 from pipeline.stages.quantize import split_windows  # noqa: E402
 from runtimes.providers import int8_gemm_saturates  # noqa: E402
+
+SMOOTH_GROUPS = {"all": "all", "down": "gated", "none": "none"}  # --smooth -> SmoothConfig.groups
 
 
 def main() -> None:
@@ -66,52 +71,40 @@ def main() -> None:
                          outlier_channels=args.outlier_channels, calibrate_method=args.method,
                          rotate=args.rotate == "r1r2", online_hadamard=args.online_block,
                          reduce_range=int8_gemm_saturates() if args.weight_bits is None else args.weight_bits == 7)
-    reader = KVCacheCalibrationReader(fused, calib, config.plan)
-    ref = cpu_session(fused)
-    contract = session_contract(ref)
-    seqs = _sequences(held_out, contract)
-    refs = [_log_probs(ref, contract, s) for s in seqs]
+    reference, contract = session_log_probs(fused)
+    seqs = sequences(held_out, contract)
 
     def evaluate(path: Path) -> str:
-        session = cpu_session(path)
-        nll = ref_nll = n = agree = kl = 0.0
-        for ids, r in zip(seqs, refs):
-            lp = _log_probs(session, contract, ids)
-            at = np.arange(ids.size - 1)
-            nll -= lp[at, ids[1:]].sum()
-            ref_nll -= r[at, ids[1:]].sum()
-            n += ids.size - 1
-            agree += (lp.argmax(-1) == r.argmax(-1)).sum()
-            kl += (np.exp(r) * (r - lp)).sum()
-        return f"held-out ppl {np.exp(nll / n) / np.exp(ref_nll / n) - 1:+.2%}, top-1 {agree / n:.3f}, KL {kl / n:.4f}"
+        a = agreement(reference, session_log_probs(path)[0], seqs)
+        return f"held-out ppl {a.ppl_increase:+.2%}, top-1 {a.top1:.3f}, KL {a.kl:.4f}"
 
+    # w8a8's steps, the configs of these two replaced as asked (with the defaults, by what the recipe makes)
+    ablated = {"smooth": lambda c: replace(c, groups=SMOOTH_GROUPS[args.smooth], online_block=args.online_block),
+               "online_hadamard": lambda c: passes.OnlineHadamardConfig(args.online_block) if args.online_block
+               else None}
     t = time.time()
-    model = onnx.load(str(fused))
-    rotated = args.rotate == "r1r2" and rotate(model).residual
-    gated = [m for g in find_smooth_groups(model) if g.first_column is not None for m in g.matmuls]
-    if args.smooth != "none":
-        _smooth_model(model, reader, config, Path(tempfile.mkdtemp()), rotated=args.smooth == "down")
-    if args.online_block:
-        online_hadamard(model, gated, args.online_block)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        job = StaticJob(work / "fp32.onnx", work / "calibration.json", reader, config)
-        _save(_with_value_info(model), job.fp32_path)
-        print(f"float graph: {evaluate(job.fp32_path)}", flush=True)
-        split_off = outlier_matmuls(model)
-        targets = [t for t in _targets(model, ()) if t not in split_off]
-        hessians, tokens = weight_hessians(model, targets, reader, work)
-        rounded, _ = gptq_weights(model, targets, hessians, tokens, 64 if config.reduce_range else 127)
-        job = StaticJob(job.fp32_path, job.cache_path, reader, config, rounded)
-        out = work / "w8a8.onnx"
-        quantize_qdq(job, targets, out)
+        model = onnx.load(str(fused))
+        q = passes.Quantizing(model, fused, work / "model.onnx", work, calib, None, config.exclude)
+        q.targets = passes.targets(model, config.exclude)
+        for step in RECIPES["w8a8"]:
+            if step.name == "search":  # measured below instead: all static, then down_proj weight-only
+                break
+            if step.name == "targets":  # the float passes are done: exact in float, so ppl +0.00%
+                save_model_auto(q.model, work / "float.onnx")
+                print(f"float graph: {evaluate(work / 'float.onnx')}", flush=True)
+            step_config = step.config(config)
+            if step.name in ablated:
+                step_config = ablated[step.name](step_config)
+            if step_config is not None:
+                q = step.run(q, step_config)
         label = (f"rotate {args.rotate}, smooth {args.smooth}, outlier channels <= {args.outlier_channels}, "
                  f"online block {args.online_block or '-'}, {config.calibrate_method} ranges, "
                  f"{7 if config.reduce_range else 8}-bit weights")
-        print(f"{label}: all {len(targets)} MatMuls static: {evaluate(out)}", flush=True)
-        down = [x for x in targets if x.endswith("down_proj/MatMul")]
-        write_mix(job, [x for x in targets if x not in down], down, out)
-        print(f"{label}: down_proj 8-bit weight-only: {evaluate(out)} ({time.time() - t:.0f} s)", flush=True)
+        print(f"{label}: all {len(q.targets)} MatMuls static: {evaluate(q.staged)}", flush=True)
+        q.write([x for x in q.targets if x.endswith("down_proj/MatMul")])
+        print(f"{label}: down_proj 8-bit weight-only: {evaluate(q.staged)} ({time.time() - t:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":
