@@ -8,6 +8,7 @@ Nothing is ever downloaded: a path that does not exist locally is an error, even
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -82,18 +83,25 @@ def resolve_source(path: str | Path) -> Source:
 
 @contextmanager
 def quiet_progress() -> Iterator[None]:
-    """Hide transformers' per-file progress bars and its load reports: one tiny load should not print screens of
-    output, and what goes wrong is said in our one error line."""
+    """Hide transformers' per-file progress bars (and the plain tqdm bar of its GGUF conversion) and its load
+    reports: a load should not print screens of output, and what goes wrong is said in our one error line."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils  # its bar is plain tqdm, not transformers'
+
     was_enabled = hf_logging.is_progress_bar_enabled()
     verbosity = hf_logging.get_verbosity()
+    gguf_tqdm = getattr(gguf_utils, "tqdm", None)
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    if gguf_tqdm is not None:
+        gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
     try:
         yield
     finally:
         hf_logging.set_verbosity(verbosity)
         if was_enabled:
             hf_logging.enable_progress_bar()
+        if gguf_tqdm is not None:
+            gguf_utils.tqdm = gguf_tqdm
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:
