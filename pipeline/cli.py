@@ -174,39 +174,11 @@ def optimize(run_dir, as_json, **options):
 @user_errors
 def quantize(run_dir, as_json, **options):
     """Quantize a variant to int8 (QDQ) or int4/int8 weight-only, calibrated on prefill and decode steps."""
-    from pipeline.stages.quantize import quantize as quantize_stage
+    from pipeline.stages.quantize import quantize as quantize_stage, render
 
     cfg = QuantizeStageConfig(**options)
     results = quantize_stage(RunDir.open(run_dir), cfg)
-    recipe = cfg.recipe
-    def render(r):
-        click.echo(f"{recipe}: {r['size_before'] / 1e6:.2f} MB -> {r['size_after'] / 1e6:.2f} MB "
-                   f"({r['size_after'] / r['size_before']:.2f}x); {len(r['quantized_matmuls'])} MatMuls quantized, "
-                   f"{100 * r['quantized_flop_share']:.0f}% of weight-MatMul FLOPs")
-        if r.get("fallback_matmuls"):
-            click.echo(f"  8-bit weight-only instead: {len(r['fallback_matmuls'])} MatMuls, "
-                       f"{100 * r['fallback_flop_share']:.0f}% of FLOPs: " + ", ".join(r["fallback_matmuls"]))
-        if "reduce_range" in r:
-            click.echo(f"  static int8 weights: " + ("7-bit (reduce range: for x86 CPUs without VNNI)"
-                                                       if r["reduce_range"] else "8-bit"))
-        if r.get("ppl"):
-            click.echo(f"  calibration-side perplexity: fp32 {r['ppl']['fp32']:.3f} -> {r['ppl']['quantized']:.3f} "
-                       f"({100 * r['ppl']['increase']:+.2f}%)")
-        split = {n: why for n, why in r["float_matmuls"].items() if why.startswith("outlier channels")}
-        if split:
-            channels = sum(len(c) for c in r["smoothing"]["outlier_channels"].values())
-            click.echo(f"  outlier channels split off into float: {channels} channels of "
-                       f"{len(r['smoothing']['outlier_channels'])} activations ({len(split)} small MatMuls)")
-        online = {n for n, why in r["float_matmuls"].items() if why.startswith("online Hadamard")}
-        if online:
-            click.echo(f"  online Hadamard ({r['online_hadamard']['block']}-wide blocks, float) before "
-                       f"{len(online)} MatMuls")
-        kept = {n: why for n, why in r["float_matmuls"].items()
-                if "attention" not in why and n not in split and n not in online}
-        if kept:
-            click.echo(f"  left in float: " + ", ".join(f"{n} ({why})" for n, why in kept.items()))
-
-    emit(results, as_json, render)
+    emit(results, as_json, lambda r: click.echo(render(r)))
 
 
 @main.command(epilog="\b\nExample:\n  pipeline check runs/demo --variant w8a8 --steps 32")

@@ -183,9 +183,11 @@ def choose_static_targets(q: Quantizing, config: TargetsConfig) -> Quantizing:
     q.reasons.update({name: f"outlier channels of {main}: {now[name][0]} of its {now[main][0]} inputs, in float"
                       for name, main in split_off.items()})
     online = q.details.get("online_hadamard", {})
-    for name in online.get("matmuls", []):  # float, K*b multiply-adds per token
-        q.added_shapes[f"{name}{ONLINE_SUFFIX}/matmul"] = (now[name][0], online["block"])
-        q.reasons[f"{name}{ONLINE_SUFFIX}/matmul"] = f"online Hadamard rotation of {name}'s input, in float"
+    rotations = [f"{name}{ONLINE_SUFFIX}/matmul" for name in online.get("matmuls", [])]
+    for name, rotation in zip(online.get("matmuls", []), rotations):  # float, K*b multiply-adds per token
+        q.added_shapes[rotation] = (now[name][0], online["block"])
+        q.reasons[rotation] = f"online Hadamard rotation of {name}'s input, in float"
+    q.details["added_float_matmuls"] = {"outlier_split": sorted(split_off), "online_hadamard": rotations}
     return q
 
 

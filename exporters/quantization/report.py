@@ -19,6 +19,7 @@ class QuantReport:
     quantized_matmuls: list[str]        # in the recipe's own form (QDQ int8, or MatMulNBits of weight_bits)
     fallback_matmuls: dict[str, str]    # kept at 8-bit weight-only instead, with why
     float_matmuls: dict[str, str]       # everything else, with why
+    activation_matmuls: list[str]       # of those, the MatMuls of two activations (attention), never quantized
     quantized_flop_share: float         # share of weight-MatMul FLOPs (K*N per token) of quantized_matmuls
     fallback_flop_share: float          # ... of fallback_matmuls
     embedding: dict                     # {"bits", "block_size", "tables"}
@@ -52,7 +53,7 @@ def read_report(shapes: dict[str, tuple[int, int]], activation_matmuls: list[str
     total = max(sum(flops.values()), 1)
     return QuantReport(config.recipe, bits or 8, None if bits else 8, sorted(done),
                        {n: reasons[n] for n in sorted(fallback)},
-                       {n: why for n, why in sorted(reasons.items()) if n not in fallback},
+                       {n: why for n, why in sorted(reasons.items()) if n not in fallback}, sorted(activation_matmuls),
                        sum(flops[n] for n in done) / total, sum(flops[n] for n in fallback) / total,
                        {"bits": 8 if tables else 32, "block_size": config.block_size if tables else None,
                         "tables": tables}, details, config)

@@ -124,3 +124,33 @@ def quantize(run: RunDir, config: QuantizeStageConfig) -> dict:
                   report)
         phase(steps[2])
     return report
+
+
+def render(r: dict) -> str:
+    """The quantize report for a person: size, what runs in which form, and why the rest stays float."""
+    lines = [f"{r['recipe']}: {r['size_before'] / 1e6:.2f} MB -> {r['size_after'] / 1e6:.2f} MB "
+             f"({r['size_after'] / r['size_before']:.2f}x); {len(r['quantized_matmuls'])} MatMuls quantized, "
+             f"{100 * r['quantized_flop_share']:.0f}% of weight-MatMul FLOPs"]
+    if r.get("fallback_matmuls"):
+        lines.append(f"  8-bit weight-only instead: {len(r['fallback_matmuls'])} MatMuls, "
+                     f"{100 * r['fallback_flop_share']:.0f}% of FLOPs: " + ", ".join(r["fallback_matmuls"]))
+    if "reduce_range" in r:
+        lines.append("  static int8 weights: " + ("7-bit (reduce range: for x86 CPUs without VNNI)"
+                                                  if r["reduce_range"] else "8-bit"))
+    if r.get("ppl"):
+        lines.append(f"  calibration-side perplexity: fp32 {r['ppl']['fp32']:.3f} -> {r['ppl']['quantized']:.3f} "
+                     f"({100 * r['ppl']['increase']:+.2f}%)")
+    added = r.get("added_float_matmuls", {})
+    split, online = added.get("outlier_split", []), added.get("online_hadamard", [])
+    if split:
+        channels = sum(len(c) for c in r["smoothing"]["outlier_channels"].values())
+        lines.append(f"  outlier channels split off into float: {channels} channels of "
+                     f"{len(r['smoothing']['outlier_channels'])} activations ({len(split)} small MatMuls)")
+    if online:
+        lines.append(f"  online Hadamard ({r['online_hadamard']['block']}-wide blocks, float) before "
+                     f"{len(online)} MatMuls")
+    left = {n: why for n, why in r["float_matmuls"].items()
+            if n not in {*r["activation_matmuls"], *split, *online}}
+    if left:
+        lines.append("  left in float: " + ", ".join(f"{n} ({why})" for n, why in left.items()))
+    return "\n".join(lines)

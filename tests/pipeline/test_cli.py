@@ -402,3 +402,18 @@ def test_gguf_source_becomes_a_hugging_face_directory_for_peers(tmp_path, tied):
     stamp = (out / "model.safetensors").stat().st_mtime_ns
     assert hf_directory(str(gguf_path), out) == out and (out / "model.safetensors").stat().st_mtime_ns == stamp
     assert not list(out.parent.glob(".hf-*"))
+
+
+def test_the_quantize_summary_reads_what_the_report_lists_not_its_reason_texts():
+    from pipeline.stages.quantize import render
+
+    report = {"recipe": "w8a8", "size_before": 4e6, "size_after": 1e6, "quantized_matmuls": ["a", "b"],
+              "quantized_flop_share": 0.9, "fallback_matmuls": {}, "fallback_flop_share": 0.0, "reduce_range": False,
+              "ppl": None, "added_float_matmuls": {"outlier_split": ["s"], "online_hadamard": ["h"]},
+              "smoothing": {"outlier_channels": {"x": [1, 2]}}, "online_hadamard": {"block": 128},
+              "float_matmuls": {"s": "any words", "h": "any words", "attn": "any words", "lm": "excluded by config"},
+              "activation_matmuls": ["attn"]}
+    lines = render(report).splitlines()
+    assert lines[0] == "w8a8: 4.00 MB -> 1.00 MB (0.25x); 2 MatMuls quantized, 90% of weight-MatMul FLOPs"
+    assert "2 channels of 1 activations (1 small MatMuls)" in lines[2] and "before 1 MatMuls" in lines[3]
+    assert lines[-1] == "  left in float: lm (excluded by config)"
