@@ -28,7 +28,6 @@ class Option:
     optional: bool = False           # None is a value (meaning: decided later, see help)
     many: bool = False               # a tuple of values: the flag repeats; a comma also separates them
     off: str | None = None           # a boolean's negative flag (--no-rotate); a bare flag when None
-    cli: bool = True                 # False: TOML and Python only (a table of thresholds, say)
 
 
 def option(kind: type, default: Any, help: str, **spec) -> Any:
@@ -49,11 +48,11 @@ def check_options(config) -> None:
     for f, opt in options_of(type(config)):
         value = getattr(config, f.name)
         if opt.many:
-            if isinstance(value, str):
-                value = tuple(v.strip() for v in value.split(",") if v.strip())
+            value = (value,) if isinstance(value, str) else value
             if not isinstance(value, (list, tuple)):
                 raise UserError(f"{f.name} is {value!r}: give a list of {_kind_name(opt)}")
-            items = tuple(v for item in value for v in (item.split(",") if isinstance(item, str) else [item]) if v != "")
+            items = tuple(v for item in value
+                          for v in ([s.strip() for s in item.split(",")] if isinstance(item, str) else [item]) if v != "")
             object.__setattr__(config, f.name, items)
             for item in items:
                 _check_value(f.name, item, opt)
@@ -109,16 +108,14 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def click_options(cls, skip: tuple[str, ...] = ()):
-    """Decorator: one click option per declared option of `cls` (but `skip`), passed under the field's name.
+def click_options(cls):
+    """Decorator: one click option per declared option of `cls`, passed under the field's name.
 
-    Types are left to the config's own checks (so a value outside the bounds is the same one line from any
-    entry); click only turns the text into an int or float.
+    Bounds are left to the config's own checks, so a value outside them is the same one line from any entry;
+    click turns the text into an int or float and offers the choices in --help.
     """
     def decorate(fn):
         for f, opt in reversed(options_of(cls)):
-            if not opt.cli or f.name in skip:
-                continue
             flag = flag_name(f.name)
             kwargs: dict = {"help": opt.help, "default": f.default, "show_default": f.default not in (None, "", ())}
             if f.default is dataclasses.MISSING:
@@ -155,7 +152,7 @@ def markdown(tables: dict[str, type]) -> str:
         lines += [f"## [{table}]", "", "| TOML key | CLI flag | default | takes | what it does |", "|---|---|---|---|---|"]
         for f, opt in options_of(cls):
             default = "required" if f.default is dataclasses.MISSING else f"`{toml_value(f.default)}`"
-            flag = (f"`{flag_name(f.name)}/{opt.off}`" if opt.off else f"`{flag_name(f.name)}`") if opt.cli else "—"
+            flag = f"`{flag_name(f.name)}/{opt.off}`" if opt.off else f"`{flag_name(f.name)}`"
             takes = expected(opt).removeprefix("give ") + (" (a list)" if opt.many else "")
             lines.append(f"| `{f.name}` | {flag} | {default} | {takes}{' or unset' if opt.optional else ''} | "
                          + opt.help.replace("|", "\\|") + " |")
