@@ -16,9 +16,10 @@ The manifest never lies about the files beside it:
   there, and only then publishes them: the old files are moved aside, the new ones renamed into place and the new
   manifest swapped in, with Ctrl-C held back for those few renames. A stage that fails or is interrupted leaves
   the run exactly as it was.
-- Replacing an artifact removes everything derived from the old one (re-exporting drops the old model's
-  variants), and every artifact records the digest of the parent it was made from: a variant whose parent
-  changed since, or whose files differ from their record, is refused by every stage that reads it.
+- Replacing an artifact with different bytes removes everything derived from the old one (re-exporting another
+  model drops the old model's variants; re-exporting the same one keeps them), and every artifact records the
+  digest of the parent it was made from: a variant whose parent changed since, or whose files differ from their
+  record, is refused by every stage that reads it.
 - A directory that holds files but no manifest is not a run directory and is never written into.
 """
 
@@ -209,14 +210,15 @@ class Transaction:
                 raise UserError(f"{name!r} in run {run.root} was replaced while this stage ran: rerun it")
         units: list[str] = []
         for stage, config, inputs, outputs, results in self.pending:
+            described = {name: self._describe(art) for name, art in outputs.items()}
             replaced = {n for n in outputs if n in arts}
-            doomed = descendants(arts, replaced) - set(outputs)
+            changed = {n for n in replaced if arts[n]["digest"] != described[n]["digest"]}
+            doomed = descendants(arts, changed) - set(outputs)  # made from what changed; the same bytes keep them
             for name in sorted(replaced | doomed):
                 if (unit := unit_of(arts[name])) is not None and (run.root / unit).exists():
                     units.append(unit)
             for name in doomed:
                 del arts[name]
-            described = {name: self._describe(art) for name, art in outputs.items()}
             for name, art in outputs.items():
                 parent = art.get("parent")
                 made_from = described.get(parent) or arts.get(parent) or {}

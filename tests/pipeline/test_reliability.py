@@ -184,6 +184,14 @@ def test_3_check_windows_are_bounded(run, text_file):
 
 # ---- 4. re-export removes what was derived from the old model; lineage is checked -------------------------
 
+def test_4_reexporting_the_same_model_keeps_its_variants(run, llama_dir):
+    before = RunDir(run).load()["artifacts"]
+    invoke("export", "--model", llama_dir, "--out", run)
+    after = RunDir(run).load()["artifacts"]
+    assert set(after) == set(before) and after["fp32"]["digest"] == before["fp32"]["digest"]
+    invoke("generate", run, "--variant", "w8", "--prompt", "def", "--max-new-tokens", "2")  # lineage still holds
+
+
 def test_4_reexport_drops_the_old_models_variants(run, qwen_dir, tmp_path, capsys):
     llama_w8 = sha256(run / "variants/w8/model.onnx")
     invoke("export", "--model", qwen_dir, "--out", run)
