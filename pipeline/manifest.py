@@ -370,13 +370,11 @@ class RunDir:
         finally:
             os.close(fd)
 
-    def record(self, stage: str, config: dict, inputs: dict[str, str], outputs: dict[str, dict],
-               results: dict) -> None:
-        """Append a stage that wrote no files into the run (check, bench, package)."""
-        if outputs:
-            raise ValueError("a stage that writes artifacts records them through transaction()")
+    def record(self, stage: str, config: dict, inputs: dict[str, str], results: dict) -> None:
+        """Append a stage that wrote no files into the run (check, bench, package); one that writes artifacts
+        records them through transaction()."""
         with self.transaction() as tx:
-            tx.record(stage, config, inputs, outputs, results)
+            tx.record(stage, config, inputs, {}, results)
 
     def results(self, stage: str) -> dict:
         """The latest results of a stage, {} if it never ran."""

@@ -155,7 +155,7 @@ def bench(run: RunDir, config: BenchConfig) -> dict:
     failed = [name for name, r in rows.items() if r.get("error")]
     results = {"provider": config.provider, "threads": config.threads, "prompt_len": config.prompt_len,
                "new_tokens": config.new_tokens, "rows": rows, "failed": failed, "passed": not failed}
-    run.record("bench", asdict(config), {n: str(p) for n, p in paths.items()}, {}, results)
+    run.record("bench", asdict(config), {n: str(p) for n, p in paths.items()}, results)
     return results
 
 

@@ -52,13 +52,15 @@ def check_fits(config: CheckConfig, context: int, vocab: int, heads: int, availa
     if config.prompt_tokens + config.steps > context:
         raise UserError(f"prompt_tokens + steps ({config.prompt_tokens} + {config.steps}) exceed the "
                         f"model's context of {context}")
-    need = 8 * LOGIT_COPIES * config.window * vocab + 4 * 2 * heads * config.window ** 2
-    if need > 0.8 * available:
-        fits = next(w for w in (4096, 2048, 1024, 512, 256, 128, 64, 32, 16, 8, 2)
-                    if 8 * LOGIT_COPIES * w * vocab + 8 * heads * w * w <= 0.8 * available)
-        raise UserError(f"a window of {config.window} tokens needs about {need / 2**30:.1f} GiB for its logits "
-                        f"(vocabulary {vocab}) and attention, more than the {available / 2**30:.1f} GiB available: "
-                        f"give a window of at most {fits}")
+    def need(window: int) -> int:  # bytes: float64 logit copies, and float32 scores for the model and its grads
+        return 8 * LOGIT_COPIES * window * vocab + 4 * 2 * heads * window ** 2
+
+    if need(config.window) > 0.8 * available:
+        fits = [w for w in (4096, 2048, 1024, 512, 256, 128, 64, 32, 16, 8, 2) if need(w) <= 0.8 * available]
+        advice = f"give a window of at most {fits[0]}" if fits else "free memory first"
+        raise UserError(f"a window of {config.window} tokens needs about {need(config.window) / 2**30:.1f} GiB for "
+                        f"its logits (vocabulary {vocab}) and attention, more than the {available / 2**30:.1f} GiB "
+                        f"available: {advice}")
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -216,7 +218,7 @@ def check(run: RunDir, config: CheckConfig) -> dict:
     results = {"variants": rows, "passed": all(not r["failed"] for r in rows),
                "tokens_evaluated": sum(len(w) - 1 for w in windows)}
     cfg = {k: v for k, v in asdict(config).items() if k != "thresholds"}
-    run.record("check", cfg, {n: str(p) for n, p in paths.items()}, {}, results)
+    run.record("check", cfg, {n: str(p) for n, p in paths.items()}, results)
     return results
 
 

@@ -1,8 +1,9 @@
 """Stage `export`: a checkpoint (ours, a Hugging Face directory or a .gguf file) -> variants/fp32/model.onnx.
 
 The graph is validated against PyTorch before it becomes visible: until then it lives in the run's staging
-directory, so an interrupted or failed export leaves the run as it was. A new export replaces the run's source,
-so every variant made from the old one is removed with it.
+directory, so an interrupted or failed export leaves the run as it was. An export of another model replaces the
+run's source, and every variant made from the old one is removed with it (the same model's export is the same
+bytes, and keeps them).
 """
 
 from __future__ import annotations

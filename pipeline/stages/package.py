@@ -340,5 +340,5 @@ def package(run: RunDir, config: PackageConfig) -> dict:
                "archive": str(archive) if archive else None,
                "archive_bytes": archive.stat().st_size if archive else None,
                "genai_type": genai_type(contract.family)}
-    run.record("package", asdict(config), {variant: str(run.variant_path(variant))}, {}, results)
+    run.record("package", asdict(config), {variant: str(run.variant_path(variant))}, results)
     return results
