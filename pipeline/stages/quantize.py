@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from exporters.quantization.config import CALIBRATE_METHODS, FALLBACKS, RECIPES, ROUNDINGS
 from models.errors import UserError
 from pipeline import progress
 from pipeline.data import token_windows
@@ -11,8 +12,6 @@ from pipeline.manifest import RunDir
 from pipeline.options import check_options, fits_context, option
 from runtimes.providers import int8_gemm_saturates
 
-RECIPES = ("w8a8", "static", "w8", "w4")
-METHODS = ("minmax", "percentile", "entropy")
 
 
 MAX_WINDOWS = 4096  # calibration / validation windows: more than any calibration text here fills
@@ -25,7 +24,7 @@ class QuantizeStageConfig:
                          "static: plain QDQ int8; w8/w4: weight-only MatMulNBits.", choices=RECIPES)
     source: str = option(str, "", "Variant to quantize (default: fused if present, else fp32).")
     method: str | None = option(str, None, "Activation calibration method. Default: percentile (99.999% of |x|) "
-                                "for w8a8, minmax for static.", choices=METHODS, optional=True)
+                                "for w8a8, minmax for static.", choices=CALIBRATE_METHODS, optional=True)
     per_channel: bool = option(bool, True, "Weight scale granularity: one scale per output channel, or per "
                                "tensor.", off="--per-tensor")
     calib_windows: int = option(int, 16, "Calibration windows of text (each also seeds decode steps; w8a8's GPTQ "
@@ -37,7 +36,7 @@ class QuantizeStageConfig:
                                      "leave static int8.", lo=0)
     fallback: str = option(str, "w8", "w8a8: what the MatMuls the budget takes out of static int8 become: int8 "
                            "weight-only (MatMulNBits) or float (a pure QDQ graph, for NPU execution providers).",
-                           choices=("w8", "float"))
+                           choices=FALLBACKS)
     w4_max_ppl_increase: float = option(float, 0.08, "w4: MatMuls move to 8 bits, most damaging first, until "
                                         "perplexity is within this.", lo=0)
     block_size: int = option(int, 32, "w8/w4: MatMulNBits block size (a power of 2, at least 16).", lo=16)
@@ -46,7 +45,7 @@ class QuantizeStageConfig:
     calib_text: str | None = option(str, None, "Text file to calibrate on (default: the corpus's calib split).",
                                     optional=True)
     weight_rounding: str = option(str, "gptq", "w8a8/w8/w4: weights rounded by GPTQ (least output error on the "
-                                  "calibration text) or to nearest.", choices=("gptq", "nearest"))
+                                  "calibration text) or to nearest.", choices=ROUNDINGS)
     rotate: bool = option(bool, True, "w8a8: fold randomized Hadamard rotations into the weights (residual stream "
                           "and attention values) before smoothing, exact in float and adding no ops; and the "
                           "online one of --online-hadamard.", off="--no-rotate")

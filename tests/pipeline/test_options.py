@@ -38,7 +38,7 @@ def test_docs_config_md_lists_every_option_as_declared():
 
 
 @pytest.mark.parametrize("table,needle", [
-    ("[quantize]\nrecipe = 'w9'", "[quantize] recipe is 'w9': give one of w8a8, static, w8, w4"),
+    ("[quantize]\nrecipe = 'w9'", "[quantize] recipe is 'w9': give one of static, w8a8, w8, w4"),
     ("[bench]\nthreads = 'two'", "[bench] threads is 'two': give a whole number from 1 to 1024"),
     ("[check]\nwindows = 0", "[check] windows is 0"),
     ("[quantize]\ncalibrate_method = 'minmax'", "[quantize] has unknown key(s) ['calibrate_method']"),
