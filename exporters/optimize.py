@@ -279,12 +279,8 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     return dict(Counter(n.op_type for n in model.graph.node))
 
 
-def optimize(in_path: str | Path, out_path: str | Path, config: OptimizeConfig = OptimizeConfig()) -> dict:
-    """Fuse `in_path` into `out_path`; returns {fused op counts, node counts, parity} for the manifest."""
-    in_path, out_path = Path(in_path), Path(out_path)
-    model = load_onnx(in_path)
-    contract = read_contract(model, in_path)
-    nodes_before = len(model.graph.node)
+def fuse(model: onnx.ModelProto, contract: Contract) -> tuple[onnx.ModelProto, dict]:
+    """A traced export's attention fused into GroupQueryAttention, projections packed, ORT's norm fusions."""
     if contract.head_dim % 16:
         raise UserError(f"head_dim {contract.head_dim} is not a multiple of 16, which onnxruntime's "
                         f"GroupQueryAttention requires: use the unfused export for this model")
@@ -304,6 +300,22 @@ def optimize(in_path: str | Path, out_path: str | Path, config: OptimizeConfig =
     remove_dead_nodes(model)
     model = ort_fusions(model, contract)
     remove_dead_nodes(model)
+    return model, packed
+
+
+def optimize(in_path: str | Path, out_path: str | Path, config: OptimizeConfig = OptimizeConfig()) -> dict:
+    """Fuse `in_path` into `out_path`; returns {fused op counts, node counts, parity} for the manifest."""
+    in_path, out_path = Path(in_path), Path(out_path)
+    model = load_onnx(in_path)
+    contract = read_contract(model, in_path)
+    nodes_before = len(model.graph.node)
+    packed = {"qkv": 0, "gate_up": 0}
+    if contract.fused_attention:  # built fused by `pipeline export`: only the float16 conversion is left
+        if not config.fp16:
+            raise UserError(f"{in_path} is fused already (built by `pipeline export`): nothing to fuse; "
+                            "--fp16 converts it to float16")
+    else:
+        model, packed = fuse(model, contract)
     contract = replace(contract, fused_attention=True)
     if config.fp16:
         model = to_fp16(model)

@@ -137,8 +137,9 @@ def export(out, as_json, **options):
 
     results = export_stage(RunDir.open(out, create=True), ExportConfig(**options))
     emit(results, as_json, lambda r: click.echo(
-        f"exported {r['parameters']:,} parameters -> {out}/variants/fp32/model.onnx "
-        f"({r['size_bytes'] / 1e6:.1f} MB); parity vs PyTorch: "
+        f"exported {r['parameters']:,} parameters ({r['graph']}) -> {out}/variants/{r['variant']}/model.onnx "
+        f"({r['size_bytes'] / 1e6:.1f} MB); parity vs PyTorch"
+        + (f" ({r['parity_checked']})" if "parity_checked" in r else "") + ": "
         + ", ".join(f"{k} {v:.2g}" for k, v in r["parity_max_abs_diff"].items())))
 
 
@@ -154,17 +155,20 @@ def optimize(run_dir, as_json, **options):
     from pipeline.stages.optimize import optimize as optimize_stage
 
     cfg = OptimizeStageConfig(**options)
-    results = optimize_stage(RunDir.open(run_dir), cfg)
+    run = RunDir.open(run_dir)
+    results = optimize_stage(run, cfg)
+    if "nothing_to_do" in results:
+        return emit(results, as_json, lambda r: click.echo(r["nothing_to_do"]))
     parity = ", ".join(f"{k} {v:.2g}" for k, v in (results["parity_max_abs_logit_diff"] or {}).items())
     if cfg.native_int8:
         emit(results, as_json, lambda r: click.echo(
             f"{cfg.target}: {r['matmuls']} MatMuls on {r['kernel']}, {r['nodes_before']} -> {r['nodes_after']} "
-            f"nodes; max |logit diff| vs {cfg.source_variant}: {parity}"))
+            f"nodes; max |logit diff| vs {cfg.source_in(run)}: {parity}"))
     else:
         emit(results, as_json, lambda r: click.echo(
             f"{cfg.target}: {r['nodes_before']} -> {r['nodes_after']} nodes; fused ops: "
             + ", ".join(f"{k} {v}" for k, v in sorted(r["fused_ops"].items()))
-            + f"; max |logit diff| vs unfused: {parity}"))
+            + f"; max |logit diff| vs {cfg.source_in(run)}: {parity}"))
 
 
 @main.command(epilog="\b\nExample:\n  pipeline quantize runs/demo --recipe w8a8 --method percentile")

@@ -1,4 +1,12 @@
-"""Stage `export`: a checkpoint (ours, a Hugging Face directory or a .gguf file) -> variants/fp32/model.onnx.
+"""Stage `export`: a checkpoint (ours, a Hugging Face directory or a .gguf file) -> an ONNX variant.
+
+Two routes (`--graph`):
+- built (the default for the Llama-shaped families: llama, mistral, qwen2): exporters/builder.py writes the fused
+  graph straight from the config and the weights, streamed tensor by tensor -> variants/fused. `pipeline
+  optimize` then has nothing to fuse (it only converts to float16 with --fp16).
+- traced: the decoder is loaded in PyTorch and traced -> variants/fp32 (unfused; `pipeline optimize` fuses it).
+  It is the route for GPT-2, and the independent oracle the builder is tested against.
+`auto` picks built where the builder emits the family, else traced.
 
 The graph is validated against PyTorch before it becomes visible: until then it lives in the run's staging
 directory, so an interrupted or failed export leaves the run as it was. An export of another model replaces the
@@ -9,6 +17,7 @@ bytes, and keeps them).
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,48 +25,113 @@ from pipeline import progress
 from pipeline.manifest import RunDir
 from pipeline.options import check_options, option
 
+GRAPHS = ("auto", "built", "traced")
+
 
 @dataclass(frozen=True)
 class ExportConfig:
     model: str = option(str, dataclasses.MISSING, "Checkpoint directory (Hugging Face or ours) or .gguf file; "
                         "nothing is downloaded.")
+    graph: str = option(str, "auto", "built: the fused graph written from the config and weights, streamed "
+                        "(variants/fused; llama, mistral, qwen2); traced: PyTorch tracing (variants/fp32, fused "
+                        "by `optimize`); auto: built where possible.", choices=GRAPHS)
 
     def __post_init__(self):
         check_options(self)
 
 
 def export(run: RunDir, config: ExportConfig) -> dict:
+    from models.weights import NotBuildable, open_weights
+
+    if config.graph == "traced":
+        return export_traced(run, config)
+    try:
+        weights = open_weights(config.model)
+    except NotBuildable:
+        if config.graph == "built":
+            raise
+        return export_traced(run, config)
+    return export_built(run, config, weights)
+
+
+def own_checkpoint(run: RunDir, model: str) -> bool:
+    """Whether `model` is the run's own trained checkpoint (the export is then derived from it)."""
+    return (Path(model).resolve() == (run.root / "checkpoint").resolve()
+            and "checkpoint" in run.load()["artifacts"])
+
+
+def publish_export(tx, run: RunDir, config: ExportConfig, variant: str, source_info: dict, bos, eos,
+                   results: dict) -> None:
+    """Tokenizer, then the source and variant records: the same for both routes."""
+    from models.hf import export_tokenizer
+
+    model_path = Path(config.model).resolve()
+    own = own_checkpoint(run, config.model)
+    if own:
+        tx.read("checkpoint")
+    tokenizer = export_tokenizer(config.model, tx.staging)
+    source = {**source_info, "kind": "source", "path": str(model_path), "parent": "checkpoint" if own else None,
+              "bos_token_id": bos, "eos_token_id": eos}
+    outputs = {"source": source,
+               variant: {"kind": "onnx", "path": f"variants/{variant}/model.onnx", "parent": "source"}}
+    if tokenizer is not None:
+        outputs["tokenizer"] = {"kind": "tokenizer", "path": "tokenizer.json", "parent": "source"}
+    tx.record("export", asdict(config), {"model": config.model}, outputs, results)
+
+
+def export_built(run: RunDir, config: ExportConfig, weights) -> dict:
+    """`weights`: the checkpoint opened by models.weights.open_weights."""
+    from exporters.builder import ORACLE_BYTES, build_graph, check_built
+    from runtimes.bench import model_bytes
+
+    with progress.phases("export", ["build graph", "validate against PyTorch", "tokenizer",
+                                    "publish"]) as phase, run.transaction() as tx:
+        phase("build graph")
+        out = tx.variant_path("fused")
+        start = time.perf_counter()
+        with progress.bar(weights.config.num_layers, "build", unit="layer") as bar:
+            contract = build_graph(weights, out, on_layer=lambda i: bar.update(1))
+        seconds = time.perf_counter() - start
+        phase("validate against PyTorch")
+        reference = None
+        if 4 * weights.parameters() <= ORACLE_BYTES:
+            from models.hf import load_model
+
+            reference = load_model(config.model).model
+        check = check_built(weights, out, contract, reference)
+        results = {"graph": "built", "variant": "fused",
+                   "contract": {"num_layers": contract.num_layers, "num_kv_heads": contract.num_kv_heads,
+                                "head_dim": contract.head_dim, "vocab_size": contract.vocab_size},
+                   "parameters": weights.parameters(), "source_dtype": weights.storage_dtype,
+                   "build_seconds": round(seconds, 2), "parity_checked": check["how"],
+                   "parity_max_abs_diff": check["max_abs_diff"], "size_bytes": model_bytes(out)}
+        phase("tokenizer")
+        publish_export(tx, run, config, "fused", weights.source, weights.bos_token_id, weights.eos_token_id, results)
+        phase("publish")
+    return results
+
+
+def export_traced(run: RunDir, config: ExportConfig) -> dict:
     from exporters.export import export_onnx, validate_export
-    from models.hf import export_tokenizer, load_model
+    from models.hf import load_model
     from runtimes.bench import model_bytes
 
     with progress.phases("export", ["load checkpoint", "trace to ONNX", "validate against PyTorch", "tokenizer",
                                     "publish"]) as phase, run.transaction() as tx:
         phase("load checkpoint")
         loaded = load_model(config.model)
-        model_path = Path(config.model).resolve()
-        own_checkpoint = (model_path == (run.root / "checkpoint").resolve()  # trained here: derived from it
-                          and "checkpoint" in run.load()["artifacts"])
-        if own_checkpoint:
-            tx.read("checkpoint")
         phase("trace to ONNX")
         out = tx.variant_path("fp32")
         contract = export_onnx(loaded.model, out, validate=False)
         phase("validate against PyTorch")
         parity = validate_export(loaded.model, out, contract)
         phase("tokenizer")
-        tokenizer = export_tokenizer(config.model, tx.staging)
-        results = {"contract": {"num_layers": contract.num_layers, "num_kv_heads": contract.num_kv_heads,
+        results = {"graph": "traced", "variant": "fp32",
+                   "contract": {"num_layers": contract.num_layers, "num_kv_heads": contract.num_kv_heads,
                                 "head_dim": contract.head_dim, "vocab_size": contract.vocab_size},
                    "parameters": loaded.model.num_parameters(),
                    "parity_max_abs_diff": {p.step: p.worst[1] for p in parity},
                    "size_bytes": model_bytes(out)}
-        source = {**loaded.source, "kind": "source", "path": str(model_path),
-                  "parent": "checkpoint" if own_checkpoint else None,
-                  "bos_token_id": loaded.bos_token_id, "eos_token_id": loaded.eos_token_id}
-        outputs = {"source": source, "fp32": {"kind": "onnx", "path": "variants/fp32/model.onnx", "parent": "source"}}
-        if tokenizer is not None:
-            outputs["tokenizer"] = {"kind": "tokenizer", "path": "tokenizer.json", "parent": "source"}
-        tx.record("export", asdict(config), {"model": config.model}, outputs, results)
+        publish_export(tx, run, config, "fp32", loaded.source, loaded.bos_token_id, loaded.eos_token_id, results)
         phase("publish")
     return results

@@ -23,7 +23,8 @@ NATIVE_TOLERANCE = 1e-3  # max |logit difference| of a -native variant: float ro
 
 @dataclass(frozen=True)
 class OptimizeStageConfig:
-    source: str = option(str, "", "Variant to rewrite (default: fp32, or w8a8 with --native-int8).")
+    source: str = option(str, "", "Variant to rewrite (default: fp32, or the built fused variant when export "
+                         "built it, or w8a8 with --native-int8).")
     fp16: bool = option(bool, False, "Also convert to float16 (for the CUDA / TensorRT providers).")
     native_int8: bool = option(bool, False, "Instead of fusing: put a static int8 variant's MatMuls on pipeline's "
                                "native CPU kernel (x86-64 with AVX512-VNNI; build it with `python -m runtimes.kernels "
@@ -33,6 +34,13 @@ class OptimizeStageConfig:
         check_options(self)
         if self.fp16 and self.native_int8:
             raise UserError("--native-int8 rewrites a static int8 variant; --fp16 is for fusion")
+
+    def source_in(self, run: RunDir) -> str:
+        """The variant rewritten: --source, else w8a8 for --native-int8, fp32 from a traced export, or fused
+        when export built it (fused already: only --fp16 has work to do)."""
+        if self.source or self.native_int8:
+            return self.source_variant
+        return "fused" if "fp32" not in run.variants() and "fused" in run.variants() else "fp32"
 
     @property
     def source_variant(self) -> str:
@@ -62,7 +70,10 @@ def native_parity(source, target, steps: int = 4, prompt_len: int = 8) -> float:
 
 
 def optimize(run: RunDir, config: OptimizeStageConfig) -> dict:
-    source, target = config.source_variant, config.target
+    source, target = config.source_in(run), config.target
+    if source == "fused" == target and not config.source:  # export built it fused: nothing left to do
+        return {"nothing_to_do": "variants/fused was built fused by `pipeline export`; --fp16 makes a float16 "
+                                 "copy", "fused_ops": {}, "parity_max_abs_logit_diff": None}
     if source == target:
         raise UserError(f"--source {source} would be replaced by its own rewrite: give the variant it was made from")
     with progress.phases(f"optimize {target}", ["rewrite", "publish"]) as phase, run.transaction() as tx:

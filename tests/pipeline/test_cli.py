@@ -43,7 +43,7 @@ def one_line_error(result, *needles: str) -> None:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, llama_dir, text_file) -> Path:
     out = tmp_path_factory.mktemp("run") / "run"
-    invoke("export", "--model", llama_dir, "--out", out)
+    invoke("export", "--model", llama_dir, "--graph", "traced", "--out", out)
     invoke("optimize", out)
     return out
 
@@ -290,7 +290,7 @@ def test_run_from_toml_config(tmp_path, llama_dir, text_file):
                    f'[package]\nout = "{tmp_path / "bundle"}"\n')
     invoke("run", cfg)
     stages = [s["stage"] for s in json.loads((tmp_path / "r/manifest.json").read_text())["stages"]]
-    assert stages == ["export", "optimize", "check", "package"]
+    assert stages == ["export", "check", "package"]  # export built the fused graph: optimize had nothing to do
     bundle = json.loads((tmp_path / "bundle/manifest.json").read_text())
     assert "model.onnx" in json.dumps(bundle["files"]) and (tmp_path / "bundle/genai_config.json").exists()
 
@@ -307,7 +307,7 @@ def test_run_config_errors_are_one_line(tmp_path):
 @pytest.mark.parametrize("family", ["gpt2", "qwen2", "mistral"])
 def test_other_families_export_fuse_and_match(tmp_path, family, text_file):
     ckpt = make_hf_checkpoint(tmp_path / "ckpt", family)
-    invoke("export", "--model", ckpt, "--out", tmp_path / "run")
+    invoke("export", "--model", ckpt, "--graph", "traced", "--out", tmp_path / "run")
     invoke("optimize", tmp_path / "run")
     counts = Counter(n.op_type for n in onnx.load(str(tmp_path / "run/variants/fused/model.onnx")).graph.node)
     assert counts["GroupQueryAttention"] == 2
@@ -361,7 +361,7 @@ def test_interrupted_export_leaves_nothing_half_written(tmp_path, llama_dir, mon
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch.onnx, "export", interrupted)
-    r = invoke("export", "--model", llama_dir, "--out", tmp_path / "r", ok=False)
+    r = invoke("export", "--model", llama_dir, "--graph", "traced", "--out", tmp_path / "r", ok=False)
     assert r.exit_code == 130 and "Traceback" not in r.output
     leftovers = [p for p in (tmp_path / "r").rglob("*") if p.is_file() or p.name.startswith(".")]
     assert not [p for p in leftovers if p.suffix in (".onnx", ".data") or p.name.startswith(".export")]

@@ -39,7 +39,7 @@ EOS = 0  # make_hf_checkpoint's eos_token_id
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, llama_dir) -> Path:
     out = tmp_path_factory.mktemp("run") / "run"
-    invoke("export", "--model", llama_dir, "--out", out)
+    invoke("export", "--model", llama_dir, "--graph", "traced", "--out", out)
     invoke("optimize", out)
     return out
 
@@ -428,7 +428,7 @@ def test_onnxruntime_genai_loads_the_bundle_and_agrees(genai_python, bundles, ru
 def test_onnxruntime_genai_runs_a_gpt2_bundle_as_a_generic_decoder(genai_python, tmp_path):
     checkpoint = make_hf_checkpoint(tmp_path / "gpt2", "gpt2")
     run = tmp_path / "run"
-    invoke("export", "--model", checkpoint, "--out", run)
+    invoke("export", "--model", checkpoint, "--graph", "traced", "--out", run)
     invoke("optimize", run)
     invoke("package", run, "--out", tmp_path / "b")
     assert json.loads((tmp_path / "b" / "genai_config.json").read_text())["model"]["type"] == "decoder"

@@ -18,7 +18,7 @@ from tests.pipeline.test_cli import invoke, one_line_error
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, llama_dir) -> Path:
     out = tmp_path_factory.mktemp("run") / "run"
-    invoke("export", "--model", llama_dir, "--out", out)
+    invoke("export", "--model", llama_dir, "--graph", "traced", "--out", out)
     return out
 
 

@@ -53,7 +53,7 @@ def one_line(result, *needles: str, code: int = 2) -> str:
 def base_run(tmp_path_factory, llama_dir, text_file) -> Path:
     """A run with fp32, fused and w8: copied by each test that changes it."""
     out = tmp_path_factory.mktemp("base") / "run"
-    invoke("export", "--model", llama_dir, "--out", out)
+    invoke("export", "--model", llama_dir, "--graph", "traced", "--out", out)
     invoke("optimize", out)
     invoke("quantize", out, "--recipe", "w8", "--calib-text", text_file)
     return out
@@ -186,7 +186,7 @@ def test_3_check_windows_are_bounded(run, text_file):
 
 def test_4_reexporting_the_same_model_keeps_its_variants(run, llama_dir):
     before = RunDir(run).load()["artifacts"]
-    invoke("export", "--model", llama_dir, "--out", run)
+    invoke("export", "--model", llama_dir, "--graph", "traced", "--out", run)
     after = RunDir(run).load()["artifacts"]
     assert set(after) == set(before) and after["fp32"]["digest"] == before["fp32"]["digest"]
     invoke("generate", run, "--variant", "w8", "--prompt", "def", "--max-new-tokens", "2")  # lineage still holds
@@ -194,7 +194,7 @@ def test_4_reexporting_the_same_model_keeps_its_variants(run, llama_dir):
 
 def test_4_reexport_drops_the_old_models_variants(run, qwen_dir, tmp_path, capsys):
     llama_w8 = sha256(run / "variants/w8/model.onnx")
-    invoke("export", "--model", qwen_dir, "--out", run)
+    invoke("export", "--model", qwen_dir, "--graph", "traced", "--out", run)
     assert sorted(p.name for p in (run / "variants").iterdir()) == ["fp32"]
     data = RunDir(run).load()
     assert set(data["artifacts"]) == {"source", "fp32", "tokenizer"} and data["artifacts"]["source"]["family"] == "qwen2"
@@ -228,7 +228,7 @@ def test_5_interrupted_validation_publishes_nothing(run, llama_dir, qwen_dir, mo
 
     monkeypatch.setattr(exporters.export, "validate_export", interrupted)
     before = run_state(run)
-    r = invoke("export", "--model", qwen_dir, "--out", run, ok=False)
+    r = invoke("export", "--model", qwen_dir, "--graph", "traced", "--out", run, ok=False)
     assert r.exit_code == 130 and "Traceback" not in r.output
     assert run_state(run) == before
     assert_consistent(run)

@@ -1,0 +1,322 @@
+"""The fused ONNX graph, built straight from a decoder's config and weights: no model in memory, no tracing.
+
+As onnxruntime-genai's model builder and llama.cpp do, the graph is written op by op from `DecoderConfig`, and
+each weight is read from the checkpoint (models/weights.py), laid out for its op and appended to the external
+data file at once: peak memory is about one tensor, whatever the model's size. The graph is the one
+`pipeline optimize` makes of a traced export (exporters/optimize.py), with the same tensor and node names, so
+every quantization pass, the native-kernel rewrite and the runtime read it alike:
+
+    input_ids --Gather(embed)--> x
+    per layer i:  [Skip]SimplifiedLayerNormalization(x) -> qkv_proj/MatMul(+Add) -> GroupQueryAttention(rotary
+                  inside, cos/sin caches from the rope parameters) -> o_proj/MatMul(+Add)
+                  -> SkipSimplifiedLayerNormalization -> gate_up_proj/MatMul -> Split -> SiLU(gate) * up
+                  -> down_proj/MatMul(+Add)
+    SkipSimplifiedLayerNormalization(final norm) -> lm_head/MatMul -> logits
+
+The traced export (exporters/export.py) stays as the independent oracle: the built graph is checked against
+PyTorch on a prefill and a decode step through the KV cache, in full for models that fit the check's memory,
+else on its first layers (built alone) and by running the full graph once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from exporters.optimize import COS_CACHE, SEQLENS_K, SIN_CACHE, TOTAL_SEQ_LEN, add_gqa_inputs
+from models.decoder import DecoderConfig
+from models.errors import UserError
+from models.weights import WeightSource
+from runtimes.contract import (ATTENTION_MASK, INPUT_IDS, LOGITS, Contract, past_key, past_value, present_key,
+                               present_value, write_contract)
+
+OPSET = 17
+INLINE_BYTES = 1024  # smaller tensors stay in the .onnx file (onnx's own save threshold)
+ALIGN = 64           # external data offsets, so onnxruntime can map tensors aligned
+
+
+def contract_for_config(c: DecoderConfig, fused: bool) -> Contract:
+    """Every field of the contract, from the decoder's config. Attention is global in every layer: the decoder
+    has no sliding window (models/hf.py caps max_position_embeddings at a checkpoint's window instead)."""
+    return Contract(num_layers=c.num_layers, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
+                    head_dim=c.head_dim, hidden_size=c.hidden_size, vocab_size=c.vocab_size,
+                    max_position_embeddings=c.max_position_embeddings, attention_windows=(None,) * c.num_layers,
+                    kv_dtype="float32", family=c.family, rope_theta=c.rope_theta if c.positions == "rope" else None,
+                    rope_scaling=c.rope_scaling, fused_attention=fused)
+
+
+def refusal(c: DecoderConfig) -> str | None:
+    """Why the builder cannot emit this config (it needs the Llama shape and GroupQueryAttention's limits)."""
+    if c.norm != "rms" or c.positions != "rope" or not c.gated_mlp or c.activation != "silu":
+        return f"the graph builder emits RMSNorm + rotary + SwiGLU decoders; {c.family} is not one"
+    if c.head_dim % 16:
+        return (f"head_dim {c.head_dim} is not a multiple of 16, which onnxruntime's GroupQueryAttention "
+                "requires")
+    return None
+
+
+class ExternalData:
+    """Append tensors to `<model>.data` as they are made; the TensorProtos only point into it."""
+
+    def __init__(self, model_path: Path):
+        self.location = model_path.name + ".data"
+        self.file = open(model_path.with_name(self.location), "wb")
+        self.offset = 0
+
+    def tensor(self, name: str, array: np.ndarray) -> TensorProto:
+        array = np.ascontiguousarray(array)
+        t = TensorProto(name=name, dims=array.shape, data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
+        if array.nbytes < INLINE_BYTES:
+            t.raw_data = array.tobytes()
+            return t
+        pad = -self.offset % ALIGN
+        self.file.write(b"\0" * pad)
+        self.offset += pad
+        self.file.write(memoryview(array).cast("B"))
+        t.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.location), ("offset", self.offset), ("length", array.nbytes)):
+            t.external_data.add(key=key, value=str(value))
+        self.offset += array.nbytes
+        return t
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class Builder:
+    """Emits the nodes and initializers of one decoder graph in order; `weights.tensor(name)` supplies each
+    weight in our naming (models/decoder.py), read only when its op is emitted."""
+
+    def __init__(self, weights: WeightSource, data: ExternalData, num_layers: int):
+        self.w, self.c, self.data = weights, weights.config, data
+        self.num_layers = num_layers
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[TensorProto] = []
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        self.inits.append(self.data.tensor(name, array))
+        return name
+
+    def node(self, op: str, inputs: list[str], outputs: list[str], name: str, domain: str = "", **attrs) -> list[str]:
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain or None, **attrs))
+        return outputs
+
+    def linear(self, x: str, scope: str, parts: list[str], name: str, bias: bool) -> str:
+        """x @ W (+ b), W = the parts' (out, in) weights stacked on `out` and transposed to MatMul's (in, out)."""
+        w = np.concatenate([self.w.tensor(f"{p}.weight") for p in parts], axis=0).T
+        out = self.node("MatMul", [x, self.init(f"{scope}{name}.weight", w)], [f"{scope}{name}/MatMul_output_0"],
+                        f"{scope}{name}/MatMul")[0]
+        if bias:
+            b = np.concatenate([self.w.tensor(f"{p}.bias") for p in parts])
+            out = self.node("Add", [out, self.init(f"{scope}{name}.bias", b)], [f"{scope}{name}/Add_output_0"],
+                            f"{scope}{name}/Add")[0]
+        return out
+
+    def norm(self, residual: str, delta: str | None, weight: str, scope: str) -> tuple[str, str]:
+        """RMSNorm of residual (+ delta): (normed, new residual); the first norm has no skip input. The sum is an
+        output even after the last layer, where nothing reads it: the layer-wise check does."""
+        gamma = self.init(weight, self.w.tensor(weight))
+        normed = f"{scope}/Mul_1_output_0"
+        if delta is None:
+            self.node("SimplifiedLayerNormalization", [residual, gamma], [normed], f"{scope}/SimplifiedLayerNorm",
+                      epsilon=self.c.norm_eps, axis=-1, stash_type=1)
+            return normed, residual
+        total = f"{scope}/Add_output_0"
+        self.node("SkipSimplifiedLayerNormalization", [residual, delta, gamma], [normed, "", "", total],
+                  f"{scope}/SkipSimplifiedLayerNorm", domain="com.microsoft", epsilon=self.c.norm_eps)
+        return normed, total
+
+    def layer(self, i: int, residual: str, delta: str | None) -> tuple[str, str]:
+        c, p = self.c, f"layers.{i}."
+        scope = f"/model/layers.{i}/"
+        h, residual = self.norm(residual, delta, f"{p}input_norm.weight", f"{scope}input_norm")
+        attn = f"{scope}attn/"
+        qkv = self.linear(h, attn, [f"{p}attn.q_proj", f"{p}attn.k_proj", f"{p}attn.v_proj"], "qkv_proj",
+                          c.qkv_bias)
+        rope = c.positions == "rope"
+        y = self.node("GroupQueryAttention",
+                      [qkv, "", "", past_key(i), past_value(i), SEQLENS_K, TOTAL_SEQ_LEN,
+                       COS_CACHE if rope else "", SIN_CACHE if rope else ""],
+                      [f"{attn}GroupQueryAttention_output_0", present_key(i), present_value(i)],
+                      f"{attn}GroupQueryAttention", domain="com.microsoft", num_heads=c.num_heads,
+                      kv_num_heads=c.num_kv_heads, do_rotary=int(rope), rotary_interleaved=0)[0]
+        a = self.linear(y, attn, [f"{p}attn.o_proj"], "o_proj", c.o_bias)
+        h, residual = self.norm(residual, a, f"{p}post_attn_norm.weight", f"{scope}post_attn_norm")
+        mlp = f"{scope}mlp/"
+        gu = self.linear(h, mlp, [f"{p}mlp.gate_proj", f"{p}mlp.up_proj"], "gate_up_proj", c.mlp_bias)
+        split = self.init(f"{mlp}gate_up_proj.split", np.array([c.intermediate_size] * 2, np.int64))
+        gate, up = self.node("Split", [gu, split], [f"{mlp}gate_proj/MatMul_output_0", f"{mlp}up_proj/MatMul_output_0"],
+                             f"{mlp}gate_up_proj/Split", axis=-1)
+        sig = self.node("Sigmoid", [gate], [f"{mlp}Sigmoid_output_0"], f"{mlp}Sigmoid")[0]
+        act = self.node("Mul", [gate, sig], [f"{mlp}Mul_output_0"], f"{mlp}Mul")[0]
+        prod = self.node("Mul", [act, up], [f"{mlp}Mul_1_output_0"], f"{mlp}Mul_1")[0]
+        return self.linear(prod, mlp, [f"{p}mlp.down_proj"], "down_proj", c.mlp_bias), residual
+
+    def graph(self, on_layer: Callable[[int], None] | None = None) -> None:
+        x = self.node("Gather", [self.init("model.embed_tokens.weight", self.w.tensor("embed_tokens.weight")),
+                                 INPUT_IDS], ["/model/embed_tokens/Gather_output_0"], "/model/embed_tokens/Gather")[0]
+        residual, delta = x, None
+        for i in range(self.num_layers):
+            delta, residual = self.layer(i, residual, delta)
+            if on_layer is not None:
+                on_layer(i)
+        h, _ = self.norm(residual, delta, "norm.weight", "/model/norm")
+        head = self.init("model.lm_head.weight", self.w.tensor("lm_head.weight").T)
+        self.node("MatMul", [h, head], [LOGITS], "/model/lm_head/MatMul")
+
+
+def io_value(name: str, elem: int, dims: list) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, elem, dims)
+
+
+def build_graph(weights: WeightSource, out_path: str | Path, num_layers: int | None = None,
+                on_layer: Callable[[int], None] | None = None) -> Contract:
+    """Write the fused graph of `weights` to `out_path` + `out_path.data` (all of it, or its first `num_layers`
+    layers: the layer-wise check's graph); returns its contract."""
+    from dataclasses import replace
+
+    out_path = Path(out_path)
+    why = refusal(weights.config)
+    if why:
+        raise UserError(why)
+    n = weights.config.num_layers if num_layers is None else num_layers
+    contract = contract_for_config(replace(weights.config, num_layers=n), fused=True)
+    data = ExternalData(out_path)
+    try:
+        b = Builder(weights, data, n)
+        b.graph(on_layer)
+    finally:
+        data.close()
+    c = contract
+    kv = ["batch_size", c.num_kv_heads, None, c.head_dim]
+    inputs = [io_value(INPUT_IDS, TensorProto.INT64, ["batch_size", "sequence_length"]),
+              io_value(ATTENTION_MASK, TensorProto.INT64, ["batch_size", "total_sequence_length"])]
+    outputs = [io_value(LOGITS, TensorProto.FLOAT, ["batch_size", "sequence_length", c.vocab_size])]
+    for i in range(n):
+        inputs += [io_value(name(i), TensorProto.FLOAT, kv[:2] + ["past_sequence_length"] + kv[3:])
+                   for name in (past_key, past_value)]
+        outputs += [io_value(name(i), TensorProto.FLOAT, kv[:2] + ["total_sequence_length"] + kv[3:])
+                    for name in (present_key, present_value)]
+    graph = helper.make_graph(b.nodes, "decoder", inputs, outputs, b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                    helper.make_opsetid("com.microsoft", 1)],
+                              producer_name="pipeline", ir_version=8)
+    add_gqa_inputs(model, contract)
+    gqa_first = [nd for nd in model.graph.node if nd.name.startswith("gqa/")]  # seqlens before their readers
+    rest = [nd for nd in model.graph.node if not nd.name.startswith("gqa/")]
+    del model.graph.node[:]
+    model.graph.node.extend(gqa_first + rest)
+    write_contract(model, contract)
+    onnx.save_model(model, str(out_path))
+    return contract
+
+
+ORACLE_BYTES = 2 << 30   # a source whose float32 weights fit in this is checked in full against transformers
+
+
+def residual(i: int) -> str:
+    """The residual stream entering layer i (i = num_layers: entering the final norm), as the graph names it."""
+    if i == 0:
+        return "/model/embed_tokens/Gather_output_0"
+    return "/model/norm/Add_output_0" if i < 0 else f"/model/layers.{i}/input_norm/Add_output_0"
+
+
+def check_built(weights: WeightSource, built: Path, contract: Contract, reference=None, atol: float = 1e-4) -> dict:
+    """The built graph against PyTorch on a prefill (6 tokens) and one decode step through the KV cache it
+    returned. With `reference` (a Decoder loaded by transformers: the independent route), the logits and cache
+    of the whole model; without, layer by layer: each layer of our decoder, its weights read from the source one
+    layer at a time, is run on the graph's own input to that layer and compared with the graph's output of it,
+    then the final norm and head with the logits, so memory stays near one layer. Returns {"how",
+    "max_abs_diff": {step: max relative difference}}; one over `atol` is a UserError naming where."""
+    from exporters.export import parity
+
+    if reference is not None:
+        results = {}
+        for step, seq, past in (("prefill", 6, 0), ("decode", 1, 7)):
+            name, diff = parity(reference, built, contract, batch=1, seq=seq, past=past).worst
+            if not diff <= 10 * atol:
+                raise UserError(f"the built graph differs from PyTorch at {step}: output {name!r} by {diff:.3g} "
+                                f"(tolerance {10 * atol}); please report it with the checkpoint's config.json")
+            results[step] = diff
+        return {"how": "full", "max_abs_diff": results}
+    return {"how": "layer by layer", "max_abs_diff": check_layerwise(weights, built, contract, atol)}
+
+
+def graph_steps(built: Path, contract: Contract, tokens: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """Every residual, the logits and the presents of a prefill of tokens[:-1] and a decode step of the last one,
+    from a copy of the graph that also outputs the residuals (beside the model: same external data)."""
+    import onnxruntime as ort
+
+    n = contract.num_layers
+    streams = [residual(i) for i in range(n)] + [residual(-1)]
+    proto = onnx.load(str(built), load_external_data=False)
+    proto.graph.output.extend(helper.make_empty_tensor_value_info(s) for s in streams)
+    probe = built.with_name(f".probe-{built.name}")
+    try:
+        onnx.save_model(proto, str(probe))
+        sess = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
+    finally:
+        probe.unlink(missing_ok=True)
+    names = [o.name for o in sess.get_outputs()]
+    past = {k: np.zeros((1, contract.num_kv_heads, 0, contract.head_dim), np.float32)
+            for i in range(n) for k in (past_key(i), past_value(i))}
+    steps = []
+    for start, stop in ((0, len(tokens) - 1), (len(tokens) - 1, len(tokens))):
+        feeds = {INPUT_IDS: tokens[None, start:stop], ATTENTION_MASK: np.ones((1, stop), np.int64), **past}
+        out = dict(zip(names, sess.run(names, feeds)))
+        steps.append({"past": past, "start": start, **out})
+        past = {k: out[k.replace("past_key_values", "present")] for k in past}
+    return steps
+
+
+def check_layerwise(weights: WeightSource, built: Path, contract: Contract, atol: float) -> dict[str, float]:
+    import torch
+
+    from models.decoder import MASK_VALUE, Block, RMSNorm, rope_inv_freq
+
+    cfg = weights.config
+    tokens = np.random.default_rng(0).integers(0, contract.vocab_size, 7)
+    steps = graph_steps(built, contract, tokens)
+    inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    worst = {"prefill": 0.0, "decode": 0.0}
+
+    def compare(step: str, where: str, ref, got) -> None:
+        ref = ref.detach().numpy() if hasattr(ref, "detach") else ref
+        diff = float(np.abs(ref - got).max() / max(1.0, float(np.abs(ref).max())))
+        if not diff <= atol:
+            raise UserError(f"the built graph differs from PyTorch at {step}, {where}, by {diff:.3g} relative "
+                            f"(tolerance {atol}); please report it with the checkpoint's config.json")
+        worst[step] = max(worst[step], diff)
+
+    def rotary_and_mask(step: dict):
+        s, start = step[residual(0)].shape[1], step["start"]
+        pos = torch.arange(start, start + s, dtype=torch.float32)
+        emb = torch.cat([pos[:, None] * inv_freq[None]] * 2, dim=-1)[None, None]
+        allowed = torch.arange(start + s)[None, :] <= (torch.arange(s)[:, None] + start)
+        return emb.cos(), emb.sin(), torch.where(allowed, 0.0, MASK_VALUE)[None, None]
+
+    geometry = [rotary_and_mask(step) for step in steps]
+    with torch.no_grad():
+        for i in range(contract.num_layers):
+            block = Block(cfg).eval()
+            block.load_state_dict({k: torch.from_numpy(weights.tensor(f"layers.{i}.{k}"))
+                                   for k in block.state_dict()})
+            for (name, step), (cos, sin, mask) in zip((("prefill", steps[0]), ("decode", steps[1])), geometry):
+                past = None
+                if step["start"]:
+                    past = tuple(torch.from_numpy(step["past"][k(i)]) for k in (past_key, past_value))
+                out, (k, v) = block(torch.from_numpy(step[residual(i)]), cos, sin, mask, past)
+                after = residual(i + 1 if i + 1 < contract.num_layers else -1)
+                compare(name, f"layer {i}", out, step[after])
+                compare(name, f"layer {i} keys", k, step[present_key(i)])
+                compare(name, f"layer {i} values", v, step[present_value(i)])
+        norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        norm.weight.data = torch.from_numpy(weights.tensor("norm.weight"))
+        head = torch.from_numpy(weights.tensor("lm_head.weight"))
+        for name, step in (("prefill", steps[0]), ("decode", steps[1])):
+            compare(name, "the logits", norm(torch.from_numpy(step[residual(-1)])) @ head.T, step[LOGITS])
+    return worst

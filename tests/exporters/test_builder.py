@@ -1,0 +1,225 @@
+"""exporters/builder.py and models/weights.py: the fused graph written from config and streamed weights.
+
+Three oracles: transformers (the checkpoint loaded by its own code), the traced export fused by `pipeline
+optimize` (the old route; same tensor and node names, so the same logits to float rounding), and our PyTorch
+decoder. Sources: float32, bfloat16 and sharded safetensors, F32 and Q8_0 GGUF files with llama.cpp's q/k order.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+from exporters.builder import build_graph, check_built
+from exporters.export import export_onnx, parity
+from exporters.optimize import OptimizeConfig, optimize
+from models.errors import UserError
+from models.hf import load_model
+from models.weights import NotBuildable, open_weights
+from runtimes.contract import past_names, read_contract
+from tests.models.test_hf import TOKENS, llama_cpp_permute, tiny_hf, write_gguf
+from tests.pipeline.test_cli import invoke, one_line_error
+
+TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=160, max_position_embeddings=64)
+FAMILIES = {
+    "llama": lambda: LlamaConfig(**TINY),
+    "llama_tied_llama3_rope": lambda: LlamaConfig(**TINY, tie_word_embeddings=True, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}),
+    "llama_biases": lambda: LlamaConfig(**TINY, attention_bias=True, mlp_bias=True),
+    "mistral": lambda: MistralConfig(**TINY, sliding_window=32),
+    "qwen2": lambda: Qwen2Config(**TINY),
+}
+
+
+def save(model, path: Path, **kw) -> Path:
+    model.save_pretrained(path, **kw)
+    return path
+
+
+def logits(path: Path, ids: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    c = read_contract(onnx.load(str(path), load_external_data=False))
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    if "position_ids" in {i.name for i in sess.get_inputs()}:
+        feeds["position_ids"] = np.arange(ids.shape[1])[None]
+    feeds.update(dict.fromkeys(past_names(c.num_layers), np.zeros((1, c.num_kv_heads, 0, c.head_dim), np.float32)))
+    return sess.run(["logits"], feeds)[0]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_built_graph_matches_transformers_and_the_fused_trace(family, tmp_path):
+    ckpt = save(tiny_hf(FAMILIES[family]()), tmp_path / "ckpt")
+    weights = open_weights(ckpt)
+    built = tmp_path / "built.onnx"
+    contract = build_graph(weights, built)
+    reference = load_model(ckpt).model
+    assert weights.parameters() == reference.num_parameters()
+    for seq, past in ((6, 0), (1, 7)):  # prefill, then a decode step through a random cache
+        assert parity(reference, built, contract, batch=1, seq=seq, past=past).worst[1] < 1e-4
+
+    traced = tmp_path / "traced.onnx"
+    export_onnx(reference, traced)
+    optimize(traced, tmp_path / "fused.onnx", OptimizeConfig(check_parity=False))
+    fused = onnx.load(str(tmp_path / "fused.onnx"))
+    mine = onnx.load(str(built))
+    assert sorted(n.op_type for n in mine.graph.node) == sorted(n.op_type for n in fused.graph.node)
+    assert read_contract(mine) == read_contract(fused)
+    weight_inits = {t.name for t in mine.graph.initializer if len(t.dims) == 2}
+    for n in mine.graph.node:  # the names the quantization passes and the native rewrite know
+        if n.op_type == "MatMul":
+            assert n.input[1] in weight_inits, n.name
+    ids = np.random.default_rng(0).integers(0, TINY["vocab_size"], (1, 9))
+    np.testing.assert_allclose(logits(built, ids), logits(tmp_path / "fused.onnx", ids), atol=2e-5)
+
+
+def test_weights_stream_into_external_data(tmp_path):
+    ckpt = save(tiny_hf(LlamaConfig(**TINY)), tmp_path / "ckpt")
+    built = tmp_path / "m.onnx"
+    build_graph(open_weights(ckpt), built)
+    proto = onnx.load(str(built), load_external_data=False)
+    external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert {t.name for t in external} >= {"model.embed_tokens.weight", "model.lm_head.weight",
+                                          "/model/layers.0/attn/qkv_proj.weight"}
+    data = built.with_name("m.onnx.data").read_bytes()
+    for t in external:  # every tensor lies where it says, aligned
+        entry = {e.key: e.value for e in t.external_data}
+        offset, length = int(entry["offset"]), int(entry["length"])
+        assert offset % 64 == 0 and offset + length <= len(data)
+    full = onnx.load(str(built))
+    qkv = onnx.numpy_helper.to_array(next(t for t in full.graph.initializer
+                                          if t.name == "/model/layers.1/attn/qkv_proj.weight"))
+    from safetensors.numpy import load_file
+
+    st = load_file(str(ckpt / "model.safetensors"))
+    want = np.concatenate([st[f"model.layers.1.self_attn.{p}_proj.weight"] for p in "qkv"]).T
+    np.testing.assert_array_equal(qkv, want)
+
+
+def test_bf16_sharded_checkpoint(tmp_path):
+    ref = tiny_hf(Qwen2Config(**TINY)).to(torch.bfloat16)
+    ckpt = save(ref, tmp_path / "ckpt", max_shard_size="40KB")
+    assert (ckpt / "model.safetensors.index.json").is_file() and len(list(ckpt.glob("*.safetensors"))) > 2
+    weights = open_weights(ckpt)
+    assert weights.storage_dtype == "BF16"
+    contract = build_graph(weights, tmp_path / "m.onnx")
+    reference = load_model(ckpt).model  # transformers upcasts the same bf16 values
+    assert parity(reference, tmp_path / "m.onnx", contract, batch=1, seq=5).worst[1] < 1e-4
+
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    (ckpt / sorted(set(index["weight_map"].values()))[-1]).unlink()
+    with pytest.raises(UserError, match="missing: the sharded checkpoint is incomplete"):
+        open_weights(ckpt)
+
+
+def write_q8_gguf(ref, path: Path) -> None:
+    """As write_gguf, with every 2-D tensor stored Q8_0 (llama.cpp's blocks of 32 int8 and a float16 scale)."""
+    write_gguf(ref, path.with_suffix(".f32.gguf"), with_tokenizer=False)
+    src = gguf.GGUFReader(str(path.with_suffix(".f32.gguf")))
+    w = gguf.GGUFWriter(str(path), "llama")
+    for field in src.fields.values():
+        if field.name.startswith(("GGUF.", "general.architecture")):
+            continue
+        value = field.contents()
+        kind = field.types[0]
+        if kind == gguf.GGUFValueType.ARRAY:
+            w.add_array(field.name, value)
+        else:
+            w.add_key_value(field.name, value, kind)
+    for t in src.tensors:
+        arr = np.array(t.data).reshape([int(d) for d in reversed(t.shape)])
+        if arr.ndim == 2:
+            w.add_tensor(t.name, gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0),
+                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(t.name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("kind", ["F32", "Q8_0"])
+def test_gguf_source_matches_transformers(kind, tmp_path):
+    ref = tiny_hf(LlamaConfig(**{**TINY, "vocab_size": len(TOKENS)}, rms_norm_eps=1e-5))
+    path = tmp_path / "tiny.gguf"
+    (write_gguf(ref, path, with_tokenizer=False) if kind == "F32" else write_q8_gguf(ref, path))
+    weights = open_weights(path)
+    assert kind in weights.storage_dtype and weights.source["format"] == "gguf"
+    contract = build_graph(weights, tmp_path / "m.onnx")
+    reference = load_model(path).model  # transformers' own dequantization and q/k un-permutation
+    assert parity(reference, tmp_path / "m.onnx", contract, batch=1, seq=6).worst[1] < 1e-4
+    if kind == "F32":  # un-permuted back to the checkpoint's rows exactly
+        np.testing.assert_array_equal(weights.tensor("layers.0.attn.k_proj.weight"),
+                                      ref.state_dict()["model.layers.0.self_attn.k_proj.weight"].numpy())
+        assert not np.array_equal(llama_cpp_permute(weights.tensor("layers.0.attn.k_proj.weight"), 2),
+                                  weights.tensor("layers.0.attn.k_proj.weight"))
+
+
+def test_layerwise_check_catches_a_wrong_graph(tmp_path):
+    ckpt = save(tiny_hf(LlamaConfig(**TINY)), tmp_path / "ckpt")
+    weights = open_weights(ckpt)
+    built = tmp_path / "m.onnx"
+    contract = build_graph(weights, built)
+    result = check_built(weights, built, contract)
+    assert result["how"] == "layer by layer" and max(result["max_abs_diff"].values()) < 1e-5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "m.onnx", "m.onnx.data"]  # no probe left
+
+    for corrupt, where in (("layers.2.mlp.down_proj.weight", "layer 2"), ("layers.1.attn.k_proj.weight", "layer 1"),
+                           ("norm.weight", "the logits")):
+        bad = open_weights(ckpt)
+        true_read = bad._reader
+        bad._reader = lambda name, c=corrupt, r=true_read: r(name) * (1.01 if name == c else 1)
+        build_graph(bad, tmp_path / "bad.onnx")
+        with pytest.raises(UserError, match=f"differs from PyTorch at prefill, {where}"):
+            check_built(weights, tmp_path / "bad.onnx", contract)  # the oracle reads the checkpoint's bytes
+
+
+def test_cli_export_builds_and_optimize_has_nothing_to_fuse(tmp_path):
+    ckpt = save(tiny_hf(LlamaConfig(**TINY)), tmp_path / "ckpt")
+    run = tmp_path / "run"
+    r = invoke("export", "--model", ckpt, "--out", run, "--json")
+    results = json.loads(r.output)
+    assert results["graph"] == "built" and results["parity_checked"] == "full"
+    assert (run / "variants/fused/model.onnx.data").is_file() and not (run / "variants/fp32").exists()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert set(manifest["artifacts"]["fused"]["files"]) == {"variants/fused/model.onnx",
+                                                            "variants/fused/model.onnx.data"}
+    assert "nothing to fuse" in invoke("optimize", run).output or "built fused" in invoke("optimize", run).output
+    assert json.loads((run / "manifest.json").read_text()) == manifest  # a no-op changes nothing
+    invoke("optimize", run, "--fp16")
+    assert read_contract(onnx.load(str(run / "variants/fused-fp16/model.onnx"))).kv_dtype == "float16"
+
+
+def test_cli_graph_choice(tmp_path):
+    from tests.pipeline.conftest import make_hf_checkpoint
+
+    gpt2 = make_hf_checkpoint(tmp_path / "gpt2", "gpt2")
+    one_line_error(invoke("export", "--model", gpt2, "--out", tmp_path / "a", "--graph", "built", ok=False),
+                   "--graph traced")
+    assert json.loads(invoke("export", "--model", gpt2, "--out", tmp_path / "b", "--json").output)["graph"] == "traced"
+    llama = make_hf_checkpoint(tmp_path / "llama", "llama")
+    r = json.loads(invoke("export", "--model", llama, "--out", tmp_path / "c", "--graph", "traced", "--json").output)
+    assert r["variant"] == "fp32" and (tmp_path / "c/variants/fp32/model.onnx").is_file()
+
+
+def test_refusals(tmp_path):
+    ckpt = save(tiny_hf(LlamaConfig(**{**TINY, "num_attention_heads": 8, "num_key_value_heads": 4})), tmp_path / "a")
+    with pytest.raises(UserError, match="head_dim 8 is not a multiple of 16"):
+        build_graph(open_weights(ckpt), tmp_path / "m.onnx")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 80}))
+    with pytest.raises(UserError, match="do not belong together"):
+        open_weights(ckpt).tensor("layers.0.mlp.up_proj.weight")
+    with pytest.raises(NotBuildable):
+        from tests.pipeline.conftest import make_hf_checkpoint
+        open_weights(make_hf_checkpoint(tmp_path / "g", "gpt2"))
