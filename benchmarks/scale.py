@@ -147,7 +147,11 @@ def main() -> None:
     ap.add_argument("--text", type=Path, help="calibration/evaluation text (default: this Python's LICENSE)")
     ap.add_argument("--tokenizer", type=Path, help="a tokenizer.json to ship with the checkpoint (the bench "
                     "and package stages need one; ids beyond it are never produced)")
+    ap.add_argument("--checkpoint-only", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.checkpoint_only:
+        write_checkpoint(a.model, a.out / a.model, a.tokenizer)
+        return
     stages = [s for s in a.stages.split(",") if s]
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
@@ -156,7 +160,10 @@ def main() -> None:
 
     text = a.text or Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
     t0 = time.perf_counter()
-    ckpt = write_checkpoint(a.model, a.out / a.model, a.tokenizer)
+    # in a child: a process's peak RSS counts its parent's pages at fork, so this one stays small
+    subprocess.run([sys.executable, __file__, "--checkpoint-only", "--model", a.model, "--out", str(a.out)]
+                   + (["--tokenizer", str(a.tokenizer)] if a.tokenizer else []), check=True)
+    ckpt = a.out / a.model
     print(f"checkpoint {ckpt} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     run = a.out / f"run-{a.model}"
     commands = {

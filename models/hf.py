@@ -357,11 +357,11 @@ def load_hf_reference(path: str | Path) -> PreTrainedModel:
 def gguf_has_tokenizer(path: Path) -> bool:
     """Whether the GGUF metadata embeds a vocabulary (llama.cpp writes one, but a hand-made file may not)."""
     try:
-        from gguf import GGUFReader
+        import gguf
     except ImportError as e:
         raise UserError("reading a .gguf file needs the gguf package; pip install gguf") from e
     try:
-        return "tokenizer.ggml.model" in GGUFReader(str(path)).fields
+        return "tokenizer.ggml.model" in gguf.GGUFReader(str(path)).fields
     except Exception as e:
         raise UserError(f"cannot read the GGUF file {path}: {first_line(e)}; it is corrupt or truncated") from e
 

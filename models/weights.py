@@ -16,6 +16,8 @@ transformers does.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from models.decoder import DecoderConfig
 from models.errors import UserError
 
 BUILDER_FAMILIES = ("llama", "mistral", "qwen2")
+GGUF_CACHE_BYTES = 1 << 30  # a 135M model's float32 weights (0.54 GB) fit; a 1B one's are re-read instead
 
 # our module inside layers.{i}. -> llama.cpp's tensor inside blk.{i}.
 GGUF_LAYER_MODULES = {
@@ -59,6 +62,10 @@ class WeightSource:
     eos_token_id: int | None
     storage_dtype: str                # what the files hold: "bfloat16", "float16", "float32" or a GGUF type
     _reader: object = field(repr=False, default=None)
+    # dequantized GGUF tensors kept for their second read (the export's check, a tied head), up to this many
+    # bytes: dequantizing is the slow part of reading a GGUF; safetensors reads are cheap and never kept
+    cache_bytes: int = 0
+    _cache: dict = field(repr=False, default_factory=dict)
 
     def names(self) -> list[str]:
         """Every parameter the decoder has, in our naming (lm_head only when untied)."""
@@ -82,7 +89,13 @@ class WeightSource:
         """One weight, float32, in our layout; the tied head reads the embedding."""
         if name == "lm_head.weight" and self.config.tie_word_embeddings:
             name = "embed_tokens.weight"
-        return np.ascontiguousarray(self._reader(name), dtype=np.float32)
+        if name in self._cache:
+            return self._cache[name]
+        w = np.ascontiguousarray(self._reader(name), dtype=np.float32)
+        if w.nbytes <= self.cache_bytes - sum(t.nbytes for t in self._cache.values()):
+            w.flags.writeable = False  # shared between readers
+            self._cache[name] = w
+        return w
 
     def parameters(self) -> int:
         """The parameter count (tied weights once), from the config alone."""
@@ -163,14 +176,41 @@ class SafetensorsReader:
         return t.to(torch.float32).numpy()
 
 
+@contextmanager
+def one_gguf_parse(path: str | Path) -> Iterator[None]:
+    """Within it, every GGUFReader of `path` (transformers' config and tokenizer readers, ours) is one parsed
+    instance: parsing a GGUF's metadata (its vocabulary) costs seconds each time."""
+    path = Path(path).resolve()
+    if path.suffix.lower() != ".gguf" or not path.is_file():
+        yield
+        return
+    import gguf
+
+    real = gguf.GGUFReader
+    cache: dict = {}
+
+    def reader(p, *args, **kwargs):
+        if Path(p).resolve() != path or args or kwargs:
+            return real(p, *args, **kwargs)
+        if "r" not in cache:
+            cache["r"] = real(str(path))
+        return cache["r"]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = real
+
+
 class GGUFTensors:
     """Tensors by GGUF name, dequantized to float32 by the gguf package as they are read."""
 
     def __init__(self, path: Path, num_heads: int, num_kv_heads: int):
-        from gguf import GGUFReader
+        import gguf
 
         try:
-            self.reader = GGUFReader(str(path))
+            self.reader = gguf.GGUFReader(str(path))
         except Exception as e:
             raise UserError(f"cannot read the GGUF file {path}: {e}; it is corrupt or truncated") from e
         self.tensors = {t.name: t for t in self.reader.tensors}
@@ -277,6 +317,8 @@ def open_weights(path: str | Path) -> WeightSource:
         return w
 
     ws._reader = reader
+    if src.gguf_file:
+        ws.cache_bytes = GGUF_CACHE_BYTES
     return ws
 
 

@@ -41,17 +41,18 @@ class ExportConfig:
 
 
 def export(run: RunDir, config: ExportConfig) -> dict:
-    from models.weights import NotBuildable, open_weights
+    from models.weights import NotBuildable, one_gguf_parse, open_weights
 
-    if config.graph == "traced":
-        return export_traced(run, config)
-    try:
-        weights = open_weights(config.model)
-    except NotBuildable:
-        if config.graph == "built":
-            raise
-        return export_traced(run, config)
-    return export_built(run, config, weights)
+    with one_gguf_parse(config.model):  # config, weights and tokenizer read one parse of a GGUF's metadata
+        if config.graph == "traced":
+            return export_traced(run, config)
+        try:
+            weights = open_weights(config.model)
+        except NotBuildable:
+            if config.graph == "built":
+                raise
+            return export_traced(run, config)
+        return export_built(run, config, weights)
 
 
 def own_checkpoint(run: RunDir, model: str) -> bool:
@@ -61,15 +62,12 @@ def own_checkpoint(run: RunDir, model: str) -> bool:
 
 
 def publish_export(tx, run: RunDir, config: ExportConfig, variant: str, source_info: dict, bos, eos,
-                   results: dict) -> None:
-    """Tokenizer, then the source and variant records: the same for both routes."""
-    from models.hf import export_tokenizer
-
+                   results: dict, tokenizer: Path | None) -> None:
+    """The source, variant and tokenizer records: the same for both routes."""
     model_path = Path(config.model).resolve()
     own = own_checkpoint(run, config.model)
     if own:
         tx.read("checkpoint")
-    tokenizer = export_tokenizer(config.model, tx.staging)
     source = {**source_info, "kind": "source", "path": str(model_path), "parent": "checkpoint" if own else None,
               "bos_token_id": bos, "eos_token_id": eos}
     outputs = {"source": source,
@@ -81,8 +79,10 @@ def publish_export(tx, run: RunDir, config: ExportConfig, variant: str, source_i
 
 def export_built(run: RunDir, config: ExportConfig, weights) -> dict:
     """`weights`: the checkpoint opened by models.weights.open_weights."""
-    from exporters.builder import ORACLE_BYTES, build_graph, check_built
+    from exporters.builder import ORACLE_PARAMETERS, build_graph, check_built
     from runtimes.bench import model_bytes
+
+    from models.hf import export_tokenizer
 
     with progress.phases("export", ["build graph", "validate against PyTorch", "tokenizer",
                                     "publish"]) as phase, run.transaction() as tx:
@@ -94,7 +94,7 @@ def export_built(run: RunDir, config: ExportConfig, weights) -> dict:
         seconds = time.perf_counter() - start
         phase("validate against PyTorch")
         reference = None
-        if 4 * weights.parameters() <= ORACLE_BYTES:
+        if weights.parameters() <= ORACLE_PARAMETERS:
             from models.hf import load_model
 
             reference = load_model(config.model).model
@@ -106,14 +106,16 @@ def export_built(run: RunDir, config: ExportConfig, weights) -> dict:
                    "build_seconds": round(seconds, 2), "parity_checked": check["how"],
                    "parity_max_abs_diff": check["max_abs_diff"], "size_bytes": model_bytes(out)}
         phase("tokenizer")
-        publish_export(tx, run, config, "fused", weights.source, weights.bos_token_id, weights.eos_token_id, results)
+        tokenizer = export_tokenizer(config.model, tx.staging)
+        publish_export(tx, run, config, "fused", weights.source, weights.bos_token_id, weights.eos_token_id, results,
+                       tokenizer)
         phase("publish")
     return results
 
 
 def export_traced(run: RunDir, config: ExportConfig) -> dict:
     from exporters.export import export_onnx, validate_export
-    from models.hf import load_model
+    from models.hf import export_tokenizer, load_model
     from runtimes.bench import model_bytes
 
     with progress.phases("export", ["load checkpoint", "trace to ONNX", "validate against PyTorch", "tokenizer",
@@ -126,12 +128,14 @@ def export_traced(run: RunDir, config: ExportConfig) -> dict:
         phase("validate against PyTorch")
         parity = validate_export(loaded.model, out, contract)
         phase("tokenizer")
+        tokenizer = export_tokenizer(config.model, tx.staging)
         results = {"graph": "traced", "variant": "fp32",
                    "contract": {"num_layers": contract.num_layers, "num_kv_heads": contract.num_kv_heads,
                                 "head_dim": contract.head_dim, "vocab_size": contract.vocab_size},
                    "parameters": loaded.model.num_parameters(),
                    "parity_max_abs_diff": {p.step: p.worst[1] for p in parity},
                    "size_bytes": model_bytes(out)}
-        publish_export(tx, run, config, "fp32", loaded.source, loaded.bos_token_id, loaded.eos_token_id, results)
+        publish_export(tx, run, config, "fp32", loaded.source, loaded.bos_token_id, loaded.eos_token_id, results,
+                       tokenizer)
         phase("publish")
     return results
