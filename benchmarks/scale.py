@@ -144,7 +144,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="working directory (checkpoint, run, bundle)")
     ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of: {', '.join(STAGES)}")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per stage before it is killed")
-    ap.add_argument("--text", type=Path, help="calibration/evaluation text (default: this Python's LICENSE)")
+    ap.add_argument("--calib-text", type=Path, help="calibration text (default: this Python's LICENSE)")
+    ap.add_argument("--text", type=Path, help="evaluation text for check (default: this Python's idlelib NEWS)")
     ap.add_argument("--tokenizer", type=Path, help="a tokenizer.json to ship with the checkpoint (the bench "
                     "and package stages need one; ids beyond it are never produced)")
     ap.add_argument("--checkpoint-only", action="store_true", help=argparse.SUPPRESS)
@@ -158,7 +159,9 @@ def main() -> None:
         sys.exit(f"unknown stages: {', '.join(unknown)}")
     import sysconfig
 
-    text = a.text or Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    calib = a.calib_text or stdlib / "LICENSE.txt"
+    text = a.text or stdlib / "idlelib" / "NEWS.txt"
     t0 = time.perf_counter()
     # in a child: a process's peak RSS counts its parent's pages at fork, so this one stays small
     subprocess.run([sys.executable, __file__, "--checkpoint-only", "--model", a.model, "--out", str(a.out)]
@@ -169,8 +172,8 @@ def main() -> None:
     commands = {
         "export": ["export", "--model", str(ckpt), "--out", str(run), "--json"],
         "optimize": ["optimize", str(run), "--json"],
-        "quantize-w4": ["quantize", str(run), "--recipe", "w4", "--calib-text", str(text), "--json"],
-        "quantize-w8a8": ["quantize", str(run), "--recipe", "w8a8", "--calib-text", str(text), "--json"],
+        "quantize-w4": ["quantize", str(run), "--recipe", "w4", "--calib-text", str(calib), "--json"],
+        "quantize-w8a8": ["quantize", str(run), "--recipe", "w8a8", "--calib-text", str(calib), "--json"],
         "check": ["check", str(run), "--text", str(text), "--json"],
         "bench": ["bench", str(run), "--threads", "2", "--prompt-len", "32", "--new-tokens", "32", "--json"],
         "package": ["package", str(run), "--out", str(a.out / f"bundle-{a.model}")],

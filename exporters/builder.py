@@ -173,18 +173,16 @@ def io_value(name: str, elem: int, dims: list) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, elem, dims)
 
 
-def build_graph(weights: WeightSource, out_path: str | Path, num_layers: int | None = None,
+def build_graph(weights: WeightSource, out_path: str | Path,
                 on_layer: Callable[[int], None] | None = None) -> Contract:
-    """Write the fused graph of `weights` to `out_path` + `out_path.data` (all of it, or its first `num_layers`
-    layers: the layer-wise check's graph); returns its contract."""
-    from dataclasses import replace
-
+    """Write the fused graph of `weights` to `out_path` + `out_path.data`; returns its contract. `on_layer(i)`
+    is called as each layer is done (progress)."""
     out_path = Path(out_path)
     why = refusal(weights.config)
     if why:
         raise UserError(why)
-    n = weights.config.num_layers if num_layers is None else num_layers
-    contract = contract_for_config(replace(weights.config, num_layers=n), fused=True)
+    n = weights.config.num_layers
+    contract = contract_for_config(weights.config, fused=True)
     data = ExternalData(out_path)
     try:
         b = Builder(weights, data, n)
@@ -192,14 +190,16 @@ def build_graph(weights: WeightSource, out_path: str | Path, num_layers: int | N
     finally:
         data.close()
     c = contract
-    kv = ["batch_size", c.num_kv_heads, None, c.head_dim]
+
+    def kv(length: str) -> list:
+        return ["batch_size", c.num_kv_heads, length, c.head_dim]
+
     inputs = [io_value(INPUT_IDS, TensorProto.INT64, ["batch_size", "sequence_length"]),
               io_value(ATTENTION_MASK, TensorProto.INT64, ["batch_size", "total_sequence_length"])]
     outputs = [io_value(LOGITS, TensorProto.FLOAT, ["batch_size", "sequence_length", c.vocab_size])]
     for i in range(n):
-        inputs += [io_value(name(i), TensorProto.FLOAT, kv[:2] + ["past_sequence_length"] + kv[3:])
-                   for name in (past_key, past_value)]
-        outputs += [io_value(name(i), TensorProto.FLOAT, kv[:2] + ["total_sequence_length"] + kv[3:])
+        inputs += [io_value(name(i), TensorProto.FLOAT, kv("past_sequence_length")) for name in (past_key, past_value)]
+        outputs += [io_value(name(i), TensorProto.FLOAT, kv("total_sequence_length"))
                     for name in (present_key, present_value)]
     graph = helper.make_graph(b.nodes, "decoder", inputs, outputs, b.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
@@ -223,7 +223,7 @@ ORACLE_PARAMETERS = 32_000_000
 
 
 def residual(i: int) -> str:
-    """The residual stream entering layer i (i = num_layers: entering the final norm), as the graph names it."""
+    """The residual stream entering layer i (i = -1: the final norm), as the graph names it."""
     if i == 0:
         return "/model/embed_tokens/Gather_output_0"
     return "/model/norm/Add_output_0" if i < 0 else f"/model/layers.{i}/input_norm/Add_output_0"

@@ -80,9 +80,8 @@ def publish_export(tx, run: RunDir, config: ExportConfig, variant: str, source_i
 def export_built(run: RunDir, config: ExportConfig, weights) -> dict:
     """`weights`: the checkpoint opened by models.weights.open_weights."""
     from exporters.builder import ORACLE_PARAMETERS, build_graph, check_built
+    from models.hf import export_tokenizer, load_model
     from runtimes.bench import model_bytes
-
-    from models.hf import export_tokenizer
 
     with progress.phases("export", ["build graph", "validate against PyTorch", "tokenizer",
                                     "publish"]) as phase, run.transaction() as tx:
@@ -95,8 +94,6 @@ def export_built(run: RunDir, config: ExportConfig, weights) -> dict:
         phase("validate against PyTorch")
         reference = None
         if weights.parameters() <= ORACLE_PARAMETERS:
-            from models.hf import load_model
-
             reference = load_model(config.model).model
         check = check_built(weights, out, contract, reference)
         results = {"graph": "built", "variant": "fused",

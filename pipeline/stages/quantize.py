@@ -59,6 +59,9 @@ class QuantizeStageConfig:
                                        "int8 kernels overflow with 8-bit ones (the runtime refuses such a model "
                                        "there). Default: on exactly when this machine is one.",
                                        off="--no-reduce-range", optional=True)
+    max_memory: float | None = option(float, None, "GiB the stage may hold (default: the memory this machine has "
+                                      "available); it refuses before calibrating when its estimate is over.",
+                                      optional=True, lo=0.1)
 
     def __post_init__(self):
         check_options(self)
@@ -100,8 +103,29 @@ def split_windows(windows: list[list[int]], n_calib: int) -> tuple[list[list[int
             [w for i, w in enumerate(windows) if i in picks])
 
 
+def memory_budget(config: QuantizeStageConfig, source: str, source_path) -> dict:
+    """The estimate of what quantizing will hold (exporters/quantization/memory.py) against --max-memory or the
+    memory available; over it, one line before any work starts."""
+    import psutil
+
+    from exporters.quantization.memory import estimate
+
+    need = estimate(source_path, config.recipe, config.weight_rounding)
+    if config.max_memory is not None:
+        limit, what = int(config.max_memory * (1 << 30)), f"--max-memory {config.max_memory:g} GiB"
+    else:
+        limit = psutil.virtual_memory().available
+        what = f"the {limit / (1 << 30):.1f} GiB this machine has available"
+    if need.total > limit:
+        advice = (" (--weight-rounding nearest needs no Hessians)" if need.hessian_bytes else "")
+        raise UserError(f"quantizing {source} to {config.recipe} needs {need.describe()}; more than {what}: "
+                        f"use a machine with more memory{advice}")
+    return {**need.to_dict(), "limit_bytes": limit}
+
+
 def quantize(run: RunDir, config: QuantizeStageConfig) -> dict:
     from exporters.quantize import quantize as quantize_model
+    from runtimes.bench import peak_rss_mb
 
     source = config.resolved_source(run)
     if source == config.recipe:
@@ -112,12 +136,14 @@ def quantize(run: RunDir, config: QuantizeStageConfig) -> dict:
         phase(steps[0])
         source_path = tx.read(source)
         fits_context("window", config.window, source_path, source)
+        memory = memory_budget(config, source, source_path)
         qcfg = config.quant_config(int8_gemm_saturates() if config.reduce_range is None else config.reduce_range)
         n = config.calib_windows + config.valid_windows
         windows = token_windows(run.root, "calib", config.calib_text, n, config.window)
         calib, valid = split_windows(windows, config.calib_windows)
         phase(steps[1])
         report = quantize_model(source_path, tx.variant_path(config.recipe), calib, qcfg, valid_ids=valid)
+        report["memory"] = {**memory, "peak_rss_bytes": int(peak_rss_mb() * (1 << 20))}
         tx.record("quantize", {**asdict(config), "source": source}, {source: str(source_path)},
                   {config.recipe: {"kind": "onnx", "path": f"variants/{config.recipe}/model.onnx", "parent": source}},
                   report)

@@ -223,3 +223,41 @@ def test_refusals(tmp_path):
     with pytest.raises(NotBuildable):
         from tests.pipeline.conftest import make_hf_checkpoint
         open_weights(make_hf_checkpoint(tmp_path / "g", "gpt2"))
+
+
+def test_quantize_memory_estimate_counts_copies_and_hessians(tmp_path):
+    from exporters.quantization.memory import BASE_BYTES, MODEL_COPIES, estimate
+
+    ckpt = save(tiny_hf(LlamaConfig(**TINY)), tmp_path / "ckpt")
+    built = tmp_path / "m.onnx"
+    build_graph(open_weights(ckpt), built)
+    h, i, layers = TINY["hidden_size"], TINY["intermediate_size"], TINY["num_hidden_layers"]
+    # per layer: qkv, o_proj and gate_up read width-64 inputs, down_proj a width-96 one; lm_head its own
+    hessians = 8 * (layers * (3 * h * h + i * i) + h * h)
+    size = built.stat().st_size + built.with_name("m.onnx.data").stat().st_size
+    w4 = estimate(built, "w4")
+    assert (w4.hessian_bytes, w4.model_bytes, w4.copies) == (hessians, size, MODEL_COPIES["w4"])
+    assert w4.total == int(BASE_BYTES + MODEL_COPIES["w4"] * size + hessians)
+    assert estimate(built, "w4", "nearest").hessian_bytes == 0 and estimate(built, "static").hessian_bytes == 0
+
+
+def test_quantize_refuses_before_starting_when_over_max_memory(tmp_path):
+    from tests.pipeline.conftest import TEXT, make_hf_checkpoint
+
+    text_file = tmp_path / "text.txt"
+    text_file.write_text(TEXT)
+    ckpt = make_hf_checkpoint(tmp_path / "ckpt")
+    run = tmp_path / "run"
+    invoke("export", "--model", ckpt, "--out", run)
+    before = (run / "manifest.json").read_bytes()
+    r = invoke("quantize", run, "--recipe", "w4", "--calib-text", text_file, "--window", "32", "--max-memory", "0.5",
+               ok=False)
+    one_line_error(r, "needs about", "more than --max-memory 0.5 GiB", "--weight-rounding nearest")
+    assert (run / "manifest.json").read_bytes() == before and not (run / "variants/w4").exists()
+    report = json.loads(invoke("quantize", run, "--recipe", "w4", "--calib-text", text_file, "--window", "32",
+                               "--calib-windows", "4",
+                               "--valid-windows", "0", "--json").output)
+    memory = report["memory"]
+    assert memory["limit_bytes"] > 0 and memory["peak_rss_bytes"] > 0
+    assert memory["estimate_bytes"] == memory["model_bytes"] * memory["model_copies"] + memory["hessian_bytes"] \
+        + (600 << 20)

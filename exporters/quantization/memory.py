@@ -1,0 +1,62 @@
+"""What quantizing a model will hold in memory, estimated from its graph before any work starts.
+
+The passes keep the float graph in memory and rewrite copies of it; onnxruntime sessions hold the float model
+for calibration and for judging the result; GPTQ keeps every target's input Hessian (K x K, float64) until the
+writer has used it. The estimate counts those from the model file's size and the graph's MatMul shapes, so the
+stage can refuse with one line, before calibrating, what this machine cannot hold (instead of the kernel's
+out-of-memory killer ending it without a word). The copies were measured on SmolLM2-135M (docs/benchmarks.md,
+"1B-class checkpoints").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from exporters.graph import GraphIndex
+from exporters.onnx_io import files_size
+
+# float-model copies alive at the peak, by recipe: the graph in memory, a calibration or judging session, the
+# writer's copy and the search's switch model (stand-in weights beside the originals). Measured peak RSS over
+# the float model's size on SmolLM2-135M, less its Hessians, rounded up.
+MODEL_COPIES = {"static": 3.0, "w8a8": 5.0, "w8": 4.0, "w4": 4.0}
+GPTQ_RECIPES = ("w8a8", "w8", "w4")
+BASE_BYTES = 600 << 20  # the Python process with onnxruntime, onnx and numpy loaded
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    model_bytes: int     # the float model's files
+    copies: float        # float-model copies alive at the peak
+    hessian_bytes: int   # GPTQ's input Hessians, all kept until written
+
+    @property
+    def total(self) -> int:
+        return int(BASE_BYTES + self.copies * self.model_bytes + self.hessian_bytes)
+
+    def describe(self) -> str:
+        gib = 1 << 30
+        return (f"about {self.total / gib:.1f} GiB: {self.copies:g} copies of the {self.model_bytes / gib:.1f} GiB "
+                f"float model" + (f" and {self.hessian_bytes / gib:.1f} GiB of GPTQ input Hessians"
+                                  if self.hessian_bytes else ""))
+
+    def to_dict(self) -> dict:
+        return {"estimate_bytes": self.total, "model_bytes": self.model_bytes, "model_copies": self.copies,
+                "hessian_bytes": self.hessian_bytes}
+
+
+def hessian_bytes(model: onnx.ModelProto, exclude: tuple[str, ...] = ()) -> int:
+    """float64 K x K per distinct input of the weight MatMuls GPTQ rounds."""
+    g = GraphIndex(model)
+    widths = {n.input[0]: g.inits[n.input[1]].dims[0] for n in g.weight_matmuls() if n.name not in exclude}
+    return sum(8 * k * k for k in widths.values())
+
+
+def estimate(path: str | Path, recipe: str, weight_rounding: str = "gptq") -> MemoryEstimate:
+    """The peak memory of quantizing the model at `path` with `recipe`, from its graph (weights not loaded)."""
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    gptq = recipe in GPTQ_RECIPES and weight_rounding == "gptq"
+    return MemoryEstimate(files_size(path), MODEL_COPIES[recipe], hessian_bytes(model) if gptq else 0)
