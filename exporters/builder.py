@@ -156,16 +156,29 @@ class Builder:
         prod = self.node("Mul", [act, up], [f"{mlp}Mul_1_output_0"], f"{mlp}Mul_1")[0]
         return self.linear(prod, mlp, [f"{p}mlp.down_proj"], "down_proj", c.mlp_bias), residual
 
+    def embedding(self) -> tuple[str, str]:
+        """(the embedded tokens, lm_head's weight). A tied head's table is stored once, as lm_head's (hidden,
+        vocab) MatMul weight, and the tokens are gathered from its columns (Gather on axis 1, then a Transpose
+        of the few gathered values); exporters/quantization/embedding.untie_embeddings splits it again for the
+        quantizers, which give the two readers different forms."""
+        out = residual(0)
+        if not self.c.tie_word_embeddings:
+            table = self.init("model.embed_tokens.weight", self.w.tensor("embed_tokens.weight"))
+            self.node("Gather", [table, INPUT_IDS], [out], "/model/embed_tokens/Gather")
+            return out, self.init("model.lm_head.weight", self.w.tensor("lm_head.weight").T)
+        head = self.init("model.lm_head.weight", self.w.tensor("lm_head.weight").T)
+        columns = self.node("Gather", [head, INPUT_IDS], [out + "_columns"], "/model/embed_tokens/Gather", axis=1)
+        self.node("Transpose", columns, [out], "/model/embed_tokens/Transpose", perm=[1, 2, 0])
+        return out, head
+
     def graph(self, on_layer: Callable[[int], None] | None = None) -> None:
-        x = self.node("Gather", [self.init("model.embed_tokens.weight", self.w.tensor("embed_tokens.weight")),
-                                 INPUT_IDS], ["/model/embed_tokens/Gather_output_0"], "/model/embed_tokens/Gather")[0]
+        x, head = self.embedding()
         residual, delta = x, None
         for i in range(self.num_layers):
             delta, residual = self.layer(i, residual, delta)
             if on_layer is not None:
                 on_layer(i)
         h, _ = self.norm(residual, delta, "norm.weight", "/model/norm")
-        head = self.init("model.lm_head.weight", self.w.tensor("lm_head.weight").T)
         self.node("MatMul", [h, head], [LOGITS], "/model/lm_head/MatMul")
 
 

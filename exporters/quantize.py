@@ -56,6 +56,7 @@ import onnx
 from exporters.graph import GraphIndex
 from exporters.onnx_io import files_size, load_onnx, move_model
 from exporters.quantization.config import WEIGHT_BITS_KEY, QuantConfig  # noqa: F401 (imported from here)
+from exporters.quantization.embedding import untie_embeddings
 from exporters.quantization.evaluate import perplexity  # noqa: F401
 from exporters.quantization.nbits import fake_nbits  # noqa: F401
 from exporters.quantization.passes import Quantizing, targets
@@ -89,6 +90,7 @@ def quantize(model_path: str | Path, out_path: str | Path, calib_ids: list[list[
     """
     model_path, out_path = Path(model_path), Path(out_path)
     model = _load_checked(model_path)
+    untie_embeddings(model)  # a tied table stored once gets its two readers' own copies back
     index = GraphIndex(model)
     shapes = index.weight_shapes()
     activation_matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in shapes]

@@ -11,6 +11,31 @@ from onnx import helper, numpy_helper
 from exporters.graph import GraphIndex
 
 
+def untie_embeddings(model: onnx.ModelProto) -> list[str]:
+    """A table stored once for a tied head (exporters/builder.py: lm_head's (hidden, vocab) weight, the tokens
+    gathered from its columns and transposed) becomes two again: a (vocab, hidden) table for a plain Gather,
+    and the MatMul weight. The quantizers give them different forms (int8 blocks for the Gather, the recipe's
+    for lm_head), so each needs its own tensor. Returns the tables split."""
+    g = GraphIndex(model)
+    split = []
+    for node in list(model.graph.node):
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        table = g.inits.get(node.input[0]) if node.op_type == "Gather" and axis == 1 else None
+        readers = g.consumers.get(node.output[0], [])
+        if table is None or len(table.dims) != 2 or len(readers) != 1 or readers[0].op_type != "Transpose":
+            continue
+        transpose = readers[0]
+        if [a.ints for a in transpose.attribute if a.name == "perm"] != [[1, 2, 0]]:
+            continue
+        name = "model.embed_tokens.weight" if "model.embed_tokens.weight" not in g.inits else table.name + ".rows"
+        rows = g.add_initializer(numpy_helper.from_array(np.ascontiguousarray(g.array(table.name).T), name))
+        gather = helper.make_node("Gather", [rows.name, node.input[1]], list(transpose.output), name=node.name)
+        node.CopyFrom(gather)
+        model.graph.node.remove(transpose)
+        split.append(table.name)
+    return split
+
+
 def quantize_embeddings(model: onnx.ModelProto, block_size: int) -> list[str]:
     """Each Gather from a 2-D float table that nothing else reads becomes GatherBlockQuantized (com.microsoft):
     uint8 with zero point 128 (symmetric int8), one scale per `block_size` values of a row. Returns the tables.

@@ -72,7 +72,13 @@ def test_built_graph_matches_transformers_and_the_fused_trace(family, tmp_path):
     optimize(traced, tmp_path / "fused.onnx", OptimizeConfig(check_parity=False))
     fused = onnx.load(str(tmp_path / "fused.onnx"))
     mine = onnx.load(str(built))
-    assert sorted(n.op_type for n in mine.graph.node) == sorted(n.op_type for n in fused.graph.node)
+    ops = sorted(n.op_type for n in mine.graph.node)
+    if weights.config.tie_word_embeddings:  # the table is stored once: tokens gathered from lm_head's columns
+        ops.remove("Transpose")
+        tables = [t for t in mine.graph.initializer if TINY["vocab_size"] in t.dims]
+        assert [(t.name, list(t.dims)) for t in tables] == [("model.lm_head.weight", [TINY["hidden_size"],
+                                                                                      TINY["vocab_size"]])]
+    assert ops == sorted(n.op_type for n in fused.graph.node)
     assert read_contract(mine) == read_contract(fused)
     weight_inits = {t.name for t in mine.graph.initializer if len(t.dims) == 2}
     for n in mine.graph.node:  # the names the quantization passes and the native rewrite know
@@ -261,3 +267,33 @@ def test_quantize_refuses_before_starting_when_over_max_memory(tmp_path):
     assert memory["limit_bytes"] > 0 and memory["peak_rss_bytes"] > 0
     assert memory["estimate_bytes"] == memory["model_bytes"] * memory["model_copies"] + memory["hessian_bytes"] \
         + (600 << 20)
+
+
+def test_a_tied_table_stored_once_is_split_for_the_quantizers(tmp_path):
+    from exporters.quantization.embedding import untie_embeddings
+
+    ckpt = save(tiny_hf(LlamaConfig(**TINY, tie_word_embeddings=True)), tmp_path / "ckpt")
+    built = tmp_path / "m.onnx"
+    build_graph(open_weights(ckpt), built)
+    model = onnx.load(str(built))
+    assert untie_embeddings(model) == ["model.lm_head.weight"]
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    np.testing.assert_array_equal(inits["model.embed_tokens.weight"], inits["model.lm_head.weight"].T)
+    gather = next(n for n in model.graph.node if n.op_type == "Gather" and n.input[1] == "input_ids")
+    assert gather.input[0] == "model.embed_tokens.weight" and not gather.attribute
+    assert "Transpose" not in {n.op_type for n in model.graph.node}
+    onnx.save(model, str(tmp_path / "untied.onnx"))
+    ids = np.random.default_rng(0).integers(0, TINY["vocab_size"], (1, 9))
+    np.testing.assert_array_equal(logits(tmp_path / "untied.onnx", ids), logits(built, ids))
+    assert untie_embeddings(model) == []  # nothing left to split
+    from exporters.quantize import QuantConfig, quantize
+
+    rng = np.random.default_rng(1)
+    calib = [list(rng.integers(0, TINY["vocab_size"], 40)) for _ in range(4)]
+    for recipe in ("w8a8", "w4"):  # both readers take their own forms: int8 blocks for the Gather
+        report = quantize(built, tmp_path / f"{recipe}.onnx", calib,
+                          QuantConfig(recipe=recipe, num_prefill=4, seq_len=32, num_decode_steps=4))
+        assert report["embedding"]["tables"] == ["model.embed_tokens.weight"]
+        assert "/model/lm_head/MatMul" not in report["float_matmuls"]
+        q = onnx.load(str(tmp_path / f"{recipe}.onnx"))
+        assert not [t.name for t in q.graph.initializer if t.name == "model.lm_head.weight"]  # no float copy left
