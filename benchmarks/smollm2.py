@@ -105,15 +105,15 @@ def main() -> None:
     p.add_argument("--window", type=int, default=512, help="evaluation window (tokens)")
     p.add_argument("--windows", type=int, default=2)
     p.add_argument("--calib-windows", type=int, default=32, help="calibration windows of 128 tokens")
-    p.add_argument("--skip-export", action="store_true", help="reuse the run's fp32 and fused variants")
+    p.add_argument("--skip-export", action="store_true", help="reuse the run's fused and fp32 variants")
     p.add_argument("--skip-quantize", action="store_true",
                    help="reuse the run's quantized variants too (their reports come from manifest.json)")
     a = p.parse_args()
     out = Path(a.out)
     calib, evaluation = texts(out / "text")
     if not a.skip_export:
-        pipeline("export", "--model", a.gguf, "--out", str(out))
-        pipeline("optimize", str(out))
+        pipeline("export", "--model", a.gguf, "--out", str(out))  # the fused graph, built from the GGUF
+        pipeline("export", "--model", a.gguf, "--out", str(out), "--graph", "traced")  # the plain trace: fp32
     quant = {}
     for recipe in a.recipes.split(","):
         quant[recipe] = last_quantize_report(out, recipe) if a.skip_quantize else \

@@ -13,22 +13,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from exporters.graph import GraphIndex
 from exporters.onnx_io import files_size
 
 # float-model copies alive at the peak, by recipe: the graph in memory, a calibration or judging session, the
-# writer's copy and the search's switch model (stand-in weights beside the originals). Measured peak RSS over
-# the float model's size on SmolLM2-135M, less its Hessians, rounded up.
-MODEL_COPIES = {"static": 3.0, "w8a8": 5.0, "w8": 4.0, "w4": 4.0}
+# writer's copy and the search's switch model (stand-in weights beside the originals). From SmolLM2-135M's
+# measured peak RSS (w8a8 7.75 GB, w4 6.74 GB, from a 654 MB float model with 0.81 GB of Hessians), less the
+# base and the Hessians, over the model's size, rounded up; w8 runs w4's passes, static a subset of w8a8's.
+MODEL_COPIES = {"static": 10.0, "w8a8": 10.0, "w8": 8.5, "w4": 8.5}
 GPTQ_RECIPES = ("w8a8", "w8", "w4")
 BASE_BYTES = 600 << 20  # the Python process with onnxruntime, onnx and numpy loaded
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    model_bytes: int     # the float model's files
+    model_bytes: int     # the float model's files, a tied table counted twice (quantizing splits it)
     copies: float        # float-model copies alive at the peak
     hessian_bytes: int   # GPTQ's input Hessians, all kept until written
 
@@ -54,9 +56,21 @@ def hessian_bytes(model: onnx.ModelProto, exclude: tuple[str, ...] = ()) -> int:
     return sum(8 * k * k for k in widths.values())
 
 
+def tied_table_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of a table stored once for a tied head, which quantizing splits into two (embedding.untie_embeddings)."""
+    g = GraphIndex(model)
+    total = 0
+    for n in model.graph.node:
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+        if n.op_type == "Gather" and axis == 1 and n.input[0] in g.inits:
+            total += 4 * int(np.prod(g.inits[n.input[0]].dims))
+    return total
+
+
 def estimate(path: str | Path, recipe: str, weight_rounding: str = "gptq") -> MemoryEstimate:
     """The peak memory of quantizing the model at `path` with `recipe`, from its graph (weights not loaded)."""
     path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
     gptq = recipe in GPTQ_RECIPES and weight_rounding == "gptq"
-    return MemoryEstimate(files_size(path), MODEL_COPIES[recipe], hessian_bytes(model) if gptq else 0)
+    return MemoryEstimate(files_size(path) + tied_table_bytes(model), MODEL_COPIES[recipe],
+                          hessian_bytes(model) if gptq else 0)

@@ -245,6 +245,10 @@ def test_quantize_memory_estimate_counts_copies_and_hessians(tmp_path):
     assert (w4.hessian_bytes, w4.model_bytes, w4.copies) == (hessians, size, MODEL_COPIES["w4"])
     assert w4.total == int(BASE_BYTES + MODEL_COPIES["w4"] * size + hessians)
     assert estimate(built, "w4", "nearest").hessian_bytes == 0 and estimate(built, "static").hessian_bytes == 0
+    tied = tmp_path / "tied.onnx"  # its table is stored once but split for quantizing: counted twice
+    build_graph(open_weights(save(tiny_hf(LlamaConfig(**TINY, tie_word_embeddings=True)), tmp_path / "t")), tied)
+    files = tied.stat().st_size + tied.with_name("tied.onnx.data").stat().st_size
+    assert estimate(tied, "w4").model_bytes == files + 4 * TINY["vocab_size"] * h
 
 
 def test_quantize_refuses_before_starting_when_over_max_memory(tmp_path):
