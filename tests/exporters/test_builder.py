@@ -269,8 +269,8 @@ def test_quantize_refuses_before_starting_when_over_max_memory(tmp_path):
                                "--valid-windows", "0", "--json").output)
     memory = report["memory"]
     assert memory["limit_bytes"] > 0 and memory["peak_rss_bytes"] > 0
-    assert memory["estimate_bytes"] == memory["model_bytes"] * memory["model_copies"] + memory["hessian_bytes"] \
-        + (600 << 20)
+    assert memory["estimate_bytes"] == int(memory["model_bytes"] * memory["model_copies"] + memory["hessian_bytes"]
+                                           + (600 << 20))
 
 
 def test_a_tied_table_stored_once_is_split_for_the_quantizers(tmp_path):
