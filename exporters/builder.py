@@ -31,8 +31,8 @@ from exporters.optimize import COS_CACHE, SEQLENS_K, SIN_CACHE, TOTAL_SEQ_LEN, a
 from models.decoder import DecoderConfig
 from models.errors import UserError
 from models.weights import WeightSource
-from runtimes.contract import (ATTENTION_MASK, INPUT_IDS, LOGITS, Contract, past_key, past_value, present_key,
-                               present_value, write_contract)
+from runtimes.contract import (ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, Contract, past_key, past_value,
+                               present_key, present_value, write_contract)
 
 OPSET = 17
 INLINE_BYTES = 1024  # smaller tensors stay in the .onnx file (onnx's own save threshold)
@@ -68,7 +68,7 @@ class ExternalData:
         self.offset = 0
 
     def tensor(self, name: str, array: np.ndarray) -> TensorProto:
-        array = np.ascontiguousarray(array)
+        array = np.asarray(array, order="C")  # (np.ascontiguousarray would make a scalar 1-D)
         t = TensorProto(name=name, dims=array.shape, data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
         if array.nbytes < INLINE_BYTES:
             t.raw_data = array.tobytes()
@@ -178,8 +178,25 @@ class Builder:
             delta, residual = self.layer(i, residual, delta)
             if on_layer is not None:
                 on_layer(i)
+        residual, delta = self.keep_last(residual, delta)
         h, _ = self.norm(residual, delta, "norm.weight", "/model/norm")
         self.node("MatMul", [h, head], [LOGITS], "/model/lm_head/MatMul")
+
+    def keep_last(self, residual: str, delta: str) -> tuple[str, str]:
+        """The last `logits_to_keep` positions of the stream (all when 0, its default), before the final norm:
+        a prefill that generates needs one row of logits, not one per prompt token (at a 151,936-token vocabulary
+        and 1,536 prompt tokens those are 0.9 GB and most of the prefill's lm_head FLOPs)."""
+        s = "/model/keep/"
+        zero = self.init(f"{s}zero", np.array(0, np.int64))
+        end = self.init(f"{s}end", np.array([np.iinfo(np.int64).max], np.int64))
+        axis = self.init(f"{s}axis", np.array([1], np.int64))
+        first = self.init(f"{s}axis0", np.array([0], np.int64))
+        start = self.node("Where", [self.node("Greater", [LOGITS_TO_KEEP, zero], [f"{s}some"], f"{s}Greater")[0],
+                                    self.node("Neg", [LOGITS_TO_KEEP], [f"{s}neg"], f"{s}Neg")[0], zero],
+                          [f"{s}start"], f"{s}Where")[0]
+        start = self.node("Unsqueeze", [start, first], [f"{s}starts"], f"{s}Unsqueeze")[0]
+        return tuple(self.node("Slice", [x, start, end, axis], [f"{s}{which}"], f"{s}Slice_{which}")[0]
+                     for x, which in ((residual, "residual"), (delta, "delta")))
 
 
 def io_value(name: str, elem: int, dims: list) -> onnx.ValueInfoProto:
@@ -208,13 +225,15 @@ def build_graph(weights: WeightSource, out_path: str | Path,
         return ["batch_size", c.num_kv_heads, length, c.head_dim]
 
     inputs = [io_value(INPUT_IDS, TensorProto.INT64, ["batch_size", "sequence_length"]),
-              io_value(ATTENTION_MASK, TensorProto.INT64, ["batch_size", "total_sequence_length"])]
-    outputs = [io_value(LOGITS, TensorProto.FLOAT, ["batch_size", "sequence_length", c.vocab_size])]
+              io_value(ATTENTION_MASK, TensorProto.INT64, ["batch_size", "total_sequence_length"]),
+              io_value(LOGITS_TO_KEEP, TensorProto.INT64, [])]  # with a default: the initializer below
+    outputs = [io_value(LOGITS, TensorProto.FLOAT, ["batch_size", "kept_sequence_length", c.vocab_size])]
     for i in range(n):
         inputs += [io_value(name(i), TensorProto.FLOAT, kv("past_sequence_length")) for name in (past_key, past_value)]
         outputs += [io_value(name(i), TensorProto.FLOAT, kv("total_sequence_length"))
                     for name in (present_key, present_value)]
-    graph = helper.make_graph(b.nodes, "decoder", inputs, outputs, b.inits)
+    keep_default = helper.make_tensor(LOGITS_TO_KEEP, TensorProto.INT64, [], [0])
+    graph = helper.make_graph(b.nodes, "decoder", inputs, outputs, b.inits + [keep_default])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                     helper.make_opsetid("com.microsoft", 1)],
                               producer_name="pipeline", ir_version=8)

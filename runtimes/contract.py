@@ -25,6 +25,9 @@ INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
 LOGITS = "logits"
+# built graphs: how many last positions get logits (transformers' logits_to_keep; 0 = all). An input with a
+# default (an initializer of the same name), so callers that do not know it get every position, as before
+LOGITS_TO_KEEP = "logits_to_keep"
 # the KV cache names, as templates: `{}` is the layer (onnxruntime-genai's config takes them with `%d`)
 PAST_KEY = "past_key_values.{}.key"
 PAST_VALUE = "past_key_values.{}.value"

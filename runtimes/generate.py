@@ -28,10 +28,12 @@ import onnxruntime as ort
 
 from runtimes.errors import RuntimeUserError
 from runtimes.providers import ProviderSpec
-from runtimes.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, past_names, present_names
+from runtimes.contract import (ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, POSITION_IDS, past_names,
+                               present_names)
 from runtimes.session import DecoderSession, open_session, resolve_model_path
 
 TOKENIZER_FILE = "tokenizer.json"
+ONE = np.array(1, np.int64)
 GENERATION_CONFIG_FILE = "generation_config.json"
 
 
@@ -117,6 +119,8 @@ class SharedCache:
             self._binding.bind_ortvalue_output(present, value)
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        if LOGITS_TO_KEEP in feeds:
+            return self._prefill(feeds)
         total = feeds[ATTENTION_MASK].shape[1]
         capacity = self._buffers[0].shape[2]
         if total > capacity:
@@ -132,6 +136,19 @@ class SharedCache:
         binding.bind_output(LOGITS, "cpu")  # rebound: its shape changes from prefill to decode
         self._session.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()
+
+    def _prefill(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """A prefill that keeps only the last logits (LOGITS_TO_KEEP): IO binding cannot bind that input (an
+        initializer with a default), so it runs from an empty past and its presents are copied into the shared
+        buffers once; the steps after it run in place."""
+        first = self._buffers[0]
+        empty = np.zeros((first.shape[0], first.shape[1], 0, first.shape[3]), first.dtype)
+        names = [present for _, present in self._names]
+        logits, *presents = self._session.run([LOGITS, *names], {**feeds, **{p: empty for p, _ in self._names}})
+        length = presents[0].shape[2]
+        for buffer, present in zip(self._buffers, presents):
+            buffer[:, :, :length] = present
+        return logits
 
 
 class BoundCache:
@@ -186,6 +203,8 @@ class Generator:
         self._dummy = int(session.spec.needs_nonempty_past and not session.contract.fused_attention)
         self._feeds_mask = ATTENTION_MASK in session.input_names
         self._feeds_positions = POSITION_IDS in session.input_names
+        # prefill: the last position's logits only, where the graph can (built graphs) and the cache feeds it
+        self._keeps_last = LOGITS_TO_KEEP in session.input_names and not isinstance(self._cache, BoundCache)
         self._mask = np.ones((1, 0), np.int64)   # (batch, capacity): 0 at the dummy slot, 1 elsewhere
         self._total = 0                          # positions in the cache, dummy slot included
         self._next_position = 0                  # position id of the next token (the dummy slot has none)
@@ -205,7 +224,7 @@ class Generator:
         self._mask[:, :self._dummy] = 0
         self._total, self._next_position = self._dummy + length, length
         positions = np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length))
-        return self._forward(ids, positions)
+        return self._forward(ids, positions, keep_last=self._keeps_last)
 
     def step(self, tokens: int | Sequence[int] | np.ndarray) -> np.ndarray:
         """Append one token per sequence (after `prefill`); returns its logits (B, vocab)."""
@@ -215,12 +234,14 @@ class Generator:
         self._next_position += 1
         return self._forward(ids, positions)
 
-    def _forward(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    def _forward(self, ids: np.ndarray, positions: np.ndarray, keep_last: bool = False) -> np.ndarray:
         feeds = {INPUT_IDS: ids}
         if self._feeds_mask:
             feeds[ATTENTION_MASK] = self._mask_view()
         if self._feeds_positions:
             feeds[POSITION_IDS] = np.ascontiguousarray(positions)
+        if keep_last:
+            feeds[LOGITS_TO_KEEP] = ONE
         logits = self._cache.run(feeds)
         return logits[:, -1, :].astype(np.float32, copy=False)
 

@@ -19,7 +19,8 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from runtimes import kernels
-from runtimes.contract import INPUT_IDS, LOGITS, METADATA_KEY, Contract, past_key, past_names, present_names
+from runtimes.contract import (INPUT_IDS, LOGITS, LOGITS_TO_KEEP, METADATA_KEY, Contract, past_key, past_names,
+                               present_names)
 from runtimes.errors import RuntimeUserError
 from runtimes.providers import (CPU_EP, ModelShape, ProviderSpec, cpu, ensure_available, int8_gemm_saturates,
                                with_cpu_fallback)
@@ -128,6 +129,7 @@ def _describe(session: ort.InferenceSession, path: Path) -> tuple[Contract, tupl
     """Contract, input and output names, checked against each other so a tampered graph fails here."""
     contract = Contract.from_metadata(session.get_modelmeta().custom_metadata_map, path)
     inputs = tuple(i.name for i in session.get_inputs())
+    inputs += tuple(i.name for i in session.get_overridable_initializers() if i.name == LOGITS_TO_KEEP)
     outputs = tuple(o.name for o in session.get_outputs())
     missing = ({INPUT_IDS, *past_names(contract.num_layers)} - set(inputs)) | \
         ({LOGITS, *present_names(contract.num_layers)} - set(outputs))

@@ -72,7 +72,7 @@ def test_built_graph_matches_transformers_and_the_fused_trace(family, tmp_path):
     optimize(traced, tmp_path / "fused.onnx", OptimizeConfig(check_parity=False))
     fused = onnx.load(str(tmp_path / "fused.onnx"))
     mine = onnx.load(str(built))
-    ops = sorted(n.op_type for n in mine.graph.node)
+    ops = sorted(n.op_type for n in mine.graph.node if not n.name.startswith("/model/keep/"))  # logits_to_keep
     if weights.config.tie_word_embeddings:  # the table is stored once: tokens gathered from lm_head's columns
         ops.remove("Transpose")
         tables = [t for t in mine.graph.initializer if TINY["vocab_size"] in t.dims]
@@ -301,3 +301,38 @@ def test_a_tied_table_stored_once_is_split_for_the_quantizers(tmp_path):
         assert "/model/lm_head/MatMul" not in report["float_matmuls"]
         q = onnx.load(str(tmp_path / f"{recipe}.onnx"))
         assert not [t.name for t in q.graph.initializer if t.name == "model.lm_head.weight"]  # no float copy left
+
+
+def test_logits_to_keep_computes_only_the_last_positions(tmp_path):
+    from runtimes.generate import Generator
+    from runtimes.session import open_session
+
+    ckpt = save(tiny_hf(LlamaConfig(**TINY, tie_word_embeddings=True)), tmp_path / "ckpt")
+    built = tmp_path / "m.onnx"
+    build_graph(open_weights(ckpt), built)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(built), opts, providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_overridable_initializers()] == ["logits_to_keep"]
+    ids = np.random.default_rng(0).integers(0, TINY["vocab_size"], (1, 9))
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    feeds.update(dict.fromkeys(past_names(TINY["num_hidden_layers"]), np.zeros((1, 2, 0, 16), np.float32)))
+    every = sess.run(["logits"], feeds)[0]  # not fed: every position, as Optimum and onnxruntime-genai expect
+    assert every.shape == (1, 9, TINY["vocab_size"])
+    for k in (1, 4, 9):
+        kept = sess.run(["logits"], {**feeds, "logits_to_keep": np.array(k)})[0]
+        assert kept.shape == (1, k, TINY["vocab_size"])
+        np.testing.assert_array_equal(kept, every[:, -k:])
+    generator = Generator(open_session(built, threads=1))
+    assert "logits_to_keep" in generator.session.input_names
+    np.testing.assert_array_equal(generator.prefill(ids[0], 12), every[:, -1])
+    # the in-place cache takes the prefill's presents once, then decodes as before
+    plain = Generator(open_session(built, threads=1))
+    plain._keeps_last = False  # every position's logits, the cache shared from the prefill on
+    host = Generator(open_session(built, threads=1), io_binding=False)
+    runs = [g.prefill(ids[0], 16) for g in (generator, plain, host)]
+    for _ in range(5):
+        for a in runs[1:]:
+            np.testing.assert_allclose(a, runs[0], atol=1e-5)
+        token = int(runs[0].argmax())
+        runs = [g.step(token) for g in (generator, plain, host)]

@@ -24,7 +24,7 @@ def make_tokenizer(out_dir: Path, vocab: int = 256) -> None:
     tok.save(str(out_dir / "tokenizer.json"))
 
 
-def make_hf_checkpoint(out_dir: Path, family: str = "llama", seed: int = 0) -> Path:
+def make_hf_checkpoint(out_dir: Path, family: str = "llama", seed: int = 0, tied: bool = False) -> Path:
     import torch
     import transformers as tf
 
@@ -38,7 +38,7 @@ def make_hf_checkpoint(out_dir: Path, family: str = "llama", seed: int = 0) -> P
     else:
         cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
                "mistral": (tf.MistralConfig, tf.MistralForCausalLM)}[family]
-        cfg = cls[0](intermediate_size=128, num_key_value_heads=2, **common)
+        cfg = cls[0](intermediate_size=128, num_key_value_heads=2, tie_word_embeddings=tied, **common)
         model = cls[1](cfg)
     with torch.no_grad():  # random norm weights, so a fusion that drops one shows in the logits
         for name, p in model.named_parameters():
