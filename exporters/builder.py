@@ -285,7 +285,7 @@ def check_built(weights: WeightSource, built: Path, contract: Contract, referenc
 def graph_steps(built: Path, contract: Contract, tokens: np.ndarray) -> list[dict[str, np.ndarray]]:
     """Every residual, the logits and the presents of a prefill of tokens[:-1] and a decode step of the last one,
     from a copy of the graph that also outputs the residuals (beside the model: same external data)."""
-    import onnxruntime as ort
+    from exporters.calibration import cpu_session  # errors only: a default-valued input is not news
 
     n = contract.num_layers
     streams = [residual(i) for i in range(n)] + [residual(-1)]
@@ -294,7 +294,7 @@ def graph_steps(built: Path, contract: Contract, tokens: np.ndarray) -> list[dic
     probe = built.with_name(f".probe-{built.name}")
     try:
         onnx.save_model(proto, str(probe))
-        sess = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
+        sess = cpu_session(probe)
     finally:
         probe.unlink(missing_ok=True)
     names = [o.name for o in sess.get_outputs()]

@@ -337,11 +337,10 @@ def optimize(in_path: str | Path, out_path: str | Path, config: OptimizeConfig =
 
 def fused_parity(ref_path: Path, fused_path: Path, contract: Contract, seed: int = 0) -> dict[str, float]:
     """Max |logit difference| of fused vs unfused on a prefill (7 tokens) and one decode step, batch 1."""
-    import onnxruntime as ort
+    from exporters.calibration import cpu_session  # errors only: a default-valued input is not news
 
     rng = np.random.default_rng(seed)
-    ref = ort.InferenceSession(str(ref_path), providers=["CPUExecutionProvider"])
-    new = ort.InferenceSession(str(fused_path), providers=["CPUExecutionProvider"])
+    ref, new = cpu_session(ref_path), cpu_session(fused_path)
     kv_np = np.dtype(contract.kv_dtype)
     outputs = [LOGITS, *present_names(contract.num_layers)]
     out = {}
