@@ -90,6 +90,14 @@ def _private_weight(g: GraphIndex, node: onnx.NodeProto) -> bool:
     return node.name in g.weight_names and g.uses[node.input[1]] == 1
 
 
+def _position_slice(g: GraphIndex, node: onnx.NodeProto) -> bool:
+    """A Slice along axis 1 only (positions, as the built graph's logits_to_keep cuts the stream before the final
+    norm): it picks whole hidden vectors, so it commutes with any map of the hidden axis."""
+    if node.op_type != "Slice" or len(node.input) < 4 or node.input[3] not in g.inits:
+        return False
+    return numpy_helper.to_array(g.inits[node.input[3]]).tolist() == [1]
+
+
 def _residual_plan(model: onnx.ModelProto, g: GraphIndex) -> tuple[onnx.NodeProto, list, list, list] | str:
     """(embedding Gather, norms, reader MatMuls per norm, writer MatMuls), or why the graph cannot be rotated."""
     norms = [n for n in model.graph.node if n.op_type in NORMS]
@@ -116,9 +124,16 @@ def _residual_plan(model: onnx.ModelProto, g: GraphIndex) -> tuple[onnx.NodeProt
             return f"{n.name}: its output is read by something other than weight MatMuls"
         readers.append(mms)
     gathers, outputs = [], {o.name for o in model.graph.output}
-    for t in stream:
+    pending, seen = list(stream), set()
+    while pending:  # a Slice of positions (logits_to_keep) carries the stream on: its input is stream too
+        t = pending.pop()
+        if t in seen:
+            continue
+        seen.add(t)
         for r in g.consumers.get(t, []):
             skip = r.op_type == "SkipSimplifiedLayerNormalization" and r.input[1] == t
+            if _position_slice(g, r) and r.input[0] == t:
+                continue
             if r.op_type not in NORMS or r.input[0] != t and not skip:
                 return f"the residual stream {t} is read by {r.op_type} {r.name}"
         if t in outputs:
@@ -126,8 +141,11 @@ def _residual_plan(model: onnx.ModelProto, g: GraphIndex) -> tuple[onnx.NodeProt
         p = g.producers.get(t)
         if p is None:
             return f"the residual stream {t} is a graph input"
-        if p.op_type == "Gather":
-            gathers.append(p)
+        if p.op_type == "Gather" or _position_slice(g, p) and p.input[0] not in g.inits:
+            if p.op_type == "Gather":
+                gathers.append(p)
+            else:
+                pending.append(p.input[0])
         elif p.op_type == "MatMul" and _private_weight(g, p) and len(g.consumers[t]) == 1:
             writers.append(p)
         elif p.op_type not in NORMS:

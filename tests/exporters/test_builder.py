@@ -336,3 +336,20 @@ def test_logits_to_keep_computes_only_the_last_positions(tmp_path):
             np.testing.assert_allclose(a, runs[0], atol=1e-5)
         token = int(runs[0].argmax())
         runs = [g.step(token) for g in (generator, plain, host)]
+
+
+def test_the_built_graph_rotates_through_its_position_slices(tmp_path):
+    """R1 (exporters/rotation.py) follows the residual stream through logits_to_keep's Slices to the final norm
+    and lm_head, so w8a8 gets its rotation on built graphs as on traced ones; exact in float."""
+    from exporters.quantization.embedding import untie_embeddings
+    from exporters.rotation import rotate_residual
+
+    ckpt = save(tiny_hf(LlamaConfig(**TINY, tie_word_embeddings=True)), tmp_path / "ckpt")
+    built = tmp_path / "m.onnx"
+    build_graph(open_weights(ckpt), built)
+    model = onnx.load(str(built))
+    untie_embeddings(model)
+    assert rotate_residual(model) is None
+    onnx.save(model, str(tmp_path / "rotated.onnx"))
+    ids = np.random.default_rng(0).integers(0, TINY["vocab_size"], (1, 9))
+    np.testing.assert_allclose(logits(tmp_path / "rotated.onnx", ids), logits(built, ids), atol=1e-4)
