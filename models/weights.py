@@ -236,20 +236,21 @@ class GGUFTensors:
         return w
 
 
-def hf_name(ours: str) -> str:
-    if ours in HF_GLOBAL:
-        return HF_GLOBAL[ours]
+def file_name(ours: str, globals_: dict, layer_prefix: str, modules: dict) -> str:
+    """Our parameter name -> the file's: a global tensor by table, a layer's as `{prefix}{i}.{module}.{kind}`."""
+    if ours in globals_:
+        return globals_[ours]
     _, i, rest = ours.split(".", 2)
     mod, kind = rest.rsplit(".", 1)
-    return f"model.layers.{i}.{HF_LAYER[mod]}.{kind}"
+    return f"{layer_prefix}{i}.{modules[mod]}.{kind}"
+
+
+def hf_name(ours: str) -> str:
+    return file_name(ours, HF_GLOBAL, "model.layers.", HF_LAYER)
 
 
 def gguf_name(ours: str) -> str:
-    if ours in GGUF_GLOBAL:
-        return GGUF_GLOBAL[ours]
-    _, i, rest = ours.split(".", 2)
-    mod, kind = rest.rsplit(".", 1)
-    return f"blk.{i}.{GGUF_LAYER_MODULES[mod]}.{kind}"
+    return file_name(ours, GGUF_GLOBAL, "blk.", GGUF_LAYER_MODULES)
 
 
 def generation_token(directory: Path, hf_cfg, name: str) -> int | None:
