@@ -6,12 +6,16 @@ data file at once: peak memory is about one tensor, whatever the model's size. T
 `pipeline optimize` makes of a traced export (exporters/optimize.py), with the same tensor and node names, so
 every quantization pass, the native-kernel rewrite and the runtime read it alike:
 
-    input_ids --Gather(embed)--> x
-    per layer i:  [Skip]SimplifiedLayerNormalization(x) -> qkv_proj/MatMul(+Add) -> GroupQueryAttention(rotary
-                  inside, cos/sin caches from the rope parameters) -> o_proj/MatMul(+Add)
-                  -> SkipSimplifiedLayerNormalization -> gate_up_proj/MatMul -> Split -> SiLU(gate) * up
-                  -> down_proj/MatMul(+Add)
+    input_ids --Gather(embed)(--Mul(embed_scale))--> x
+    per layer i:  [Skip]SimplifiedLayerNormalization(x) -> qkv_proj/MatMul(+Add) [-> Split -> q/k norms, each
+                  head's RMSNorm] -> GroupQueryAttention(rotary inside, cos/sin caches of the layer's rope,
+                  local_window_size for a sliding layer, scale) -> o_proj/MatMul(+Add) [-> attn_out_norm]
+                  -> SkipSimplifiedLayerNormalization -> gate_up_proj/MatMul -> Split -> SiLU or GELU-tanh
+                  (gate) * up -> down_proj/MatMul(+Add) [-> mlp_out_norm]
     SkipSimplifiedLayerNormalization(final norm) -> lm_head/MatMul -> logits
+
+The bracketed steps are the switches of models/decoder.py (Qwen3's and Gemma 3's q/k norms, Gemma's sandwich
+norms and scaled embeddings, Mistral's and Gemma's sliding windows): each family is a few overrides of one graph.
 
 The traced export (exporters/export.py) stays as the independent oracle: the built graph is checked against
 PyTorch on a prefill and a decode step through the KV cache, in full for models that fit the check's memory,
@@ -27,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from exporters.optimize import COS_CACHE, SEQLENS_K, SIN_CACHE, TOTAL_SEQ_LEN, add_gqa_inputs
+from exporters.optimize import COS_CACHE, SEQLENS_K, SIN_CACHE, TOTAL_SEQ_LEN, add_gqa_inputs, rotary_caches
 from models.decoder import DecoderConfig
 from models.errors import UserError
 from models.weights import WeightSource
@@ -40,19 +44,21 @@ ALIGN = 64           # external data offsets, so onnxruntime can map tensors ali
 
 
 def contract_for_config(c: DecoderConfig, fused: bool) -> Contract:
-    """Every field of the contract, from the decoder's config. Attention is global in every layer: the decoder
-    has no sliding window (models/hf.py caps max_position_embeddings at a checkpoint's window instead)."""
+    """Every field of the contract, from the decoder's config."""
+    rope = c.positions == "rope"
     return Contract(num_layers=c.num_layers, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
                     head_dim=c.head_dim, hidden_size=c.hidden_size, vocab_size=c.vocab_size,
-                    max_position_embeddings=c.max_position_embeddings, attention_windows=(None,) * c.num_layers,
-                    kv_dtype="float32", family=c.family, rope_theta=c.rope_theta if c.positions == "rope" else None,
-                    rope_scaling=c.rope_scaling, fused_attention=fused)
+                    max_position_embeddings=c.max_position_embeddings,
+                    attention_windows=tuple(c.window(i) for i in range(c.num_layers)),
+                    kv_dtype="float32", family=c.family, rope_theta=c.rope_theta if rope else None,
+                    rope_scaling=c.rope_scaling, fused_attention=fused,
+                    rope_local_theta=c.rope_local_theta if rope else None)
 
 
 def refusal(c: DecoderConfig) -> str | None:
     """Why the builder cannot emit this config (it needs the Llama shape and GroupQueryAttention's limits)."""
-    if c.norm != "rms" or c.positions != "rope" or not c.gated_mlp or c.activation != "silu":
-        return f"the graph builder emits RMSNorm + rotary + SwiGLU decoders; {c.family} is not one"
+    if c.norm != "rms" or c.positions != "rope" or not c.gated_mlp or c.activation not in ("silu", "gelu_tanh"):
+        return f"the graph builder emits RMSNorm + rotary + gated-MLP decoders; {c.family} is not one"
     if c.head_dim % 16:
         return (f"head_dim {c.head_dim} is not a multiple of 16, which onnxruntime's GroupQueryAttention "
                 "requires")
@@ -91,8 +97,8 @@ class Builder:
     """Emits the nodes and initializers of one decoder graph in order; `weights.tensor(name)` supplies each
     weight in our naming (models/decoder.py), read only when its op is emitted."""
 
-    def __init__(self, weights: WeightSource, data: ExternalData, num_layers: int):
-        self.w, self.c, self.data = weights, weights.config, data
+    def __init__(self, weights: WeightSource, data: ExternalData, num_layers: int, contract: Contract):
+        self.w, self.c, self.data, self.contract = weights, weights.config, data, contract
         self.num_layers = num_layers
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[TensorProto] = []
@@ -130,6 +136,44 @@ class Builder:
                   f"{scope}/SkipSimplifiedLayerNorm", domain="com.microsoft", epsilon=self.c.norm_eps)
         return normed, total
 
+    def plain_norm(self, x: str, weight: str, scope: str) -> str:
+        """RMSNorm of x over its last axis (a sublayer's output, or each head's vector)."""
+        return self.node("SimplifiedLayerNormalization", [x, self.init(weight, self.w.tensor(weight))],
+                         [f"{scope}/Mul_1_output_0"], f"{scope}/SimplifiedLayerNorm", epsilon=self.c.norm_eps,
+                         axis=-1, stash_type=1)[0]
+
+    def head_norm(self, x: str, heads: int, weight: str, scope: str) -> str:
+        """Each head's RMSNorm (Qwen3, Gemma 3): (B, S, heads * head_dim) viewed as heads, normed, flattened."""
+        hd = self.c.head_dim
+        split = self.init(f"{scope}.heads", np.array([0, 0, heads, hd], np.int64))
+        flat = self.init(f"{scope}.flat", np.array([0, 0, heads * hd], np.int64))
+        x = self.node("Reshape", [x, split], [f"{scope}/Reshape_output_0"], f"{scope}/Reshape")[0]
+        x = self.plain_norm(x, weight, scope)
+        return self.node("Reshape", [x, flat], [f"{scope}/Reshape_1_output_0"], f"{scope}/Reshape_1")[0]
+
+    def attention_inputs(self, i: int, qkv: str, attn: str) -> list[str]:
+        """GroupQueryAttention's query/key/value inputs: the packed projection, or with q/k norms its three parts,
+        normed per head (the op takes packed or separate inputs alike)."""
+        c, p = self.c, f"layers.{i}."
+        if not c.qk_norm:
+            return [qkv, "", ""]
+        sizes = [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
+        split = self.init(f"{attn}qkv_proj.split", np.array(sizes, np.int64))
+        q, k, v = self.node("Split", [qkv, split], [f"{attn}q_proj/MatMul_output_0", f"{attn}k_proj/MatMul_output_0",
+                                                    f"{attn}v_proj/MatMul_output_0"], f"{attn}qkv_proj/Split", axis=-1)
+        return [self.head_norm(q, c.num_heads, f"{p}attn.q_norm.weight", f"{attn}q_norm"),
+                self.head_norm(k, c.num_kv_heads, f"{p}attn.k_norm.weight", f"{attn}k_norm"), v]
+
+    def gqa_attributes(self, i: int) -> dict:
+        c = self.c
+        attrs = dict(num_heads=c.num_heads, kv_num_heads=c.num_kv_heads, do_rotary=int(c.positions == "rope"),
+                     rotary_interleaved=0)
+        if c.attention_scale is not None:
+            attrs["scale"] = float(c.attention_scale)
+        if c.window(i) is not None:  # onnxruntime counts the query itself in the window, as transformers does
+            attrs["local_window_size"] = c.window(i)
+        return attrs
+
     def layer(self, i: int, residual: str, delta: str | None) -> tuple[str, str]:
         c, p = self.c, f"layers.{i}."
         scope = f"/model/layers.{i}/"
@@ -137,24 +181,31 @@ class Builder:
         attn = f"{scope}attn/"
         qkv = self.linear(h, attn, [f"{p}attn.q_proj", f"{p}attn.k_proj", f"{p}attn.v_proj"], "qkv_proj",
                           c.qkv_bias)
-        rope = c.positions == "rope"
+        cos, sin = rotary_caches(self.contract, i)
         y = self.node("GroupQueryAttention",
-                      [qkv, "", "", past_key(i), past_value(i), SEQLENS_K, TOTAL_SEQ_LEN,
-                       COS_CACHE if rope else "", SIN_CACHE if rope else ""],
+                      [*self.attention_inputs(i, qkv, attn), past_key(i), past_value(i), SEQLENS_K, TOTAL_SEQ_LEN,
+                       cos, sin],
                       [f"{attn}GroupQueryAttention_output_0", present_key(i), present_value(i)],
-                      f"{attn}GroupQueryAttention", domain="com.microsoft", num_heads=c.num_heads,
-                      kv_num_heads=c.num_kv_heads, do_rotary=int(rope), rotary_interleaved=0)[0]
+                      f"{attn}GroupQueryAttention", domain="com.microsoft", **self.gqa_attributes(i))[0]
         a = self.linear(y, attn, [f"{p}attn.o_proj"], "o_proj", c.o_bias)
+        if c.sandwich_norm:
+            a = self.plain_norm(a, f"{p}attn_out_norm.weight", f"{scope}attn_out_norm")
         h, residual = self.norm(residual, a, f"{p}post_attn_norm.weight", f"{scope}post_attn_norm")
         mlp = f"{scope}mlp/"
         gu = self.linear(h, mlp, [f"{p}mlp.gate_proj", f"{p}mlp.up_proj"], "gate_up_proj", c.mlp_bias)
         split = self.init(f"{mlp}gate_up_proj.split", np.array([c.intermediate_size] * 2, np.int64))
         gate, up = self.node("Split", [gu, split], [f"{mlp}gate_proj/MatMul_output_0", f"{mlp}up_proj/MatMul_output_0"],
                              f"{mlp}gate_up_proj/Split", axis=-1)
-        sig = self.node("Sigmoid", [gate], [f"{mlp}Sigmoid_output_0"], f"{mlp}Sigmoid")[0]
-        act = self.node("Mul", [gate, sig], [f"{mlp}Mul_output_0"], f"{mlp}Mul")[0]
+        if c.activation == "gelu_tanh":
+            act = self.node("FastGelu", [gate], [f"{mlp}Mul_output_0"], f"{mlp}FastGelu", domain="com.microsoft")[0]
+        else:
+            sig = self.node("Sigmoid", [gate], [f"{mlp}Sigmoid_output_0"], f"{mlp}Sigmoid")[0]
+            act = self.node("Mul", [gate, sig], [f"{mlp}Mul_output_0"], f"{mlp}Mul")[0]
         prod = self.node("Mul", [act, up], [f"{mlp}Mul_1_output_0"], f"{mlp}Mul_1")[0]
-        return self.linear(prod, mlp, [f"{p}mlp.down_proj"], "down_proj", c.mlp_bias), residual
+        m = self.linear(prod, mlp, [f"{p}mlp.down_proj"], "down_proj", c.mlp_bias)
+        if c.sandwich_norm:
+            m = self.plain_norm(m, f"{p}mlp_out_norm.weight", f"{scope}mlp_out_norm")
+        return m, residual
 
     def embedding(self) -> tuple[str, str]:
         """(the embedded tokens, lm_head's weight). A tied head's table is stored once, as lm_head's (hidden,
@@ -162,13 +213,20 @@ class Builder:
         of the few gathered values); exporters/quantization/embedding.untie_embeddings splits it again for the
         quantizers, which give the two readers different forms."""
         out = residual(0)
+        scale = self.c.embed_scale
+        rows = out + "_unscaled" if scale != 1.0 else out
         if not self.c.tie_word_embeddings:
             table = self.init("model.embed_tokens.weight", self.w.tensor("embed_tokens.weight"))
-            self.node("Gather", [table, INPUT_IDS], [out], "/model/embed_tokens/Gather")
-            return out, self.init("model.lm_head.weight", self.w.tensor("lm_head.weight").T)
-        head = self.init("model.lm_head.weight", self.w.tensor("lm_head.weight").T)
-        columns = self.node("Gather", [head, INPUT_IDS], [out + "_columns"], "/model/embed_tokens/Gather", axis=1)
-        self.node("Transpose", columns, [out], "/model/embed_tokens/Transpose", perm=[1, 2, 0])
+            self.node("Gather", [table, INPUT_IDS], [rows], "/model/embed_tokens/Gather")
+            head = self.init("model.lm_head.weight", self.w.tensor("lm_head.weight").T)
+        else:
+            head = self.init("model.lm_head.weight", self.w.tensor("lm_head.weight").T)
+            columns = self.node("Gather", [head, INPUT_IDS], [out + "_columns"], "/model/embed_tokens/Gather",
+                                axis=1)
+            self.node("Transpose", columns, [rows], "/model/embed_tokens/Transpose", perm=[1, 2, 0])
+        if scale != 1.0:  # Gemma: sqrt(hidden_size), rounded to float32 as transformers does
+            factor = self.init("/model/embed_tokens/scale", np.array(scale, np.float32))
+            self.node("Mul", [rows, factor], [out], "/model/embed_tokens/Mul")
         return out, head
 
     def graph(self, on_layer: Callable[[int], None] | None = None) -> None:
@@ -215,7 +273,7 @@ def build_graph(weights: WeightSource, out_path: str | Path,
     contract = contract_for_config(weights.config, fused=True)
     data = ExternalData(out_path)
     try:
-        b = Builder(weights, data, n)
+        b = Builder(weights, data, n, contract)
         b.graph(on_layer)
     finally:
         data.close()
@@ -319,12 +377,11 @@ def as_torch(a: np.ndarray):
 def check_layerwise(weights: WeightSource, built: Path, contract: Contract, atol: float) -> dict[str, float]:
     import torch
 
-    from models.decoder import MASK_VALUE, Block, RMSNorm, rope_inv_freq
+    from models.decoder import Block, RMSNorm, attention_inputs
 
     cfg = weights.config
     tokens = np.random.default_rng(0).integers(0, contract.vocab_size, 7)
     steps = graph_steps(built, contract, tokens)
-    inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     worst = {"prefill": 0.0, "decode": 0.0}
 
     def compare(step: str, where: str, ref, got) -> None:
@@ -335,19 +392,18 @@ def check_layerwise(weights: WeightSource, built: Path, contract: Contract, atol
                             f"(tolerance {atol}); please report it with the checkpoint's config.json")
         worst[step] = max(worst[step], diff)
 
-    def rotary_and_mask(step: dict):
+    def per_layer(step: dict) -> list[tuple]:
         s, start = step[residual(0)].shape[1], step["start"]
-        pos = torch.arange(start, start + s, dtype=torch.float32)
-        emb = torch.cat([pos[:, None] * inv_freq[None]] * 2, dim=-1)[None, None]
-        allowed = torch.arange(start + s)[None, :] <= (torch.arange(s)[:, None] + start)
-        return emb.cos(), emb.sin(), torch.where(allowed, 0.0, MASK_VALUE)[None, None]
+        positions = torch.arange(start, start + s)[None]
+        return attention_inputs(cfg, positions, start, torch.ones(1, start + s, dtype=torch.int64))
 
-    geometry = [rotary_and_mask(step) for step in steps]
+    geometry = [per_layer(step) for step in steps]
     with torch.no_grad():
         for i in range(contract.num_layers):
             block = Block(cfg).eval()
             block.load_state_dict({k: as_torch(weights.tensor(f"layers.{i}.{k}")) for k in block.state_dict()})
-            for (name, step), (cos, sin, mask) in zip((("prefill", steps[0]), ("decode", steps[1])), geometry):
+            for (name, step), layers in zip((("prefill", steps[0]), ("decode", steps[1])), geometry):
+                cos, sin, mask = layers[i]
                 past = None
                 if step["start"]:
                     past = tuple(torch.from_numpy(step["past"][k(i)]) for k in (past_key, past_value))

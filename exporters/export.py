@@ -18,20 +18,15 @@ from exporters.onnx_io import EXTERNAL_DATA_THRESHOLD, model_files, move_model, 
 from models.decoder import Decoder
 from models.errors import UserError
 from models.files import staging_dir
+from exporters.builder import contract_for_config
 from runtimes.contract import Contract, write_contract
 
 OPSET = 17
 
 
 def contract_for(model: Decoder) -> Contract:
-    """Every field of the contract, from the decoder's config. Attention is global in every layer: the decoder
-    has no sliding window (models/hf.py caps max_position_embeddings at a checkpoint's window instead)."""
-    c = model.config
-    return Contract(num_layers=c.num_layers, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
-                    head_dim=c.head_dim, hidden_size=c.hidden_size, vocab_size=c.vocab_size,
-                    max_position_embeddings=c.max_position_embeddings, attention_windows=(None,) * c.num_layers,
-                    kv_dtype="float32", family=c.family, rope_theta=c.rope_theta if c.positions == "rope" else None,
-                    rope_scaling=c.rope_scaling, fused_attention=False)
+    """Every field of the contract, from the decoder's config (the unfused graph's: attention not fused)."""
+    return contract_for_config(model.config, fused=False)
 
 
 class ExportWrapper(torch.nn.Module):

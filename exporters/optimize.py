@@ -38,6 +38,8 @@ SEQLENS_K = "gqa.seqlens_k"
 TOTAL_SEQ_LEN = "gqa.total_sequence_length"
 COS_CACHE = "gqa.cos_cache"
 SIN_CACHE = "gqa.sin_cache"
+TRACED_FUSION_FAMILIES = ("llama", "mistral", "qwen2")  # the attention patterns FuseGroupQueryAttention knows
+LOCAL_CACHES = ("gqa.cos_cache_local", "gqa.sin_cache_local")  # sliding layers with a rotary base of their own
 
 
 @dataclass(frozen=True)
@@ -206,11 +208,23 @@ def add_gqa_inputs(model: onnx.ModelProto, contract: Contract) -> None:
         helper.make_node("Gather", ["gqa.mask_shape", "gqa.scalar1"], ["gqa.total64"], axis=0, name="gqa/Gather"),
         helper.make_node("Cast", ["gqa.total64"], [TOTAL_SEQ_LEN], to=TensorProto.INT32, name="gqa/CastTotal"),
     ])
-    if contract.rope_theta is not None:
-        inv_freq = rope_inv_freq(contract.head_dim, contract.rope_theta, contract.rope_scaling).astype(np.float64)
+    tables = [(contract.rope_theta, contract.rope_scaling, (COS_CACHE, SIN_CACHE))]
+    if contract.rope_local_theta is not None:
+        tables.append((contract.rope_local_theta, None, LOCAL_CACHES))
+    for theta, scaling, (cos_name, sin_name) in tables if contract.rope_theta is not None else ():
+        inv_freq = rope_inv_freq(contract.head_dim, theta, scaling).astype(np.float64)
         freqs = np.outer(np.arange(contract.max_position_embeddings, dtype=np.float64), inv_freq)
-        g.initializer.extend([numpy_helper.from_array(np.cos(freqs).astype(np.float32), COS_CACHE),
-                              numpy_helper.from_array(np.sin(freqs).astype(np.float32), SIN_CACHE)])
+        g.initializer.extend([numpy_helper.from_array(np.cos(freqs).astype(np.float32), cos_name),
+                              numpy_helper.from_array(np.sin(freqs).astype(np.float32), sin_name)])
+
+
+def rotary_caches(contract: Contract, layer: int) -> tuple[str, str]:
+    """The cos/sin cache inputs of a layer's GroupQueryAttention ("" without rotary)."""
+    if contract.rope_theta is None:
+        return "", ""
+    if contract.rope_local_theta is not None and contract.attention_windows[layer] is not None:
+        return LOCAL_CACHES
+    return COS_CACHE, SIN_CACHE
 
 
 def remove_dead_nodes(model: onnx.ModelProto) -> int:
@@ -281,6 +295,10 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
 
 def fuse(model: onnx.ModelProto, contract: Contract) -> tuple[onnx.ModelProto, dict]:
     """A traced export's attention fused into GroupQueryAttention, projections packed, ORT's norm fusions."""
+    if contract.family not in TRACED_FUSION_FAMILIES or any(w is not None for w in contract.attention_windows):
+        windowed = " with sliding-window attention" if contract.family in TRACED_FUSION_FAMILIES else ""
+        raise UserError(f"fusing a traced {contract.family} graph{windowed} is not supported: export it with "
+                        "--graph built (the default), which writes the fused graph itself")
     if contract.head_dim % 16:
         raise UserError(f"head_dim {contract.head_dim} is not a multiple of 16, which onnxruntime's "
                         f"GroupQueryAttention requires: use the unfused export for this model")

@@ -31,6 +31,21 @@ LLAMA_LAYER_MODULES = {
     "input_layernorm": "input_norm",
     "post_attention_layernorm": "post_attn_norm",
 }
+QK_NORM_MODULES = {"self_attn.q_norm": "attn.q_norm", "self_attn.k_norm": "attn.k_norm"}  # Qwen3, Gemma 3
+# Gemma's four norms: HF's post_attention_layernorm norms the attention *output*; the MLP's input norm is
+# pre_feedforward_layernorm (ours: post_attn_norm, the name Llama's layout gives the MLP's input norm)
+SANDWICH_NORM_MODULES = {"input_layernorm": "input_norm", "post_attention_layernorm": "attn_out_norm",
+                         "pre_feedforward_layernorm": "post_attn_norm", "post_feedforward_layernorm": "mlp_out_norm"}
+
+
+def layer_modules(cfg: DecoderConfig) -> dict[str, str]:
+    """HF module inside model.layers.{i}. -> ours, for the modules `cfg` has (weights; biases follow them)."""
+    mods = {k: v for k, v in LLAMA_LAYER_MODULES.items() if not (cfg.sandwich_norm and v.endswith("_norm"))}
+    if cfg.sandwich_norm:
+        mods.update(SANDWICH_NORM_MODULES)
+    if cfg.qk_norm:
+        mods.update(QK_NORM_MODULES)
+    return mods
 
 
 def check_llama_shaped(cfg: DecoderConfig) -> None:

@@ -1,8 +1,10 @@
 """The decoder: one readable file, top to bottom — norm, rotary, attention, MLP, block, config, model.
 
 It is Llama-shaped by default (RMSNorm, rotary positions, grouped-query attention, SwiGLU) and has just
-enough switches to also hold the weights of the GPT-2, Qwen2 and Mistral families exactly, so that every
-supported checkpoint is exported through the same graph (see models/hf.py for the weight mapping).
+enough switches to also hold the weights of the GPT-2, Qwen2/3, Mistral and Gemma 3 families exactly, so that
+every supported checkpoint is exported through the same graph (see models/hf.py for the weight mapping): q/k
+norms, a head width of its own, Gemma's norms around both sublayers and scaled embeddings, and attention that is
+global or within a sliding window per layer, each kind with its own rotary base.
 
     forward(input_ids, attention_mask, position_ids, past_key_values) -> (logits, present)
 
@@ -46,16 +48,41 @@ class DecoderConfig:
     mlp_bias: bool = False            # GPT-2 has biases in its MLP
     norm_bias: bool = False           # LayerNorm bias (GPT-2)
     tie_word_embeddings: bool = True  # lm_head shares the embedding matrix: fewer parameters at small sizes
+    attention_head_dim: int | None = None  # head width when it is not hidden_size // num_heads (Qwen3, Gemma 3)
+    qk_norm: bool = False             # RMSNorm over each query and key head before rotary (Qwen3, Gemma 3)
+    sandwich_norm: bool = False       # Gemma: attention and MLP outputs are normed before they join the stream
+    embed_scale: float = 1.0          # token embeddings are multiplied by this (Gemma: sqrt(hidden_size))
+    attention_scale: float | None = None  # softmax scale; None: head_dim ** -0.5 (Gemma: query_pre_attn_scalar)
+    sliding_window: int | None = None  # a sliding layer's query sees its last `sliding_window` keys, itself included
+    layer_types: list | None = None   # per layer "sliding_attention" | "full_attention"; None: all sliding if a
+                                      # window is set, else all full
+    rope_local_theta: float | None = None  # rotary base of sliding layers (Gemma 3: 10k vs 1M), unscaled
     family: str = "llama"             # the HF family this config came from, recorded for export metadata
     extra: dict = field(default_factory=dict)  # source-specific facts kept for provenance only
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.attention_head_dim or self.hidden_size // self.num_heads
+
+    def window(self, layer: int) -> int | None:
+        """The attention window of a layer (None: global attention)."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is None or self.layer_types[layer] == "sliding_attention":
+            return self.sliding_window
+        return None
+
+    def rope(self, layer: int) -> tuple[float, dict | None]:
+        """(base, scaling) of a layer's rotary positions: sliding layers may have their own unscaled base."""
+        if self.window(layer) is not None and self.rope_local_theta is not None:
+            return self.rope_local_theta, None
+        return self.rope_theta, self.rope_scaling
 
     def __post_init__(self):
-        if self.hidden_size % self.num_heads:
+        if self.attention_head_dim is None and self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.layer_types is not None and len(self.layer_types) != self.num_layers:
+            raise ValueError(f"{len(self.layer_types)} layer types for {self.num_layers} layers")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
 
@@ -103,11 +130,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.o_bias)
+        self.scale = cfg.attention_scale if cfg.attention_scale is not None else 1.0 / math.sqrt(self.hd)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.hd, cfg.norm_eps)
+            self.k_norm = RMSNorm(self.hd, cfg.norm_eps)
 
     def forward(self, x, cos, sin, mask, past):
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.nh, self.hd).transpose(1, 2)   # (B, nh, S, hd)
-        k = self.k_proj(x).view(B, S, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, S, hd)
+        q = self.q_proj(x).view(B, S, self.nh, self.hd)
+        k = self.k_proj(x).view(B, S, self.nkv, self.hd)
+        if hasattr(self, "q_norm"):  # per head, before rotary
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)                         # (B, nh | nkv, S, hd)
         v = self.v_proj(x).view(B, S, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, S, hd)
         if cos is not None:
             q = q * cos + rotate_half(q) * sin
@@ -121,7 +155,7 @@ class Attention(nn.Module):
             T = k.shape[2]
             k = k[:, :, None].expand(B, self.nkv, rep, T, self.hd).reshape(B, self.nh, T, self.hd)
             v = v[:, :, None].expand(B, self.nkv, rep, T, self.hd).reshape(B, self.nh, T, self.hd)
-        att = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(self.hd))  # (B, nh, S, T)
+        att = torch.matmul(q, k.transpose(-2, -1)) * self.scale            # (B, nh, S, T)
         att = torch.softmax(att + mask, dim=-1)
         y = torch.matmul(att, v)                                            # (B, nh, S, hd)
         y = y.transpose(1, 2).reshape(B, S, self.nh * self.hd)
@@ -149,14 +183,46 @@ class Block(nn.Module):
         super().__init__()
         self.input_norm = make_norm(cfg)
         self.attn = Attention(cfg)
-        self.post_attn_norm = make_norm(cfg)
+        self.post_attn_norm = make_norm(cfg)  # the MLP's input norm (HF Llama: post_attention_layernorm)
         self.mlp = MLP(cfg)
+        if cfg.sandwich_norm:  # Gemma's post_attention_layernorm and post_feedforward_layernorm
+            self.attn_out_norm = make_norm(cfg)
+            self.mlp_out_norm = make_norm(cfg)
 
     def forward(self, x, cos, sin, mask, past):
         a, present = self.attn(self.input_norm(x), cos, sin, mask, past)
-        x = x + a
-        x = x + self.mlp(self.post_attn_norm(x))
+        m_in = x = x + (self.attn_out_norm(a) if hasattr(self, "attn_out_norm") else a)
+        m = self.mlp(self.post_attn_norm(m_in))
+        x = x + (self.mlp_out_norm(m) if hasattr(self, "mlp_out_norm") else m)
         return x, present
+
+
+def attention_inputs(cfg: DecoderConfig, position_ids: torch.Tensor, past_len: int, attention_mask: torch.Tensor,
+                     dtype=torch.float32) -> list[tuple]:
+    """Per layer (cos, sin, mask): the rotary tables of its positions (None for learned positions) and its additive
+    mask, (B, 1, S, T). Query i (absolute index past_len + i) sees key j when j <= past_len + i, attention_mask[j]
+    is 1 and, in a sliding layer, j > past_len + i - window. Layers of one kind share their tensors."""
+    S, T = position_ids.shape[1], attention_mask.shape[1]
+    q_idx = torch.arange(S, device=position_ids.device)[:, None] + past_len  # (S, 1)
+    k_idx = torch.arange(T, device=position_ids.device)[None, :]             # (1, T)
+    causal = (k_idx <= q_idx)[None, None] & attention_mask[:, None, None, :].bool()  # (B, 1, S, T)
+    kinds: dict = {}
+    out = []
+    for i in range(cfg.num_layers):
+        window, rope_params = cfg.window(i), cfg.rope(i)
+        key = (window, rope_params[0], repr(rope_params[1]))
+        if key not in kinds:
+            allowed = causal if window is None else causal & (k_idx > q_idx - window)[None, None]
+            mask = torch.where(allowed, 0.0, MASK_VALUE).to(dtype)
+            cos = sin = None
+            if cfg.positions == "rope":
+                inv_freq = rope_inv_freq(cfg.head_dim, *rope_params).to(position_ids.device)
+                freqs = position_ids[:, :, None].float() * inv_freq[None, None, :]  # (B, S, hd/2)
+                emb = torch.cat((freqs, freqs), dim=-1)[:, None]                # (B, 1, S, hd)
+                cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+            kinds[key] = (cos, sin, mask)
+        out.append(kinds[key])
+    return out
 
 
 class Decoder(nn.Module):
@@ -166,9 +232,6 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         if cfg.positions == "learned":
             self.embed_positions = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
-        else:
-            self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
-                                 persistent=False)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -195,21 +258,14 @@ class Decoder(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past_len, T, device=input_ids.device).unsqueeze(0).expand(B, S)
         x = self.embed_tokens(input_ids)                                    # (B, S, C)
-        cos = sin = None
+        if self.config.embed_scale != 1.0:
+            x = x * self.config.embed_scale
         if self.config.positions == "learned":
             x = x + self.embed_positions(position_ids)
-        else:
-            freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :]  # (B, S, hd/2)
-            emb = torch.cat((freqs, freqs), dim=-1)[:, None]                # (B, 1, S, hd)
-            cos, sin = emb.cos(), emb.sin()
-        # query i (absolute index past_len + i) sees key j when j <= past_len + i and attention_mask[j] == 1
-        q_idx = torch.arange(S, device=x.device)[:, None] + past_len        # (S, 1)
-        k_idx = torch.arange(T, device=x.device)[None, :]                   # (1, T)
-        allowed = (k_idx <= q_idx)[None, None] & attention_mask[:, None, None, :].bool()  # (B, 1, S, T)
-        mask = torch.where(allowed, 0.0, MASK_VALUE).to(x.dtype)
+        geometry = attention_inputs(self.config, position_ids, past_len, attention_mask, x.dtype)
         present = []
         for i, layer in enumerate(self.layers):
-            x, kv = layer(x, cos, sin, mask, past_key_values[i] if past_key_values else None)
+            x, kv = layer(x, *geometry[i], past_key_values[i] if past_key_values else None)
             present.append(kv)
         logits = self.lm_head(self.norm(x))                                 # (B, S, vocab)
         return logits, present

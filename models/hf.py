@@ -23,11 +23,14 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from models.checkpoint import LLAMA_LAYER_MODULES
+from models.checkpoint import layer_modules
 from models.decoder import Decoder, DecoderConfig
 from models.errors import UserError
 
-SUPPORTED_FAMILIES = ("gpt2", "llama", "mistral", "qwen2")
+SUPPORTED_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+# families whose RMSNorm multiplies by (1 + weight): the decoder holds the multiplier itself, so their HF weights
+# get 1 added as they are read (GGUF files of them already store 1 + weight, as llama.cpp's converter writes)
+UNIT_OFFSET_NORMS = ("gemma3_text",)
 ROPE_TYPES = ("default", "linear", "llama3")  # what models.decoder.rope_inv_freq implements
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                "gelu": "gelu"}
@@ -112,6 +115,9 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
 
 def check_family(model_type: str | None, where: str | Path) -> None:
     """Only families whose maths models/decoder.py reproduces exactly may pass."""
+    if model_type == "gemma3":
+        raise UserError(f"{where} is Gemma 3 with its vision tower (model_type 'gemma3'); pass a text-only "
+                        "Gemma 3 checkpoint (model_type 'gemma3_text', as the 270M and 1B sizes ship)")
     if model_type not in SUPPORTED_FAMILIES:
         raise UserError(f"model_type {model_type!r} in {where} is not supported; "
                         f"supported families: {', '.join(SUPPORTED_FAMILIES)}")
@@ -189,15 +195,32 @@ def load_transformers_model(src: Source) -> PreTrainedModel:
     return model.eval()  # already float32; .float() is refused on GGUF-loaded models
 
 
-def rope_settings(hf_cfg: PretrainedConfig) -> tuple[float, dict | None]:
+def rope_settings(hf_cfg: PretrainedConfig, params: dict | None = None) -> tuple[float, dict | None]:
     """(rope_theta, rope_scaling or None) from transformers 5's rope_parameters or the older separate keys."""
-    params = dict(getattr(hf_cfg, "rope_parameters", None) or getattr(hf_cfg, "rope_scaling", None) or {})
+    if params is None:
+        params = getattr(hf_cfg, "rope_parameters", None) or getattr(hf_cfg, "rope_scaling", None) or {}
+    params = dict(params)
     theta = float(params.pop("rope_theta", None) or getattr(hf_cfg, "rope_theta", None) or 10000.0)
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in ROPE_TYPES:
         raise UserError(f"rope scaling {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)}); "
                         "pass a checkpoint without it")
     return theta, (params if kind != "default" else None)
+
+
+def layer_rope(hf_cfg: PretrainedConfig) -> tuple[float, dict | None, float | None]:
+    """(global theta, global scaling, sliding layers' theta or None): Gemma 3 keys rope_parameters by layer type."""
+    params = getattr(hf_cfg, "rope_parameters", None) or {}
+    if "full_attention" not in params:
+        return (*rope_settings(hf_cfg), None)
+    theta, scaling = rope_settings(hf_cfg, params["full_attention"])
+    local = params.get("sliding_attention")
+    if local is None:
+        return theta, scaling, None
+    local_theta, local_scaling = rope_settings(hf_cfg, local)
+    if local_scaling is not None:
+        raise UserError("rope scaling on sliding-window layers is not supported; pass a checkpoint without it")
+    return theta, scaling, local_theta
 
 
 def activation(name: str) -> str:
@@ -212,53 +235,70 @@ def is_tied(model: PreTrainedModel) -> bool:
     return model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
 
 
-def sliding_window(hf_cfg: PretrainedConfig) -> int | None:
-    """The attention window if any layer uses one (Mistral; Qwen2 with use_sliding_window), else None."""
+def sliding_window(hf_cfg: PretrainedConfig) -> tuple[int | None, list | None]:
+    """(window, layer_types): the attention window if any layer uses one (Mistral; Qwen2/3 with
+    use_sliding_window; Gemma 3's local layers), else (None, None); layer_types None means every layer."""
     window = getattr(hf_cfg, "sliding_window", None)
     layer_types = getattr(hf_cfg, "layer_types", None)
     if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
-        return None
-    return int(window)
+        return None, None
+    if getattr(hf_cfg, "use_sliding_window", True) is False:  # Qwen2/3 keep a window they do not use
+        return None, None
+    return int(window), (list(layer_types) if layer_types is not None else None)
+
+
+def refuse_unsupported(hf_cfg: PretrainedConfig) -> None:
+    """Switches of a supported family that the decoder does not implement: one line each."""
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(hf_cfg, key, None) is not None:
+            raise UserError(f"{key}={getattr(hf_cfg, key)} is not supported; pass a checkpoint without it")
+    if getattr(hf_cfg, "use_bidirectional_attention", False):
+        raise UserError("use_bidirectional_attention (an encoder-style Gemma) is not supported: pass a causal "
+                        "decoder checkpoint")
 
 
 def llama_like_config(hf_cfg: PretrainedConfig, tied: bool) -> DecoderConfig:
-    """Llama, Mistral and Qwen2: the decoder's defaults, plus their biases, rope scaling and attention window."""
-    theta, scaling = rope_settings(hf_cfg)
+    """Llama, Mistral, Qwen2/3 and Gemma 3 text: the decoder's defaults, plus their biases, rope scaling, head
+    width, q/k norms, attention windows and Gemma's norms, embedding scale and attention scale."""
+    refuse_unsupported(hf_cfg)
+    theta, scaling, local_theta = layer_rope(hf_cfg)
     n_heads = hf_cfg.num_attention_heads
     head_dim = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // n_heads
-    if head_dim * n_heads != hf_cfg.hidden_size:
-        raise UserError(f"head_dim {head_dim} x {n_heads} heads != hidden_size {hf_cfg.hidden_size}; "
-                        "checkpoints with a decoupled head_dim are not supported")
-    qwen2 = hf_cfg.model_type == "qwen2"
+    family = hf_cfg.model_type
+    gemma = family == "gemma3_text"
+    qwen2 = family == "qwen2"
     attention_bias = bool(getattr(hf_cfg, "attention_bias", False))
-    extra = {}
-    max_pos = hf_cfg.max_position_embeddings
-    window = sliding_window(hf_cfg)
-    if window is not None and window < max_pos:
-        # our attention is full causal: identical to a sliding window only for sequences that fit in the window
-        extra["sliding_window"] = window
-        extra["original_max_position_embeddings"] = max_pos
-        max_pos = window
+    window, layer_types = sliding_window(hf_cfg)
+    act = getattr(hf_cfg, "hidden_activation", None) or hf_cfg.hidden_act
     return DecoderConfig(
         vocab_size=hf_cfg.vocab_size, hidden_size=hf_cfg.hidden_size, num_layers=hf_cfg.num_hidden_layers,
         num_heads=n_heads, num_kv_heads=getattr(hf_cfg, "num_key_value_heads", None) or n_heads,
-        intermediate_size=hf_cfg.intermediate_size, max_position_embeddings=max_pos,
+        intermediate_size=hf_cfg.intermediate_size, max_position_embeddings=hf_cfg.max_position_embeddings,
         rope_theta=theta, rope_scaling=scaling, norm_eps=hf_cfg.rms_norm_eps, norm="rms", positions="rope",
-        activation=activation(hf_cfg.hidden_act), gated_mlp=True,
+        activation=activation(act), gated_mlp=True,
         qkv_bias=qwen2 or attention_bias, o_bias=attention_bias, mlp_bias=bool(getattr(hf_cfg, "mlp_bias", False)),
-        norm_bias=False, tie_word_embeddings=tied, family=hf_cfg.model_type, extra=extra)
+        norm_bias=False, tie_word_embeddings=tied, family=family,
+        attention_head_dim=head_dim if head_dim * n_heads != hf_cfg.hidden_size else None,
+        qk_norm=family in ("qwen3", "gemma3_text"), sandwich_norm=gemma,
+        embed_scale=hf_cfg.hidden_size ** 0.5 if gemma else 1.0,
+        attention_scale=hf_cfg.query_pre_attn_scalar ** -0.5 if gemma else None,
+        sliding_window=window, layer_types=layer_types,
+        rope_local_theta=local_theta if window is not None else None)
 
 
-def llama_like_weights(sd: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
-    """HF model.* names -> ours; the modules match one to one, only the names differ."""
+def llama_like_weights(sd: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str, torch.Tensor]:
+    """HF model.* names -> ours; the modules match one to one, only the names differ (and Gemma's norms hold
+    weight - 1: the decoder keeps the multiplier)."""
     out = {"embed_tokens.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"],
            "lm_head.weight": sd["lm_head.weight"]}
-    for i in range(num_layers):
-        for hf_mod, our_mod in LLAMA_LAYER_MODULES.items():
+    for i in range(cfg.num_layers):
+        for hf_mod, our_mod in layer_modules(cfg).items():
             for kind in ("weight", "bias"):
                 name = f"model.layers.{i}.{hf_mod}.{kind}"
                 if name in sd:
                     out[f"layers.{i}.{our_mod}.{kind}"] = sd[name]
+    if cfg.family in UNIT_OFFSET_NORMS:
+        out = {k: v + 1.0 if k.endswith("norm.weight") else v for k, v in out.items()}
     return out
 
 
@@ -275,12 +315,12 @@ def gpt2_config(hf_cfg: PretrainedConfig, tied: bool) -> DecoderConfig:
         qkv_bias=True, o_bias=True, mlp_bias=True, norm_bias=True, tie_word_embeddings=tied, family="gpt2")
 
 
-def gpt2_weights(sd: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+def gpt2_weights(sd: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str, torch.Tensor]:
     """GPT-2's Conv1D weights are stored (in, out), so each is transposed; c_attn holds q, k and v side by side."""
     out = {"embed_tokens.weight": sd["transformer.wte.weight"], "embed_positions.weight": sd["transformer.wpe.weight"],
            "norm.weight": sd["transformer.ln_f.weight"], "norm.bias": sd["transformer.ln_f.bias"],
            "lm_head.weight": sd["lm_head.weight"]}
-    for i in range(num_layers):
+    for i in range(cfg.num_layers):
         h, ours = f"transformer.h.{i}.", f"layers.{i}."
         for hf_mod, our_mod in (("ln_1", "input_norm"), ("ln_2", "post_attn_norm")):
             out[ours + our_mod + ".weight"] = sd[h + hf_mod + ".weight"]
@@ -307,7 +347,7 @@ def decoder_from_hf(hf_model: PreTrainedModel) -> Decoder:
         cfg, to_ours = llama_like_config(hf_cfg, tied), llama_like_weights
     sd = {k: v.detach().float() for k, v in hf_model.state_dict().items()}
     try:
-        weights = to_ours(sd, cfg.num_layers)
+        weights = to_ours(sd, cfg)
     except KeyError as e:
         raise UserError(f"the {cfg.family} checkpoint has no weight {e}; it is incomplete or not a standard "
                         f"{cfg.family} layout") from e

@@ -8,9 +8,10 @@ pytorch_model.bin (memory-mapped), or any GGUF type the gguf package dequantizes
 K-quants). Peak memory is one tensor, not the model.
 
 The mapping is the one models/hf.py applies to a transformers model (its tests hold the two together): the
-Llama-shaped families (llama, mistral, qwen2) only, whose graph exporters/builder.py emits directly. GGUF files
-of llama.cpp's "llama" architecture store q/k rows permuted for its rotary layout; they are put back as
-transformers does.
+RMSNorm + rotary + gated-MLP families (llama, mistral, qwen2, qwen3, gemma3_text), whose graph
+exporters/builder.py emits directly. GGUF files of llama.cpp's "llama" architecture store q/k rows permuted for
+its rotary layout; they are put back as transformers does. Gemma's norms multiply by (1 + weight): safetensors
+hold the weight, GGUF files 1 + weight; either way the reader gives the multiplier.
 """
 
 from __future__ import annotations
@@ -23,24 +24,24 @@ from pathlib import Path
 
 import numpy as np
 
-from models.checkpoint import LLAMA_LAYER_MODULES
+from models.checkpoint import layer_modules
 from models.decoder import DecoderConfig
 from models.errors import UserError
 
-BUILDER_FAMILIES = ("llama", "mistral", "qwen2")
+BUILDER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 GGUF_CACHE_BYTES = 1 << 30  # a 135M model's float32 weights (0.54 GB) fit; a 1B one's are re-read instead
 
 # our module inside layers.{i}. -> llama.cpp's tensor inside blk.{i}.
 GGUF_LAYER_MODULES = {
     "attn.q_proj": "attn_q", "attn.k_proj": "attn_k", "attn.v_proj": "attn_v", "attn.o_proj": "attn_output",
     "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-    "input_norm": "attn_norm", "post_attn_norm": "ffn_norm",
+    "input_norm": "attn_norm", "post_attn_norm": "ffn_norm", "attn.q_norm": "attn_q_norm",
+    "attn.k_norm": "attn_k_norm", "attn_out_norm": "post_attention_norm", "mlp_out_norm": "post_ffw_norm",
 }
 GGUF_GLOBAL = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
                "lm_head.weight": "output.weight"}
 HF_GLOBAL = {"embed_tokens.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
              "lm_head.weight": "lm_head.weight"}
-HF_LAYER = {ours: hf for hf, ours in LLAMA_LAYER_MODULES.items()}
 
 
 class NotBuildable(UserError):
@@ -72,7 +73,7 @@ class WeightSource:
         c = self.config
         out = ["embed_tokens.weight"]
         for i in range(c.num_layers):
-            for mod in LLAMA_LAYER_MODULES.values():
+            for mod in layer_modules(c).values():
                 out.append(f"layers.{i}.{mod}.weight")
             if c.qkv_bias:
                 out += [f"layers.{i}.attn.{p}.bias" for p in ("q_proj", "k_proj", "v_proj")]
@@ -105,7 +106,8 @@ class WeightSource:
         mlp = 3 * c.hidden_size * c.intermediate_size
         biases = (c.num_heads * hd + 2 * kv) * c.qkv_bias + c.hidden_size * c.o_bias \
             + (2 * c.intermediate_size + c.hidden_size) * c.mlp_bias
-        layer = attn + mlp + biases + 2 * c.hidden_size
+        norms = (4 if c.sandwich_norm else 2) * c.hidden_size + (2 * hd if c.qk_norm else 0)
+        layer = attn + mlp + biases + norms
         head = 0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size
         return c.vocab_size * c.hidden_size + c.num_layers * layer + c.hidden_size + head
 
@@ -245,8 +247,10 @@ def file_name(ours: str, globals_: dict, layer_prefix: str, modules: dict) -> st
     return f"{layer_prefix}{i}.{modules[mod]}.{kind}"
 
 
-def hf_name(ours: str) -> str:
-    return file_name(ours, HF_GLOBAL, "model.layers.", HF_LAYER)
+def hf_namer(cfg: DecoderConfig):
+    """Our parameter name -> the Hugging Face checkpoint's, for this config's family."""
+    modules = {ours: hf for hf, ours in layer_modules(cfg).items()}
+    return lambda ours: file_name(ours, HF_GLOBAL, "model.layers.", modules)
 
 
 def gguf_name(ours: str) -> str:
@@ -270,7 +274,7 @@ def generation_token(directory: Path, hf_cfg, name: str) -> int | None:
 def open_weights(path: str | Path) -> WeightSource:
     """The checkpoint at `path` (HF directory, ours, or .gguf) opened for streaming; one-line UserError when its
     family is not one the builder emits, or its files are incomplete."""
-    from models.hf import llama_like_config, read_config, resolve_source
+    from models.hf import UNIT_OFFSET_NORMS, llama_like_config, read_config, resolve_source
 
     src = resolve_source(path)
     hf_cfg = read_config(src)
@@ -279,12 +283,13 @@ def open_weights(path: str | Path) -> WeightSource:
                            f"{hf_cfg.model_type}: export it with --graph traced")
     num_heads = hf_cfg.num_attention_heads
     num_kv = getattr(hf_cfg, "num_key_value_heads", None) or num_heads
+    offset = 0.0  # added to every norm weight
     if src.gguf_file:
         gguf_path = src.directory / src.gguf_file
         tensors = GGUFTensors(gguf_path, num_heads, num_kv)
         available = set(tensors.tensors)
+        cfg = llama_like_config(hf_cfg, tied="output.weight" not in available)
         to_file, read = gguf_name, tensors.read
-        tied = "output.weight" not in available
         storage = ",".join(sorted(tensors.types()))
         fmt = "gguf"
     else:
@@ -293,11 +298,12 @@ def open_weights(path: str | Path) -> WeightSource:
             raise UserError(f"{src.path} has no weights (model.safetensors or pytorch_model.bin); "
                             "copy the weight files next to config.json")
         available = files.keys()
-        to_file, read = hf_name, files.read
         tied = bool(getattr(hf_cfg, "tie_word_embeddings", False)) or "lm_head.weight" not in available
-        storage = files.dtype(hf_name("embed_tokens.weight"))
+        cfg = llama_like_config(hf_cfg, tied)
+        to_file, read = hf_namer(cfg), files.read
+        storage = files.dtype(to_file("embed_tokens.weight"))
         fmt = "pipeline" if isinstance(getattr(hf_cfg, "pipeline", None), dict) else "hf"
-    cfg = llama_like_config(hf_cfg, tied)
+        offset = 1.0 if cfg.family in UNIT_OFFSET_NORMS else 0.0
     architecture = (hf_cfg.architectures or [f"{hf_cfg.model_type.capitalize()}ForCausalLM"])[0]
     source = {"path": str(src.path), "format": fmt, "family": cfg.family, "architecture": architecture}
     ws = WeightSource(cfg, source, generation_token(src.directory, hf_cfg, "bos_token_id"),
@@ -315,6 +321,8 @@ def open_weights(path: str | Path) -> WeightSource:
         if tuple(w.shape) != expected:
             raise UserError(f"{src.path}: {to_file(name)} has shape {tuple(w.shape)}, the config says {expected}; "
                             "the checkpoint and its config do not belong together")
+        if offset and name.endswith("norm.weight"):
+            w = w + np.float32(offset)
         return w
 
     ws._reader = reader
@@ -334,5 +342,6 @@ def expected_shape(cfg: DecoderConfig, name: str) -> tuple[int, ...]:
     out_in = {"attn.q_proj": (cfg.num_heads * hd, h), "attn.k_proj": (cfg.num_kv_heads * hd, h),
               "attn.v_proj": (cfg.num_kv_heads * hd, h), "attn.o_proj": (h, cfg.num_heads * hd),
               "mlp.gate_proj": (cfg.intermediate_size, h), "mlp.up_proj": (cfg.intermediate_size, h),
-              "mlp.down_proj": (h, cfg.intermediate_size), "input_norm": (h,), "post_attn_norm": (h,)}[mod]
+              "mlp.down_proj": (h, cfg.intermediate_size), "input_norm": (h,), "post_attn_norm": (h,),
+              "attn_out_norm": (h,), "mlp_out_norm": (h,), "attn.q_norm": (hd,), "attn.k_norm": (hd,)}[mod]
     return out_in if kind == "weight" else out_in[:1]

@@ -71,6 +71,10 @@ def is_past(name: str) -> bool:
     return name.startswith(PAST_KEY.split("{}")[0])
 
 
+# fields added after models were shipped, whose defaults describe every model written before them
+ADDED_FIELDS = ("rope_local_theta",)
+
+
 @dataclass(frozen=True)
 class Contract:
     """What a model file promises its caller. Every field is written into the metadata and required there."""
@@ -87,6 +91,7 @@ class Contract:
     rope_theta: float | None = None  # None: no rotary (learned positions); else fusion rebuilds cos/sin caches
     rope_scaling: dict | None = None  # Hugging Face's rope_scaling, as the decoder applies it
     fused_attention: bool = False  # set by `pipeline optimize`: the KV cache feeds GroupQueryAttention ops
+    rope_local_theta: float | None = None  # rotary base of the sliding-window layers, when theirs differs (Gemma 3)
 
     def __post_init__(self):
         object.__setattr__(self, "attention_windows", tuple(self.attention_windows))  # JSON gives a list
@@ -147,12 +152,12 @@ class Contract:
         if not isinstance(raw, dict):
             raise RuntimeUserError(f"{source} has an unreadable {METADATA_KEY} metadata entry (not an object): "
                                    "re-export the model")
-        missing = [f.name for f in fields(cls) if f.name not in raw]
+        missing = [f.name for f in fields(cls) if f.name not in raw and f.name not in ADDED_FIELDS]
         if missing:
             raise RuntimeUserError(f"{source} was written by an older pipeline (its {METADATA_KEY} metadata lacks "
                                    f"{', '.join(missing)}): re-export it with `pipeline export`")
         try:  # unknown keys (a newer exporter) are ignored
-            return cls(**{f.name: raw[f.name] for f in fields(cls)})
+            return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
         except (TypeError, ValueError) as e:
             raise RuntimeUserError(f"{source} has an unreadable {METADATA_KEY} metadata entry ({e}): "
                                    "re-export the model") from e

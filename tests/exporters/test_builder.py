@@ -16,7 +16,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from transformers import LlamaConfig, MistralConfig, Qwen2Config
+from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from exporters.builder import build_graph, check_built
 from exporters.export import export_onnx, parity
@@ -36,8 +36,20 @@ FAMILIES = {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 16}),
     "llama_biases": lambda: LlamaConfig(**TINY, attention_bias=True, mlp_bias=True),
-    "mistral": lambda: MistralConfig(**TINY, sliding_window=32),
+    "mistral_window_unused": lambda: MistralConfig(**TINY, sliding_window=None),
     "qwen2": lambda: Qwen2Config(**TINY),
+}
+# the families only the builder fuses (q/k norms, sandwich norms, sliding windows), each with windows shorter than
+# the sequences below; layer_types mixes local and global layers
+NEW_FAMILIES = {
+    "qwen3": lambda: Qwen3Config(**TINY, head_dim=32),
+    "gemma3_text": lambda: Gemma3TextConfig(
+        **TINY, head_dim=32, query_pre_attn_scalar=24, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+                         "full_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+    "mistral": lambda: MistralConfig(**TINY, sliding_window=4),
+    "qwen2_window": lambda: Qwen2Config(**TINY, use_sliding_window=True, sliding_window=4, max_window_layers=1),
 }
 
 
@@ -86,6 +98,79 @@ def test_built_graph_matches_transformers_and_the_fused_trace(family, tmp_path):
             assert n.input[1] in weight_inits, n.name
     ids = np.random.default_rng(0).integers(0, TINY["vocab_size"], (1, 9))
     np.testing.assert_allclose(logits(built, ids), logits(tmp_path / "fused.onnx", ids), atol=2e-5)
+
+
+def graph_run(path: Path, ids: np.ndarray, steps: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Logits of a prefill of ids[:, :-steps], then of each remaining token decoded through the returned cache."""
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    c = read_contract(onnx.load(str(path), load_external_data=False))
+    past = dict.fromkeys(past_names(c.num_layers), np.zeros((1, c.num_kv_heads, 0, c.head_dim), np.float32))
+    names = ["logits"] + [n.replace("past_key_values", "present") for n in past]
+    out, decoded, start = None, [], 0
+    for stop in range(ids.shape[1] - steps, ids.shape[1] + 1):
+        res = sess.run(names, {"input_ids": ids[:, start:stop], "attention_mask": np.ones((1, stop), np.int64),
+                               **past})
+        past = dict(zip(past, res[1:]))
+        out = res[0] if out is None else out
+        decoded += [res[0]] if start else []
+        start = stop
+    return out, decoded
+
+
+def transformers_run(model, ids: np.ndarray, steps: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    t = torch.from_numpy(ids)
+    with torch.no_grad():
+        res = model(input_ids=t[:, :-steps], use_cache=True)
+        out, cache, decoded = res.logits.numpy(), res.past_key_values, []
+        for j in range(ids.shape[1] - steps, ids.shape[1]):
+            res = model(input_ids=t[:, j:j + 1], past_key_values=cache, use_cache=True)
+            cache = res.past_key_values
+            decoded.append(res.logits.numpy())
+    return out, decoded
+
+
+@pytest.mark.parametrize("family", sorted(NEW_FAMILIES))
+def test_new_families_match_transformers_past_the_window(family, tmp_path):
+    hf = tiny_hf(NEW_FAMILIES[family]())
+    ckpt = save(hf, tmp_path / "ckpt")
+    weights = open_weights(ckpt)
+    built = tmp_path / "built.onnx"
+    contract = build_graph(weights, built)
+    cfg, n = weights.config, TINY["num_hidden_layers"]
+    assert weights.parameters() == sum(p.numel() for p in hf.parameters())
+    assert contract.attention_windows == tuple(cfg.window(i) for i in range(n))
+    assert check_built(weights, built, contract, reference=load_model(ckpt).model)["how"] == "full and layer by layer"
+
+    ids = np.random.default_rng(1).integers(0, TINY["vocab_size"], (1, 24))
+    ours, our_steps = graph_run(built, ids, steps=3)
+    ref, ref_steps = transformers_run(hf, ids, steps=3)
+    assert np.abs(ref).max() > 1.0  # not flat logits: parity means something
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+    for got, want in zip(our_steps, ref_steps):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+    nodes = onnx.load(str(built), load_external_data=False).graph.node
+    ops = {op: sum(nd.op_type == op for nd in nodes) for op in
+           ("GroupQueryAttention", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "FastGelu",
+            "Sigmoid", "MatMul")}
+    norms_per_layer = 2 * cfg.qk_norm + 2 * cfg.sandwich_norm  # every layer fused, local and global alike
+    assert ops == {"GroupQueryAttention": n, "SimplifiedLayerNormalization": 1 + n * norms_per_layer,
+                   "SkipSimplifiedLayerNormalization": 2 * n, "FastGelu": n if family == "gemma3_text" else 0,
+                   "Sigmoid": 0 if family == "gemma3_text" else n, "MatMul": 4 * n + 1}
+    gqa = [nd for nd in nodes if nd.op_type == "GroupQueryAttention"]
+    windows = [next((a.i for a in nd.attribute if a.name == "local_window_size"), None) for nd in gqa]
+    assert windows == [cfg.window(i) for i in range(n)]
+    if family == "gemma3_text":
+        assert [nd.input[7] for nd in gqa] == ["gqa.cos_cache_local", "gqa.cos_cache", "gqa.cos_cache_local"]
+        assert all(next(a.f for a in nd.attribute if a.name == "scale") == pytest.approx(24 ** -0.5) for nd in gqa)
+
+
+def test_traced_fusion_refuses_what_only_the_builder_fuses(tmp_path):
+    ckpt = save(tiny_hf(NEW_FAMILIES["mistral"]()), tmp_path / "ckpt")
+    export_onnx(load_model(ckpt).model, tmp_path / "traced.onnx")
+    with pytest.raises(UserError, match="traced mistral graph with sliding-window attention is not supported: "
+                                        "export it with --graph built"):
+        optimize(tmp_path / "traced.onnx", tmp_path / "fused.onnx", OptimizeConfig(check_parity=False))
 
 
 def test_weights_stream_into_external_data(tmp_path):

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import (AutoModelForCausalLM, BertConfig, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config,
-                          PreTrainedModel)
+from transformers import (AutoModelForCausalLM, BertConfig, Gemma3TextConfig, GPT2Config, LlamaConfig,
+                          MistralConfig, PreTrainedModel, Qwen2Config, Qwen3Config)
 
 from models.checkpoint import save_checkpoint
 from models.decoder import Decoder, DecoderConfig
@@ -26,6 +26,12 @@ torch.set_num_threads(1)
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
 TOL = 1e-4
+# Gemma 3 with every switch away from its default: a window shorter than the test's sequences, local and global
+# layers with different rotary bases, an attention scale that is not head_dim's, a decoupled head width
+GEMMA3 = dict(TINY, head_dim=16, query_pre_attn_scalar=24, sliding_window=4,
+              layer_types=["sliding_attention", "full_attention"],
+              rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+                               "full_attention": {"rope_type": "default", "rope_theta": 10000.0}})
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> None:
@@ -49,8 +55,12 @@ FAMILIES = {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 16}),
     "llama_biases": lambda: LlamaConfig(**TINY, attention_bias=True, mlp_bias=True),
-    "mistral": lambda: MistralConfig(**TINY, sliding_window=16),
+    "mistral": lambda: MistralConfig(**TINY, sliding_window=4),  # the 7-token batch runs past every window
     "qwen2": lambda: Qwen2Config(**TINY),
+    "qwen2_window_from_layer_1": lambda: Qwen2Config(**TINY, use_sliding_window=True, sliding_window=4,
+                                                     max_window_layers=1),
+    "qwen3": lambda: Qwen3Config(**TINY, head_dim=16),  # 4 heads x 16 != hidden 32: a head width of its own
+    "gemma3_text": lambda: Gemma3TextConfig(**GEMMA3),
     "gpt2": lambda: GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=64,
                                bos_token_id=0, eos_token_id=1),
 }
@@ -106,11 +116,42 @@ def test_gpt2_and_llama_token_ids(tmp_path):
         "layer", "learned", "gelu_tanh", False, 4)
 
 
-def test_mistral_window_caps_positions(tmp_path):
-    tiny_hf(FAMILIES["mistral"]()).save_pretrained(tmp_path)
-    cfg = load_model(tmp_path).model.config
-    assert cfg.max_position_embeddings == 16
-    assert cfg.extra == {"sliding_window": 16, "original_max_position_embeddings": 64}
+def test_sliding_window_limits_attention_not_context(tmp_path):
+    tiny_hf(FAMILIES["mistral"]()).save_pretrained(tmp_path / "mistral")
+    cfg = load_model(tmp_path / "mistral").model.config
+    assert (cfg.max_position_embeddings, cfg.sliding_window, cfg.layer_types) == (64, 4, None)
+    assert [cfg.window(i) for i in range(2)] == [4, 4] and not cfg.extra
+    qwen2 = decoder_from_hf(tiny_hf(FAMILIES["qwen2_window_from_layer_1"]())).config
+    assert [qwen2.window(i) for i in range(2)] == [None, 4]
+    unused = decoder_from_hf(tiny_hf(Qwen2Config(**TINY, use_sliding_window=False, sliding_window=4))).config
+    assert [unused.window(i) for i in range(2)] == [None, None]
+
+    gemma = decoder_from_hf(tiny_hf(FAMILIES["gemma3_text"]())).config
+    assert [gemma.window(i) for i in range(2)] == [4, None]
+    assert [gemma.rope(i) for i in range(2)] == [(10.0, None), (10000.0, None)]
+    assert (gemma.head_dim, gemma.qk_norm, gemma.sandwich_norm) == (16, True, True)
+    assert gemma.embed_scale == pytest.approx(32 ** 0.5) and gemma.attention_scale == pytest.approx(24 ** -0.5)
+
+    # a sequence far past the window: prefill and decode still equal transformers, position by position
+    ref = tiny_hf(FAMILIES["gemma3_text"]())
+    ours = decoder_from_hf(ref)
+    ids = torch.randint(0, TINY["vocab_size"], (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits, past = ours(ids[:, :39])
+        ref_out = ref(input_ids=ids[:, :39], use_cache=True)
+        torch.testing.assert_close(logits, ref_out.logits, atol=TOL, rtol=0)
+        step, _ = ours(ids[:, 39:], past_key_values=past)
+        ref_step = ref(input_ids=ids[:, 39:], past_key_values=ref_out.past_key_values, use_cache=True)
+        torch.testing.assert_close(step, ref_step.logits, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("config, message", [
+    (lambda: Gemma3TextConfig(**GEMMA3, final_logit_softcapping=30.0), "final_logit_softcapping=30.0 is not"),
+    (lambda: Gemma3TextConfig(**GEMMA3, use_bidirectional_attention=True), "use_bidirectional_attention"),
+])
+def test_unsupported_switches_refused(config, message):
+    with pytest.raises(UserError, match=message):
+        decoder_from_hf(tiny_hf(config()))
 
 
 def test_sharded_checkpoint(tmp_path):
@@ -186,10 +227,15 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_gguf(ref: PreTrainedModel, path, with_tokenizer: bool = True) -> None:
-    """A llama-architecture F32 GGUF as llama.cpp writes it: its tensor names, permuted Q/K, byte-level BPE."""
+    """An F32 GGUF as llama.cpp writes it: its tensor names, byte-level BPE; for its llama architecture permuted
+    Q/K, for gemma3 the norms stored as 1 + weight, q/k norms and the sandwich norms."""
     c = ref.config
+    gemma = c.model_type == "gemma3_text"
+    arch = "gemma3" if gemma else "llama"
     sd = {k: v.numpy() for k, v in ref.state_dict().items()}
-    w = gguf.GGUFWriter(str(path), "llama")
+    if gemma:
+        sd = {k: v + 1 if k.endswith("norm.weight") else v for k, v in sd.items()}
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_name("tiny")
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
@@ -197,8 +243,14 @@ def write_gguf(ref: PreTrainedModel, path, with_tokenizer: bool = True) -> None:
     w.add_feed_forward_length(c.intermediate_size)
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    if gemma:
+        w.add_key_length(c.head_dim)
+        w.add_value_length(c.head_dim)
+        w.add_sliding_window(c.sliding_window)
+        w.add_rope_freq_base(c.rope_parameters["full_attention"]["rope_theta"])
+    else:
+        w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+        w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_vocab_size(c.vocab_size)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
@@ -213,13 +265,17 @@ def write_gguf(ref: PreTrainedModel, path, with_tokenizer: bool = True) -> None:
     names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    if gemma:
+        names.update({"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+                      "post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                      "post_feedforward_layernorm": "post_ffw_norm"})
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     for i in range(c.num_hidden_layers):
         for hf_name, gguf_name in names.items():
             t = sd[f"model.layers.{i}.{hf_name}.weight"]
-            if gguf_name == "attn_q":
+            if gguf_name == "attn_q" and not gemma:
                 t = llama_cpp_permute(t, c.num_attention_heads)
-            elif gguf_name == "attn_k":
+            elif gguf_name == "attn_k" and not gemma:
                 t = llama_cpp_permute(t, c.num_key_value_heads)
             w.add_tensor(f"blk.{i}.{gguf_name}.weight", np.ascontiguousarray(t))
     w.add_tensor("output_norm.weight", sd["model.norm.weight"])
@@ -253,6 +309,21 @@ def test_gguf_llama(tmp_path):
     text = "the cat in the hat"
     assert exported.encode(text).ids == reference_bpe().encode(text).ids
     assert exported.decode(exported.encode(text).ids) == text
+
+
+def test_gguf_gemma3(tmp_path):
+    """Gemma 3 as llama.cpp writes it (norms + 1, no q/k permutation). The GGUF carries no layer pattern, local
+    rotary base or query scalar, so transformers (and we) take Gemma 3's defaults: every 6th layer global."""
+    config = Gemma3TextConfig(**{**TINY, "vocab_size": len(TOKENS), "num_hidden_layers": 7}, head_dim=16,
+                              sliding_window=4)
+    ref = tiny_hf(config)
+    path = tmp_path / "gemma.gguf"
+    write_gguf(ref, path, with_tokenizer=False)
+    loaded = load_model(path)
+    cfg = loaded.model.config
+    assert (loaded.source["family"], cfg.head_dim, cfg.sliding_window) == ("gemma3_text", 16, 4)
+    assert [cfg.window(i) for i in range(7)] == [4, 4, 4, 4, 4, None, 4]
+    assert_matches(loaded.model, ref, len(TOKENS))
 
 
 def test_gguf_without_tokenizer(tmp_path):
