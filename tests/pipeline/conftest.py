@@ -37,8 +37,13 @@ def make_hf_checkpoint(out_dir: Path, family: str = "llama", seed: int = 0, tied
         model = tf.GPT2LMHeadModel(cfg)
     else:
         cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
-               "mistral": (tf.MistralConfig, tf.MistralForCausalLM)}[family]
-        cfg = cls[0](intermediate_size=128, num_key_value_heads=2, tie_word_embeddings=tied, **common)
+               "mistral": (tf.MistralConfig, tf.MistralForCausalLM), "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
+               "gemma3_text": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM)}[family]
+        own = {"qwen3": dict(head_dim=32),  # 4 heads x 32 != hidden 64
+               "gemma3_text": dict(head_dim=32, sliding_window=8, query_pre_attn_scalar=24,
+                                   layer_types=["sliding_attention", "full_attention"]),
+               "mistral": dict(sliding_window=8)}.get(family, {})
+        cfg = cls[0](intermediate_size=128, num_key_value_heads=2, tie_word_embeddings=tied, **common, **own)
         model = cls[1](cfg)
     with torch.no_grad():  # random norm weights, so a fusion that drops one shows in the logits
         for name, p in model.named_parameters():

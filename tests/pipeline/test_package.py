@@ -425,16 +425,20 @@ def test_onnxruntime_genai_loads_the_bundle_and_agrees(genai_python, bundles, ru
     assert genai_tokens(genai_python, bundles[variant]) == expected and len(expected) > 1
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_onnxruntime_genai_loads_a_built_bundle_and_agrees(genai_python, tmp_path, tied):
+@pytest.mark.parametrize("family, tied", [("llama", False), ("llama", True), ("qwen3", True), ("gemma3_text", True),
+                                         ("mistral", False)])
+def test_onnxruntime_genai_loads_a_built_bundle_and_agrees(genai_python, tmp_path, family, tied):
     """The built graph (export's default): its logits_to_keep input has a default genai never feeds, and a tied
-    table is stored once; genai's greedy tokens equal ours, whose prefill keeps only the last logits."""
-    checkpoint = make_hf_checkpoint(tmp_path / "ckpt", "llama", tied=tied)
+    table is stored once; genai's greedy tokens equal ours, whose prefill keeps only the last logits. Gemma 3 and
+    Mistral run past their 8-token windows (the prompt and new tokens are longer)."""
+    checkpoint = make_hf_checkpoint(tmp_path / "ckpt", family, tied=tied)
     run = tmp_path / "run"
     invoke("export", "--model", checkpoint, "--out", run)
     invoke("package", run, "--out", tmp_path / "b")
     expected = until_eos(main_env_tokens(run, "fused"))
     assert genai_tokens(genai_python, tmp_path / "b") == expected and len(expected) > 1
+    context = json.loads((tmp_path / "b" / "genai_config.json").read_text())["model"]["context_length"]
+    assert context == 512  # the checkpoint's, not its window
 
 
 def test_onnxruntime_genai_runs_a_gpt2_bundle_as_a_generic_decoder(genai_python, tmp_path):
