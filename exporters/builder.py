@@ -52,7 +52,8 @@ def contract_for_config(c: DecoderConfig, fused: bool) -> Contract:
                     attention_windows=tuple(c.window(i) for i in range(c.num_layers)),
                     kv_dtype="float32", family=c.family, rope_theta=c.rope_theta if rope else None,
                     rope_scaling=c.rope_scaling, fused_attention=fused,
-                    rope_local_theta=c.rope_local_theta if rope else None)
+                    rope_local_theta=c.rope_local_theta if rope else None,
+                    rotary_dim=c.rotary_dim if rope and c.rotary_dim != c.head_dim else None)
 
 
 def refusal(c: DecoderConfig) -> str | None:
@@ -62,6 +63,9 @@ def refusal(c: DecoderConfig) -> str | None:
     if c.head_dim % 16:
         return (f"head_dim {c.head_dim} is not a multiple of 16, which onnxruntime's GroupQueryAttention "
                 "requires")
+    if c.rotary_dim % 16:
+        return (f"the rotated width {c.rotary_dim} (partial_rotary_factor {c.partial_rotary_factor} of head_dim "
+                f"{c.head_dim}) is not a multiple of 16, which onnxruntime's GroupQueryAttention requires")
     return None
 
 

@@ -19,6 +19,7 @@ from models.decoder import Decoder
 from models.errors import UserError
 from models.files import staging_dir
 from exporters.builder import contract_for_config
+from models.rope import rope_kind
 from runtimes.contract import Contract, write_contract
 
 OPSET = 17
@@ -65,6 +66,9 @@ def export_onnx(model: Decoder, out_path: str | Path, validate: bool = True) -> 
     """
     out_path = Path(out_path)
     model = model.eval().float()
+    if rope_kind(model.config.rope_scaling) == "longrope":
+        raise UserError("LongRoPE switches its rotary factors with the sequence length, which a traced graph "
+                        "cannot follow: export with --graph built (the default)")
     contract = contract_for(model)
     # past length 3 and sequence 2 while tracing, so no axis is specialised to 0 or 1
     args = example_inputs(contract, batch=2, seq=2, past=3, vocab=contract.vocab_size)

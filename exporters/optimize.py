@@ -27,7 +27,7 @@ from exporters.graph import GraphIndex
 from exporters.onnx_io import EXTERNAL_DATA_THRESHOLD, load_onnx, move_model, save_model
 from models.errors import UserError
 from models.files import staging_dir
-from models.rope import rope_inv_freq
+from models.rope import long_context, rope_attention_factor, rope_inv_freq
 from runtimes.contract import (ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, Contract, past_key, past_names,
                                past_value, present_key, present_names, present_value, read_contract, write_contract)
 
@@ -211,11 +211,46 @@ def add_gqa_inputs(model: onnx.ModelProto, contract: Contract) -> None:
     tables = [(contract.rope_theta, contract.rope_scaling, (COS_CACHE, SIN_CACHE))]
     if contract.rope_local_theta is not None:
         tables.append((contract.rope_local_theta, None, LOCAL_CACHES))
-    for theta, scaling, (cos_name, sin_name) in tables if contract.rope_theta is not None else ():
-        inv_freq = rope_inv_freq(contract.head_dim, theta, scaling).astype(np.float64)
-        freqs = np.outer(np.arange(contract.max_position_embeddings, dtype=np.float64), inv_freq)
-        g.initializer.extend([numpy_helper.from_array(np.cos(freqs).astype(np.float32), cos_name),
-                              numpy_helper.from_array(np.sin(freqs).astype(np.float32), sin_name)])
+    for theta, scaling, names in tables if contract.rope_theta is not None else ():
+        add_rotary_caches(model, contract, theta, scaling, names)
+
+
+def rotary_table(contract: Contract, theta: float, scaling: dict | None, long: bool = False) -> list[np.ndarray]:
+    """[cos, sin], (max_position_embeddings, rotary_dim / 2) float32, as models.decoder computes them."""
+    inv_freq = rope_inv_freq(contract.rotary_dim or contract.head_dim, theta, scaling, long).astype(np.float64)
+    freqs = np.outer(np.arange(contract.max_position_embeddings, dtype=np.float64), inv_freq)
+    factor = rope_attention_factor(scaling)
+    return [(f(freqs) * factor).astype(np.float32) for f in (np.cos, np.sin)]
+
+
+def add_rotary_caches(model: onnx.ModelProto, contract: Contract, theta: float, scaling: dict | None,
+                      names: tuple[str, str]) -> None:
+    """The cos/sin cache initializers `names`; with LongRoPE, computed instead: the short-factor table and the
+    long-factor one are stacked, and each run slices the rows of the one its total sequence length calls for
+    (longer than the pretraining context: long), as transformers switches per forward call."""
+    g = model.graph
+    switch = long_context(scaling)
+    if switch is None:
+        g.initializer.extend(numpy_helper.from_array(t, n) for t, n in zip(rotary_table(contract, theta, scaling),
+                                                                              names))
+        return
+    rows = contract.max_position_embeddings
+    short, long = rotary_table(contract, theta, scaling), rotary_table(contract, theta, scaling, long=True)
+    g.initializer.extend([numpy_helper.from_array(np.concatenate([s, l_]), f"{n}.short_long")
+                          for s, l_, n in zip(short, long, names)])
+    g.initializer.extend([numpy_helper.from_array(np.array([switch], np.int64), "gqa.long_after"),
+                          numpy_helper.from_array(np.array([rows], np.int64), "gqa.long_rows"),
+                          numpy_helper.from_array(np.array([0], np.int64), "gqa.axis0"),
+                          numpy_helper.from_array(np.array([0], np.int64), "gqa.zero_rows")])
+    g.node.extend([
+        helper.make_node("Reshape", ["gqa.total64", "gqa.axis1"], ["gqa.total_1d"], name="gqa/TotalAs1D"),
+        helper.make_node("Greater", ["gqa.total_1d", "gqa.long_after"], ["gqa.is_long"], name="gqa/IsLong"),
+        helper.make_node("Where", ["gqa.is_long", "gqa.long_rows", "gqa.zero_rows"], ["gqa.rope_start"],
+                         name="gqa/RopeStart"),
+        helper.make_node("Add", ["gqa.rope_start", "gqa.total_1d"], ["gqa.rope_end"], name="gqa/RopeEnd"),
+    ])
+    g.node.extend(helper.make_node("Slice", [f"{n}.short_long", "gqa.rope_start", "gqa.rope_end", "gqa.axis0"], [n],
+                                   name=f"gqa/Slice_{n}") for n in names)
 
 
 def rotary_caches(contract: Contract, layer: int) -> tuple[str, str]:

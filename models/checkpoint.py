@@ -38,9 +38,22 @@ SANDWICH_NORM_MODULES = {"input_layernorm": "input_norm", "post_attention_layern
                          "pre_feedforward_layernorm": "post_attn_norm", "post_feedforward_layernorm": "mlp_out_norm"}
 
 
+def fused_parts(cfg: DecoderConfig) -> dict[tuple[str, tuple[int, int]], str]:
+    """Phi-3 stores q/k/v as one qkv_proj and gate/up as one gate_up_proj: (HF module, (first, end) row) -> ours."""
+    if cfg.family != "phi3":
+        return {}
+    q, kv, m = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    return {("self_attn.qkv_proj", (0, q)): "attn.q_proj", ("self_attn.qkv_proj", (q, q + kv)): "attn.k_proj",
+            ("self_attn.qkv_proj", (q + kv, q + 2 * kv)): "attn.v_proj",
+            ("mlp.gate_up_proj", (0, m)): "mlp.gate_proj", ("mlp.gate_up_proj", (m, 2 * m)): "mlp.up_proj"}
+
+
 def layer_modules(cfg: DecoderConfig) -> dict[str, str]:
-    """HF module inside model.layers.{i}. -> ours, for the modules `cfg` has (weights; biases follow them)."""
-    mods = {k: v for k, v in LLAMA_LAYER_MODULES.items() if not (cfg.sandwich_norm and v.endswith("_norm"))}
+    """HF module inside model.layers.{i}. -> ours, for the modules `cfg` has (weights; biases follow them), but
+    for the packed ones of `fused_parts`."""
+    packed = set(fused_parts(cfg).values())
+    mods = {k: v for k, v in LLAMA_LAYER_MODULES.items()
+            if not (cfg.sandwich_norm and v.endswith("_norm")) and v not in packed}
     if cfg.sandwich_norm:
         mods.update(SANDWICH_NORM_MODULES)
     if cfg.qk_norm:

@@ -57,12 +57,17 @@ class DecoderConfig:
     layer_types: list | None = None   # per layer "sliding_attention" | "full_attention"; None: all sliding if a
                                       # window is set, else all full
     rope_local_theta: float | None = None  # rotary base of sliding layers (Gemma 3: 10k vs 1M), unscaled
+    partial_rotary_factor: float = 1.0  # the share of each head's width that is rotated (Phi-4-mini: 0.75)
     family: str = "llama"             # the HF family this config came from, recorded for export metadata
     extra: dict = field(default_factory=dict)  # source-specific facts kept for provenance only
 
     @property
     def head_dim(self) -> int:
         return self.attention_head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
 
     def window(self, layer: int) -> int | None:
         """The attention window of a layer (None: global attention)."""
@@ -95,9 +100,9 @@ class DecoderConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
-    """Inverse frequencies (head_dim/2,), with HF's "linear" and "llama3" rope scaling applied (models/rope.py)."""
-    return torch.from_numpy(rope.rope_inv_freq(head_dim, theta, scaling))
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None, long: bool = False) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,), with HF's rope scaling applied (models/rope.py)."""
+    return torch.from_numpy(rope.rope_inv_freq(head_dim, theta, scaling, long))
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -143,9 +148,10 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)                         # (B, nh | nkv, S, hd)
         v = self.v_proj(x).view(B, S, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, S, hd)
-        if cos is not None:
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+        if cos is not None:  # on the first cos.shape[-1] channels of each head (all but with partial rotary)
+            r = cos.shape[-1]
+            q = torch.cat([q[..., :r] * cos + rotate_half(q[..., :r]) * sin, q[..., r:]], dim=-1)
+            k = torch.cat([k[..., :r] * cos + rotate_half(k[..., :r]) * sin, k[..., r:]], dim=-1)
         if past is not None:
             k = torch.cat([past[0], k], dim=2)                              # (B, nkv, T, hd)
             v = torch.cat([past[1], v], dim=2)
@@ -201,7 +207,9 @@ def attention_inputs(cfg: DecoderConfig, position_ids: torch.Tensor, past_len: i
                      dtype=torch.float32) -> list[tuple]:
     """Per layer (cos, sin, mask): the rotary tables of its positions (None for learned positions) and its additive
     mask, (B, 1, S, T). Query i (absolute index past_len + i) sees key j when j <= past_len + i, attention_mask[j]
-    is 1 and, in a sliding layer, j > past_len + i - window. Layers of one kind share their tensors."""
+    is 1 and, in a sliding layer, j > past_len + i - window. Layers of one kind share their tensors. LongRoPE takes
+    its long factors when the sequence (highest position + 1) is longer than the pretraining context, as
+    transformers does for each forward call (keys already cached keep their rotation)."""
     S, T = position_ids.shape[1], attention_mask.shape[1]
     q_idx = torch.arange(S, device=position_ids.device)[:, None] + past_len  # (S, 1)
     k_idx = torch.arange(T, device=position_ids.device)[None, :]             # (1, T)
@@ -216,10 +224,13 @@ def attention_inputs(cfg: DecoderConfig, position_ids: torch.Tensor, past_len: i
             mask = torch.where(allowed, 0.0, MASK_VALUE).to(dtype)
             cos = sin = None
             if cfg.positions == "rope":
-                inv_freq = rope_inv_freq(cfg.head_dim, *rope_params).to(position_ids.device)
-                freqs = position_ids[:, :, None].float() * inv_freq[None, None, :]  # (B, S, hd/2)
-                emb = torch.cat((freqs, freqs), dim=-1)[:, None]                # (B, 1, S, hd)
-                cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+                switch = rope.long_context(rope_params[1])
+                long = switch is not None and int(position_ids.max()) + 1 > switch
+                inv_freq = rope_inv_freq(cfg.rotary_dim, *rope_params, long=long).to(position_ids.device)
+                freqs = position_ids[:, :, None].float() * inv_freq[None, None, :]  # (B, S, rd/2)
+                emb = torch.cat((freqs, freqs), dim=-1)[:, None]                # (B, 1, S, rd)
+                factor = rope.rope_attention_factor(rope_params[1])
+                cos, sin = (emb.cos() * factor).to(dtype), (emb.sin() * factor).to(dtype)
             kinds[key] = (cos, sin, mask)
         out.append(kinds[key])
     return out

@@ -23,15 +23,15 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from models.checkpoint import layer_modules
+from models.checkpoint import fused_parts, layer_modules
 from models.decoder import Decoder, DecoderConfig
 from models.errors import UserError
 
-SUPPORTED_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+SUPPORTED_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
 # families whose RMSNorm multiplies by (1 + weight): the decoder holds the multiplier itself, so their HF weights
 # get 1 added as they are read (GGUF files of them already store 1 + weight, as llama.cpp's converter writes)
 UNIT_OFFSET_NORMS = ("gemma3_text",)
-ROPE_TYPES = ("default", "linear", "llama3")  # what models.decoder.rope_inv_freq implements
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")  # what models.rope.rope_inv_freq implements
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                "gelu": "gelu"}
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
@@ -201,11 +201,24 @@ def rope_settings(hf_cfg: PretrainedConfig, params: dict | None = None) -> tuple
         params = getattr(hf_cfg, "rope_parameters", None) or getattr(hf_cfg, "rope_scaling", None) or {}
     params = dict(params)
     theta = float(params.pop("rope_theta", None) or getattr(hf_cfg, "rope_theta", None) or 10000.0)
+    params.pop("partial_rotary_factor", None)  # the decoder's own field (rotary_factor)
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in ROPE_TYPES:
         raise UserError(f"rope scaling {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)}); "
                         "pass a checkpoint without it")
+    if kind == "longrope":  # the factor transformers derives: the context over the pretraining context
+        original = params.get("original_max_position_embeddings") or getattr(
+            hf_cfg, "original_max_position_embeddings", None) or hf_cfg.max_position_embeddings
+        params["original_max_position_embeddings"] = original
+        params["factor"] = params.get("factor") or hf_cfg.max_position_embeddings / original
     return theta, (params if kind != "default" else None)
+
+
+def rotary_factor(hf_cfg: PretrainedConfig) -> float:
+    """The share of each head that is rotated (Phi-3/4: partial_rotary_factor, in rope_parameters in transformers 5)."""
+    params = getattr(hf_cfg, "rope_parameters", None) or {}
+    value = params.get("partial_rotary_factor") if "full_attention" not in params else None
+    return float(value or getattr(hf_cfg, "partial_rotary_factor", None) or 1.0)
 
 
 def layer_rope(hf_cfg: PretrainedConfig) -> tuple[float, dict | None, float | None]:
@@ -283,7 +296,7 @@ def llama_like_config(hf_cfg: PretrainedConfig, tied: bool) -> DecoderConfig:
         embed_scale=hf_cfg.hidden_size ** 0.5 if gemma else 1.0,
         attention_scale=hf_cfg.query_pre_attn_scalar ** -0.5 if gemma else None,
         sliding_window=window, layer_types=layer_types,
-        rope_local_theta=local_theta if window is not None else None)
+        rope_local_theta=local_theta if window is not None else None, partial_rotary_factor=rotary_factor(hf_cfg))
 
 
 def llama_like_weights(sd: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str, torch.Tensor]:
@@ -292,6 +305,11 @@ def llama_like_weights(sd: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[
     out = {"embed_tokens.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"],
            "lm_head.weight": sd["lm_head.weight"]}
     for i in range(cfg.num_layers):
+        for (hf_mod, part), our_mod in fused_parts(cfg).items():  # Phi-3's packed projections, split
+            for kind in ("weight", "bias"):
+                name = f"model.layers.{i}.{hf_mod}.{kind}"
+                if name in sd:
+                    out[f"layers.{i}.{our_mod}.{kind}"] = sd[name][slice(*part)]
         for hf_mod, our_mod in layer_modules(cfg).items():
             for kind in ("weight", "bias"):
                 name = f"model.layers.{i}.{hf_mod}.{kind}"

@@ -8,13 +8,22 @@ import math
 import numpy as np
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> np.ndarray:
-    """Inverse frequencies (head_dim/2,) as float32, with HF's "linear" and "llama3" rope scaling applied."""
+def rope_kind(scaling: dict | None) -> str:
+    sc = scaling or {}
+    return sc.get("rope_type", sc.get("type", "default"))
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None, long: bool = False) -> np.ndarray:
+    """Inverse frequencies (head_dim/2,) as float32, with HF's "linear", "llama3" and "longrope" scaling applied.
+    `head_dim` is the rotated width (less than the head's with partial rotary). LongRoPE has two sets: `long` for
+    a sequence longer than the pretraining context (original_max_position_embeddings), else the short one."""
     d = head_dim
     inv_freq = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
     sc = scaling or {}
-    kind = sc.get("rope_type", sc.get("type", "default"))
-    if kind == "linear":
+    kind = rope_kind(sc)
+    if kind == "longrope":
+        inv_freq = inv_freq / np.asarray(sc["long_factor" if long else "short_factor"], np.float64)
+    elif kind == "linear":
         inv_freq = inv_freq / sc["factor"]
     elif kind == "llama3":
         factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
@@ -26,5 +35,21 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> n
         is_mid = (wavelen <= old_ctx / lo) & (wavelen >= old_ctx / hi)
         inv_freq = np.where(is_mid, mid, scaled)
     elif kind != "default":
-        raise ValueError(f"rope scaling {kind!r} is not supported (supported: default, linear, llama3)")
+        raise ValueError(f"rope scaling {kind!r} is not supported (supported: default, linear, llama3, longrope)")
     return inv_freq.astype(np.float32)
+
+
+def rope_attention_factor(scaling: dict | None) -> float:
+    """What cos and sin are multiplied by: LongRoPE's sqrt(1 + ln(factor) / ln(original context)), else 1."""
+    sc = scaling or {}
+    if rope_kind(sc) != "longrope":
+        return 1.0
+    if sc.get("attention_factor") is not None:
+        return float(sc["attention_factor"])
+    factor, original = float(sc["factor"]), sc["original_max_position_embeddings"]
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+def long_context(scaling: dict | None) -> int | None:
+    """LongRoPE's switch: sequences longer than this many tokens use the long factors (None: no switch)."""
+    return (scaling or {}).get("original_max_position_embeddings") if rope_kind(scaling) == "longrope" else None

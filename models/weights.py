@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from models.checkpoint import layer_modules
+from models.checkpoint import fused_parts, layer_modules
 from models.decoder import DecoderConfig
 from models.errors import UserError
 
-BUILDER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+BUILDER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
 GGUF_CACHE_BYTES = 1 << 30  # a 135M model's float32 weights (0.54 GB) fit; a 1B one's are re-read instead
 
 # our module inside layers.{i}. -> llama.cpp's tensor inside blk.{i}.
@@ -248,9 +248,19 @@ def file_name(ours: str, globals_: dict, layer_prefix: str, modules: dict) -> st
 
 
 def hf_namer(cfg: DecoderConfig):
-    """Our parameter name -> the Hugging Face checkpoint's, for this config's family."""
+    """Our parameter name -> the Hugging Face checkpoint's, for this config's family (for a part of a packed
+    tensor, the packed one: `packed_rows` says which rows)."""
     modules = {ours: hf for hf, ours in layer_modules(cfg).items()}
+    modules.update({ours: hf for (hf, _), ours in fused_parts(cfg).items()})
     return lambda ours: file_name(ours, HF_GLOBAL, "model.layers.", modules)
+
+
+def packed_rows(cfg: DecoderConfig, ours: str) -> tuple[int, int] | None:
+    """(first, end) rows of `ours` inside the packed tensor that holds it (Phi-3's qkv_proj, gate_up_proj)."""
+    parts = {mod: rows for (_, rows), mod in fused_parts(cfg).items()}
+    if not ours.startswith("layers."):
+        return None
+    return parts.get(ours.split(".", 2)[2].rsplit(".", 1)[0])
 
 
 def gguf_name(ours: str) -> str:
@@ -284,6 +294,9 @@ def open_weights(path: str | Path) -> WeightSource:
     num_heads = hf_cfg.num_attention_heads
     num_kv = getattr(hf_cfg, "num_key_value_heads", None) or num_heads
     offset = 0.0  # added to every norm weight
+    if src.gguf_file and hf_cfg.model_type == "phi3":
+        raise UserError(f"{src.path}: Phi-3 GGUF files (packed attn_qkv, LongRoPE factors as tensors) are not "
+                        "read yet; pass the Hugging Face checkpoint directory")
     if src.gguf_file:
         gguf_path = src.directory / src.gguf_file
         tensors = GGUFTensors(gguf_path, num_heads, num_kv)
@@ -317,6 +330,9 @@ def open_weights(path: str | Path) -> WeightSource:
 
     def reader(name: str) -> np.ndarray:
         w = read(to_file(name))
+        rows = packed_rows(cfg, name) if not src.gguf_file else None
+        if rows is not None:
+            w = w[rows[0]:rows[1]]
         expected = expected_shape(cfg, name)
         if tuple(w.shape) != expected:
             raise UserError(f"{src.path}: {to_file(name)} has shape {tuple(w.shape)}, the config says {expected}; "

@@ -72,7 +72,7 @@ def is_past(name: str) -> bool:
 
 
 # fields added after models were shipped, whose defaults describe every model written before them
-ADDED_FIELDS = ("rope_local_theta",)
+ADDED_FIELDS = ("rope_local_theta", "rotary_dim")
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,7 @@ class Contract:
     rope_scaling: dict | None = None  # Hugging Face's rope_scaling, as the decoder applies it
     fused_attention: bool = False  # set by `pipeline optimize`: the KV cache feeds GroupQueryAttention ops
     rope_local_theta: float | None = None  # rotary base of the sliding-window layers, when theirs differs (Gemma 3)
+    rotary_dim: int | None = None  # channels of each head that are rotated, when not all (Phi-3/4's partial rotary)
 
     def __post_init__(self):
         object.__setattr__(self, "attention_windows", tuple(self.attention_windows))  # JSON gives a list

@@ -16,7 +16,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
 from exporters.builder import build_graph, check_built
 from exporters.export import export_onnx, parity
@@ -50,6 +50,12 @@ NEW_FAMILIES = {
                          "full_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
     "mistral": lambda: MistralConfig(**TINY, sliding_window=4),
     "qwen2_window": lambda: Qwen2Config(**TINY, use_sliding_window=True, sliding_window=4, max_window_layers=1),
+    # packed qkv/gate_up, half of each 32-wide head rotated, LongRoPE past a pretraining context of 8
+    "phi3": lambda: Phi3Config(**{**TINY, "num_attention_heads": 2, "num_key_value_heads": 1},
+                               partial_rotary_factor=0.5, original_max_position_embeddings=8,
+                               rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.5, 2, 1.2, 1.1, 1.3, 1, 1.4],
+                                             "long_factor": [3.0, 7.0, 2.0, 4.0, 5.0, 6.0, 2.5, 9.0]},
+                               bos_token_id=0, eos_token_id=1, pad_token_id=0),
 }
 
 
@@ -142,12 +148,13 @@ def test_new_families_match_transformers_past_the_window(family, tmp_path):
     assert check_built(weights, built, contract, reference=load_model(ckpt).model)["how"] == "full and layer by layer"
 
     ids = np.random.default_rng(1).integers(0, TINY["vocab_size"], (1, 24))
-    ours, our_steps = graph_run(built, ids, steps=3)
-    ref, ref_steps = transformers_run(hf, ids, steps=3)
-    assert np.abs(ref).max() > 1.0  # not flat logits: parity means something
-    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
-    for got, want in zip(our_steps, ref_steps):
-        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    for steps in (3, 18):  # a long prefill; a 6-token one whose decode steps cross every window (and LongRoPE's 8)
+        ours, our_steps = graph_run(built, ids, steps=steps)
+        ref, ref_steps = transformers_run(hf, ids, steps=steps)
+        assert np.abs(ref).max() > 1.0  # not flat logits: parity means something
+        np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+        for got, want in zip(our_steps, ref_steps):
+            np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
     nodes = onnx.load(str(built), load_external_data=False).graph.node
     ops = {op: sum(nd.op_type == op for nd in nodes) for op in
@@ -157,6 +164,9 @@ def test_new_families_match_transformers_past_the_window(family, tmp_path):
     assert ops == {"GroupQueryAttention": n, "SimplifiedLayerNormalization": 1 + n * norms_per_layer,
                    "SkipSimplifiedLayerNormalization": 2 * n, "FastGelu": n if family == "gemma3_text" else 0,
                    "Sigmoid": 0 if family == "gemma3_text" else n, "MatMul": 4 * n + 1}
+    if family == "phi3":  # half of each head rotated; the short and long tables stacked
+        tables = {t.name: list(t.dims) for t in onnx.load(str(built), load_external_data=False).graph.initializer}
+        assert tables["gqa.cos_cache.short_long"] == [2 * TINY["max_position_embeddings"], 8]
     gqa = [nd for nd in nodes if nd.op_type == "GroupQueryAttention"]
     windows = [next((a.i for a in nd.attribute if a.name == "local_window_size"), None) for nd in gqa]
     assert windows == [cfg.window(i) for i in range(n)]
@@ -171,6 +181,9 @@ def test_traced_fusion_refuses_what_only_the_builder_fuses(tmp_path):
     with pytest.raises(UserError, match="traced mistral graph with sliding-window attention is not supported: "
                                         "export it with --graph built"):
         optimize(tmp_path / "traced.onnx", tmp_path / "fused.onnx", OptimizeConfig(check_parity=False))
+    phi3 = save(tiny_hf(NEW_FAMILIES["phi3"]()), tmp_path / "phi3")
+    with pytest.raises(UserError, match="LongRoPE switches its rotary factors .* export with --graph built"):
+        export_onnx(load_model(phi3).model, tmp_path / "phi3.onnx")
 
 
 def test_weights_stream_into_external_data(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (AutoModelForCausalLM, BertConfig, Gemma3TextConfig, GPT2Config, LlamaConfig,
-                          MistralConfig, PreTrainedModel, Qwen2Config, Qwen3Config)
+                          MistralConfig, Phi3Config, PreTrainedModel, Qwen2Config, Qwen3Config)
 
 from models.checkpoint import save_checkpoint
 from models.decoder import Decoder, DecoderConfig
@@ -26,6 +26,7 @@ torch.set_num_threads(1)
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
 TOL = 1e-4
+PHI3_IDS = dict(bos_token_id=0, eos_token_id=1, pad_token_id=0)  # its defaults lie outside a tiny vocabulary
 # Gemma 3 with every switch away from its default: a window shorter than the test's sequences, local and global
 # layers with different rotary bases, an attention scale that is not head_dim's, a decoupled head width
 GEMMA3 = dict(TINY, head_dim=16, query_pre_attn_scalar=24, sliding_window=4,
@@ -61,6 +62,11 @@ FAMILIES = {
                                                      max_window_layers=1),
     "qwen3": lambda: Qwen3Config(**TINY, head_dim=16),  # 4 heads x 16 != hidden 32: a head width of its own
     "gemma3_text": lambda: Gemma3TextConfig(**GEMMA3),
+    "phi3_partial_rotary": lambda: Phi3Config(**TINY, partial_rotary_factor=0.5, **PHI3_IDS),
+    # LongRoPE past a pretraining context of 6: the 7-token batch takes the long factors
+    "phi3_longrope": lambda: Phi3Config(**TINY, partial_rotary_factor=0.5, original_max_position_embeddings=6,
+                                        rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.5],
+                                                      "long_factor": [3.0, 7.0]}, **PHI3_IDS),
     "gpt2": lambda: GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=64,
                                bos_token_id=0, eos_token_id=1),
 }
@@ -143,6 +149,26 @@ def test_sliding_window_limits_attention_not_context(tmp_path):
         step, _ = ours(ids[:, 39:], past_key_values=past)
         ref_step = ref(input_ids=ids[:, 39:], past_key_values=ref_out.past_key_values, use_cache=True)
         torch.testing.assert_close(step, ref_step.logits, atol=TOL, rtol=0)
+
+
+def test_longrope_switches_with_the_sequence_length():
+    """transformers picks LongRoPE's factors per forward call by the sequence length so far: a short prefill rotates
+    with the short factors, and a decode step past the pretraining context with the long ones, while the keys
+    already cached keep their rotation. The decoder does the same."""
+    ref = tiny_hf(FAMILIES["phi3_longrope"]())
+    ours = decoder_from_hf(ref)
+    assert ours.config.rotary_dim == 4 and ours.config.rope_scaling["factor"] == pytest.approx(64 / 6)
+    ids = torch.randint(0, TINY["vocab_size"], (1, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        logits, past = ours(ids[:, :5])
+        ref_out = ref(input_ids=ids[:, :5], use_cache=True)
+        torch.testing.assert_close(logits, ref_out.logits, atol=TOL, rtol=0)
+        cache = ref_out.past_key_values
+        for j in range(5, 9):  # positions 5..8: the sequence passes 6 tokens at j = 6
+            step, past = ours(ids[:, j:j + 1], past_key_values=past)
+            ref_step = ref(input_ids=ids[:, j:j + 1], past_key_values=cache, use_cache=True)
+            cache = ref_step.past_key_values
+            torch.testing.assert_close(step, ref_step.logits, atol=TOL, rtol=0)
 
 
 @pytest.mark.parametrize("config, message", [

@@ -38,12 +38,19 @@ def make_hf_checkpoint(out_dir: Path, family: str = "llama", seed: int = 0, tied
     else:
         cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
                "mistral": (tf.MistralConfig, tf.MistralForCausalLM), "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
-               "gemma3_text": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM)}[family]
+               "gemma3_text": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM),
+               "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM)}[family]
         own = {"qwen3": dict(head_dim=32),  # 4 heads x 32 != hidden 64
                "gemma3_text": dict(head_dim=32, sliding_window=8, query_pre_attn_scalar=24,
                                    layer_types=["sliding_attention", "full_attention"]),
-               "mistral": dict(sliding_window=8)}.get(family, {})
-        cfg = cls[0](intermediate_size=128, num_key_value_heads=2, tie_word_embeddings=tied, **common, **own)
+               "mistral": dict(sliding_window=8),
+               # 2 heads of 32, half rotated; LongRoPE's long factors past 8 tokens
+               "phi3": dict(num_attention_heads=2, num_key_value_heads=1, partial_rotary_factor=0.5,
+                            original_max_position_embeddings=8, pad_token_id=0,
+                            rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.2, 1.5, 1, 1.1, 1, 1.3, 1],
+                                          "long_factor": [2.0, 3.0, 4.0, 5.0, 2.5, 3.5, 6.0, 8.0]})}.get(family, {})
+        cfg = cls[0](**{"intermediate_size": 128, "num_key_value_heads": 2, "tie_word_embeddings": tied, **common,
+                        **own})
         model = cls[1](cfg)
     with torch.no_grad():  # random norm weights, so a fusion that drops one shows in the logits
         for name, p in model.named_parameters():
