@@ -146,11 +146,28 @@ def read_config(src: Source) -> PretrainedConfig:
                             f"of one of: {', '.join(SUPPORTED_FAMILIES)}") from e
         raise UserError(f"cannot read {src.directory / 'config.json'}: {first_line(e)}; fix or re-download it") from e
     check_family(cfg.model_type, src.path)
+    if src.gguf_file:
+        gguf_head_width(cfg, src.path)
     causal = [a for a in (cfg.architectures or []) if a.endswith(("ForCausalLM", "LMHeadModel"))]
     if cfg.architectures and not causal:
         raise UserError(f"{src.path} is a {cfg.architectures[0]}, not a causal decoder (no language-model head); "
                         "pass a ...ForCausalLM checkpoint")
     return cfg
+
+
+def gguf_head_width(cfg: PretrainedConfig, path: Path) -> None:
+    """transformers reads `attention.key_length` from GGUF files of some families only (Gemma, not Qwen3), and
+    otherwise takes hidden_size / heads: wrong for Qwen3-0.6B (1024 / 16 = 64, its heads are 128 wide). The file
+    says; set it."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    arch = reader.fields.get("general.architecture")
+    if arch is None:
+        return
+    field = reader.fields.get(f"{bytes(arch.parts[arch.data[0]]).decode()}.attention.key_length")
+    if field is not None:
+        cfg.head_dim = int(field.parts[field.data[0]][0])
 
 
 def culprit(src: Source) -> Path:
@@ -172,14 +189,15 @@ def culprit(src: Source) -> Path:
 
 def load_transformers_model(src: Source) -> PreTrainedModel:
     """Let transformers read the weights (float32, eval), and refuse a model with any weight missing or mis-shaped."""
-    read_config(src)
+    config = read_config(src)
     if not src.gguf_file and not any(any(src.directory.glob(pattern)) for pattern in WEIGHT_PATTERNS):
         raise UserError(f"{src.path} has no weights (model.safetensors or pytorch_model.bin); "
                         "copy the weight files next to config.json")
     try:
         with quiet_progress():
             model, info = AutoModelForCausalLM.from_pretrained(
-                str(src.directory), dtype=torch.float32, output_loading_info=True, **src.loader_kwargs())
+                str(src.directory), config=config, dtype=torch.float32, output_loading_info=True,
+                **src.loader_kwargs())
     except ImportError as e:
         raise UserError(f"cannot load {src.path}: {first_line(e)}") from e
     except Exception as e:

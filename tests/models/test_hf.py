@@ -257,7 +257,8 @@ def write_gguf(ref: PreTrainedModel, path, with_tokenizer: bool = True) -> None:
     Q/K, for gemma3 the norms stored as 1 + weight, q/k norms and the sandwich norms."""
     c = ref.config
     gemma = c.model_type == "gemma3_text"
-    arch = "gemma3" if gemma else "llama"
+    arch = {"gemma3_text": "gemma3", "qwen3": "qwen3"}.get(c.model_type, "llama")
+    permute = arch == "llama"
     sd = {k: v.numpy() for k, v in ref.state_dict().items()}
     if gemma:
         sd = {k: v + 1 if k.endswith("norm.weight") else v for k, v in sd.items()}
@@ -269,9 +270,10 @@ def write_gguf(ref: PreTrainedModel, path, with_tokenizer: bool = True) -> None:
     w.add_feed_forward_length(c.intermediate_size)
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
-    if gemma:
+    if arch != "llama":
         w.add_key_length(c.head_dim)
         w.add_value_length(c.head_dim)
+    if gemma:
         w.add_sliding_window(c.sliding_window)
         w.add_rope_freq_base(c.rope_parameters["full_attention"]["rope_theta"])
     else:
@@ -291,17 +293,18 @@ def write_gguf(ref: PreTrainedModel, path, with_tokenizer: bool = True) -> None:
     names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    if arch != "llama":
+        names.update({"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"})
     if gemma:
-        names.update({"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
-                      "post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+        names.update({"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
                       "post_feedforward_layernorm": "post_ffw_norm"})
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     for i in range(c.num_hidden_layers):
         for hf_name, gguf_name in names.items():
             t = sd[f"model.layers.{i}.{hf_name}.weight"]
-            if gguf_name == "attn_q" and not gemma:
+            if gguf_name == "attn_q" and permute:
                 t = llama_cpp_permute(t, c.num_attention_heads)
-            elif gguf_name == "attn_k" and not gemma:
+            elif gguf_name == "attn_k" and permute:
                 t = llama_cpp_permute(t, c.num_key_value_heads)
             w.add_tensor(f"blk.{i}.{gguf_name}.weight", np.ascontiguousarray(t))
     w.add_tensor("output_norm.weight", sd["model.norm.weight"])
@@ -350,6 +353,21 @@ def test_gguf_gemma3(tmp_path):
     assert (loaded.source["family"], cfg.head_dim, cfg.sliding_window) == ("gemma3_text", 16, 4)
     assert [cfg.window(i) for i in range(7)] == [4, 4, 4, 4, 4, None, 4]
     assert_matches(loaded.model, ref, len(TOKENS))
+
+
+def test_gguf_qwen3_with_its_own_head_width(tmp_path):
+    """Qwen3's heads are wider than hidden / heads; transformers' GGUF reader does not read key_length for Qwen3,
+    so the loader does (Qwen3-0.6B: 128, not 1024 / 16)."""
+    ref = tiny_hf(Qwen3Config(**{**TINY, "vocab_size": len(TOKENS)}, head_dim=16))
+    path = tmp_path / "qwen3.gguf"
+    write_gguf(ref, path, with_tokenizer=False)
+    loaded = load_model(path)
+    assert (loaded.source["family"], loaded.model.config.head_dim) == ("qwen3", 16)
+    assert_matches(loaded.model, ref, len(TOKENS))
+    from models.weights import open_weights  # the builder's reader takes the same width
+
+    np.testing.assert_array_equal(open_weights(path).tensor("layers.1.attn.k_norm.weight"),
+                                  ref.state_dict()["model.layers.1.self_attn.k_norm.weight"].numpy())
 
 
 def test_gguf_without_tokenizer(tmp_path):
