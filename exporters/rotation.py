@@ -98,9 +98,16 @@ def _position_slice(g: GraphIndex, node: onnx.NodeProto) -> bool:
     return numpy_helper.to_array(g.inits[node.input[3]]).tolist() == [1]
 
 
+def _head_norm(g: GraphIndex, node: onnx.NodeProto) -> bool:
+    """A q/k norm (Qwen3, Gemma 3): it normalizes each head of a projection's output (viewed as heads by a
+    Reshape), downstream of the MatMuls that read the stream, so R1 does not touch it."""
+    producer = g.producers.get(node.input[0])
+    return node.op_type == "SimplifiedLayerNormalization" and producer is not None and producer.op_type == "Reshape"
+
+
 def _residual_plan(model: onnx.ModelProto, g: GraphIndex) -> tuple[onnx.NodeProto, list, list, list] | str:
     """(embedding Gather, norms, reader MatMuls per norm, writer MatMuls), or why the graph cannot be rotated."""
-    norms = [n for n in model.graph.node if n.op_type in NORMS]
+    norms = [n for n in model.graph.node if n.op_type in NORMS and not _head_norm(g, n)]
     if not norms:
         return "no SimplifiedLayerNormalization: R1 needs the fused graph of an RMSNorm model"
     others = sorted({n.op_type for n in model.graph.node if n.op_type in ("LayerNormalization",

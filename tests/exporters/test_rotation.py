@@ -137,3 +137,27 @@ def test_online_hadamard_skips_widths_it_cannot_block(graphs):
     assert all("not a multiple of 512" in why for why in report["skipped"].values())
     with pytest.raises(ValueError, match="no Hadamard matrix of order 100"):
         online_hadamard(model, gated, block=100)
+
+
+def test_qwen3_rotates_around_its_head_norms_and_gemma_is_refused(tmp_path):
+    """Qwen3's q/k norms act on each head of a projection's output, after the MatMuls that read the stream: R1
+    rotates the stream around them exactly. Gemma's norms on the attention and MLP outputs sit on the stream's
+    writers, where an elementwise weight does not commute with a rotation: left alone, with the reason."""
+    from exporters.builder import build_graph
+    from models.weights import open_weights
+    from tests.exporters.test_builder import NEW_FAMILIES, save
+    from tests.models.test_hf import tiny_hf
+
+    for family in ("qwen3", "gemma3_text"):
+        built = tmp_path / f"{family}.onnx"
+        build_graph(open_weights(save(tiny_hf(NEW_FAMILIES[family]()), tmp_path / family)), built)
+        model = onnx.load(str(built))
+        report = rotate(model)
+        if family == "gemma3_text":
+            assert not report.residual and "attn_out_norm" in report.not_rotated
+            continue
+        assert report.residual and report.not_rotated is None
+        onnx.save(model, tmp_path / "rotated.onnx")
+        ids = np.random.default_rng(2).integers(0, 160, 12)
+        np.testing.assert_allclose(generate_logits(tmp_path / "rotated.onnx", ids, steps=4),
+                                   generate_logits(built, ids, steps=4), atol=2e-4)
