@@ -174,6 +174,8 @@ class Builder:
                      rotary_interleaved=0)
         if c.attention_scale is not None:
             attrs["scale"] = float(c.attention_scale)
+        if c.attn_softcap is not None:
+            attrs["softcap"] = float(c.attn_softcap)
         if c.window(i) is not None:  # onnxruntime counts the query itself in the window, as transformers does
             attrs["local_window_size"] = c.window(i)
         return attrs
@@ -242,7 +244,14 @@ class Builder:
                 on_layer(i)
         residual, delta = self.keep_last(residual, delta)
         h, _ = self.norm(residual, delta, "norm.weight", "/model/norm")
-        self.node("MatMul", [h, head], [LOGITS], "/model/lm_head/MatMul")
+        cap = self.c.final_softcap
+        out = self.node("MatMul", [h, head], [LOGITS if cap is None else "/model/lm_head/MatMul_output_0"],
+                        "/model/lm_head/MatMul")[0]
+        if cap is not None:  # Gemma 2: cap * tanh(logits / cap)
+            c = self.init("/model/softcap/cap", np.array(cap, np.float32))
+            t = self.node("Tanh", [self.node("Div", [out, c], ["/model/softcap/Div_output_0"], "/model/softcap/Div")[0]],
+                          ["/model/softcap/Tanh_output_0"], "/model/softcap/Tanh")[0]
+            self.node("Mul", [t, c], [LOGITS], "/model/softcap/Mul")
 
     def keep_last(self, residual: str, delta: str) -> tuple[str, str]:
         """The last `logits_to_keep` positions of the stream (all when 0, its default), before the final norm:
@@ -420,5 +429,8 @@ def check_layerwise(weights: WeightSource, built: Path, contract: Contract, atol
         norm.weight.data = as_torch(weights.tensor("norm.weight"))
         head = as_torch(weights.tensor("lm_head.weight"))
         for name, step in (("prefill", steps[0]), ("decode", steps[1])):
-            compare(name, "the logits", norm(torch.from_numpy(step[residual(-1)])) @ head.T, step[LOGITS])
+            logits = norm(torch.from_numpy(step[residual(-1)])) @ head.T
+            if cfg.final_softcap is not None:
+                logits = torch.tanh(logits / cfg.final_softcap) * cfg.final_softcap
+            compare(name, "the logits", logits, step[LOGITS])
     return worst

@@ -1,7 +1,7 @@
 """The decoder: one readable file, top to bottom — norm, rotary, attention, MLP, block, config, model.
 
 It is Llama-shaped by default (RMSNorm, rotary positions, grouped-query attention, SwiGLU) and has just
-enough switches to also hold the weights of the GPT-2, Qwen2/3, Mistral and Gemma 3 families exactly, so that
+enough switches to also hold the weights of the GPT-2, Qwen2/3, Mistral, Phi-3 and Gemma 2/3 families exactly, so that
 every supported checkpoint is exported through the same graph (see models/hf.py for the weight mapping): q/k
 norms, a head width of its own, Gemma's norms around both sublayers and scaled embeddings, and attention that is
 global or within a sliding window per layer, each kind with its own rotary base.
@@ -58,6 +58,8 @@ class DecoderConfig:
                                       # window is set, else all full
     rope_local_theta: float | None = None  # rotary base of sliding layers (Gemma 3: 10k vs 1M), unscaled
     partial_rotary_factor: float = 1.0  # the share of each head's width that is rotated (Phi-4-mini: 0.75)
+    attn_softcap: float | None = None  # Gemma 2: attention scores become c * tanh(score / c) before the mask
+    final_softcap: float | None = None  # Gemma 2: logits become c * tanh(logit / c)
     family: str = "llama"             # the HF family this config came from, recorded for export metadata
     extra: dict = field(default_factory=dict)  # source-specific facts kept for provenance only
 
@@ -136,6 +138,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.o_bias)
         self.scale = cfg.attention_scale if cfg.attention_scale is not None else 1.0 / math.sqrt(self.hd)
+        self.softcap = cfg.attn_softcap
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.hd, cfg.norm_eps)
             self.k_norm = RMSNorm(self.hd, cfg.norm_eps)
@@ -162,6 +165,8 @@ class Attention(nn.Module):
             k = k[:, :, None].expand(B, self.nkv, rep, T, self.hd).reshape(B, self.nh, T, self.hd)
             v = v[:, :, None].expand(B, self.nkv, rep, T, self.hd).reshape(B, self.nh, T, self.hd)
         att = torch.matmul(q, k.transpose(-2, -1)) * self.scale            # (B, nh, S, T)
+        if self.softcap is not None:
+            att = torch.tanh(att / self.softcap) * self.softcap
         att = torch.softmax(att + mask, dim=-1)
         y = torch.matmul(att, v)                                            # (B, nh, S, hd)
         y = y.transpose(1, 2).reshape(B, S, self.nh * self.hd)
@@ -279,6 +284,8 @@ class Decoder(nn.Module):
             x, kv = layer(x, *geometry[i], past_key_values[i] if past_key_values else None)
             present.append(kv)
         logits = self.lm_head(self.norm(x))                                 # (B, S, vocab)
+        if self.config.final_softcap is not None:
+            logits = torch.tanh(logits / self.config.final_softcap) * self.config.final_softcap
         return logits, present
 
     @torch.no_grad()

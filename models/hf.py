@@ -27,10 +27,10 @@ from models.checkpoint import fused_parts, layer_modules
 from models.decoder import Decoder, DecoderConfig
 from models.errors import UserError
 
-SUPPORTED_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
+SUPPORTED_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
 # families whose RMSNorm multiplies by (1 + weight): the decoder holds the multiplier itself, so their HF weights
 # get 1 added as they are read (GGUF files of them already store 1 + weight, as llama.cpp's converter writes)
-UNIT_OFFSET_NORMS = ("gemma3_text",)
+UNIT_OFFSET_NORMS = ("gemma2", "gemma3_text")
 ROPE_TYPES = ("default", "linear", "llama3", "longrope")  # what models.rope.rope_inv_freq implements
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                "gelu": "gelu"}
@@ -280,8 +280,8 @@ def sliding_window(hf_cfg: PretrainedConfig) -> tuple[int | None, list | None]:
 
 def refuse_unsupported(hf_cfg: PretrainedConfig) -> None:
     """Switches of a supported family that the decoder does not implement: one line each."""
-    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if getattr(hf_cfg, key, None) is not None:
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):  # Gemma 2's own; Gemma 3 dropped them
+        if getattr(hf_cfg, key, None) is not None and hf_cfg.model_type != "gemma2":
             raise UserError(f"{key}={getattr(hf_cfg, key)} is not supported; pass a checkpoint without it")
     if getattr(hf_cfg, "use_bidirectional_attention", False):
         raise UserError("use_bidirectional_attention (an encoder-style Gemma) is not supported: pass a causal "
@@ -296,7 +296,7 @@ def llama_like_config(hf_cfg: PretrainedConfig, tied: bool) -> DecoderConfig:
     n_heads = hf_cfg.num_attention_heads
     head_dim = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // n_heads
     family = hf_cfg.model_type
-    gemma = family == "gemma3_text"
+    gemma = family in ("gemma2", "gemma3_text")
     qwen2 = family == "qwen2"
     attention_bias = bool(getattr(hf_cfg, "attention_bias", False))
     window, layer_types = sliding_window(hf_cfg)
@@ -314,7 +314,9 @@ def llama_like_config(hf_cfg: PretrainedConfig, tied: bool) -> DecoderConfig:
         embed_scale=hf_cfg.hidden_size ** 0.5 if gemma else 1.0,
         attention_scale=hf_cfg.query_pre_attn_scalar ** -0.5 if gemma else None,
         sliding_window=window, layer_types=layer_types,
-        rope_local_theta=local_theta if window is not None else None, partial_rotary_factor=rotary_factor(hf_cfg))
+        rope_local_theta=local_theta if window is not None else None, partial_rotary_factor=rotary_factor(hf_cfg),
+        attn_softcap=getattr(hf_cfg, "attn_logit_softcapping", None) if family == "gemma2" else None,
+        final_softcap=getattr(hf_cfg, "final_logit_softcapping", None) if family == "gemma2" else None)
 
 
 def llama_like_weights(sd: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str, torch.Tensor]:

@@ -28,7 +28,7 @@ from models.checkpoint import fused_parts, layer_modules
 from models.decoder import DecoderConfig
 from models.errors import UserError
 
-BUILDER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
+BUILDER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
 GGUF_CACHE_BYTES = 1 << 30  # a 135M model's float32 weights (0.54 GB) fit; a 1B one's are re-read instead
 
 # our module inside layers.{i}. -> llama.cpp's tensor inside blk.{i}.

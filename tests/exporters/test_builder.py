@@ -16,7 +16,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+from transformers import (Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config,
+                          Qwen3Config)
 
 from exporters.builder import build_graph, check_built
 from exporters.export import export_onnx, parity
@@ -48,6 +49,9 @@ NEW_FAMILIES = {
         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
                          "full_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+    "gemma2": lambda: Gemma2Config(**TINY, head_dim=32, query_pre_attn_scalar=24, sliding_window=4,
+                                   layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                   attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
     "mistral": lambda: MistralConfig(**TINY, sliding_window=4),
     "qwen2_window": lambda: Qwen2Config(**TINY, use_sliding_window=True, sliding_window=4, max_window_layers=1),
     # packed qkv/gate_up, half of each 32-wide head rotated, LongRoPE past a pretraining context of 8
@@ -161,15 +165,19 @@ def test_new_families_match_transformers_past_the_window(family, tmp_path):
            ("GroupQueryAttention", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "FastGelu",
             "Sigmoid", "MatMul")}
     norms_per_layer = 2 * cfg.qk_norm + 2 * cfg.sandwich_norm  # every layer fused, local and global alike
+    gelu = family.startswith("gemma")
     assert ops == {"GroupQueryAttention": n, "SimplifiedLayerNormalization": 1 + n * norms_per_layer,
-                   "SkipSimplifiedLayerNormalization": 2 * n, "FastGelu": n if family == "gemma3_text" else 0,
-                   "Sigmoid": 0 if family == "gemma3_text" else n, "MatMul": 4 * n + 1}
+                   "SkipSimplifiedLayerNormalization": 2 * n, "FastGelu": n if gelu else 0,
+                   "Sigmoid": 0 if gelu else n, "MatMul": 4 * n + 1}
     if family == "phi3":  # half of each head rotated; the short and long tables stacked
         tables = {t.name: list(t.dims) for t in onnx.load(str(built), load_external_data=False).graph.initializer}
         assert tables["gqa.cos_cache.short_long"] == [2 * TINY["max_position_embeddings"], 8]
     gqa = [nd for nd in nodes if nd.op_type == "GroupQueryAttention"]
     windows = [next((a.i for a in nd.attribute if a.name == "local_window_size"), None) for nd in gqa]
     assert windows == [cfg.window(i) for i in range(n)]
+    if family == "gemma2":
+        assert all(next(a.f for a in nd.attribute if a.name == "softcap") == 2.0 for nd in gqa)
+        assert [nd.op_type for nd in nodes[-3:]] == ["Div", "Tanh", "Mul"] and nodes[-1].output[0] == "logits"
     if family == "gemma3_text":
         assert [nd.input[7] for nd in gqa] == ["gqa.cos_cache_local", "gqa.cos_cache", "gqa.cos_cache_local"]
         assert all(next(a.f for a in nd.attribute if a.name == "scale") == pytest.approx(24 ** -0.5) for nd in gqa)

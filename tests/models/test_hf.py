@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import (AutoModelForCausalLM, BertConfig, Gemma3TextConfig, GPT2Config, LlamaConfig,
+from transformers import (AutoModelForCausalLM, BertConfig, Gemma2Config, Gemma3TextConfig, GPT2Config, LlamaConfig,
                           MistralConfig, Phi3Config, PreTrainedModel, Qwen2Config, Qwen3Config)
 
 from models.checkpoint import save_checkpoint
@@ -62,6 +62,10 @@ FAMILIES = {
                                                      max_window_layers=1),
     "qwen3": lambda: Qwen3Config(**TINY, head_dim=16),  # 4 heads x 16 != hidden 32: a head width of its own
     "gemma3_text": lambda: Gemma3TextConfig(**GEMMA3),
+    # Gemma 2: soft-capped attention scores and logits (caps low enough to bite on these random weights)
+    "gemma2": lambda: Gemma2Config(**TINY, head_dim=16, query_pre_attn_scalar=24, sliding_window=4,
+                                   layer_types=["sliding_attention", "full_attention"], attn_logit_softcapping=2.0,
+                                   final_logit_softcapping=3.0),
     "phi3_partial_rotary": lambda: Phi3Config(**TINY, partial_rotary_factor=0.5, **PHI3_IDS),
     # LongRoPE past a pretraining context of 6: the 7-token batch takes the long factors
     "phi3_longrope": lambda: Phi3Config(**TINY, partial_rotary_factor=0.5, original_max_position_embeddings=6,

@@ -39,11 +39,13 @@ def make_hf_checkpoint(out_dir: Path, family: str = "llama", seed: int = 0, tied
         cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
                "mistral": (tf.MistralConfig, tf.MistralForCausalLM), "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
                "gemma3_text": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM),
-               "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM)}[family]
+               "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM), "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM)}[family]
         own = {"qwen3": dict(head_dim=32),  # 4 heads x 32 != hidden 64
                "gemma3_text": dict(head_dim=32, sliding_window=8, query_pre_attn_scalar=24,
                                    layer_types=["sliding_attention", "full_attention"]),
                "mistral": dict(sliding_window=8),
+               "gemma2": dict(head_dim=32, sliding_window=8, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
+                              final_logit_softcapping=8.0, layer_types=["sliding_attention", "full_attention"]),
                # 2 heads of 32, half rotated; LongRoPE's long factors past 8 tokens
                "phi3": dict(num_attention_heads=2, num_key_value_heads=1, partial_rotary_factor=0.5,
                             original_max_position_embeddings=8, pad_token_id=0,

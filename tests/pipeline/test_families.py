@@ -1,5 +1,6 @@
 """Every stage on the families only the graph builder fuses: Qwen3 (q/k norms, its own head width), Gemma 3
-(q/k norms, sandwich norms, scaled embeddings, GELU, local and global layers), Phi-3 (packed projections, partial
+(q/k norms, sandwich norms, scaled embeddings, GELU, local and global layers), Gemma 2 (soft-capped attention
+and logits), Phi-3 (packed projections, partial
 rotary, LongRoPE), plus Mistral's sliding window.
 
 Tiny random checkpoints (tests/pipeline/conftest.py) with windows of 8 tokens, shorter than every text below:
@@ -24,7 +25,7 @@ from tests.pipeline.test_cli import invoke, manifest_results
 RECIPES = ("w8a8", "w8", "w4")
 
 
-@pytest.fixture(scope="module", params=["qwen3", "gemma3_text", "mistral", "phi3"])
+@pytest.fixture(scope="module", params=["qwen3", "gemma3_text", "gemma2", "mistral", "phi3"])
 def family_run(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     run = root / "run"
@@ -40,7 +41,8 @@ def test_every_stage(family_run, text_file, tmp_path):
     fused = onnx.load(str(run / "variants/fused/model.onnx"), load_external_data=False)
     gqa = [n for n in fused.graph.node if n.op_type == "GroupQueryAttention"]
     windows = [next((a.i for a in n.attribute if a.name == "local_window_size"), None) for n in gqa]
-    assert windows == {"qwen3": [None, None], "gemma3_text": [8, None], "mistral": [8, 8], "phi3": [None, None]}[family]
+    assert windows == {"qwen3": [None, None], "gemma3_text": [8, None], "mistral": [8, 8], "phi3": [None, None],
+                       "gemma2": [8, None]}[family]
 
     for recipe in RECIPES:
         invoke("quantize", run, "--recipe", recipe, "--calib-text", text_file, "--calib-windows", "4",
