@@ -1,6 +1,7 @@
 """1B-class checkpoints through the pipeline: wall time and peak RSS of every stage, each in its own process.
 
-Builds the published configs of Llama-3.2-1B and Qwen2.5-1.5B with random weights, stored as their checkpoints
+Builds the published configs of Llama-3.2-1B, Qwen2.5-1.5B, Qwen3-1.7B and Gemma-3-1B with random weights,
+stored as their checkpoints
 are (bfloat16, sharded safetensors with model.safetensors.index.json), without ever holding the model: each
 shard's tensors are drawn and written one shard at a time. Then runs
 
@@ -42,6 +43,21 @@ CONFIGS = {
         "sliding_window": 32768, "use_sliding_window": False, "max_window_layers": 21,
         "tie_word_embeddings": True, "hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151643,
         "torch_dtype": "bfloat16"},
+    "qwen3-1.7b": {
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 2048,
+        "intermediate_size": 6144, "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
+        "head_dim": 128, "vocab_size": 151936, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0, "sliding_window": None, "use_sliding_window": False, "max_window_layers": 28,
+        "tie_word_embeddings": True, "hidden_act": "silu", "attention_bias": False, "bos_token_id": 151643,
+        "eos_token_id": 151645, "torch_dtype": "bfloat16"},
+    "gemma-3-1b": {
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "hidden_size": 1152,
+        "intermediate_size": 6912, "num_hidden_layers": 26, "num_attention_heads": 4, "num_key_value_heads": 1,
+        "head_dim": 256, "vocab_size": 262144, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "sliding_window": 512,
+        "sliding_window_pattern": 6, "query_pre_attn_scalar": 256, "hidden_activation": "gelu_pytorch_tanh",
+        "tie_word_embeddings": True, "attention_bias": False, "bos_token_id": 2, "eos_token_id": 1,
+        "pad_token_id": 0, "torch_dtype": "bfloat16"},
 }
 STAGES = ("export", "optimize", "quantize-w4", "quantize-w8a8", "check", "bench", "package")
 SHARD_BYTES = 1 << 30
@@ -54,6 +70,10 @@ def tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     shapes = {"model.embed_tokens.weight": (cfg["vocab_size"], h)}
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
+        if cfg["model_type"] in ("qwen3", "gemma3_text"):
+            shapes.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
+        if cfg["model_type"] == "gemma3_text":
+            shapes.update({p + "pre_feedforward_layernorm.weight": (h,), p + "post_feedforward_layernorm.weight": (h,)})
         shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
                        p + "self_attn.q_proj.weight": (n * hd, h), p + "self_attn.k_proj.weight": (kv, h),
                        p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, n * hd),

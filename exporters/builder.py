@@ -249,8 +249,8 @@ class Builder:
                         "/model/lm_head/MatMul")[0]
         if cap is not None:  # Gemma 2: cap * tanh(logits / cap)
             c = self.init("/model/softcap/cap", np.array(cap, np.float32))
-            t = self.node("Tanh", [self.node("Div", [out, c], ["/model/softcap/Div_output_0"], "/model/softcap/Div")[0]],
-                          ["/model/softcap/Tanh_output_0"], "/model/softcap/Tanh")[0]
+            scaled = self.node("Div", [out, c], ["/model/softcap/Div_output_0"], "/model/softcap/Div")[0]
+            t = self.node("Tanh", [scaled], ["/model/softcap/Tanh_output_0"], "/model/softcap/Tanh")[0]
             self.node("Mul", [t, c], [LOGITS], "/model/softcap/Mul")
 
     def keep_last(self, residual: str, delta: str) -> tuple[str, str]:

@@ -1,10 +1,11 @@
 """The decoder: one readable file, top to bottom — norm, rotary, attention, MLP, block, config, model.
 
 It is Llama-shaped by default (RMSNorm, rotary positions, grouped-query attention, SwiGLU) and has just
-enough switches to also hold the weights of the GPT-2, Qwen2/3, Mistral, Phi-3 and Gemma 2/3 families exactly, so that
-every supported checkpoint is exported through the same graph (see models/hf.py for the weight mapping): q/k
-norms, a head width of its own, Gemma's norms around both sublayers and scaled embeddings, and attention that is
-global or within a sliding window per layer, each kind with its own rotary base.
+enough switches to also hold the weights of the GPT-2, Qwen2/3, Mistral, Phi-3 and Gemma 2/3 families exactly,
+so that every supported checkpoint is exported through the same graph (see models/hf.py for the weight
+mapping): q/k norms, a head width of its own, partial rotary and LongRoPE, Gemma's norms around both sublayers,
+scaled embeddings and soft-capping, and attention that is global or within a sliding window per layer, each kind
+with its own rotary base.
 
     forward(input_ids, attention_mask, position_ids, past_key_values) -> (logits, present)
 
@@ -202,8 +203,8 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, mask, past):
         a, present = self.attn(self.input_norm(x), cos, sin, mask, past)
-        m_in = x = x + (self.attn_out_norm(a) if hasattr(self, "attn_out_norm") else a)
-        m = self.mlp(self.post_attn_norm(m_in))
+        x = x + (self.attn_out_norm(a) if hasattr(self, "attn_out_norm") else a)
+        m = self.mlp(self.post_attn_norm(x))
         x = x + (self.mlp_out_norm(m) if hasattr(self, "mlp_out_norm") else m)
         return x, present
 

@@ -57,7 +57,8 @@ NEW_FAMILIES = {
     # packed qkv/gate_up, half of each 32-wide head rotated, LongRoPE past a pretraining context of 8
     "phi3": lambda: Phi3Config(**{**TINY, "num_attention_heads": 2, "num_key_value_heads": 1},
                                partial_rotary_factor=0.5, original_max_position_embeddings=8,
-                               rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.5, 2, 1.2, 1.1, 1.3, 1, 1.4],
+                               rope_scaling={"rope_type": "longrope",
+                                             "short_factor": [1.0, 1.5, 2.0, 1.2, 1.1, 1.3, 1.0, 1.4],
                                              "long_factor": [3.0, 7.0, 2.0, 4.0, 5.0, 6.0, 2.5, 9.0]},
                                bos_token_id=0, eos_token_id=1, pad_token_id=0),
 }
