@@ -8,8 +8,8 @@ pytorch_model.bin (memory-mapped), or any GGUF type the gguf package dequantizes
 K-quants). Peak memory is one tensor, not the model.
 
 The mapping is the one models/hf.py applies to a transformers model (its tests hold the two together): the
-RMSNorm + rotary + gated-MLP families (llama, mistral, qwen2, qwen3, gemma3_text), whose graph
-exporters/builder.py emits directly. GGUF files of llama.cpp's "llama" architecture store q/k rows permuted for
+RMSNorm + rotary + gated-MLP families of BUILDER_FAMILIES, whose graph exporters/builder.py emits directly
+(Phi-3's packed qkv_proj and gate_up_proj are read as their parts). GGUF files of llama.cpp's "llama" architecture store q/k rows permuted for
 its rotary layout; they are put back as transformers does. Gemma's norms multiply by (1 + weight): safetensors
 hold the weight, GGUF files 1 + weight; either way the reader gives the multiplier.
 """
