@@ -110,6 +110,8 @@ def main(name: str = "smollm2", description: str = __doc__,
     p.add_argument("--window", type=int, default=512, help="evaluation window (tokens)")
     p.add_argument("--windows", type=int, default=2)
     p.add_argument("--calib-windows", type=int, default=32, help="calibration windows of 128 tokens")
+    p.add_argument("--memory-prompts", default="512,2048",
+                   help="prompt lengths of the peak-memory runs (w8a8 and w4 against llama.cpp; '' for none)")
     p.add_argument("--skip-export", action="store_true", help="reuse the run's fused and fp32 variants")
     p.add_argument("--skip-quantize", action="store_true",
                    help="reuse the run's quantized variants too (their reports come from manifest.json)")
@@ -139,7 +141,13 @@ def main(name: str = "smollm2", description: str = __doc__,
     bargs = ["--variant", "fp32", *vargs] if traced_fp32 else vargs  # the plain export: what fusion alone buys
     bench = pipeline("bench", str(out), *bargs, "--threads", str(a.threads), "--prompt-len", "32",
                      "--new-tokens", "64", "--repeats", "3", "--compare", ",".join(peers), "--json")
-    report = {"quantize": quant, "native": native, "check": check, "bench": bench}
+    memory = {}  # peak RSS and prefill against the prompt's length: what an edge board must hold
+    small = [x for v in ("w8a8-native" if native else "w8a8", "w4") if v in variants for x in ("--variant", v)]
+    compare = ["--compare", "llamacpp"] if "llamacpp" in peers else []
+    for prompt in [int(x) for x in a.memory_prompts.split(",") if x]:
+        memory[prompt] = pipeline("bench", str(out), *small, *compare, "--threads", str(a.threads), "--prompt-len",
+                                  str(prompt), "--new-tokens", "16", "--repeats", "1", "--json")["rows"]
+    report = {"quantize": quant, "native": native, "check": check, "bench": bench, "memory": memory}
     (out / f"{name}-report.json").write_text(json.dumps(report, indent=2))
     print(render(report))
 
@@ -172,6 +180,14 @@ def render(r: dict) -> str:
             line += (f", 8-bit weight-only instead {100 * q['fallback_flop_share']:.1f}%: "
                      + ", ".join(q["fallback_matmuls"]))
         lines.append(line)
+    if r.get("memory"):
+        lines += ["", "| prompt tokens | " + " | ".join(f"{name} peak MB / prefill ms"
+                                                         for name in next(iter(r["memory"].values()))) + " |",
+                  "|---|" + "---|" * len(next(iter(r["memory"].values())))]
+        for prompt, rows in r["memory"].items():
+            lines.append(f"| {prompt} | " + " | ".join(
+                f"{b['peak_rss_mb']:.0f} / {b['prefill_ms']:.0f}" if "peak_rss_mb" in b else "-"
+                for b in rows.values()) + " |")
     if r.get("native"):
         n = r["native"]
         lines.append(f"\nw8a8-native: {n['matmuls']} MatMuls on {n['kernel']}; max |logit diff| vs w8a8 "
