@@ -38,7 +38,7 @@ SEQLENS_K = "gqa.seqlens_k"
 TOTAL_SEQ_LEN = "gqa.total_sequence_length"
 COS_CACHE = "gqa.cos_cache"
 SIN_CACHE = "gqa.sin_cache"
-TRACED_FUSION_FAMILIES = ("llama", "mistral", "qwen2")  # the attention patterns FuseGroupQueryAttention knows
+TRACED_FUSION_FAMILIES = ("gpt2", "llama", "mistral", "qwen2")  # the attention FuseGroupQueryAttention knows
 LOCAL_CACHES = ("gqa.cos_cache_local", "gqa.sin_cache_local")  # sliding layers with a rotary base of their own
 
 
