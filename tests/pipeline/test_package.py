@@ -426,7 +426,7 @@ def test_onnxruntime_genai_loads_the_bundle_and_agrees(genai_python, bundles, ru
 
 
 @pytest.mark.parametrize("family, tied", [("llama", False), ("llama", True), ("qwen3", True), ("gemma3_text", True),
-                                         ("mistral", False), ("phi3", False)])
+                                         ("gemma2", True), ("mistral", False), ("phi3", False)])
 def test_onnxruntime_genai_loads_a_built_bundle_and_agrees(genai_python, tmp_path, family, tied):
     """The built graph (export's default): its logits_to_keep input has a default genai never feeds, and a tied
     table is stored once; genai's greedy tokens equal ours, whose prefill keeps only the last logits. Gemma 3 and
