@@ -273,12 +273,12 @@ def smooth(model: onnx.ModelProto, groups: list[SmoothGroup], act_max: dict[str,
 
     `alpha`: one migration strength for all, or one per activation name. `outliers`: per activation name, the
     channels to split off into a float MatMul (see the module docstring and `split_channels`)."""
-    index = GraphIndex(model)
-    nodes, uses = index.nodes, index.uses
+    uses = GraphIndex(model).uses
     scales = {}
     for g in groups:
+        fresh = GraphIndex(model)  # an earlier group may have rescaled or cloned these weights, or split channels
+        nodes, inits = fresh.nodes, fresh.inits  # (which rewrites the node list: the old NodeProtos are copies)
         mms = [nodes[m] for m in g.matmuls]
-        inits = GraphIndex(model).inits  # fresh: an earlier group may have rescaled or cloned these weights
         a = alpha[g.activation] if isinstance(alpha, dict) else alpha
         s = smoothing_scales(act_max[g.activation], [numpy_helper.to_array(inits[m.input[1]]) for m in mms], a)
         split = np.asarray((outliers or {}).get(g.activation, ()), np.int64)
@@ -287,6 +287,9 @@ def smooth(model: onnx.ModelProto, groups: list[SmoothGroup], act_max: dict[str,
         source = nodes[g.source]
         for idx in g.scale_inputs:
             rescale(_private_initializer(model, source, idx, uses), _divider(s, g.first_column))
+        side = inits.get(f"{g.source}{OUTLIER_SUFFIX}.weight") if g.first_column is not None else None
+        if side is not None:  # an earlier group split channels off the source MatMul: its side rows feed the
+            rescale(side, _divider(s, g.first_column))  # same columns, which must be divided alike
         for mm in mms:
             rescale(_private_initializer(model, mm, 1, uses), lambda w: w * s[:, None])
         if split.size:
