@@ -118,11 +118,11 @@ def main(name: str = "smollm2", description: str = __doc__,
     a = p.parse_args()
     a.gguf = a.gguf or default_gguf()
     out = Path(a.out)
-    calib, evaluation = texts(out / "text")
     if not a.skip_export:
         pipeline("export", "--model", a.gguf, "--out", str(out))  # the fused graph, built from the GGUF
         if traced_fp32:
             pipeline("export", "--model", a.gguf, "--out", str(out), "--graph", "traced")  # the plain trace: fp32
+    calib, evaluation = texts(out / "text")  # after export: export refuses a directory that holds files
     quant = {}
     for recipe in a.recipes.split(","):
         quant[recipe] = last_quantize_report(out, recipe) if a.skip_quantize else \
