@@ -8,7 +8,8 @@ is the only provider-dependent part:
   without GroupQueryAttention, whose attention concatenates past and new keys into a new tensor anyway).
 * `SharedCache` — CPU, fused graphs: one buffer of the whole capacity per past tensor, bound as both the past
   input and the present output, so GroupQueryAttention writes the new positions in place and a decode step
-  copies no cache at all (onnxruntime-genai's `past_present_share_buffer`). The default there.
+  copies no cache at all (onnxruntime-genai's `past_present_share_buffer`). The default there; it takes a long
+  prompt in chunks of `PREFILL_CHUNK` tokens, so prefill's activations do not grow with the prompt.
 * `BoundCache` — IO binding: presents are bound to the provider's device and rebound as the next step's past,
   so on CUDA the cache never leaves the GPU; only the logits of the new position are copied to the host.
 
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi import _pybind_state as _ort_c  # OrtValueVector and OrtDevice: run_with_ortvaluevector's types
 
 from runtimes.errors import RuntimeUserError
 from runtimes.providers import ProviderSpec
@@ -34,6 +36,9 @@ from runtimes.session import DecoderSession, open_session, resolve_model_path
 
 TOKENIZER_FILE = "tokenizer.json"
 ONE = np.array(1, np.int64)
+PREFILL_CHUNK = 512  # prompt tokens per prefill run on the in-place cache (bounds prefill activations)
+_CPU = _ort_c.OrtDevice(_ort_c.OrtDevice.cpu(), _ort_c.OrtDevice.default_memory(), 0)
+_vector = _ort_c.OrtValueVector
 GENERATION_CONFIG_FILE = "generation_config.json"
 
 
@@ -91,36 +96,38 @@ class HostCache:
 
 
 class SharedCache:
-    """KV cache updated in place by GroupQueryAttention: past and present bound to one host buffer per tensor.
+    """KV cache updated in place by GroupQueryAttention: past and present are one host buffer per tensor.
 
     GroupQueryAttention shares the buffer when its past and present pointers are equal: it writes the new
     positions' keys and values at the offsets the attention mask's sum gives and reads only those positions, so
     the buffer holds `capacity` positions from the start and the mask (length = positions so far) says how many
-    are live. Without sharing, every step zero-fills and copies the whole cache into 2 x layers new tensors,
-    and `session.run` copies each into numpy. Past the capacity the buffers double (one copy).
+    are live. Every run, prefill chunks and decode steps alike, goes through `run_with_ortvaluevector` with the
+    buffers as preallocated outputs: unlike IO binding it also feeds `logits_to_keep` (an initializer with a
+    default, which IO binding cannot bind), so a prefill writes its keys and values straight into the buffers
+    and returns one row of logits. No step copies the cache; past the capacity the buffers double (one copy).
     """
 
     def __init__(self, session: DecoderSession):
         self._session = session.ort
-        self._binding = session.ort.io_binding()
-        self._names = list(zip(past_names(session.contract.num_layers), present_names(session.contract.num_layers)))
-        self._buffers: list[np.ndarray] = []  # owners of the memory the bound OrtValues wrap
-        self._binding.bind_output(LOGITS, "cpu")  # first bound: output 0 (rebinding keeps a name's place)
+        self._vocab = session.contract.vocab_size
+        logits_type = next(o.type for o in session.ort.get_outputs() if o.name == LOGITS)
+        self._logits_dtype = np.float16 if logits_type == "tensor(float16)" else np.float32
+        self._input_names = past_names(session.contract.num_layers)
+        self._output_names = [LOGITS, *present_names(session.contract.num_layers)]
+        self._buffers: list[np.ndarray] = []  # owners of the memory the cache's OrtValues wrap
+        self._values: list = []
+        self._devices = [_CPU] * len(self._output_names)
+        self._options = ort.RunOptions()
 
     def reset(self, past: np.ndarray, capacity: int) -> None:
         batch, heads, _, head_dim = past.shape
-        self._bind([np.zeros((batch, heads, max(capacity, 1), head_dim), past.dtype) for _ in self._names])
+        self._wrap([np.zeros((batch, heads, max(capacity, 1), head_dim), past.dtype) for _ in self._input_names])
 
-    def _bind(self, buffers: list[np.ndarray]) -> None:
+    def _wrap(self, buffers: list[np.ndarray]) -> None:
         self._buffers = buffers
-        for (past, present), buffer in zip(self._names, buffers):
-            value = ort.OrtValue.ortvalue_from_numpy(buffer)  # wraps the array's memory, no copy
-            self._binding.bind_ortvalue_input(past, value)
-            self._binding.bind_ortvalue_output(present, value)
+        self._values = [ort.OrtValue.ortvalue_from_numpy(b)._ortvalue for b in buffers]  # no copy
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        if LOGITS_TO_KEEP in feeds:
-            return self._prefill(feeds)
         total = feeds[ATTENTION_MASK].shape[1]
         capacity = self._buffers[0].shape[2]
         if total > capacity:
@@ -129,25 +136,18 @@ class SharedCache:
                 new = np.zeros((*old.shape[:2], 2 * total, old.shape[3]), old.dtype)
                 new[:, :, :capacity] = old
                 grown.append(new)
-            self._bind(grown)
-        binding = self._binding
-        for name, array in feeds.items():
-            binding.bind_cpu_input(name, array)
-        binding.bind_output(LOGITS, "cpu")  # rebound: its shape changes from prefill to decode
-        self._session.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy()
-
-    def _prefill(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """A prefill that keeps only the last logits (LOGITS_TO_KEEP): IO binding cannot bind that input (an
-        initializer with a default), so it runs from an empty past and its presents are copied into the shared
-        buffers once; the steps after it run in place."""
-        first = self._buffers[0]
-        empty = np.zeros((first.shape[0], first.shape[1], 0, first.shape[3]), first.dtype)
-        names = [present for _, present in self._names]
-        logits, *presents = self._session.run([LOGITS, *names], {**feeds, **{p: empty for p, _ in self._names}})
-        length = presents[0].shape[2]
-        for buffer, present in zip(self._buffers, presents):
-            buffer[:, :, :length] = present
+            self._wrap(grown)
+        batch, length = feeds[INPUT_IDS].shape
+        logits = np.empty((batch, 1 if LOGITS_TO_KEEP in feeds else length, self._vocab), self._logits_dtype)
+        inputs, outputs = _vector(), _vector()
+        for array in feeds.values():  # np.require, not ascontiguousarray: that makes logits_to_keep's scalar 1-D
+            inputs.push_back(ort.OrtValue.ortvalue_from_numpy(np.require(array, requirements="C"))._ortvalue)
+        outputs.push_back(ort.OrtValue.ortvalue_from_numpy(logits)._ortvalue)
+        for value in self._values:
+            inputs.push_back(value)
+            outputs.push_back(value)
+        self._session.run_with_ortvaluevector(self._options, [*feeds, *self._input_names], inputs,
+                                              self._output_names, outputs, self._devices)
         return logits
 
 
@@ -191,10 +191,16 @@ class Generator:
     and on the CPU the in-place cache for fused graphs; True / False force `BoundCache` / `HostCache`.
     """
 
-    def __init__(self, session: DecoderSession, io_binding: bool | None = None):
+    def __init__(self, session: DecoderSession, io_binding: bool | None = None, prefill_chunk: int = PREFILL_CHUNK):
         self.session = session
+        if prefill_chunk < 1:
+            raise RuntimeUserError(f"prefill chunk of {prefill_chunk} tokens: give 1 or more")
+        # the in-place cache takes a long prompt in chunks: GroupQueryAttention attends each chunk to the cache
+        # written so far, so the logits are the same and prefill's activations scale with the chunk, not the prompt
+        self._chunk = 1 << 62
         if io_binding is None and session.spec.device == "cpu" and session.contract.fused_attention:
             self._cache = SharedCache(session)
+            self._chunk = prefill_chunk
         else:
             use_binding = session.spec.device != "cpu" if io_binding is None else io_binding
             self._cache = BoundCache(session) if use_binding else HostCache(session)
@@ -222,9 +228,12 @@ class Generator:
         self._cache.reset(np.zeros((batch, c.num_kv_heads, self._dummy, c.head_dim), self.session.kv_dtype), slots)
         self._mask = np.ones((batch, slots), np.int64)
         self._mask[:, :self._dummy] = 0
-        self._total, self._next_position = self._dummy + length, length
         positions = np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length))
-        return self._forward(ids, positions, keep_last=self._keeps_last)
+        for start in range(0, length, self._chunk):
+            stop = min(start + self._chunk, length)
+            self._total, self._next_position = self._dummy + stop, stop
+            logits = self._forward(ids[:, start:stop], positions[:, start:stop], keep_last=self._keeps_last)
+        return logits
 
     def step(self, tokens: int | Sequence[int] | np.ndarray) -> np.ndarray:
         """Append one token per sequence (after `prefill`); returns its logits (B, vocab)."""

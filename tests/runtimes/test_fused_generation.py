@@ -7,6 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from runtimes.errors import RuntimeUserError
 from runtimes.generate import Generator, HostCache, SharedCache, greedy_tokens
 from runtimes.providers import cpu
 from runtimes.session import open_session
@@ -83,3 +84,45 @@ def test_shared_cache_grows_past_its_capacity_hint(fused_pair):
     for token in range(10, 20):
         np.testing.assert_allclose(shared.step(token), host.step(token), rtol=1e-5, atol=1e-5)
     assert shared._cache._buffers[0].shape[2] >= 13
+
+
+@pytest.fixture(scope="module")
+def built_windowed(tmp_path_factory):
+    """A built graph (it takes logits_to_keep) of a Mistral with a 4-token sliding window."""
+    pytest.importorskip("torch")
+    from transformers import MistralConfig
+
+    from exporters.builder import build_graph
+    from models.weights import open_weights
+    from tests.models.test_hf import tiny_hf
+
+    d = tmp_path_factory.mktemp("built")
+    tiny_hf(MistralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=160, max_position_embeddings=64,
+                          sliding_window=4)).save_pretrained(d / "ckpt")
+    build_graph(open_weights(d / "ckpt"), d / "model.onnx")
+    return d / "model.onnx"
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 11, 64])
+def test_chunked_prefill_gives_the_logits_and_cache_of_one_prefill(built_windowed, chunk):
+    """A prompt taken in chunks through the in-place cache (chunks shorter and longer than the window, one that
+    does not divide the prompt) leaves the same cache and the same logits, then and at every step after, as the
+    copying cache's single prefill; only the last position's logits come back."""
+    session = open_session(built_windowed, cpu(threads=1))
+    chunked, host = Generator(session, prefill_chunk=chunk), Generator(session, io_binding=False)
+    assert isinstance(chunked._cache, SharedCache)
+    prompt = np.random.default_rng(3).integers(0, 160, 11)
+    a, b = chunked.prefill(prompt, capacity=16), host.prefill(prompt, capacity=16)
+    assert a.shape == b.shape == (1, 160)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    for buffer, present in zip(chunked._cache._buffers, host._cache._past.values()):
+        assert buffer.shape[2] == 16 and not buffer[:, :, 11:].any()
+        np.testing.assert_allclose(buffer[:, :, :11], present, rtol=1e-5, atol=1e-6)
+    for token in (7, 8, 9, 10, 11):
+        np.testing.assert_allclose(chunked.step(token), host.step(token), rtol=1e-5, atol=1e-5)
+
+
+def test_a_prefill_chunk_below_one_is_refused(built_windowed):
+    with pytest.raises(RuntimeUserError, match="prefill chunk of 0 tokens"):
+        Generator(open_session(built_windowed, cpu(threads=1)), prefill_chunk=0)
