@@ -22,6 +22,8 @@ THRESHOLDS = {
     "fp32": Thresholds(max_abs_diff=1e-3, min_top1=0.999, max_kl=1e-5, max_ppl_increase=0.001, min_greedy_match=1.0),
     "fused": Thresholds(max_abs_diff=1e-3, min_top1=0.999, max_kl=1e-5, max_ppl_increase=0.001, min_greedy_match=1.0),
     "fused-fp16": Thresholds(max_abs_diff=0.1, min_top1=0.98, max_kl=2e-3, max_ppl_increase=0.01),
+    # float32 weights with a float16 KV cache (`optimize --kv-fp16`); a quantized -kv16 is judged as its source
+    "fused-kv16": Thresholds(max_abs_diff=0.5, min_top1=0.99, max_kl=1e-4, max_ppl_increase=0.002),
     "w8a8": Thresholds(min_top1=0.90, max_kl=0.05, max_ppl_increase=0.05),
     "static": Thresholds(min_top1=0.85, max_kl=0.10, max_ppl_increase=0.10),
     "w8": Thresholds(min_top1=0.95, max_kl=0.02, max_ppl_increase=0.02),

@@ -144,14 +144,16 @@ def export(out, as_json, **options):
 
 
 @main.command(epilog="\b\nExamples:\n  pipeline optimize runs/demo --fp16\n"
-                     "  pipeline optimize runs/demo --native-int8      # w8a8 -> w8a8-native")
+                     "  pipeline optimize runs/demo --native-int8      # w8a8 -> w8a8-native\n"
+                     "  pipeline optimize runs/demo --kv-fp16 --source w4   # w4 -> w4-kv16")
 @run_dir_arg
 @click_options(OptimizeStageConfig)
 @json_opt
 @user_errors
 def optimize(run_dir, as_json, **options):
     """Fuse attention (GroupQueryAttention), rotary and residual+RMSNorm; fail if a layer is not fused. With
-    --native-int8: move a static int8 variant onto pipeline's own int8 kernel, checked for equal logits."""
+    --native-int8: move a static int8 variant onto pipeline's own int8 kernel, checked for equal logits. With
+    --kv-fp16: store a fused variant's KV cache in float16."""
     from pipeline.stages.optimize import optimize as optimize_stage
 
     cfg = OptimizeStageConfig(**options)
@@ -164,6 +166,10 @@ def optimize(run_dir, as_json, **options):
         emit(results, as_json, lambda r: click.echo(
             f"{cfg.target}: {r['matmuls']} MatMuls on {r['kernel']}, {r['nodes_before']} -> {r['nodes_after']} "
             f"nodes; max |logit diff| vs {cfg.source_in(run)}: {parity}"))
+    elif cfg.kv_fp16:
+        emit(results, as_json, lambda r: click.echo(
+            f"{cfg.target}: KV cache in float16 at {r['attention_ops']} attention ops; max |logit diff| vs "
+            f"{cfg.source_in(run)}: {parity}"))
     else:
         emit(results, as_json, lambda r: click.echo(
             f"{cfg.target}: {r['nodes_before']} -> {r['nodes_after']} nodes; fused ops: "

@@ -86,7 +86,7 @@ class Contract:
     vocab_size: int
     max_position_embeddings: int  # longest sequence the rotary tables (or position table) cover
     attention_windows: tuple[int | None, ...]  # per layer: None = global attention, else sliding-window length
-    kv_dtype: str = "float32"     # "float32" | "float16": the KV cache's (and the logits') element type
+    kv_dtype: str = "float32"     # "float32" | "float16": the KV cache's element type
     family: str = "llama"         # the Hugging Face family the weights came from
     rope_theta: float | None = None  # None: no rotary (learned positions); else fusion rebuilds cos/sin caches
     rope_scaling: dict | None = None  # Hugging Face's rope_scaling, as the decoder applies it
@@ -131,10 +131,11 @@ class Contract:
         return {**self.inputs, **self.outputs}
 
     def dtypes(self) -> dict[str, str]:
-        """Element type (numpy name) of every input and output: int64 token ids, mask and positions; floats in
-        the KV dtype."""
+        """Element type (numpy name) of every input and of the presents: int64 token ids, mask and positions; the
+        KV cache in the KV dtype. The logits are float32, or float16 in a graph converted to float16 whole
+        (fused-fp16; a float16 KV cache alone, `optimize --kv-fp16`, keeps them float32): read them as floats."""
         return {n: "int64" if n in (INPUT_IDS, ATTENTION_MASK, POSITION_IDS) else self.kv_dtype
-                for n in (*self.inputs, *self.outputs)}
+                for n in (*self.inputs, *self.outputs) if n != LOGITS}
 
     # ---- metadata
 

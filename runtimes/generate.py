@@ -121,6 +121,7 @@ class SharedCache:
 
     def reset(self, past: np.ndarray, capacity: int) -> None:
         batch, heads, _, head_dim = past.shape
+        self._buffers, self._values = [], []  # the last sequence's cache goes before the next one is allocated
         self._wrap([np.zeros((batch, heads, max(capacity, 1), head_dim), past.dtype) for _ in self._input_names])
 
     def _wrap(self, buffers: list[np.ndarray]) -> None:

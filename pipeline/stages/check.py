@@ -184,7 +184,8 @@ def prefill_logits(sess, x: np.ndarray) -> np.ndarray:
 
 def judge(name: str, r: dict, config: CheckConfig) -> list[str]:
     """Names of the thresholds this variant misses."""
-    base = name.removesuffix("-native")  # a native-kernel variant computes what its source does
+    # a native-kernel variant computes what its source does; a float16 KV cache is judged as its source
+    base = name.removesuffix("-kv16").removesuffix("-native")
     t = config.thresholds.get(name) or THRESHOLDS.get(name) or THRESHOLDS.get(base) or THRESHOLDS["static"]
     misses = []
     if t.max_abs_diff is not None and r["max_abs_diff"] > t.max_abs_diff:

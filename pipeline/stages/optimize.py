@@ -2,7 +2,9 @@
 
 - fusion (default): variants/fp32 -> variants/fused (or fused-fp16): one fused attention op per layer;
 - `native_int8`: a static-int8 variant (w8a8) -> variants/<source>-native, its MatMuls on pipeline's native
-  CPU kernel (exporters/cpu_kernels.py), checked against the source on this machine's onnxruntime.
+  CPU kernel (exporters/cpu_kernels.py), checked against the source on this machine's onnxruntime;
+- `kv_fp16`: any fused variant -> variants/<source>-kv16, its KV cache in float16 (exporters/kv16.py), checked
+  against the source within KV16_TOLERANCE.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from runtimes.bench import model_bytes
 
 
 NATIVE_TOLERANCE = 1e-3  # max |logit difference| of a -native variant: float rounding of the same integer sums
+# max |logit difference| of a -kv16 variant on check's short random prompt: float16 keys and values are rounded
+# to 11 significant bits; a wrong cast or layout moves logits by whole units (`check` measures the accuracy)
+KV16_TOLERANCE = 0.25
 
 
 @dataclass(frozen=True)
@@ -29,31 +34,35 @@ class OptimizeStageConfig:
     native_int8: bool = option(bool, False, "Instead of fusing: put a static int8 variant's MatMuls on pipeline's "
                                "native CPU kernel (x86-64 with AVX512-VNNI; build it with `python -m runtimes.kernels "
                                "build`). Same logits, faster decode; writes <source>-native.")
+    kv_fp16: bool = option(bool, False, "Instead of fusing: store a fused variant's KV cache in float16 (half the "
+                           "cache memory; attention runs in float16). Writes <source>-kv16; default source: fused.")
 
     def __post_init__(self):
         check_options(self)
-        if self.fp16 and self.native_int8:
-            raise UserError("--native-int8 rewrites a static int8 variant; --fp16 is for fusion")
+        if sum((self.fp16, self.native_int8, self.kv_fp16)) > 1:
+            raise UserError("--fp16, --native-int8 and --kv-fp16 are separate rewrites: give one of them")
 
     def source_in(self, run: RunDir) -> str:
         """The variant rewritten: --source, else w8a8 for --native-int8, fp32 from a traced export, or fused
         when export built it (fused already: only --fp16 has work to do)."""
-        if self.source or self.native_int8:
+        if self.source or self.native_int8 or self.kv_fp16:
             return self.source_variant
         return "fused" if "fp32" not in run.variants() and "fused" in run.variants() else "fp32"
 
     @property
     def source_variant(self) -> str:
-        return self.source or ("w8a8" if self.native_int8 else "fp32")
+        return self.source or ("w8a8" if self.native_int8 else "fused" if self.kv_fp16 else "fp32")
 
     @property
     def target(self) -> str:
         if self.native_int8:
             return f"{self.source_variant}-native"
+        if self.kv_fp16:
+            return f"{self.source_variant}-kv16"
         return "fused-fp16" if self.fp16 else "fused"
 
 
-def native_parity(source, target, steps: int = 4, prompt_len: int = 8) -> float:
+def logit_parity(source, target, steps: int = 4, prompt_len: int = 8) -> float:
     """Max |logit difference| between the two graphs over one prefill and `steps` greedy decode steps."""
     from runtimes.generate import Generator
     from runtimes.session import open_session
@@ -88,10 +97,19 @@ def optimize(run: RunDir, config: OptimizeStageConfig) -> dict:
             if why:  # before writing anything: the variant is only kept once checked
                 raise UserError(f"{target} could not be checked against {source} here: {why}")
             results = specialize(source_path, out)
-            worst = native_parity(source_path, out)
+            worst = logit_parity(source_path, out)
             if not worst <= NATIVE_TOLERANCE:  # the same arithmetic: more than rounding means a kernel bug
                 raise UserError(f"{target} differs from {source} by {worst:.3g} in the logits (more than "
                                 f"{NATIVE_TOLERANCE}): not kept; please report it with the run's manifest.json")
+            results["parity_max_abs_logit_diff"] = {"prefill+decode": worst}
+        elif config.kv_fp16:
+            from exporters.kv16 import write_kv16
+
+            results = write_kv16(source_path, out)
+            worst = logit_parity(source_path, out)
+            if not worst <= KV16_TOLERANCE:
+                raise UserError(f"{target} differs from {source} by {worst:.3g} in the logits (more than "
+                                f"{KV16_TOLERANCE}): not kept; please report it with the run's manifest.json")
             results["parity_max_abs_logit_diff"] = {"prefill+decode": worst}
         else:
             from exporters.optimize import OptimizeConfig, optimize as fuse

@@ -161,10 +161,26 @@ def test_a_native_variant_whose_logits_differ_is_not_kept(run_dir, text_file, na
     from pipeline.stages import optimize as optimize_stage
 
     w8a8_variant(run_dir, text_file)
-    monkeypatch.setattr(optimize_stage, "native_parity", lambda source, target: 0.5)
+    monkeypatch.setattr(optimize_stage, "logit_parity", lambda source, target: 0.5)
     before = run_state(run_dir)  # an earlier, good w8a8-native may be there: it stays as it was
     one_line_error(invoke("optimize", run_dir, "--native-int8", ok=False), "differs from w8a8 by 0.5", "not kept")
     assert run_state(run_dir) == before
+
+
+def test_optimize_kv_fp16_writes_a_checked_variant_of_a_quantized_one(run_dir, text_file):
+    """From the CLI, on a static int8 variant: <source>-kv16, checked against its source; unfused refused."""
+    w8a8_variant(run_dir, text_file)
+    res = json.loads(invoke("optimize", run_dir, "--kv-fp16", "--source", "w8a8", "--json").output)
+    assert res["kv_dtype"] == "float16" and 0 < res["parity_max_abs_logit_diff"]["prefill+decode"] < 0.25
+    r = invoke("check", run_dir, "--variant", "w8a8", "--variant", "w8a8-kv16", "--text", text_file, "--json",
+               "--steps", "4", "--window", "64", ok=False)
+    rows = {row["variant"]: row for row in json.loads(r.output)["variants"]}
+    assert rows["w8a8-kv16"]["kl"] == pytest.approx(rows["w8a8"]["kl"], abs=2e-3)
+    assert rows["w8a8-kv16"]["size_bytes"] == pytest.approx(rows["w8a8"]["size_bytes"], abs=4096)  # a few Casts
+    before = set((run_dir / "variants").iterdir())
+    one_line_error(invoke("optimize", run_dir, "--kv-fp16", "--source", "fp32", ok=False), "needs a fused graph")
+    one_line_error(invoke("optimize", run_dir, "--kv-fp16", "--native-int8", ok=False), "separate rewrites")
+    assert set((run_dir / "variants").iterdir()) == before
 
 
 def test_quantize_weight_rounding_option_reaches_the_quantizer(run_dir, text_file):

@@ -49,7 +49,8 @@ def test_names_axes_and_dtypes_come_from_one_declaration():
     assert axes[ATTENTION_MASK] == {0: "batch_size", 1: "total_sequence_length"}
     assert set(axes) == set(c.input_names()) | set(c.output_names())
     dtypes = c.dtypes()
-    assert dtypes[INPUT_IDS] == dtypes[POSITION_IDS] == "int64" and dtypes[past_value(1)] == dtypes[LOGITS] == "float16"
+    assert dtypes[INPUT_IDS] == dtypes[POSITION_IDS] == "int64"
+    assert dtypes[past_value(1)] == dtypes[present_key(2)] == "float16" and LOGITS not in dtypes
 
 
 def test_contract_round_trips_through_a_saved_model_file(tmp_path):
