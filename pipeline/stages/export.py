@@ -62,14 +62,15 @@ def own_checkpoint(run: RunDir, model: str) -> bool:
 
 
 def publish_export(tx, run: RunDir, config: ExportConfig, variant: str, source_info: dict, bos, eos,
-                   results: dict, tokenizer: Path | None) -> None:
-    """The source, variant and tokenizer records: the same for both routes."""
+                   results: dict, tokenizer: Path | None, intermediate_size: int | None) -> None:
+    """The source, variant and tokenizer records: the same for both routes (the MLP width goes with the source:
+    the bundle's memory estimate needs it, and quantized graphs no longer say it plainly)."""
     model_path = Path(config.model).resolve()
     own = own_checkpoint(run, config.model)
     if own:
         tx.read("checkpoint")
     source = {**source_info, "kind": "source", "path": str(model_path), "parent": "checkpoint" if own else None,
-              "bos_token_id": bos, "eos_token_id": eos}
+              "bos_token_id": bos, "eos_token_id": eos, "intermediate_size": intermediate_size}
     outputs = {"source": source,
                variant: {"kind": "onnx", "path": f"variants/{variant}/model.onnx", "parent": "source"}}
     if tokenizer is not None:
@@ -105,7 +106,7 @@ def export_built(run: RunDir, config: ExportConfig, weights) -> dict:
         phase("tokenizer")
         tokenizer = export_tokenizer(config.model, tx.staging)
         publish_export(tx, run, config, "fused", weights.source, weights.bos_token_id, weights.eos_token_id, results,
-                       tokenizer)
+                       tokenizer, weights.config.intermediate_size)
         phase("publish")
     return results
 
@@ -133,6 +134,6 @@ def export_traced(run: RunDir, config: ExportConfig) -> dict:
                    "parity_max_abs_diff": {p.step: p.worst[1] for p in parity},
                    "size_bytes": model_bytes(out)}
         publish_export(tx, run, config, "fp32", loaded.source, loaded.bos_token_id, loaded.eos_token_id, results,
-                       tokenizer)
+                       tokenizer, getattr(loaded.model.config, "intermediate_size", None))
         phase("publish")
     return results

@@ -6,7 +6,8 @@
       generation_config.json         eos/bos ids, so the runtime stops at end of sequence
       genai_config.json              lets onnxruntime-genai load the folder as it is
       tokenizer_config.json          onnxruntime-genai's tokenizer will not open without one
-      manifest.json                  sha256 + size of every other file, source, lineage, check and bench figures
+      manifest.json                  sha256 + size of every other file, source, lineage, check and bench figures,
+                                     and the memory generation needs at a few context lengths
 
 The bundle is assembled in a temporary directory beside BUNDLE and renamed into place, so a reader never sees a
 half-written bundle and an old one survives any failure; the archive is written the same way. The manifest and
@@ -34,6 +35,7 @@ from models.files import publish, staging_dir
 from pipeline import progress
 from pipeline.manifest import RunDir, sha256
 from pipeline.options import check_options, option
+from runtimes.bench import model_bytes
 from runtimes.bundle import BUNDLE_FORMAT, MANIFEST_FILE, describe_files
 from runtimes.contract import (ATTENTION_MASK, INPUT_IDS, LOGITS, PAST_KEY, PAST_VALUE, POSITION_IDS, PRESENT_KEY,
                                PRESENT_VALUE, Contract, read_contract)
@@ -239,7 +241,20 @@ def stage_files(run: RunDir, variant: str, artifacts: dict, dest: Path) -> None:
     copy_verified(run.root / tokenizer["path"], dest / "tokenizer.json", tokenizer["files"][tokenizer["path"]])
 
 
-def bundle_manifest(variant: str, data: dict, dest: Path) -> dict:
+def memory_table(contract: Contract, weights_bytes: int, source: dict) -> dict:
+    """Peak memory of generating at 2048 positions and at the whole context (runtimes/memory.py), by part; the
+    device can compute any other length from kv_bytes_per_token."""
+    from runtimes.generate import PREFILL_CHUNK
+    from runtimes.memory import kv_bytes_per_token, memory_need
+
+    intermediate = source.get("intermediate_size") or 4 * contract.hidden_size  # runs exported before it was kept
+    contexts = sorted({min(2048, contract.max_position_embeddings), contract.max_position_embeddings})
+    return {"kv_dtype": contract.kv_dtype, "kv_bytes_per_token": kv_bytes_per_token(contract),
+            "prefill_chunk": PREFILL_CHUNK,
+            "at_context": [memory_need(contract, weights_bytes, n, PREFILL_CHUNK, intermediate) for n in contexts]}
+
+
+def bundle_manifest(variant: str, data: dict, dest: Path, contract: Contract) -> dict:
     """What the device can check (files) and what a person needs to trust the model (where it came from, how it
     was made, how it measured); no packaging time, so the same run gives the same bytes."""
     source = data["artifacts"].get("source", {})
@@ -248,7 +263,8 @@ def bundle_manifest(variant: str, data: dict, dest: Path) -> dict:
             "source": {k: source.get(k) for k in ("path", "format", "family", "architecture", "bos_token_id",
                                                   "eos_token_id")},
             "lineage": lineage(data["artifacts"], variant),
-            "check": check_row(data["stages"], variant), "bench": bench_row(data["stages"], variant)}
+            "check": check_row(data["stages"], variant), "bench": bench_row(data["stages"], variant),
+            "memory": memory_table(contract, model_bytes(dest / MODEL_FILE), source)}
 
 
 def _normalize(info: tarfile.TarInfo) -> tarfile.TarInfo:
@@ -324,7 +340,7 @@ def package(run: RunDir, config: PackageConfig) -> dict:
         write_json(staged / "genai_config.json", genai_config(source, contract))
         (staged / "tokenizer_config.json").write_bytes(tokenizer_config(source, staged / "tokenizer.json",
                                                                         contract))
-        manifest = bundle_manifest(variant, data, staged)
+        manifest = bundle_manifest(variant, data, staged, contract)
         write_json(staged / MANIFEST_FILE, manifest)
         if archive is not None:
             phase(steps[2])

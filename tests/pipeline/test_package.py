@@ -23,7 +23,7 @@ from pipeline.stages import package as package_stage
 from pipeline.stages.package import PackageConfig, choose_variant, genai_config, package
 from runtimes.__main__ import main as runtime_main
 from runtimes.bundle import verify_bundle
-from runtimes.contract import Contract, past_key, present_value
+from runtimes.contract import Contract, past_key, present_value, read_contract
 from runtimes.errors import RuntimeUserError
 from runtimes.generate import greedy_tokens, load_tokenizer
 from runtimes.session import open_session
@@ -98,6 +98,13 @@ def test_package_writes_a_verified_bundle_with_lineage_and_genai_config(bundles,
     assert manifest["source"]["family"] == "llama" and manifest["source"]["eos_token_id"] == EOS
     assert manifest["check"] is None and manifest["bench"] is None
     assert json.loads((bundle / "generation_config.json").read_text())["eos_token_id"] == EOS
+    memory, c = manifest["memory"], read_contract(onnx.load(str(bundle / "model.onnx")))
+    assert memory["kv_bytes_per_token"] == 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4
+    whole = memory["at_context"][-1]
+    assert whole["context"] == c.max_position_embeddings and whole["weights_bytes"] == (bundle / "model.onnx").stat().st_size
+    assert whole["kv_cache_bytes"] == c.max_position_embeddings * memory["kv_bytes_per_token"]
+    assert whole["total_bytes"] == sum(v for k, v in whole.items() if k.endswith("_bytes") and k != "total_bytes")
+    assert RunDir.open(run_dir).load()["artifacts"]["source"]["intermediate_size"] == 128  # the activation estimate's MLP
 
     genai = json.loads((bundle / "genai_config.json").read_text())
     decoder = genai["model"]["decoder"]
