@@ -110,7 +110,7 @@ def main(name: str = "smollm2", description: str = __doc__,
     p.add_argument("--window", type=int, default=512, help="evaluation window (tokens)")
     p.add_argument("--windows", type=int, default=2)
     p.add_argument("--calib-windows", type=int, default=32, help="calibration windows of 128 tokens")
-    p.add_argument("--memory-prompts", default="512,2048",
+    p.add_argument("--memory-prompts", default="512,1536,2048",
                    help="prompt lengths of the peak-memory runs (w8a8 and w4 against llama.cpp; '' for none)")
     p.add_argument("--skip-export", action="store_true", help="reuse the run's fused and fp32 variants")
     p.add_argument("--skip-quantize", action="store_true",
