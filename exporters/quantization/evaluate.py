@@ -16,6 +16,10 @@ from models.errors import UserError
 from runtimes.contract import LOGITS, Contract
 
 LogProbs = Callable[[np.ndarray], np.ndarray]  # ids (S,) -> log-softmax of the logits predicting ids[1:], (S-1, V)
+# Rows per float64 block: log-probabilities are stored in float32 and every sum over the vocabulary runs in float64
+# on blocks of rows, so memory holds a few (S, vocab) float32 arrays, not float64 ones and their temporaries (a
+# 262k vocabulary makes each row 1 MB in float32: Gemma 3's quantize spent gigabytes on them).
+ROWS = 16
 
 
 def sequences(ids_list: list[list[int]], contract: Contract) -> list[np.ndarray]:
@@ -33,15 +37,28 @@ def log_probs(session: ort.InferenceSession, contract: Contract, ids: np.ndarray
               extra: dict[str, np.ndarray] | None = None) -> np.ndarray:
     """Teacher-forced prefill of `ids`: log-softmax of the logits, (len - 1, vocab), predicting ids[1:]."""
     feed = declared(step_feed(ids, 0, empty_past(contract)), {i.name for i in session.get_inputs()})
-    logits = session.run([LOGITS], {**feed, **(extra or {})})[0][0, :-1].astype(np.float64)
-    logits -= logits.max(axis=-1, keepdims=True)
-    return logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+    logits = session.run([LOGITS], {**feed, **(extra or {})})[0][0, :-1]
+    out = np.empty(logits.shape, np.float32)
+    for start in range(0, logits.shape[0], ROWS):
+        block = logits[start:start + ROWS].astype(np.float64)
+        block -= block.max(axis=-1, keepdims=True)
+        out[start:start + ROWS] = block - np.log(np.exp(block).sum(axis=-1, keepdims=True))
+    return out
+
+
+def kl_sum(ref: np.ndarray, got: np.ndarray) -> float:
+    """Sum over rows of KL(ref || got) for log-probability rows, in float64 a block of rows at a time."""
+    total = 0.0
+    for start in range(0, ref.shape[0], ROWS):
+        r, g = ref[start:start + ROWS].astype(np.float64), got[start:start + ROWS].astype(np.float64)
+        total += float(np.sum(np.exp(r) * (r - g)))
+    return total
 
 
 def perplexity_of(model: LogProbs, seqs: list[np.ndarray]) -> float:
     nll, count = 0.0, 0
     for ids in seqs:
-        nll -= float(model(ids)[np.arange(ids.size - 1), ids[1:]].sum())
+        nll -= float(model(ids)[np.arange(ids.size - 1), ids[1:]].astype(np.float64).sum())
         count += ids.size - 1
     if count == 0:
         raise UserError("perplexity needs at least one validation sequence of 2 or more tokens")
@@ -97,9 +114,10 @@ def agreement(reference: LogProbs, candidate: LogProbs, seqs: list[np.ndarray]) 
     for ids in seqs:
         ref, got = reference(ids), candidate(ids)
         idx = (np.arange(ids.size - 1), ids[1:])
-        nll_ref, nll, count = nll_ref - float(ref[idx].sum()), nll - float(got[idx].sum()), count + ids.size - 1
+        nll_ref, nll = nll_ref - float(ref[idx].astype(np.float64).sum()), nll - float(got[idx].astype(np.float64).sum())
+        count += ids.size - 1
         top1.append(float(np.mean(ref.argmax(-1) == got.argmax(-1))))
-        kl.append(float(np.mean(np.sum(np.exp(ref) * (ref - got), axis=-1))))
+        kl.append(kl_sum(ref, got) / ref.shape[0])
     if count == 0:
         raise UserError("perplexity needs at least one validation sequence of 2 or more tokens")
     return Agreement(float(np.exp(nll_ref / count)), float(np.exp(nll / count)), float(np.mean(top1)),

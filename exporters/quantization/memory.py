@@ -18,6 +18,7 @@ import onnx
 
 from exporters.graph import GraphIndex
 from exporters.onnx_io import files_size
+from runtimes.contract import read_contract
 
 # float-model copies alive at the peak, by recipe: the graph in memory, a calibration or judging session, the
 # writer's copy and the search's switch model (stand-in weights beside the originals). From SmolLM2-135M's
@@ -28,25 +29,32 @@ GPTQ_RECIPES = ("w8a8", "w8", "w4")
 BASE_BYTES = 600 << 20  # the Python process with onnxruntime, onnx and numpy loaded
 
 
+# (window, vocab) float32 arrays alive at once while a candidate is judged: onnxruntime's logits, the reference's
+# and the candidate's log-probabilities, and the float64 blocks (exporters/quantization/evaluate.py)
+LOGITS_ROWS = 3
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     model_bytes: int     # the float model's files, a tied table counted twice (quantizing splits it)
     copies: float        # float-model copies alive at the peak
     hessian_bytes: int   # GPTQ's input Hessians, all kept until written
+    logits_bytes: int = 0  # vocabulary-wide rows: the search's cached reference and a judged window's logits
 
     @property
     def total(self) -> int:
-        return int(BASE_BYTES + self.copies * self.model_bytes + self.hessian_bytes)
+        return int(BASE_BYTES + self.copies * self.model_bytes + self.hessian_bytes + self.logits_bytes)
 
     def describe(self) -> str:
         gib = 1 << 30
         return (f"about {self.total / gib:.1f} GiB: {self.copies:g} copies of the {self.model_bytes / gib:.1f} GiB "
-                f"float model" + (f" and {self.hessian_bytes / gib:.1f} GiB of GPTQ input Hessians"
-                                  if self.hessian_bytes else ""))
+                f"float model" + (f", {self.hessian_bytes / gib:.1f} GiB of GPTQ input Hessians"
+                                  if self.hessian_bytes else "")
+                + (f" and {self.logits_bytes / gib:.1f} GiB of vocabulary-wide logits" if self.logits_bytes else ""))
 
     def to_dict(self) -> dict:
         return {"estimate_bytes": self.total, "model_bytes": self.model_bytes, "model_copies": self.copies,
-                "hessian_bytes": self.hessian_bytes}
+                "hessian_bytes": self.hessian_bytes, "logits_bytes": self.logits_bytes}
 
 
 def hessian_bytes(model: onnx.ModelProto, exclude: tuple[str, ...] = ()) -> int:
@@ -67,10 +75,18 @@ def tied_table_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
-def estimate(path: str | Path, recipe: str, weight_rounding: str = "gptq") -> MemoryEstimate:
+def logits_bytes(vocab_size: int, window: int, sensitivity_tokens: int) -> int:
+    """float32 rows of the vocabulary's width: the sensitivity ranking's cached reference log-probabilities and
+    the arrays of one judged window."""
+    return 4 * vocab_size * (sensitivity_tokens + LOGITS_ROWS * window)
+
+
+def estimate(path: str | Path, recipe: str, weight_rounding: str = "gptq", window: int = 128,
+             sensitivity_tokens: int = 256) -> MemoryEstimate:
     """The peak memory of quantizing the model at `path` with `recipe`, from its graph (weights not loaded)."""
     path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
     gptq = recipe in GPTQ_RECIPES and weight_rounding == "gptq"
+    vocab = read_contract(model, path).vocab_size
     return MemoryEstimate(files_size(path) + tied_table_bytes(model), MODEL_COPIES[recipe],
-                          hessian_bytes(model) if gptq else 0)
+                          hessian_bytes(model) if gptq else 0, logits_bytes(vocab, window, sensitivity_tokens))

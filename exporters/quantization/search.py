@@ -8,10 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 from exporters.acceptance import Thresholds
-from exporters.quantization.evaluate import Agreement, LogProbs, agreement, perplexity_of, sequences, \
+from exporters.quantization.evaluate import Agreement, LogProbs, agreement, kl_sum, perplexity_of, sequences, \
     session_log_probs
 from exporters.quantization.switch import QuantSwitch
 
@@ -76,8 +74,7 @@ def one_at_a_time_kl(switch: QuantSwitch, targets: list[str], ids_list: list[lis
     tokens = sum(ids.size - 1 for ids in seqs)
     kl = {}
     for name in targets:
-        total = sum(float((np.exp(ref) * (ref - switch.log_probs(ids, {name}))).sum())
-                    for ids, ref in zip(seqs, reference))
+        total = sum(kl_sum(ref, switch.log_probs(ids, {name})) for ids, ref in zip(seqs, reference))
         kl[name] = total / max(tokens, 1)
     return kl
 

@@ -110,7 +110,7 @@ def memory_budget(config: QuantizeStageConfig, source: str, source_path) -> dict
 
     from exporters.quantization.memory import estimate
 
-    need = estimate(source_path, config.recipe, config.weight_rounding)
+    need = estimate(source_path, config.recipe, config.weight_rounding, config.window)
     if config.max_memory is not None:
         limit, what = int(config.max_memory * (1 << 30)), f"--max-memory {config.max_memory:g} GiB"
     else:

@@ -350,7 +350,9 @@ def test_quantize_memory_estimate_counts_copies_and_hessians(tmp_path):
     size = built.stat().st_size + built.with_name("m.onnx.data").stat().st_size
     w4 = estimate(built, "w4")
     assert (w4.hessian_bytes, w4.model_bytes, w4.copies) == (hessians, size, MODEL_COPIES["w4"])
-    assert w4.total == int(BASE_BYTES + MODEL_COPIES["w4"] * size + hessians)
+    logits = 4 * TINY["vocab_size"] * (256 + 3 * 128)  # the ranking's reference rows and a judged window's
+    assert w4.logits_bytes == logits and w4.total == int(BASE_BYTES + MODEL_COPIES["w4"] * size + hessians + logits)
+    assert estimate(built, "w4", window=64, sensitivity_tokens=100).logits_bytes == 4 * TINY["vocab_size"] * 292
     assert estimate(built, "w4", "nearest").hessian_bytes == 0 and estimate(built, "static").hessian_bytes == 0
     tied = tmp_path / "tied.onnx"  # its table is stored once but split for quantizing: counted twice
     build_graph(open_weights(save(tiny_hf(LlamaConfig(**TINY, tie_word_embeddings=True)), tmp_path / "t")), tied)
@@ -376,8 +378,9 @@ def test_quantize_refuses_before_starting_when_over_max_memory(tmp_path):
                                "--valid-windows", "0", "--json").output)
     memory = report["memory"]
     assert memory["limit_bytes"] > 0 and memory["peak_rss_bytes"] > 0
+    assert memory["logits_bytes"] == 4 * 256 * (256 + 3 * 32)  # this checkpoint's vocabulary, --window 32
     assert memory["estimate_bytes"] == int(memory["model_bytes"] * memory["model_copies"] + memory["hessian_bytes"]
-                                           + (600 << 20))
+                                           + memory["logits_bytes"] + (600 << 20))
 
 
 def test_a_tied_table_stored_once_is_split_for_the_quantizers(tmp_path):
