@@ -9,6 +9,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from exporters.graph import GraphIndex
+from runtimes.contract import LOGITS
 
 
 def untie_embeddings(model: onnx.ModelProto) -> list[str]:
@@ -71,3 +72,54 @@ def quantize_embeddings(model: onnx.ModelProto, block_size: int) -> list[str]:
     if done and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return done
+
+
+def tied_head(model: onnx.ModelProto) -> tuple[str, str] | None:
+    """(embedding Gather, lm_head MatMul) when the Gather's (vocab, hidden) table is exactly the transpose of the
+    head's weight: a tied pair that no float pass (rotation, smoothing, a folded norm) has made two."""
+    g = GraphIndex(model)
+    head = next((n for n in model.graph.node if LOGITS in n.output and n.name in g.weight_names), None)
+    if head is None:
+        return None
+    weight = g.inits[head.input[1]]
+    for node in model.graph.node:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        table = g.inits.get(node.input[0]) if node.op_type == "Gather" and axis == 0 else None
+        if table is not None and list(table.dims) == list(weight.dims)[::-1] \
+                and np.array_equal(g.array(table.name), g.array(weight.name).T):
+            return node.name, head.name
+    return None
+
+
+def share_tied_table(model: onnx.ModelProto, gather: str, head: str) -> bool:
+    """Make the embedding read the head's 8-bit MatMulNBits blocks instead of a table of its own, so a tied
+    table is stored once (as onnxruntime-genai's shared embeddings): the token's row of blocks is gathered,
+    dequantized exactly as MatMulNBits does (w = (q - 128) * scale, per block) and flattened to the hidden width.
+    Returns False, changing nothing, when the head is not an 8-bit MatMulNBits or its blocks pad the rows."""
+    nodes = {n.name: n for n in model.graph.node}
+    matmul = nodes.get(f"{head}_Q8")
+    embed = nodes.get(gather)
+    attrs = {a.name: a.i for a in matmul.attribute} if matmul is not None else {}
+    if (matmul is None or matmul.op_type != "MatMulNBits" or attrs.get("bits") != 8 or len(matmul.input) > 3
+            or embed is None or attrs["K"] % attrs["block_size"]):
+        return False
+    blocks, scales = matmul.input[1], matmul.input[2]
+    table, ids, out = embed.input[0], embed.input[1], embed.output[0]
+    p = f"{gather}/shared"
+    model.graph.initializer.extend([numpy_helper.from_array(np.array(128, np.float32), f"{p}/zero_point"),
+                                    numpy_helper.from_array(np.array([-1], np.int64), f"{p}/last_axis"),
+                                    numpy_helper.from_array(np.array([0, 0, -1], np.int64), f"{p}/shape")])
+    new = [helper.make_node("Gather", [blocks, ids], [f"{p}/blocks"], f"{p}/GatherBlocks", axis=0),
+           helper.make_node("Cast", [f"{p}/blocks"], [f"{p}/codes"], f"{p}/Cast", to=onnx.TensorProto.FLOAT),
+           helper.make_node("Sub", [f"{p}/codes", f"{p}/zero_point"], [f"{p}/centered"], f"{p}/Sub"),
+           helper.make_node("Gather", [scales, ids], [f"{p}/scales"], f"{p}/GatherScales", axis=0),
+           helper.make_node("Unsqueeze", [f"{p}/scales", f"{p}/last_axis"], [f"{p}/scales4"], f"{p}/Unsqueeze"),
+           helper.make_node("Mul", [f"{p}/centered", f"{p}/scales4"], [f"{p}/rows"], f"{p}/Mul"),
+           helper.make_node("Reshape", [f"{p}/rows", f"{p}/shape"], [out], f"{p}/Reshape")]
+    at = list(model.graph.node).index(embed)
+    model.graph.node.remove(embed)
+    for i, node in enumerate(new):
+        model.graph.node.insert(at + i, node)
+    if not any(table in n.input for n in model.graph.node):
+        model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == table))
+    return True

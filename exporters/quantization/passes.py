@@ -19,7 +19,7 @@ from exporters.acceptance import Thresholds
 from exporters.calibration import CalibrationPlan, KVCacheCalibrationReader
 from exporters.graph import GraphIndex
 from exporters.onnx_io import save_model_auto
-from exporters.quantization.embedding import quantize_embeddings
+from exporters.quantization.embedding import quantize_embeddings, share_tied_table, tied_head
 from exporters.quantization.evaluate import Agreement
 from exporters.quantization.nbits import BlockwiseRounding, NBitsConfig, fake_nbits, nbits, output_projection
 from exporters.quantization.qdq import QdqConfig, QdqJob, gptq_weights, quantize_qdq, weight_hessians, \
@@ -216,6 +216,7 @@ def run_write_nbits(q: Quantizing, config: WriteNBitsConfig) -> Quantizing:
     bits, model = config.bits, q.model
     head = output_projection(model) if bits == 4 and config.head_bits == 8 else None
     head_at_8 = [head] if head is not None and head not in q.exclude else []
+    tie = tied_head(model)  # a tied table: the embedding then reads the head's 8-bit blocks (stored once)
     q.details.update(bits=bits, block_size=config.nbits.block_size, accuracy_level=config.nbits.accuracy_level)
     if bits == 4:
         q.reasons.update({n: "output projection (head_bits 8)" for n in head_at_8})
@@ -228,6 +229,8 @@ def run_write_nbits(q: Quantizing, config: WriteNBitsConfig) -> Quantizing:
         if at_8:
             m = nbits(m, 8, config.nbits, include=at_8)
         m = nbits(m, bits, config.nbits)
+        shared = tie is not None and config.embedding_block is not None and share_tied_table(m, *tie)
+        q.details["tied_table_shared"] = shared
         if config.embedding_block is not None:
             quantize_embeddings(m, config.embedding_block)
         save_model_auto(m, q.staged)

@@ -383,7 +383,7 @@ def test_quantize_refuses_before_starting_when_over_max_memory(tmp_path):
                                            + memory["logits_bytes"] + (600 << 20))
 
 
-def test_a_tied_table_stored_once_is_split_for_the_quantizers(tmp_path):
+def test_a_tied_table_stored_once_is_split_for_the_quantizers_and_shared_again_by_8_bit_blocks(tmp_path):
     from exporters.quantization.embedding import untie_embeddings
 
     ckpt = save(tiny_hf(LlamaConfig(**TINY, tie_word_embeddings=True)), tmp_path / "ckpt")
@@ -404,13 +404,33 @@ def test_a_tied_table_stored_once_is_split_for_the_quantizers(tmp_path):
 
     rng = np.random.default_rng(1)
     calib = [list(rng.integers(0, TINY["vocab_size"], 40)) for _ in range(4)]
-    for recipe in ("w8a8", "w4"):  # both readers take their own forms: int8 blocks for the Gather
+    inits_float = inits["model.embed_tokens.weight"]
+    for recipe in ("w8a8", "w4", "w8"):
         report = quantize(built, tmp_path / f"{recipe}.onnx", calib,
                           QuantConfig(recipe=recipe, num_prefill=4, seq_len=32, num_decode_steps=4))
-        assert report["embedding"]["tables"] == ["model.embed_tokens.weight"]
         assert "/model/lm_head/MatMul" not in report["float_matmuls"]
         q = onnx.load(str(tmp_path / f"{recipe}.onnx"))
         assert not [t.name for t in q.graph.initializer if t.name == "model.lm_head.weight"]  # no float copy left
+        if recipe == "w8a8":  # a static int8 head (smoothed, rotated): the Gather gets int8 blocks of its own
+            assert report["embedding"]["tables"] == ["model.embed_tokens.weight"]
+            continue
+        # weight-only: the head is 8-bit MatMulNBits (w4 keeps it at 8) and the embedding reads its blocks
+        assert report["tied_table_shared"] and report["embedding"]["tables"] == []
+        assert [t.name for t in q.graph.initializer if TINY["vocab_size"] in t.dims] == [
+            "model.lm_head.weight_Q8", "model.lm_head.weight_scales"]
+        shared = next(n for n in q.graph.node if n.name.endswith("/shared/Reshape")).output[0]
+        q.graph.output.append(onnx.helper.make_tensor_value_info(shared, onnx.TensorProto.FLOAT, None))
+        onnx.save(q, str(tmp_path / "probe.onnx"))
+        sess = ort.InferenceSession(str(tmp_path / "probe.onnx"), providers=["CPUExecutionProvider"])
+        c = read_contract(q)
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                 **dict.fromkeys(past_names(c.num_layers), np.zeros((1, c.num_kv_heads, 0, c.head_dim), np.float32))}
+        rows = sess.run([shared], feeds)[0]
+        inits = {t.name: onnx.numpy_helper.to_array(t) for t in q.graph.initializer}
+        blocks, scales = inits["model.lm_head.weight_Q8"][ids[0]], inits["model.lm_head.weight_scales"][ids[0]]
+        want = ((blocks.astype(np.float32) - 128) * scales[..., None]).reshape(ids.shape[1], -1)
+        np.testing.assert_array_equal(rows[0], want)  # exactly the head's own 8-bit weights, row by row
+        np.testing.assert_allclose(rows[0], inits_float[ids[0]], atol=np.abs(inits_float).max() / 100)
 
 
 def test_logits_to_keep_computes_only_the_last_positions(tmp_path):
