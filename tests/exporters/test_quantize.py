@@ -39,7 +39,7 @@ from exporters.smoothing import ALPHA_GRID, SPLIT_HEADROOM, ActivationStats, bes
 from models.decoder import Decoder, DecoderConfig
 from models.errors import UserError
 from pipeline.stages.check import int8_flop_share
-from runtimes.contract import past_key, past_value, present_key, read_contract
+from runtimes.contract import LOGITS, past_key, past_value, present_key, read_contract
 
 VOCAB = 256
 FAST = dict(num_prefill=4, seq_len=16, num_decode_steps=2)  # 12 calibration samples
@@ -238,7 +238,8 @@ def test_qdq_wraps_weight_matmuls_only(models, quantized, graph, recipe):
 def test_embedding_table_is_int8_blockwise_and_gathers_the_same_rows(models, quantized, recipe):
     """GatherBlockQuantized: uint8 around 128, one scale per 32 values of a row; the rows it returns are the
     float table's within half a quantization step, so the logits move only by the int8 error. (w8a8 rotates
-    the table first, with a fixed seed: the same rotation applied again gives the table it quantized.)"""
+    the table first, with a fixed seed: the same rotation applied again gives the table it quantized.) The
+    weight-only recipes share the tied head's 8-bit blocks instead."""
     path, report = quantized("fused", recipe)
     source = onnx.load(str(models["fused"]))
     if recipe == "w8a8":
@@ -247,6 +248,16 @@ def test_embedding_table_is_int8_blockwise_and_gathers_the_same_rows(models, qua
     table = float_table["model.embed_tokens.weight"]
     model = onnx.load(str(path))
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    if recipe != "w8a8":  # this model ties its head: the embedding reads the head's 8-bit blocks (one table)
+        assert report["tied_table_shared"] and report["embedding"]["tables"] == []
+        assert not any(n.op_type == "GatherBlockQuantized" for n in model.graph.node)
+        head = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and LOGITS in n.output)
+        blocks, scales = inits[head.input[1]], inits[head.input[2]]
+        assert blocks.shape == (table.shape[0], table.shape[1] // 32, 32)
+        rows = ((blocks.astype(np.float32) - 128) * scales[..., None]).reshape(table.shape)
+        # GPTQ rounds the head for its products, not to nearest: within one step of the float table
+        np.testing.assert_array_less(np.abs(rows - table), np.abs(scales).repeat(32, 1) + 1e-7)
+        return
     node = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
     data, scales, zp = (inits[i] for i in (node.input[0], node.input[2], node.input[3]))
     assert data.dtype == np.uint8 and data.shape == table.shape
