@@ -67,7 +67,7 @@ def spread(values: list[float]) -> tuple[float, float, float]:
 def noisy_reason(decode_ms_repeats: list[float]) -> str | None:
     """Why a row's decode figure is not to be trusted, or None: too few repeats, or a spread over NOISY_SPREAD."""
     if len(decode_ms_repeats) < MIN_REPEATS:
-        return f"{len(decode_ms_repeats)} repeats (fewer than {MIN_REPEATS})"
+        return f"fewer than {MIN_REPEATS} repeats ({len(decode_ms_repeats)})"
     low, mid, high = spread(decode_ms_repeats)
     if mid > 0 and (high - low) / mid > NOISY_SPREAD:
         return f"decode spread {(high - low) / mid:.1%} (over {NOISY_SPREAD:.0%})"

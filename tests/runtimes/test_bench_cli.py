@@ -163,7 +163,7 @@ def test_harness_says_fewer_than_five_repeats_are_too_few_to_judge(monkeypatch):
 
     r = measure(*scripted(monkeypatch, [1.0] * 3, [[1.0, 1.0]] * 3), new_tokens=2, warmup=0, repeats=2)
     assert r["decode_ms_min"] == pytest.approx(1.0) and r["decode_ms_max"] == pytest.approx(1.0)  # no spread, yet
-    assert r["noisy"] is True and r["noisy_reason"] == "2 repeats (fewer than 5)"
+    assert r["noisy"] is True and r["noisy_reason"] == "fewer than 5 repeats (2)"
 
 
 def test_the_spread_rule_is_over_ten_percent_of_the_median():
