@@ -31,7 +31,8 @@ class BenchConfig:
     new_tokens: int = option(int, 64, "Decode steps timed.", lo=1)
     warmup: int = option(int, 2, "Untimed runs after the first (cold) one, before the timed repeats.", lo=0,
                          hi=MAX_REPEATS)
-    repeats: int = option(int, 3, "Timed repetitions (medians reported).", lo=1, hi=MAX_REPEATS)
+    # 5: fewer say too little about the spread, and the row is marked noisy (runtimes.bench.MIN_REPEATS)
+    repeats: int = option(int, 5, "Timed repetitions (medians and min-max spread reported).", lo=1, hi=MAX_REPEATS)
     compare: tuple[str, ...] = option(str, ("pytorch",), "Peers measured in the same run: pytorch, optimum, "
                                       "llamacpp, or none; repeat the flag or separate by commas.", many=True)
     timeout_s: int = option(int, 1800, "Seconds each runner may take.", lo=1)
