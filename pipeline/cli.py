@@ -208,7 +208,7 @@ def check(run_dir, as_json, **options):
 
 
 @main.command(epilog="\b\nExamples:\n  pipeline bench runs/demo --threads 2 --new-tokens 64 --json\n"
-                     "  pipeline bench runs/demo --format md")
+                     "  pipeline bench runs/demo --format md --plot bench.png")
 @run_dir_arg
 @click_options(BenchConfig)
 @json_opt

@@ -11,8 +11,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from pipeline.options import check_options, fits_context, option
 
 MAX_REPEATS = 1000  # timed repetitions: a median of more says nothing new
 FORMATS = ("table", "md", "csv", "json")
+PLOT_INSTALL = "pip install 'edge-pipeline[plot]'"
 
 
 @dataclass(frozen=True)
@@ -42,10 +45,27 @@ class BenchConfig:
     timeout_s: int = option(int, 1800, "Seconds each runner may take.", lo=1)
     format: str = option(str, "table", "How the results print on stdout: table, md (Markdown), csv or json "
                          "(--json is --format json).", choices=FORMATS)
+    plot: str | None = option(str, None, "Also write a bar chart of decode ms/token (min-max error bars) and "
+                              f"prefill ms per runner to this .png file (needs matplotlib: {PLOT_INSTALL}).",
+                              optional=True)
 
     def __post_init__(self):
         check_options(self)
         object.__setattr__(self, "compare", tuple(c for c in self.compare if c != "none"))
+        if self.plot is not None:
+            check_plot(Path(self.plot))
+
+
+def check_plot(path: Path) -> None:
+    """--plot's file can be written and matplotlib is there: checked before any runner starts."""
+    if path.suffix.lower() != ".png":
+        raise UserError(f"plot is {str(path)!r}: give a .png file name")
+    if not path.parent.resolve().is_dir():
+        raise UserError(f"plot is {str(path)!r}: folder {path.parent} does not exist")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UserError(f"--plot needs matplotlib: {PLOT_INSTALL}") from None
 
 
 def run_json(cmd: list[str], timeout: int, env: dict[str, str] | None = None) -> dict:
@@ -163,7 +183,14 @@ def bench(run: RunDir, config: BenchConfig) -> dict:
     results = {"provider": config.provider, "threads": config.threads, "prompt_len": config.prompt_len,
                "new_tokens": config.new_tokens, "rows": rows, "failed": failed, "passed": not failed}
     run.record("bench", asdict(config), {n: str(p) for n, p in paths.items()}, results)
+    if config.plot is not None:
+        results["plot"] = str(write_plot(results, Path(config.plot)))
     return results
+
+
+def measured(results: dict) -> dict[str, dict]:
+    """The rows with figures (neither missing nor failed)."""
+    return {n: r for n, r in results["rows"].items() if not r.get("missing") and not r.get("error")}
 
 
 def heading(results: dict) -> str:
@@ -249,3 +276,40 @@ def render(results: dict, fmt: str = "table") -> str:
     if fmt == "json":
         return json.dumps(results, indent=2, default=str)
     return {"table": render_table, "md": render_markdown, "csv": render_csv}[fmt](results)
+
+
+def write_plot(results: dict, path: Path) -> Path:
+    """A PNG of decode ms/token (p50, min-max error bars) and prefill ms (median, min-max) per measured runner,
+    written to a temporary file beside `path` and renamed over it, so `path` is whole or absent."""
+    from matplotlib.figure import Figure
+
+    rows = measured(results)
+    names = list(rows)
+    fig = Figure(figsize=(max(6.0, 1.6 * len(names) + 2), 3.6), layout="constrained")
+    for ax, key, mid, title in zip(fig.subplots(1, 2), ("decode_ms", "prefill_ms"), ("decode_ms_p50", "prefill_ms"),
+                                   ("decode ms/token (p50, min-max of repeats)", "prefill ms (median, min-max)")):
+        heights = [rows[n][mid] for n in names]
+        low = [max(0.0, rows[n][mid] - rows[n].get(f"{key}_min", rows[n][mid])) for n in names]
+        high = [max(0.0, rows[n].get(f"{key}_max", rows[n][mid]) - rows[n][mid]) for n in names]
+        bars = ax.bar(names, heights, yerr=[low, high], capsize=4, color="tab:blue")
+        for bar, n in zip(bars, names):
+            if rows[n].get("noisy"):  # hatched: not to be trusted
+                bar.set_hatch("//")
+                bar.set_alpha(0.6)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("ms")
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    fig.suptitle(heading(results) + ("; hatched: noisy" if any(r.get("noisy") for r in rows.values()) else ""),
+                 fontsize=8)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it owner-only; a chart is for everyone to read
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -304,6 +304,34 @@ def test_bench_markdown_and_json_formats(run_dir):
     one_line_error(invoke("bench", run_dir, "--format", "xml", ok=False), "xml")
 
 
+def test_bench_plot_writes_a_png(run_dir, tmp_path):
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib: pip install 'edge-pipeline[plot]'")
+    png = tmp_path / "bench.png"
+    r = invoke("bench", run_dir, "--variant", "fused", "--compare", "none", "--plot", png, "--json",
+               "--prompt-len", "4", "--new-tokens", "3", "--warmup", "0", "--repeats", "2", "--threads", "1")
+    assert json.loads(r.stdout)["plot"] == str(png)
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.png"]  # no temporary file left beside it
+
+
+def test_bench_plot_without_matplotlib_stops_before_any_runner(run_dir, tmp_path, monkeypatch):
+    import pipeline.stages.bench as stage
+
+    def ran(*args, **kwargs):
+        raise AssertionError("a runner started")
+
+    monkeypatch.setattr(stage, "bench_variant", ran)
+    monkeypatch.setattr(stage, "bench_peer", ran)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    png = tmp_path / "bench.png"
+    r = invoke("bench", run_dir, "--variant", "fused", "--plot", png, ok=False)
+    one_line_error(r)
+    assert r.output.strip() == "error: --plot needs matplotlib: pip install 'edge-pipeline[plot]'"
+    assert not png.exists() and list(tmp_path.iterdir()) == []
+    one_line_error(invoke("bench", run_dir, "--plot", tmp_path / "chart.svg", ok=False), ".png")
+
+
 def test_peers_run_from_their_own_interpreter_with_our_modules_on_its_path(tmp_path, monkeypatch):
     """The command a peer runs under works from any directory: the project root is on PYTHONPATH."""
     import subprocess
