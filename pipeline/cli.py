@@ -14,6 +14,7 @@ import sys
 import warnings
 
 import click
+from click.core import ParameterSource
 
 from pipeline.manifest import RunDir
 from pipeline.options import click_options
@@ -206,17 +207,26 @@ def check(run_dir, as_json, **options):
         sys.exit(1)
 
 
-@main.command(epilog="\b\nExample:\n  pipeline bench runs/demo --threads 2 --new-tokens 64 --json")
+@main.command(epilog="\b\nExamples:\n  pipeline bench runs/demo --threads 2 --new-tokens 64 --json\n"
+                     "  pipeline bench runs/demo --format md --plot bench.png")
 @run_dir_arg
 @click_options(BenchConfig)
 @json_opt
 @user_errors
 def bench(run_dir, as_json, **options):
-    """Prefill latency, decode ms/token p50/p90, tokens/s, peak memory and size, with peers as baselines."""
-    from pipeline.stages.bench import bench as bench_stage, render_table
+    """Prefill latency, decode ms/token p50/p90 with their min-max over the repeats, tokens/s, peak memory and
+    size, with peers as baselines; rows whose repeats disagree by over 10% are marked noisy."""
+    from models.errors import UserError
+    from pipeline.stages.bench import bench as bench_stage, render
 
-    results = bench_stage(RunDir.open(run_dir), BenchConfig(**options))
-    emit(results, as_json, lambda r: click.echo(render_table(r)))
+    if as_json:  # --json is --format json; scripts use it
+        if click.get_current_context().get_parameter_source("format") is ParameterSource.COMMANDLINE \
+                and options["format"] != "json":
+            raise UserError(f"--json and --format {options['format']} disagree: give one of them")
+        options["format"] = "json"
+    cfg = BenchConfig(**options)
+    results = bench_stage(RunDir.open(run_dir), cfg)
+    click.echo(render(results, cfg.format))
     if results["failed"]:
         first = results["rows"][results["failed"][0]]["error"]
         click.echo(f"error: {len(results['failed'])} runner(s) failed ({', '.join(results['failed'])}); "

@@ -55,20 +55,54 @@ def greedy_calls(generator: Generator, prompt: np.ndarray, new_tokens: int) -> t
             lambda logits: generator.step(logits.argmax(axis=-1)))
 
 
+NOISY_SPREAD = 0.10  # (max - min) / median of the repeats' decode figures above this: the row is not to be trusted
+MIN_REPEATS = 5      # fewer timed repeats than this say too little about the spread to call a row steady
+
+
+def spread(values: list[float]) -> tuple[float, float, float]:
+    """(min, median, max) of the per-repeat figures."""
+    return min(values), float(np.median(values)), max(values)
+
+
+def noisy_reason(decode_ms_repeats: list[float]) -> str | None:
+    """Why a row's decode figure is not to be trusted, or None: too few repeats, or a spread over NOISY_SPREAD."""
+    if len(decode_ms_repeats) < MIN_REPEATS:
+        return f"fewer than {MIN_REPEATS} repeats ({len(decode_ms_repeats)})"
+    low, mid, high = spread(decode_ms_repeats)
+    if mid > 0 and (high - low) / mid > NOISY_SPREAD:
+        return f"decode spread {(high - low) / mid:.1%} (over {NOISY_SPREAD:.0%})"
+    return None
+
+
 def measure(prefill: Callable[[], Any], step: Callable[[Any], Any], new_tokens: int, warmup: int, repeats: int,
             batch: int = 1) -> dict:
     """One cold run (timed apart), `warmup` untimed runs, then `repeats` timed ones, summarized:
     prefill_ms is the median over repeats; decode_ms_p50/p90 are over every decode step of every repeat;
-    tokens_per_s counts all sequences of the batch over the median decode time of a repeat."""
+    tokens_per_s counts all sequences of the batch over the median decode time of a repeat.
+
+    The spread over the repeats: prefill_ms_min/max, and decode_ms_min/max over each repeat's median step
+    (decode_ms_repeats lists them). `noisy` is true, with `noisy_reason`, when (max - min) / median of those
+    exceeds NOISY_SPREAD or there are fewer than MIN_REPEATS repeats."""
     first = timed_run(prefill, step, new_tokens)
     for _ in range(warmup):
         timed_run(prefill, step, new_tokens)
     runs = [timed_run(prefill, step, new_tokens) for _ in range(repeats)]
     steps_ms = np.array([s for r in runs for s in r.steps]) * 1e3
+    prefill_ms = [r.prefill * 1e3 for r in runs]
+    decode_ms = [float(np.median(r.steps)) * 1e3 for r in runs]
+    reason = noisy_reason(decode_ms)
     return {"first_run_ms": (first.prefill + sum(first.steps)) * 1e3,
-            "prefill_ms": float(np.median([r.prefill for r in runs])) * 1e3,
+            "prefill_ms": spread(prefill_ms)[1],
+            "prefill_ms_min": min(prefill_ms),
+            "prefill_ms_max": max(prefill_ms),
+            "prefill_ms_repeats": prefill_ms,
             "decode_ms_p50": float(np.percentile(steps_ms, 50)),
             "decode_ms_p90": float(np.percentile(steps_ms, 90)),
+            "decode_ms_min": min(decode_ms),
+            "decode_ms_max": max(decode_ms),
+            "decode_ms_repeats": decode_ms,
+            "noisy": reason is not None,
+            "noisy_reason": reason,
             "tokens_per_s": batch * new_tokens / float(np.median([sum(r.steps) for r in runs]))}
 
 

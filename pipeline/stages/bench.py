@@ -2,14 +2,19 @@
 
 Each measurement runs in its own subprocess (`python -m runtimes bench`, `python -m pipeline.peers`) so peak
 memory is that runner's alone and one runner's allocator cannot warm another's caches. Timings on a shared
-machine are noisy: read them as ratios within one run (the table prints decode speed-up over PyTorch).
+machine are noisy: read them as ratios within one run (the table prints decode speed-up over PyTorch), each
+beside its min-max over the timed repeats; a row whose repeats disagree by over 10% is marked noisy.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,6 +25,8 @@ from pipeline.options import check_options, fits_context, option
 
 
 MAX_REPEATS = 1000  # timed repetitions: a median of more says nothing new
+FORMATS = ("table", "md", "csv", "json")
+PLOT_INSTALL = "pip install 'edge-pipeline[plot]'"
 
 
 @dataclass(frozen=True)
@@ -31,14 +38,34 @@ class BenchConfig:
     new_tokens: int = option(int, 64, "Decode steps timed.", lo=1)
     warmup: int = option(int, 2, "Untimed runs after the first (cold) one, before the timed repeats.", lo=0,
                          hi=MAX_REPEATS)
-    repeats: int = option(int, 3, "Timed repetitions (medians reported).", lo=1, hi=MAX_REPEATS)
+    # 5: fewer say too little about the spread, and the row is marked noisy (runtimes.bench.MIN_REPEATS)
+    repeats: int = option(int, 5, "Timed repetitions (medians and min-max spread reported).", lo=1, hi=MAX_REPEATS)
     compare: tuple[str, ...] = option(str, ("pytorch",), "Peers measured in the same run: pytorch, optimum, "
                                       "llamacpp, or none; repeat the flag or separate by commas.", many=True)
     timeout_s: int = option(int, 1800, "Seconds each runner may take.", lo=1)
+    format: str = option(str, "table", "How the results print on stdout: table, md (Markdown), csv or json "
+                         "(--json is --format json).", choices=FORMATS)
+    plot: str | None = option(str, None, "Also write a bar chart of decode ms/token (min-max error bars) and "
+                              f"prefill ms per runner to this .png file (needs matplotlib: {PLOT_INSTALL}).",
+                              optional=True)
 
     def __post_init__(self):
         check_options(self)
         object.__setattr__(self, "compare", tuple(c for c in self.compare if c != "none"))
+        if self.plot is not None:
+            check_plot(Path(self.plot))
+
+
+def check_plot(path: Path) -> None:
+    """--plot's file can be written and matplotlib is there: checked before any runner starts."""
+    if path.suffix.lower() != ".png":
+        raise UserError(f"plot is {str(path)!r}: give a .png file name")
+    if not path.parent.resolve().is_dir():
+        raise UserError(f"plot is {str(path)!r}: folder {path.parent} does not exist")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UserError(f"--plot needs matplotlib: {PLOT_INSTALL}") from None
 
 
 def run_json(cmd: list[str], timeout: int, env: dict[str, str] | None = None) -> dict:
@@ -156,23 +183,133 @@ def bench(run: RunDir, config: BenchConfig) -> dict:
     results = {"provider": config.provider, "threads": config.threads, "prompt_len": config.prompt_len,
                "new_tokens": config.new_tokens, "rows": rows, "failed": failed, "passed": not failed}
     run.record("bench", asdict(config), {n: str(p) for n, p in paths.items()}, results)
+    if config.plot is not None:
+        results["plot"] = str(write_plot(results, Path(config.plot)))
     return results
 
 
+def measured(results: dict) -> dict[str, dict]:
+    """The rows with figures (neither missing nor failed)."""
+    return {n: r for n, r in results["rows"].items() if not r.get("missing") and not r.get("error")}
+
+
+def heading(results: dict) -> str:
+    return (f"provider {results['provider']}, {results['threads']} threads, batch 1, {results['prompt_len']}-token "
+            f"prompt, {results['new_tokens']} decode steps")
+
+
+def note(r: dict) -> str:
+    """What the last column says: why a row has no figures, or why its figures are not to be trusted."""
+    if r.get("missing"):
+        return f"not installed: {r['install']}"
+    if r.get("error"):
+        return f"error: {r['error']}"
+    return f"noisy: {r['noisy_reason']}" if r.get("noisy") else ""
+
+
+def span(r: dict, key: str) -> str:
+    """`min-max` of a figure over the timed repeats ("-" for a row measured before they were reported)."""
+    if r.get(f"{key}_min") is None:
+        return "-"
+    return f"{r[f'{key}_min']:.2f}-{r[f'{key}_max']:.2f}"
+
+
+# (header, width, cell text of a measured row): the columns of the table and of its Markdown twin
+COLUMNS = (
+    ("prefill ms", 10, lambda r: f"{r['prefill_ms']:.2f}"),
+    ("min-max", 13, lambda r: span(r, "prefill_ms")),
+    ("decode p50", 10, lambda r: f"{r['decode_ms_p50']:.2f}"),
+    ("min-max", 13, lambda r: span(r, "decode_ms")),
+    ("p90", 7, lambda r: f"{r['decode_ms_p90']:.2f}"),
+    ("tok/s", 7, lambda r: f"{r['tokens_per_s']:.1f}"),
+    # absent when PyTorch was not compared
+    ("x pytorch", 9, lambda r: f"{r['decode_speedup_vs_pytorch']:.2f}x" if r.get("decode_speedup_vs_pytorch")
+     else "-"),
+    ("peak MB", 8, lambda r: f"{r['peak_rss_mb']:.0f}"),
+    ("file MB", 8, lambda r: f"{r['file_bytes'] / 1e6:.2f}" if r.get("file_bytes") else "-"),
+)
+# the CSV's columns: the JSON keys themselves, numbers unrounded
+CSV_KEYS = ("prefill_ms", "prefill_ms_min", "prefill_ms_max", "decode_ms_p50", "decode_ms_min", "decode_ms_max",
+            "decode_ms_p90", "tokens_per_s", "decode_speedup_vs_pytorch", "peak_rss_mb", "file_bytes", "noisy")
+
+
 def render_table(results: dict) -> str:
-    head = (f"{'runner':<12} {'prefill ms':>10} {'decode p50':>10} {'p90':>7} {'tok/s':>7} {'x pytorch':>9} "
-            f"{'peak MB':>8} {'file MB':>8}")
-    lines = [f"provider {results['provider']}, {results['threads']} threads, batch 1, "
-             f"{results['prompt_len']}-token prompt, {results['new_tokens']} decode steps", head, "-" * len(head)]
+    """Fixed-width text: each figure with its min-max over the repeats (decode: of each repeat's median step)."""
+    head = f"{'runner':<12} " + " ".join(f"{h:>{w}}" for h, w, _ in COLUMNS) + "  note"
+    lines = [heading(results), head, "-" * len(head)]
     for name, r in results["rows"].items():
-        if r.get("missing"):
-            lines.append(f"{name:<12} not installed: {r['install']}")
-        elif r.get("error"):
-            lines.append(f"{name:<12} error: {r['error']}")
+        if r.get("missing") or r.get("error"):
+            lines.append(f"{name:<12} {note(r)}")
         else:
-            size = f"{r['file_bytes'] / 1e6:>8.2f}" if r.get("file_bytes") else f"{'-':>8}"
-            speedup = r.get("decode_speedup_vs_pytorch")  # absent when PyTorch was not compared
-            speedup = f"{speedup:>8.2f}x" if speedup else f"{'-':>9}"
-            lines.append(f"{name:<12} {r['prefill_ms']:>10.2f} {r['decode_ms_p50']:>10.2f} {r['decode_ms_p90']:>7.2f} "
-                         f"{r['tokens_per_s']:>7.1f} {speedup} {r['peak_rss_mb']:>8.0f} {size}")
+            cells = " ".join(f"{cell(r):>{w}}" for _, w, cell in COLUMNS)
+            lines.append(f"{name:<12} {cells}  {note(r)}".rstrip())
     return "\n".join(lines)
+
+
+def render_markdown(results: dict) -> str:
+    """The table's columns as a Markdown table, under its heading line."""
+    def row(cells) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    blank = [""] * len(COLUMNS)
+    lines = [heading(results), "", row(["runner", *(h for h, _, _ in COLUMNS), "note"]),
+             "|---|" + "---:|" * len(COLUMNS) + "---|"]
+    for name, r in results["rows"].items():
+        measured_row = not r.get("missing") and not r.get("error")
+        lines.append(row([name, *([cell(r) for _, _, cell in COLUMNS] if measured_row else blank), note(r)]))
+    return "\n".join(lines)
+
+
+def render_csv(results: dict) -> str:
+    """One header row (the JSON keys) and one row per runner; a runner without figures has empty cells and says
+    why in `note`."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["runner", *CSV_KEYS, "note"])
+    for name, r in results["rows"].items():
+        writer.writerow([name, *("" if r.get(k) is None else r[k] for k in CSV_KEYS), note(r)])
+    return out.getvalue().rstrip("\n")
+
+
+def render(results: dict, fmt: str = "table") -> str:
+    """The results as `fmt` (one of FORMATS) for stdout."""
+    if fmt == "json":
+        return json.dumps(results, indent=2, default=str)
+    return {"table": render_table, "md": render_markdown, "csv": render_csv}[fmt](results)
+
+
+def write_plot(results: dict, path: Path) -> Path:
+    """A PNG of decode ms/token (p50, min-max error bars) and prefill ms (median, min-max) per measured runner,
+    written to a temporary file beside `path` and renamed over it, so `path` is whole or absent."""
+    from matplotlib.figure import Figure
+
+    rows = measured(results)
+    names = list(rows)
+    fig = Figure(figsize=(max(6.0, 1.6 * len(names) + 2), 3.6), layout="constrained")
+    for ax, key, mid, title in zip(fig.subplots(1, 2), ("decode_ms", "prefill_ms"), ("decode_ms_p50", "prefill_ms"),
+                                   ("decode ms/token (p50, min-max of repeats)", "prefill ms (median, min-max)")):
+        heights = [rows[n][mid] for n in names]
+        low = [max(0.0, rows[n][mid] - rows[n].get(f"{key}_min", rows[n][mid])) for n in names]
+        high = [max(0.0, rows[n].get(f"{key}_max", rows[n][mid]) - rows[n][mid]) for n in names]
+        bars = ax.bar(names, heights, yerr=[low, high], capsize=4, color="tab:blue")
+        for bar, n in zip(bars, names):
+            if rows[n].get("noisy"):  # hatched: not to be trusted
+                bar.set_hatch("//")
+                bar.set_alpha(0.6)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("ms")
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    fig.suptitle(heading(results) + ("; hatched: noisy" if any(r.get("noisy") for r in rows.values()) else ""),
+                 fontsize=8)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it owner-only; a chart is for everyone to read
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

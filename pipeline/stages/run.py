@@ -110,7 +110,7 @@ def run(config_path: str | None, out: str | None, log: Callable[[str], None], sh
         if stage == "check":
             show(check.render_table(results[stage]))
         if stage == "bench":
-            show(bench.render_table(results[stage]))
+            show(bench.render(results[stage], scfg.format))
     verdicts = {s: "passed" if results[s]["passed"] else "FAILED" for s in ("check", "bench") if s in results}
     passed = all(v == "passed" for v in verdicts.values())
     summary = "\n".join([f"run directory: {run_dir.root} (manifest.json records every stage)", *lines,

@@ -261,7 +261,75 @@ def test_bench_names_missing_peers(run_dir, monkeypatch):
                "--new-tokens", "2", "--repeats", "1")
     assert "optimum" in r.output and "not installed" in r.output and OPTIMUM_PYTHON in r.output
     fused = next(line for line in r.output.splitlines() if line.startswith("fused")).split()
-    assert fused[5] == "-", fused  # no PyTorch row to divide by: a dash, not "nanx"
+    assert fused[7] == "-", fused  # no PyTorch row to divide by: a dash, not "nanx"
+    low, high = map(float, fused[4].split("-"))  # decode min-max over the repeats, around the p50
+    assert low <= float(fused[3]) <= high
+    assert " ".join(fused[-6:]) == "noisy: fewer than 5 repeats (1)"  # one repeat says nothing of the spread
+
+
+def test_bench_csv_has_one_row_per_runner_with_the_json_figures(run_dir):
+    import csv
+
+    r = invoke("bench", run_dir, "--variant", "fused", "--format", "csv", "--prompt-len", "4", "--new-tokens", "3",
+               "--warmup", "0", "--repeats", "2", "--threads", "1")
+    table = list(csv.DictReader(r.stdout.splitlines()))
+    recorded = RunDir(run_dir).results("bench")["rows"]  # the JSON of the same run, as the manifest holds it
+    assert [row["runner"] for row in table] == ["pytorch", "fused"]
+    for row in table:
+        figures = recorded[row["runner"]]
+        assert float(row["decode_ms_p50"]) == pytest.approx(figures["decode_ms_p50"], rel=1e-9)
+        assert float(row["decode_ms_min"]) <= float(row["decode_ms_p50"]) <= float(row["decode_ms_max"])
+        assert float(row["prefill_ms_min"]) <= float(row["prefill_ms"]) <= float(row["prefill_ms_max"])
+        assert row["noisy"] == "True" and row["note"] == "noisy: fewer than 5 repeats (2)"
+    assert float(table[1]["decode_speedup_vs_pytorch"]) == pytest.approx(
+        recorded["pytorch"]["decode_ms_p50"] / recorded["fused"]["decode_ms_p50"])
+
+
+def test_bench_markdown_and_json_formats(run_dir):
+    md = invoke("bench", run_dir, "--variant", "fused", "--compare", "none", "--format", "md", "--prompt-len", "4",
+                "--new-tokens", "3", "--warmup", "0", "--repeats", "5", "--threads", "1").stdout.splitlines()
+    start = next(i for i, line in enumerate(md) if line.startswith("| runner |"))
+    header, separator, *rows = md[start:]
+    cells = [c.strip() for c in header.strip("|").split("|")]
+    assert cells[:4] == ["runner", "prefill ms", "min-max", "decode p50"] and cells[-1] == "note"
+    assert separator.count("|") == header.count("|") and set(separator) <= set("|-:")
+    assert len(rows) == 1 and rows[0].startswith("| fused |") and rows[0].count("|") == header.count("|")
+    as_json = json.loads(invoke("bench", run_dir, "--variant", "fused", "--compare", "none", "--json",
+                                "--prompt-len", "4", "--new-tokens", "3", "--warmup", "0", "--threads", "1").stdout)
+    fused = as_json["rows"]["fused"]
+    assert fused["repeats"] == 5 and len(fused["decode_ms_repeats"]) == 5  # the new default
+    assert fused["decode_ms_min"] == pytest.approx(min(fused["decode_ms_repeats"]))
+    assert isinstance(fused["noisy"], bool)
+    one_line_error(invoke("bench", run_dir, "--json", "--format", "csv", ok=False), "--json and --format csv")
+    one_line_error(invoke("bench", run_dir, "--format", "xml", ok=False), "xml")
+
+
+def test_bench_plot_writes_a_png(run_dir, tmp_path):
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib: pip install 'edge-pipeline[plot]'")
+    png = tmp_path / "bench.png"
+    r = invoke("bench", run_dir, "--variant", "fused", "--compare", "none", "--plot", png, "--json",
+               "--prompt-len", "4", "--new-tokens", "3", "--warmup", "0", "--repeats", "2", "--threads", "1")
+    assert json.loads(r.stdout)["plot"] == str(png)
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.png"]  # no temporary file left beside it
+
+
+def test_bench_plot_without_matplotlib_stops_before_any_runner(run_dir, tmp_path, monkeypatch):
+    import pipeline.stages.bench as stage
+
+    def ran(*args, **kwargs):
+        raise AssertionError("a runner started")
+
+    monkeypatch.setattr(stage, "bench_variant", ran)
+    monkeypatch.setattr(stage, "bench_peer", ran)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    png = tmp_path / "bench.png"
+    r = invoke("bench", run_dir, "--variant", "fused", "--plot", png, ok=False)
+    one_line_error(r)
+    assert r.output.strip() == "error: --plot needs matplotlib: pip install 'edge-pipeline[plot]'"
+    assert not png.exists() and list(tmp_path.iterdir()) == []
+    one_line_error(invoke("bench", run_dir, "--plot", tmp_path / "chart.svg", ok=False), ".png")
 
 
 def test_peers_run_from_their_own_interpreter_with_our_modules_on_its_path(tmp_path, monkeypatch):

@@ -44,6 +44,8 @@ def test_docs_config_md_lists_every_option_as_declared():
     ("[quantize]\ncalibrate_method = 'minmax'", "[quantize] has unknown key(s) ['calibrate_method']"),
     ("[quantize]\nblock_size = 24", "block_size must be a power of 2"),
     ("[bench]\ncompare = 3", "[bench] compare is 3: give a list of strings"),
+    ("[bench]\nformat = 'xml'", "[bench] format is 'xml': give one of table, md, csv, json"),
+    ("[bench]\nplot = 'bench.svg'", "[bench] plot is 'bench.svg': give a .png file name"),
     ("[check]\nthresholds = {}", "unknown key(s) ['thresholds']"),
     ("[export.bench]", "[export] has unknown key(s) ['bench']"),
 ])

@@ -111,3 +111,64 @@ def test_one_harness_times_every_runner_alike(monkeypatch):
     assert calls.count("prefill") == 1 + 2 + 3 and calls.count("step") == 4 * 6
     assert result["prefill_ms"] == pytest.approx(1.0) and result["decode_ms_p50"] == pytest.approx(1.0)
     assert result["tokens_per_s"] == pytest.approx(4 / 4e-3) and result["first_run_ms"] == pytest.approx(5.0)
+
+
+def scripted(monkeypatch, prefill_ms: list[float], step_ms: list[list[float]]):
+    """(prefill, step) whose durations come from a script, one entry per run (cold, warm-ups, repeats), on a fake
+    clock that only moves when they run."""
+    import runtimes.bench as bench
+
+    now, run = [0.0], [-1]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+
+    def prefill():
+        run[0] += 1
+        now[0] += prefill_ms[run[0]] * 1e-3
+        return 0
+
+    def step(i):
+        now[0] += step_ms[run[0]][i] * 1e-3
+        return i + 1
+
+    return prefill, step
+
+
+@pytest.mark.parametrize("decode,noisy", [
+    ([1.00, 1.02, 1.05, 0.98, 1.00], False),  # spread 7%: steady
+    ([1.00, 1.00, 1.00, 1.00, 1.30], True),   # one slow repeat: spread 30%
+    ([2.00, 1.00, 1.00, 1.00, 1.00], True),   # one slow repeat first
+])
+def test_harness_reports_the_spread_over_repeats_and_flags_noise(monkeypatch, decode, noisy):
+    """Each repeat's decode figure is its median step: a repeat of steps (d, d, 9d) counts as d, not its mean."""
+    from runtimes.bench import measure
+
+    prefill = [50.0, 40.0, 12.0, 10.0, 11.0, 14.0, 9.0]  # cold, 1 warm-up, 5 repeats
+    steps = [[5.0] * 3, [5.0] * 3] + [[d, d, 9 * d] for d in decode]
+    r = measure(*scripted(monkeypatch, prefill, steps), new_tokens=3, warmup=1, repeats=5)
+    assert r["prefill_ms_min"] == pytest.approx(9.0) and r["prefill_ms_max"] == pytest.approx(14.0)
+    assert r["prefill_ms"] == pytest.approx(11.0) and r["prefill_ms_repeats"] == pytest.approx(prefill[2:])
+    assert r["decode_ms_repeats"] == pytest.approx(decode)
+    assert r["decode_ms_min"] == pytest.approx(min(decode)) and r["decode_ms_max"] == pytest.approx(max(decode))
+    assert r["prefill_ms_min"] <= r["prefill_ms"] <= r["prefill_ms_max"]
+    assert r["decode_ms_min"] <= r["decode_ms_p50"] <= r["decode_ms_max"]
+    assert r["decode_ms_p90"] > r["decode_ms_max"]  # the slow third steps: p90 is over every step
+    assert r["first_run_ms"] == pytest.approx(65.0)
+    assert r["noisy"] is noisy and (r["noisy_reason"] is not None) is noisy
+    if noisy:
+        assert "decode spread" in r["noisy_reason"]
+
+
+def test_harness_says_fewer_than_five_repeats_are_too_few_to_judge(monkeypatch):
+    from runtimes.bench import measure
+
+    r = measure(*scripted(monkeypatch, [1.0] * 3, [[1.0, 1.0]] * 3), new_tokens=2, warmup=0, repeats=2)
+    assert r["decode_ms_min"] == pytest.approx(1.0) and r["decode_ms_max"] == pytest.approx(1.0)  # no spread, yet
+    assert r["noisy"] is True and r["noisy_reason"] == "fewer than 5 repeats (2)"
+
+
+def test_the_spread_rule_is_over_ten_percent_of_the_median():
+    from runtimes.bench import noisy_reason
+
+    assert noisy_reason([1.0, 1.0, 1.0, 1.05, 1.099]) is None  # 9.9%
+    assert noisy_reason([1.0, 1.0, 1.0, 1.05, 1.101]) == "decode spread 10.1% (over 10%)"
+    assert noisy_reason([2.0, 2.0, 2.0, 2.1, 2.19]) is None  # 0.19 over a median of 2: relative, not absolute
