@@ -140,7 +140,7 @@ def main(name: str = "smollm2", description: str = __doc__,
         + ["optimum"]
     bargs = ["--variant", "fp32", *vargs] if traced_fp32 else vargs  # the plain export: what fusion alone buys
     bench = pipeline("bench", str(out), *bargs, "--threads", str(a.threads), "--prompt-len", "32",
-                     "--new-tokens", "64", "--repeats", "3", "--compare", ",".join(peers), "--json")
+                     "--new-tokens", "64", "--repeats", "5", "--compare", ",".join(peers), "--json")
     memory = {}  # peak RSS and prefill against the prompt's length: what an edge board must hold
     small = [x for v in ("w8a8-native" if native else "w8a8", "w4") if v in variants for x in ("--variant", v)]
     compare = ["--compare", "llamacpp"] if "llamacpp" in peers else []
