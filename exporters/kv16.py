@@ -6,8 +6,10 @@ float32, and declares the past and present tensors float16, so the cache (the me
 context) is half the size. The weights, their quantization and every other op are untouched: it applies to any
 fused variant (fused, w8a8, w8a8-native, w4, ...).
 
-The cost is measured, not assumed (docs/benchmarks.md, "KV cache in float16"): on x86 onnxruntime computes
-float16 attention by converting, which is slower at long contexts; it is an option, not the default.
+The cost is measured, not assumed (docs/benchmarks.md, "Memory at long prompts"): on x86 onnxruntime's float16
+attention is slower at long contexts and keeps more scratch, and on quantized variants the logits moved as much as
+their quantization did (`pipeline optimize` checks each rewrite against its source and refuses those); it is an
+option, not the default.
 """
 
 from __future__ import annotations
