@@ -46,13 +46,20 @@ def log_probs(session: ort.InferenceSession, contract: Contract, ids: np.ndarray
     return out
 
 
+def _normalized(rows: np.ndarray) -> np.ndarray:
+    """float32 log-probability rows in float64, renormalized (stored in float32 they sum to 1 only to rounding)."""
+    z = rows.astype(np.float64)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
 def kl_sum(ref: np.ndarray, got: np.ndarray) -> float:
-    """Sum over rows of KL(ref || got) for log-probability rows, in float64 a block of rows at a time."""
+    """Sum over rows of KL(ref || got) for log-probability rows, in float64 a block of rows at a time (never
+    below 0: identical rows give exactly 0)."""
     total = 0.0
     for start in range(0, ref.shape[0], ROWS):
-        r, g = ref[start:start + ROWS].astype(np.float64), got[start:start + ROWS].astype(np.float64)
+        r, g = _normalized(ref[start:start + ROWS]), _normalized(got[start:start + ROWS])
         total += float(np.sum(np.exp(r) * (r - g)))
-    return total
+    return max(total, 0.0)
 
 
 def perplexity_of(model: LogProbs, seqs: list[np.ndarray]) -> float:

@@ -224,8 +224,10 @@ def run_write_nbits(q: Quantizing, config: WriteNBitsConfig) -> Quantizing:
     def write(at_8: list[str]) -> None:
         m = onnx.ModelProto()
         m.CopyFrom(model)
-        if q.blockwise is not None:
-            q.blockwise.apply(m, {t: 8 if t in at_8 else bits for t in q.targets})
+        if q.blockwise is not None:  # a shared head keeps nearest rounding: GPTQ moves weights by more than a
+            # step to fix the head's products, and the embedding reads the same weights as a table
+            q.blockwise.apply(m, {t: 8 if t in at_8 else bits for t in q.targets
+                                  if tie is None or t != tie[1]})
         if at_8:
             m = nbits(m, 8, config.nbits, include=at_8)
         m = nbits(m, bits, config.nbits)

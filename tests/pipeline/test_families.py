@@ -45,8 +45,10 @@ def test_every_stage(family_run, text_file, tmp_path):
                        "gemma2": [8, None]}[family]
 
     for recipe in RECIPES:
+        # no budget search (--valid-windows 0): a random tiny model's 4-bit top-1 sits at the threshold, and
+        # the search's choices are tested in tests/exporters/test_quantize.py; here every stage must run
         invoke("quantize", run, "--recipe", recipe, "--calib-text", text_file, "--calib-windows", "4",
-               "--window", "32", "--max-ppl-increase", "1.0")
+               "--window", "32", "--valid-windows", "0")
         report = manifest_results(run, "quantize")
         every = {f"/model/layers.{i}/{m}/MatMul" for i in range(2)
                  for m in ("attn/qkv_proj", "attn/o_proj", "mlp/gate_up_proj", "mlp/down_proj")}
