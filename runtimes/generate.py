@@ -140,9 +140,12 @@ class SharedCache:
             self._wrap(grown)
         batch, length = feeds[INPUT_IDS].shape
         logits = np.empty((batch, 1 if LOGITS_TO_KEEP in feeds else length, self._vocab), self._logits_dtype)
+        # the OrtValues only point at these arrays: they stay referenced here until the run is over (np.require,
+        # not ascontiguousarray, which would make logits_to_keep's scalar 1-D)
+        arrays = [np.require(array, requirements="C") for array in feeds.values()]
         inputs, outputs = _vector(), _vector()
-        for array in feeds.values():  # np.require, not ascontiguousarray: that makes logits_to_keep's scalar 1-D
-            inputs.push_back(ort.OrtValue.ortvalue_from_numpy(np.require(array, requirements="C"))._ortvalue)
+        for array in arrays:
+            inputs.push_back(ort.OrtValue.ortvalue_from_numpy(array)._ortvalue)
         outputs.push_back(ort.OrtValue.ortvalue_from_numpy(logits)._ortvalue)
         for value in self._values:
             inputs.push_back(value)
@@ -230,8 +233,10 @@ class Generator:
         self._mask = np.ones((batch, slots), np.int64)
         self._mask[:, :self._dummy] = 0
         positions = np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length))
-        for start in range(0, length, self._chunk):
-            stop = min(start + self._chunk, length)
+        # GroupQueryAttention takes more than one new token over a past only at batch 1: a batch prefills whole
+        chunk = self._chunk if batch == 1 else length
+        for start in range(0, length, chunk):
+            stop = min(start + chunk, length)
             self._total, self._next_position = self._dummy + stop, stop
             logits = self._forward(ids[:, start:stop], positions[:, start:stop], keep_last=self._keeps_last)
         return logits
