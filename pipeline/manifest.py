@@ -8,7 +8,10 @@ where its model came from.
       manifest.json
       checkpoint/            pipeline train (HF format)
       tokenizer.json         pipeline export
-      variants/<name>/model.onnx[.data]   fp32 (export), fused, fused-fp16 (optimize), w8a8/static/w8/w4
+      config.json            pipeline export: the source's Hugging Face config
+      variants/<name>/model.onnx[.data]   fp32 (export), fused, fused-fp16 (optimize), w8a8/static/w8/w4, each
+                     beside config.json, generation_config.json, genai_config.json, tokenizer(_config).json,
+                     so Optimum and onnxruntime-genai open the folder as it is (pipeline/loaders.py)
 
 The manifest never lies about the files beside it:
 
@@ -187,6 +190,8 @@ class Transaction:
         where = Path(rel) if Path(rel).is_absolute() else self.staging / rel
         if not where.exists():
             raise FileNotFoundError(errno.ENOENT, "a stage did not write its output", str(where))
+        if art["kind"] == "onnx" and not Path(rel).is_absolute():
+            where = where.parent  # the variant's folder: the model and the files that let other tools load it
         files, stat = {}, {}
         base = self.staging if not Path(rel).is_absolute() else self.run.root
         for f in files_under(where):
@@ -195,6 +200,23 @@ class Transaction:
             st = f.stat()
             stat[key] = [st.st_size, st.st_mtime_ns]
         return {"files": files, "digest": digest(files), "stat": stat}
+
+    def _complete_variants(self, outputs: dict[str, dict], arts: dict) -> None:
+        """Beside each new variant's model, the files other tools need to open its folder as it is (config,
+        tokenizer, generation and genai configs: pipeline/loaders.py), from this stage's outputs or the run's."""
+        from pipeline.loaders import CONFIG_FILE, TOKENIZER_FILE, write_loader_files
+
+        exporting = "source" in outputs  # then only its own tokenizer and config, never an earlier model's
+
+        def newest(rel: str) -> Path | None:
+            places = (self.staging / rel,) if exporting else (self.staging / rel, self.run.root / rel)
+            return next((p for p in places if p.is_file()), None)
+
+        source = outputs.get("source") or arts.get("source") or {}
+        for art in outputs.values():
+            if art["kind"] == "onnx" and not Path(art["path"]).is_absolute():
+                write_loader_files((self.staging / art["path"]).parent, source, newest(TOKENIZER_FILE),
+                                   newest(CONFIG_FILE))
 
     def commit(self) -> None:
         with self.run._locked():
@@ -210,6 +232,7 @@ class Transaction:
                 raise UserError(f"{name!r} in run {run.root} was replaced while this stage ran: rerun it")
         units: list[str] = []
         for stage, config, inputs, outputs, results in self.pending:
+            self._complete_variants(outputs, arts)
             described = {name: self._describe(art) for name, art in outputs.items()}
             replaced = {n for n in outputs if n in arts}
             changed = {n for n in replaced if arts[n]["digest"] != described[n]["digest"]}

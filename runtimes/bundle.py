@@ -191,6 +191,13 @@ def extract_archive(archive: Path, dest: Path) -> Path:
 BUNDLE_MARKERS = ("genai_config.json", "generation_config.json", "tokenizer_config.json")  # what package writes
 
 
+def in_run(model: Path) -> bool:
+    """Whether `model` is a variant in a run directory (RUN/variants/NAME/model.onnx beside RUN/manifest.json):
+    its folder holds the same configs as a bundle, but the run's manifest, not a bundle's, records its files."""
+    parents = model.absolute().parents
+    return len(parents) > 2 and parents[1].name == "variants" and (parents[2] / MANIFEST_FILE).is_file()
+
+
 @contextlib.contextmanager
 def opened_bundle(path: str | Path, require_manifest: bool = False) -> Iterator[tuple[Path, dict | None]]:
     """(the path to load, its verified manifest), checked before anything is loaded.
@@ -208,7 +215,7 @@ def opened_bundle(path: str | Path, require_manifest: bool = False) -> Iterator[
     elif path.is_dir():
         yield path, verify_bundle(path)  # no manifest: refused by load_manifest
     elif path.is_file() and ((path.parent / MANIFEST_FILE).exists()
-                             or any((path.parent / m).exists() for m in BUNDLE_MARKERS)):
+                             or (any((path.parent / m).exists() for m in BUNDLE_MARKERS) and not in_run(path))):
         yield path, verify_bundle(path.parent)  # a file of a bundle: the whole bundle is checked
     elif require_manifest:
         raise RuntimeUserError(f"{path} is neither a bundle directory nor a bundle archive "

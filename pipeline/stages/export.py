@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline import progress
+from pipeline.loaders import CONFIG_FILE, source_config
 from pipeline.manifest import RunDir
 from pipeline.options import check_options, option
 
@@ -75,6 +76,8 @@ def publish_export(tx, run: RunDir, config: ExportConfig, variant: str, source_i
                variant: {"kind": "onnx", "path": f"variants/{variant}/model.onnx", "parent": "source"}}
     if tokenizer is not None:
         outputs["tokenizer"] = {"kind": "tokenizer", "path": "tokenizer.json", "parent": "source"}
+    tx.path(CONFIG_FILE).write_bytes(source_config(config.model))
+    outputs["hf_config"] = {"kind": "config", "path": CONFIG_FILE, "parent": "source"}
     tx.record("export", asdict(config), {"model": config.model}, outputs, results)
 
 

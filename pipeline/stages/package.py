@@ -2,10 +2,11 @@
 
     BUNDLE/
       model.onnx [model.onnx.data]   the variant, byte for byte as `check` measured it
+      config.json                    the source's Hugging Face config (Optimum's ORTModelForCausalLM reads it)
       tokenizer.json                 read by runtimes/ (tokenizers)
       generation_config.json         eos/bos ids, so the runtime stops at end of sequence
       genai_config.json              lets onnxruntime-genai load the folder as it is
-      tokenizer_config.json          onnxruntime-genai's tokenizer will not open without one
+      tokenizer_config.json          AutoTokenizer's and onnxruntime-genai's settings (pipeline/loaders.py)
       manifest.json                  sha256 + size of every other file, source, lineage, check and bench figures,
                                      and the memory generation needs at a few context lengths
 
@@ -33,21 +34,18 @@ from pathlib import Path
 from models.errors import UserError
 from models.files import publish, staging_dir
 from pipeline import progress
+from pipeline.loaders import TOKENIZER_FILE, genai_type, write_json, write_loader_files
 from pipeline.manifest import RunDir, sha256
 from pipeline.options import check_options, option
 from runtimes.bench import model_bytes
 from runtimes.bundle import BUNDLE_FORMAT, MANIFEST_FILE, describe_files
-from runtimes.contract import (ATTENTION_MASK, INPUT_IDS, LOGITS, PAST_KEY, PAST_VALUE, POSITION_IDS, PRESENT_KEY,
-                               PRESENT_VALUE, Contract, read_contract)
+from runtimes.contract import Contract, read_contract
 
 MODEL_FILE = "model.onnx"
 BUNDLE_SCHEMA = 1
 INT8_RECIPES = ("w8a8", "w8", "static")  # most int8 work first: W8A8 runs its MatMuls in int8
 PREFERENCE_CHECKED = (*INT8_RECIPES, "fused", "fp32")
 PREFERENCE_UNCHECKED = ("fused", "fp32")
-# onnxruntime-genai model types whose decoder takes our separate past/present key and value names. Its "gpt2"
-# type expects one combined `past_%d` tensor per layer, so GPT-2 (and anything else) uses the generic "decoder".
-GENAI_TYPES = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral"}
 ARCHIVE_FORMATS = ("tar.gz", "zip")
 
 
@@ -131,84 +129,6 @@ def model_contract(model_path: Path) -> Contract:
     return read_contract(onnx.load(str(model_path), load_external_data=False), model_path)
 
 
-def token_ids(source: dict) -> dict:
-    """bos/eos/pad ids of the source; pad is eos (nothing is padded at batch 1, but genai wants an id)."""
-    eos = source.get("eos_token_id")
-    ids = {"bos_token_id": source.get("bos_token_id"), "eos_token_id": eos,
-           "pad_token_id": eos[0] if isinstance(eos, list) and eos else eos}
-    return {k: v for k, v in ids.items() if v is not None}
-
-
-def generation_config(source: dict, contract: Contract) -> dict:
-    """Hugging Face-style generation defaults; runtimes/ reads eos_token_id from it to stop generating."""
-    return {**token_ids(source), "do_sample": False, "max_length": contract.max_position_embeddings}
-
-
-def genai_type(family: str) -> str:
-    return GENAI_TYPES.get(family, "decoder")
-
-
-def genai_config(source: dict, contract: Contract) -> dict:
-    """onnxruntime-genai's config for this folder.
-
-    past_present_share_buffer: genai then allocates past and present once at max_length and passes the same
-    buffer as both. GroupQueryAttention (our fused graphs) detects that (past pointer == present pointer) and
-    appends in place, reading lengths from the attention mask genai keeps at the true length. The unfused graph
-    grows the cache with Concat, whose output cannot live in a fixed max_length buffer, so it must be false there.
-    """
-    ids = token_ids(source)
-    context = contract.max_position_embeddings
-    return {
-        "model": {
-            "type": genai_type(contract.family),
-            "bos_token_id": ids.get("bos_token_id", 0),
-            "eos_token_id": ids.get("eos_token_id", -1),
-            "pad_token_id": ids.get("pad_token_id", 0),
-            "vocab_size": contract.vocab_size,
-            "context_length": context,
-            "decoder": {
-                "filename": MODEL_FILE,
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
-                "head_size": contract.head_dim,
-                "hidden_size": contract.hidden_size,
-                "num_attention_heads": contract.num_heads,
-                "num_key_value_heads": contract.num_kv_heads,
-                "num_hidden_layers": contract.num_layers,
-                "inputs": {"input_ids": INPUT_IDS, "attention_mask": ATTENTION_MASK, "position_ids": POSITION_IDS,
-                           "past_key_names": PAST_KEY.format("%d"), "past_value_names": PAST_VALUE.format("%d")},
-                "outputs": {"logits": LOGITS, "present_key_names": PRESENT_KEY.format("%d"),
-                            "present_value_names": PRESENT_VALUE.format("%d")},
-            },
-        },
-        "search": {"do_sample": False, "max_length": context, "min_length": 0, "num_beams": 1,
-                   "num_return_sequences": 1, "past_present_share_buffer": contract.fused_attention,
-                   "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
-                   "early_stopping": True, "length_penalty": 1.0, "no_repeat_ngram_size": 0,
-                   "diversity_penalty": 0.0},
-    }
-
-
-def tokenizer_config(source: dict, tokenizer_json: Path, contract: Contract) -> bytes:
-    """The source checkpoint's tokenizer_config.json when it still matches the run manifest's record of it;
-    else a minimal one over tokenizer.json (genai's tokenizer reads the class and special tokens from it)."""
-    own = Path(source.get("path", "")) / "tokenizer_config.json"
-    recorded = (source.get("files") or {}).get(str(own))
-    if recorded and own.is_file():
-        if sha256(own) != recorded:
-            raise UserError(f"{own} changed since `pipeline export` recorded it: re-export the model")
-        return own.read_bytes()
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(tokenizer_json))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": contract.max_position_embeddings,
-              "clean_up_tokenization_spaces": False}
-    for key, token_id in token_ids(source).items():
-        first = token_id[0] if isinstance(token_id, list) else token_id
-        if key != "pad_token_id" and tok.id_to_token(first) is not None:
-            config[key.removesuffix("_id")] = tok.id_to_token(first)
-    return (json.dumps(config, indent=2) + "\n").encode()
-
-
 def copy_verified(src: Path, dst: Path, expected: str) -> None:
     """Copy `src` to `dst`, hashing the bytes as they go; a file that differs from the run manifest's record
     (changed after the stage that wrote it) stops packaging."""
@@ -224,17 +144,17 @@ def copy_verified(src: Path, dst: Path, expected: str) -> None:
                         "that wrote it")
 
 
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
-
-
 def stage_files(run: RunDir, variant: str, artifacts: dict, dest: Path) -> None:
-    """The variant's model file(s) and tokenizer.json into `dest`, each verified against the run manifest."""
+    """The variant's files (model, external data and the loaders' files beside them) into `dest`, each verified
+    against the run manifest, and the run's tokenizer.json where the variant folder has none (runs made before
+    variant folders carried it)."""
     files = artifacts[variant].get("files") or {}
     if not files:
         raise UserError(f"variant {variant!r} has no recorded files in {run.manifest_path}: rerun its stage")
     for rel, digest in files.items():
         copy_verified(run.root / rel, dest / Path(rel).name, digest)
+    if (dest / TOKENIZER_FILE).is_file():
+        return
     tokenizer = artifacts.get("tokenizer")
     if tokenizer is None or not (run.root / tokenizer["path"]).is_file():
         raise UserError(f"run {run.root} has no tokenizer.json: export from a checkpoint that has a tokenizer")
@@ -336,10 +256,7 @@ def package(run: RunDir, config: PackageConfig) -> dict:
         stage_files(run, variant, data["artifacts"], staged)
         phase(steps[1])
         contract = model_contract(staged / MODEL_FILE)  # from the verified copy: the graph that ships
-        write_json(staged / "generation_config.json", generation_config(source, contract))
-        write_json(staged / "genai_config.json", genai_config(source, contract))
-        (staged / "tokenizer_config.json").write_bytes(tokenizer_config(source, staged / "tokenizer.json",
-                                                                        contract))
+        write_loader_files(staged, source, staged / TOKENIZER_FILE, None)  # what an older run's folder lacks
         manifest = bundle_manifest(variant, data, staged, contract)
         write_json(staged / MANIFEST_FILE, manifest)
         if archive is not None:

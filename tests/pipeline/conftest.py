@@ -24,7 +24,8 @@ def make_tokenizer(out_dir: Path, vocab: int = 256) -> None:
     tok.save(str(out_dir / "tokenizer.json"))
 
 
-def make_hf_checkpoint(out_dir: Path, family: str = "llama", seed: int = 0, tied: bool = False) -> Path:
+def make_hf_checkpoint(out_dir: Path, family: str = "llama", seed: int = 0, tied: bool = False,
+                       **overrides) -> Path:
     import torch
     import transformers as tf
 
@@ -52,7 +53,7 @@ def make_hf_checkpoint(out_dir: Path, family: str = "llama", seed: int = 0, tied
                             rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.2, 1.5, 1, 1.1, 1, 1.3, 1],
                                           "long_factor": [2.0, 3.0, 4.0, 5.0, 2.5, 3.5, 6.0, 8.0]})}.get(family, {})
         cfg = cls[0](**{"intermediate_size": 128, "num_key_value_heads": 2, "tie_word_embeddings": tied, **common,
-                        **own})
+                        **own, **overrides})
         model = cls[1](cfg)
     with torch.no_grad():  # random norm weights, so a fusion that drops one shows in the logits
         for name, p in model.named_parameters():

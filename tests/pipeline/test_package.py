@@ -20,7 +20,8 @@ import pytest
 from models.errors import UserError
 from pipeline.manifest import RunDir, sha256
 from pipeline.stages import package as package_stage
-from pipeline.stages.package import PackageConfig, choose_variant, genai_config, package
+from pipeline.loaders import genai_config
+from pipeline.stages.package import PackageConfig, choose_variant, package
 from runtimes.__main__ import main as runtime_main
 from runtimes.bundle import verify_bundle
 from runtimes.contract import Contract, past_key, present_value, read_contract
@@ -89,8 +90,8 @@ def test_package_writes_a_verified_bundle_with_lineage_and_genai_config(bundles,
     manifest = verify_bundle(bundle)
     assert manifest["variant"] == "fused"  # check never ran: fused before fp32
     assert sorted(p.name for p in bundle.iterdir()) == [
-        "genai_config.json", "generation_config.json", "manifest.json", "model.onnx", "tokenizer.json",
-        "tokenizer_config.json"]
+        "config.json", "genai_config.json", "generation_config.json", "manifest.json", "model.onnx",
+        "tokenizer.json", "tokenizer_config.json"]
     for name, entry in manifest["files"].items():
         assert entry == {"sha256": sha256(bundle / name), "size": (bundle / name).stat().st_size}
     assert manifest["files"]["model.onnx"]["sha256"] == sha256(run_dir / "variants/fused/model.onnx")
@@ -457,3 +458,136 @@ def test_onnxruntime_genai_runs_a_gpt2_bundle_as_a_generic_decoder(genai_python,
     invoke("package", run, "--out", tmp_path / "b")
     assert json.loads((tmp_path / "b" / "genai_config.json").read_text())["model"]["type"] == "decoder"
     assert genai_tokens(genai_python, tmp_path / "b") == until_eos(main_env_tokens(run, "fused"))
+
+
+# ---- every variant folder opens in Optimum and onnxruntime-genai as it is ---------------------------------
+
+OPTIMUM_PROBE = """
+import json, sys
+from optimum.onnxruntime import ORTModelForCausalLM
+from transformers import AutoTokenizer
+
+folder, prompt, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+tokenizer = AutoTokenizer.from_pretrained(folder)
+model = ORTModelForCausalLM.from_pretrained(folder)
+inputs = tokenizer(prompt, return_tensors="pt")
+out = model.generate(**inputs, max_new_tokens=n, do_sample=False)
+print(json.dumps({"inputs": sorted(inputs), "ids": inputs["input_ids"][0].tolist(),
+                  "tokens": out[0, inputs["input_ids"].shape[1]:].tolist()}))
+"""
+
+
+@pytest.fixture(scope="module")
+def optimum_python(tmp_path_factory) -> Path:
+    """Optimum (optimum-onnx) pins transformers < 4.58, older than this project's, so it gets a virtual
+    environment of its own over this one's torch and onnxruntime (about 20 s to install)."""
+    root = tmp_path_factory.mktemp("optimum")
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True,
+                   env=clean_env(), timeout=300)
+    python = venv / "bin" / "python"
+    install = venv_run([python, "-m", "pip", "install", "-q", "optimum-onnx", "transformers<4.58"], root)
+    if install.returncode != 0:
+        pytest.skip(f"optimum-onnx is not installable here: {last_line(install)}")
+    return python
+
+
+def optimum_tokens(python: Path, folder: Path) -> list[int]:
+    probe = venv_run([python, "-c", OPTIMUM_PROBE, folder, PROMPT, NEW_TOKENS], python.parents[2])
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    got = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert got["inputs"] == ["attention_mask", "input_ids"]  # no token_type_ids: tokenizer_config names the inputs
+    assert got["ids"] == load_tokenizer(folder / "tokenizer.json").encode(PROMPT).ids
+    return got["tokens"]
+
+
+@pytest.fixture(scope="module")
+def built_run(tmp_path_factory, text_file) -> Path:
+    """A tied Llama exported by the builder (its default), quantized to w8a8 and w4."""
+    root = tmp_path_factory.mktemp("built")
+    run = root / "run"
+    invoke("export", "--model", make_hf_checkpoint(root / "ckpt", "llama", tied=True), "--out", run)
+    for recipe in ("w8a8", "w4"):
+        invoke("quantize", run, "--recipe", recipe, "--calib-text", text_file, "--calib-windows", "2",
+               "--window", "32", "--valid-windows", "0")
+    return run
+
+
+LOADER_FILES = ["config.json", "generation_config.json", "genai_config.json", "tokenizer.json",
+                "tokenizer_config.json"]
+
+
+def test_every_variant_folder_carries_what_other_tools_load_and_the_manifest_records_it(built_run, run_dir):
+    for run, variants in ((built_run, ("fused", "w8a8", "w4")), (run_dir, ("fp32", "fused"))):
+        arts = json.loads((run / "manifest.json").read_text())["artifacts"]
+        source_config = Path(arts["source"]["path"]) / "config.json"
+        assert (run / "config.json").read_bytes() == source_config.read_bytes()
+        for variant in variants:
+            folder = run / "variants" / variant
+            recorded = sorted(Path(rel).name for rel in arts[variant]["files"])
+            assert recorded == sorted([*LOADER_FILES, "model.onnx", *(
+                ["model.onnx.data"] if (folder / "model.onnx.data").exists() else [])])
+            assert (folder / "config.json").read_bytes() == source_config.read_bytes()
+            assert (folder / "tokenizer.json").read_bytes() == (run / "tokenizer.json").read_bytes()
+            tok = json.loads((folder / "tokenizer_config.json").read_text())
+            assert tok["model_input_names"] == ["input_ids", "attention_mask"]
+            genai = json.loads((folder / "genai_config.json").read_text())["model"]
+            assert genai["decoder"]["num_hidden_layers"] == 2 and genai["eos_token_id"] == EOS
+            assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"] == EOS
+
+
+def test_a_variant_folders_edited_config_is_refused_like_its_model(built_run, tmp_path):
+    run = copy_run(built_run, tmp_path / "run")
+    config = run / "variants/w4/config.json"
+    config.write_text(config.read_text().replace('"vocab_size": 256', '"vocab_size": 257'))
+    with pytest.raises(UserError, match="config.json differs from what manifest.json recorded"):
+        RunDir(run).verified("w4")
+    one_line_error(invoke("package", run, "--variant", "w4", "--out", tmp_path / "b", ok=False), "config.json")
+
+
+def test_a_variant_file_in_a_run_is_not_taken_for_a_bundle_without_its_manifest(built_run, capsys):
+    assert runtime_text(capsys, built_run / "variants/w8a8/model.onnx") == pipeline_text(built_run, "w8a8")
+
+
+@pytest.mark.parametrize("variant", ["fused", "w8a8", "w4"])
+def test_optimum_loads_a_built_variant_folder_and_agrees(optimum_python, built_run, variant):
+    expected = until_eos(main_env_tokens(built_run, variant))
+    assert optimum_tokens(optimum_python, built_run / "variants" / variant) == expected and len(expected) > 1
+
+
+def test_optimum_loads_traced_variant_folders_and_a_bundle_and_agrees(optimum_python, run_dir, bundles):
+    for variant in ("fp32", "fused"):
+        expected = until_eos(main_env_tokens(run_dir, variant))
+        assert optimum_tokens(optimum_python, run_dir / "variants" / variant) == expected
+    assert optimum_tokens(optimum_python, bundles["fused"]) == until_eos(main_env_tokens(run_dir, "fused"))
+
+
+@pytest.mark.parametrize("family, shape", [("qwen3", {"head_dim": 16}), ("gemma3_text", {}), ("mistral", {})])
+def test_optimum_loads_the_new_families_and_agrees(optimum_python, tmp_path, family, shape):
+    """Gemma 3 (heads wider than hidden / heads) and Mistral generate past their 8-token windows. Qwen3 only
+    with heads of hidden / heads (Qwen3-1.7B's shape): Optimum sizes a Qwen3's empty first cache by that ratio,
+    not by head_dim, so a Qwen3-0.6B-shaped graph (1024 / 16 = 64, heads of 128) fails inside Optimum."""
+    run = tmp_path / "run"
+    invoke("export", "--model", make_hf_checkpoint(tmp_path / "ckpt", family, tied=True, **shape), "--out", run)
+    expected = until_eos(main_env_tokens(run, "fused"))
+    assert optimum_tokens(optimum_python, run / "variants/fused") == expected and len(expected) > 1
+
+
+@pytest.mark.parametrize("variant", ["w8a8", "w4"])
+def test_onnxruntime_genai_loads_a_variant_folder_in_place_and_agrees(genai_python, built_run, variant):
+    expected = until_eos(main_env_tokens(built_run, variant))
+    assert genai_tokens(genai_python, built_run / "variants" / variant) == expected and len(expected) > 1
+
+
+def test_the_pipelines_own_install_brings_the_device_commands(bundles, run_dir):
+    """`pip install -e .` (the README's install) puts edge-generate and edge-runtime beside `pipeline`."""
+    scripts = {ep.name: ep.value for ep in importlib.metadata.distribution("edge-pipeline").entry_points
+               if ep.group == "console_scripts"}
+    assert scripts["edge-generate"] == "runtimes.__main__:generate_main"
+    assert scripts["edge-runtime"] == "runtimes.__main__:main"
+    script = Path(sys.executable).parent / "edge-generate"
+    if not script.exists():
+        pytest.skip(f"{script} is not installed: reinstall the checkout with pip install -e .")
+    out = subprocess.run([str(script), str(bundles["fused"]), "--prompt", PROMPT, "--max-new-tokens",
+                          str(NEW_TOKENS)], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout == pipeline_text(run_dir, "fused"), out.stderr

@@ -197,7 +197,8 @@ def test_4_reexport_drops_the_old_models_variants(run, qwen_dir, tmp_path, capsy
     invoke("export", "--model", qwen_dir, "--graph", "traced", "--out", run)
     assert sorted(p.name for p in (run / "variants").iterdir()) == ["fp32"]
     data = RunDir(run).load()
-    assert set(data["artifacts"]) == {"source", "fp32", "tokenizer"} and data["artifacts"]["source"]["family"] == "qwen2"
+    assert set(data["artifacts"]) == {"source", "fp32", "tokenizer", "hf_config"}
+    assert data["artifacts"]["source"]["family"] == "qwen2"
     one_line(invoke("package", run, "--out", tmp_path / "b", "--variant", "w8", ok=False), "no variant 'w8'")
     one_line(invoke("generate", run, "--variant", "w8", "--prompt", "x", ok=False), "no variant 'w8'")
     invoke("package", run, "--out", tmp_path / "b")
