@@ -28,6 +28,7 @@ from models.weights import NotBuildable, open_weights
 from runtimes.contract import past_names, read_contract
 from tests.models.test_hf import TOKENS, llama_cpp_permute, tiny_hf, write_gguf
 from tests.pipeline.test_cli import invoke, one_line_error
+from tests.hf_cache import cache_of, with_cache
 
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=160, max_position_embeddings=64)
@@ -132,10 +133,10 @@ def transformers_run(model, ids: np.ndarray, steps: int) -> tuple[np.ndarray, li
     t = torch.from_numpy(ids)
     with torch.no_grad():
         res = model(input_ids=t[:, :-steps], use_cache=True)
-        out, cache, decoded = res.logits.numpy(), res.past_key_values, []
+        out, cache, decoded = res.logits.numpy(), cache_of(res), []
         for j in range(ids.shape[1] - steps, ids.shape[1]):
-            res = model(input_ids=t[:, j:j + 1], past_key_values=cache, use_cache=True)
-            cache = res.past_key_values
+            res = model(input_ids=t[:, j:j + 1], **with_cache(cache), use_cache=True)
+            cache = cache_of(res)
             decoded.append(res.logits.numpy())
     return out, decoded
 

@@ -20,6 +20,7 @@ from models.checkpoint import save_checkpoint
 from models.decoder import Decoder, DecoderConfig
 from models.errors import UserError
 from models.hf import decoder_from_hf, export_tokenizer, load_hf_reference, load_model
+from tests.hf_cache import cache_of, with_cache
 
 torch.set_num_threads(1)
 
@@ -99,7 +100,7 @@ def assert_matches(ours: Decoder, ref: PreTrainedModel, vocab: int) -> None:
         pos2 = pos[:, -1:] + 1
         step, _ = ours(nxt, mask2, pos2, past)
         ref_step = ref(input_ids=nxt, attention_mask=mask2, position_ids=pos2,
-                       past_key_values=ref_out.past_key_values, use_cache=True)
+                       **with_cache(cache_of(ref_out)), use_cache=True)
         torch.testing.assert_close(step, ref_step.logits, atol=TOL, rtol=0)
 
 
@@ -151,7 +152,7 @@ def test_sliding_window_limits_attention_not_context(tmp_path):
         ref_out = ref(input_ids=ids[:, :39], use_cache=True)
         torch.testing.assert_close(logits, ref_out.logits, atol=TOL, rtol=0)
         step, _ = ours(ids[:, 39:], past_key_values=past)
-        ref_step = ref(input_ids=ids[:, 39:], past_key_values=ref_out.past_key_values, use_cache=True)
+        ref_step = ref(input_ids=ids[:, 39:], **with_cache(cache_of(ref_out)), use_cache=True)
         torch.testing.assert_close(step, ref_step.logits, atol=TOL, rtol=0)
 
 
@@ -167,11 +168,11 @@ def test_longrope_switches_with_the_sequence_length():
         logits, past = ours(ids[:, :5])
         ref_out = ref(input_ids=ids[:, :5], use_cache=True)
         torch.testing.assert_close(logits, ref_out.logits, atol=TOL, rtol=0)
-        cache = ref_out.past_key_values
+        cache = cache_of(ref_out)
         for j in range(5, 9):  # positions 5..8: the sequence passes 6 tokens at j = 6
             step, past = ours(ids[:, j:j + 1], past_key_values=past)
-            ref_step = ref(input_ids=ids[:, j:j + 1], past_key_values=cache, use_cache=True)
-            cache = ref_step.past_key_values
+            ref_step = ref(input_ids=ids[:, j:j + 1], **with_cache(cache), use_cache=True)
+            cache = cache_of(ref_step)
             torch.testing.assert_close(step, ref_step.logits, atol=TOL, rtol=0)
 
 
