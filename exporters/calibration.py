@@ -23,6 +23,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader
 
+from exporters import progress
 from models.errors import UserError
 from runtimes.contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, Contract, past_key, past_value, present_key, \
     present_value
@@ -141,7 +142,8 @@ class KVCacheCalibrationReader(CalibrationDataReader):
 
     def feeds(self, first_window: int = 0, stop_window: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         """A fresh pass over the windows [first_window, stop_window), independent of get_next's position."""
-        for window in self.windows[first_window:stop_window]:
+        windows = self.windows[first_window:stop_window]
+        for window in progress.each(windows, "calibration pass", unit="window"):
             yield from window_feeds(self.session, self.contract, window, self.plan.seq_len)
 
     def get_next(self) -> dict[str, np.ndarray] | None:

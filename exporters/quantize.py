@@ -53,6 +53,7 @@ from pathlib import Path
 
 import onnx
 
+from exporters import progress
 from exporters.graph import GraphIndex
 from exporters.onnx_io import files_size, load_onnx, move_model
 from exporters.quantization.config import WEIGHT_BITS_KEY, QuantConfig  # noqa: F401 (imported from here)
@@ -98,7 +99,8 @@ def quantize(model_path: str | Path, out_path: str | Path, calib_ids: list[list[
         q = Quantizing(model, model_path, workdir / out_path.name, workdir, calib_ids, valid_ids, config.exclude,
                        reasons={name: "excluded by config" for name in config.exclude})
         q.targets = targets(model, config.exclude)  # validates the excluded names
-        for step, step_config in steps(config):
+        for step, step_config in progress.each(steps(config), f"quantize {config.recipe}", unit="pass",
+                                               label=lambda s: s[0].name):
             q = step.run(q, step_config)
         q.details.setdefault("weight_rounding", "nearest")
         if config.weight_only_bits is None:

@@ -55,3 +55,13 @@ def phases(stage: str, names: list[str]) -> Iterator:
         yield start
         if started:
             b.update(1)
+
+
+def _hand_to_exporters() -> None:
+    """The exporters' long loops (calibration passes, GPTQ, the sensitivity search) report through this bar."""
+    from exporters import progress as exporters_progress
+
+    exporters_progress.install(bar)
+
+
+_hand_to_exporters()

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from exporters import progress
 from exporters.calibration import KVCacheCalibrationReader
 from exporters.gptq import fits, gptq
 from exporters.graph import GraphIndex
@@ -142,7 +143,7 @@ def gptq_weights(model: onnx.ModelProto, targets: list[str], hessians: dict[str,
     g = GraphIndex(model)
     nodes, inits = g.nodes, g.inits
     rounded, nearest = {}, []
-    for t in targets:
+    for t in progress.each(targets, "GPTQ", unit="MatMul"):
         w = numpy_helper.to_array(inits[nodes[t].input[1]])
         if not fits(w.shape[0], tokens):
             nearest.append(t)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from exporters import progress
 from exporters.acceptance import Thresholds
 from exporters.quantization.evaluate import Agreement, LogProbs, agreement, kl_sum, perplexity_of, sequences, \
     session_log_probs
@@ -73,7 +74,7 @@ def one_at_a_time_kl(switch: QuantSwitch, targets: list[str], ids_list: list[lis
     reference = [switch.log_probs(ids, ()) for ids in seqs]
     tokens = sum(ids.size - 1 for ids in seqs)
     kl = {}
-    for name in targets:
+    for name in progress.each(targets, "sensitivity", unit="MatMul"):
         total = sum(kl_sum(ref, switch.log_probs(ids, {name})) for ids, ref in zip(seqs, reference))
         kl[name] = total / max(tokens, 1)
     return kl
