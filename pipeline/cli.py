@@ -102,7 +102,7 @@ run_dir_arg = click.argument("run_dir", type=click.Path(file_okay=False))
 json_opt = click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 
 
-@click.group(cls=OneLineGroup, epilog=EXAMPLES)
+@click.group(cls=OneLineGroup, epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="edge-pipeline")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars on stderr (they are off anyway when stderr is "
                                                    "not a terminal).")

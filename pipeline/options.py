@@ -185,8 +185,12 @@ def threads(default: int = 2) -> Any:
     return option(int, default, "Intra-op threads.", lo=1, hi=MAX_THREADS)
 
 
+PROVIDERS = ("cpu", "cuda", "tensorrt")  # runtimes.providers.FACTORIES' names
+
+
 def provider() -> Any:
-    return option(str, "cpu", "Execution provider: cpu, cuda or tensorrt.")
+    return option(str, "cpu", "Execution provider (cuda and tensorrt need the gpu / tensorrt extra).",
+                  choices=PROVIDERS)
 
 
 def variants(what: str) -> Any:

@@ -505,3 +505,34 @@ def test_the_quantize_summary_reads_what_the_report_lists_not_its_reason_texts()
     assert lines[0] == "w8a8: 4.00 MB -> 1.00 MB (0.25x); 2 MatMuls quantized, 90% of weight-MatMul FLOPs"
     assert "2 channels of 1 activations (1 small MatMuls)" in lines[2] and "before 1 MatMuls" in lines[3]
     assert lines[-1] == "  left in float: lm (excluded by config)"
+
+
+def test_short_help_and_the_provider_choices():
+    from pipeline.options import PROVIDERS
+    from runtimes.providers import FACTORIES
+
+    assert tuple(FACTORIES) == PROVIDERS  # the CLI offers exactly the providers the runtime knows
+    for args in (["-h"], ["bench", "-h"], ["optimize", "-h"]):
+        assert invoke(*args).output.startswith("Usage: "), args
+    bench = invoke("bench", "-h").output
+    assert "[cpu|cuda|tensorrt]" in bench and "w8a8-native" in bench
+
+
+def test_greedy_check_takes_the_prompt_whose_reference_does_not_repeat_itself():
+    import torch
+
+    from pipeline.stages.check import CheckConfig, greedy_reference, render_table
+
+    class Repeats:
+        """A model that repeats its prompt's first token, except after prompts starting with 7."""
+        def generate(self, x, steps):
+            first = int(x[0, 0])
+            return torch.tensor([list(range(10, 10 + steps)) if first == 7 else [first] * steps])
+
+    windows = [[3] * 40, [7] * 40, [5] * 40]
+    config = CheckConfig(steps=8, prompt_tokens=4)
+    prompt, ref = greedy_reference(Repeats(), windows, config)
+    assert prompt == [7] * 4 and ref == list(range(10, 18))
+    rows = {"variants": [], "passed": True, "tokens_evaluated": 1, "greedy_steps": 8, "greedy_distinct": 1}
+    assert "1 distinct tokens; it repeats itself" in render_table(rows)
+    assert "repeats" not in render_table({**rows, "greedy_distinct": 8})
