@@ -112,6 +112,9 @@ def main(name: str = "smollm2", description: str = __doc__,
     p.add_argument("--calib-windows", type=int, default=32, help="calibration windows of 128 tokens")
     p.add_argument("--memory-prompts", default="512,1536,2048",
                    help="prompt lengths of the peak-memory runs (w8a8 and w4 against llama.cpp; '' for none)")
+    p.add_argument("--plot", default=f"docs/{name}-bench.png",
+                   help="the chart of the speed table (decode ms/token and prefill per runner) that "
+                        "docs/benchmarks.md embeds; '' for none (needs matplotlib)")
     p.add_argument("--skip-export", action="store_true", help="reuse the run's fused and fp32 variants")
     p.add_argument("--skip-quantize", action="store_true",
                    help="reuse the run's quantized variants too (their reports come from manifest.json)")
@@ -140,7 +143,8 @@ def main(name: str = "smollm2", description: str = __doc__,
         + ["optimum"]
     bargs = ["--variant", "fp32", *vargs] if traced_fp32 else vargs  # the plain export: what fusion alone buys
     bench = pipeline("bench", str(out), *bargs, "--threads", str(a.threads), "--prompt-len", "32",
-                     "--new-tokens", "64", "--repeats", "5", "--compare", ",".join(peers), "--json")
+                     "--new-tokens", "64", "--repeats", "5", "--compare", ",".join(peers), "--json",
+                     *(["--plot", a.plot] if a.plot else []))
     memory = {}  # peak RSS and prefill against the prompt's length: what an edge board must hold
     small = [x for v in ("w8a8-native" if native else "w8a8", "w4") if v in variants for x in ("--variant", v)]
     compare = ["--compare", "llamacpp"] if "llamacpp" in peers else []
