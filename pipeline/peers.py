@@ -111,7 +111,19 @@ def bench_llamacpp(gguf: str, threads: int, prompt_len: int, new_tokens: int, wa
     def step(_) -> None:
         llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
 
-    return timed(prefill, step, new_tokens, warmup, repeats)
+    return {**timed(prefill, step, new_tokens, warmup, repeats), **gguf_identity(gguf, llm.metadata)}
+
+
+def gguf_identity(gguf: str, metadata: dict) -> dict:
+    """Which file llama.cpp ran and its weight type (general.file_type, by llama.cpp's own names): a row that
+    says "llama.cpp" must say what it measured."""
+    import llama_cpp
+
+    names = {getattr(llama_cpp, n): n.removeprefix("LLAMA_FTYPE_").removeprefix("MOSTLY_").removeprefix("ALL_")
+             for n in dir(llama_cpp) if n.startswith("LLAMA_FTYPE_") and isinstance(getattr(llama_cpp, n), int)}
+    ftype = metadata.get("general.file_type")
+    return {"model": str(Path(gguf).resolve()), "file_bytes": Path(gguf).stat().st_size,
+            "gguf_type": names.get(int(ftype), f"file_type {ftype}") if ftype is not None else None}
 
 
 def bench_optimum(source: str, threads: int, prompt_len: int, new_tokens: int, warmup: int, repeats: int) -> dict:

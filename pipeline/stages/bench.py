@@ -41,7 +41,9 @@ class BenchConfig:
     # 5: fewer say too little about the spread, and the row is marked noisy (runtimes.bench.MIN_REPEATS)
     repeats: int = option(int, 5, "Timed repetitions (medians and min-max spread reported).", lo=1, hi=MAX_REPEATS)
     compare: tuple[str, ...] = option(str, ("pytorch",), "Peers measured in the same run: pytorch, optimum, "
-                                      "llamacpp, or none; repeat the flag or separate by commas.", many=True)
+                                      "llamacpp (RUN/peers/model.gguf, else a .gguf source), llamacpp:NAME "
+                                      "(RUN/peers/NAME.gguf), or none; repeat the flag or separate by commas.",
+                                      many=True)
     timeout_s: int = option(int, 1800, "Seconds each runner may take.", lo=1)
     format: str = option(str, "table", "How the results print on stdout: table, md (Markdown), csv or json "
                          "(--json is --format json).", choices=FORMATS)
@@ -93,16 +95,25 @@ def bench_variant(path: Path, config: BenchConfig, cache_dir: Path) -> dict:
     return run_json(cmd, config.timeout_s)
 
 
-def peer_model(run: RunDir, peer: str) -> str:
-    """What a peer loads: the source checkpoint. llama.cpp needs a .gguf file; Optimum exports from a Hugging Face
-    directory, so a .gguf source is written out once as one (run/peers/hf, the dequantized float weights)."""
+def peer_model(run: RunDir, peer: str, which: str = "") -> str:
+    """What a peer loads: the source checkpoint. llama.cpp runs RUN/peers/model.gguf when there is one (a
+    re-quantization of the source at the bits being compared, as the benchmarks write), else a .gguf source as
+    it is; Optimum exports from a Hugging Face directory, so a .gguf source is written out once as one
+    (run/peers/hf, the dequantized float weights)."""
     source = run.artifact("source")["path"]
-    if peer == "llamacpp" and not source.endswith(".gguf"):
+    if peer == "llamacpp" and which:  # llamacpp:NAME runs RUN/peers/NAME.gguf, llamacpp:FILE.gguf that file
+        gguf = Path(which) if which.endswith(".gguf") else run.root / "peers" / f"{which}.gguf"
+        if not gguf.is_file():
+            raise UserError(f"llamacpp:{which}: {gguf} is not a file: write the GGUF there (llama.cpp's quantizer "
+                            "makes one from the source), or name an existing .gguf file")
+        return str(gguf)
+    if peer == "llamacpp":
         gguf = run.root / "peers" / "model.gguf"
-        if not gguf.exists():
+        if gguf.exists():
+            return str(gguf)
+        if not source.endswith(".gguf"):
             raise UserError("llama.cpp needs a .gguf model: export from a .gguf file, or put one at "
                             f"{gguf}")
-        return str(gguf)
     if peer == "optimum" and source.endswith(".gguf"):
         return str(hf_directory(source, run.root / "peers" / "hf"))
     return source
@@ -150,11 +161,13 @@ def hf_directory(gguf: str, out: Path) -> Path:
 def bench_peer(run: RunDir, peer: str, config: BenchConfig) -> dict:
     from pipeline.peers import INSTALL, available, command
 
-    if peer not in INSTALL:
-        raise UserError(f"unknown peer {peer!r}: choose from {', '.join(sorted(INSTALL))}")
-    if not available(peer):
-        return {"missing": True, "install": INSTALL[peer]}
-    cmd, env = command(peer, peer_model(run, peer), "--threads", str(config.threads),
+    kind, _, which = peer.partition(":")
+    if kind not in INSTALL or (which and kind != "llamacpp"):
+        raise UserError(f"unknown peer {peer!r}: choose from {', '.join(sorted(INSTALL))} (and llamacpp:NAME for "
+                        "RUN/peers/NAME.gguf)")
+    if not available(kind):
+        return {"missing": True, "install": INSTALL[kind]}
+    cmd, env = command(kind, peer_model(run, kind, which), "--threads", str(config.threads),
                        "--prompt-len", str(config.prompt_len), "--new-tokens", str(config.new_tokens),
                        "--warmup", str(config.warmup), "--repeats", str(config.repeats))
     return run_json(cmd, config.timeout_s, env)
@@ -198,6 +211,11 @@ def heading(results: dict) -> str:
             f"prompt, {results['new_tokens']} decode steps")
 
 
+def label(name: str, r: dict) -> str:
+    """The runner as the tables and the chart name it: llama.cpp with the weight type of the file it ran."""
+    return f"{name} {r['gguf_type']}" if r.get("gguf_type") else name
+
+
 def note(r: dict) -> str:
     """What the last column says: why a row has no figures, or why its figures are not to be trusted."""
     if r.get("missing"):
@@ -235,14 +253,14 @@ CSV_KEYS = ("prefill_ms", "prefill_ms_min", "prefill_ms_max", "decode_ms_p50", "
 
 def render_table(results: dict) -> str:
     """Fixed-width text: each figure with its min-max over the repeats (decode: of each repeat's median step)."""
-    head = f"{'runner':<12} " + " ".join(f"{h:>{w}}" for h, w, _ in COLUMNS) + "  note"
+    head = f"{'runner':<14} " + " ".join(f"{h:>{w}}" for h, w, _ in COLUMNS) + "  note"
     lines = [heading(results), head, "-" * len(head)]
     for name, r in results["rows"].items():
         if r.get("missing") or r.get("error"):
-            lines.append(f"{name:<12} {note(r)}")
+            lines.append(f"{label(name, r):<14} {note(r)}")
         else:
             cells = " ".join(f"{cell(r):>{w}}" for _, w, cell in COLUMNS)
-            lines.append(f"{name:<12} {cells}  {note(r)}".rstrip())
+            lines.append(f"{label(name, r):<14} {cells}  {note(r)}".rstrip())
     return "\n".join(lines)
 
 
@@ -256,7 +274,8 @@ def render_markdown(results: dict) -> str:
              "|---|" + "---:|" * len(COLUMNS) + "---|"]
     for name, r in results["rows"].items():
         measured_row = not r.get("missing") and not r.get("error")
-        lines.append(row([name, *([cell(r) for _, _, cell in COLUMNS] if measured_row else blank), note(r)]))
+        lines.append(row([label(name, r), *([cell(r) for _, _, cell in COLUMNS] if measured_row else blank),
+                          note(r)]))
     return "\n".join(lines)
 
 
@@ -267,7 +286,7 @@ def render_csv(results: dict) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["runner", *CSV_KEYS, "note"])
     for name, r in results["rows"].items():
-        writer.writerow([name, *("" if r.get(k) is None else r[k] for k in CSV_KEYS), note(r)])
+        writer.writerow([label(name, r), *("" if r.get(k) is None else r[k] for k in CSV_KEYS), note(r)])
     return out.getvalue().rstrip("\n")
 
 
@@ -291,7 +310,7 @@ def write_plot(results: dict, path: Path) -> Path:
         heights = [rows[n][mid] for n in names]
         low = [max(0.0, rows[n][mid] - rows[n].get(f"{key}_min", rows[n][mid])) for n in names]
         high = [max(0.0, rows[n].get(f"{key}_max", rows[n][mid]) - rows[n][mid]) for n in names]
-        bars = ax.bar(names, heights, yerr=[low, high], capsize=4, color="tab:blue")
+        bars = ax.bar([label(n, rows[n]) for n in names], heights, yerr=[low, high], capsize=4, color="tab:blue")
         for bar, n in zip(bars, names):
             if rows[n].get("noisy"):  # hatched: not to be trusted
                 bar.set_hatch("//")
