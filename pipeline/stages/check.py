@@ -7,6 +7,10 @@ of MatMul FLOPs that run in int8, and the file size. Each variant kind has thres
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+import sys
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -37,6 +41,9 @@ class CheckConfig:
     prompt_tokens: int = option(int, 16, "Prompt tokens before the greedy steps.", lo=1)
     provider: str = options.provider()
     threads: int = options.threads()
+    compare: tuple[str, ...] = option(str, (), "llama.cpp files measured beside the variants, on the same text "
+                                      "against the same reference: llamacpp (RUN/peers/model.gguf, else a .gguf "
+                                      "source) or llamacpp:NAME (RUN/peers/NAME.gguf); not judged.", many=True)
     thresholds: dict = field(default_factory=dict)  # variant -> Thresholds overrides (Python only)
 
     def __post_init__(self):
@@ -176,19 +183,81 @@ def check_variant(name: str, path, model, windows, config: CheckConfig,
         per_window.append(compare_logits(ref[:-1], got[:-1], np.array(ids[1:])))
     prompt, ref_tokens = reference
     got_tokens = greedy_tokens(sess, prompt, config.steps)
+    return {**summarize(name, per_window, ref_tokens, got_tokens), "provider": sess.provider,
+            **int8_flop_share(path), "size_bytes": model_bytes(path)}
+
+
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """Python's sys.stderr and file descriptor 2 pointed away for the duration (llama-cpp-python's log callback
+    prints to the first, C code writes to the second); errors still arrive as Python exceptions."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def check_llamacpp(name: str, gguf: str, model, windows, config: CheckConfig,
+                   reference: tuple[list[int], list[int]]) -> dict:
+    """A llama.cpp file measured as a variant is (same windows, same PyTorch reference, same greedy prompt), through
+    llama-cpp-python with every position's logits kept. Its vocabulary must be the run's: the windows are the
+    run tokenizer's ids."""
+    import torch
+
+    try:
+        from llama_cpp import Llama
+    except ImportError as e:
+        from pipeline.peers import INSTALL
+
+        raise UserError(f"--compare {name} needs llama-cpp-python: {INSTALL['llamacpp']}") from e
+    from pipeline.peers import gguf_identity
+
+    prompt, ref_tokens = reference
+    n_ctx = max(max(len(w) for w in windows), len(prompt) + len(ref_tokens)) + 8
+    with native_stderr_silenced():  # llama.cpp warns from C on stderr (a context past the trained one, say)
+        llm = Llama(model_path=gguf, n_ctx=n_ctx, n_batch=n_ctx, n_threads=config.threads,
+                    n_threads_batch=config.threads, logits_all=True, verbose=False)
+    if llm.n_vocab() != model.config.vocab_size:
+        raise UserError(f"{gguf} has a vocabulary of {llm.n_vocab()} tokens, the run's model "
+                        f"{model.config.vocab_size}: compare a GGUF of the same model")
+    per_window = []
+    for ids in progress.each(windows, f"check {name}", unit="window"):
+        with torch.no_grad():
+            ref = model(torch.tensor([ids]))[0][0].numpy()
+        llm.reset()
+        llm.eval(ids)
+        got = np.array(llm.scores[:len(ids)], dtype=np.float32)
+        per_window.append(compare_logits(ref[:-1], got[:-1], np.array(ids[1:])))
+    llm.reset()
+    llm.eval(prompt)
+    got_tokens = []
+    for _ in ref_tokens:
+        got_tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([got_tokens[-1]])
+    identity = gguf_identity(gguf, llm.metadata)
+    return {**summarize(name, per_window, ref_tokens, got_tokens), "provider": "llama.cpp", "peer": True,
+            "gguf_type": identity["gguf_type"], "model": identity["model"], "size_bytes": identity["file_bytes"],
+            "int8_weight_flop_share": None, "int8_w8a8_flop_share": None, "int8_compute_flop_share": None}
+
+
+def summarize(name: str, per_window: list[dict], ref_tokens: list[int], got_tokens: list[int]) -> dict:
+    """One row from the per-window comparisons and the greedy tokens."""
     match = next((i for i, (a, b) in enumerate(zip(ref_tokens, got_tokens)) if a != b), len(ref_tokens))
     nll_ref = float(np.mean([w["nll_ref"] for w in per_window]))
     nll_got = float(np.mean([w["nll_got"] for w in per_window]))
-    size = model_bytes(path)
-    return {"variant": name, "provider": sess.provider,
-            "max_abs_diff": max(w["max_abs_diff"] for w in per_window),
+    return {"variant": name, "max_abs_diff": max(w["max_abs_diff"] for w in per_window),
             "top1": float(np.mean([w["top1"] for w in per_window])),
             "kl": float(np.mean([w["kl"] for w in per_window])),
             "ppl_ref": float(np.exp(nll_ref)), "ppl": float(np.exp(nll_got)),
             "ppl_increase": float(np.exp(nll_got - nll_ref) - 1.0),
-            "greedy_match": match / len(ref_tokens) if ref_tokens else 1.0, "greedy_ref": ref_tokens, "greedy": got_tokens,
-            "greedy_distinct": len(set(ref_tokens)),
-            **int8_flop_share(path), "size_bytes": size}
+            "greedy_match": match / len(ref_tokens) if ref_tokens else 1.0, "greedy_ref": ref_tokens,
+            "greedy": got_tokens, "greedy_distinct": len(set(ref_tokens))}
 
 
 def prefill_logits(sess, x: np.ndarray) -> np.ndarray:
@@ -221,10 +290,16 @@ def judge(name: str, r: dict, config: CheckConfig) -> list[str]:
 
 
 def check(run: RunDir, config: CheckConfig) -> dict:
+    from pipeline.stages.bench import peer_model
+
     names = list(config.variant) or run.variants()
     if not names:
         raise UserError(f"run {run.root} has no ONNX variants to check: run `pipeline export` first")
+    wrong = [c for c in config.compare if c.partition(":")[0] != "llamacpp"]
+    if wrong:
+        raise UserError(f"check compares llama.cpp files only (llamacpp, llamacpp:NAME), not {', '.join(wrong)}")
     paths = {n: run.verified(n) for n in names}
+    peers = {spec: peer_model(run, "llamacpp", spec.partition(":")[2]) for spec in config.compare}
     model = torch_reference(run, config)
     dims = model.config
     check_fits(config, dims.max_position_embeddings, dims.vocab_size, dims.num_heads,
@@ -236,6 +311,8 @@ def check(run: RunDir, config: CheckConfig) -> dict:
         r = check_variant(n, paths[n], model, windows, config, reference)
         r["failed"] = judge(n, r, config)
         rows.append(r)
+    for spec, gguf in peers.items():
+        rows.append({**check_llamacpp(spec, gguf, model, windows, config, reference), "failed": []})
     results = {"variants": rows, "passed": all(not r["failed"] for r in rows),
                "tokens_evaluated": sum(len(w) - 1 for w in windows),
                "greedy_steps": len(reference[1]), "greedy_distinct": len(set(reference[1]))}
@@ -248,13 +325,18 @@ def render_table(results: dict) -> str:
     head = f"{'variant':<11} {'max|dlogit|':>11} {'top1':>6} {'KL':>9} {'ppl ref':>8} {'ppl':>8} {'dppl':>7} " \
            f"{'greedy':>6} {'int8 W':>6} {'W8A8':>5} {'i8 mm':>5} {'MB':>7}  verdict"
     lines = [head, "-" * len(head)]
+    def share(x, width: int) -> str:
+        return f"{x:>{width}.2f}" if x is not None else f"{'-':>{width}}"
+
     for r in results["variants"]:
-        lines.append(f"{r['variant']:<11} {r['max_abs_diff']:>11.3g} {r['top1']:>6.3f} {r['kl']:>9.2e} "
+        name = f"{r['variant']} {r['gguf_type']}" if r.get("gguf_type") else r["variant"]
+        verdict = "(peer, not judged)" if r.get("peer") else \
+            "ok" if not r["failed"] else "FAIL: " + "; ".join(r["failed"])
+        lines.append(f"{name:<11} {r['max_abs_diff']:>11.3g} {r['top1']:>6.3f} {r['kl']:>9.2e} "
                      f"{r['ppl_ref']:>8.2f} {r['ppl']:>8.2f} {100 * r['ppl_increase']:>+6.2f}% "
-                     f"{r['greedy_match']:>6.2f} {r['int8_weight_flop_share']:>6.2f} "
-                     f"{r['int8_w8a8_flop_share']:>5.2f} {r['int8_compute_flop_share']:>5.2f} "
-                     f"{r['size_bytes'] / 1e6:>7.2f}  "
-                     + ("ok" if not r["failed"] else "FAIL: " + "; ".join(r["failed"])))
+                     f"{r['greedy_match']:>6.2f} {share(r['int8_weight_flop_share'], 6)} "
+                     f"{share(r['int8_w8a8_flop_share'], 5)} {share(r['int8_compute_flop_share'], 5)} "
+                     f"{r['size_bytes'] / 1e6:>7.2f}  " + verdict)
     lines.append("(int8 W / W8A8 / i8 mm: share of weight-MatMul FLOPs with int weights / static int8 weights and "
                  "activations / int8 arithmetic, counting MatMulNBits at accuracy level 4)")
     if "greedy_steps" in results:

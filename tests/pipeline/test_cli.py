@@ -536,3 +536,38 @@ def test_greedy_check_takes_the_prompt_whose_reference_does_not_repeat_itself():
     rows = {"variants": [], "passed": True, "tokens_evaluated": 1, "greedy_steps": 8, "greedy_distinct": 1}
     assert "1 distinct tokens; it repeats itself" in render_table(rows)
     assert "repeats" not in render_table({**rows, "greedy_distinct": 8})
+
+
+def test_check_measures_llama_cpp_files_beside_the_variants(tmp_path, text_file):
+    """check --compare: llama.cpp running the GGUF source itself (float32 weights: it computes what PyTorch does,
+    up to its float16 KV cache) and a Q4_0 copy made by its own quantizer, on the same windows and greedy prompt."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install "
+                                                        "'edge-pipeline[llamacpp]')")
+    from transformers import LlamaConfig
+
+    from tests.models.test_hf import TINY, TOKENS, tiny_hf, write_gguf
+
+    source = tmp_path / "tiny.gguf"
+    write_gguf(tiny_hf(LlamaConfig(**{**TINY, "vocab_size": len(TOKENS), "num_attention_heads": 2,
+                                      "num_key_value_heads": 1}, rms_norm_eps=1e-5)), source)
+    run = tmp_path / "run"
+    invoke("export", "--model", source, "--out", run)
+    (run / "peers").mkdir()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    assert llama_cpp.llama_model_quantize(str(source).encode(), str(run / "peers/q4_0.gguf").encode(), params) == 0
+    out = json.loads(invoke("check", run, "--variant", "fused", "--text", text_file, "--json", "--steps", "8",
+                            "--window", "32", "--windows", "2", "--compare", "llamacpp,llamacpp:q4_0",
+                            ok=False).output)
+    rows = {r["variant"]: r for r in out["variants"]}
+    fused, f32, q4 = rows["fused"], rows["llamacpp"], rows["llamacpp:q4_0"]
+    assert (f32["gguf_type"], q4["gguf_type"]) == ("F32", "Q4_0") and f32["peer"] and not f32["failed"]
+    assert f32["size_bytes"] == source.stat().st_size and f32["ppl_ref"] == pytest.approx(fused["ppl_ref"])
+    assert f32["kl"] < 1e-3 and f32["top1"] > 0.9 and f32["greedy_ref"] == fused["greedy_ref"]
+    assert q4["kl"] > 10 * f32["kl"] and q4["size_bytes"] < f32["size_bytes"]
+    table = invoke("check", run, "--variant", "fused", "--text", text_file, "--steps", "8", "--window", "32",
+                   "--windows", "2", "--compare", "llamacpp:q4_0", ok=False).output
+    assert "llamacpp:q4_0 Q4_0" in table and "(peer, not judged)" in table
+    one_line_error(invoke("check", run, "--compare", "optimum", ok=False), "llama.cpp files only")
+    one_line_error(invoke("check", run, "--window", "32", "--compare", "llamacpp:absent", ok=False),
+                   "absent.gguf")
