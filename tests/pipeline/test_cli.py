@@ -571,3 +571,33 @@ def test_check_measures_llama_cpp_files_beside_the_variants(tmp_path, text_file)
     one_line_error(invoke("check", run, "--compare", "optimum", ok=False), "llama.cpp files only")
     one_line_error(invoke("check", run, "--window", "32", "--compare", "llamacpp:absent", ok=False),
                    "absent.gguf")
+
+
+def test_the_llama_cpp_peer_runs_the_runs_own_gguf_before_the_source_and_names_its_type(tmp_path):
+    """A .gguf source is run as it is only when RUN/peers/model.gguf (the benchmarks' re-quantization at the
+    bits compared) is absent; llamacpp:NAME is RUN/peers/NAME.gguf; the tables name the file's weight type."""
+    from models.errors import UserError
+    from pipeline.manifest import SCHEMA
+    from pipeline.stages.bench import peer_model, render_markdown, render_table
+
+    source = tmp_path / "model-q4_1.gguf"
+    source.write_bytes(b"GGUF")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps({"schema": SCHEMA, "stages": [], "artifacts": {"source": {
+        "kind": "source", "path": str(source), "files": {}, "digest": "", "parent": None}}}))
+    r = RunDir(run)
+    assert peer_model(r, "llamacpp") == str(source)
+    (run / "peers").mkdir()
+    (run / "peers/model.gguf").write_bytes(b"GGUF")
+    (run / "peers/q4_k_m.gguf").write_bytes(b"GGUF")
+    assert peer_model(r, "llamacpp") == str(run / "peers/model.gguf")
+    assert peer_model(r, "llamacpp", "q4_k_m") == str(run / "peers/q4_k_m.gguf")
+    assert peer_model(r, "llamacpp", str(source)) == str(source)
+    with pytest.raises(UserError, match="absent.gguf is not a file"):
+        peer_model(r, "llamacpp", "absent")
+    row = {"prefill_ms": 1.0, "decode_ms_p50": 2.0, "decode_ms_p90": 2.5, "tokens_per_s": 500.0, "peak_rss_mb": 9.0}
+    results = {"provider": "cpu", "threads": 2, "prompt_len": 4, "new_tokens": 4,
+               "rows": {"llamacpp": {**row, "gguf_type": "Q8_0"}, "llamacpp:q4_k_m": {**row, "gguf_type": "Q4_K_M"},
+                        "w8a8": row}}
+    assert "llamacpp Q8_0" in render_table(results) and "| llamacpp:q4_k_m Q4_K_M |" in render_markdown(results)
