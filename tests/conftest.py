@@ -11,14 +11,15 @@ import pytest
 def native_kernels(tmp_path_factory):
     """pipeline's native kernel library, built for this test session and named by PIPELINE_KERNELS.
 
-    Skips where it cannot be built: a CPU without AVX512-VNNI, or no onnxruntime C API headers (.ci/run fetches
-    Debian's libonnxruntime-dev and sets ORT_INCLUDE_DIR).
+    Skips where it cannot be built: a CPU that is neither x86-64 with AVX512-VNNI nor AArch64 with the dot
+    product, or no onnxruntime C API headers (.ci/run fetches Debian's libonnxruntime-dev and sets
+    ORT_INCLUDE_DIR).
     """
     from runtimes import kernels
     from runtimes.errors import RuntimeUserError
 
     if not kernels.cpu_supported():
-        pytest.skip("the native int8 kernel needs x86-64 with AVX512-VNNI")
+        pytest.skip(f"the native int8 kernel needs {kernels.requirement()}")
     try:
         kernels.find_headers()
     except RuntimeUserError as e:

@@ -32,8 +32,9 @@ class OptimizeStageConfig:
                          "built it, or w8a8 with --native-int8).")
     fp16: bool = option(bool, False, "Also convert to float16 (for the CUDA / TensorRT providers).")
     native_int8: bool = option(bool, False, "Instead of fusing: put a static int8 variant's MatMuls on pipeline's "
-                               "native CPU kernel (x86-64 with AVX512-VNNI; build it with `python -m runtimes.kernels "
-                               "build`). Same logits, faster decode; writes <source>-native.")
+                               "native CPU kernel (x86-64 with AVX512-VNNI, AArch64 with the dot product; build it with "
+                               "`python -m runtimes.kernels build`). Same logits, faster decode; writes "
+                               "<source>-native.")
     kv_fp16: bool = option(bool, False, "Instead of fusing: store a fused variant's KV cache in float16 (half the "
                            "cache memory; attention runs in float16). Writes <source>-kv16; default source: fused.")
 

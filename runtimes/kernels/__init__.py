@@ -1,7 +1,8 @@
 """pipeline's native CPU kernels: an onnxruntime custom-op library, built from C on the machine that runs it.
 
 One op so far, `com.pipeline.StaticInt8MatMul` (int8_matmul.c): a static W8A8 MatMul for x86-64 with
-AVX512-VNNI, which `pipeline optimize --native-int8` puts in place of a QDQ graph's QuantizeLinear +
+AVX512-VNNI and for AArch64 with the dot-product instructions (ARMv8.2+: Raspberry Pi 5, Jetson Orin, Graviton 2+,
+phones), which `pipeline optimize --native-int8` puts in place of a QDQ graph's QuantizeLinear +
 MatMulIntegerToFloat. It exists because onnxruntime's int8 GEMM reads a one-row product's weights at ~65% of
 this machine's memory rate, and batch-1 decode is that product (docs/benchmarks.md).
 
@@ -30,28 +31,56 @@ SOURCE = Path(__file__).with_name("int8_matmul.c")
 OP = "StaticInt8MatMul"
 LIBRARY_ENV = "PIPELINE_KERNELS"        # path of the built library, instead of the cache
 INCLUDE_ENV = "ORT_INCLUDE_DIR"         # directory holding onnxruntime_c_api.h
-REQUIRED_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}  # /proc/cpuinfo names
-CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-fPIC", "-shared", "-std=c11",
-          "-Wall", "-Werror"]
+REQUIRED_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}  # /proc/cpuinfo names (x86-64 "flags")
+ARM_FEATURE = "asimddp"  # /proc/cpuinfo's AArch64 "Features" name of the dot product (sdot / udot)
+COMMON_CFLAGS = ["-O3", "-fPIC", "-shared", "-std=c11", "-Wall", "-Werror"]
+ARCH_CFLAGS = {"x86_64": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
+               "aarch64": ["-march=armv8.2-a+dotprod"]}
+CFLAGS = COMMON_CFLAGS + ARCH_CFLAGS["x86_64"]  # this machine's (x86-64) flags; cflags() picks per machine
+_MACHINES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 HEADER_DIRS = ["/usr/include/onnxruntime", "/usr/local/include/onnxruntime", "/usr/include",
                "/usr/local/include"]
 HOW_TO_BUILD = ("`python -m runtimes.kernels build` (a C compiler and onnxruntime's C API headers: Debian's "
                 "libonnxruntime-dev, or --ort-include DIR)")
 
 
+def arch(machine: str | None = None) -> str | None:
+    """"x86_64" or "aarch64" (the kernel's two architectures), None for any other."""
+    return _MACHINES.get((machine or platform.machine()).lower())
+
+
+def cflags(machine: str | None = None) -> list[str]:
+    return COMMON_CFLAGS + ARCH_CFLAGS[arch(machine) or "x86_64"]
+
+
 def cpu_supported(cpuinfo: str | None = None, machine: str | None = None) -> bool:
-    """x86-64 with the AVX512 subsets the kernel is compiled for (AVX512-VNNI among them)."""
-    if (machine or platform.machine()).lower() not in ("x86_64", "amd64"):
+    """x86-64 with the AVX512 subsets the kernel is compiled for (AVX512-VNNI among them), or AArch64 with the
+    dot product."""
+    which = arch(machine)
+    if which == "aarch64":
+        if cpuinfo is None:
+            try:
+                cpuinfo = Path("/proc/cpuinfo").read_text()
+            except OSError:
+                return False
+        return any(line.startswith("Features") and ARM_FEATURE in line.split(":", 1)[1].split()
+                   for line in cpuinfo.splitlines())
+    if which != "x86_64":
         return False
     flags = cpu_flags(cpuinfo)
     return flags is not None and REQUIRED_FLAGS <= flags
+
+
+def requirement() -> str:
+    return ("x86-64 with AVX512-VNNI" if arch() != "aarch64" else
+            "AArch64 with the dot-product instructions (ARMv8.2 and later, /proc/cpuinfo: asimddp)")
 
 
 def library_path() -> Path:
     if os.environ.get(LIBRARY_ENV):
         return Path(os.environ[LIBRARY_ENV])
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-pipeline"
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(cflags()).encode()).hexdigest()[:12]
     return cache / f"libpipeline_int8-{digest}.so"
 
 
@@ -64,7 +93,7 @@ def available() -> Path | None:
 def unavailable_reason() -> str | None:
     """Why the native kernel cannot run here, as the end of a user message; None when it can."""
     if not cpu_supported():
-        return "this CPU lacks AVX512-VNNI"
+        return f"this CPU is not {requirement()}"
     if not library_path().is_file():
         return f"the kernel is not built: {HOW_TO_BUILD}"
     return None
@@ -88,8 +117,8 @@ def build(include_dir: str | Path | None = None, compiler: str | None = None, ou
     asks for the version it was compiled against.
     """
     if not cpu_supported():
-        raise RuntimeUserError(f"this CPU lacks {', '.join(sorted(REQUIRED_FLAGS))}: the native int8 kernel is "
-                               "for x86-64 with AVX512-VNNI; use the portable w8a8 variant here")
+        raise RuntimeUserError("the native int8 kernel is for x86-64 with AVX512-VNNI and for AArch64 with the dot "
+                               "product, which this CPU is not: use the portable w8a8 variant here")
     cc = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
         raise RuntimeUserError("no C compiler (cc, gcc or clang) on PATH: install one (Debian: gcc) or set CC")
@@ -99,7 +128,7 @@ def build(include_dir: str | Path | None = None, compiler: str | None = None, ou
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        result = subprocess.run([cc, *CFLAGS, f"-I{headers}", str(SOURCE), "-o", tmp], capture_output=True,
+        result = subprocess.run([cc, *cflags(), f"-I{headers}", str(SOURCE), "-o", tmp], capture_output=True,
                                 text=True)
         if result.returncode != 0:
             first = (result.stderr.strip().splitlines() or ["no output"])[0]

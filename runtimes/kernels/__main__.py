@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from runtimes.errors import RuntimeUserError
-from runtimes.kernels import OP, REQUIRED_FLAGS, build, cpu_supported, library_path
+from runtimes.kernels import OP, build, cpu_supported, library_path, requirement
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             path = library_path()
             print(f"library: {path} ({'built' if path.is_file() else 'not built'})")
-            print(f"cpu: {'supported' if cpu_supported() else 'lacks one of ' + ', '.join(sorted(REQUIRED_FLAGS))}")
+            print(f"cpu: {'supported' if cpu_supported() else 'not supported: the kernel needs ' + requirement()}")
     except RuntimeUserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

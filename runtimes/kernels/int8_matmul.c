@@ -1,5 +1,5 @@
 /* StaticInt8MatMul (domain com.pipeline): the static W8A8 MatMul of a QDQ graph as one onnxruntime custom op,
- * for x86-64 CPUs with AVX512-VNNI.
+ * for x86-64 CPUs with AVX512-VNNI and AArch64 CPUs with the dot-product instructions (ARMv8.2 and later).
  *
  *   y = (Q(x) - x_zero_point) . W * (x_scale * w_scale[n]),   Q(x) = saturate_u8(round_half_even(x / x_scale)
  *                                                                             + x_zero_point)
@@ -23,11 +23,23 @@
  * Work is split over 4-panel (64-column) groups on onnxruntime's own intra-op thread pool
  * (KernelContext_ParallelFor), so the session's thread count holds. Rows go 4 at a time so that a prefill
  * loads each weight vector once per 4 rows.
+ *
+ * The packed layout suits both instruction sets: one 64-byte group is 16 columns x 4 consecutive k, which
+ * AVX512-VNNI's vpdpbusd (u8 x s8) takes as one register and NEON's sdot (vdotq_s32, s8 x s8) as four, 4
+ * columns each. NEON has no u8 x s8 dot product before i8mm, so on AArch64 the quantized activations are stored
+ * minus 128 (as int8) and the zero point's correction becomes (zero_point - 128) * colsum: the same integers.
  */
-#include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#elif defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD)
+#include <arm_neon.h>
+#include <math.h>
+#else
+#error "StaticInt8MatMul needs x86-64 (AVX512-VNNI) or AArch64 with the dot product (-march=armv8.2-a+dotprod)"
+#endif
 
 #include "onnxruntime_c_api.h"
 
@@ -40,7 +52,7 @@ static const OrtApi* g_api;
     } while (0)
 
 typedef struct {
-    const uint8_t* xq;      /* (M, K) quantized activations */
+    const uint8_t* xq;      /* (M, K) quantized activations (AArch64: minus 128, as int8) */
     const int8_t* w;        /* packed */
     const float* w_scale;
     const int32_t* colsum;
@@ -50,6 +62,7 @@ typedef struct {
     int64_t m, k, n, panels, groups, chunks;
 } Job;
 
+#if defined(__x86_64__)
 /* QuantizeLinear as onnxruntime computes it: x / scale clamped to [-zero_point, 255 - zero_point] in float (so
  * huge values and infinities saturate, and NaN goes to the low end), rounded half to even, plus zero_point. */
 static inline __m128i quantize16(__m512 x, __m512 scale, __m512 lo, __m512 hi, __m512i zero_point) {
@@ -106,6 +119,68 @@ static inline __attribute__((always_inline)) void block(const Job* j, int64_t m,
         }
     }
 }
+
+#else /* AArch64 */
+/* The same QuantizeLinear, stored minus 128 as int8 for sdot: clamping with maxNum/minNum (vmaxnmq / fmaxf)
+ * sends NaN to the low end as the x86 path does, and vcvtnq rounds half to even. */
+static void quantize(const float* x, uint8_t* q, int64_t count, float scale, int32_t zero_point) {
+    const float32x4_t s = vdupq_n_f32(scale), lo = vdupq_n_f32((float)-zero_point),
+                      hi = vdupq_n_f32((float)(255 - zero_point));
+    const int32x4_t z = vdupq_n_s32(zero_point - 128);
+    int8_t* out = (int8_t*)q;
+    int64_t i = 0;
+    for (; i + 16 <= count; i += 16) {
+        int32x4_t r[4];
+        for (int v = 0; v < 4; v++) {
+            const float32x4_t f = vminnmq_f32(vmaxnmq_f32(vdivq_f32(vld1q_f32(x + i + 4 * v), s), lo), hi);
+            r[v] = vaddq_s32(vcvtnq_s32_f32(f), z);
+        }
+        const int16x8_t h0 = vcombine_s16(vmovn_s32(r[0]), vmovn_s32(r[1]));
+        const int16x8_t h1 = vcombine_s16(vmovn_s32(r[2]), vmovn_s32(r[3]));
+        vst1q_s8(out + i, vcombine_s8(vmovn_s16(h0), vmovn_s16(h1)));
+    }
+    for (; i < count; i++) {
+        const float f = fminf(fmaxf(x[i] / scale, (float)-zero_point), (float)(255 - zero_point));
+        out[i] = (int8_t)(vcvtns_s32_f32(f) + zero_point - 128);
+    }
+}
+
+/* NP panels x NM rows starting at (row m, panel p), one panel at a time (16 accumulators of 4 columns for 4
+ * rows: AArch64 has 32 vector registers). */
+static inline __attribute__((always_inline)) void block(const Job* j, int64_t m, int64_t p, const int NP,
+                                                         const int NM) {
+    const int64_t groups_k = j->k / 4;
+    const int32x4_t zero_point = vdupq_n_s32(j->x_zero_point - 128);
+    const float32x4_t x_scale = vdupq_n_f32(j->x_scale);
+    const int8_t* row[4];
+    for (int r = 0; r < NM; r++) row[r] = (const int8_t*)j->xq + (m + r) * j->k;
+    for (int c = 0; c < NP; c++) {
+        const int8_t* panel = j->w + (p + c) * groups_k * 64;
+        int32x4_t acc[4][4];
+        for (int r = 0; r < NM; r++)
+            for (int v = 0; v < 4; v++) acc[r][v] = vdupq_n_s32(0);
+        for (int64_t g = 0; g < groups_k; g++) {
+            int8x16_t b[4];
+            for (int v = 0; v < 4; v++) b[v] = vld1q_s8(panel + g * 64 + 16 * v);
+            for (int r = 0; r < NM; r++) {
+                int32_t four;
+                memcpy(&four, row[r] + 4 * g, 4);
+                const int8x16_t a = vreinterpretq_s8_s32(vdupq_n_s32(four));
+                for (int v = 0; v < 4; v++) acc[r][v] = vdotq_s32(acc[r][v], a, b[v]);
+            }
+        }
+        const int64_t n0 = (p + c) * 16;
+        for (int v = 0; v < 4; v++) {
+            const int32x4_t correction = vmulq_s32(vld1q_s32(j->colsum + n0 + 4 * v), zero_point);
+            const float32x4_t scale = vmulq_f32(x_scale, vld1q_f32(j->w_scale + n0 + 4 * v));
+            for (int r = 0; r < NM; r++)
+                vst1q_f32(j->y + (m + r) * j->n + n0 + 4 * v,
+                          vmulq_f32(vcvtq_f32_s32(vsubq_s32(acc[r][v], correction)), scale));
+        }
+    }
+}
+
+#endif
 
 static void run_chunk(void* data, size_t chunk) {
     const Job* j = (const Job*)data;

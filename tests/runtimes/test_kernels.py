@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -19,6 +23,63 @@ def test_cpu_support_reads_the_flags():
     assert not kernels.cpu_supported(FLAGS.format("avx_vnni"), "x86_64")  # AVX-VNNI alone: 256-bit only
     assert not kernels.cpu_supported(FLAGS.format("avx512_vnni"), "aarch64")
     assert not kernels.cpu_supported("processor : 0\n", "x86_64")
+
+
+ARM = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid {}\n"
+
+
+def test_cpu_support_reads_the_aarch64_features():
+    assert kernels.cpu_supported(ARM.format("asimdrdm lrcpc dcpop asimddp"), "aarch64")  # Cortex-A76 (Pi 5)
+    assert not kernels.cpu_supported(ARM.format(""), "aarch64")  # Cortex-A53/A72: no dot product
+    assert not kernels.cpu_supported(FLAGS.format("avx512_vnni"), "arm64")
+    assert kernels.cflags("aarch64")[-1] == "-march=armv8.2-a+dotprod" and "-mavx512vnni" in kernels.cflags("x86_64")
+
+
+HARNESS = Path(__file__).with_name("kernel_harness.c")
+
+
+def harness_build(cc: str, flags: list[str], out: Path) -> Path:
+    headers = kernels.find_headers()
+    built = subprocess.run([cc, *flags, "-std=c11", "-Wall", "-Werror", f"-I{headers}",
+                            f"-I{kernels.SOURCE.parent}", str(HARNESS), "-lm", "-o", str(out)],
+                           capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    return out
+
+
+def test_the_x86_kernel_is_exact_against_the_scalar_reference(tmp_path):
+    """The harness's reference is the arithmetic the onnxruntime comparison above checks; here without
+    onnxruntime, so the AArch64 build below is held to the same reference."""
+    if not kernels.cpu_supported():
+        pytest.skip("this CPU cannot run the x86-64 kernel (AVX512-VNNI)")
+    try:
+        kernels.find_headers()
+    except RuntimeUserError as e:
+        pytest.skip(str(e))
+    exe = harness_build(shutil.which("cc") or "gcc", ["-O3", *kernels.ARCH_CFLAGS["x86_64"]], tmp_path / "harness")
+    run = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.startswith("ok "), run.stdout
+
+
+def test_the_aarch64_kernel_is_exact_under_qemu(tmp_path):
+    """The sdot path (activations minus 128, zero point corrected by 128 * colsum) computes every output bit
+    for bit as the reference does: decode and prefill rows, panel remainders, K tails, saturation, NaN and
+    infinities, zero points 0/37/128/255, every chunking. On an emulated CPU without the dot product the same
+    binary dies of an illegal instruction: the sdot path is what ran."""
+    cc, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64-static") or \
+        shutil.which("qemu-aarch64")
+    if not (cc and qemu):
+        pytest.skip("needs a cross compiler and qemu (Debian: gcc-aarch64-linux-gnu libc6-dev-arm64-cross "
+                    "qemu-user-static)")
+    try:
+        kernels.find_headers()
+    except RuntimeUserError as e:
+        pytest.skip(str(e))
+    exe = harness_build(cc, ["-O3", "-static", *kernels.ARCH_CFLAGS["aarch64"]], tmp_path / "harness")
+    run = subprocess.run([qemu, "-cpu", "max", str(exe)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and run.stdout.startswith("ok 84"), run.stdout + run.stderr
+    old = subprocess.run([qemu, "-cpu", "cortex-a53", str(exe)], capture_output=True, text=True, timeout=600)
+    assert old.returncode != 0 and "ok" not in old.stdout
 
 
 def test_building_without_headers_says_what_to_install(tmp_path, monkeypatch):
