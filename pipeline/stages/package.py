@@ -47,6 +47,10 @@ INT8_RECIPES = ("w8a8", "w8", "static")  # most int8 work first: W8A8 runs its M
 PREFERENCE_CHECKED = (*INT8_RECIPES, "fused", "fp32")
 PREFERENCE_UNCHECKED = ("fused", "fp32")
 ARCHIVE_FORMATS = ("tar.gz", "zip")
+TARGETS = ("any", "linux-x86_64", "linux-aarch64")
+NATIVE_NEEDS = ("pipeline's native kernel built on the device (`python -m runtimes.kernels build`) and a CPU "
+                "with AVX512-VNNI (x86-64) or the dot product (AArch64, ARMv8.2+)")
+EIGHT_BIT_NEEDS = "an x86-64 CPU with VNNI (AVX512-VNNI or AVX-VNNI): its static int8 weights use all 8 bits"
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,9 @@ class PackageConfig:
     variant: str = option(str, "", "Variant to ship (default: the best that passed check).")
     archive: str | None = option(str, None, "Also write one archive file, OUT.tar.gz or OUT.zip.",
                                  choices=ARCHIVE_FORMATS, optional=True)
+    target: str | None = option(str, None, "The device's platform: the variant chosen must run there (any: every "
+                                "CPU onnxruntime runs on), and the manifest says what it needs there.",
+                                choices=TARGETS, optional=True)
 
     def __post_init__(self):
         check_options(self)
@@ -89,20 +96,54 @@ def bench_row(stages: list[dict], name: str) -> dict | None:
     return None
 
 
-def choose_variant(run_root: Path, have: list[str], stages: list[dict], wanted: str) -> str:
-    """`wanted`, else the most preferred variant that passed its latest check; when no variant has a current
-    check, fused before fp32. A run whose checked variants all failed is an error, not a silent fp32."""
+def device_needs(variant: str, metadata: dict[str, str], target: str | None) -> tuple[list[str], str | None]:
+    """(what the device needs to run `variant` beyond onnxruntime, why it cannot be promised on `target` or
+    None). 8-bit static int8 weights overflow onnxruntime's x86 int8 kernels without VNNI (ARM's widen first);
+    a -native variant needs our kernel, built on the device, and the CPU features it is written for."""
+    from exporters.quantization.config import WEIGHT_BITS_KEY
+
+    needs = []
+    if variant.endswith("-native"):
+        needs.append(NATIVE_NEEDS)
+    if metadata.get(WEIGHT_BITS_KEY) == "8" and target != "linux-aarch64":
+        needs.append(EIGHT_BIT_NEEDS)
+    if target != "any" or not needs:
+        return needs, None
+    return needs, f"variant {variant!r} needs {needs[0]}, which not every CPU has"
+
+
+def variant_metadata(run_root: Path, variant: str) -> dict[str, str]:
+    import onnx
+
+    model = onnx.load(str(run_root / "variants" / variant / MODEL_FILE), load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def choose_variant(run_root: Path, have: list[str], stages: list[dict], wanted: str,
+                   target: str | None = None) -> str:
+    """`wanted`, else the most preferred variant that passed its latest check (and runs on `target`); when no
+    variant has a current check, fused before fp32. A run whose checked variants all failed is an error, not a
+    silent fp32."""
+    def refused(v: str) -> str | None:
+        return device_needs(v, variant_metadata(run_root, v), target)[1] if target else None
+
     if wanted:
         if wanted not in have:
             raise UserError(f"run {run_root} has no variant {wanted!r} (has: {', '.join(have) or 'none'})")
+        if (why := refused(wanted)) is not None:
+            raise UserError(f"--target {target}: {why}; choose another variant or target")
         return wanted
     checks = {v: row for v in have if (row := check_row(stages, v)) is not None}
     if checks:
         passed = [v for v in PREFERENCE_CHECKED if v in checks and checks[v]["passed"]]
+        runnable = [v for v in passed if refused(v) is None]
+        if passed and not runnable:
+            raise UserError(f"--target {target}: {refused(passed[0])}; and no other variant that passed `pipeline "
+                            "check` runs there")
         if not passed:
             raise UserError(f"no variant of run {run_root} passed `pipeline check` (checked: {', '.join(checks)}): "
                             "fix them, or pass --variant to ship one anyway")
-        return passed[0]
+        return runnable[0]
     for v in PREFERENCE_UNCHECKED:
         if v in have:
             return v
@@ -174,11 +215,15 @@ def memory_table(contract: Contract, weights_bytes: int, source: dict) -> dict:
             "at_context": [memory_need(contract, weights_bytes, n, PREFILL_CHUNK, intermediate) for n in contexts]}
 
 
-def bundle_manifest(variant: str, data: dict, dest: Path, contract: Contract) -> dict:
+def bundle_manifest(variant: str, data: dict, dest: Path, contract: Contract, target: str | None = None) -> dict:
     """What the device can check (files) and what a person needs to trust the model (where it came from, how it
-    was made, how it measured); no packaging time, so the same run gives the same bytes."""
+    was made, how it measured, what the device needs); no packaging time, so the same run gives the same bytes."""
+    import onnx
+
     source = data["artifacts"].get("source", {})
+    meta = {p.key: p.value for p in onnx.load(str(dest / MODEL_FILE), load_external_data=False).metadata_props}
     return {"format": BUNDLE_FORMAT, "schema": BUNDLE_SCHEMA, "variant": variant,
+            "target": target, "device_needs": device_needs(variant, meta, target)[0],
             "files": describe_files(dest),
             "source": {k: source.get(k) for k in ("path", "format", "family", "architecture", "bos_token_id",
                                                   "eos_token_id")},
@@ -240,7 +285,7 @@ def check_replaceable(out: Path) -> None:
 
 def package(run: RunDir, config: PackageConfig) -> dict:
     data = run.load()
-    variant = choose_variant(run.root, run.variants(), data["stages"], config.variant)
+    variant = choose_variant(run.root, run.variants(), data["stages"], config.variant, config.target)
     run.verified(variant)  # its lineage; stage_files hashes every byte as it copies
     out = Path(config.out).absolute()
     check_replaceable(out)
@@ -257,7 +302,7 @@ def package(run: RunDir, config: PackageConfig) -> dict:
         phase(steps[1])
         contract = model_contract(staged / MODEL_FILE)  # from the verified copy: the graph that ships
         write_loader_files(staged, source, staged / TOKENIZER_FILE, None)  # what an older run's folder lacks
-        manifest = bundle_manifest(variant, data, staged, contract)
+        manifest = bundle_manifest(variant, data, staged, contract, config.target)
         write_json(staged / MANIFEST_FILE, manifest)
         if archive is not None:
             phase(steps[2])

@@ -591,3 +591,40 @@ def test_the_pipelines_own_install_brings_the_device_commands(bundles, run_dir):
     out = subprocess.run([str(script), str(bundles["fused"]), "--prompt", PROMPT, "--max-new-tokens",
                           str(NEW_TOKENS)], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout == pipeline_text(run_dir, "fused"), out.stderr
+
+
+@pytest.mark.parametrize("target, bits, expected", [
+    ("any", {"w8a8": "8", "static": "7"}, "static"),        # 8-bit static weights overflow x86 without VNNI
+    ("any", {"w8a8": "8", "static": "8"}, "fused"),
+    ("linux-aarch64", {"w8a8": "8", "static": "8"}, "w8a8"),  # ARM's int8 kernels widen first: exact
+    ("linux-x86_64", {"w8a8": "8", "static": "8"}, "w8a8"),   # runs on VNNI CPUs, which the manifest says
+    (None, {"w8a8": "8", "static": "8"}, "w8a8"),
+])
+def test_default_variant_runs_on_the_target(monkeypatch, target, bits, expected):
+    monkeypatch.setattr(package_stage, "variant_metadata",
+                        lambda root, v: {"pipeline.int8_weight_bits": bits[v]} if v in bits else {})
+    stages = [*MADE, checked(("fp32", True), ("fused", True), ("w8a8", True), ("static", True))]
+    assert choose_variant(Path("run"), ALL, stages, "", target) == expected
+
+
+def test_the_bundle_says_what_its_device_needs_and_refuses_what_the_target_cannot_run(built_run, tmp_path):
+    one_line_error(invoke("package", built_run, "--out", tmp_path / "any", "--variant", "w8a8", "--target", "any",
+                          ok=False), "--target any", "8 bits")
+    assert not (tmp_path / "any").exists()
+    invoke("package", built_run, "--out", tmp_path / "x86", "--variant", "w8a8", "--target", "linux-x86_64")
+    x86 = json.loads((tmp_path / "x86/manifest.json").read_text())
+    assert x86["target"] == "linux-x86_64" and any("VNNI" in n for n in x86["device_needs"])
+    invoke("package", built_run, "--out", tmp_path / "arm", "--variant", "w8a8", "--target", "linux-aarch64")
+    assert json.loads((tmp_path / "arm/manifest.json").read_text())["device_needs"] == []
+    invoke("package", built_run, "--out", tmp_path / "w4", "--variant", "w4", "--target", "any")
+    assert json.loads((tmp_path / "w4/manifest.json").read_text())["device_needs"] == []
+
+
+def test_a_native_variant_needs_the_kernel_everywhere_and_is_refused_for_any_cpu():
+    from pipeline.stages.package import device_needs
+
+    for target in ("linux-x86_64", "linux-aarch64", None):
+        needs, refused = device_needs("w8a8-native", {"pipeline.int8_weight_bits": "8"}, target)
+        assert refused is None and "native kernel built on the device" in needs[0]
+    assert "native kernel" in device_needs("w8a8-native", {}, "any")[1]
+    assert device_needs("w4", {}, "any") == ([], None)
