@@ -85,6 +85,16 @@ def resolve_source(path: str | Path) -> Source:
 
 
 @contextmanager
+def cache_keyword() -> str:
+    """transformers' name for the KV cache a forward call takes and returns: `cache` since 5.x
+    (`past_key_values` still works there, with a deprecation warning), `past_key_values` before."""
+    import inspect
+
+    from transformers import LlamaForCausalLM
+
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
 def quiet_progress() -> Iterator[None]:
     """Hide transformers' per-file progress bars (and the plain tqdm bar of its GGUF conversion) and its load
     reports: a load should not print screens of output, and what goes wrong is said in our one error line."""

@@ -79,18 +79,19 @@ def timed(prefill: Callable[[], object], step: Callable[[object], object], new_t
 def bench_pytorch(source: str, threads: int, prompt_len: int, new_tokens: int, warmup: int, repeats: int) -> dict:
     import torch
 
-    from models.hf import load_hf_reference
+    from models.hf import cache_keyword, load_hf_reference
 
     torch.set_num_threads(threads)
     model = load_hf_reference(source)
     ids = torch.tensor([prompt_ids(model.config.vocab_size, prompt_len)])
+    key = cache_keyword()
 
     def greedy(out):  # (past, next token)
-        return out.past_key_values, out.logits[:, -1:].argmax(-1)
+        return out[key], out.logits[:, -1:].argmax(-1)
 
     with torch.inference_mode():
         return timed(lambda: greedy(model(ids, use_cache=True)),
-                     lambda st: greedy(model(st[1], past_key_values=st[0], use_cache=True)),
+                     lambda st: greedy(model(st[1], **{key: st[0]}, use_cache=True)),
                      new_tokens, warmup, repeats)
 
 

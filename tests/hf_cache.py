@@ -1,13 +1,11 @@
-"""transformers' KV cache keyword: `cache` since 5.x (`past_key_values` still works there, with a deprecation
-warning), `past_key_values` before. Tests that step a transformers model through its cache use these."""
+"""Stepping a transformers model through its KV cache under the keyword this transformers uses
+(models.hf.cache_keyword)."""
 
 from __future__ import annotations
 
-import inspect
+from models.hf import cache_keyword
 
-from transformers import LlamaForCausalLM
-
-KEY = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+KEY = cache_keyword()
 
 
 def cache_of(output):
