@@ -84,7 +84,6 @@ def resolve_source(path: str | Path) -> Source:
     return Source(p, p, None)
 
 
-@contextmanager
 def cache_keyword() -> str:
     """transformers' name for the KV cache a forward call takes and returns: `cache` since 5.x
     (`past_key_values` still works there, with a deprecation warning), `past_key_values` before."""
@@ -95,6 +94,7 @@ def cache_keyword() -> str:
     return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
+@contextmanager
 def quiet_progress() -> Iterator[None]:
     """Hide transformers' per-file progress bars (and the plain tqdm bar of its GGUF conversion) and its load
     reports: a load should not print screens of output, and what goes wrong is said in our one error line."""
