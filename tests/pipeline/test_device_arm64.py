@@ -40,7 +40,8 @@ for _ in range(4):
     logits = gen.step(int(np.argmax(logits)))[0]
     steps.append(logits.tolist())
 import platform
-print(json.dumps({"machine": platform.machine(), "logits": steps,
+import runtimes
+print(json.dumps({"machine": platform.machine(), "logits": steps, "runtimes": runtimes.__file__,
                   "imported": sorted(m for m in ("torch", "transformers", "onnx") if m in sys.modules)}))
 """
 
@@ -53,9 +54,12 @@ def device(tmp_path_factory) -> dict:
                           capture_output=True, text=True, timeout=900)
     if made.returncode != 0:
         pytest.skip(f"no emulated AArch64 environment here: {(made.stderr.strip().splitlines() or ['?'])[-1]}")
-    runtime = dest / "runtime"
-    shutil.copytree(REPO / "runtimes", runtime / "runtimes",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build"))
+    source = dest / "runtimes-src"  # a copy, so pip's in-tree build leaves nothing in the checkout
+    shutil.copytree(REPO / "runtimes", source, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build"))
+    runtime = dest / "runtime"  # installed as the README says (pip install ./runtimes), for the device
+    installed = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                                str(runtime), str(source)], capture_output=True, text=True, timeout=600)
+    assert installed.returncode == 0, installed.stderr
     return {"qemu": dest / "qemu-aarch64", "root": dest / "root", "path": f"{dest / 'site'}:{runtime}",
             "dir": dest}
 
@@ -66,7 +70,8 @@ def on_device(device: dict, *args: str, env: dict | None = None) -> subprocess.C
              if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PIPELINE_KERNELS")}
     return subprocess.run([str(device["qemu"]), "-cpu", "max", "-L", str(device["root"]),
                            str(device["root"] / "usr/bin/python3.11"), *args], capture_output=True, text=True,
-                          env={**clean, "PYTHONPATH": device["path"], **(env or {})}, timeout=900)
+                          env={**clean, "PYTHONPATH": device["path"], **(env or {})}, timeout=900,
+                          cwd=device["dir"])  # not the checkout, whose runtimes/ would shadow the installed one
 
 
 def probe(bundle: Path, device: dict | None = None, env: dict | None = None) -> dict:
@@ -98,6 +103,7 @@ def bundles(tmp_path_factory, text_file) -> dict[str, Path]:
 def test_the_runtime_on_emulated_aarch64_computes_what_it_computes_here(device, bundles, variant, atol):
     x86, arm = probe(bundles[variant]), probe(bundles[variant], device)
     assert arm["machine"] == "aarch64" and arm["imported"] == []
+    assert arm["runtimes"].startswith(str(device["dir"] / "runtime"))  # the installed copy, not the checkout
     a, b = np.array(x86["logits"]), np.array(arm["logits"])
     assert a.shape == b.shape == (5, 256)
     assert np.abs(a - b).max() <= atol * np.abs(a).max()
