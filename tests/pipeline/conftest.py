@@ -86,3 +86,16 @@ def bert_dir(tmp_path_factory) -> Path:
                                                "num_attention_heads": 2, "intermediate_size": 64,
                                                "vocab_size": 100}))
     return d
+
+
+def make_built_run(root: Path, text_file: Path) -> Path:
+    """A tied Llama exported by the builder (export's default) and quantized to w8a8 and w4 without the budget
+    search; the run directory."""
+    from tests.pipeline.test_cli import invoke
+
+    run = root / "run"
+    invoke("export", "--model", make_hf_checkpoint(root / "ckpt", "llama", tied=True), "--out", run)
+    for recipe in ("w8a8", "w4"):
+        invoke("quantize", run, "--recipe", recipe, "--calib-text", text_file, "--calib-windows", "2",
+               "--window", "32", "--valid-windows", "0")
+    return run

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.pipeline.conftest import make_hf_checkpoint
+from tests.pipeline.conftest import make_built_run
 from tests.pipeline.test_cli import invoke
 
 REPO = Path(__file__).resolve().parents[2]
@@ -87,11 +87,7 @@ def probe(bundle: Path, device: dict | None = None, env: dict | None = None) -> 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory, text_file) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("arm-bundles")
-    run = root / "run"
-    invoke("export", "--model", make_hf_checkpoint(root / "ckpt", "llama", tied=True), "--out", run)
-    for recipe in ("w8a8", "w4"):
-        invoke("quantize", run, "--recipe", recipe, "--calib-text", text_file, "--calib-windows", "2",
-               "--window", "32", "--valid-windows", "0")
+    run = make_built_run(root, text_file)
     out = {}
     for variant in ("fused", "w8a8", "w4"):
         out[variant] = root / variant

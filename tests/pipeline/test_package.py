@@ -28,7 +28,7 @@ from runtimes.contract import Contract, past_key, present_value, read_contract
 from runtimes.errors import RuntimeUserError
 from runtimes.generate import greedy_tokens, load_tokenizer
 from runtimes.session import open_session
-from tests.pipeline.conftest import make_hf_checkpoint
+from tests.pipeline.conftest import make_built_run, make_hf_checkpoint
 from tests.pipeline.test_cli import invoke, one_line_error
 
 REPO = Path(__file__).resolve().parents[2]
@@ -504,13 +504,7 @@ def optimum_tokens(python: Path, folder: Path) -> list[int]:
 @pytest.fixture(scope="module")
 def built_run(tmp_path_factory, text_file) -> Path:
     """A tied Llama exported by the builder (its default), quantized to w8a8 and w4."""
-    root = tmp_path_factory.mktemp("built")
-    run = root / "run"
-    invoke("export", "--model", make_hf_checkpoint(root / "ckpt", "llama", tied=True), "--out", run)
-    for recipe in ("w8a8", "w4"):
-        invoke("quantize", run, "--recipe", recipe, "--calib-text", text_file, "--calib-windows", "2",
-               "--window", "32", "--valid-windows", "0")
-    return run
+    return make_built_run(tmp_path_factory.mktemp("built"), text_file)
 
 
 LOADER_FILES = ["config.json", "generation_config.json", "genai_config.json", "tokenizer.json",
