@@ -39,6 +39,12 @@ from runtimes.contract import (ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP
                                present_key, present_value, write_contract)
 
 OPSET = 17
+# each layer's weight MatMuls: (scope inside /model/layers.{i}/, name) -> our modules stacked into its weight
+LAYER_LINEARS = {("attn/", "qkv_proj"): ("attn.q_proj", "attn.k_proj", "attn.v_proj"),
+                 ("attn/", "o_proj"): ("attn.o_proj",),
+                 ("mlp/", "gate_up_proj"): ("mlp.gate_proj", "mlp.up_proj"),
+                 ("mlp/", "down_proj"): ("mlp.down_proj",)}
+HEAD = "/model/lm_head/MatMul"
 INLINE_BYTES = 1024  # smaller tensors stay in the .onnx file (onnx's own save threshold)
 ALIGN = 64           # external data offsets, so onnxruntime can map tensors aligned
 
@@ -115,8 +121,10 @@ class Builder:
         self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain or None, **attrs))
         return outputs
 
-    def linear(self, x: str, scope: str, parts: list[str], name: str, bias: bool) -> str:
+    def linear(self, x: str, i: int, scope: str, name: str, bias: bool) -> str:
         """x @ W (+ b), W = the parts' (out, in) weights stacked on `out` and transposed to MatMul's (in, out)."""
+        parts = [f"layers.{i}.{m}" for m in LAYER_LINEARS[scope, name]]
+        scope = f"/model/layers.{i}/{scope}"
         w = np.concatenate([self.w.tensor(f"{p}.weight") for p in parts], axis=0).T
         out = self.node("MatMul", [x, self.init(f"{scope}{name}.weight", w)], [f"{scope}{name}/MatMul_output_0"],
                         f"{scope}{name}/MatMul")[0]
@@ -185,20 +193,19 @@ class Builder:
         scope = f"/model/layers.{i}/"
         h, residual = self.norm(residual, delta, f"{p}input_norm.weight", f"{scope}input_norm")
         attn = f"{scope}attn/"
-        qkv = self.linear(h, attn, [f"{p}attn.q_proj", f"{p}attn.k_proj", f"{p}attn.v_proj"], "qkv_proj",
-                          c.qkv_bias)
+        qkv = self.linear(h, i, "attn/", "qkv_proj", c.qkv_bias)
         cos, sin = rotary_caches(self.contract, i)
         y = self.node("GroupQueryAttention",
                       [*self.attention_inputs(i, qkv, attn), past_key(i), past_value(i), SEQLENS_K, TOTAL_SEQ_LEN,
                        cos, sin],
                       [f"{attn}GroupQueryAttention_output_0", present_key(i), present_value(i)],
                       f"{attn}GroupQueryAttention", domain="com.microsoft", **self.gqa_attributes(i))[0]
-        a = self.linear(y, attn, [f"{p}attn.o_proj"], "o_proj", c.o_bias)
+        a = self.linear(y, i, "attn/", "o_proj", c.o_bias)
         if c.sandwich_norm:
             a = self.plain_norm(a, f"{p}attn_out_norm.weight", f"{scope}attn_out_norm")
         h, residual = self.norm(residual, a, f"{p}post_attn_norm.weight", f"{scope}post_attn_norm")
         mlp = f"{scope}mlp/"
-        gu = self.linear(h, mlp, [f"{p}mlp.gate_proj", f"{p}mlp.up_proj"], "gate_up_proj", c.mlp_bias)
+        gu = self.linear(h, i, "mlp/", "gate_up_proj", c.mlp_bias)
         split = self.init(f"{mlp}gate_up_proj.split", np.array([c.intermediate_size] * 2, np.int64))
         gate, up = self.node("Split", [gu, split], [f"{mlp}gate_proj/MatMul_output_0", f"{mlp}up_proj/MatMul_output_0"],
                              f"{mlp}gate_up_proj/Split", axis=-1)
@@ -208,7 +215,7 @@ class Builder:
             sig = self.node("Sigmoid", [gate], [f"{mlp}Sigmoid_output_0"], f"{mlp}Sigmoid")[0]
             act = self.node("Mul", [gate, sig], [f"{mlp}Mul_output_0"], f"{mlp}Mul")[0]
         prod = self.node("Mul", [act, up], [f"{mlp}Mul_1_output_0"], f"{mlp}Mul_1")[0]
-        m = self.linear(prod, mlp, [f"{p}mlp.down_proj"], "down_proj", c.mlp_bias)
+        m = self.linear(prod, i, "mlp/", "down_proj", c.mlp_bias)
         if c.sandwich_norm:
             m = self.plain_norm(m, f"{p}mlp_out_norm.weight", f"{scope}mlp_out_norm")
         return m, residual
@@ -246,7 +253,7 @@ class Builder:
         h, _ = self.norm(residual, delta, "norm.weight", "/model/norm")
         cap = self.c.final_softcap
         out = self.node("MatMul", [h, head], [LOGITS if cap is None else "/model/lm_head/MatMul_output_0"],
-                        "/model/lm_head/MatMul")[0]
+                        HEAD)[0]
         if cap is not None:  # Gemma 2: cap * tanh(logits / cap)
             c = self.init("/model/softcap/cap", np.array(cap, np.float32))
             scaled = self.node("Div", [out, c], ["/model/softcap/Div_output_0"], "/model/softcap/Div")[0]
@@ -268,6 +275,14 @@ class Builder:
         start = self.node("Unsqueeze", [start, first], [f"{s}starts"], f"{s}Unsqueeze")[0]
         return tuple(self.node("Slice", [x, start, end, axis], [f"{s}{which}"], f"{s}Slice_{which}")[0]
                      for x, which in ((residual, "residual"), (delta, "delta")))
+
+
+def weight_parts(c: DecoderConfig) -> dict[str, list[str]]:
+    """Each weight MatMul of the built graph -> the parameters (our names) stacked into its weight, in order."""
+    out = {f"/model/layers.{i}/{scope}{name}/MatMul": [f"layers.{i}.{m}.weight" for m in modules]
+           for i in range(c.num_layers) for (scope, name), modules in LAYER_LINEARS.items()}
+    out[HEAD] = ["lm_head.weight"]
+    return out
 
 
 def io_value(name: str, elem: int, dims: list) -> onnx.ValueInfoProto:

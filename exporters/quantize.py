@@ -19,6 +19,9 @@ Recipes (lists of passes: exporters/quantization/recipes.py; the passes: exporte
           kernel, activations stay float (or int8 per block with accuracy_level 4). Calibration text only serves
           the GPTQ rounding (`BlockwiseRounding`); w4 moves its most damaging MatMuls to 8 bits within a budget.
 
+  gguf    a graph built from a quantized GGUF file with that file's own blocks as MatMulNBits, exactly
+          (exporters/quantization/grid.py, models/gguf_grid.py); only measured, never searched.
+
 Choices read from onnxruntime's source (1.32):
   * activations are uint8: on x86 the CPU QDQ fusion only accepts int8 activations on ARM
     (`QDQIsInt8Allowed()`), so int8 activations would leave DQ -> float MatMul in the graph, slower than fp32;

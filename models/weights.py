@@ -27,6 +27,7 @@ import numpy as np
 from models.checkpoint import fused_parts, layer_modules
 from models.decoder import DecoderConfig
 from models.errors import UserError
+from models.gguf_grid import Grid, read_grid
 
 BUILDER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
 GGUF_CACHE_BYTES = 1 << 30  # a 135M model's float32 weights (0.54 GB) fit; a 1B one's are re-read instead
@@ -67,6 +68,20 @@ class WeightSource:
     # bytes: dequantizing is the slow part of reading a GGUF; safetensors reads are cheap and never kept
     cache_bytes: int = 0
     _cache: dict = field(repr=False, default_factory=dict)
+    _grid: object = field(repr=False, default=None)  # GGUF sources: our name -> the tensor's own blocks
+
+    def grid(self, name: str) -> Grid:
+        """A GGUF source's quantized blocks of one weight (models/gguf_grid.py), in our (out, in) layout; the
+        tied head reads the embedding's. One-line UserError for a source that is not a GGUF file."""
+        if self._grid is None:
+            raise UserError(f"{self.source['path']} is not a GGUF file: it has no quantized blocks to keep")
+        if name == "lm_head.weight" and self.config.tie_word_embeddings:
+            name = "embed_tokens.weight"
+        g = self._grid(name)
+        if g.codes.shape != expected_shape(self.config, name):
+            raise UserError(f"{self.source['path']}: {gguf_name(name)} has shape {g.codes.shape}, the config says "
+                            f"{expected_shape(self.config, name)}")
+        return g
 
     def names(self) -> list[str]:
         """Every parameter the decoder has, in our naming (lm_head only when untied)."""
@@ -226,6 +241,15 @@ class GGUFTensors:
     def types(self) -> set[str]:
         return {t.tensor_type.name for t in self.tensors.values()}
 
+    def grid(self, gguf_name: str) -> Grid:
+        """The tensor's own quantized blocks (models/gguf_grid.py), rows in transformers' order."""
+        t = self.tensors[gguf_name]
+        g = read_grid(t.tensor_type.name, t.data, tuple(int(d) for d in reversed(t.shape)))
+        heads = self.num_heads if ".attn_q." in gguf_name else self.num_kv_heads if ".attn_k." in gguf_name else 0
+        if self.permuted and heads:
+            g = g.rows(unpermute_rotary(np.arange(g.codes.shape[0]), heads))
+        return g
+
     def read(self, gguf_name: str) -> np.ndarray:
         from gguf import dequantize
 
@@ -344,6 +368,7 @@ def open_weights(path: str | Path) -> WeightSource:
     ws._reader = reader
     if src.gguf_file:
         ws.cache_bytes = GGUF_CACHE_BYTES
+        ws._grid = lambda name: tensors.grid(gguf_name(name))
     return ws
 
 

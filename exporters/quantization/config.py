@@ -9,7 +9,7 @@ from exporters.calibration import CalibrationPlan
 from exporters.rotation import hadamard
 from models.errors import UserError
 
-RECIPES = ("static", "w8a8", "w8", "w4")
+RECIPES = ("static", "w8a8", "w8", "w4", "gguf")
 ROUNDINGS = ("gptq", "nearest")
 FALLBACKS = ("w8", "float")
 CALIBRATE_METHODS = ("minmax", "percentile", "entropy")
@@ -52,12 +52,15 @@ class QuantConfig:
                                     # (exporters/smoothing.py, `split_channels`); 0: none
     judge_like_check: bool = True   # w8a8/w4 search: a model is within budget only if it also meets check's top-1
                                     # and KL thresholds for the recipe (exporters/acceptance.py); False: perplexity
+    gguf: str | None = None         # gguf: the GGUF file the source graph was built from (its blocks are kept)
     top1_z: float = 2.0             # ... top-1 by a margin of this many binomial standard errors of its estimate on
                                     # valid_ids: check evaluates other text, so a bare pass there is a coin flip
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
             raise UserError(f"unknown quantization recipe {self.recipe!r} (choose from {', '.join(RECIPES)})")
+        if self.gguf is not None and self.recipe != "gguf":
+            raise UserError(f"a GGUF file to keep the blocks of is for the gguf recipe, not {self.recipe}")
         if self.w4_max_ppl_increase < 0:
             raise UserError(f"w4_max_ppl_increase cannot be negative, got {self.w4_max_ppl_increase}")
         if self.head_bits not in (4, 8):
@@ -100,7 +103,7 @@ class QuantConfig:
     @property
     def weight_only_bits(self) -> int | None:
         """Bits of the recipe's MatMulNBits (8, 4), or None for the static int8 recipes."""
-        return {"w8": 8, "w4": 4}.get(self.recipe)
+        return {"w8": 8, "w4": 4, "gguf": 4}.get(self.recipe)
 
     @property
     def quantizes_embeddings(self) -> bool:

@@ -24,7 +24,7 @@ from runtimes.contract import read_contract
 # writer's copy and the search's switch model (stand-in weights beside the originals). From SmolLM2-135M's
 # measured peak RSS (w8a8 7.75 GB, w4 6.74 GB, from a 654 MB float model with 0.81 GB of Hessians), less the
 # base and the Hessians, over the model's size, rounded up; w8 runs w4's passes, static a subset of w8a8's.
-MODEL_COPIES = {"static": 10.0, "w8a8": 10.0, "w8": 8.5, "w4": 8.5}
+MODEL_COPIES = {"static": 10.0, "w8a8": 10.0, "w8": 8.5, "w4": 8.5, "gguf": 8.5}
 GPTQ_RECIPES = ("w8a8", "w8", "w4")
 BASE_BYTES = 600 << 20  # the Python process with onnxruntime, onnx and numpy loaded
 

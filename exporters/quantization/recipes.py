@@ -9,6 +9,7 @@ from typing import Callable
 from exporters.acceptance import Thresholds
 from exporters.quantization import passes as p
 from exporters.quantization.config import QuantConfig
+from exporters.quantization.grid import GridConfig, run_write_grid
 from exporters.quantization.nbits import NBitsConfig
 from exporters.quantization.qdq import QdqConfig
 from exporters.quantization.smooth import SmoothConfig
@@ -75,6 +76,8 @@ RECIPES: dict[str, tuple[Step, ...]] = {
                 lambda c: p.BlockwiseGptqConfig(c.plan, c.block_size) if c.weight_rounding == "gptq" else None),
            Step("write_nbits", p.run_write_nbits, _nbits(8)),
            Step("measure", p.run_search, _measure_only)),
+    "gguf": (Step("write_grid", run_write_grid, lambda c: GridConfig(c.gguf, c.accuracy_level, c.block_size)),
+             Step("measure", p.run_search, _measure_only)),
     "w4": (Step("gptq_blockwise", p.run_blockwise_gptq,
                 lambda c: p.BlockwiseGptqConfig(c.plan, c.block_size) if c.weight_rounding == "gptq" else None),
            Step("write_nbits", p.run_write_nbits, _nbits(4)),

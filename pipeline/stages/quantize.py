@@ -21,7 +21,9 @@ MIN_WINDOW = 8      # tokens per calibration window: a prefill and at least two 
 @dataclass(frozen=True)
 class QuantizeStageConfig:
     recipe: str = option(str, "w8a8", "w8a8: static int8 with smoothing and sensitivity-chosen mixed precision; "
-                         "static: plain QDQ int8; w8/w4: weight-only MatMulNBits.", choices=RECIPES)
+                         "static: plain QDQ int8; w8/w4: weight-only MatMulNBits; gguf: a GGUF source's own "
+                         "quantized blocks, exactly (4-bit types as 4-bit MatMulNBits, 5- to 8-bit ones as 8-bit).",
+                         choices=RECIPES)
     source: str = option(str, "", "Variant to quantize (default: fused if present, else fp32).")
     method: str | None = option(str, None, "Activation calibration method. Default: percentile (99.999% of |x|) "
                                 "for w8a8, minmax for static.", choices=CALIBRATE_METHODS, optional=True)
@@ -71,7 +73,7 @@ class QuantizeStageConfig:
     def decode_steps(self) -> int:
         return min(4, self.window // 4)  # each window: a prefill, then decode steps fed its real past KV
 
-    def quant_config(self, reduce_range: bool):
+    def quant_config(self, reduce_range: bool, gguf: str | None = None):
         from exporters.quantize import QuantConfig
 
         return QuantConfig(recipe=self.recipe, calibrate_method=self.method,
@@ -82,7 +84,7 @@ class QuantizeStageConfig:
                            fallback=self.fallback, w4_max_ppl_increase=self.w4_max_ppl_increase,
                            weight_rounding=self.weight_rounding, rotate=self.rotate,
                            outlier_channels=self.outlier_channels, online_hadamard=self.online_hadamard,
-                           reduce_range=reduce_range)
+                           reduce_range=reduce_range, gguf=gguf)
 
     def resolved_source(self, run: RunDir) -> str:
         if self.source:
@@ -123,6 +125,18 @@ def memory_budget(config: QuantizeStageConfig, source: str, source_path) -> dict
     return {**need.to_dict(), "limit_bytes": limit}
 
 
+def gguf_source(run: RunDir, tx, source: str) -> str:
+    """The GGUF file `source` was built from (verified unchanged since export), for the gguf recipe."""
+    art = run.artifact("source")
+    if art.get("format") != "gguf":
+        raise UserError(f"--recipe gguf keeps a GGUF file's own blocks; this run was exported from {art.get('path')} "
+                        f"({art.get('format')}): use --recipe w4 or w8")
+    if source != "fused" or run.artifact(source).get("stage") != "export":  # built by export, not optimize
+        raise UserError(f"--recipe gguf rewrites the graph `pipeline export --graph built` writes (variant fused); "
+                        f"--source {source} is not it")
+    return str(tx.read("source"))
+
+
 def quantize(run: RunDir, config: QuantizeStageConfig) -> dict:
     from exporters.quantize import quantize as quantize_model
     from runtimes.bench import peak_rss_mb
@@ -137,7 +151,8 @@ def quantize(run: RunDir, config: QuantizeStageConfig) -> dict:
         source_path = tx.read(source)
         fits_context("window", config.window, source_path, source)
         memory = memory_budget(config, source, source_path)
-        qcfg = config.quant_config(int8_gemm_saturates() if config.reduce_range is None else config.reduce_range)
+        qcfg = config.quant_config(int8_gemm_saturates() if config.reduce_range is None else config.reduce_range,
+                                   gguf_source(run, tx, source) if config.recipe == "gguf" else None)
         n = config.calib_windows + config.valid_windows
         windows = token_windows(run.root, "calib", config.calib_text, n, config.window)
         calib, valid = split_windows(windows, config.calib_windows)

@@ -235,9 +235,10 @@ def test_bf16_sharded_checkpoint(tmp_path):
         open_weights(ckpt)
 
 
-def write_q8_gguf(ref, path: Path) -> None:
-    """As write_gguf, with every 2-D tensor stored Q8_0 (llama.cpp's blocks of 32 int8 and a float16 scale)."""
-    write_gguf(ref, path.with_suffix(".f32.gguf"), with_tokenizer=False)
+def write_q8_gguf(ref, path: Path, type_of=lambda name: "Q8_0", with_tokenizer: bool = False) -> None:
+    """As write_gguf, with every 2-D tensor stored Q8_0 (llama.cpp's blocks of 32 int8 and a float16 scale), or
+    in the type `type_of(tensor name)` names (any type gguf's quantize writes: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0)."""
+    write_gguf(ref, path.with_suffix(".f32.gguf"), with_tokenizer=with_tokenizer)
     src = gguf.GGUFReader(str(path.with_suffix(".f32.gguf")))
     w = gguf.GGUFWriter(str(path), "llama")
     for field in src.fields.values():
@@ -252,8 +253,8 @@ def write_q8_gguf(ref, path: Path) -> None:
     for t in src.tensors:
         arr = np.array(t.data).reshape([int(d) for d in reversed(t.shape)])
         if arr.ndim == 2:
-            w.add_tensor(t.name, gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0),
-                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            kind = gguf.GGMLQuantizationType[type_of(t.name)]
+            w.add_tensor(t.name, gguf.quants.quantize(arr, kind), raw_dtype=kind)
         else:
             w.add_tensor(t.name, arr)
     w.write_header_to_file()

@@ -601,3 +601,25 @@ def test_the_llama_cpp_peer_runs_the_runs_own_gguf_before_the_source_and_names_i
                "rows": {"llamacpp": {**row, "gguf_type": "Q8_0"}, "llamacpp:q4_k_m": {**row, "gguf_type": "Q4_K_M"},
                         "w8a8": row}}
     assert "llamacpp Q8_0" in render_table(results) and "| llamacpp:q4_k_m Q4_K_M |" in render_markdown(results)
+
+
+def test_quantize_gguf_keeps_the_files_blocks_and_refuses_a_run_without_them(tmp_path, text_file, llama_dir):
+    from tests.exporters.test_grid import mixed_gguf
+
+    run = tmp_path / "run"
+    invoke("export", "--model", mixed_gguf(tmp_path / "tiny.gguf", tied=True, with_tokenizer=True), "--out", run)
+    out = invoke("quantize", run, "--recipe", "gguf", "--calib-text", text_file, "--calib-windows", "2",
+                 "--window", "32").output
+    assert "gguf: " in out and "8-bit weight-only instead" in out  # the Q5/Q8 MatMuls, exactly at 8 bits
+    report = manifest_results(run, "quantize")
+    assert report["grid"]["tied_table_shared"] and report["fallback_matmuls"]["/model/lm_head/MatMul"] \
+        == "GGUF Q8_0: its exact 8-bit form"
+    r = invoke("check", run, "--variant", "gguf", "--text", text_file, "--json", "--steps", "4", "--window", "32")
+    row = json.loads(r.output)["variants"][0]
+    assert not row["failed"] and row["kl"] < 0.02 and row["top1"] >= 0.95  # judged as the GGUF's own blocks
+
+    hf_run = tmp_path / "hf"
+    invoke("export", "--model", llama_dir, "--out", hf_run)
+    one_line_error(invoke("quantize", hf_run, "--recipe", "gguf", "--calib-text", text_file, "--window", "32",
+                          ok=False), "keeps a GGUF file's own blocks", "use --recipe w4 or w8")
+    assert not (hf_run / "variants" / "gguf").exists()
