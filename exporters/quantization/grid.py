@@ -107,9 +107,10 @@ class Writer:
         self.nodes.append(helper.make_node("Add", [f"{y}/blocks", term], [y], name=f"{node.name}/offset_add"))
 
 
-def write_grid(model: onnx.ModelProto, weights, config: GridConfig) -> tuple[onnx.ModelProto, dict]:
-    """`model` (the built float graph, tied table already split by untie_embeddings) with every weight MatMul in
-    the GGUF's own blocks; and what to report (GGUF type per MatMul, tied table shared)."""
+def write_grid(model: onnx.ModelProto, weights, config: GridConfig) -> dict:
+    """Rewrite `model` (the built float graph, tied table already split by untie_embeddings) in place, every
+    weight MatMul in the GGUF's own blocks, each float weight dropped as soon as its MatMul is written (one copy
+    of the model at most, whatever its size); returns what to report (GGUF type per MatMul, tied table shared)."""
     parts = weight_parts(weights.config)
     g = GraphIndex(model)
     found = [n for n in g.weight_matmuls() if n.name in parts]
@@ -118,8 +119,7 @@ def write_grid(model: onnx.ModelProto, weights, config: GridConfig) -> tuple[onn
         raise UserError(f"the source graph has no {missing[0]}: the gguf recipe needs the graph `pipeline export "
                         "--graph built` writes from the GGUF")
     tie = tied_head(model)
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = model
     w = Writer(out, config.accuracy_level)
     kinds, replaced, counts = {}, {}, Counter()  # counts: tensors of each GGUF type
     for node in found:
@@ -136,26 +136,29 @@ def write_grid(model: onnx.ModelProto, weights, config: GridConfig) -> tuple[onn
         counts.update(p.type for p in grids)
         kinds[node.name] = {"types": sorted({p.type for p in grids}), "bits": grid.bits,
                             "block_size": grid.block, "offset": grid.minimum is not None}
-        replaced[node.output[0]] = (node, weight, grid)
+        replaced[node.output[0]] = (weight, grid)
+        g.replace_initializer(weight, np.zeros((0, 0), np.float32))  # the float weight, no longer needed
+        del reference, got
     nodes = []
     for node in out.graph.node:
         if node.output and node.output[0] in replaced and node.op_type == "MatMul":
             w.nodes = []
-            w.matmul(*replaced[node.output[0]])
+            w.matmul(node, *replaced.pop(node.output[0]))  # the grid's arrays go once written
             nodes += w.nodes
         else:
             nodes.append(node)
     del out.graph.node[:]
     out.graph.node.extend(nodes)
     used = {i for n in out.graph.node for i in n.input}
-    for t in [t for t in out.graph.initializer if t.name not in used]:
-        out.graph.initializer.remove(t)
+    kept = [t for t in out.graph.initializer if t.name in used]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept)
     if not any(o.domain == "com.microsoft" for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     # the shared embedding dequantizes as MatMulNBits alone does: a head with an offset term keeps its own table
     shared = tie is not None and not kinds[tie[1]]["offset"] and share_tied_table(out, *tie)
     quantize_embeddings(out, config.embedding_block)
-    return out, {"gguf": config.gguf, "gguf_types": dict(sorted(counts.items())), "matmuls": kinds,
+    return {"gguf": config.gguf, "gguf_types": dict(sorted(counts.items())), "matmuls": kinds,
                  "tied_table_shared": shared}
 
 
@@ -168,10 +171,10 @@ def run_write_grid(q, config: GridConfig):
     weights = open_weights(config.gguf)
     if weights.source["format"] != "gguf":
         raise UserError(f"{config.gguf} is not a GGUF file: the gguf recipe keeps a GGUF's own blocks")
-    model, details = write_grid(q.model, weights, config)
+    details = write_grid(q.model, weights, config)  # q.model becomes the quantized graph
     q.details["grid"] = details
     q.details.update(bits=4, block_size=32, accuracy_level=config.accuracy_level)
     q.reasons.update({name: f"GGUF {'/'.join(k['types'])}: its exact {k['bits']}-bit form"
                       for name, k in details["matmuls"].items() if k["bits"] == 8})
-    save_model_auto(model, q.staged)
+    save_model_auto(q.model, q.staged)
     return q
