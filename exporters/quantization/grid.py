@@ -28,7 +28,6 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from exporters.builder import weight_parts
 from exporters.graph import GraphIndex
 from exporters.onnx_io import save_model_auto
 from exporters.quantization.embedding import quantize_embeddings, share_tied_table, tied_head
@@ -111,6 +110,8 @@ def write_grid(model: onnx.ModelProto, weights, config: GridConfig) -> dict:
     """Rewrite `model` (the built float graph, tied table already split by untie_embeddings) in place, every
     weight MatMul in the GGUF's own blocks, each float weight dropped as soon as its MatMul is written (one copy
     of the model at most, whatever its size); returns what to report (GGUF type per MatMul, tied table shared)."""
+    from exporters.builder import weight_parts  # the builder reads models' config (torch): only this pass needs it
+
     parts = weight_parts(weights.config)
     g = GraphIndex(model)
     found = [n for n in g.weight_matmuls() if n.name in parts]
