@@ -127,12 +127,13 @@ def main(name: str = "smollm2", description: str = __doc__,
     p.add_argument("--gguf", required=default_gguf is None, help=gguf_help)
     p.add_argument("--out", default=f"runs/{name}")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--recipes", default="w8a8,w8,w4")
+    p.add_argument("--recipes", default="w8a8,w8,w4,gguf",
+                   help="quantize recipes; gguf keeps the source GGUF's own blocks (no calibration)")
     p.add_argument("--window", type=int, default=512, help="evaluation window (tokens)")
     p.add_argument("--windows", type=int, default=2)
     p.add_argument("--calib-windows", type=int, default=32, help="calibration windows of 128 tokens")
     p.add_argument("--memory-prompts", default="512,1536,2048",
-                   help="prompt lengths of the peak-memory runs (w8a8 and w4 against llama.cpp; '' for none)")
+                   help="prompt lengths of the peak-memory runs (w8a8, w4 and gguf against llama.cpp; '' for none)")
     p.add_argument("--plot", default=f"docs/{name}-bench.png",
                    help="the chart of the speed table (decode ms/token and prefill per runner) that "
                         "docs/benchmarks.md embeds; '' for none (needs matplotlib)")
@@ -168,7 +169,8 @@ def main(name: str = "smollm2", description: str = __doc__,
                      "--new-tokens", "64", "--repeats", "5", "--compare", ",".join(peers), "--json",
                      *(["--plot", a.plot] if a.plot else []))
     memory = {}  # peak RSS and prefill against the prompt's length: what an edge board must hold
-    small = [x for v in ("w8a8-native" if native else "w8a8", "w4") if v in variants for x in ("--variant", v)]
+    small = [x for v in ("w8a8-native" if native else "w8a8", "w4", "gguf") if v in variants
+             for x in ("--variant", v)]
     for prompt in [int(x) for x in a.memory_prompts.split(",") if x]:
         memory[prompt] = pipeline("bench", str(out), *small, *compare, "--threads", str(a.threads), "--prompt-len",
                                   str(prompt), "--new-tokens", "16", "--repeats", "1", "--json")["rows"]
