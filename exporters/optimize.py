@@ -223,21 +223,57 @@ def rotary_table(contract: Contract, theta: float, scaling: dict | None, long: b
     return [(f(freqs) * factor).astype(np.float32) for f in (np.cos, np.sin)]
 
 
+def rotary_nodes(model: onnx.ModelProto, contract: Contract, theta: float, scaling: dict | None,
+                 names: tuple[str, str], long: bool = False) -> None:
+    """Nodes computing `rotary_table`'s [cos, sin] as `names`, the same float64 products and functions cast to
+    float32, from the frequencies alone: the file stores rotary_dim / 2 numbers instead of two tables of
+    max_position_embeddings rows (67 MB for Gemma 3's four at 32k positions), and onnxruntime folds them into
+    constants when the session is created, so each run reads the same tables as before."""
+    g = model.graph
+    prefix = names[0]
+    inv_freq = rope_inv_freq(contract.rotary_dim or contract.head_dim, theta, scaling, long).astype(np.float64)
+    factor = rope_attention_factor(scaling)
+    g.initializer.extend([
+        numpy_helper.from_array(np.array(0.0), f"{prefix}/start"),
+        numpy_helper.from_array(np.array(float(contract.max_position_embeddings)), f"{prefix}/rows"),
+        numpy_helper.from_array(np.array(1.0), f"{prefix}/step"),
+        numpy_helper.from_array(np.array([1], np.int64), f"{prefix}/axis1"),
+        numpy_helper.from_array(inv_freq[None, :], f"{prefix}/inv_freq")])
+    if factor != 1.0:
+        g.initializer.append(numpy_helper.from_array(np.array(factor, np.float64), f"{prefix}/factor"))
+    g.node.extend([
+        helper.make_node("Range", [f"{prefix}/start", f"{prefix}/rows", f"{prefix}/step"], [f"{prefix}/positions"],
+                         name=f"gqa/{prefix}/Range"),
+        helper.make_node("Unsqueeze", [f"{prefix}/positions", f"{prefix}/axis1"], [f"{prefix}/column"],
+                         name=f"gqa/{prefix}/Unsqueeze"),
+        helper.make_node("Mul", [f"{prefix}/column", f"{prefix}/inv_freq"], [f"{prefix}/freqs"],
+                         name=f"gqa/{prefix}/Freqs")])
+    for op, name in zip(("Cos", "Sin"), names):
+        wave = f"{name}/{op.lower()}64"
+        g.node.append(helper.make_node(op, [f"{prefix}/freqs"], [wave], name=f"gqa/{name}/{op}"))
+        if factor != 1.0:
+            g.node.append(helper.make_node("Mul", [wave, f"{prefix}/factor"], [f"{wave}_scaled"],
+                                           name=f"gqa/{name}/Factor"))
+            wave = f"{wave}_scaled"
+        g.node.append(helper.make_node("Cast", [wave], [name], to=TensorProto.FLOAT, name=f"gqa/{name}/Cast"))
+
+
 def add_rotary_caches(model: onnx.ModelProto, contract: Contract, theta: float, scaling: dict | None,
                       names: tuple[str, str]) -> None:
-    """The cos/sin cache initializers `names`; with LongRoPE, computed instead: the short-factor table and the
-    long-factor one are stacked, and each run slices the rows of the one its total sequence length calls for
-    (longer than the pretraining context: long), as transformers switches per forward call."""
+    """The cos/sin caches `names` (computed in the graph, `rotary_nodes`); with LongRoPE the short-factor table
+    and the long-factor one are stacked, and each run slices the rows of the one its total sequence length calls
+    for (longer than the pretraining context: long), as transformers switches per forward call."""
     g = model.graph
     switch = long_context(scaling)
     if switch is None:
-        g.initializer.extend(numpy_helper.from_array(t, n) for t, n in zip(rotary_table(contract, theta, scaling),
-                                                                              names))
+        rotary_nodes(model, contract, theta, scaling, names)
         return
     rows = contract.max_position_embeddings
-    short, long = rotary_table(contract, theta, scaling), rotary_table(contract, theta, scaling, long=True)
-    g.initializer.extend([numpy_helper.from_array(np.concatenate([s, l_]), f"{n}.short_long")
-                          for s, l_, n in zip(short, long, names)])
+    parts = [tuple(f"{n}.{kind}" for n in names) for kind in ("short", "long")]
+    for part, long in zip(parts, (False, True)):
+        rotary_nodes(model, contract, theta, scaling, part, long=long)
+    g.node.extend(helper.make_node("Concat", [s, l_], [f"{n}.short_long"], axis=0, name=f"gqa/Stack_{n}")
+                  for s, l_, n in zip(*parts, names))
     g.initializer.extend([numpy_helper.from_array(np.array([switch], np.int64), "gqa.long_after"),
                           numpy_helper.from_array(np.array([rows], np.int64), "gqa.long_rows"),
                           numpy_helper.from_array(np.array([0], np.int64), "gqa.axis0"),

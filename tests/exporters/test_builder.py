@@ -21,11 +21,11 @@ from transformers import (Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralCo
 
 from exporters.builder import build_graph, check_built
 from exporters.export import export_onnx, parity
-from exporters.optimize import OptimizeConfig, optimize
+from exporters.optimize import OptimizeConfig, add_rotary_caches, optimize, rotary_table
 from models.errors import UserError
 from models.hf import load_model
 from models.weights import NotBuildable, open_weights
-from runtimes.contract import past_names, read_contract
+from runtimes.contract import Contract, past_names, read_contract
 from tests.models.test_hf import TOKENS, llama_cpp_permute, tiny_hf, write_gguf
 from tests.pipeline.test_cli import invoke, one_line_error
 from tests.hf_cache import cache_of, with_cache
@@ -171,9 +171,9 @@ def test_new_families_match_transformers_past_the_window(family, tmp_path):
     assert ops == {"GroupQueryAttention": n, "SimplifiedLayerNormalization": 1 + n * norms_per_layer,
                    "SkipSimplifiedLayerNormalization": 2 * n, "FastGelu": n if gelu else 0,
                    "Sigmoid": 0 if gelu else n, "MatMul": 4 * n + 1}
-    if family == "phi3":  # half of each head rotated; the short and long tables stacked
+    if family == "phi3":  # half of each head rotated; the short and long tables computed from 8 frequencies each
         tables = {t.name: list(t.dims) for t in onnx.load(str(built), load_external_data=False).graph.initializer}
-        assert tables["gqa.cos_cache.short_long"] == [2 * TINY["max_position_embeddings"], 8]
+        assert tables["gqa.cos_cache.short/inv_freq"] == tables["gqa.cos_cache.long/inv_freq"] == [1, 8]
     gqa = [nd for nd in nodes if nd.op_type == "GroupQueryAttention"]
     windows = [next((a.i for a in nd.attribute if a.name == "local_window_size"), None) for nd in gqa]
     assert windows == [cfg.window(i) for i in range(n)]
@@ -183,6 +183,35 @@ def test_new_families_match_transformers_past_the_window(family, tmp_path):
     if family == "gemma3_text":
         assert [nd.input[7] for nd in gqa] == ["gqa.cos_cache_local", "gqa.cos_cache", "gqa.cos_cache_local"]
         assert all(next(a.f for a in nd.attribute if a.name == "scale") == pytest.approx(24 ** -0.5) for nd in gqa)
+
+
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                                     {"rope_type": "longrope", "short_factor": [1.0 + i / 50 for i in range(8)],
+                                      "long_factor": [2.0 + i / 10 for i in range(8)], "factor": 4.0,
+                                      "original_max_position_embeddings": 512}])
+def test_rotary_tables_are_computed_in_the_graph_bit_for_bit(scaling):
+    """The cos/sin caches are nodes over the frequencies, not stored tables; onnxruntime's float64 products and
+    functions give numpy's table exactly, for each rope kind (LongRoPE: the short rows, then the long ones)."""
+    c = Contract(num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16, hidden_size=32, vocab_size=8,
+                 max_position_embeddings=2048, attention_windows=(None,), rope_theta=10000.0, rope_scaling=scaling)
+    graph = onnx.helper.make_graph(
+        [], "rope", [onnx.helper.make_tensor_value_info("gqa.total64", onnx.TensorProto.INT64, [1])],
+        [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, ["rows", 8]) for n in ("cos", "sin")],
+        [onnx.numpy_helper.from_array(np.array([1], np.int64), "gqa.axis1")])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    add_rotary_caches(model, c, 10000.0, scaling, ("cos", "sin"))
+    assert max(int(np.prod(t.dims)) for t in model.graph.initializer) <= 8  # frequencies only, no table
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for total, long in [(100, False), (2000, True)][:2 if scaling and scaling["rope_type"] == "longrope" else 1]:
+        got = session.run(None, {"gqa.total64": np.array([total], np.int64)})
+        want = rotary_table(c, 10000.0, scaling, long=long)
+        rows = total if long or scaling and scaling["rope_type"] == "longrope" else c.max_position_embeddings
+        for g, w in zip(got, want):
+            assert g.dtype == np.float32 and g.shape == (rows, 8)
+            np.testing.assert_array_equal(g, w[:rows])
+    if scaling and scaling["rope_type"] == "longrope":
+        assert not np.array_equal(got[0][:100], session.run(None, {"gqa.total64": np.array([100], np.int64)})[0])
 
 
 def test_traced_fusion_refuses_what_only_the_builder_fuses(tmp_path):
