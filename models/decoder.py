@@ -17,6 +17,7 @@ GroupQueryAttention and onnxruntime-genai expect. Export workarounds live in exp
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -104,8 +105,11 @@ class DecoderConfig:
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None, long: bool = False) -> torch.Tensor:
-    """Inverse frequencies (head_dim/2,), with HF's rope scaling applied (models/rope.py)."""
-    return torch.from_numpy(rope.rope_inv_freq(head_dim, theta, scaling, long))
+    """Inverse frequencies (head_dim/2,), with HF's rope scaling applied (models/rope.py). They are constants of
+    the config, which is what a trace should record, so the tracer's warning about constants is not raised."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return torch.from_numpy(rope.rope_inv_freq(head_dim, theta, scaling, long))
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
