@@ -5,7 +5,6 @@ Smoothing reads their per-channel extremes, GPTQ their input Hessians; both go t
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -16,6 +15,7 @@ from onnx import TensorProto, helper
 
 from exporters.calibration import cpu_session
 from exporters.onnx_io import EXTERNAL_DATA_THRESHOLD, save_model
+from models.files import remove_tree
 
 
 def probe(model: onnx.ModelProto, tensors: list[str], feeds: Iterable[dict[str, np.ndarray]],
@@ -38,7 +38,7 @@ def probe(model: onnx.ModelProto, tensors: list[str], feeds: Iterable[dict[str, 
         for feed in feeds:
             yield dict(zip(tensors, session.run(tensors, feed)))
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
         for _ in added:
             model.graph.output.pop()
 

@@ -16,7 +16,7 @@ import warnings
 import click
 from click.core import ParameterSource
 
-from pipeline.manifest import RunDir
+from pipeline.manifest import PUBLISHED, RunDir
 from pipeline.options import click_options
 from pipeline.stages.bench import BenchConfig
 from pipeline.stages.check import CheckConfig
@@ -46,7 +46,14 @@ EXIT_INTERRUPTED = 130
 def os_error_line(e: OSError) -> str:
     """A failed read or write (disk full, read-only, no permission) as one line that names the file."""
     where = f": {e.filename}" if e.filename else ""
-    return f"{e.strerror or type(e).__name__}{where} (the run is as it was before this command)"
+    return f"{e.strerror or type(e).__name__}{where} ({_left_behind('the run is as it was before this command')})"
+
+
+def _left_behind(nothing_published: str) -> str:
+    """What a failed or interrupted command leaves: nothing, or the stages it finished before (`pipeline run`)."""
+    if not PUBLISHED:
+        return nothing_published
+    return f"nothing half-written was left behind; {', '.join(PUBLISHED)} had finished and published its outputs"
 
 
 def user_errors(fn):
@@ -58,6 +65,7 @@ def user_errors(fn):
         from models.errors import UserError
         from runtimes.errors import RuntimeUserError
 
+        PUBLISHED.clear()
         try:
             return fn(*args, **kwargs)
         except (UserError, RuntimeUserError, OSError) as e:
@@ -67,7 +75,7 @@ def user_errors(fn):
             click.echo(f"error: {line.splitlines()[0] if line else type(e).__name__}", err=True)
             sys.exit(EXIT_ERROR)
         except KeyboardInterrupt:
-            click.echo("interrupted: nothing half-written was left behind", err=True)
+            click.echo(f"interrupted: {_left_behind('nothing half-written was left behind')}", err=True)
             sys.exit(EXIT_INTERRUPTED)
 
     return wrapper

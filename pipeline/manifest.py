@@ -35,15 +35,13 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
-import signal
 import tempfile
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.errors import UserError
+from models.files import interrupts_deferred, remove_tree
 from runtimes.bundle import file_sha256 as sha256
 
 MANIFEST = "manifest.json"
@@ -52,6 +50,7 @@ LOCK = ".pipeline.lock"
 STAGING_PREFIX = ".staging-"
 TRASH_PREFIX = ".trash-"
 OWN_ENTRIES = (LOCK, STAGING_PREFIX, TRASH_PREFIX, f".{MANIFEST}.")  # what a stage may leave in a fresh directory
+PUBLISHED: list[str] = []  # "`stage` in RUN" for each commit this process made: a later Ctrl-C's message names them
 
 
 def files_under(path: Path) -> list[Path]:
@@ -82,22 +81,6 @@ def write_json_temp(path: Path, data: dict) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return Path(tmp)
-
-
-@contextlib.contextmanager
-def interrupts_deferred() -> Iterator[None]:
-    """Hold Ctrl-C back while a few renames make a stage's outputs visible, then deliver it."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if caught:
-            raise KeyboardInterrupt
 
 
 def _shape_error(path: Path, what: str) -> UserError:
@@ -267,6 +250,7 @@ class Transaction:
                         moved.append((self.staging / unit, run.root / unit))
                         os.rename(*moved[-1])
                     os.replace(manifest_tmp, run.manifest_path)
+                    PUBLISHED.extend(f"`{stage}` in {run.root}" for stage, *_ in self.pending)
                 except BaseException:
                     for src, dst in reversed(moved):  # put everything back as it was
                         if dst.exists():
@@ -275,7 +259,7 @@ class Transaction:
         finally:
             manifest_tmp.unlink(missing_ok=True)  # gone already once it became the manifest
             if trash is not None:
-                shutil.rmtree(trash, ignore_errors=True)
+                remove_tree(trash)
 
 
 @dataclass
@@ -374,10 +358,10 @@ class RunDir:
                 yield tx
                 tx.commit()
             finally:
-                shutil.rmtree(staging, ignore_errors=True)
+                remove_tree(staging)
         finally:
             if created is not None and not self.manifest_path.exists():
-                shutil.rmtree(created, ignore_errors=True)
+                remove_tree(created)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -388,7 +372,7 @@ class RunDir:
             fcntl.flock(fd, fcntl.LOCK_EX)
             for p in self.root.iterdir():
                 if p.name.startswith((STAGING_PREFIX, TRASH_PREFIX)) and not _alive(p.name.split("-")[1]):
-                    shutil.rmtree(p, ignore_errors=True)
+                    remove_tree(p)
             yield
         finally:
             os.close(fd)
