@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from exporters.gptq import fits, gptq_blockwise
 from exporters.graph import GraphIndex
-from exporters.quantization.quiet import quiet
 from runtimes.contract import LOGITS
 
 
@@ -23,18 +23,84 @@ class NBitsConfig:
 
 def nbits(model: onnx.ModelProto, bits: int, config: NBitsConfig,
           include: list[str] | None = None) -> onnx.ModelProto:
-    """MatMulNBits (blockwise symmetric) for the float weight MatMuls: `include` only, or all but the excluded."""
-    exclude = set(config.exclude)
-    if include is not None:  # the quantizer's own nodes_to_include adds to the op types instead of narrowing
-        exclude |= {n.name for n in model.graph.node if n.op_type == "MatMul"} - set(include)
-    with quiet():
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    """MatMulNBits (blockwise symmetric) for the float weight MatMuls: `include` only, or all but the excluded;
+    a new model (write_nbits)."""
+    names = [n.name for n in GraphIndex(model).weight_matmuls() if n.name not in config.exclude
+             and (include is None or n.name in include)]
+    return write_nbits(model, dict.fromkeys(names, bits), config)
 
-        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=config.block_size, is_symmetric=True,
-                                         accuracy_level=config.accuracy_level, nodes_to_exclude=sorted(exclude),
-                                         op_types_to_quantize=("MatMul",))
-        quantizer.process()
-    return quantizer.model.model  # the same ModelProto, metadata (the contract) included
+
+def write_nbits(model: onnx.ModelProto, bits_of: dict[str, int], config: NBitsConfig,
+                weight_of: Callable[[str, int], np.ndarray | None] = lambda name, bits: None) -> onnx.ModelProto:
+    """A new model: `model` with each MatMul of `bits_of` as MatMulNBits of those bits, exactly as onnxruntime's
+    MatMulNBitsQuantizer writes it (its own C++ block quantizer, names, attributes), `model` unchanged.
+
+    The float weights of those MatMuls are read one at a time and never copied, so writing holds the quantized
+    model beside the float one instead of two float copies (the quantizer's way: a whole copy to rewrite, plus
+    its own). `weight_of(name, bits)` gives the float values to quantize instead of the graph's (GPTQ's
+    rounding, already on the grid, comes out unchanged), or None.
+    """
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    quantizer = {4: quantize_matmul_4bits, 8: quantize_matmul_8bits}
+    g = GraphIndex(model)
+    nodes = {n.name: n for n in g.weight_matmuls()}
+    unknown = sorted(set(bits_of) - set(nodes))
+    if unknown:
+        raise ValueError(f"not float weight MatMuls: {unknown}")
+    out = _skeleton(model)
+    written = []
+    for node in model.graph.node:
+        bits = bits_of.get(node.name)
+        if bits is None:
+            written.append(node)
+            continue
+        weight = node.input[1]
+        w = weight_of(node.name, bits)
+        w = np.ascontiguousarray(g.array(weight) if w is None else w, dtype=np.float32)
+        k, n = w.shape
+        blocks = -(-k // config.block_size)
+        if k % config.block_size:
+            w = np.pad(w, ((0, blocks * config.block_size - k), (0, 0)))
+        packed = np.zeros((n, blocks, config.block_size * bits // 8), np.uint8)
+        scales = np.zeros((n, blocks), np.float32)
+        zero_points = np.zeros((n, -(-blocks * bits // 8)), np.uint8)  # unused: symmetric
+        quantizer[bits](packed, w, scales, zero_points, config.block_size, n, k, True)
+        del w
+        out.graph.initializer.extend([numpy_helper.from_array(packed, f"{weight}_Q{bits}"),
+                                      numpy_helper.from_array(scales, f"{weight}_scales")])
+        attrs = {"K": k, "N": n, "bits": bits, "block_size": config.block_size}
+        if config.accuracy_level:
+            attrs["accuracy_level"] = config.accuracy_level
+        written.append(helper.make_node("MatMulNBits", [node.input[0], f"{weight}_Q{bits}", f"{weight}_scales"],
+                                        list(node.output), name=f"{node.name}_Q{bits}", domain="com.microsoft",
+                                        **attrs))
+    out.graph.node.extend(written)
+    used = {i for n in written for i in n.input} | {o.name for o in model.graph.output}
+    out.graph.initializer.extend(t for t in model.graph.initializer if t.name in used)
+    if bits_of and not any(o.domain == "com.microsoft" for o in out.opset_import):
+        out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return out
+
+
+def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` without its graph's nodes and initializers (the only large fields)."""
+    out = onnx.ModelProto()
+    _copy_fields(model, out, skip=("graph",))
+    _copy_fields(model.graph, out.graph, skip=("node", "initializer"))
+    return out
+
+
+def _copy_fields(src, dst, skip: tuple[str, ...]) -> None:
+    for field, value in src.ListFields():
+        if field.name in skip:
+            continue
+        if field.is_repeated:
+            getattr(dst, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
 
 
 def output_projection(model: onnx.ModelProto) -> str | None:

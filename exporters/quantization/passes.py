@@ -21,7 +21,8 @@ from exporters.graph import GraphIndex
 from exporters.onnx_io import save_model_auto
 from exporters.quantization.embedding import quantize_embeddings, share_tied_table, tied_head
 from exporters.quantization.evaluate import Agreement
-from exporters.quantization.nbits import BlockwiseRounding, NBitsConfig, fake_nbits, nbits, output_projection
+from exporters.quantization.nbits import BlockwiseRounding, NBitsConfig, fake_nbits, output_projection, \
+    write_nbits
 from exporters.quantization.qdq import QdqConfig, QdqJob, gptq_weights, quantize_qdq, weight_hessians, \
     with_value_info, write_mix
 from exporters.quantization.search import Judge, take_out_until_budget
@@ -221,16 +222,16 @@ def run_write_nbits(q: Quantizing, config: WriteNBitsConfig) -> Quantizing:
     if bits == 4:
         q.reasons.update({n: "output projection (head_bits 8)" for n in head_at_8})
 
+    def rounded(name: str, b: int) -> np.ndarray | None:
+        # a shared head keeps nearest rounding: GPTQ moves weights by more than a step to fix the head's
+        # products, and the embedding reads the same weights as a table
+        if q.blockwise is None or name not in q.targets or (tie is not None and name == tie[1]):
+            return None
+        return q.blockwise.rounded(name, b)
+
     def write(at_8: list[str]) -> None:
-        m = onnx.ModelProto()
-        m.CopyFrom(model)
-        if q.blockwise is not None:  # a shared head keeps nearest rounding: GPTQ moves weights by more than a
-            # step to fix the head's products, and the embedding reads the same weights as a table
-            q.blockwise.apply(m, {t: 8 if t in at_8 else bits for t in q.targets
-                                  if tie is None or t != tie[1]})
-        if at_8:
-            m = nbits(m, 8, config.nbits, include=at_8)
-        m = nbits(m, bits, config.nbits)
+        names = [n.name for n in GraphIndex(model).weight_matmuls() if n.name not in config.nbits.exclude]
+        m = write_nbits(model, {t: 8 if t in at_8 else bits for t in names}, config.nbits, rounded)
         shared = tie is not None and config.embedding_block is not None and share_tied_table(m, *tie)
         q.details["tied_table_shared"] = shared
         if config.embedding_block is not None:

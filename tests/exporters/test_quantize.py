@@ -32,7 +32,7 @@ from exporters.optimize import optimize
 from exporters.gptq import gptq, gptq_blockwise
 from exporters.rotation import ONLINE_SUFFIX, hadamard, rotate
 from exporters.graph import weight_matmuls
-from exporters.quantization.nbits import nbits as _nbits
+from exporters.quantization.nbits import NBitsConfig, nbits as _nbits, write_nbits
 from exporters.quantize import WEIGHT_BITS_KEY, fake_nbits, QuantConfig, perplexity, qdq_quantized, quantize
 from exporters.smoothing import ALPHA_GRID, SPLIT_HEADROOM, ActivationStats, best_alpha, collect_activation_stats, \
     fake_quant_error, find_smooth_groups, outlier_matmuls, pick_outliers, smooth, smoothing_scales, split_scales
@@ -300,6 +300,44 @@ def test_fake_nbits_is_the_grid_matmul_nbits_stores(tmp_path):
     got = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": eye})[0]
     np.testing.assert_allclose(got, fake_nbits(w, 4, 32), atol=1e-5)
     assert not np.allclose(got, w, atol=1e-3)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_write_nbits_writes_what_onnxruntimes_quantizer_writes_without_copying_the_float_model(bits):
+    """The writer's MatMulNBits are the stock quantizer's, byte for byte (K not a whole block included), and it
+    leaves the float model as it was."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    rng = np.random.default_rng(bits)
+    k, n = 80, 24
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w1"], ["h"], name="a"),
+                               helper.make_node("MatMul", ["h", "w2"], ["y"], name="b")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, n])],
+                              [numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), "w1"),
+                               numpy_helper.from_array(3 * rng.standard_normal((n, n)).astype(np.float32), "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.metadata_props.add(key="contract", value="kept")
+    before = model.SerializeToString()
+    mine = write_nbits(model, {"a": bits, "b": bits}, NBitsConfig(32, 4))
+    assert model.SerializeToString() == before
+    stock = onnx.ModelProto()
+    stock.CopyFrom(model)
+    quantizer = MatMulNBitsQuantizer(stock, bits=bits, block_size=32, is_symmetric=True, accuracy_level=4,
+                                     op_types_to_quantize=("MatMul",))
+    quantizer.process()
+    stock = quantizer.model.model
+    arrays = lambda m: {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    assert arrays(mine).keys() == arrays(stock).keys() == {f"w1_Q{bits}", "w1_scales", f"w2_Q{bits}", "w2_scales"}
+    for name, value in arrays(stock).items():
+        assert arrays(mine)[name].dtype == value.dtype and np.array_equal(arrays(mine)[name], value), name
+    assert [str(n) for n in mine.graph.node] == [str(n) for n in stock.graph.node]
+    assert mine.metadata_props == stock.metadata_props and list(mine.opset_import) == list(stock.opset_import)
+    x = rng.standard_normal((2, k)).astype(np.float32)
+    y = ort.InferenceSession(mine.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    w1, w2 = (fake_nbits(numpy_helper.to_array(t), bits, 32) for t in model.graph.initializer)
+    expected = x @ w1 @ w2  # the blocks' values; accuracy level 4 rounds the activations to int8 blocks too
+    assert np.abs(y - expected).max() < 0.03 * np.abs(expected).max()
 
 
 def test_embedding_can_stay_float(quantized):
