@@ -59,7 +59,8 @@ CONFIGS = {
         "tie_word_embeddings": True, "attention_bias": False, "bos_token_id": 2, "eos_token_id": 1,
         "pad_token_id": 0, "torch_dtype": "bfloat16"},
 }
-STAGES = ("export", "optimize", "quantize-w4", "quantize-w8a8", "check", "bench", "package")
+STAGES = ("export", "optimize", "quantize-w8-nearest", "quantize-w4-nearest", "quantize-w4", "quantize-w8a8",
+          "check", "bench", "package")
 SHARD_BYTES = 1 << 30
 
 
@@ -164,6 +165,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="working directory (checkpoint, run, bundle)")
     ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of: {', '.join(STAGES)}")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per stage before it is killed")
+    ap.add_argument("--max-memory", type=float, help="GiB passed to quantize's --max-memory (to measure a stage "
+                    "its own estimate would refuse)")
     ap.add_argument("--calib-text", type=Path, help="calibration text (default: this Python's LICENSE)")
     ap.add_argument("--text", type=Path, help="evaluation text for check (default: this Python's idlelib NEWS)")
     ap.add_argument("--tokenizer", type=Path, help="a tokenizer.json to ship with the checkpoint (the bench "
@@ -189,11 +192,18 @@ def main() -> None:
     ckpt = a.out / a.model
     print(f"checkpoint {ckpt} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     run = a.out / f"run-{a.model}"
+    max_memory = ["--max-memory", str(a.max_memory)] if a.max_memory else []
     commands = {
         "export": ["export", "--model", str(ckpt), "--out", str(run), "--json"],
         "optimize": ["optimize", str(run), "--json"],
-        "quantize-w4": ["quantize", str(run), "--recipe", "w4", "--calib-text", str(calib), "--json"],
-        "quantize-w8a8": ["quantize", str(run), "--recipe", "w8a8", "--calib-text", str(calib), "--json"],
+        # weight-only, rounded to nearest and measured, no search: the forms that hold one float copy
+        "quantize-w8-nearest": ["quantize", str(run), "--recipe", "w8", "--weight-rounding", "nearest",
+                                "--calib-text", str(calib), "--json", *max_memory],
+        "quantize-w4-nearest": ["quantize", str(run), "--recipe", "w4", "--weight-rounding", "nearest", "--no-search",
+                                "--calib-text", str(calib), "--json", *max_memory],
+        "quantize-w4": ["quantize", str(run), "--recipe", "w4", "--calib-text", str(calib), "--json", *max_memory],
+        "quantize-w8a8": ["quantize", str(run), "--recipe", "w8a8", "--calib-text", str(calib), "--json",
+                          *max_memory],
         "check": ["check", str(run), "--text", str(text), "--json"],
         "bench": ["bench", str(run), "--threads", "2", "--prompt-len", "32", "--new-tokens", "32", "--json"],
         "package": ["package", str(run), "--out", str(a.out / f"bundle-{a.model}")],

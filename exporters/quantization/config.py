@@ -40,6 +40,7 @@ class QuantConfig:
                                     # tokens, exporters/gptq.py) or to "nearest" (onnxruntime's own)
     embedding_bits: int = 8         # w8a8/w8/w4: token-embedding table as GatherBlockQuantized (8), or float (32)
     w4_max_ppl_increase: float = 0.08  # w4: MatMuls move to 8 bits, most damaging first, until within this
+    search: bool = True             # w8a8/w4: the budget search; False: every target in the recipe's form, measured
     head_bits: int = 8              # w4: the output projection (lm_head) at 8 bits, as llama.cpp's Q4_K_M keeps
                                     # output.weight at 6; 4 = like every other MatMul
     rotate: bool = True             # w8a8: fold randomized Hadamard rotations (exporters/rotation.py) into the

@@ -23,8 +23,15 @@ from runtimes.contract import read_contract
 # float-model copies alive at the peak, by recipe: the graph in memory, a calibration or judging session, the
 # writer's copy and the search's switch model (stand-in weights beside the originals). From SmolLM2-135M's
 # measured peak RSS (w8a8 7.75 GB, w4 6.74 GB, from a 654 MB float model with 0.81 GB of Hessians), less the
-# base and the Hessians, over the model's size, rounded up; w8 runs w4's passes, static a subset of w8a8's.
-MODEL_COPIES = {"static": 10.0, "w8a8": 10.0, "w8": 8.5, "w4": 8.5, "gguf": 8.5}
+# base and the Hessians, over the model's size, rounded up; static runs a subset of w8a8's passes.
+MODEL_COPIES = {"static": 10.0, "w8a8": 10.0, "w4": 8.5}
+SEARCHED = ("w8a8", "w4")  # the recipes with a budget search (--no-search: written, then measured)
+# weight-only recipes written and measured without a search: the float graph while it is written (dropped once
+# written), then the measuring sessions, the float model's and the written one's. Measured on SmolLM2-135M: w4 and
+# w8 nearest 1.72 and 1.80 GB, gguf 2.50 GB (its GGUF reader beside the graph), w4 GPTQ 3.23 GB of which 0.81 GB
+# Hessians (its rounded stand-ins and the calibration session: one copy more).
+MEASURED_ONLY_COPIES = {"w8": 2.0, "w4": 2.0, "gguf": 3.0}
+GPTQ_STAND_IN_COPIES = 1.0
 GPTQ_RECIPES = ("w8a8", "w8", "w4")
 BASE_BYTES = 600 << 20  # the Python process with onnxruntime, onnx and numpy loaded
 
@@ -81,12 +88,23 @@ def logits_bytes(vocab_size: int, window: int, sensitivity_tokens: int) -> int:
     return 4 * vocab_size * (sensitivity_tokens + LOGITS_ROWS * window)
 
 
+def model_copies(recipe: str, search: bool = True, gptq: bool = False) -> float:
+    """Float-model copies alive at the peak: a searched recipe's (MODEL_COPIES), or a written-then-measured one's
+    (w8a8 and static calibrate, smooth and write QDQ copies whether searched or not: MODEL_COPIES too)."""
+    if (search and recipe in SEARCHED) or recipe not in MEASURED_ONLY_COPIES:
+        return MODEL_COPIES[recipe]
+    return MEASURED_ONLY_COPIES[recipe] + (GPTQ_STAND_IN_COPIES if gptq else 0.0)
+
+
 def estimate(path: str | Path, recipe: str, weight_rounding: str = "gptq", window: int = 128,
-             sensitivity_tokens: int = 256) -> MemoryEstimate:
-    """The peak memory of quantizing the model at `path` with `recipe`, from its graph (weights not loaded)."""
+             sensitivity_tokens: int = 256, search: bool = True) -> MemoryEstimate:
+    """The peak memory of quantizing the model at `path` with `recipe` (and its search, if it has one and
+    `search`), from its graph (weights not loaded)."""
     path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
     gptq = recipe in GPTQ_RECIPES and weight_rounding == "gptq"
     vocab = read_contract(model, path).vocab_size
-    return MemoryEstimate(files_size(path) + tied_table_bytes(model), MODEL_COPIES[recipe],
-                          hessian_bytes(model) if gptq else 0, logits_bytes(vocab, window, sensitivity_tokens))
+    searched = search and recipe in SEARCHED
+    return MemoryEstimate(files_size(path) + tied_table_bytes(model), model_copies(recipe, search, gptq),
+                          hessian_bytes(model) if gptq else 0,
+                          logits_bytes(vocab, window, sensitivity_tokens if searched else 0))

@@ -209,6 +209,8 @@ class WriteNBitsConfig:
     nbits: NBitsConfig             # block size, accuracy level, excluded MatMuls
     head_bits: int                 # the output projection's bits (8 keeps it at 8 in a 4-bit model)
     embedding_block: int | None    # the embedding table as int8 blocks of this size; None: float
+    keep_float: bool = True        # the search may rewrite the model; False: the float weights are dropped once
+                                   # it is written (no search follows), so measuring it holds no float copy
 
 
 def run_write_nbits(q: Quantizing, config: WriteNBitsConfig) -> Quantizing:
@@ -254,6 +256,9 @@ def run_write_nbits(q: Quantizing, config: WriteNBitsConfig) -> Quantizing:
 
     q.write, q.switch = (lambda at_8: write(head_at_8 + at_8)), switch
     write(head_at_8)
+    if not config.keep_float:
+        q.write = q.switch = q.blockwise = None
+        q.model.graph.ClearField("initializer")
     return q
 
 

@@ -34,7 +34,8 @@ def _qdq(c: QuantConfig) -> QdqConfig:
 
 def _nbits(bits: int) -> Callable[[QuantConfig], p.WriteNBitsConfig]:
     return lambda c: p.WriteNBitsConfig(bits, NBitsConfig(c.block_size, c.accuracy_level, c.exclude), c.head_bits,
-                                        c.block_size if c.quantizes_embeddings else None)
+                                        c.block_size if c.quantizes_embeddings else None,
+                                        keep_float=bits == 4 and c.search)
 
 
 def _measure_only(c: QuantConfig) -> p.SearchConfig:
@@ -43,12 +44,16 @@ def _measure_only(c: QuantConfig) -> p.SearchConfig:
 
 
 def _w8a8_search(c: QuantConfig) -> p.SearchConfig:
+    if not c.search:
+        return _measure_only(c)
     how = "int8 weight-only fallback" if c.fallback == "w8" else "float"
     return p.SearchConfig(c.acceptance(c.max_ppl_increase), c.top1_z, c.sensitivity_tokens, "all_int8",
                           "sensitivity", how, "int8")
 
 
 def _w4_search(c: QuantConfig) -> p.SearchConfig:
+    if not c.search:
+        return _measure_only(c)
     return p.SearchConfig(c.acceptance(c.w4_max_ppl_increase), c.top1_z, c.sensitivity_tokens, "ppl_all_4bit",
                           "w4_search", "8 bits", "4 bits")
 

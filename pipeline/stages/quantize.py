@@ -41,6 +41,10 @@ class QuantizeStageConfig:
                            choices=FALLBACKS)
     w4_max_ppl_increase: float = option(float, 0.08, "w4: MatMuls move to 8 bits, most damaging first, until "
                                         "perplexity is within this.", lo=0)
+    search: bool = option(bool, True, "w8a8/w4: the budget search (MatMuls leave the recipe's form, most "
+                          "damaging first, until within budget); --no-search writes every MatMul in the recipe's "
+                          "form and only measures it, holding about one float copy of the model instead of eight "
+                          "(for 1B-class models).", off="--no-search")
     block_size: int = option(int, 32, "w8/w4: MatMulNBits block size (a power of 2, at least 16).", lo=16)
     accuracy_level: int = option(int, 4, "w8/w4: MatMulNBits compute accuracy (4: int8 activations on CPU).",
                                  lo=0, hi=4)
@@ -82,6 +86,7 @@ class QuantizeStageConfig:
                            per_channel=self.per_channel, max_ppl_increase=self.max_ppl_increase,
                            block_size=self.block_size, accuracy_level=self.accuracy_level,
                            fallback=self.fallback, w4_max_ppl_increase=self.w4_max_ppl_increase,
+                           search=self.search,
                            weight_rounding=self.weight_rounding, rotate=self.rotate,
                            outlier_channels=self.outlier_channels, online_hadamard=self.online_hadamard,
                            reduce_range=reduce_range, gguf=gguf)
@@ -112,14 +117,18 @@ def memory_budget(config: QuantizeStageConfig, source: str, source_path) -> dict
 
     from exporters.quantization.memory import estimate
 
-    need = estimate(source_path, config.recipe, config.weight_rounding, config.window)
+    need = estimate(source_path, config.recipe, config.weight_rounding, config.window, search=config.search)
     if config.max_memory is not None:
         limit, what = int(config.max_memory * (1 << 30)), f"--max-memory {config.max_memory:g} GiB"
     else:
         limit = psutil.virtual_memory().available
         what = f"the {limit / (1 << 30):.1f} GiB this machine has available"
     if need.total > limit:
-        advice = (" (--weight-rounding nearest needs no Hessians)" if need.hessian_bytes else "")
+        lean = estimate(source_path, config.recipe, "nearest", config.window, search=False)
+        ways = (["--weight-rounding nearest needs no Hessians"] if need.hessian_bytes else []) + (
+            [f"--weight-rounding nearest --no-search needs about {lean.total / (1 << 30):.1f} GiB"]
+            if lean.total < need.total and (need.hessian_bytes or config.search) else [])
+        advice = f" ({'; '.join(ways)})" if ways else ""
         raise UserError(f"quantizing {source} to {config.recipe} needs {need.describe()}; more than {what}: "
                         f"use a machine with more memory{advice}")
     return {**need.to_dict(), "limit_bytes": limit}

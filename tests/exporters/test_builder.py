@@ -371,7 +371,8 @@ def test_refusals(tmp_path):
 
 
 def test_quantize_memory_estimate_counts_copies_and_hessians(tmp_path):
-    from exporters.quantization.memory import BASE_BYTES, MODEL_COPIES, estimate
+    from exporters.quantization.memory import BASE_BYTES, GPTQ_STAND_IN_COPIES, MEASURED_ONLY_COPIES, MODEL_COPIES, \
+        estimate
 
     ckpt = save(tiny_hf(LlamaConfig(**TINY)), tmp_path / "ckpt")
     built = tmp_path / "m.onnx"
@@ -386,6 +387,11 @@ def test_quantize_memory_estimate_counts_copies_and_hessians(tmp_path):
     assert w4.logits_bytes == logits and w4.total == int(BASE_BYTES + MODEL_COPIES["w4"] * size + hessians + logits)
     assert estimate(built, "w4", window=64, sensitivity_tokens=100).logits_bytes == 4 * TINY["vocab_size"] * 292
     assert estimate(built, "w4", "nearest").hessian_bytes == 0 and estimate(built, "static").hessian_bytes == 0
+    lean = estimate(built, "w4", "nearest", search=False)  # written, float graph dropped, measured: no ranking rows
+    assert (lean.copies, lean.logits_bytes) == (MEASURED_ONLY_COPIES["w4"], 4 * TINY["vocab_size"] * 3 * 128)
+    assert estimate(built, "w4", search=False).copies == MEASURED_ONLY_COPIES["w4"] + GPTQ_STAND_IN_COPIES
+    assert estimate(built, "w8", "nearest").copies == MEASURED_ONLY_COPIES["w8"]  # w8 has no search
+    assert estimate(built, "w8a8", search=False).copies == MODEL_COPIES["w8a8"]  # still calibrates and smooths
     tied = tmp_path / "tied.onnx"  # its table is stored once but split for quantizing: counted twice
     build_graph(open_weights(save(tiny_hf(LlamaConfig(**TINY, tie_word_embeddings=True)), tmp_path / "t")), tied)
     files = tied.stat().st_size + tied.with_name("tied.onnx.data").stat().st_size
@@ -403,7 +409,8 @@ def test_quantize_refuses_before_starting_when_over_max_memory(tmp_path):
     before = (run / "manifest.json").read_bytes()
     r = invoke("quantize", run, "--recipe", "w4", "--calib-text", text_file, "--window", "32", "--max-memory", "0.5",
                ok=False)
-    one_line_error(r, "needs about", "more than --max-memory 0.5 GiB", "--weight-rounding nearest")
+    one_line_error(r, "needs about", "more than --max-memory 0.5 GiB", "--weight-rounding nearest needs no Hessians",
+                   "--weight-rounding nearest --no-search needs about 0.6 GiB")
     assert (run / "manifest.json").read_bytes() == before and not (run / "variants/w4").exists()
     report = json.loads(invoke("quantize", run, "--recipe", "w4", "--calib-text", text_file, "--window", "32",
                                "--calib-windows", "4",

@@ -286,6 +286,24 @@ def test_w4_moves_the_most_damaging_matmuls_to_8_bits_until_the_budget_holds(mod
     assert perplexity(path, valid_ids) == pytest.approx(report["ppl"]["quantized"])
 
 
+def test_w4_without_the_search_writes_every_matmul_at_4_bits_and_only_measures(models, quantized, valid_ids):
+    """--no-search: the same budget is not acted on (all-4-bit misses it here), the model is written once with
+    every MatMul but the head at 4 bits, in the same blocks the searched model has, and it is measured."""
+    path, report = quantized("fused", "w4", w4_max_ppl_increase=0.10, search=False)
+    searched, searched_report = quantized("fused", "w4", w4_max_ppl_increase=0.10)
+    assert "w4_search" not in report and "w4_search" in searched_report
+    assert report["ppl"]["increase"] > 0.10 and report["ppl"]["quantized"] == pytest.approx(perplexity(path, valid_ids))
+    model, other = onnx.load(str(path)), onnx.load(str(searched))
+    bits = {n.name.rsplit("_Q", 1)[0]: {a.name: a.i for a in n.attribute}["bits"]
+            for n in model.graph.node if n.op_type == "MatMulNBits"}
+    assert {n for n, b in bits.items() if b == 8} == {"/model/lm_head/MatMul"}
+    at_4 = weight_names(models["fused"]) - {"/model/lm_head/MatMul"}
+    assert set(report["quantized_matmuls"]) == {n for n, b in bits.items() if b == 4} == at_4
+    same = {t.name: t.raw_data for t in other.graph.initializer}
+    still_4 = [t for t in model.graph.initializer if t.name.endswith("_Q4") and t.name in same]
+    assert still_4 and all(t.raw_data == same[t.name] for t in still_4)
+
+
 def test_fake_nbits_is_the_grid_matmul_nbits_stores(tmp_path):
     """The ranking's 4-bit model of a weight equals what MatMulNBits computes with it (float activations)."""
     k, n = 64, 8
