@@ -102,6 +102,7 @@ def quantize(model_path: str | Path, out_path: str | Path, calib_ids: list[list[
         q = Quantizing(model, model_path, workdir / out_path.name, workdir, calib_ids, valid_ids, config.exclude,
                        reasons={name: "excluded by config" for name in config.exclude})
         q.targets = targets(model, config.exclude)  # validates the excluded names
+        del model, index  # the passes own the float graph now (a writer may let it go, see write_nbits)
         for step, step_config in progress.each(steps(config), f"quantize {config.recipe}", unit="pass",
                                                label=lambda s: s[0].name):
             q = step.run(q, step_config)

@@ -83,12 +83,19 @@ def write_nbits(model: onnx.ModelProto, bits_of: dict[str, int], config: NBitsCo
     return out
 
 
-def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` without its graph's nodes and initializers (the only large fields)."""
+def _skeleton(model: onnx.ModelProto, nodes: bool = False) -> onnx.ModelProto:
+    """A copy of `model` without its graph's initializers (the large field), and without its nodes unless
+    `nodes`."""
     out = onnx.ModelProto()
     _copy_fields(model, out, skip=("graph",))
-    _copy_fields(model.graph, out.graph, skip=("node", "initializer"))
+    _copy_fields(model.graph, out.graph, skip=("initializer",) if nodes else ("node", "initializer"))
     return out
+
+
+def without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model`'s graph without its initializers, as a new message: clearing the field in place would keep their
+    memory (protobuf's arena) for as long as the message lives."""
+    return _skeleton(model, nodes=True)
 
 
 def _copy_fields(src, dst, skip: tuple[str, ...]) -> None:

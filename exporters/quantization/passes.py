@@ -22,7 +22,7 @@ from exporters.onnx_io import save_model_auto
 from exporters.quantization.embedding import quantize_embeddings, share_tied_table, tied_head
 from exporters.quantization.evaluate import Agreement
 from exporters.quantization.nbits import BlockwiseRounding, NBitsConfig, fake_nbits, output_projection, \
-    write_nbits
+    without_weights, write_nbits
 from exporters.quantization.qdq import QdqConfig, QdqJob, gptq_weights, quantize_qdq, weight_hessians, \
     with_value_info, write_mix
 from exporters.quantization.search import Judge, take_out_until_budget
@@ -258,7 +258,7 @@ def run_write_nbits(q: Quantizing, config: WriteNBitsConfig) -> Quantizing:
     write(head_at_8)
     if not config.keep_float:
         q.write = q.switch = q.blockwise = None
-        q.model.graph.ClearField("initializer")
+        q.model = without_weights(q.model)  # the float graph's memory goes with the last reference to it
     return q
 
 
