@@ -124,10 +124,17 @@ def memory_budget(config: QuantizeStageConfig, source: str, source_path) -> dict
         limit = psutil.virtual_memory().available
         what = f"the {limit / (1 << 30):.1f} GiB this machine has available"
     if need.total > limit:
-        lean = estimate(source_path, config.recipe, "nearest", config.window, search=False)
-        ways = (["--weight-rounding nearest needs no Hessians"] if need.hessian_bytes else []) + (
-            [f"--weight-rounding nearest --no-search needs about {lean.total / (1 << 30):.1f} GiB"]
-            if lean.total < need.total and (need.hessian_bytes or config.search) else [])
+        no_hessians = "--weight-rounding nearest needs no Hessians"
+        ways = [no_hessians] if need.hessian_bytes else []
+        lean_recipe = config.recipe if config.recipe in ("w4", "w8", "gguf") else "w8"  # written, then measured
+        lean = estimate(source_path, lean_recipe, "nearest", config.window, search=False)
+        if lean.total < min(need.total, limit):
+            flags = " ".join(f for f in (f"--recipe {lean_recipe}" if lean_recipe != config.recipe else "",
+                                         "--weight-rounding nearest" if lean_recipe != "gguf" else "",
+                                         "--no-search" if lean_recipe == "w4" else "") if f)
+            about = f"about {lean.total / (1 << 30):.1f} GiB"
+            ways = [f"{no_hessians}: {about}"] if ways and flags == "--weight-rounding nearest" else \
+                ways + [f"{flags} needs {about}"]
         advice = f" ({'; '.join(ways)})" if ways else ""
         raise UserError(f"quantizing {source} to {config.recipe} needs {need.describe()}; more than {what}: "
                         f"use a machine with more memory{advice}")
