@@ -182,6 +182,12 @@ def quantize(run: RunDir, config: QuantizeStageConfig) -> dict:
     return report
 
 
+def _some(names: list[str], shown: int = 8) -> str:
+    """A list for a person: the first few names, and how many more `--json` lists."""
+    more = f", ... ({len(names) - shown} more: --json lists them all)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 def render(r: dict) -> str:
     """The quantize report for a person: size, what runs in which form, and why the rest stays float."""
     lines = [f"{r['recipe']}: {r['size_before'] / 1e6:.2f} MB -> {r['size_after'] / 1e6:.2f} MB "
@@ -189,7 +195,7 @@ def render(r: dict) -> str:
              f"{100 * r['quantized_flop_share']:.0f}% of weight-MatMul FLOPs"]
     if r.get("fallback_matmuls"):
         lines.append(f"  8-bit weight-only instead: {len(r['fallback_matmuls'])} MatMuls, "
-                     f"{100 * r['fallback_flop_share']:.0f}% of FLOPs: " + ", ".join(r["fallback_matmuls"]))
+                     f"{100 * r['fallback_flop_share']:.0f}% of FLOPs: " + _some(list(r["fallback_matmuls"])))
     if "reduce_range" in r:
         lines.append("  static int8 weights: " + ("7-bit (reduce range: for x86 CPUs without VNNI)"
                                                   if r["reduce_range"] else "8-bit"))
@@ -208,5 +214,5 @@ def render(r: dict) -> str:
     left = {n: why for n, why in r["float_matmuls"].items()
             if n not in {*r["activation_matmuls"], *split, *online}}
     if left:
-        lines.append("  left in float: " + ", ".join(f"{n} ({why})" for n, why in left.items()))
+        lines.append("  left in float: " + _some([f"{n} ({why})" for n, why in left.items()]))
     return "\n".join(lines)

@@ -521,6 +521,10 @@ def test_the_quantize_summary_reads_what_the_report_lists_not_its_reason_texts()
     assert lines[0] == "w8a8: 4.00 MB -> 1.00 MB (0.25x); 2 MatMuls quantized, 90% of weight-MatMul FLOPs"
     assert "2 channels of 1 activations (1 small MatMuls)" in lines[2] and "before 1 MatMuls" in lines[3]
     assert lines[-1] == "  left in float: lm (excluded by config)"
+    many = {f"m{i}": "sensitive" for i in range(119)}  # a search that moved every MatMul: a line, not a page
+    lines = render({**report, "fallback_matmuls": many, "fallback_flop_share": 1.0}).splitlines()
+    assert lines[1] == ("  8-bit weight-only instead: 119 MatMuls, 100% of FLOPs: m0, m1, m2, m3, m4, m5, m6, m7, "
+                        "... (111 more: --json lists them all)")
 
 
 def test_short_help_and_the_provider_choices():
