@@ -31,6 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 from exporters.graph import GraphIndex
 from exporters.onnx_io import save_model_auto
 from exporters.quantization.embedding import quantize_embeddings, share_tied_table, tied_head
+from exporters.quantization.nbits import skeleton
 from models.errors import UserError
 from models.gguf_grid import Factor, Grid, stack
 
@@ -106,10 +107,24 @@ class Writer:
         self.nodes.append(helper.make_node("Add", [f"{y}/blocks", term], [y], name=f"{node.name}/offset_add"))
 
 
-def write_grid(model: onnx.ModelProto, weights, config: GridConfig) -> dict:
-    """Rewrite `model` (the built float graph, tied table already split by untie_embeddings) in place, every
-    weight MatMul in the GGUF's own blocks, each float weight dropped as soon as its MatMul is written (one copy
-    of the model at most, whatever its size); returns what to report (GGUF type per MatMul, tied table shared)."""
+def grid_error(grid: Grid, reference: np.ndarray, rows: int = 4096) -> float:
+    """Largest |grid value - reference| relative to the reference's largest magnitude (inf when the shapes
+    differ), dequantized a few thousand rows at a time: a 128k-row head dequantized whole is gigabytes."""
+    n, k = grid.codes.shape
+    if reference.shape != (k, n):
+        return float("inf")
+    worst = 0.0
+    for start in range(0, n, rows):
+        index = np.arange(start, min(n, start + rows))
+        worst = max(worst, float(np.abs(grid.rows(index).dequantize().T - reference[:, index]).max()))
+    return worst / max(float(np.abs(reference).max()), 1e-30)
+
+
+def write_grid(model: onnx.ModelProto, weights, config: GridConfig) -> tuple[onnx.ModelProto, dict]:
+    """A new model: `model` (the built float graph, tied table already split by untie_embeddings) with every weight
+    MatMul in the GGUF's own blocks, written one MatMul at a time (the float weights are read, never copied:
+    the float graph and the written one are all it holds); returns it and what to report (GGUF type per
+    MatMul, tied table shared)."""
     from exporters.builder import weight_parts  # the builder reads models' config (torch): only this pass needs it
 
     parts = weight_parts(weights.config)
@@ -120,46 +135,37 @@ def write_grid(model: onnx.ModelProto, weights, config: GridConfig) -> dict:
         raise UserError(f"the source graph has no {missing[0]}: the gguf recipe needs the graph `pipeline export "
                         "--graph built` writes from the GGUF")
     tie = tied_head(model)
-    out = model
+    out = skeleton(model)
     w = Writer(out, config.accuracy_level)
-    kinds, replaced, counts = {}, {}, Counter()  # counts: tensors of each GGUF type
+    kinds, written, counts = {}, {}, Counter()  # counts: tensors of each GGUF type
     for node in found:
         grids = [weights.grid(p) for p in parts[node.name]]
         grid = stack(grids)
         weight = node.input[1]
-        reference = g.array(weight)
-        got = grid.dequantize().T
-        err = float(np.abs(got - reference).max()) / max(float(np.abs(reference).max()), 1e-30)
-        if got.shape != reference.shape or err > MATCH_TOLERANCE:
+        err = grid_error(grid, g.array(weight))
+        if err > MATCH_TOLERANCE:
             raise UserError(f"{node.name}'s weight is not {config.gguf}'s (largest difference {err:.2g} of its "
                             "largest value): quantize a run exported from this file with --graph built, "
                             "before any other pass")
         counts.update(p.type for p in grids)
         kinds[node.name] = {"types": sorted({p.type for p in grids}), "bits": grid.bits,
                             "block_size": grid.block, "offset": grid.minimum is not None}
-        replaced[node.output[0]] = (weight, grid)
-        g.replace_initializer(weight, np.zeros((0, 0), np.float32))  # the float weight, no longer needed
-        del reference, got
+        w.nodes = []
+        w.matmul(node, weight, grid)  # its initializers go into `out` now, the grid's arrays with this loop
+        written[node.name] = w.nodes
     nodes = []
-    for node in out.graph.node:
-        if node.output and node.output[0] in replaced and node.op_type == "MatMul":
-            w.nodes = []
-            w.matmul(node, *replaced.pop(node.output[0]))  # the grid's arrays go once written
-            nodes += w.nodes
-        else:
-            nodes.append(node)
-    del out.graph.node[:]
+    for node in model.graph.node:
+        nodes += written.pop(node.name) if node.name in written else [node]
     out.graph.node.extend(nodes)
     used = {i for n in out.graph.node for i in n.input}
-    kept = [t for t in out.graph.initializer if t.name in used]
-    del out.graph.initializer[:]
-    out.graph.initializer.extend(kept)
+    have = {t.name for t in out.graph.initializer}
+    out.graph.initializer.extend(t for t in model.graph.initializer if t.name in used and t.name not in have)
     if not any(o.domain == "com.microsoft" for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     # the shared embedding dequantizes as MatMulNBits alone does: a head with an offset term keeps its own table
     shared = tie is not None and not kinds[tie[1]]["offset"] and share_tied_table(out, *tie)
     quantize_embeddings(out, config.embedding_block)
-    return {"gguf": config.gguf, "gguf_types": dict(sorted(counts.items())), "matmuls": kinds,
+    return out, {"gguf": config.gguf, "gguf_types": dict(sorted(counts.items())), "matmuls": kinds,
                  "tied_table_shared": shared}
 
 
@@ -172,7 +178,7 @@ def run_write_grid(q, config: GridConfig):
     weights = open_weights(config.gguf)
     if weights.source["format"] != "gguf":
         raise UserError(f"{config.gguf} is not a GGUF file: the gguf recipe keeps a GGUF's own blocks")
-    details = write_grid(q.model, weights, config)  # q.model becomes the quantized graph
+    q.model, details = write_grid(q.model, weights, config)  # the float graph goes with its last reference
     q.details["grid"] = details
     q.details.update(bits=4, block_size=32, accuracy_level=config.accuracy_level)
     q.reasons.update({name: f"GGUF {'/'.join(k['types'])}: its exact {k['bits']}-bit form"

@@ -48,7 +48,7 @@ def write_nbits(model: onnx.ModelProto, bits_of: dict[str, int], config: NBitsCo
     unknown = sorted(set(bits_of) - set(nodes))
     if unknown:
         raise ValueError(f"not float weight MatMuls: {unknown}")
-    out = _skeleton(model)
+    out = skeleton(model)
     written = []
     for node in model.graph.node:
         bits = bits_of.get(node.name)
@@ -83,7 +83,7 @@ def write_nbits(model: onnx.ModelProto, bits_of: dict[str, int], config: NBitsCo
     return out
 
 
-def _skeleton(model: onnx.ModelProto, nodes: bool = False) -> onnx.ModelProto:
+def skeleton(model: onnx.ModelProto, nodes: bool = False) -> onnx.ModelProto:
     """A copy of `model` without its graph's initializers (the large field), and without its nodes unless
     `nodes`."""
     out = onnx.ModelProto()
@@ -95,7 +95,7 @@ def _skeleton(model: onnx.ModelProto, nodes: bool = False) -> onnx.ModelProto:
 def without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     """`model`'s graph without its initializers, as a new message: clearing the field in place would keep their
     memory (protobuf's arena) for as long as the message lives."""
-    return _skeleton(model, nodes=True)
+    return skeleton(model, nodes=True)
 
 
 def _copy_fields(src, dst, skip: tuple[str, ...]) -> None:

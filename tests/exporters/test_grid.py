@@ -110,3 +110,21 @@ def test_k_quant_matmuls_compute_what_gguf_dequantizes(kinds):
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     want = x @ want_w.T
     assert np.abs(got - want).max() < 1e-5 * np.abs(want).max()
+
+
+def test_the_weight_check_dequantizes_a_few_rows_at_a_time_and_misses_no_row():
+    """grid_error reads the grid in chunks of rows (a 128k-row head whole is gigabytes); a difference in the
+    last, partial chunk counts as one in the first, and a weight of another shape never matches."""
+    from exporters.quantization.grid import grid_error
+    from models.gguf_grid import Factor, Grid
+
+    rng = np.random.default_rng(0)
+    grid = Grid("Q4_0", rng.integers(0, 16, (10, 64)).astype(np.uint8), 4, 32,
+                Factor(rng.random((10, 2)).astype(np.float16)))
+    weight = grid.dequantize().T.copy()
+    assert grid_error(grid, weight, rows=3) == 0.0
+    for row in (0, 9):
+        moved = weight.copy()
+        moved[7, row] += 0.25
+        assert grid_error(grid, moved, rows=3) == pytest.approx(0.25 / np.abs(moved).max())
+    assert grid_error(grid, weight[:, :9], rows=3) == float("inf")
