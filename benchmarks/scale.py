@@ -12,7 +12,12 @@ is killed (the out-of-memory killer) is recorded as such, and the stages after i
 skipped. `--stages` picks a prefix, `--timeout` bounds each stage. Prints a markdown table for
 docs/benchmarks.md and writes the rows as JSON beside the run.
 
-    python benchmarks/scale.py --model llama-3.2-1b --out /tmp/scale --stages export,optimize,quantize-w4
+    python benchmarks/scale.py --model llama-3.2-1b --out /tmp/scale --stages export,quantize-w4-nearest,check
+
+`quantize-w8-nearest` and `quantize-w4-nearest` are the weight-only recipes rounded to nearest and only
+measured (`--no-search`), which write beside the float graph and release it; `quantize-w4` and `quantize-w8a8`
+run the defaults (GPTQ, the search), which quantize's own estimate refuses up front where they do not fit.
+`--max-memory GiB` is passed on to quantize (to measure past its estimate).
 """
 
 from __future__ import annotations
