@@ -10,6 +10,7 @@ from typing import Callable
 
 from exporters import progress
 from exporters.acceptance import Thresholds
+from exporters.onnx_io import files_size
 from exporters.quantization.evaluate import Agreement, LogProbs, agreement, kl_sum, perplexity_of, sequences, \
     session_log_probs
 from exporters.quantization.switch import QuantSwitch
@@ -19,11 +20,19 @@ class Judge:
     """Measures candidates against the float source model on the validation ids, and says if they are accepted."""
 
     def __init__(self, source: Path, valid_ids: list[list[int]], accept: Thresholds, z: float = 0.0):
-        self.reference, contract = session_log_probs(source)
+        reference, contract = session_log_probs(source)
         self.seqs = sequences(valid_ids, contract)
         self.valid_ids, self.accept, self.z = valid_ids, accept, z
-        self.ppl_ref = perplexity_of(self.reference, self.seqs)
         self.ppl_only = accept.min_top1 <= 0 and accept.max_kl is None  # no second forward pass needed
+        # the float model's session is closed before any candidate's opens when nothing needs it after the
+        # reference perplexity, or when its log-probabilities take less memory than it (1B: 1 GB against 5)
+        rows = sum(ids.size - 1 for ids in self.seqs)
+        if not self.ppl_only and 4 * rows * contract.vocab_size < files_size(source):
+            kept = {ids.tobytes(): reference(ids) for ids in self.seqs}
+            reference = lambda ids: kept[ids.tobytes()]  # noqa: E731
+        self.ppl_ref = perplexity_of(reference, self.seqs)
+        self.reference: LogProbs | None = None if self.ppl_only else reference
+        del reference
 
     def __call__(self, candidate: LogProbs) -> Agreement:
         if self.ppl_only:

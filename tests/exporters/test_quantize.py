@@ -851,3 +851,24 @@ def test_static_weights_use_the_range_asked_for_and_say_so(models, quantized, re
     assert peaks and max(peaks) == (64 if reduce_range else 127)
     with_8 = {p.key for p in onnx.load(str(quantized("fused", "w8")[0])).metadata_props}
     assert WEIGHT_BITS_KEY not in with_8  # weight-only MatMulNBits: not MLAS's U8S8 kernels
+
+
+def test_the_judge_measures_the_same_with_the_reference_kept_or_its_session_open(models, quantized, valid_ids,
+                                                                                 monkeypatch):
+    """The reference's log-probabilities are kept (and its session closed) when they are smaller than the model;
+    the candidate's agreement is the same to the last bit either way, and a perplexity-only judge keeps neither."""
+    import exporters.quantization.search as search
+    from exporters.acceptance import Thresholds
+
+    candidate, _ = quantized("fused", "w8")
+    accept = Thresholds(min_top1=0.5, max_kl=1.0)
+    measured = {}
+    for label, size in (("kept", 1 << 40), ("session", 0)):
+        monkeypatch.setattr(search, "files_size", lambda path, size=size: size)
+        judge = search.Judge(models["fused"], valid_ids, accept)
+        kept = [c.cell_contents for c in judge.reference.__closure__ or ()]
+        assert any(isinstance(c, dict) for c in kept) == (label == "kept")
+        measured[label] = judge.model(candidate)
+    assert measured["kept"] == measured["session"] and measured["kept"].tokens > 0
+    assert 0 < measured["kept"].kl and measured["kept"].top1 < 1
+    assert search.Judge(models["fused"], valid_ids, Thresholds()).reference is None
