@@ -135,6 +135,6 @@ def specialize(source: Path, target: Path) -> dict:
         raise UserError(f"{source} has no static int8 MatMul the native kernel can take: quantize it with "
                         "`pipeline quantize --recipe w8a8` (or static) first")
     with staging_dir(target) as staging:  # saved under its final name (the external data's name is inside it)
-        save_model_auto(model, staging / target.name)
+        save_model_auto(model, staging / target.name, shipped=True)
         move_model(staging / target.name, target)
     return {"kernel": OP, "matmuls": count, "nodes_before": before, "nodes_after": len(model.graph.node)}

@@ -28,7 +28,12 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
 
 
 def save_model(proto: onnx.ModelProto, path: Path, external: bool) -> None:
-    """Save with weights inline, or in `<name>.data` beside it when the model is too big for protobuf."""
+    """Save with weights inline, or in `<name>.data` beside it when the model is too big for protobuf. A data
+    file already there is removed first (onnx appends to it, and an inline model must not ship beside a stale
+    one), unless the model's tensors still read from it."""
+    data = path.with_name(path.name + ".data")
+    if not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
+        data.unlink(missing_ok=True)
     if external:
         onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=path.name + ".data", size_threshold=1024)
@@ -36,9 +41,17 @@ def save_model(proto: onnx.ModelProto, path: Path, external: bool) -> None:
         onnx.save_model(proto, str(path))
 
 
-def save_model_auto(proto: onnx.ModelProto, path: Path) -> None:
-    """Inline weights, or external data once they would not fit in protobuf's 2 GB."""
-    save_model(proto, path, external=sum(t.ByteSize() for t in proto.graph.initializer) >= EXTERNAL_DATA_THRESHOLD)
+# a model that ships keeps its weights in model.onnx.data from this size on (as the built float graph does):
+# onnxruntime reads an inline model's whole file into a buffer beside the tensors it makes of it, which external
+# data avoids (session after load, measured: SmolLM2 gguf 302 -> 257 MB, a Llama-3.2-1B gguf 3034 -> 2321 MB)
+SHIPPED_EXTERNAL_THRESHOLD = 1 << 20
+
+
+def save_model_auto(proto: onnx.ModelProto, path: Path, shipped: bool = False) -> None:
+    """Inline weights, or external data once they would not fit in protobuf's 2 GB (or, for a model that
+    ships, once they pass SHIPPED_EXTERNAL_THRESHOLD)."""
+    threshold = SHIPPED_EXTERNAL_THRESHOLD if shipped else EXTERNAL_DATA_THRESHOLD
+    save_model(proto, path, external=sum(t.ByteSize() for t in proto.graph.initializer) >= threshold)
 
 
 def model_files(path: Path) -> list[Path]:

@@ -183,5 +183,5 @@ def run_write_grid(q, config: GridConfig):
     q.details.update(bits=4, block_size=32, accuracy_level=config.accuracy_level)
     q.reasons.update({name: f"GGUF {'/'.join(k['types'])}: its exact {k['bits']}-bit form"
                       for name, k in details["matmuls"].items() if k["bits"] == 8})
-    save_model_auto(q.model, q.staged)
+    save_model_auto(q.model, q.staged, shipped=True)
     return q

@@ -238,7 +238,7 @@ def run_write_nbits(q: Quantizing, config: WriteNBitsConfig) -> Quantizing:
         q.details["tied_table_shared"] = shared
         if config.embedding_block is not None:
             quantize_embeddings(m, config.embedding_block)
-        save_model_auto(m, q.staged)
+        save_model_auto(m, q.staged, shipped=True)
 
     def switch() -> WeightSwitch:
         inits = GraphIndex(model).inits

@@ -531,3 +531,34 @@ def test_the_built_graph_rotates_through_its_position_slices(tmp_path):
     onnx.save(model, str(tmp_path / "rotated.onnx"))
     ids = np.random.default_rng(0).integers(0, TINY["vocab_size"], (1, 9))
     np.testing.assert_allclose(logits(tmp_path / "rotated.onnx", ids), logits(built, ids), atol=1e-4)
+
+
+def test_a_shipped_model_keeps_its_weights_beside_it_and_a_resave_never_appends_or_leaves_stale_data(tmp_path):
+    """Quantized variants save their weights to model.onnx.data from 1 MiB on (onnxruntime then holds no second
+    copy of the file); saving again to the same path writes the data file afresh (onnx appends to one it finds),
+    and an inline save removes one a previous save left."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from exporters.onnx_io import SHIPPED_EXTERNAL_THRESHOLD, files_size, model_files, save_model_auto
+
+    def model(n: int) -> onnx.ModelProto:
+        w = (np.arange(n * 256) % 7 - 3).astype(np.float32).reshape(n, 256)  # small integers: sums are exact
+        graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 256])],
+                                  [numpy_helper.from_array(w, "w")])
+        return helper.make_model(graph)
+
+    assert 4 * 2048 * 256 > SHIPPED_EXTERNAL_THRESHOLD > 4 * 8 * 256  # 2 MiB and 8 KiB of weights
+    path = tmp_path / "model.onnx"
+    save_model_auto(model(2048), path)  # a float intermediate: inline below 2 GB, as before
+    assert model_files(path) == [path]
+    for _ in range(3):  # as a search writes candidate after candidate to one path
+        save_model_auto(model(2048), path, shipped=True)
+        assert model_files(path) == [path, tmp_path / "model.onnx.data"]
+        assert (tmp_path / "model.onnx.data").stat().st_size == 4 * 2048 * 256  # rewritten, not appended to
+    x = np.ones((1, 2048), np.float32)
+    y = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(y, x @ numpy_helper.to_array(model(2048).graph.initializer[0]))
+    save_model_auto(model(8), path, shipped=True)  # too small to bother: inline, and the old data file is gone
+    assert model_files(path) == [path] and files_size(path) == path.stat().st_size
