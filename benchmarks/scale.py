@@ -17,7 +17,9 @@ docs/benchmarks.md and writes the rows as JSON beside the run.
 `quantize-w8-nearest` and `quantize-w4-nearest` are the weight-only recipes rounded to nearest and only
 measured (`--no-search`), which write beside the float graph and release it; `quantize-w4` and `quantize-w8a8`
 run the defaults (GPTQ, the search), which quantize's own estimate refuses up front where they do not fit.
-`--max-memory GiB` is passed on to quantize (to measure past its estimate).
+`--max-memory GiB` is passed on to quantize (to measure past its estimate). `llamacpp-peers` makes llama.cpp's
+Q8_0 and Q4_K_M of the same weights (its converter, given by `--llamacpp-convert`, and its quantizer), where
+`bench --compare llamacpp,llamacpp:q4_k_m` finds them.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -64,8 +67,8 @@ CONFIGS = {
         "tie_word_embeddings": True, "attention_bias": False, "bos_token_id": 2, "eos_token_id": 1,
         "pad_token_id": 0, "torch_dtype": "bfloat16"},
 }
-STAGES = ("export", "optimize", "quantize-w8-nearest", "quantize-w4-nearest", "quantize-w4", "quantize-w8a8",
-          "check", "bench", "package")
+STAGES = ("export", "llamacpp-peers", "optimize", "quantize-w8-nearest", "quantize-w4-nearest", "quantize-w4",
+          "quantize-w8a8", "check", "bench", "package")
 SHARD_BYTES = 1 << 30
 
 
@@ -137,12 +140,37 @@ def write_checkpoint(name: str, out: Path, tokenizer: Path | None) -> Path:
     return out
 
 
-def run_stage(args: list[str], timeout: float) -> dict:
-    """`python -m pipeline ARGS` in a child: {"seconds", "peak_rss_gb", "exit"} from the child's own rusage."""
-    print("$ pipeline " + " ".join(args), file=sys.stderr, flush=True)
+def llamacpp_peers(ckpt: Path, out: Path, run: Path, convert: Path | None) -> None:
+    """llama.cpp's files of the same weights, for `bench --compare llamacpp,llamacpp:q4_k_m`: the checkpoint
+    converted by llama.cpp's own convert_hf_to_gguf.py (bf16, OUT/MODEL-bf16.gguf), then quantized by its
+    llama_model_quantize to Q8_0 (RUN/peers/model.gguf) and Q4_K_M (RUN/peers/q4_k_m.gguf)."""
+    from smollm2 import llamacpp_quantize
+
+    if convert is None or not convert.is_file():
+        sys.exit("llamacpp-peers needs --llamacpp-convert: llama.cpp's convert_hf_to_gguf.py (in llama.cpp's "
+                 "sources, e.g. llama-cpp-python's sdist under vendor/llama.cpp)")
+    bf16 = out / f"{ckpt.name}-bf16.gguf"
+    if not bf16.exists():
+        tmp = bf16.with_name(f".{bf16.name}.tmp")
+        # the converter imports its own gguf-py and conversion package, which sit beside it
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(convert.parent / "gguf-py"), str(convert.parent)])}
+        subprocess.run([sys.executable, str(convert), str(ckpt), "--outtype", "bf16", "--outfile", str(tmp)],
+                       env=env, check=True)
+        tmp.rename(bf16)
+    llamacpp_quantize(bf16, run / "peers" / "model.gguf", "MOSTLY_Q8_0")
+    llamacpp_quantize(bf16, run / "peers" / "q4_k_m.gguf", "MOSTLY_Q4_K_M")
+
+
+def run_stage(args: list[str], timeout: float, command: list[str] | None = None) -> dict:
+    """`python -m pipeline ARGS` (or `command`) in a child: {"seconds", "peak_rss_gb", "exit"} from the child's
+    own rusage."""
+    print("$ " + (" ".join(command[1:]) if command else "pipeline " + " ".join(args)), file=sys.stderr, flush=True)
+    command = command or [sys.executable, "-m", "pipeline", *args]
     start = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-m", "pipeline", *args], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, start_new_session=True)
+    # files, not pipes: a child that prints more than a pipe holds (llama.cpp's quantizer logs every tensor)
+    # would block on a pipe nobody reads until it exits
+    out_file, err_file = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    child = subprocess.Popen(command, stdout=out_file, stderr=err_file, start_new_session=True)
     deadline = start + timeout
     while True:
         pid, status, usage = os.wait4(child.pid, os.WNOHANG)
@@ -154,7 +182,7 @@ def run_stage(args: list[str], timeout: float) -> dict:
             break
         time.sleep(0.5)
     seconds = time.perf_counter() - start
-    out, err = child.stdout.read().decode(), child.stderr.read().decode()
+    out, err = (f.seek(0) or f.read().decode(errors="replace") for f in (out_file, err_file))
     code = os.waitstatus_to_exitcode(status)
     row = {"seconds": round(seconds, 1), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2), "exit": code,
            "stdout": out[-1500:], "stderr": err[-1500:]}
@@ -176,10 +204,16 @@ def main() -> None:
     ap.add_argument("--text", type=Path, help="evaluation text for check (default: this Python's idlelib NEWS)")
     ap.add_argument("--tokenizer", type=Path, help="a tokenizer.json to ship with the checkpoint (the bench "
                     "and package stages need one; ids beyond it are never produced)")
+    ap.add_argument("--llamacpp-convert", type=Path, help="llama.cpp's convert_hf_to_gguf.py, for the "
+                    "llamacpp-peers stage (it also needs llama-cpp-python, and sentencepiece for the converter)")
     ap.add_argument("--checkpoint-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--llamacpp-peers-only", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.checkpoint_only:
         write_checkpoint(a.model, a.out / a.model, a.tokenizer)
+        return
+    if a.llamacpp_peers_only:
+        llamacpp_peers(a.out / a.model, a.out, a.out / f"run-{a.model}", a.llamacpp_convert)
         return
     stages = [s for s in a.stages.split(",") if s]
     unknown = sorted(set(stages) - set(STAGES))
@@ -214,8 +248,10 @@ def main() -> None:
         "package": ["package", str(run), "--out", str(a.out / f"bundle-{a.model}")],
     }
     rows = {}
+    peers = [sys.executable, __file__, "--llamacpp-peers-only", "--model", a.model, "--out", str(a.out)] + (
+        ["--llamacpp-convert", str(a.llamacpp_convert)] if a.llamacpp_convert else [])
     for stage in stages:
-        rows[stage] = run_stage(commands[stage], a.timeout)
+        rows[stage] = run_stage(commands.get(stage, []), a.timeout, peers if stage == "llamacpp-peers" else None)
         if rows[stage]["exit"] not in (0, 1) and stage in ("export",):
             break
     (a.out / f"scale-{a.model}.json").write_text(json.dumps(rows, indent=2))
