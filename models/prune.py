@@ -181,7 +181,7 @@ def plan(model, scores: dict, config: PruneConfig) -> dict:
     n = cfg.num_hidden_layers
     if config.layers >= n:
         raise UserError(f"--layers {config.layers} would remove all {n} layers; remove fewer")
-    layers = top(-scores["layers"], n - config.layers) if config.layers else torch.arange(n)
+    layers = top(scores["layers"], n - config.layers) if config.layers else torch.arange(n)
     hidden = top(scores["hidden"], kept(cfg.hidden_size, config.hidden, config.multiple))
     n_groups = cfg.num_key_value_heads
     keep_groups = n_groups if not config.heads else max(1, round(n_groups * (1 - config.heads)))

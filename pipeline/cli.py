@@ -20,10 +20,12 @@ from pipeline.manifest import PUBLISHED, RunDir
 from pipeline.options import click_options
 from pipeline.stages.bench import BenchConfig
 from pipeline.stages.check import CheckConfig
+from pipeline.stages.distill import DistillStageConfig
 from pipeline.stages.export import ExportConfig
 from pipeline.stages.generate import GenerateConfig
 from pipeline.stages.optimize import OptimizeStageConfig
 from pipeline.stages.package import PackageConfig
+from pipeline.stages.prune import PruneStageConfig
 from pipeline.stages.quantize import QuantizeStageConfig
 from pipeline.stages.train import TrainStageConfig
 
@@ -36,6 +38,8 @@ Examples:
   pipeline check runs/smol && pipeline bench runs/smol --json
   pipeline generate runs/smol --prompt "def fib(n):" --max-new-tokens 40
   pipeline package runs/smol --out bundle --archive tar.gz
+  pipeline prune ./SmolLM2 --out pruned --mlp 0.35
+  pipeline distill --teacher ./SmolLM2 --student pruned --out student --max-seconds 1800
 """
 
 
@@ -133,6 +137,44 @@ def train(out, as_json, **options):
 
     results = train_stage(RunDir.open(out, create=True), TrainStageConfig(**options))
     emit(results, as_json, lambda r: click.echo(render(r)))
+
+
+@main.command(epilog="\b\nExamples:\n  pipeline prune ./SmolLM2-135M --out pruned --mlp 0.35\n"
+                     "  pipeline prune model.gguf --out pruned --heads 0.34 --layers 4 --json")
+@click.argument("source")
+@click_options(PruneStageConfig, skip=("source",))
+@click.option("--out", required=True, help="Checkpoint directory to write (Hugging Face format; replaced whole).")
+@json_opt
+@user_errors
+def prune(source, out, as_json, **options):
+    """Structured pruning: drop the least important MLP channels, key/value groups, embedding channels or layers
+    (scored on calibration text); report parameters, bytes per token and held-out perplexity before and after."""
+    from pipeline.stages.prune import prune_checkpoint, render
+
+    options["source"] = source
+    results = prune_checkpoint(PruneStageConfig(**options), out)
+    emit(results, as_json, lambda r: click.echo(render(r)))
+
+
+@main.command(epilog="\b\nExamples:\n  pipeline distill --teacher ./SmolLM2-135M --student pruned --out student\n"
+                     "  pipeline distill --teacher T --student pruned --out student --resume\n"
+                     "  torchrun --nproc-per-node 2 -m pipeline distill --teacher T --student S --out student")
+@click_options(DistillStageConfig)
+@click.option("--out", required=True, help="Checkpoint directory to write (Hugging Face format); its work "
+                                           "state lives in OUT.distill/ until it is done.")
+@json_opt
+@user_errors
+def distill(out, as_json, **options):
+    """Knowledge distillation: the student learns the teacher's next-token distributions on a local corpus,
+    with held-out perplexity along the way; runs unchanged under torchrun (DDP, or FSDP2 with --fsdp)."""
+    from models.distributed import environment
+    from pipeline import progress
+    from pipeline.stages.distill import distill_checkpoint, render
+
+    main_process = environment()[0] == 0
+    results = distill_checkpoint(DistillStageConfig(**options), out, progress.enabled() and main_process)
+    if main_process:
+        emit(results, as_json, lambda r: click.echo(render(r)))
 
 
 @main.command(epilog="\b\nExample:\n  pipeline export --model ./Qwen2.5-0.5B --out runs/qwen")

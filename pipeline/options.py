@@ -108,14 +108,17 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def click_options(cls):
-    """Decorator: one click option per declared option of `cls`, passed under the field's name.
+def click_options(cls, skip: tuple[str, ...] = ()):
+    """Decorator: one click option per declared option of `cls` (but those in `skip`, which the command takes
+    otherwise, e.g. as an argument), passed under the field's name.
 
     Bounds are left to the config's own checks, so a value outside them is the same one line from any entry;
     click turns the text into an int or float and offers the choices in --help.
     """
     def decorate(fn):
         for f, opt in reversed(options_of(cls)):
+            if f.name in skip:
+                continue
             flag = flag_name(f.name)
             kwargs: dict = {"help": opt.help, "default": f.default, "show_default": f.default not in (None, "", ())}
             if f.default is dataclasses.MISSING:

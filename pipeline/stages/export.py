@@ -56,21 +56,19 @@ def export(run: RunDir, config: ExportConfig) -> dict:
         return export_built(run, config, weights)
 
 
-def own_checkpoint(run: RunDir, model: str) -> bool:
-    """Whether `model` is the run's own trained checkpoint (the export is then derived from it)."""
-    return (Path(model).resolve() == (run.root / "checkpoint").resolve()
-            and "checkpoint" in run.load()["artifacts"])
 
 
 def publish_export(tx, run: RunDir, config: ExportConfig, variant: str, source_info: dict, bos, eos,
                    results: dict, tokenizer: Path | None, intermediate_size: int | None) -> None:
     """The source, variant and tokenizer records: the same for both routes (the MLP width goes with the source:
     the bundle's memory estimate needs it, and quantized graphs no longer say it plainly)."""
+    from pipeline.stages.prune import own_artifact
+
     model_path = Path(config.model).resolve()
-    own = own_checkpoint(run, config.model)
+    own = own_artifact(run, config.model)  # the run's trained, pruned or distilled checkpoint
     if own:
-        tx.read("checkpoint")
-    source = {**source_info, "kind": "source", "path": str(model_path), "parent": "checkpoint" if own else None,
+        tx.read(own)
+    source = {**source_info, "kind": "source", "path": str(model_path), "parent": own,
               "bos_token_id": bos, "eos_token_id": eos, "intermediate_size": intermediate_size}
     outputs = {"source": source,
                variant: {"kind": "onnx", "path": f"variants/{variant}/model.onnx", "parent": "source"}}

@@ -2,7 +2,8 @@
 
     out = "runs/smol"                 # run directory
     [export]
-    model = "models/SmolLM2.gguf"     # or a [train] table to train the built-in decoder first
+    model = "models/SmolLM2.gguf"     # or a [train] table to train the built-in decoder first,
+                                      # or [prune] / [distill] tables: export then takes their checkpoint
     [optimize]
     [quantize]
     recipe = "w8a8"
@@ -29,13 +30,15 @@ from typing import Callable
 from models.errors import UserError
 from pipeline.manifest import RunDir
 from pipeline.options import options_of
-from pipeline.stages import bench, check, export, optimize, package, quantize, train
+from pipeline.stages import bench, check, distill, export, optimize, package, prune, quantize, train
 
-ORDER = ("train", "export", "optimize", "quantize", "check", "bench", "package")
+ORDER = ("train", "prune", "distill", "export", "optimize", "quantize", "check", "bench", "package")
 DEMO = {"out": "runs/demo", "train": {}, "export": {}, "optimize": {}, "quantize": {"recipe": "w8a8"},
         "check": {}, "bench": {}}
 STAGES = {
     "train": (train.TrainStageConfig, train.train),
+    "prune": (prune.PruneStageConfig, prune.prune_stage),
+    "distill": (distill.DistillStageConfig, distill.distill_stage),
     "export": (export.ExportConfig, export.export),
     "optimize": (optimize.OptimizeStageConfig, optimize.optimize),
     "quantize": (quantize.QuantizeStageConfig, quantize.quantize),
@@ -91,10 +94,16 @@ def run(config_path: str | None, out: str | None, log: Callable[[str], None], sh
     (stdout) as soon as the stage ends."""
     cfg = load_config(config_path)
     run_dir = RunDir.open(out or cfg.get("out", "runs/demo"), create=True)
-    if "train" in cfg:
-        cfg.setdefault("export", {}).setdefault("model", str(run_dir.root / "checkpoint"))
+    made = next((name for stage, name in (("distill", "student"), ("prune", "pruned"), ("train", "checkpoint"))
+                 if stage in cfg), None)
+    if made is not None and "export" in cfg:
+        cfg["export"].setdefault("model", str(run_dir.root / made))
     elif "export" in cfg and "model" not in cfg["export"]:
         raise UserError("[export] needs `model = \"PATH\"` (or add a [train] table to train one)")
+    if "prune" in cfg and "source" not in cfg["prune"] and "train" not in cfg:
+        raise UserError("[prune] needs `source = \"PATH\"` (or add a [train] table to train one)")
+    if "distill" in cfg and "prune" not in cfg and not {"teacher", "student"} <= set(cfg["distill"]):
+        raise UserError("[distill] needs `teacher` and `student` (or a [prune] table before it)")
     try:
         configs = {s: make_config(s, cfg[s]) for s in ORDER if s in cfg}  # validate all before running any
     except TypeError as e:  # a required key is missing, e.g. [package] without out
@@ -107,6 +116,10 @@ def run(config_path: str | None, out: str | None, log: Callable[[str], None], sh
         lines.append(f"{stage:<9} {time.perf_counter() - t0:7.1f}s")
         if stage == "train":
             show(train.render(results[stage]))
+        if stage == "prune":
+            show(prune.render(results[stage]))
+        if stage == "distill":
+            show(distill.render(results[stage]))
         if stage == "check":
             show(check.render_table(results[stage]))
         if stage == "bench":
