@@ -247,6 +247,7 @@ def sliced_state_dict(model, keep: dict) -> dict[str, torch.Tensor]:
 def pruned_config(model, keep: dict):
     cfg = model.config
     d = cfg.to_dict()
+    d.pop("quantization_config", None)  # a GGUF source's: the pruned weights are plain float32
     rep = cfg.num_attention_heads // cfg.num_key_value_heads
     d.update(hidden_size=len(keep["hidden"]), intermediate_size=len(keep["mlp"][0]),
              num_key_value_heads=len(keep["groups"][0]), num_attention_heads=len(keep["groups"][0]) * rep,
