@@ -72,7 +72,9 @@ class Cluster:
 
             for layer in decoder_layers(model):
                 fully_shard(layer)
-            fully_shard(model)
+            # the root too reshards after each forward: left gathered after an evaluation (no backward follows),
+            # its parameters would not be the ones the optimizer holds when the state is saved
+            fully_shard(model, reshard_after_forward=True)
             return model
         from torch.nn.parallel import DistributedDataParallel
 
@@ -122,7 +124,11 @@ def full_state_dict(model: nn.Module, cl: Cluster) -> dict[str, torch.Tensor]:
     if cl.parallel:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # gathered, a tied head is a copy of the embedding under its own name: keep the one name the model
+        # knows its parameter by, as a single process's state dict shares one tensor
+        names = {n for n, _ in unwrap(model).named_parameters()} | {n for n, _ in unwrap(model).named_buffers()}
+        return {k: v for k, v in full.items() if k in names}
     return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
 
 
