@@ -82,8 +82,12 @@ def main() -> None:
     p.add_argument("--ddp-steps", type=int, default=20, help="steps of the 1- vs 2-process comparison (0: skip)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-distill", action="store_true", help="reuse OUT/student (and OUT/pruned)")
+    p.add_argument("--render", action="store_true", help="only print the markdown of OUT/distill-report.json")
     a = p.parse_args()
     out = Path(a.out).resolve()
+    if a.render:
+        print(render(json.loads((out / "distill-report.json").read_text())))
+        return
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"teacher": a.teacher}
     if not a.skip_distill:
@@ -114,7 +118,7 @@ def main() -> None:
 
 
 def decode(rows: list[dict]) -> float:
-    return statistics.median(r["decode_ms_per_token"] for r in rows)
+    return statistics.median(r["decode_ms_p50"] for r in rows)
 
 
 def render(r: dict) -> str:
