@@ -3,9 +3,10 @@ built-in decoder) learns the teacher's next-token distributions on a local corpu
 
     loss = T^2 * KL(teacher_T || student_T)  [+ ce_weight * next-token loss]  [+ hidden_weight * hidden loss]
 
-- The teacher's distribution is kept as its top-k logits per position (`top_k`, 64 by default, renormalised
-  over those k), cached on disk the first time a window is seen, so a second epoch or a resumed run never runs
-  the teacher on that window again; `top_k 0` uses the full distribution, computed every step.
+- The teacher's distribution is kept as its top-k log-probabilities per position (`top_k`, 64 by default; the
+  KL is then over those k tokens and "any other", see kd_loss), cached on disk the first time a window is
+  seen, so a second epoch or a resumed run never runs the teacher on that window again; `top_k 0` uses the
+  full distribution, computed every step.
 - The hidden loss (pruned students only: pruning.json maps each student layer and embedding channel to the
   teacher's) is the mean squared error between each student layer's output and the teacher's at the same
   depth, on the kept channels, relative to the teacher's mean square. It needs the teacher every step.
@@ -98,7 +99,7 @@ def work_dir(out: Path) -> Path:
 
 
 class TopKCache:
-    """The teacher's top-k logits (float16) and token ids (int32) per training window, in two sparse memory-mapped
+    """The teacher's top-k log-probabilities (float16) and token ids (int32) per training window, in two sparse memory-mapped
     files; `filled` says which windows hold them. Rebuilt when anything it depends on changes (meta.json)."""
 
     def __init__(self, folder: Path, n: int, seq_len: int, k: int, key: dict, cl: Cluster):
@@ -164,16 +165,23 @@ def index_batches(n: int, batch_size: int, seed: int, skip: int = 0):
             done += 1
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_index: torch.Tensor | None,
+def kd_loss(student_logits: torch.Tensor, teacher_logp: torch.Tensor, teacher_index: torch.Tensor | None,
             temperature: float) -> torch.Tensor:
-    """T^2 * KL(teacher || student) at temperature T, averaged over positions. With `teacher_index`, the teacher
-    is its top-k logits, renormalised over those k; the student's log-probabilities are over the full vocabulary."""
+    """T^2 * KL(teacher || student) at temperature T, averaged over positions; `teacher_logp` are the teacher's
+    log-probabilities at T (over the whole vocabulary). With `teacher_index` they are its top k: the KL is then
+    taken over k + 1 outcomes, the k tokens and "any other token" (the teacher's remaining mass against the
+    student's), so it is zero exactly when the student matches the teacher on those k and on the rest, and never
+    rewards a student for piling the tail's mass onto the top k."""
     logq = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    p_log = F.log_softmax(teacher_values.float() / temperature, dim=-1)
-    if teacher_index is not None:
+    logp = teacher_logp.float()
+    if teacher_index is None:
+        kl = (logp.exp() * (logp - logq)).sum(-1)
+    else:
         logq = logq.gather(-1, teacher_index)
-    kl = (p_log.exp() * (p_log - logq)).sum(-1).mean()
-    return kl * temperature ** 2
+        p_rest = (1 - logp.exp().sum(-1)).clamp_min(0)
+        q_rest = (1 - logq.exp().sum(-1)).clamp_min(1e-12)
+        kl = (logp.exp() * (logp - logq)).sum(-1) + p_rest * (p_rest.clamp_min(1e-12).log() - q_rest.log())
+    return kl.mean() * temperature ** 2
 
 
 def hidden_loss(student_states, teacher_states, layer_map: list[int], channels: torch.Tensor) -> torch.Tensor:
@@ -291,7 +299,8 @@ def run(teacher_src: str, student_src: str, out: Path, config: DistillConfig, cl
     cache = None
     if use_cache:
         key = {"teacher": fingerprint(teacher_src), "corpus": config.corpus, "max_corpus_bytes": config.max_corpus_bytes,
-               "seq_len": config.seq_len, "k": config.top_k, "windows": len(train_data),
+               "seq_len": config.seq_len, "k": config.top_k, "temperature": config.temperature,
+               "windows": len(train_data),
                "first": hashlib.sha256(train_data[:8].numpy().tobytes()).hexdigest()}
         cache = TopKCache(work, len(train_data), config.seq_len, config.top_k, key, cl)
     layer_map = record["kept"]["layers"] if record else None
@@ -307,7 +316,7 @@ def run(teacher_src: str, student_src: str, out: Path, config: DistillConfig, cl
         with autocast():
             curve.append(point(0, 0, 0.0, 0.0, None, perplexity(model, held_out, cl=cl)))
     start_ppl = curve[0]["perplexity"]
-    recent: list[float] = []
+    recent: list[float] = state["recent"] if state else []  # the last 20 step losses, behind train_loss
     clock0, cpu0 = time.monotonic(), cpu_seconds(cl)
     stopped_by = "max_steps"
     batches = index_batches(len(train_data), config.batch_size, config.seed, skip=step)
@@ -333,6 +342,8 @@ def run(teacher_src: str, student_src: str, out: Path, config: DistillConfig, cl
             inputs, targets = batch[:, :-1], batch[:, 1:]
             with autocast():
                 cached = cache.get(local) if cache is not None else None
+                if cl.parallel and cl.sum(cached is None)[0]:
+                    cached = None  # one process lacks a window: all run the teacher (FSDP's gathers need all)
                 t_states = None
                 if cached is None:
                     with torch.no_grad():
@@ -341,13 +352,13 @@ def run(teacher_src: str, student_src: str, out: Path, config: DistillConfig, cl
                     teacher_runs += len(rows)
                     t_logits = t_out.logits.float()
                     t_states = t_out.hidden_states
-                    if use_cache:
-                        values, index = torch.topk(t_logits, config.top_k, dim=-1)
-                        cache.put(local, values, index)
-                    elif config.top_k:
-                        values, index = torch.topk(t_logits, config.top_k, dim=-1)
+                    t_logp = F.log_softmax(t_logits / config.temperature, dim=-1)
+                    if config.top_k:
+                        values, index = torch.topk(t_logp, config.top_k, dim=-1)
+                        if use_cache:
+                            cache.put(local, values, index)
                     else:
-                        values, index = t_logits, None
+                        values, index = t_logp, None
                 else:
                     values, index = (t.to(cl.device) for t in cached)
                 s_out = model(input_ids=inputs, use_cache=False, output_hidden_states=bool(config.hidden_weight))
@@ -386,7 +397,7 @@ def run(teacher_src: str, student_src: str, out: Path, config: DistillConfig, cl
                             "batch_size": config.batch_size, "corpus": config.corpus},
                     "step": step, "tokens": tokens, "curve": curve, "teacher_ppl": teacher_ppl,
                     "seconds": now, "cpu_seconds": cpu_spent + cpu_seconds(cl) - cpu0,
-                    "teacher_runs": teacher_runs})
+                    "teacher_runs": teacher_runs, "recent": recent})
     finally:
         bar.close()
     seconds = spent + time.monotonic() - clock0
