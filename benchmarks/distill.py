@@ -82,6 +82,8 @@ def main() -> None:
     p.add_argument("--ddp-steps", type=int, default=20, help="steps of the 1- vs 2-process comparison (0: skip)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-distill", action="store_true", help="reuse OUT/student (and OUT/pruned)")
+    p.add_argument("--skip-prune", action="store_true", help="reuse OUT/pruned")
+    p.add_argument("--skip-teacher", action="store_true", help="reuse OUT/run-teacher (export and w8a8)")
     p.add_argument("--render", action="store_true", help="only print the markdown of OUT/distill-report.json")
     a = p.parse_args()
     out = Path(a.out).resolve()
@@ -91,8 +93,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"teacher": a.teacher}
     if not a.skip_distill:
-        report["prune"] = pipeline("prune", a.teacher, "--out", str(out / "pruned"), "--mlp", a.mlp,
-                                   "--heads", a.heads, "--layers", a.layers)
+        report["prune"] = json.loads((out / "pruned" / "pruning.json").read_text()) if a.skip_prune else \
+            pipeline("prune", a.teacher, "--out", str(out / "pruned"), "--mlp", a.mlp, "--heads", a.heads,
+                     "--layers", a.layers)
         report["distill"] = pipeline("distill", "--teacher", a.teacher, "--student", str(out / "pruned"),
                                      "--out", str(out / "student"), "--max-seconds", a.max_seconds,
                                      "--eval-every", "25")
@@ -100,6 +103,8 @@ def main() -> None:
         report["prune"] = json.loads((out / "student" / "pruning.json").read_text())
         report["distill"] = json.loads((out / "student" / "distill.json").read_text())
     for name, model in (("teacher", a.teacher), ("student", str(out / "student"))):
+        if name == "teacher" and a.skip_teacher:
+            continue
         pipeline("export", "--model", model, "--out", str(out / f"run-{name}"))
         report[f"quantize_{name}"] = pipeline("quantize", str(out / f"run-{name}"), "--recipe", "w8a8")
     report["check"] = pipeline("check", str(out / "run-student"), "--model", a.teacher, "--variant", "fused",

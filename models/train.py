@@ -7,10 +7,18 @@ a greedy sample -> save_checkpoint (atomic, so Ctrl-C never leaves a half-writte
 
 Both `max_steps` and `max_seconds` bound the run; the learning-rate schedule follows whichever is nearer to
 its end, so a run cut short by the clock still finishes its cosine decay instead of stopping at a high rate.
+
+Under torchrun every process runs this same code (models/distributed.py): each takes its contiguous slice of
+every global batch of `batch_size` windows, DDP (or FSDP2 with `fsdp`) averages the gradients, so N processes
+take the steps one process takes; rank 0's clock decides when to stop and how far the schedule is, evaluation
+and the sample run on every process, and rank 0 alone shows progress and writes the checkpoint.
+
+    torchrun --nproc-per-node 2 -m pipeline train --out runs/demo
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import sys
@@ -27,6 +35,7 @@ from tqdm import tqdm
 from models.checkpoint import save_checkpoint
 from models.corpus import DEFAULT_MAX_BYTES, load_corpus
 from models.decoder import Decoder, DecoderConfig
+from models.distributed import Cluster, cluster, full_state_dict, unwrap
 from models.errors import UserError
 from models.tokenizer import DEFAULT_VOCAB_SIZE, TrainedTokenizer, train_tokenizer
 
@@ -60,6 +69,8 @@ class TrainConfig:
     max_seconds: float = 240.0       # wall-clock budget for the whole call (setup, training, eval, saving)
     seed: int = 0                    # weights and data order
     threads: int = 0                 # torch intra-op threads; 0 = torch's default less the cores already busy
+                                     # (under torchrun: each process's share of the cores)
+    fsdp: bool = False               # under torchrun, shard parameters and optimizer state (FSDP2), not DDP
     sample_tokens: int = 48          # length of the greedy sample
 
     def decoder_config(self, vocab_size: int) -> DecoderConfig:
@@ -153,13 +164,26 @@ def lr_at(config: TrainConfig, step: int, progress: float) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: Decoder, data: torch.Tensor, batch_size: int) -> float:
-    """Mean next-token loss over all of `data`'s windows (every window has the same length, so means average)."""
+def evaluate(model: Decoder, data: torch.Tensor, batch_size: int, cl: Cluster = Cluster()) -> float:
+    """Mean next-token loss over all of `data`'s windows (every window has the same length, so means average).
+
+    With several processes each scores its slice of every batch and the sums are combined. Every process makes
+    the same forward calls (FSDP gathers the parameters in each): one whose slice of the last batch is empty
+    runs a window it does not count.
+    """
     model.eval()
-    losses = [lm_loss(model, data[i:i + batch_size]).item() * len(data[i:i + batch_size])
-              for i in range(0, len(data), batch_size)]
+    total = count = 0.0
+    for i in range(0, len(data), batch_size):
+        batch = data[i:i + batch_size]
+        mine = batch.tensor_split(cl.world)[cl.rank]
+        if len(mine):
+            total += lm_loss(model, mine).item() * len(mine)
+            count += len(mine)
+        else:
+            lm_loss(model, batch[:1])
+    total, count = cl.sum(total, count)
     model.train()
-    return sum(losses) / len(data)
+    return total / count
 
 
 def unigram_loss(train_stream: torch.Tensor, data: torch.Tensor, vocab_size: int) -> float:
@@ -171,13 +195,14 @@ def unigram_loss(train_stream: torch.Tensor, data: torch.Tensor, vocab_size: int
 
 
 @torch.no_grad()
-def greedy_sample(model: Decoder, tok: TrainedTokenizer, prompt: str, n_tokens: int) -> str:
+def greedy_sample(model: Decoder, tok: TrainedTokenizer, prompt: str, n_tokens: int, cl: Cluster = Cluster()) -> str:
     """The prompt and its greedy continuation (with a repetition penalty), cut at the first <|endoftext|>.
 
     Plain greedy decoding of a model this small falls into loops ("self.w, self.w, self.w") that hide what it
     learned; HF-style repetition_penalty=REPETITION_PENALTY on already-present tokens keeps the sample
     deterministic and shows the model's Python. The prompt is not preceded by <|endoftext|>: a continuation
-    from the middle of a stream is more telling than a guess at a file header.
+    from the middle of a stream is more telling than a guess at a file header. With several processes, each
+    token is rank 0's choice: every process then makes the same calls and returns the same text.
     """
     ids = tok.tokenizer.encode(prompt).ids
     seen = torch.zeros(tok.vocab_size, dtype=torch.bool)
@@ -188,7 +213,7 @@ def greedy_sample(model: Decoder, tok: TrainedTokenizer, prompt: str, n_tokens: 
     for _ in range(n_tokens):
         last = logits[0, -1]
         last = torch.where(seen, torch.where(last > 0, last / REPETITION_PENALTY, last * REPETITION_PENALTY), last)
-        nxt = int(last.argmax())
+        nxt = int(cl.agree(int(last.argmax())))
         if nxt == tok.eos_id:
             break
         new.append(nxt)
@@ -201,50 +226,92 @@ def greedy_sample(model: Decoder, tok: TrainedTokenizer, prompt: str, n_tokens: 
 def train(config: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict:
     """Train a decoder as `config` says, save it at `out_dir` (HF Llama format) and return a summary.
 
-    KeyboardInterrupt propagates untouched: the checkpoint is written only at the end, atomically.
+    Under torchrun every process calls this and returns the same summary; only rank 0 shows progress and
+    writes `out_dir`. KeyboardInterrupt propagates untouched: the checkpoint is written only at the end,
+    atomically.
     """
     start = time.monotonic()
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads if config.threads > 0 else min(previous_threads, idle_cores()))
-    try:
-        with tempfile.TemporaryDirectory(prefix="pipeline-train-") as tmp:
-            return run(config, Path(out_dir), Path(tmp), start, progress)
-    finally:
-        torch.set_num_threads(previous_threads)
+    with cluster() as cl:
+        cl.check_batch(config.batch_size)
+        previous_threads = torch.get_num_threads()
+        if config.threads > 0:
+            torch.set_num_threads(config.threads)
+        elif not cl.parallel:  # under torchrun, cluster() has given each process its share of the cores
+            torch.set_num_threads(min(previous_threads, idle_cores()))
+        try:
+            with tempfile.TemporaryDirectory(prefix="pipeline-train-") as tmp:
+                return run(config, Path(out_dir), Path(tmp), start, progress and cl.main, cl)
+        finally:
+            torch.set_num_threads(previous_threads)
 
 
-def run(config: TrainConfig, out_dir: Path, tmp: Path, start: float, progress: bool) -> dict:
+def run(config: TrainConfig, out_dir: Path, tmp: Path, start: float, progress: bool,
+        cl: Cluster = Cluster()) -> dict:
     """train()'s body, with the tokenizer kept in `tmp` until save_checkpoint copies it."""
     corpus = load_corpus(config.corpus, config.max_corpus_bytes)
     tok = train_tokenizer(corpus["train"], tmp / "tokenizer.json", config.vocab_size)
     train_stream = token_stream(tok, corpus["train"])
     train_data = windows(train_stream, config.seq_len)
     valid_data = windows(token_stream(tok, corpus["valid"]), config.seq_len)[: config.eval_windows]
+    check_same_data(cl, tok, train_stream)
 
     torch.manual_seed(config.seed)
-    model = Decoder(config.decoder_config(tok.vocab_size))
-    optimizer = make_optimizer(model, config)
+    model = cl.wrap(Decoder(config.decoder_config(tok.vocab_size)), fsdp=config.fsdp)
+    optimizer = make_optimizer(model, config)  # after wrapping: FSDP replaces the parameters by their shards
     model.train()
 
-    loop = train_loop(model, optimizer, train_data, config, start, progress)
-    val_loss = evaluate(model, valid_data, config.batch_size)
+    loop = train_loop(model, optimizer, train_data, config, start, progress, cl)
+    val_loss = evaluate(model, valid_data, config.batch_size, cl)
     uni_loss = unigram_loss(train_stream, valid_data, tok.vocab_size)
     summary = {
         **loop,
         "val_loss": val_loss,
         "val_ppl": math.exp(val_loss),
         "unigram_ppl": math.exp(uni_loss),
-        "params": model.num_parameters(),
+        "params": sum(p.numel() for p in model.parameters()),  # an FSDP shard's numel() is the whole tensor's
         "vocab_size": tok.vocab_size,
         "train_tokens_available": len(train_stream),
         "threads": torch.get_num_threads(),
-        "sample": greedy_sample(model, tok, SAMPLE_PROMPT, config.sample_tokens),
+        "processes": cl.world,
+        "sample": greedy_sample(model, tok, SAMPLE_PROMPT, config.sample_tokens, cl),
     }
     extra = {"bos_token_id": tok.eos_id, "eos_token_id": tok.eos_id,
              "training": summary, "train_config": asdict(config)}
-    summary["checkpoint"] = str(save_checkpoint(model, out_dir, tok.path, extra))
+    final = gathered(model, cl)  # every process takes part (FSDP gathers the shards); rank 0 gets the model
+    summary["checkpoint"] = str(save_checkpoint(final, out_dir, tok.path, extra) if final else out_dir.resolve())
+    cl.barrier()  # no process returns (and leaves the process group) before the checkpoint is written
     summary["seconds"] = time.monotonic() - start
     return summary
+
+
+def check_same_data(cl: Cluster, tok: TrainedTokenizer, train_stream: torch.Tensor) -> None:
+    """Every process trained its own tokenizer and tokenized the corpus itself: refuse to go on if any got other
+    ids than rank 0 (a model of another vocabulary size would stop DDP; another tokenization would train on
+    other windows without a word)."""
+    if not cl.parallel:
+        return
+    digest = hashlib.sha256(Path(tok.path).read_bytes())
+    digest.update(train_stream.numpy().tobytes())
+    mine = float(int.from_bytes(digest.digest()[:6], "big"))  # 48 bits: exact in the float64 agree() carries
+    if cl.sum(float(cl.agree(mine) != mine))[0]:
+        raise UserError("the processes tokenized the corpus differently (the tokenizer trainer was not "
+                        "deterministic here); train with one process")
+
+
+def gathered(model: torch.nn.Module, cl: Cluster) -> Decoder | None:
+    """The trained model as a plain Decoder holding every weight whole, on rank 0 (None on the others). Every
+    process must call it: under FSDP the weights are gathered from the shards."""
+    weights = full_state_dict(model, cl)
+    if not cl.main:
+        return None
+    if not cl.parallel:
+        return model
+    plain = Decoder(unwrap(model).config)  # DDP wraps the model; FSDP2 made it a subclass holding shards
+    missing, unexpected = plain.load_state_dict(weights, strict=False)
+    tied = {"lm_head.weight"} if plain.config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"gathered weights do not fit the model: missing {missing}, unexpected {unexpected}")
+    return plain
 
 
 def reserve_seconds(config: TrainConfig, step_time: float) -> float:
@@ -253,12 +320,24 @@ def reserve_seconds(config: TrainConfig, step_time: float) -> float:
     return math.ceil(config.eval_windows / config.batch_size) * step_time / 3 + 5.0
 
 
+def global_batch_size(batch_size: int, windows: int, cl: Cluster) -> int:
+    """`batch_size`, or as many of the corpus's windows as divide among the processes when it holds fewer."""
+    size = min(batch_size, windows - windows % cl.world)
+    if size < 1:
+        raise UserError(f"the corpus has {windows} training window(s), fewer than the {cl.world} processes; "
+                        "give more text or a smaller seq_len")
+    return size
+
+
 def train_loop(model: Decoder, optimizer: torch.optim.Optimizer, data: torch.Tensor, config: TrainConfig,
-               start: float, progress: bool) -> dict:
+               start: float, progress: bool, cl: Cluster = Cluster()) -> dict:
     """Optimise until max_steps, or until the clock leaves just enough of max_seconds for evaluation and saving.
 
     The deadline is re-estimated every step from the mean step time so far; the progress bar's total follows
-    it, so its ETA is right whichever budget ends the run.
+    it, so its ETA is right whichever budget ends the run. With several processes, rank 0's clock decides for
+    all: each process's own would stop one while another waits for it in DDP's all-reduce, or give them other
+    learning rates. Each process computes its slice of every global batch; the loss shown and returned is the
+    mean over processes, which is the whole batch's.
     """
     loop_start = time.monotonic()
     recent: list[float] = []
@@ -268,30 +347,33 @@ def train_loop(model: Decoder, optimizer: torch.optim.Optimizer, data: torch.Ten
     step = 0
     with tqdm(total=config.max_steps, desc="train", unit="step", file=sys.stderr, disable=not progress,
               dynamic_ncols=True) as bar:
-        for batch in batches(data, config.batch_size, config.seed):
+        for batch in batches(data, global_batch_size(config.batch_size, len(data), cl), config.seed):
             if step >= config.max_steps:
-                break
-            now = time.monotonic()
-            step_time = (now - loop_start) / step if step else 0.0
-            deadline = start + config.max_seconds - reserve_seconds(config, step_time)
-            if step and now + step_time > deadline:
-                stopped_by = "max_seconds"
                 break
             planned = config.max_steps  # steps the run will take: the time budget only ever lowers it
             if step:
+                now = time.monotonic()
+                step_time = (now - loop_start) / step
+                deadline = start + config.max_seconds - reserve_seconds(config, step_time)
+                out_of_time = now + step_time > deadline
                 planned = min(planned, step + int((deadline - now) / max(step_time, 1e-9)))
+                # rank 0's verdict, the same on every process: out of time is "no step beyond this one"
+                planned = int(cl.agree(step if out_of_time else max(planned, step + 1)))
+                if planned <= step:
+                    stopped_by = "max_seconds"
+                    break
                 bar.total = planned
             # the schedule reads the clock only when the time budget binds: otherwise the same seed gives the
             # same model however loaded the machine is (a wall-clock fraction here moved step 0's lr with load)
             lr = lr_at(config, step, step / max(planned, 1))
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = lm_loss(model, batch)
+            loss = lm_loss(model, cl.shard(batch))  # this process's rows; DDP averages the gradients
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
-            value = loss.item()
+            value = cl.mean(loss.item())  # equal slices: the mean of their means is the whole batch's
             initial_loss = value if initial_loss is None else initial_loss
             recent = (recent + [value])[-20:]
             step += 1

@@ -126,17 +126,21 @@ def main(quiet):
     progress.QUIET["on"] = quiet
 
 
-@main.command(epilog="\b\nExample:\n  pipeline train --out runs/demo --max-seconds 120")
+@main.command(epilog="\b\nExamples:\n  pipeline train --out runs/demo --max-seconds 120\n"
+                     "  torchrun --nproc-per-node 2 -m pipeline train --out runs/demo")
 @click.option("--out", "out", default="runs/demo", show_default=True, help="Run directory to write into.")
 @click_options(TrainStageConfig)
 @json_opt
 @user_errors
 def train(out, as_json, **options):
-    """Train the built-in decoder and tokenizer on a local corpus (HF-format checkpoint)."""
+    """Train the built-in decoder and tokenizer on a local corpus (HF-format checkpoint); runs unchanged under
+    torchrun (DDP, or FSDP2 with --fsdp), where the first process writes and prints."""
+    from models.distributed import environment
     from pipeline.stages.train import render, train as train_stage
 
     results = train_stage(RunDir.open(out, create=True), TrainStageConfig(**options))
-    emit(results, as_json, lambda r: click.echo(render(r)))
+    if environment()[0] == 0:
+        emit(results, as_json, lambda r: click.echo(render(r)))
 
 
 @main.command(epilog="\b\nExamples:\n  pipeline prune ./SmolLM2-135M --out pruned --mlp 0.35\n"

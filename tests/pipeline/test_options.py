@@ -17,14 +17,19 @@ from pipeline.stages.run import ORDER, STAGES, markdown
 
 REPO = Path(__file__).resolve().parents[2]
 COMMANDS = {"train": "train", "export": "export", "optimize": "optimize", "quantize": "quantize", "check": "check",
-            "bench": "bench", "package": "package"}
+            "bench": "bench", "package": "package", "prune": "prune", "distill": "distill"}
+ARGUMENTS = {"prune": {"source"}}  # options the command takes as its argument (`pipeline prune SOURCE`)
 
 
 @pytest.mark.parametrize("stage", ORDER)
 def test_every_option_is_a_flag_of_its_command_with_the_same_default(stage):
     command = main.commands[COMMANDS[stage]]
     params = {p.name: p for p in command.params if isinstance(p, click.Option)}
+    arguments = {p.name for p in command.params if isinstance(p, click.Argument)}
     for f, opt in options_of(STAGES[stage][0]):
+        if f.name in ARGUMENTS.get(stage, ()):
+            assert f.name in arguments
+            continue
         p = params.pop(f.name)
         assert flag_name(f.name) in p.opts
         if f.default is not dataclasses.MISSING:
