@@ -18,6 +18,7 @@ Only the main process (rank 0) prints, shows progress and writes files; the othe
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -144,18 +145,38 @@ def environment() -> tuple[int, int, int, int]:
     return rank, world, local_rank, local_world
 
 
-@contextmanager
-def cluster() -> Iterator[Cluster]:
-    """Join torchrun's process group for the duration (gloo on CPU, NCCL where CUDA is present), with each
-    process's threads set to its share of the cores; leave it afterwards."""
-    rank, world, local_rank, local_world = environment()
-    if world <= 1 or dist.is_initialized():
-        yield Cluster(rank if world > 1 else 0, world, local_rank, local_world)
-        return
+_joined = False  # whether cluster() has joined torchrun's process group in this process (kept until exit)
+
+
+def join(local_rank: int) -> None:
+    """Join torchrun's process group (gloo on CPU, NCCL where CUDA is present) once per process, and leave it at
+    exit. Not after each use: a second init_process_group after destroy_process_group names its group "0" again
+    in torchrun's store, where the first group's keys still are, and a process that reads them waits forever
+    (a `pipeline run` with [train] and [distill] under torchrun enters cluster() twice)."""
+    global _joined
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend)
+    _joined = True
+    atexit.register(leave)
+
+
+def leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextmanager
+def cluster() -> Iterator[Cluster]:
+    """torchrun's process group (joined on first use), with each process's threads set to its share of the cores
+    for the duration. A group the caller initialised is used as it is, threads untouched."""
+    rank, world, local_rank, local_world = environment()
+    if world <= 1 or (dist.is_initialized() and not _joined):
+        yield Cluster(rank if world > 1 else 0, world, local_rank, local_world)
+        return
+    if not dist.is_initialized():
+        join(local_rank)
     previous = torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(max(1, cores // local_world))
@@ -163,4 +184,3 @@ def cluster() -> Iterator[Cluster]:
         yield Cluster(rank, world, local_rank, local_world)
     finally:
         torch.set_num_threads(previous)
-        dist.destroy_process_group()

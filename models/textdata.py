@@ -9,6 +9,8 @@ held out from both and measures perplexity.
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -26,10 +28,17 @@ def source_tokenizer(path: str | Path, workdir: Path, separator: int | None) -> 
     separates documents (its eos, else its bos)."""
     from models.hf import export_tokenizer
 
-    tok_path = export_tokenizer(path, workdir)
-    if tok_path is None:
-        raise UserError(f"{path} has no tokenizer; add a tokenizer.json to the checkpoint")
-    tok = Tokenizer.from_file(str(tok_path))
+    # every process of a torchrun job writes workdir/tokenizer.json at the same moment: each exports into a
+    # private folder and renames the file into place (atomic), so none reads a file another is still writing
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".tokenizer-", dir=workdir) as private:
+        exported = export_tokenizer(path, private)
+        if exported is None:
+            raise UserError(f"{path} has no tokenizer; add a tokenizer.json to the checkpoint")
+        tok = Tokenizer.from_file(str(exported))
+        tok_path = workdir / "tokenizer.json"
+        os.replace(exported, tok_path)
     if separator is None:
         raise UserError(f"{path} names no eos or bos token to separate documents; add eos_token_id to its config")
     return TrainedTokenizer(tokenizer=tok, path=tok_path, vocab_size=tok.get_vocab_size(), eos_id=separator)
@@ -45,19 +54,27 @@ def corpus_windows(tok: TrainedTokenizer, corpus: str | None, seq_len: int,
 @torch.no_grad()
 def perplexity(model, data: torch.Tensor, batch_size: int = 4, cl=None) -> float:
     """exp(mean next-token loss) of a transformers causal LM over `data`'s windows; with a cluster `cl`, each
-    process scores its share and the sums are combined (a remainder of fewer windows than processes is left out)."""
+    process scores every world-th window and the sums are combined: the same windows, so the same perplexity, as
+    one process."""
     was_training = model.training
     model.eval()
     rows = list(range(len(data)))
-    if cl is not None and cl.parallel:  # the same number of forward calls on every process (FSDP gathers in each)
-        rows = rows[:len(rows) - len(rows) % cl.world][cl.rank::cl.world]
+    counted = len(rows)
+    if cl is not None and cl.parallel:
+        # the same number of forward calls of the same shapes on every process (FSDP gathers in each): one with a
+        # window fewer than the others runs window 0 once more and leaves it out of the sums
+        per = -(-len(rows) // cl.world)
+        rows = rows[cl.rank::cl.world]
+        counted = len(rows)
+        rows += [0] * (per - len(rows))
     total = count = 0.0
     for i in range(0, len(rows), batch_size):
         batch = data[rows[i:i + batch_size]]
-        logits = model(input_ids=batch[:, :-1], use_cache=False).logits.float()
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+        keep = max(0, min(batch_size, counted - i))
+        logits = model(input_ids=batch[:, :-1], use_cache=False).logits.float()[:keep]
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:keep, 1:].reshape(-1),
                                  reduction="sum").item()
-        count += batch[:, 1:].numel()
+        count += batch[:keep, 1:].numel()
     if cl is not None and cl.parallel:
         total, count = cl.sum(total, count)
     model.train(was_training)
