@@ -126,10 +126,13 @@ def full_state_dict(model: nn.Module, cl: Cluster) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        # gathered, a tied head is a copy of the embedding under its own name: keep the one name the model
-        # knows its parameter by, as a single process's state dict shares one tensor
-        names = {n for n, _ in unwrap(model).named_parameters()} | {n for n, _ in unwrap(model).named_buffers()}
-        return {k: v for k, v in full.items() if k in names}
+        # the names of a single process's state dict (what load_state_dict wants back on a resume), a tied head
+        # sharing the embedding's tensor as it does there: gathered, it would be a copy under its own name.
+        # With cpu_offload only rank 0 receives the tensors; the others get an empty dict
+        inner = unwrap(model)
+        first: dict[int, str] = {}
+        alias = {n: first.setdefault(id(p), n) for n, p in inner.named_parameters(remove_duplicate=False)}
+        return {n: full[alias.get(n, n)] for n in inner.state_dict() if alias.get(n, n) in full}
     return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
 
 

@@ -1,8 +1,9 @@
 """models/distributed.py under a real torchrun: 2 gloo processes on the CPU distil a tiny teacher into its pruned
 self, with DDP and with FSDP2, and must take the very steps one process takes on the same global batches.
 
-Each job runs a small script (written to tmp_path) that calls models.distill.distill twice, with the full teacher
-distribution (top_k 0) and with the top-k cache; the same two runs in this process are the reference. The
+Each job runs a small script (written to tmp_path) that calls models.distill.distill three times in the same
+processes: with the full teacher distribution (top_k 0), with the top-k cache, and with the top-k cache
+interrupted after its checkpoint and resumed. The first two run in this process too, as the reference. The
 2-process students must equal the 1-process ones parameter by parameter, their curves agree, and only rank 0
 may have written anything.
 """
@@ -32,19 +33,38 @@ from tests.models.tiny_teacher import corpus_tokenizer, family_config, save_teac
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[2]
-TOP_K = (0, 64)
+RUNS = {"full": 0, "top64": 64, "resumed": 64}  # run name -> top_k ("resumed": stopped at step 3 and resumed)
 JOB_TIMEOUT = 240  # seconds; a job that deadlocks in a collective is killed and fails the test
 
 CHILD = r"""
 import json, os, sys
 import torch
 torch.set_num_threads(1)
+import models.distill as distill_module
 from models.distill import DistillConfig, distill
 
 spec = json.loads(sys.argv[1])
-for top_k, out in spec["runs"]:
-    s = distill(spec["teacher"], spec["student"], out, DistillConfig(**spec["config"], top_k=top_k), progress=False)
-    line = "SUMMARY " + json.dumps({"rank": int(os.environ["RANK"]), "top_k": top_k, "summary": s}) + "\n"
+save_state = distill_module.save_state
+
+
+def save_then_stop(path, *args):
+    save_state(path, *args)
+    raise KeyboardInterrupt
+
+
+for name, top_k, out in spec["runs"]:
+    config = DistillConfig(**spec["config"], top_k=top_k)
+    if name == "resumed":  # stopped after the first checkpoint, on every process, then resumed
+        distill_module.save_state = save_then_stop
+        try:
+            distill(spec["teacher"], spec["student"], out, config, progress=False)
+            raise AssertionError("not interrupted")
+        except KeyboardInterrupt:
+            pass
+        distill_module.save_state = save_state
+        config = DistillConfig(**{**config.__dict__, "resume": True})
+    s = distill(spec["teacher"], spec["student"], out, config, progress=False)
+    line = "SUMMARY " + json.dumps({"rank": int(os.environ["RANK"]), "name": name, "summary": s}) + "\n"
     os.write(1, line.encode())  # one write: the two processes share the output (and python -u splits print's)
 """
 
@@ -77,7 +97,7 @@ def setup(tmp_path_factory):
     config = dict(corpus=str(small), max_corpus_bytes=300, seq_len=16, batch_size=4, lr=3e-3, warmup_steps=2,
                   max_steps=6, eval_every=3, checkpoint_every=3, eval_windows=3, bf16=False, max_seconds=None)
     single = {}
-    for top_k in TOP_K:
+    for top_k in sorted(set(RUNS.values())):
         out = root / f"single-{top_k}"
         summary = distill(str(root / "teacher"), str(root / "pruned"), out, DistillConfig(**config, top_k=top_k),
                           progress=False)
@@ -134,18 +154,18 @@ def launch(script: Path, args: list[str], log: Path) -> tuple[int, str]:
 
 
 def torchrun(setup, job: Path, fsdp: bool) -> dict:
-    """The two distillations in 2 gloo processes (top_k 0 first): the job folder, its exit status and output,
-    and top_k -> {rank: summary} from each rank's output."""
+    """The distillations of RUNS, in order, in 2 gloo processes: the job folder, its exit status and output, and
+    run name -> {rank: summary} from each rank's output."""
     job.mkdir()
     (job / "child.py").write_text(CHILD)
     spec = {"teacher": setup["teacher"], "student": setup["student"], "config": {**setup["config"], "fsdp": fsdp},
-            "runs": [[k, str(job / f"out-{k}")] for k in TOP_K]}
+            "runs": [[name, top_k, str(job / f"out-{name}")] for name, top_k in RUNS.items()]}
     returncode, output = launch(job / "child.py", [json.dumps(spec)], job.parent / "log.txt")
     runs: dict = {}
     for line in output.splitlines():
         if line.startswith("SUMMARY "):
             r = json.loads(line[len("SUMMARY "):])
-            runs.setdefault(r["top_k"], {})[r["rank"]] = r["summary"]
+            runs.setdefault(r["name"], {})[r["rank"]] = r["summary"]
     return {"job": job, "returncode": returncode, "output": output, "runs": runs}
 
 
@@ -169,15 +189,17 @@ def untimed(summary: dict) -> dict:
             "curve": [{k: v for k, v in p.items() if k != "seconds"} for p in summary["curve"]]}
 
 
-@pytest.mark.parametrize("top_k", [0, 64], ids=["full", "top64"])
+@pytest.mark.parametrize("name", RUNS)
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_processes_take_the_one_process_steps(mode, top_k, setup, jobs):
-    run = jobs(mode)
-    job, out = run["job"], run["job"] / f"out-{top_k}"
-    summaries = run["runs"].get(top_k, {})
+def test_two_processes_take_the_one_process_steps(mode, name, setup, jobs):
+    """"resumed" also holds the state a resume reads (every parameter under its single-process name, a tied head
+    included; the optimizer's state gathered from the shards) to the straight 1-process run."""
+    run, top_k = jobs(mode), RUNS[name]
+    job, out = run["job"], run["job"] / f"out-{name}"
+    summaries = run["runs"].get(name, {})
     assert sorted(summaries) == [0, 1], f"torchrun ({run['returncode']}):\n{run['output'][-4000:]}"
     # only rank 0 wrote: the published student, nothing else (no work folder, no staging, no rank-1 files)
-    assert not [p.name for p in job.iterdir() if p.name.startswith((f"out-{top_k}.", f".out-{top_k}"))]
+    assert not [p.name for p in job.iterdir() if p.name.startswith((f"out-{name}.", f".out-{name}"))]
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json", "distill.json", "generation_config.json", "model.safetensors", "pruning.json",
         "tokenizer.json", "tokenizer_config.json"]
