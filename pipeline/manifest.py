@@ -7,6 +7,7 @@ where its model came from.
     RUN/
       manifest.json
       checkpoint/            pipeline train (HF format)
+      pruned/, student/      [prune] and [distill] in pipeline run (HF format, with pruning.json / distill.json)
       tokenizer.json         pipeline export
       config.json            pipeline export: the source's Hugging Face config
       variants/<name>/model.onnx[.data]   fp32 (export), fused, fused-fp16 (optimize), w8a8/static/w8/w4, each
