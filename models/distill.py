@@ -41,6 +41,7 @@ from tqdm import tqdm
 from models.distributed import Cluster, cluster, full_state_dict, unwrap
 from models.errors import UserError
 from models.files import remove_tree
+from models.train import lr_at  # the same warmup and cosine, read from the config's lr/warmup_steps/min_lr_ratio
 
 BUILTIN = "builtin"
 
@@ -429,12 +430,6 @@ def run(teacher_src: str, student_src: str, out: Path, config: DistillConfig, cl
         remove_tree(work)
     cl.barrier()
     return summary
-
-
-def lr_at(config: DistillConfig, step: int, progress: float) -> float:
-    from models.train import lr_at as schedule
-
-    return schedule(config, step, progress)
 
 
 def point(step: int, tokens: int, seconds: float, cpu: float, train_loss, ppl: float, kl=None) -> dict:

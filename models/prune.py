@@ -98,7 +98,8 @@ class Importance:
         self.layers = list(model.model.layers)
         n = len(self.layers)
         self.mlp = [torch.zeros(cfg.intermediate_size, dtype=torch.float64) for _ in range(n)]
-        self.attn = [None] * n
+        width = cfg.num_attention_heads * head_dim(cfg)
+        self.attn = [torch.zeros(width, dtype=torch.float64) for _ in range(n)]
         self.hidden = torch.zeros(cfg.hidden_size, dtype=torch.float64)
         self.influence = torch.zeros(n, dtype=torch.float64)
         self.tokens = 0
@@ -108,7 +109,7 @@ class Importance:
     def __enter__(self):
         for i, layer in enumerate(self.layers):
             self.handles.append(layer.mlp.down_proj.register_forward_pre_hook(self._sumsq(self.mlp, i)))
-            self.handles.append(layer.self_attn.o_proj.register_forward_pre_hook(self._attn(i)))
+            self.handles.append(layer.self_attn.o_proj.register_forward_pre_hook(self._sumsq(self.attn, i)))
             self.handles.append(layer.register_forward_hook(self._influence(i), with_kwargs=True))
             for name in LAYER_NORMS:
                 if hasattr(layer, name):
@@ -124,13 +125,6 @@ class Importance:
         def hook(module, args):
             x = args[0].detach().double()
             store[i] += x.pow(2).reshape(-1, x.shape[-1]).sum(0)
-        return hook
-
-    def _attn(self, i):
-        def hook(module, args):
-            x = args[0].detach().double()
-            s = x.pow(2).reshape(-1, x.shape[-1]).sum(0)
-            self.attn[i] = s if self.attn[i] is None else self.attn[i] + s
         return hook
 
     def _hidden(self, module, args, output):
@@ -224,7 +218,7 @@ def sliced_state_dict(model, keep: dict) -> dict[str, torch.Tensor]:
             local = name[len(prefix):]
             module, kind = local.rsplit(".", 1)
             t = t.detach()
-            if module in ("self_attn.q_proj",):
+            if module == "self_attn.q_proj":
                 t = t[q_rows]
             elif module in ("self_attn.k_proj", "self_attn.v_proj"):
                 t = t[kv_rows]
