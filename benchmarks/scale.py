@@ -15,8 +15,8 @@ docs/benchmarks.md and writes the rows as JSON beside the run.
     python benchmarks/scale.py --model llama-3.2-1b --out /tmp/scale --stages export,quantize-w4-nearest,check
 
 `quantize-w8-nearest` and `quantize-w4-nearest` are the weight-only recipes rounded to nearest and only
-measured (`--no-search`), which write beside the float graph and release it; `quantize-w4` and `quantize-w8a8`
-run the defaults (GPTQ, the search), which quantize's own estimate refuses up front where they do not fit.
+measured (`--no-search`); `quantize-w8`, `quantize-w4` and `quantize-w8a8` run the defaults (GPTQ, the search),
+which quantize's own estimate refuses up front where they do not fit (w8a8 at 1B).
 `--max-memory GiB` is passed on to quantize (to measure past its estimate). `llamacpp-peers` makes llama.cpp's
 Q8_0 and Q4_K_M of the same weights (its converter, given by `--llamacpp-convert`, and its quantizer), where
 `bench --compare llamacpp,llamacpp:q4_k_m` finds them.
@@ -67,8 +67,8 @@ CONFIGS = {
         "tie_word_embeddings": True, "attention_bias": False, "bos_token_id": 2, "eos_token_id": 1,
         "pad_token_id": 0, "torch_dtype": "bfloat16"},
 }
-STAGES = ("export", "llamacpp-peers", "optimize", "quantize-w8-nearest", "quantize-w4-nearest", "quantize-w4",
-          "quantize-w8a8", "check", "bench", "package")
+STAGES = ("export", "llamacpp-peers", "optimize", "quantize-w8-nearest", "quantize-w4-nearest", "quantize-w8",
+          "quantize-w4", "quantize-w8a8", "check", "bench", "package")
 SHARD_BYTES = 1 << 30
 
 
@@ -240,6 +240,8 @@ def main() -> None:
                                 "--calib-text", str(calib), "--json", *max_memory],
         "quantize-w4-nearest": ["quantize", str(run), "--recipe", "w4", "--weight-rounding", "nearest", "--no-search",
                                 "--calib-text", str(calib), "--json", *max_memory],
+        # the defaults: GPTQ (streamed Hessians), and w4's search on its exact 4/8-bit switch
+        "quantize-w8": ["quantize", str(run), "--recipe", "w8", "--calib-text", str(calib), "--json", *max_memory],
         "quantize-w4": ["quantize", str(run), "--recipe", "w4", "--calib-text", str(calib), "--json", *max_memory],
         "quantize-w8a8": ["quantize", str(run), "--recipe", "w8a8", "--calib-text", str(calib), "--json",
                           *max_memory],

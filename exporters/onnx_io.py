@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 import onnx
+from onnx import numpy_helper
 
 from models.errors import UserError
 
@@ -75,3 +77,87 @@ def move_model(src: Path, dst: Path) -> None:
     elif dst_data.exists():
         dst_data.unlink()
     os.replace(src, dst)
+
+
+def tensor_array(tensor: onnx.TensorProto, weights_dir: str | Path = ""):
+    """The tensor's values; from its external data file under `weights_dir` when it still lives there."""
+    return numpy_helper.to_array(tensor, str(weights_dir))
+
+
+def materialized(tensor: onnx.TensorProto, weights_dir: str | Path = "") -> onnx.TensorProto:
+    """`tensor` itself when its values are in memory; else a copy with them read from its external data."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return tensor
+    from onnx.external_data_helper import load_external_data_for_tensor
+    out = onnx.TensorProto()
+    out.CopyFrom(tensor)
+    load_external_data_for_tensor(out, str(weights_dir))
+    out.data_location = onnx.TensorProto.DEFAULT
+    del out.external_data[:]
+    return out
+
+
+def load_lazily(path: Path, lazy: Callable[[onnx.ModelProto], set[str]]) -> onnx.ModelProto:
+    """The model with the initializers named by `lazy(graph)` left in its external data file (read when used,
+    through `tensor_array` / `materialized` with the model's directory), every other one in memory. A model
+    with its weights inline is loaded whole."""
+    if len(model_files(path)) == 1:
+        return load_onnx(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        keep = lazy(model)
+        for t in model.graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL and t.name not in keep:
+                t.CopyFrom(materialized(t, path.parent))
+    except Exception as e:  # protobuf DecodeError, missing or short external data, ...
+        raise UserError(f"cannot read ONNX model {path}: the file is corrupt or truncated ({type(e).__name__})") from e
+    return model
+
+
+def skeleton(model: onnx.ModelProto, nodes: bool = False) -> onnx.ModelProto:
+    """A copy of `model` without its graph's initializers (the large field), and without its nodes unless
+    `nodes`."""
+    out = onnx.ModelProto()
+    _copy_fields(model, out, skip=("graph",))
+    _copy_fields(model.graph, out.graph, skip=("initializer",) if nodes else ("node", "initializer"))
+    return out
+
+
+def without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model`'s graph without its initializers, as a new message: clearing the field in place would keep their
+    memory (protobuf's arena) for as long as the message lives."""
+    return skeleton(model, nodes=True)
+
+
+def _copy_fields(src, dst, skip: tuple[str, ...]) -> None:
+    for field, value in src.ListFields():
+        if field.name in skip:
+            continue
+        if field.is_repeated:
+            getattr(dst, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
+
+
+def save_beside(model: onnx.ModelProto, path: Path) -> None:
+    """Save `model` at `path` without changing it (onnx.save_model's external data rewrites the message): the
+    initializers still in external data keep their references, so `path` must lie beside the files they name
+    (the model they were loaded from); those in memory go to `path.name + ".data"` from 1 MiB on, inline below."""
+    out = skeleton(model, nodes=True)
+    data = path.with_name(path.name + ".data")
+    with open(data, "wb") as f:
+        for t in model.graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL or t.ByteSize() < SHIPPED_EXTERNAL_THRESHOLD:
+                out.graph.initializer.append(t)
+                continue
+            raw = t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
+            f.seek(-f.tell() % 4096, os.SEEK_CUR)
+            ref = out.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims,
+                                            data_location=onnx.TensorProto.EXTERNAL)
+            for key, value in (("location", data.name), ("offset", f.tell()), ("length", len(raw))):
+                ref.external_data.add(key=key, value=str(value))
+            f.write(raw)
+            del raw
+    onnx.save_model(out, str(path))

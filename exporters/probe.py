@@ -6,39 +6,61 @@ Smoothing reads their per-channel extremes, GPTQ their input Hessians; both go t
 from __future__ import annotations
 
 import tempfile
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from exporters.calibration import cpu_session
-from exporters.onnx_io import EXTERNAL_DATA_THRESHOLD, save_model
+from exporters.onnx_io import EXTERNAL_DATA_THRESHOLD, save_beside, save_model
 from models.files import remove_tree
 
 
 def probe(model: onnx.ModelProto, tensors: list[str], feeds: Iterable[dict[str, np.ndarray]],
-          workdir: Path | None = None) -> Iterator[dict[str, np.ndarray]]:
+          workdir: Path | None = None, weights_dir: Path | None = None) -> Iterator[dict[str, np.ndarray]]:
     """For each feed, the values of the intermediate `tensors`, exposed as extra graph outputs for the run.
 
     The model is saved to a temporary file (external data when large, so models over 2 GB work too); the
-    extra outputs are removed from `model` again when the generator finishes or is closed.
+    extra outputs are removed from `model` again when the generator finishes or is closed. A model whose
+    weights still lie in external data under `weights_dir` (exporters/onnx_io.py `load_lazily`) is saved
+    beside them, for as long as the session takes to open.
     """
+    with probe_session(model, tensors, workdir, weights_dir) as session:
+        for feed in feeds:
+            yield dict(zip(tensors, session.run(tensors, feed)))
+
+
+@contextmanager
+def probe_session(model: onnx.ModelProto, tensors: list[str], workdir: Path | None = None,
+                  weights_dir: Path | None = None) -> Iterator[ort.InferenceSession]:
+    """A session of `model` that also outputs the intermediate `tensors` (see `probe`)."""
     outputs = {o.name for o in model.graph.output}
     added = [helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in dict.fromkeys(tensors)
              if t not in outputs]
     model.graph.output.extend(added)
-    tmp = Path(tempfile.mkdtemp(prefix=".probe-", dir=workdir))
+    lazy = any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer)
+    tmp = None if lazy else Path(tempfile.mkdtemp(prefix=".probe-", dir=workdir))
     try:
-        path = tmp / "probe.onnx"
-        big = sum(t.ByteSize() for t in model.graph.initializer) >= EXTERNAL_DATA_THRESHOLD
-        save_model(model, path, external=big)
-        session = cpu_session(path)
-        for feed in feeds:
-            yield dict(zip(tensors, session.run(tensors, feed)))
+        path = weights_dir / f".probe-{uuid.uuid4().hex}.onnx" if lazy else tmp / "probe.onnx"
+        try:
+            if lazy:
+                save_beside(model, path)
+            else:
+                save_model(model, path, external=sum(t.ByteSize() for t in model.graph.initializer)
+                           >= EXTERNAL_DATA_THRESHOLD)
+            session = cpu_session(path)
+        finally:
+            for f in (path, path.with_name(path.name + ".data")) if lazy else ():
+                f.unlink(missing_ok=True)
+        yield session
     finally:
-        remove_tree(tmp)
+        if tmp is not None:
+            remove_tree(tmp)
         for _ in added:
             model.graph.output.pop()
 

@@ -58,7 +58,7 @@ import onnx
 
 from exporters import progress
 from exporters.graph import GraphIndex
-from exporters.onnx_io import files_size, load_onnx, move_model
+from exporters.onnx_io import files_size, load_lazily, load_onnx, move_model
 from exporters.quantization.config import WEIGHT_BITS_KEY, QuantConfig  # noqa: F401 (imported from here)
 from exporters.quantization.embedding import untie_embeddings
 from exporters.quantization.evaluate import perplexity  # noqa: F401
@@ -72,14 +72,26 @@ from models.files import staging_dir
 from runtimes.contract import read_contract
 
 
-def _load_checked(model_path: Path) -> onnx.ModelProto:
-    """The model, if it is one `pipeline export` wrote (it carries the contract) and is float32."""
-    model = load_onnx(model_path)
+def _load_checked(model_path: Path, lazy: bool = False) -> onnx.ModelProto:
+    """The model, if it is one `pipeline export` wrote (it carries the contract) and is float32. `lazy`: the
+    weights only MatMuls read stay in the model's external data, read one at a time when they are quantized
+    (a 1B model's 5 GB of them are never all in memory)."""
+    model = load_lazily(model_path, matmul_only_weights) if lazy else load_onnx(model_path)
     contract = read_contract(model, model_path)  # one-line RuntimeUserError when it carries none
     if contract.kv_dtype != "float32" or any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer):
         raise UserError(f"{model_path} is a float16 model: quantize the float32 export (or its fused graph "
                         f"without --fp16)")
     return model
+
+
+LAZY_RECIPES = ("w4", "w8")  # weight-only: no pass rewrites the float weights, each is read once to be packed
+
+
+def matmul_only_weights(model: onnx.ModelProto) -> set[str]:
+    """Initializers read by weight MatMuls alone (a tied table, also gathered, is not)."""
+    g = GraphIndex(model)
+    weights = {n.input[1] for n in g.weight_matmuls()}
+    return {w for w in weights if all(r.op_type == "MatMul" and r.input[1] == w for r in g.consumers.get(w, []))}
 
 
 def quantize(model_path: str | Path, out_path: str | Path, calib_ids: list[list[int]],
@@ -93,14 +105,15 @@ def quantize(model_path: str | Path, out_path: str | Path, calib_ids: list[list[
     perplexity before/after when `valid_ids`.
     """
     model_path, out_path = Path(model_path), Path(out_path)
-    model = _load_checked(model_path)
+    model = _load_checked(model_path, lazy=config.recipe in LAZY_RECIPES)
     untie_embeddings(model)  # a tied table stored once gets its two readers' own copies back
     index = GraphIndex(model)
     shapes = index.weight_shapes()
     activation_matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in shapes]
     with staging_dir(out_path) as workdir:
         q = Quantizing(model, model_path, workdir / out_path.name, workdir, calib_ids, valid_ids, config.exclude,
-                       reasons={name: "excluded by config" for name in config.exclude})
+                       reasons={name: "excluded by config" for name in config.exclude},
+                       weights_dir=model_path.parent)
         q.targets = targets(model, config.exclude)  # validates the excluded names
         del model, index  # the passes own the float graph now (a writer may let it go, see write_nbits)
         for step, step_config in progress.each(steps(config), f"quantize {config.recipe}", unit="pass",

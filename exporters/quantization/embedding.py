@@ -4,11 +4,14 @@ search measures is the one it would keep."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from exporters.graph import GraphIndex
+from exporters.onnx_io import tensor_array
 from runtimes.contract import LOGITS
 
 
@@ -74,9 +77,10 @@ def quantize_embeddings(model: onnx.ModelProto, block_size: int) -> list[str]:
     return done
 
 
-def tied_head(model: onnx.ModelProto) -> tuple[str, str] | None:
+def tied_head(model: onnx.ModelProto, weights_dir: str | Path = "") -> tuple[str, str] | None:
     """(embedding Gather, lm_head MatMul) when the Gather's (vocab, hidden) table is exactly the transpose of the
-    head's weight: a tied pair that no float pass (rotation, smoothing, a folded norm) has made two."""
+    head's weight: a tied pair that no float pass (rotation, smoothing, a folded norm) has made two. Weights
+    left in external data are read from `weights_dir`."""
     g = GraphIndex(model)
     head = next((n for n in model.graph.node if LOGITS in n.output and n.name in g.weight_names), None)
     if head is None:
@@ -86,7 +90,7 @@ def tied_head(model: onnx.ModelProto) -> tuple[str, str] | None:
         axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
         table = g.inits.get(node.input[0]) if node.op_type == "Gather" and axis == 0 else None
         if table is not None and list(table.dims) == list(weight.dims)[::-1] \
-                and np.array_equal(g.array(table.name), g.array(weight.name).T):
+                and np.array_equal(tensor_array(table, weights_dir), tensor_array(weight, weights_dir).T):
             return node.name, head.name
     return None
 

@@ -18,21 +18,26 @@ import onnx
 
 from exporters.graph import GraphIndex
 from exporters.onnx_io import files_size
+from exporters.quantization.packs import HESSIAN_BUDGET, hessian_groups
 from runtimes.contract import read_contract
 
 # float-model copies alive at the peak, by recipe: the graph in memory, a calibration or judging session, the
-# writer's copy and the search's switch model (stand-in weights beside the originals). From SmolLM2-135M's
-# measured peak RSS (w8a8 7.75 GB, w4 6.74 GB, from a 654 MB float model with 0.81 GB of Hessians), less the
-# base and the Hessians, over the model's size, rounded up; static runs a subset of w8a8's passes.
-MODEL_COPIES = {"static": 10.0, "w8a8": 10.0, "w4": 8.5}
+# writer's copy and the search's switch model. From SmolLM2-135M's measured peak RSS (w8a8 7.75 GB from a
+# 654 MB float model with 0.81 GB of Hessians), less the base and the Hessians, over the model's size, rounded
+# up; static runs a subset of w8a8's passes.
+MODEL_COPIES = {"static": 10.0, "w8a8": 10.0}
 SEARCHED = ("w8a8", "w4")  # the recipes with a budget search (--no-search: written, then measured)
-# weight-only recipes written and measured without a search: the float graph while it is written (dropped once
-# written), then the measuring sessions, the float model's and the written one's. Measured on SmolLM2-135M (0.65 GB
-# counted): w4 and w8 nearest 1.72 and 1.80 GB, gguf 1.72 GB, w4 GPTQ 3.23 GB of which 0.81 GB Hessians (its rounded
-# stand-ins and the calibration session: one copy more); on a Llama-3.2-1B shape (6.0 GB counted): w4 8.9 GB, w8
-# 9.3 GB, gguf 10.7 GB, all under the estimate.
-MEASURED_ONLY_COPIES = {"w8": 2.0, "w4": 2.0, "gguf": 2.0}
-GPTQ_STAND_IN_COPIES = 1.0
+# the weight-only recipes read each float weight from the model's file when they pack it, so one float copy is
+# alive at a time: the calibration session's (GPTQ), then the judge's. Beside it: the packed store, which the
+# search's switch session holds again and prepacks (PACKED_COPIES), and the largest group of Hessians GPTQ
+# gathers in one pass (exporters/quantization/packs.py). Measured on SmolLM2-135M (0.65 GB counted): w4 with
+# GPTQ and the search 1.96 GB against 2.7 estimated.
+WEIGHT_ONLY = ("w4", "w8")
+WEIGHT_ONLY_COPIES = 1.0
+PACKED_COPIES = 3.0
+# gguf writes its blocks beside the float graph, drops it, then measures: the float model's session and the
+# written one's. Measured on SmolLM2-135M (0.65 GB counted) 1.72 GB; on a Llama-3.2-1B shape (6.0 GB) 10.7 GB.
+GGUF_COPIES = 2.0
 GPTQ_RECIPES = ("w8a8", "w8", "w4")
 BASE_BYTES = 600 << 20  # the Python process with onnxruntime, onnx and numpy loaded
 
@@ -46,30 +51,51 @@ LOGITS_ROWS = 3
 class MemoryEstimate:
     model_bytes: int     # the float model's files, a tied table counted twice (quantizing splits it)
     copies: float        # float-model copies alive at the peak
-    hessian_bytes: int   # GPTQ's input Hessians, all kept until written
+    hessian_bytes: int   # GPTQ's input Hessians alive at once
     logits_bytes: int = 0  # vocabulary-wide rows: the search's cached reference and a judged window's logits
+    packed_bytes: int = 0  # weight-only recipes: the MatMulNBits blocks packed once, held PACKED_COPIES times
 
     @property
     def total(self) -> int:
-        return int(BASE_BYTES + self.copies * self.model_bytes + self.hessian_bytes + self.logits_bytes)
+        return int(BASE_BYTES + self.copies * self.model_bytes + self.hessian_bytes + self.logits_bytes
+                   + PACKED_COPIES * self.packed_bytes)
 
     def describe(self) -> str:
         gib = 1 << 30
-        return (f"about {self.total / gib:.1f} GiB: {self.copies:g} copies of the {self.model_bytes / gib:.1f} GiB "
-                f"float model" + (f", {self.hessian_bytes / gib:.1f} GiB of GPTQ input Hessians"
-                                  if self.hessian_bytes else "")
-                + (f" and {self.logits_bytes / gib:.1f} GiB of vocabulary-wide logits" if self.logits_bytes else ""))
+        parts = [f"{self.copies:g} {'copy' if self.copies == 1 else 'copies'} of the {self.model_bytes / gib:.1f} "
+                 f"GiB float model"]
+        if self.packed_bytes:
+            parts.append(f"{PACKED_COPIES:g} of its {self.packed_bytes / gib:.1f} GiB of packed weights")
+        if self.hessian_bytes:
+            parts.append(f"{self.hessian_bytes / gib:.1f} GiB of GPTQ input Hessians")
+        if self.logits_bytes:
+            parts.append(f"{self.logits_bytes / gib:.1f} GiB of vocabulary-wide logits")
+        return f"about {self.total / gib:.1f} GiB: " + ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") \
+            + parts[-1]
 
     def to_dict(self) -> dict:
         return {"estimate_bytes": self.total, "model_bytes": self.model_bytes, "model_copies": self.copies,
-                "hessian_bytes": self.hessian_bytes, "logits_bytes": self.logits_bytes}
+                "hessian_bytes": self.hessian_bytes, "logits_bytes": self.logits_bytes,
+                "packed_bytes": self.packed_bytes}
 
 
-def hessian_bytes(model: onnx.ModelProto, exclude: tuple[str, ...] = ()) -> int:
-    """float64 K x K per distinct input of the weight MatMuls GPTQ rounds."""
+def hessian_bytes(model: onnx.ModelProto, exclude: tuple[str, ...] = (), budget: int | None = None) -> int:
+    """float64 K x K per distinct input of the weight MatMuls GPTQ rounds: all of them, or the largest group
+    streamed GPTQ gathers at once within `budget` (exporters/quantization/packs.py)."""
     g = GraphIndex(model)
     widths = {n.input[0]: g.inits[n.input[1]].dims[0] for n in g.weight_matmuls() if n.name not in exclude}
-    return sum(8 * k * k for k in widths.values())
+    if budget is None:
+        return sum(8 * k * k for k in widths.values())
+    return max((sum(8 * widths[a] ** 2 for a in group) for group in hessian_groups(widths, budget)), default=0)
+
+
+def packed_bytes(model: onnx.ModelProto, widths: tuple[int, ...], block_size: int) -> int:
+    """MatMulNBits blocks of every weight MatMul at each of `widths`: codes and a float scale per block."""
+    total = 0
+    for k, n in GraphIndex(model).weight_shapes().values():
+        blocks = -(-k // block_size) * n
+        total += sum(blocks * (block_size * bits // 8 + 4) for bits in widths)
+    return total
 
 
 def tied_table_bytes(model: onnx.ModelProto) -> int:
@@ -89,16 +115,14 @@ def logits_bytes(vocab_size: int, window: int, sensitivity_tokens: int) -> int:
     return 4 * vocab_size * (sensitivity_tokens + LOGITS_ROWS * window)
 
 
-def model_copies(recipe: str, search: bool = True, gptq: bool = False) -> float:
-    """Float-model copies alive at the peak: a searched recipe's (MODEL_COPIES), or a written-then-measured one's
-    (w8a8 and static calibrate, smooth and write QDQ copies whether searched or not: MODEL_COPIES too)."""
-    if (search and recipe in SEARCHED) or recipe not in MEASURED_ONLY_COPIES:
-        return MODEL_COPIES[recipe]
-    return MEASURED_ONLY_COPIES[recipe] + (GPTQ_STAND_IN_COPIES if gptq else 0.0)
+def model_copies(recipe: str) -> float:
+    """Float-model copies alive at the peak (w8a8 and static calibrate, smooth and write QDQ copies whether
+    searched or not)."""
+    return WEIGHT_ONLY_COPIES if recipe in WEIGHT_ONLY else GGUF_COPIES if recipe == "gguf" else MODEL_COPIES[recipe]
 
 
 def estimate(path: str | Path, recipe: str, weight_rounding: str = "gptq", window: int = 128,
-             sensitivity_tokens: int = 256, search: bool = True) -> MemoryEstimate:
+             sensitivity_tokens: int = 256, search: bool = True, block_size: int = 32) -> MemoryEstimate:
     """The peak memory of quantizing the model at `path` with `recipe` (and its search, if it has one and
     `search`), from its graph (weights not loaded)."""
     path = Path(path)
@@ -106,6 +130,11 @@ def estimate(path: str | Path, recipe: str, weight_rounding: str = "gptq", windo
     gptq = recipe in GPTQ_RECIPES and weight_rounding == "gptq"
     vocab = read_contract(model, path).vocab_size
     searched = search and recipe in SEARCHED
-    return MemoryEstimate(files_size(path) + tied_table_bytes(model), model_copies(recipe, search, gptq),
-                          hessian_bytes(model) if gptq else 0,
-                          logits_bytes(vocab, window, sensitivity_tokens if searched else 0))
+    hessians, packed = 0, 0
+    if recipe in WEIGHT_ONLY:
+        packed = packed_bytes(model, (4, 8) if searched else (8,) if recipe == "w8" else (4,), block_size)
+        hessians = hessian_bytes(model, budget=HESSIAN_BUDGET) if gptq else 0
+    elif gptq:
+        hessians = hessian_bytes(model)
+    return MemoryEstimate(files_size(path) + tied_table_bytes(model), model_copies(recipe), hessians,
+                          logits_bytes(vocab, window, sensitivity_tokens if searched else 0), packed)

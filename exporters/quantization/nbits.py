@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -11,6 +12,7 @@ from onnx import helper, numpy_helper
 
 from exporters.gptq import fits, gptq_blockwise
 from exporters.graph import GraphIndex
+from exporters.onnx_io import materialized, skeleton, tensor_array, without_weights  # noqa: F401 (grid, passes)
 from runtimes.contract import LOGITS
 
 
@@ -30,24 +32,77 @@ def nbits(model: onnx.ModelProto, bits: int, config: NBitsConfig,
     return write_nbits(model, dict.fromkeys(names, bits), config)
 
 
+@dataclass(frozen=True)
+class Packed:
+    """One weight as MatMulNBits stores it: (N, blocks, block_size * bits / 8) packed codes and (N, blocks)
+    scales (symmetric: no zero points), of a (K, N) float weight."""
+    packed: np.ndarray
+    scales: np.ndarray
+    k: int
+    bits: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.scales.nbytes
+
+
+def pack(w: np.ndarray, bits: int, block_size: int) -> Packed:
+    """`w` (K, N) quantized by onnxruntime's own C++ block quantizer, as MatMulNBitsQuantizer stores it."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    k, n = w.shape
+    blocks = -(-k // block_size)
+    if k % block_size:
+        w = np.pad(w, ((0, blocks * block_size - k), (0, 0)))
+    packed = np.zeros((n, blocks, block_size * bits // 8), np.uint8)
+    scales = np.zeros((n, blocks), np.float32)
+    zero_points = np.zeros((n, -(-blocks * bits // 8)), np.uint8)  # unused: symmetric
+    {4: quantize_matmul_4bits, 8: quantize_matmul_8bits}[bits](packed, w, scales, zero_points, block_size, n, k,
+                                                                True)
+    return Packed(packed, scales, k, bits)
+
+
+def nbits_node(node: onnx.NodeProto, p: Packed, config: NBitsConfig,
+               outputs: list[str] | None = None) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+    """The MatMulNBits that replaces the weight MatMul `node` (onnxruntime's names and attributes), and its
+    initializers."""
+    weight, bits = node.input[1], p.bits
+    attrs = {"K": p.k, "N": p.packed.shape[0], "bits": bits, "block_size": config.block_size}
+    if config.accuracy_level:
+        attrs["accuracy_level"] = config.accuracy_level
+    new = helper.make_node("MatMulNBits", [node.input[0], f"{weight}_Q{bits}", f"{weight}_scales"],
+                           list(node.output) if outputs is None else outputs, name=f"{node.name}_Q{bits}",
+                           domain="com.microsoft", **attrs)
+    return new, [numpy_helper.from_array(p.packed, new.input[1]), numpy_helper.from_array(p.scales, new.input[2])]
+
+
+PackedOf = Callable[[str, int], Packed]  # (MatMul name, bits) -> its weight packed
+
+
 def write_nbits(model: onnx.ModelProto, bits_of: dict[str, int], config: NBitsConfig,
-                weight_of: Callable[[str, int], np.ndarray | None] = lambda name, bits: None) -> onnx.ModelProto:
+                packed_of: PackedOf | None = None, weights_dir: str | Path = "") -> onnx.ModelProto:
     """A new model: `model` with each MatMul of `bits_of` as MatMulNBits of those bits, exactly as onnxruntime's
     MatMulNBitsQuantizer writes it (its own C++ block quantizer, names, attributes), `model` unchanged.
 
     The float weights of those MatMuls are read one at a time and never copied, so writing holds the quantized
     model beside the float one instead of two float copies (the quantizer's way: a whole copy to rewrite, plus
-    its own). `weight_of(name, bits)` gives the float values to quantize instead of the graph's (GPTQ's
-    rounding, already on the grid, comes out unchanged), or None.
+    its own). `packed_of(name, bits)`, when given, gives the weight already packed (GPTQ's rounding, or a
+    store the search reads too: exporters/quantization/packs.py), and the float weight is not read at all.
+    Initializers still in external data (a lazily loaded graph, exporters/onnx_io.py `load_lazily`) are read
+    from `weights_dir`.
     """
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
-
-    quantizer = {4: quantize_matmul_4bits, 8: quantize_matmul_8bits}
     g = GraphIndex(model)
     nodes = {n.name: n for n in g.weight_matmuls()}
     unknown = sorted(set(bits_of) - set(nodes))
     if unknown:
         raise ValueError(f"not float weight MatMuls: {unknown}")
+
+    def packed(name: str, bits: int) -> Packed:
+        if packed_of is not None:
+            return packed_of(name, bits)
+        return pack(tensor_array(g.inits[nodes[name].input[1]], weights_dir), bits, config.block_size)
+
     out = skeleton(model)
     written = []
     for node in model.graph.node:
@@ -55,59 +110,15 @@ def write_nbits(model: onnx.ModelProto, bits_of: dict[str, int], config: NBitsCo
         if bits is None:
             written.append(node)
             continue
-        weight = node.input[1]
-        w = weight_of(node.name, bits)
-        w = np.ascontiguousarray(g.array(weight) if w is None else w, dtype=np.float32)
-        k, n = w.shape
-        blocks = -(-k // config.block_size)
-        if k % config.block_size:
-            w = np.pad(w, ((0, blocks * config.block_size - k), (0, 0)))
-        packed = np.zeros((n, blocks, config.block_size * bits // 8), np.uint8)
-        scales = np.zeros((n, blocks), np.float32)
-        zero_points = np.zeros((n, -(-blocks * bits // 8)), np.uint8)  # unused: symmetric
-        quantizer[bits](packed, w, scales, zero_points, config.block_size, n, k, True)
-        del w
-        out.graph.initializer.extend([numpy_helper.from_array(packed, f"{weight}_Q{bits}"),
-                                      numpy_helper.from_array(scales, f"{weight}_scales")])
-        attrs = {"K": k, "N": n, "bits": bits, "block_size": config.block_size}
-        if config.accuracy_level:
-            attrs["accuracy_level"] = config.accuracy_level
-        written.append(helper.make_node("MatMulNBits", [node.input[0], f"{weight}_Q{bits}", f"{weight}_scales"],
-                                        list(node.output), name=f"{node.name}_Q{bits}", domain="com.microsoft",
-                                        **attrs))
+        new, inits = nbits_node(node, packed(node.name, bits), config)
+        out.graph.initializer.extend(inits)
+        written.append(new)
     out.graph.node.extend(written)
     used = {i for n in written for i in n.input} | {o.name for o in model.graph.output}
-    out.graph.initializer.extend(t for t in model.graph.initializer if t.name in used)
+    out.graph.initializer.extend(materialized(t, weights_dir) for t in model.graph.initializer if t.name in used)
     if bits_of and not any(o.domain == "com.microsoft" for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return out
-
-
-def skeleton(model: onnx.ModelProto, nodes: bool = False) -> onnx.ModelProto:
-    """A copy of `model` without its graph's initializers (the large field), and without its nodes unless
-    `nodes`."""
-    out = onnx.ModelProto()
-    _copy_fields(model, out, skip=("graph",))
-    _copy_fields(model.graph, out.graph, skip=("initializer",) if nodes else ("node", "initializer"))
-    return out
-
-
-def without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
-    """`model`'s graph without its initializers, as a new message: clearing the field in place would keep their
-    memory (protobuf's arena) for as long as the message lives."""
-    return skeleton(model, nodes=True)
-
-
-def _copy_fields(src, dst, skip: tuple[str, ...]) -> None:
-    for field, value in src.ListFields():
-        if field.name in skip:
-            continue
-        if field.is_repeated:
-            getattr(dst, field.name).extend(value)
-        elif field.message_type is not None:
-            getattr(dst, field.name).CopyFrom(value)
-        else:
-            setattr(dst, field.name, value)
 
 
 def output_projection(model: onnx.ModelProto) -> str | None:

@@ -11,9 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from exporters.acceptance import Thresholds
 from exporters.calibration import CalibrationPlan, KVCacheCalibrationReader
@@ -21,13 +19,14 @@ from exporters.graph import GraphIndex
 from exporters.onnx_io import save_model_auto
 from exporters.quantization.embedding import quantize_embeddings, share_tied_table, tied_head
 from exporters.quantization.evaluate import Agreement
-from exporters.quantization.nbits import BlockwiseRounding, NBitsConfig, fake_nbits, output_projection, \
-    without_weights, write_nbits
+from exporters.quantization.nbits import BlockwiseRounding, NBitsConfig, output_projection, without_weights, \
+    write_nbits
+from exporters.quantization.packs import HESSIAN_BUDGET, PackedWeights, streamed_gptq
 from exporters.quantization.qdq import QdqConfig, QdqJob, gptq_weights, quantize_qdq, weight_hessians, \
     with_value_info, write_mix
 from exporters.quantization.search import Judge, take_out_until_budget
 from exporters.quantization.smooth import SmoothConfig, smooth_model
-from exporters.quantization.switch import QuantSwitch, WeightSwitch
+from exporters.quantization.switch import NBitsSwitch, QuantSwitch
 from exporters.rotation import ONLINE_SUFFIX, online_hadamard, rotate
 from exporters.smoothing import find_smooth_groups, outlier_matmuls
 from models.errors import UserError
@@ -51,10 +50,12 @@ class Quantizing:
     gated: list[str] = field(default_factory=list)  # readers of gated-MLP products (down_proj), before smoothing
     targets: list[str] = field(default_factory=list)  # MatMuls the writer puts in the recipe's form
     rounded: dict = field(default_factory=dict)      # static int8 GPTQ: MatMul -> (q, scale)
-    blockwise: BlockwiseRounding | None = None       # GPTQ on MatMulNBits' grid
+    blockwise: BlockwiseRounding | None = None       # w8a8: GPTQ on MatMulNBits' grid for the w8 fallback
     write: Callable[[list[str]], None] | None = None  # the writer: the model with these MatMuls taken out
     switch: Callable[[], QuantSwitch] | None = None  # one-session simulation of any mix (for the search)
     agreement: Agreement | None = None      # the written model against the source, when valid_ids
+    weights_dir: Path = Path()              # where initializers the graph left in external data are read from
+    packs: PackedWeights | None = None      # weight-only recipes: MatMulNBits blocks, packed once
 
     def weight_shapes(self) -> dict[str, tuple[int, int]]:
         return GraphIndex(self.model).weight_shapes()
@@ -152,16 +153,27 @@ def run_gptq(q: Quantizing, config: GptqConfig) -> Quantizing:
 class BlockwiseGptqConfig:
     plan: CalibrationPlan  # calibration feeds
     block_size: int        # MatMulNBits' block size, the grid GPTQ rounds on
+    bits: int              # the recipe's width (8 or 4)
+    head_bits: int         # the output projection's width in a 4-bit model
+    search: bool           # a search may move 4-bit MatMuls to 8 bits: round them at both widths
+    hessian_budget: int = HESSIAN_BUDGET  # float64 Hessian bytes one calibration pass gathers
 
 
 def run_blockwise_gptq(q: Quantizing, config: BlockwiseGptqConfig) -> Quantizing:
-    """GPTQ on MatMulNBits' grid; nearest rounding (nothing to do) when there is no calibration text."""
+    """GPTQ on MatMulNBits' grid, streamed over bounded groups of Hessians into the packed store
+    (exporters/quantization/packs.py); nearest rounding (nothing to do) when there is no calibration text."""
     q.details["weight_rounding"] = "gptq" if any(len(ids) for ids in q.calib_ids) else "nearest"
     if q.details["weight_rounding"] == "gptq":
-        reader = KVCacheCalibrationReader(q.source, q.calib_ids, config.plan)
-        q.blockwise = BlockwiseRounding(q.model, q.targets, *weight_hessians(q.model, q.targets, reader, q.workdir),
-                                        config.block_size)
-        q.details["gptq"] = {"calibration_tokens": q.blockwise.tokens, "nearest_too_few_tokens": q.blockwise.nearest}
+        q.packs = PackedWeights(q.model, q.weights_dir, config.block_size, keep=config.search)
+        head = output_projection(q.model) if config.bits == 4 and config.head_bits == 8 else None
+        tie = tied_head(q.model, q.weights_dir)
+        # a shared head keeps nearest rounding: GPTQ moves weights by more than a step to fix the head's
+        # products, and the embedding reads the same weights as a table
+        widths = {n: (8,) if config.bits == 8 or n == head else (4, 8) if config.search else (4,)
+                  for n in q.targets if tie is None or n != tie[1]}
+        done = streamed_gptq(q.model, q.weights_dir, widths, q.calib_ids, config.plan, q.packs, q.workdir,
+                             config.hessian_budget)
+        q.details["gptq"] = done.to_dict()
     return q
 
 
@@ -214,50 +226,39 @@ class WriteNBitsConfig:
 
 
 def run_write_nbits(q: Quantizing, config: WriteNBitsConfig) -> Quantizing:
-    """Weight-only MatMulNBits for every target, GPTQ-rounded when `blockwise_gptq` ran; taken-out MatMuls (the
-    search's) at 8 bits."""
+    """Weight-only MatMulNBits for every target, from the packed store (GPTQ-rounded when `blockwise_gptq` ran);
+    taken-out MatMuls (the search's) at 8 bits."""
     bits, model = config.bits, q.model
     head = output_projection(model) if bits == 4 and config.head_bits == 8 else None
     head_at_8 = [head] if head is not None and head not in q.exclude else []
-    tie = tied_head(model)  # a tied table: the embedding then reads the head's 8-bit blocks (stored once)
+    tie = tied_head(model, q.weights_dir)  # tied: the embedding then reads the head's 8-bit blocks (stored once)
+    store = q.packs or PackedWeights(model, q.weights_dir, config.nbits.block_size, keep=config.keep_float)
     q.details.update(bits=bits, block_size=config.nbits.block_size, accuracy_level=config.nbits.accuracy_level)
     if bits == 4:
         q.reasons.update({n: "output projection (head_bits 8)" for n in head_at_8})
+    names = [n.name for n in GraphIndex(model).weight_matmuls() if n.name not in config.nbits.exclude]
 
-    def rounded(name: str, b: int) -> np.ndarray | None:
-        # a shared head keeps nearest rounding: GPTQ moves weights by more than a step to fix the head's
-        # products, and the embedding reads the same weights as a table
-        if q.blockwise is None or name not in q.targets or (tie is not None and name == tie[1]):
-            return None
-        return q.blockwise.rounded(name, b)
-
-    def write(at_8: list[str]) -> None:
-        names = [n.name for n in GraphIndex(model).weight_matmuls() if n.name not in config.nbits.exclude]
-        m = write_nbits(model, {t: 8 if t in at_8 else bits for t in names}, config.nbits, rounded)
+    def embeddings(m: onnx.ModelProto) -> None:  # after the MatMuls: the table gathers the head's blocks, or its own
         shared = tie is not None and config.embedding_block is not None and share_tied_table(m, *tie)
         q.details["tied_table_shared"] = shared
         if config.embedding_block is not None:
             quantize_embeddings(m, config.embedding_block)
+
+    def write(at_8: list[str]) -> None:
+        m = write_nbits(model, {t: 8 if t in at_8 else bits for t in names}, config.nbits, packed_of=store,
+                        weights_dir=q.weights_dir)
+        embeddings(m)
         save_model_auto(m, q.staged, shipped=True)
 
-    def switch() -> WeightSwitch:
-        inits = GraphIndex(model).inits
-
-        def stand_in(node: onnx.NodeProto) -> np.ndarray:  # the 4-bit weight that would be written
-            rounded = q.blockwise.rounded(node.name, 4) if q.blockwise is not None else None
-            if rounded is not None:
-                return rounded
-            return fake_nbits(numpy_helper.to_array(inits[node.input[1]]), 4, config.nbits.block_size)
-        alternatives = {n.name: stand_in(n) for n in GraphIndex(model).weight_matmuls()
-                        if n.name not in head_at_8 and n.name not in q.exclude}
-        switch_model = onnx.ModelProto()
-        switch_model.CopyFrom(model)
-        return WeightSwitch(switch_model, alternatives, q.workdir)
+    def switch() -> NBitsSwitch:
+        gated = [n for n in names if n not in head_at_8 and n not in q.exclude]
+        return NBitsSwitch(model, gated, dict.fromkeys(head_at_8, 8), store, config.nbits, q.workdir,
+                           q.weights_dir, finish=embeddings)
 
     q.write, q.switch = (lambda at_8: write(head_at_8 + at_8)), switch
     write(head_at_8)
     if not config.keep_float:
-        q.write = q.switch = q.blockwise = None
+        q.write = q.switch = q.packs = None
         q.model = without_weights(q.model)  # the float graph's memory goes with the last reference to it
     return q
 

@@ -38,6 +38,11 @@ def _nbits(bits: int) -> Callable[[QuantConfig], p.WriteNBitsConfig]:
                                         keep_float=bits == 4 and c.search)
 
 
+def _blockwise_gptq(bits: int) -> Callable[[QuantConfig], p.BlockwiseGptqConfig | None]:
+    return lambda c: (p.BlockwiseGptqConfig(c.plan, c.block_size, bits, c.head_bits, bits == 4 and c.search)
+                      if c.weight_rounding == "gptq" else None)
+
+
 def _measure_only(c: QuantConfig) -> p.SearchConfig:
     """Perplexity before and after; nothing is judged, so nothing is searched."""
     return p.SearchConfig(Thresholds(), 0.0, c.sensitivity_tokens, "", "", "", "")
@@ -77,14 +82,12 @@ RECIPES: dict[str, tuple[Step, ...]] = {
                                                              else None) if c.weight_rounding == "gptq" else None),
              Step("write_qdq", p.run_write_qdq, _qdq),
              Step("search", p.run_search, _w8a8_search)),
-    "w8": (Step("gptq_blockwise", p.run_blockwise_gptq,
-                lambda c: p.BlockwiseGptqConfig(c.plan, c.block_size) if c.weight_rounding == "gptq" else None),
+    "w8": (Step("gptq_blockwise", p.run_blockwise_gptq, _blockwise_gptq(8)),
            Step("write_nbits", p.run_write_nbits, _nbits(8)),
            Step("measure", p.run_search, _measure_only)),
     "gguf": (Step("write_grid", run_write_grid, lambda c: GridConfig(c.gguf, c.accuracy_level, c.block_size)),
              Step("measure", p.run_search, _measure_only)),
-    "w4": (Step("gptq_blockwise", p.run_blockwise_gptq,
-                lambda c: p.BlockwiseGptqConfig(c.plan, c.block_size) if c.weight_rounding == "gptq" else None),
+    "w4": (Step("gptq_blockwise", p.run_blockwise_gptq, _blockwise_gptq(4)),
            Step("write_nbits", p.run_write_nbits, _nbits(4)),
            Step("search", p.run_search, _w4_search)),
 }

@@ -11,8 +11,9 @@ from onnx import helper, numpy_helper
 
 from exporters.calibration import cpu_session, session_contract
 from exporters.graph import GraphIndex
-from exporters.onnx_io import save_model_auto
+from exporters.onnx_io import materialized, save_model_auto, skeleton
 from exporters.quantization.evaluate import log_probs, perplexity_of, sequences
+from exporters.quantization.nbits import NBitsConfig, PackedOf, nbits_node
 
 
 class QuantSwitch:
@@ -69,6 +70,10 @@ class QuantSwitch:
                 helper.make_node("DequantizeLinear", w_params, [tag + "wdq"], axis=_axis(w_dq)),
                 helper.make_node("Where", [gate, tag + "wdq", w], [tag + "w"])]
 
+    def close(self) -> None:
+        """Let the session's memory go (the search is done with the switch before it writes and measures)."""
+        self.session = None
+
     def log_probs(self, ids: np.ndarray, in_int8: Collection[str]) -> np.ndarray:
         gates = {g: np.array(name in in_int8) for name, g in self.gates.items()}
         return log_probs(self.session, self.contract, ids, gates)
@@ -77,20 +82,50 @@ class QuantSwitch:
         return perplexity_of(lambda ids: self.log_probs(ids, in_int8), sequences(ids_list, self.contract))
 
 
-class WeightSwitch(QuantSwitch):
-    """The float model with each target MatMul's weight switchable to a stand-in (e.g. its 4-bit rounding):
-    `Where(gate, W', W)`, the same one-session evaluation of any mix as QuantSwitch, for weight-only recipes."""
-
-    def __init__(self, fp32: onnx.ModelProto, alternatives: dict[str, np.ndarray], workdir: Path):
-        def route(model: onnx.ModelProto, node: onnx.NodeProto) -> list[onnx.NodeProto]:
-            tag = self.gates[node.name] + "."
-            model.graph.initializer.append(numpy_helper.from_array(alternatives[node.name], tag + "w_alt"))
-            w = node.input[1]
-            node.input[1] = tag + "w"
-            return [helper.make_node("Where", [self.gates[node.name], tag + "w_alt", w], [tag + "w"])]
-
-        self._build(fp32, list(alternatives), route, workdir)
-
-
 def _axis(dq: onnx.NodeProto) -> int:
     return next((a.i for a in dq.attribute if a.name == "axis"), 1)
+
+
+class NBitsSwitch(QuantSwitch):
+    """The weight-only model with each gated MatMul as an `If` between its MatMulNBits at `low` bits (gate on)
+    and at 8 (gate off), both read from the packed store: the search evaluates any mix exactly as it would be
+    written, holding packed weights only (a float copy and float stand-ins were 8 bytes a weight). Only the
+    chosen branch runs, so a forward costs what the written model's does. `fixed` MatMuls are written at their
+    bits outright (a 4-bit model's 8-bit head); `finish` then does to the graph what the writer does after its
+    MatMuls (the embedding's int8 blocks, or its gathering the head's), so every mix is the model written."""
+
+    def __init__(self, model: onnx.ModelProto, gated: list[str], fixed: dict[str, int], packed_of: PackedOf,
+                 config: NBitsConfig, workdir: Path, weights_dir: Path, low: int = 4,
+                 finish: Callable[[onnx.ModelProto], None] = lambda m: None):
+        self.gates = {name: f"quant_switch.{i}" for i, name in enumerate(gated)}
+        out = skeleton(model)
+        g = GraphIndex(model)
+        for node in model.graph.node:
+            if node.name in fixed:
+                node, inits = nbits_node(node, packed_of(node.name, fixed[node.name]), config)
+                out.graph.initializer.extend(inits)
+            elif node.name in self.gates:
+                branches = []
+                for bits in (low, 8):
+                    y = f"{node.output[0]}.q{bits}"
+                    branch, inits = nbits_node(node, packed_of(node.name, bits), config, outputs=[y])
+                    branch.input[2] = inits[1].name = f"{inits[1].name}_Q{bits}"
+                    out.graph.initializer.extend(inits)
+                    branches.append(helper.make_graph([branch], f"{node.name}.q{bits}", [],
+                                                      [helper.make_tensor_value_info(y, onnx.TensorProto.FLOAT,
+                                                                                     None)]))
+                node = helper.make_node("If", [self.gates[node.name]], list(node.output), name=node.name,
+                                        then_branch=branches[0], else_branch=branches[1])
+            out.graph.node.append(node)
+        used = {i for n in out.graph.node for i in n.input} | {o.name for o in model.graph.output}
+        out.graph.initializer.extend(materialized(g.inits[name], weights_dir) for name in g.inits if name in used)
+        out.graph.input.extend(helper.make_tensor_value_info(gate, onnx.TensorProto.BOOL, [])
+                               for gate in self.gates.values())
+        if not any(o.domain == "com.microsoft" for o in out.opset_import):
+            out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        finish(out)
+        path = workdir / "switch.onnx"
+        save_model_auto(out, path, shipped=True)
+        del out
+        self.session = cpu_session(path)
+        self.contract = session_contract(self.session)

@@ -117,7 +117,8 @@ def memory_budget(config: QuantizeStageConfig, source: str, source_path) -> dict
 
     from exporters.quantization.memory import estimate
 
-    need = estimate(source_path, config.recipe, config.weight_rounding, config.window, search=config.search)
+    need = estimate(source_path, config.recipe, config.weight_rounding, config.window, search=config.search,
+                    block_size=config.block_size)
     if config.max_memory is not None:
         limit, what = int(config.max_memory * (1 << 30)), f"--max-memory {config.max_memory:g} GiB"
     else:
@@ -127,7 +128,7 @@ def memory_budget(config: QuantizeStageConfig, source: str, source_path) -> dict
         no_hessians = "--weight-rounding nearest needs no Hessians"
         ways = [no_hessians] if need.hessian_bytes else []
         lean_recipe = config.recipe if config.recipe in ("w4", "w8", "gguf") else "w8"  # written, then measured
-        lean = estimate(source_path, lean_recipe, "nearest", config.window, search=False)
+        lean = estimate(source_path, lean_recipe, "nearest", config.window, search=False, block_size=config.block_size)
         if lean.total < min(need.total, limit):
             flags = " ".join(f for f in (f"--recipe {lean_recipe}" if lean_recipe != config.recipe else "",
                                          "--weight-rounding nearest" if lean_recipe != "gguf" else "",

@@ -370,9 +370,9 @@ def test_refusals(tmp_path):
         open_weights(make_hf_checkpoint(tmp_path / "g", "gpt2"))
 
 
-def test_quantize_memory_estimate_counts_copies_and_hessians(tmp_path):
-    from exporters.quantization.memory import BASE_BYTES, GPTQ_STAND_IN_COPIES, MEASURED_ONLY_COPIES, MODEL_COPIES, \
-        estimate
+def test_quantize_memory_estimate_counts_copies_hessians_and_packed_weights(tmp_path):
+    from exporters.quantization.memory import BASE_BYTES, GGUF_COPIES, MODEL_COPIES, PACKED_COPIES, \
+        WEIGHT_ONLY_COPIES, estimate
 
     ckpt = save(tiny_hf(LlamaConfig(**TINY)), tmp_path / "ckpt")
     built = tmp_path / "m.onnx"
@@ -381,21 +381,41 @@ def test_quantize_memory_estimate_counts_copies_and_hessians(tmp_path):
     # per layer: qkv, o_proj and gate_up read width-64 inputs, down_proj a width-96 one; lm_head its own
     hessians = 8 * (layers * (3 * h * h + i * i) + h * h)
     size = built.stat().st_size + built.with_name("m.onnx.data").stat().st_size
+    # (K, N) of qkv (64 query + 2 x 32 key/value), o_proj, gate_up, down_proj per layer, and lm_head; blocks of 32
+    shapes = [(h, 128), (h, h), (h, 2 * i), (i, h)] * layers + [(h, TINY["vocab_size"])]
+    blocks = sum(-(-k // 32) * n for k, n in shapes)
+    packed_4_and_8 = blocks * (16 + 4) + blocks * (32 + 4)  # codes and a float32 scale per block, at each width
     w4 = estimate(built, "w4")
-    assert (w4.hessian_bytes, w4.model_bytes, w4.copies) == (hessians, size, MODEL_COPIES["w4"])
+    assert (w4.hessian_bytes, w4.model_bytes, w4.copies, w4.packed_bytes) == (hessians, size, WEIGHT_ONLY_COPIES,
+                                                                              packed_4_and_8)
     logits = 4 * TINY["vocab_size"] * (256 + 3 * 128)  # the ranking's reference rows and a judged window's
-    assert w4.logits_bytes == logits and w4.total == int(BASE_BYTES + MODEL_COPIES["w4"] * size + hessians + logits)
+    assert w4.logits_bytes == logits
+    assert w4.total == int(BASE_BYTES + size + hessians + logits + PACKED_COPIES * packed_4_and_8)
     assert estimate(built, "w4", window=64, sensitivity_tokens=100).logits_bytes == 4 * TINY["vocab_size"] * 292
     assert estimate(built, "w4", "nearest").hessian_bytes == 0 and estimate(built, "static").hessian_bytes == 0
-    lean = estimate(built, "w4", "nearest", search=False)  # written, float graph dropped, measured: no ranking rows
-    assert (lean.copies, lean.logits_bytes) == (MEASURED_ONLY_COPIES["w4"], 4 * TINY["vocab_size"] * 3 * 128)
-    assert estimate(built, "w4", search=False).copies == MEASURED_ONLY_COPIES["w4"] + GPTQ_STAND_IN_COPIES
-    assert estimate(built, "w8", "nearest").copies == MEASURED_ONLY_COPIES["w8"]  # w8 has no search
-    assert estimate(built, "w8a8", search=False).copies == MODEL_COPIES["w8a8"]  # still calibrates and smooths
+    lean = estimate(built, "w4", "nearest", search=False)  # written and measured: no ranking rows, 4 bits only
+    assert (lean.copies, lean.logits_bytes, lean.packed_bytes) == (WEIGHT_ONLY_COPIES,
+                                                                   4 * TINY["vocab_size"] * 3 * 128, blocks * 20)
+    assert estimate(built, "w8", "nearest").packed_bytes == blocks * 36  # w8 has no search
+    blocks_64 = sum(-(-k // 64) * n for k, n in shapes)
+    assert estimate(built, "w4", block_size=64).packed_bytes == blocks_64 * ((32 + 4) + (64 + 4))
+    assert estimate(built, "gguf").copies == GGUF_COPIES and estimate(built, "gguf").packed_bytes == 0
+    w8a8 = estimate(built, "w8a8", search=False)  # still calibrates and smooths; all Hessians at once
+    assert (w8a8.copies, w8a8.hessian_bytes) == (MODEL_COPIES["w8a8"], hessians)
     tied = tmp_path / "tied.onnx"  # its table is stored once but split for quantizing: counted twice
     build_graph(open_weights(save(tiny_hf(LlamaConfig(**TINY, tie_word_embeddings=True)), tmp_path / "t")), tied)
     files = tied.stat().st_size + tied.with_name("tied.onnx.data").stat().st_size
     assert estimate(tied, "w4").model_bytes == files + 4 * TINY["vocab_size"] * h
+
+
+def test_streamed_gptq_groups_hessians_within_the_budget():
+    from exporters.quantization.packs import hessian_groups
+
+    widths = {"a": 64, "b": 96, "c": 64}  # 32 KiB, 72 KiB and 32 KiB of float64 Hessians
+    assert hessian_groups(widths, 1 << 30) == [["a", "b", "c"]]
+    assert hessian_groups(widths, 8 * (64 * 64 + 96 * 96)) == [["a", "b"], ["c"]]
+    assert hessian_groups(widths, 8 * 64 * 64) == [["a"], ["b"], ["c"]]  # one over the budget is a group alone
+    assert hessian_groups({}, 1) == []
 
 
 def test_quantize_refuses_before_starting_when_over_max_memory(tmp_path):
@@ -428,7 +448,7 @@ def test_quantize_refuses_before_starting_when_over_max_memory(tmp_path):
     assert memory["limit_bytes"] > 0 and memory["peak_rss_bytes"] > 0
     assert memory["logits_bytes"] == 4 * 256 * (256 + 3 * 32)  # this checkpoint's vocabulary, --window 32
     assert memory["estimate_bytes"] == int(memory["model_bytes"] * memory["model_copies"] + memory["hessian_bytes"]
-                                           + memory["logits_bytes"] + (600 << 20))
+                                           + memory["logits_bytes"] + 3 * memory["packed_bytes"] + (600 << 20))
 
 
 def test_a_tied_table_stored_once_is_split_for_the_quantizers_and_shared_again_by_8_bit_blocks(tmp_path):

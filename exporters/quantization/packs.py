@@ -1,0 +1,128 @@
+"""Weight-only recipes' weights, packed once: GPTQ streamed over bounded groups of input Hessians, and a store of
+MatMulNBits blocks that the writer and the search's switch both read, so the float weights are read once.
+
+At 1B parameters the input Hessians of every MatMul (K x K, float64) are 9.5 GiB and the float graph is 5 GB: held
+together, with a calibration session and the rounded stand-ins, they were four times what a 24 GB machine has.
+Here the Hessians are gathered a group at a time, within `budget` bytes, one calibration pass per group (the
+passes share one session, which also supplies the decode steps' past); each weight of the group is rounded,
+packed at every width the recipe may write it, and its Hessian dropped. The packed store is what stays: 0.5 or
+1 byte a weight, plus a float scale per block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from exporters import progress
+from exporters.calibration import CalibrationPlan, token_windows, window_feeds
+from exporters.gptq import fits, gptq_blockwise
+from exporters.graph import GraphIndex
+from exporters.onnx_io import tensor_array
+from exporters.probe import probe_session
+from exporters.quantization.nbits import Packed, pack
+from runtimes.contract import read_contract
+
+# float64 Hessian bytes one calibration pass gathers: a Llama-3.2-1B's 9.5 GiB then take 5 passes, SmolLM2-135M's
+# 0.8 GiB one
+HESSIAN_BUDGET = 2 << 30
+
+
+class PackedWeights:
+    """MatMulNBits blocks by (MatMul, bits): put there by GPTQ, or packed from the float weight on first use
+    (nearest rounding) and kept when `keep` (a search will ask for them again)."""
+
+    def __init__(self, model: onnx.ModelProto, weights_dir: Path, block_size: int, keep: bool):
+        g = GraphIndex(model)
+        self.weights = {n.name: g.inits[n.input[1]] for n in g.weight_matmuls()}
+        self.weights_dir, self.block_size, self.keep = weights_dir, block_size, keep
+        self._packs: dict[tuple[str, int], Packed] = {}
+
+    def put(self, name: str, bits: int, packed: Packed) -> None:
+        self._packs[name, bits] = packed
+
+    def has(self, name: str, bits: int) -> bool:
+        return (name, bits) in self._packs
+
+    def __call__(self, name: str, bits: int) -> Packed:
+        """The weight of MatMul `name` packed at `bits`."""
+        got = self._packs.get((name, bits)) if self.keep else self._packs.pop((name, bits), None)
+        if got is None:
+            got = pack(tensor_array(self.weights[name], self.weights_dir), bits, self.block_size)
+            if self.keep:
+                self._packs[name, bits] = got
+        return got
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self._packs.values())
+
+
+def hessian_groups(widths: dict[str, int], budget: int) -> list[list[str]]:
+    """`widths` (activation -> K, in graph order) cut into consecutive groups whose float64 K x K Hessians fit
+    `budget` bytes together (a single one larger than it is a group of its own)."""
+    groups, size = [[]], 0
+    for name, k in widths.items():
+        if groups[-1] and size + 8 * k * k > budget:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += 8 * k * k
+    return [g for g in groups if g]
+
+
+@dataclass(frozen=True)
+class StreamedGptq:
+    """What streamed GPTQ did, for the report."""
+    tokens: int                # calibration tokens each Hessian sums over
+    passes: int                # calibration passes (Hessian groups)
+    budget: int                # float64 Hessian bytes a pass may gather
+    nearest: list[str]         # targets that kept nearest rounding (shared weight, or wider than tokens)
+
+    def to_dict(self) -> dict:
+        return {"calibration_tokens": self.tokens, "nearest_too_few_tokens": self.nearest,
+                "hessian_passes": self.passes, "hessian_budget_bytes": self.budget}
+
+
+def streamed_gptq(model: onnx.ModelProto, weights_dir: Path, bits_of: dict[str, tuple[int, ...]],
+                  calib_ids: list[list[int]], plan: CalibrationPlan, store: PackedWeights, workdir: Path,
+                  budget: int = HESSIAN_BUDGET) -> StreamedGptq:
+    """GPTQ on MatMulNBits' grid (exporters/gptq.py) for each MatMul of `bits_of`, at each of its widths, packed
+    into `store`; the input Hessians gathered over the calibration windows a bounded group at a time."""
+    g = GraphIndex(model)
+    nodes, contract = g.nodes, read_contract(model)
+    acts: dict[str, list[str]] = {}
+    nearest = []
+    windows = token_windows(calib_ids, plan.window_len, plan.num_prefill, contract.vocab_size)
+    tokens = len(windows) * plan.window_len
+    for name in bits_of:  # graph order: bits_of follows the graph's weight MatMuls
+        node = nodes[name]
+        if g.uses[node.input[1]] != 1 or not fits(g.inits[node.input[1]].dims[0], tokens):
+            nearest.append(name)
+        else:
+            acts.setdefault(node.input[0], []).append(name)
+    widths = {a: g.inits[nodes[names[0]].input[1]].dims[0] for a, names in acts.items()}
+    groups = hessian_groups(widths, budget)
+    if groups:
+        with probe_session(model, list(widths), workdir, weights_dir) as session:
+            for i, group in enumerate(groups):
+                hessians = {a: np.zeros((widths[a], widths[a])) for a in group}
+                feeds = (f for window in progress.each(windows, f"GPTQ Hessians {i + 1}/{len(groups)}",
+                                                       unit="window")
+                         for f in window_feeds(session, contract, window, plan.seq_len))
+                for feed in feeds:
+                    for a, x in zip(group, session.run(group, feed)):
+                        x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+                        hessians[a] += x.T @ x
+                rounding = [(a, name) for a in group for name in acts[a]]
+                for a, name in progress.each(rounding, f"GPTQ rounding {i + 1}/{len(groups)}", unit="MatMul"):
+                    w = tensor_array(g.inits[nodes[name].input[1]], weights_dir)
+                    for bits in bits_of[name]:
+                        store.put(name, bits, pack(gptq_blockwise(w, hessians[a], bits, store.block_size), bits,
+                                                   store.block_size))
+                    if name == acts[a][-1]:
+                        del hessians[a]
+    return StreamedGptq(tokens, len(groups), budget, sorted(nearest))

@@ -1,0 +1,126 @@
+"""Weight-only quantizing at bounded memory: float weights read lazily from external data, GPTQ streamed over
+groups of Hessians, one packed store for the writer and the search's switch (exporters/quantization/packs.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from transformers import LlamaConfig
+
+from exporters.builder import build_graph
+from exporters.calibration import CalibrationPlan, cpu_session
+from exporters.onnx_io import load_lazily, save_model
+from exporters.quantization.embedding import untie_embeddings
+from exporters.quantization.evaluate import log_probs
+from exporters.quantization.nbits import NBitsConfig
+from exporters.quantization.packs import PackedWeights, streamed_gptq
+from exporters.quantization.passes import BlockwiseGptqConfig, Quantizing, WriteNBitsConfig, run_blockwise_gptq, \
+    run_write_nbits, targets
+from exporters.quantize import QuantConfig, matmul_only_weights, quantize
+from models.weights import open_weights
+from runtimes.contract import read_contract
+from tests.exporters.test_builder import TINY, save
+from tests.models.test_hf import tiny_hf
+
+PLAN = CalibrationPlan(4, 24, 2)
+CONFIG = dict(num_prefill=4, seq_len=24, num_decode_steps=2, max_ppl_increase=1e9, judge_like_check=False)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """A tiny Llama as `pipeline export` builds it: weights in model.onnx.data, lm_head untied."""
+    root = tmp_path_factory.mktemp("packs")
+    path = root / "built" / "model.onnx"
+    path.parent.mkdir()
+    build_graph(open_weights(save(tiny_hf(LlamaConfig(**TINY)), root / "ckpt")), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ids() -> tuple[list[list[int]], list[list[int]]]:
+    rng = np.random.default_rng(0)
+    return ([rng.integers(0, TINY["vocab_size"], 120).tolist()],
+            [rng.integers(0, TINY["vocab_size"], 40).tolist() for _ in range(2)])
+
+
+def test_load_lazily_leaves_only_the_matmul_weights_on_disk(built):
+    model = load_lazily(built, matmul_only_weights)
+    on_disk = {t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    weights = {n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in on_disk}
+    assert on_disk and on_disk == weights == matmul_only_weights(model)
+    assert "model.lm_head.weight" in on_disk  # untied: read by its MatMul alone
+    in_memory = sum(t.ByteSize() for t in model.graph.initializer if t.name not in on_disk)
+    table = 4 * TINY["vocab_size"] * TINY["hidden_size"]  # the embedding's, read by a Gather: in memory
+    assert table < in_memory < table + (64 << 10) < built.with_name("model.onnx.data").stat().st_size / 4
+
+
+def test_streamed_gptq_in_many_passes_packs_what_one_pass_packs(built, ids, tmp_path):
+    model = load_lazily(built, matmul_only_weights)
+    names = targets(model, ())
+    widths = {n: (4, 8) for n in names}
+    stores = []
+    for budget in (1 << 30, 1):  # everything at once, then one input's Hessian per calibration pass
+        store = PackedWeights(model, built.parent, 32, keep=True)
+        done = streamed_gptq(model, built.parent, widths, ids[0], PLAN, store, tmp_path, budget)
+        stores.append((store, done))
+    (one, one_done), (many, many_done) = stores
+    # per layer: qkv, o_proj, gate_up and down_proj read 4 distinct inputs (q/k/v share theirs), lm_head its own
+    assert (one_done.passes, many_done.passes) == (1, 4 * TINY["num_hidden_layers"] + 1)
+    assert one_done.tokens == 120 // PLAN.window_len * PLAN.window_len and one_done.nearest == []
+    for name in names:
+        for bits in (4, 8):
+            a, b = one(name, bits), many(name, bits)
+            assert np.array_equal(a.packed, b.packed) and np.array_equal(a.scales, b.scales)
+    assert not list(built.parent.glob(".probe-*"))  # the probe beside the weights is gone once its session opened
+
+
+@pytest.fixture(scope="module")
+def built_tied(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("packs_tied")
+    path = root / "built" / "model.onnx"
+    path.parent.mkdir()
+    build_graph(open_weights(save(tiny_hf(LlamaConfig(**TINY, tie_word_embeddings=True)), root / "ckpt")), path)
+    return path
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied-shared-table"])
+def test_the_switch_evaluates_exactly_the_model_the_writer_writes(built, built_tied, ids, tied, tmp_path):
+    """Any mix of 4- and 8-bit MatMuls on the If-gated switch gives the log-probabilities of that mix written,
+    the embedding included (a tied table gathers the 8-bit head's blocks in both)."""
+    source = built_tied if tied else built
+    model = load_lazily(source, matmul_only_weights)
+    untie_embeddings(model)
+    q = Quantizing(model, source, tmp_path / "out.onnx", tmp_path, ids[0], ids[1], (), weights_dir=source.parent)
+    q.targets = targets(model, ())
+    q = run_blockwise_gptq(q, BlockwiseGptqConfig(PLAN, 32, 4, 8, search=True))
+    q = run_write_nbits(q, WriteNBitsConfig(4, NBitsConfig(32, 4), 8, 32 if tied else None, keep_float=True))
+    assert q.details["tied_table_shared"] is tied
+    switch = q.switch()
+    gated = list(switch.gates)
+    assert "/model/lm_head/MatMul" not in gated and len(gated) == 4 * TINY["num_hidden_layers"]
+    seq = np.asarray(ids[1][0], np.int64)
+    for at_4 in (set(gated), set(gated[::2]), set()):
+        q.write([n for n in gated if n not in at_4])
+        written = cpu_session(q.staged)
+        expected = log_probs(written, read_contract(onnx.load(str(q.staged), load_external_data=False)), seq)
+        np.testing.assert_array_equal(switch.log_probs(seq, at_4), expected)
+        kinds = [n for n in onnx.load(str(q.staged)).graph.node if n.op_type == "MatMulNBits"]
+        assert sum(a.i == 4 for n in kinds for a in n.attribute if a.name == "bits") == len(at_4)
+
+
+def test_quantizing_from_external_data_writes_what_an_inline_model_gives(built, ids, tmp_path):
+    inline = tmp_path / "inline" / "model.onnx"
+    inline.parent.mkdir()
+    save_model(onnx.load(str(built)), inline, external=False)
+    outs = []
+    for source in (built, inline):
+        out = tmp_path / f"{source.parent.name}-w4.onnx"
+        report = quantize(source, out, ids[0], QuantConfig(recipe="w4", w4_max_ppl_increase=0.001, **CONFIG), ids[1])
+        outs.append((onnx.load(str(out)), report))
+    (lazy, r1), (whole, r2) = outs
+    assert r1["fallback_matmuls"] == r2["fallback_matmuls"] and r1["ppl"] == r2["ppl"]
+    assert r1["gptq"]["hessian_passes"] == 1 and r1["weight_rounding"] == "gptq"
+    assert {t.name: t.raw_data for t in lazy.graph.initializer} == {t.name: t.raw_data for t in whole.graph.initializer}
