@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import onnx
 from onnx import numpy_helper
 
@@ -106,9 +107,21 @@ def load_lazily(path: Path, lazy: Callable[[onnx.ModelProto], set[str]]) -> onnx
     try:
         model = onnx.load(str(path), load_external_data=False)
         keep = lazy(model)
+        left = []
         for t in model.graph.initializer:
             if t.data_location == onnx.TensorProto.EXTERNAL and t.name not in keep:
                 t.CopyFrom(materialized(t, path.parent))
+            elif t.data_location == onnx.TensorProto.EXTERNAL:
+                left.append(t)
+        # what is left is read later: its data must be there now (a short file fails here, not mid-stage), and
+        # one read passes onnx's own checks on the file (a path outside the model's directory, hard links)
+        for t in left:
+            where = {e.key: e.value for e in t.external_data}
+            end = int(where.get("offset", 0)) + int(where.get("length", 0))
+            if end > (path.parent / where["location"]).stat().st_size:
+                raise ValueError(f"{t.name} lies past the end of {where['location']}")
+        if left:
+            tensor_array(min(left, key=lambda t: int(np.prod(t.dims))), path.parent)
     except Exception as e:  # protobuf DecodeError, missing or short external data, ...
         raise UserError(f"cannot read ONNX model {path}: the file is corrupt or truncated ({type(e).__name__})") from e
     return model

@@ -109,10 +109,10 @@ def take_out_until_budget(switch: QuantSwitch, candidates: list[str], judge: Jud
     Ranks by one-at-a-time KL on `switch` (gate on = the low-precision form, off = float, or w4's 8 bits) per
     FLOP (`flops`: K*N of each weight), the greedy answer to this knapsack: an output projection can cause less
     KL than the worst down_proj but hold a fifth of the FLOPs, so taking it out first buys little accuracy for
-    much low-precision share. Searches the prefix length on the simulation, closes it, then `measure`s the real model (it writes
-    it, the prefix in the recipe's fallback form, and judges it); if the real model is not accepted (its kernels
-    disagree with the simulation, e.g. int16 saturation without reduce_range, or the fallback's own error), more
-    come out, 25% more at a time, until it is. The last model measured is the one chosen.
+    much low-precision share. Searches the prefix length on the simulation, closes it, then `measure`s the real
+    model (it writes it, the prefix in the recipe's fallback form, and judges it); if the real model is not
+    accepted (its kernels disagree with the simulation, e.g. int16 saturation without reduce_range, or the
+    fallback's own error), more come out, 25% more at a time, until it is. The last model measured is the one chosen.
     Returns (taken out, one-at-a-time KL of every candidate, the search report, the chosen model's agreement).
     """
     kl = one_at_a_time_kl(switch, candidates, _first_tokens(judge.valid_ids, sensitivity_tokens))

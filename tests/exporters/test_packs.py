@@ -20,6 +20,7 @@ from exporters.quantization.packs import PackedWeights, streamed_gptq
 from exporters.quantization.passes import BlockwiseGptqConfig, Quantizing, WriteNBitsConfig, run_blockwise_gptq, \
     run_write_nbits, targets
 from exporters.quantize import QuantConfig, matmul_only_weights, quantize
+from models.errors import UserError
 from models.weights import open_weights
 from runtimes.contract import read_contract
 from tests.exporters.test_builder import TINY, save
@@ -124,3 +125,13 @@ def test_quantizing_from_external_data_writes_what_an_inline_model_gives(built, 
     assert r1["fallback_matmuls"] == r2["fallback_matmuls"] and r1["ppl"] == r2["ppl"]
     assert r1["gptq"]["hessian_passes"] == 1 and r1["weight_rounding"] == "gptq"
     assert {t.name: t.raw_data for t in lazy.graph.initializer} == {t.name: t.raw_data for t in whole.graph.initializer}
+
+
+def test_a_truncated_data_file_is_one_clear_error_before_any_work(built, tmp_path):
+    copy = tmp_path / "model.onnx"
+    copy.write_bytes(built.read_bytes())
+    data = built.with_name("model.onnx.data").read_bytes()
+    for cut in (len(data) // 2, 4):
+        copy.with_name("model.onnx.data").write_bytes(data[:-cut])
+        with pytest.raises(UserError, match="corrupt or truncated"):
+            load_lazily(copy, matmul_only_weights)
