@@ -43,8 +43,8 @@ class QuantizeStageConfig:
                                         "perplexity is within this.", lo=0)
     search: bool = option(bool, True, "w8a8/w4: the budget search (MatMuls leave the recipe's form, most "
                           "damaging first, until within budget); --no-search writes every MatMul in the recipe's "
-                          "form and only measures it; w4/w8 then hold about two float copies of the model instead of "
-                          "8.5 (for 1B-class models).", off="--no-search")
+                          "form and only measures it (w4: the 8-bit forms are then never packed).",
+                          off="--no-search")
     block_size: int = option(int, 32, "w8/w4: MatMulNBits block size (a power of 2, at least 16).", lo=16)
     accuracy_level: int = option(int, 4, "w8/w4: MatMulNBits compute accuracy (4: int8 activations on CPU).",
                                  lo=0, hi=4)
