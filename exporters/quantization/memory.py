@@ -29,12 +29,13 @@ MODEL_COPIES = {"static": 10.0, "w8a8": 10.0}
 SEARCHED = ("w8a8", "w4")  # the recipes with a budget search (--no-search: written, then measured)
 # the weight-only recipes read each float weight from the model's file when they pack it, so one float copy is
 # alive at a time: the calibration session's (GPTQ), then the judge's. Beside it: the packed store, which the
-# search's switch session holds again and prepacks (PACKED_COPIES), and the largest group of Hessians GPTQ
-# gathers in one pass (exporters/quantization/packs.py). Measured on SmolLM2-135M (0.65 GB counted): w4 with
-# GPTQ and the search 1.96 GB against 2.7 estimated.
+# search's switch session holds again as onnxruntime's prepacked copy (it lets go of an initializer once it has
+# prepacked it), and the largest group of Hessians GPTQ gathers in one pass (exporters/quantization/packs.py).
+# Measured with GPTQ and the search (docs/benchmarks.md): SmolLM2-135M 1.9 GiB against 2.5 estimated,
+# Llama-3.2-1B 10.4 GiB against 12.4, Qwen2.5-1.5B 11.7 GiB against 14.5.
 WEIGHT_ONLY = ("w4", "w8")
 WEIGHT_ONLY_COPIES = 1.0
-PACKED_COPIES = 3.0
+PACKED_COPIES = 2.0
 # gguf writes its blocks beside the float graph, drops it, then measures: the float model's session and the
 # written one's. Measured on SmolLM2-135M (0.65 GB counted) 1.72 GB; on a Llama-3.2-1B shape (6.0 GB) 10.7 GB.
 GGUF_COPIES = 2.0
