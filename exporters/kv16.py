@@ -7,9 +7,9 @@ context) is half the size. The weights, their quantization and every other op ar
 fused variant (fused, w8a8, w8a8-native, w4, ...).
 
 The cost is measured, not assumed (docs/benchmarks.md, "Memory at long prompts"): on x86 onnxruntime's float16
-attention is slower at long contexts and keeps more scratch, and on quantized variants the logits moved as much as
-their quantization did (`pipeline optimize` checks each rewrite against its source and refuses those); it is an
-option, not the default.
+attention is slower at long contexts and keeps more scratch, so it is an option, not the default. Quantized
+variants keep their accuracy against the float model, though their logits move against their source's (their
+int8 activations round afresh under any perturbation; `pipeline optimize` judges those against the float model).
 """
 
 from __future__ import annotations

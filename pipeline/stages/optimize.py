@@ -4,7 +4,8 @@
 - `native_int8`: a static-int8 variant (w8a8) -> variants/<source>-native, its MatMuls on pipeline's native
   CPU kernel (exporters/cpu_kernels.py), checked against the source on this machine's onnxruntime;
 - `kv_fp16`: any fused variant -> variants/<source>-kv16, its KV cache in float16 (exporters/kv16.py), checked
-  against the source within KV16_TOLERANCE.
+  against the source within KV16_TOLERANCE, or, where the source rounds its activations to int8 as it runs (w4,
+  w8: MatMulNBits' accuracy level 4), against their float ancestor (`kv16_drift`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,15 @@ NATIVE_TOLERANCE = 1e-3  # max |logit difference| of a -native variant: float ro
 # max |logit difference| of a -kv16 variant on check's short random prompt: float16 keys and values are rounded
 # to 11 significant bits; a wrong cast or layout moves logits by whole units (`check` measures the accuracy)
 KV16_TOLERANCE = 0.25
+# A variant that rounds its activations to int8 as it runs re-rolls that rounding under any perturbation: on
+# SmolLM2's w4, q/k/v merely rounded to float16 (attention still float32) move the logits by KL 0.008, as much
+# as the float16 cache does, and with MatMulNBits computing in float32 the cache moves them by 3e-6. So such a
+# -kv16 variant is judged by its distance from the float model it was quantized from: kept when its mean KL from
+# it is at most KV16_DRIFT times the source's own (plus KV16_DRIFT_FLOOR). Measured over 2048 tokens of the
+# evaluation text: w4 0.0490 -> 0.0485 with the float16 cache, w8 0.0059 -> 0.0057; a wrong cast or layout is
+# garbage (KL of order 1).
+KV16_DRIFT = 2.0
+KV16_DRIFT_FLOOR = 1e-3
 
 
 @dataclass(frozen=True)
@@ -63,20 +73,57 @@ class OptimizeStageConfig:
         return "fused-fp16" if self.fp16 else "fused"
 
 
-def logit_parity(source, target, steps: int = 4, prompt_len: int = 8) -> float:
-    """Max |logit difference| between the two graphs over one prefill and `steps` greedy decode steps."""
+def parity_logits(paths, steps: int = 4, prompt_len: int = 8) -> list[list[np.ndarray]]:
+    """The logits of each model over one prefill of a random prompt and `steps` decode steps, all fed the first
+    model's greedy tokens."""
     from runtimes.generate import Generator
     from runtimes.session import open_session
 
-    ref, new = Generator(open_session(source, threads=1)), Generator(open_session(target, threads=1))
-    prompt = np.random.default_rng(0).integers(0, ref.session.contract.vocab_size, prompt_len)
-    a, b = ref.prefill(prompt, prompt_len + steps), new.prefill(prompt, prompt_len + steps)
-    worst = float(np.abs(a - b).max())
+    gens = [Generator(open_session(p, threads=1)) for p in paths]
+    prompt = np.random.default_rng(0).integers(0, gens[0].session.contract.vocab_size, prompt_len)
+    rows = [[g.prefill(prompt, prompt_len + steps)] for g in gens]
     for _ in range(steps):
-        token = int(a.argmax())
-        a, b = ref.step(token), new.step(token)
-        worst = max(worst, float(np.abs(a - b).max()))
-    return worst
+        token = int(rows[0][-1].argmax())
+        for g, r in zip(gens, rows):
+            r.append(g.step(token))
+    return rows
+
+
+def logit_parity(source, target, steps: int = 4, prompt_len: int = 8) -> float:
+    """Max |logit difference| between the two graphs over one prefill and `steps` greedy decode steps."""
+    a, b = parity_logits([source, target], steps, prompt_len)
+    return max(float(np.abs(x - y).max()) for x, y in zip(a, b))
+
+
+def mean_kl(ref: list[np.ndarray], got: list[np.ndarray]) -> float:
+    """Mean over steps of KL(softmax(ref) || softmax(got)), in float64."""
+    total = 0.0
+    for r, g in zip(ref, got):
+        lr, lg = (x.astype(np.float64).ravel() for x in (r, g))
+        lr, lg = lr - lr.max(), lg - lg.max()
+        lr, lg = lr - np.log(np.exp(lr).sum()), lg - np.log(np.exp(lg).sum())
+        total += float(np.sum(np.exp(lr) * (lr - lg)))
+    return max(total / len(ref), 0.0)
+
+
+def kv16_drift(reference, source, target, steps: int = 16, prompt_len: int = 32) -> dict:
+    """How far `source` and its -kv16 `target` each are from their float `reference` (mean KL over a prefill
+    and `steps` greedy steps), and whether the target is within KV16_DRIFT of the source's own distance."""
+    ref, src, tgt = parity_logits([reference, source, target], steps, prompt_len)
+    before, after = mean_kl(ref, src), mean_kl(ref, tgt)
+    return {"source_kl": before, "target_kl": after, "kept": after <= KV16_DRIFT * before + KV16_DRIFT_FLOOR}
+
+
+def float_ancestor(run: RunDir, name: str) -> str | None:
+    """The float variant `name` was quantized from (fused, or fp32 from a traced export), if the run records one."""
+    seen = set()
+    while name and name not in seen:
+        seen.add(name)
+        art = run.artifact(name)
+        if art.get("stage") == "export" or (art.get("stage") == "optimize" and name in ("fused", "fused-fp16")):
+            return name
+        name = art.get("parent")
+    return None
 
 
 def optimize(run: RunDir, config: OptimizeStageConfig) -> dict:
@@ -108,10 +155,18 @@ def optimize(run: RunDir, config: OptimizeStageConfig) -> dict:
 
             results = write_kv16(source_path, out)
             worst = logit_parity(source_path, out)
-            if not worst <= KV16_TOLERANCE:
-                raise UserError(f"{target} differs from {source} by {worst:.3g} in the logits (more than "
-                                f"{KV16_TOLERANCE}): not kept; please report it with the run's manifest.json")
             results["parity_max_abs_logit_diff"] = {"prefill+decode": worst}
+            if not worst <= KV16_TOLERANCE:
+                reference = float_ancestor(run, source)
+                drift = kv16_drift(tx.read(reference), source_path, out) if reference not in (None, source) \
+                    else None
+                if drift is None or not drift["kept"]:
+                    how = "" if drift is None else (f", and is {drift['target_kl']:.3g} in mean KL from {reference} "
+                                                    f"against {source}'s {drift['source_kl']:.3g}")
+                    raise UserError(f"{target} differs from {source} by {worst:.3g} in the logits (more than "
+                                    f"{KV16_TOLERANCE}){how}: not kept; please report it with the run's "
+                                    f"manifest.json")
+                results["drift_from_float"] = {"reference": reference, **drift}
         else:
             from exporters.optimize import OptimizeConfig, optimize as fuse
 

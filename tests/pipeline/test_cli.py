@@ -183,6 +183,35 @@ def test_a_native_variant_whose_logits_differ_is_not_kept(run_dir, text_file, na
     assert run_state(run_dir) == before
 
 
+def test_optimize_kv_fp16_judges_a_variant_that_rounds_as_it_runs_against_its_float_ancestor(run_dir, text_file,
+                                                                                             monkeypatch):
+    """Past the plain tolerance (forced here: real w4/w8 pass it by re-rolling their int8 activation rounding),
+    the -kv16 variant is kept only when it is no further from the float model than its source, within
+    KV16_DRIFT; the distances are recorded, and a refusal names them and leaves the run as it was."""
+    from pipeline.stages import optimize as optimize_stage
+
+    w8a8_variant(run_dir, text_file)
+    monkeypatch.setattr(optimize_stage, "KV16_TOLERANCE", 0.0)
+    res = json.loads(invoke("optimize", run_dir, "--kv-fp16", "--source", "w8a8", "--json").output)
+    drift = res["drift_from_float"]
+    assert drift["reference"] == "fused" and drift["kept"] and 0 < drift["source_kl"] < 0.1
+    assert drift["target_kl"] <= 2 * drift["source_kl"] + 1e-3
+    before = run_state(run_dir)
+    monkeypatch.setattr(optimize_stage, "KV16_DRIFT", 0.0)
+    monkeypatch.setattr(optimize_stage, "KV16_DRIFT_FLOOR", 0.0)
+    one_line_error(invoke("optimize", run_dir, "--kv-fp16", "--source", "w8a8", ok=False),
+                   "in mean KL from fused against w8a8's", "not kept")
+    assert run_state(run_dir) == before
+    from pipeline.stages.optimize import mean_kl
+
+    logits = [np.array([[2.0, 0.0, -1.0]]), np.array([[0.5, 0.5, 3.0]])]
+    assert mean_kl(logits, logits) == 0.0
+    moved = [x + np.array([[0.0, 1.0, 0.0]]) for x in logits]
+    p = np.exp(logits[0][0]) / np.exp(logits[0][0]).sum()
+    q = np.exp(moved[0][0]) / np.exp(moved[0][0]).sum()
+    assert mean_kl(logits[:1], moved[:1]) == pytest.approx(float(np.sum(p * np.log(p / q))))
+
+
 def test_optimize_kv_fp16_writes_a_checked_variant_of_a_quantized_one(run_dir, text_file):
     """From the CLI, on a static int8 variant: <source>-kv16, checked against its source; unfused refused."""
     w8a8_variant(run_dir, text_file)
