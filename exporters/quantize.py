@@ -17,7 +17,9 @@ Recipes (lists of passes: exporters/quantization/recipes.py; the passes: exporte
           float, as NPU execution providers require).
   w8, w4  weight-only MatMulNBits (blockwise symmetric): the int8/int4 weights are unpacked per block inside the
           kernel, activations stay float (or int8 per block with accuracy_level 4). Calibration text only serves
-          the GPTQ rounding (`BlockwiseRounding`); w4 moves its most damaging MatMuls to 8 bits within a budget.
+          the GPTQ rounding, streamed over bounded groups of Hessians into one packed store that the writer and
+          the search share (exporters/quantization/packs.py); w4 moves its most damaging MatMuls to 8 bits
+          within a budget, judged on an exact 4/8-bit switch. The float weights are read lazily, one at a time.
 
   gguf    a graph built from a quantized GGUF file with that file's own blocks as MatMulNBits, exactly
           (exporters/quantization/grid.py, models/gguf_grid.py); only measured, never searched.
