@@ -19,6 +19,10 @@ from models.errors import UserError
 EXTERNAL_DATA_THRESHOLD = 1 << 31  # protobuf cannot hold a model over 2 GB: weights go to model.onnx.data
 
 
+def unreadable(path: Path, e: Exception) -> UserError:
+    return UserError(f"cannot read ONNX model {path}: the file is corrupt or truncated ({type(e).__name__})")
+
+
 def load_onnx(path: str | Path) -> onnx.ModelProto:
     """Load a model, turning a missing, truncated or corrupt file into one clear error."""
     path = Path(path)
@@ -27,7 +31,7 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     try:
         return onnx.load(str(path))
     except Exception as e:  # protobuf DecodeError, missing external data, ...
-        raise UserError(f"cannot read ONNX model {path}: the file is corrupt or truncated ({type(e).__name__})") from e
+        raise unreadable(path, e) from e
 
 
 def save_model(proto: onnx.ModelProto, path: Path, external: bool) -> None:
@@ -123,7 +127,7 @@ def load_lazily(path: Path, lazy: Callable[[onnx.ModelProto], set[str]]) -> onnx
         if left:
             tensor_array(min(left, key=lambda t: int(np.prod(t.dims))), path.parent)
     except Exception as e:  # protobuf DecodeError, missing or short external data, ...
-        raise UserError(f"cannot read ONNX model {path}: the file is corrupt or truncated ({type(e).__name__})") from e
+        raise unreadable(path, e) from e
     return model
 
 

@@ -22,15 +22,10 @@ from models.files import remove_tree
 
 
 def probe(model: onnx.ModelProto, tensors: list[str], feeds: Iterable[dict[str, np.ndarray]],
-          workdir: Path | None = None, weights_dir: Path | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """For each feed, the values of the intermediate `tensors`, exposed as extra graph outputs for the run.
-
-    The model is saved to a temporary file (external data when large, so models over 2 GB work too); the
-    extra outputs are removed from `model` again when the generator finishes or is closed. A model whose
-    weights still lie in external data under `weights_dir` (exporters/onnx_io.py `load_lazily`) is saved
-    beside them, for as long as the session takes to open.
-    """
-    with probe_session(model, tensors, workdir, weights_dir) as session:
+          workdir: Path | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """For each feed, the values of the intermediate `tensors`, exposed as extra graph outputs for the run
+    (`probe_session`)."""
+    with probe_session(model, tensors, workdir) as session:
         for feed in feeds:
             yield dict(zip(tensors, session.run(tensors, feed)))
 
@@ -38,7 +33,10 @@ def probe(model: onnx.ModelProto, tensors: list[str], feeds: Iterable[dict[str, 
 @contextmanager
 def probe_session(model: onnx.ModelProto, tensors: list[str], workdir: Path | None = None,
                   weights_dir: Path | None = None) -> Iterator[ort.InferenceSession]:
-    """A session of `model` that also outputs the intermediate `tensors` (see `probe`)."""
+    """A session of `model` that also outputs the intermediate `tensors`. The model is saved to a temporary file
+    (external data when large, so models over 2 GB work too); the extra outputs are removed from `model` again on
+    leaving. A model whose weights still lie in external data under `weights_dir` (exporters/onnx_io.py
+    `load_lazily`) is saved beside them, for as long as the session takes to open."""
     outputs = {o.name for o in model.graph.output}
     added = [helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in dict.fromkeys(tensors)
              if t not in outputs]

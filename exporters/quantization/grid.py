@@ -31,7 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 from exporters.graph import GraphIndex
 from exporters.onnx_io import save_model_auto
 from exporters.quantization.embedding import quantize_embeddings, share_tied_table, tied_head
-from exporters.quantization.nbits import skeleton
+from exporters.onnx_io import skeleton
 from models.errors import UserError
 from models.gguf_grid import Factor, Grid, stack
 

@@ -12,7 +12,7 @@ from onnx import helper, numpy_helper
 
 from exporters.gptq import fits, gptq_blockwise
 from exporters.graph import GraphIndex
-from exporters.onnx_io import materialized, skeleton, tensor_array, without_weights  # noqa: F401 (grid, passes)
+from exporters.onnx_io import materialized, skeleton, tensor_array
 from runtimes.contract import LOGITS
 
 
@@ -40,10 +40,6 @@ class Packed:
     scales: np.ndarray
     k: int
     bits: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.packed.nbytes + self.scales.nbytes
 
 
 def pack(w: np.ndarray, bits: int, block_size: int) -> Packed:

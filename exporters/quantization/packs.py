@@ -44,9 +44,6 @@ class PackedWeights:
     def put(self, name: str, bits: int, packed: Packed) -> None:
         self._packs[name, bits] = packed
 
-    def has(self, name: str, bits: int) -> bool:
-        return (name, bits) in self._packs
-
     def __call__(self, name: str, bits: int) -> Packed:
         """The weight of MatMul `name` packed at `bits`."""
         got = self._packs.get((name, bits)) if self.keep else self._packs.pop((name, bits), None)
@@ -55,10 +52,6 @@ class PackedWeights:
             if self.keep:
                 self._packs[name, bits] = got
         return got
-
-    @property
-    def nbytes(self) -> int:
-        return sum(p.nbytes for p in self._packs.values())
 
 
 def hessian_groups(widths: dict[str, int], budget: int) -> list[list[str]]:

@@ -16,11 +16,10 @@ import onnx
 from exporters.acceptance import Thresholds
 from exporters.calibration import CalibrationPlan, KVCacheCalibrationReader
 from exporters.graph import GraphIndex
-from exporters.onnx_io import save_model_auto
+from exporters.onnx_io import save_model_auto, without_weights
 from exporters.quantization.embedding import quantize_embeddings, share_tied_table, tied_head
 from exporters.quantization.evaluate import Agreement
-from exporters.quantization.nbits import BlockwiseRounding, NBitsConfig, output_projection, without_weights, \
-    write_nbits
+from exporters.quantization.nbits import BlockwiseRounding, NBitsConfig, output_projection, write_nbits
 from exporters.quantization.packs import HESSIAN_BUDGET, PackedWeights, streamed_gptq
 from exporters.quantization.qdq import QdqConfig, QdqJob, gptq_weights, quantize_qdq, weight_hessians, \
     with_value_info, write_mix

@@ -7,13 +7,13 @@ from typing import Callable, Collection
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from exporters.calibration import cpu_session, session_contract
 from exporters.graph import GraphIndex
-from exporters.onnx_io import materialized, save_model_auto, skeleton
+from exporters.onnx_io import save_model_auto
 from exporters.quantization.evaluate import log_probs, perplexity_of, sequences
-from exporters.quantization.nbits import NBitsConfig, PackedOf, nbits_node
+from exporters.quantization.nbits import NBitsConfig, PackedOf, nbits_node, write_nbits
 
 
 class QuantSwitch:
@@ -98,31 +98,21 @@ class NBitsSwitch(QuantSwitch):
                  config: NBitsConfig, workdir: Path, weights_dir: Path, low: int = 4,
                  finish: Callable[[onnx.ModelProto], None] = lambda m: None):
         self.gates = {name: f"quant_switch.{i}" for i, name in enumerate(gated)}
-        out = skeleton(model)
-        g = GraphIndex(model)
-        for node in model.graph.node:
-            if node.name in fixed:
-                node, inits = nbits_node(node, packed_of(node.name, fixed[node.name]), config)
-                out.graph.initializer.extend(inits)
-            elif node.name in self.gates:
-                branches = []
-                for bits in (low, 8):
-                    y = f"{node.output[0]}.q{bits}"
-                    branch, inits = nbits_node(node, packed_of(node.name, bits), config, outputs=[y])
-                    branch.input[2] = inits[1].name = f"{inits[1].name}_Q{bits}"
-                    out.graph.initializer.extend(inits)
-                    branches.append(helper.make_graph([branch], f"{node.name}.q{bits}", [],
-                                                      [helper.make_tensor_value_info(y, onnx.TensorProto.FLOAT,
-                                                                                     None)]))
-                node = helper.make_node("If", [self.gates[node.name]], list(node.output), name=node.name,
-                                        then_branch=branches[0], else_branch=branches[1])
-            out.graph.node.append(node)
-        used = {i for n in out.graph.node for i in n.input} | {o.name for o in model.graph.output}
-        out.graph.initializer.extend(materialized(g.inits[name], weights_dir) for name in g.inits if name in used)
+        # the model written with every gated MatMul at 8 bits; each of those then becomes the `If`'s else branch
+        out = write_nbits(model, {**dict.fromkeys(gated, 8), **fixed}, config, packed_of, weights_dir)
+        floats, written = GraphIndex(model).nodes, {n.name: n for n in out.graph.node}
+        for name, gate in self.gates.items():
+            high = written[f"{name}_Q8"]
+            y = high.output[0]
+            lower, inits = nbits_node(floats[name], packed_of(name, low), config, outputs=[f"{y}.q{low}"])
+            lower.input[2] = inits[1].name = f"{inits[1].name}_Q{low}"  # the 8-bit scales keep the plain name
+            out.graph.initializer.extend(inits)
+            high.output[0] = f"{y}.q8"
+            then, other = (helper.make_graph([n], f"{name}.q{b}", [], [helper.make_tensor_value_info(
+                n.output[0], onnx.TensorProto.FLOAT, None)]) for n, b in ((lower, low), (high, 8)))
+            high.CopyFrom(helper.make_node("If", [gate], [y], name=name, then_branch=then, else_branch=other))
         out.graph.input.extend(helper.make_tensor_value_info(gate, onnx.TensorProto.BOOL, [])
                                for gate in self.gates.values())
-        if not any(o.domain == "com.microsoft" for o in out.opset_import):
-            out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
         finish(out)
         path = workdir / "switch.onnx"
         save_model_auto(out, path, shipped=True)

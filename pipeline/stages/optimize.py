@@ -97,11 +97,11 @@ def logit_parity(source, target, steps: int = 4, prompt_len: int = 8) -> float:
 
 def mean_kl(ref: list[np.ndarray], got: list[np.ndarray]) -> float:
     """Mean over steps of KL(softmax(ref) || softmax(got)), in float64."""
+    from pipeline.stages.check import log_softmax
+
     total = 0.0
     for r, g in zip(ref, got):
-        lr, lg = (x.astype(np.float64).ravel() for x in (r, g))
-        lr, lg = lr - lr.max(), lg - lg.max()
-        lr, lg = lr - np.log(np.exp(lr).sum()), lg - np.log(np.exp(lg).sum())
+        lr, lg = log_softmax(r.ravel()), log_softmax(g.ravel())
         total += float(np.sum(np.exp(lr) * (lr - lg)))
     return max(total / len(ref), 0.0)
 
