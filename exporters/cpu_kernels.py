@@ -1,4 +1,6 @@
-"""ONNX -> ONNX: a static-int8 QDQ graph's MatMuls as pipeline's native CPU kernel (`com.pipeline.StaticInt8MatMul`).
+"""ONNX -> ONNX: MatMuls onto pipeline's native CPU kernels (runtimes/kernels/int8_matmul.c).
+
+StaticInt8MatMul: a static-int8 QDQ graph's MatMuls.
 
 Matches, for each MatMul of a QDQ graph::
 
@@ -12,6 +14,12 @@ kernel reads it front to back; the QuantizeLinear / DequantizeLinear nodes left 
 that do not fit the kernel (K not a multiple of 4, N not of 16, a weight zero point, a per-channel activation
 scale) stay as they are. The result needs the kernel library at run time (`python -m runtimes.kernels build`);
 the QDQ graph it came from stays the portable one (NPU execution providers, other CPUs).
+
+BlockInt8MatMul: an 8-bit MatMulNBits whose stored blocks another node also reads (the tied head whose blocks
+the token embedding gathers, exporters/quantization/embedding.py). onnxruntime prepacks a MatMulNBits weight into
+a copy of its own and keeps the stored blocks while anything else reads them, so such a table is in memory
+twice (Gemma 3's 262,144 x 640 head: 388 MB where 168 MB are the table). The op reads the stored blocks in
+place, with the same int8 arithmetic as MatMulNBits at accuracy_level 4; nothing in the file changes but the node.
 """
 
 from __future__ import annotations
@@ -29,9 +37,9 @@ from exporters.optimize import remove_dead_nodes
 from models.errors import UserError
 from models.files import staging_dir
 from runtimes.contract import set_metadata
+from runtimes.kernels import BLOCK_OP, OP
 
 DOMAIN = "com.pipeline"
-OP = "StaticInt8MatMul"
 KERNEL_KEY = "pipeline.cpu_kernels"  # metadata: which native kernels the graph needs
 
 
@@ -126,15 +134,62 @@ def rewrite(model: onnx.ModelProto) -> int:
     return len(found)
 
 
+def _float_scales(index: GraphIndex, name: str) -> bool:
+    """Whether a MatMulNBits' scales are float32 (the kernel's type): a float32 initializer, or a Cast to float
+    of one stored narrower (the gguf recipe's float16 scales)."""
+    if name in index.inits:
+        return index.inits[name].data_type == onnx.TensorProto.FLOAT
+    cast = index.producers.get(name)
+    return (cast is not None and cast.op_type == "Cast" and cast.input[0] in index.inits
+            and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in cast.attribute))
+
+
+def shared_block_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The 8-bit MatMulNBits BlockInt8MatMul computes as they are (blocks of 32, zero point 128, int8 activations:
+    accuracy_level 4, float32) whose stored blocks another node also reads."""
+    index = GraphIndex(model)
+    found = []
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
+            continue
+        attrs = {a.name: a.i for a in node.attribute}
+        blocks = index.inits.get(node.input[1])
+        if (attrs.get("bits") != 8 or attrs.get("block_size") != 32 or attrs.get("accuracy_level") != 4
+                or any(node.input[3:]) or blocks is None or blocks.data_type != onnx.TensorProto.UINT8
+                or list(blocks.dims) != [attrs.get("N"), attrs.get("K", 0) // 32, 32] or attrs["K"] % 32
+                or not _float_scales(index, node.input[2])):
+            continue
+        if index.uses[node.input[1]] > 1:
+            found.append(node)
+    return found
+
+
+def rewrite_shared_blocks(model: onnx.ModelProto) -> int:
+    """Each MatMulNBits of `shared_block_matmuls` becomes BlockInt8MatMul on the same inputs; returns how many."""
+    found = shared_block_matmuls(model)
+    for node in found:
+        node.op_type, node.domain = BLOCK_OP, DOMAIN
+        node.name = f"{node.name}/{BLOCK_OP}"
+        del node.attribute[:], node.input[3:]
+    if found and not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    return len(found)
+
+
 def specialize(source: Path, target: Path) -> dict:
-    """source QDQ model.onnx -> target model.onnx using the native kernel; written to a temp name, then renamed."""
+    """source model.onnx -> target model.onnx with its static int8 MatMuls and its shared 8-bit heads on the
+    native kernels; written to a temp name, then renamed."""
     model = onnx.load(str(source))
     before = len(model.graph.node)
-    count = rewrite(model)
-    if not count:
-        raise UserError(f"{source} has no static int8 MatMul the native kernel can take: quantize it with "
-                        "`pipeline quantize --recipe w8a8` (or static) first")
+    static, shared = rewrite(model), rewrite_shared_blocks(model)
+    if not static + shared:
+        raise UserError(f"{source} has no static int8 MatMul and no 8-bit head shared with its embedding for the "
+                        "native kernels: quantize it with `pipeline quantize --recipe w8a8` (or w4, w8, gguf with a "
+                        "tied embedding) first")
+    kernels = [name for name, count in ((OP, static), (BLOCK_OP, shared)) if count]
+    set_metadata(model, KERNEL_KEY, ",".join(kernels))
     with staging_dir(target) as staging:  # saved under its final name (the external data's name is inside it)
         save_model_auto(model, staging / target.name, shipped=True)
         move_model(staging / target.name, target)
-    return {"kernel": OP, "matmuls": count, "nodes_before": before, "nodes_after": len(model.graph.node)}
+    return {"kernel": " + ".join(kernels), "matmuls": static + shared, "static_matmuls": static,
+            "shared_head_matmuls": shared, "nodes_before": before, "nodes_after": len(model.graph.node)}

@@ -200,6 +200,7 @@ def export(out, as_json, **options):
 
 @main.command(epilog="\b\nExamples:\n  pipeline optimize runs/demo --fp16\n"
                      "  pipeline optimize runs/demo --native-int8      # w8a8 -> w8a8-native\n"
+                     "  pipeline optimize runs/demo --native-int8 --source w4   # w4's shared head -> w4-native\n"
                      "  pipeline optimize runs/demo --kv-fp16 --source w4   # w4 -> w4-kv16")
 @run_dir_arg
 @click_options(OptimizeStageConfig)
@@ -207,7 +208,8 @@ def export(out, as_json, **options):
 @user_errors
 def optimize(run_dir, as_json, **options):
     """Fuse attention (GroupQueryAttention), rotary and residual+RMSNorm; fail if a layer is not fused. With
-    --native-int8: move a static int8 variant onto pipeline's own int8 kernel, checked for equal logits. With
+    --native-int8: move a static int8 variant (or a w4/w8/gguf variant's shared 8-bit head) onto pipeline's own
+    int8 kernels, checked for equal logits. With
     --kv-fp16: store a fused variant's KV cache in float16."""
     from pipeline.stages.optimize import optimize as optimize_stage
 

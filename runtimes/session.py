@@ -89,10 +89,11 @@ def _load(path: Path, options: ort.SessionOptions,
         with contextlib.redirect_stdout(sys.stderr):
             return ort.InferenceSession(str(path), options, providers=providers)
     except _LOAD_ERRORS as e:
-        if kernels.OP in str(e):  # a graph for the native kernel, which is not registered here
-            raise RuntimeUserError(f"{path} uses pipeline's native int8 kernel ({kernels.OP}), which is not "
-                                   f"available: {kernels.unavailable_reason()}; or run the portable w8a8 "
-                                   "variant") from e
+        op = next((op for op in kernels.OPS if op in str(e)), None)
+        if op:  # a graph for the native kernel, which is not registered here
+            raise RuntimeUserError(f"{path} uses pipeline's native int8 kernel ({op}), which is not "
+                                   f"available: {kernels.unavailable_reason()}; or run the portable variant it "
+                                   "was made from (without -native)") from e
         raise RuntimeUserError(f"cannot load {path} ({_first_line(e)}): the file is corrupt or truncated, "
                                "copy or export it again") from e
     except ort_errors.EPFail as e:

@@ -2,7 +2,9 @@
 
 - fusion (default): variants/fp32 -> variants/fused (or fused-fp16): one fused attention op per layer;
 - `native_int8`: a static-int8 variant (w8a8) -> variants/<source>-native, its MatMuls on pipeline's native
-  CPU kernel (exporters/cpu_kernels.py), checked against the source on this machine's onnxruntime;
+  CPU kernel; or a weight-only one (w4, w8, gguf) whose tied head's 8-bit blocks the embedding also reads, the
+  head on the kernel that reads them as stored (exporters/cpu_kernels.py); checked against the source on this
+  machine's onnxruntime;
 - `kv_fp16`: any fused variant -> variants/<source>-kv16, its KV cache in float16 (exporters/kv16.py), checked
   against the source within KV16_TOLERANCE, or, where the source rounds its activations to int8 as it runs (w4,
   w8: MatMulNBits' accuracy level 4), against their float ancestor (`kv16_drift`).
@@ -43,8 +45,9 @@ class OptimizeStageConfig:
     fp16: bool = option(bool, False, "Also convert to float16 (for the CUDA / TensorRT providers).")
     native_int8: bool = option(bool, False, "Instead of fusing: put a static int8 variant's MatMuls on pipeline's "
                                "native CPU kernel (x86-64 with AVX512-VNNI, AArch64 with the dot product; build it with "
-                               "`python -m runtimes.kernels build`). Same logits, faster decode; writes "
-                               "<source>-native.")
+                               "`python -m runtimes.kernels build`): same logits, faster decode. With --source w4, w8 "
+                               "or gguf: their tied 8-bit head, read as stored, so the table the embedding shares is "
+                               "in memory once. Writes <source>-native.")
     kv_fp16: bool = option(bool, False, "Instead of fusing: store a fused variant's KV cache in float16 (half the "
                            "cache memory; attention runs in float16). Writes <source>-kv16; default source: fused.")
 

@@ -1,10 +1,14 @@
 """pipeline's native CPU kernels: an onnxruntime custom-op library, built from C on the machine that runs it.
 
-One op so far, `com.pipeline.StaticInt8MatMul` (int8_matmul.c): a static W8A8 MatMul for x86-64 with
-AVX512-VNNI and for AArch64 with the dot-product instructions (ARMv8.2+: Raspberry Pi 5, Jetson Orin, Graviton 2+,
-phones), which `pipeline optimize --native-int8` puts in place of a QDQ graph's QuantizeLinear +
-MatMulIntegerToFloat. It exists because onnxruntime's int8 GEMM reads a one-row product's weights at ~65% of
-this machine's memory rate, and batch-1 decode is that product (docs/benchmarks.md).
+Two ops (int8_matmul.c), for x86-64 with AVX512-VNNI and for AArch64 with the dot-product instructions
+(ARMv8.2+: Raspberry Pi 5, Jetson Orin, Graviton 2+, phones), which `pipeline optimize --native-int8` puts in
+place of onnxruntime's:
+
+- `com.pipeline.StaticInt8MatMul`, a static W8A8 MatMul, for a QDQ graph's QuantizeLinear +
+  MatMulIntegerToFloat: onnxruntime's int8 GEMM reads a one-row product's weights at ~65% of this machine's
+  memory rate, and batch-1 decode is that product (docs/benchmarks.md);
+- `com.pipeline.BlockInt8MatMul`, an 8-bit MatMulNBits read as stored, for a tied head whose blocks the
+  embedding also gathers: onnxruntime would hold them twice (its prepacked copy beside the stored blocks).
 
     python -m runtimes.kernels build [--ort-include DIR]   # needs cc and onnxruntime's C API headers
     python -m runtimes.kernels status
@@ -29,6 +33,8 @@ from runtimes.providers import cpu_flags
 
 SOURCE = Path(__file__).with_name("int8_matmul.c")
 OP = "StaticInt8MatMul"
+BLOCK_OP = "BlockInt8MatMul"
+OPS = (OP, BLOCK_OP)
 LIBRARY_ENV = "PIPELINE_KERNELS"        # path of the built library, instead of the cache
 INCLUDE_ENV = "ORT_INCLUDE_DIR"         # directory holding onnxruntime_c_api.h
 REQUIRED_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}  # /proc/cpuinfo names (x86-64 "flags")

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from runtimes.errors import RuntimeUserError
-from runtimes.kernels import OP, build, cpu_supported, library_path, requirement
+from runtimes.kernels import OPS, build, cpu_supported, library_path, requirement
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         if a.command == "build":
-            print(f"built {OP}: {build(a.ort_include, a.cc)}")
+            print(f"built {', '.join(OPS)}: {build(a.ort_include, a.cc)}")
         else:
             path = library_path()
             print(f"library: {path} ({'built' if path.is_file() else 'not built'})")

@@ -1,5 +1,10 @@
-/* StaticInt8MatMul (domain com.pipeline): the static W8A8 MatMul of a QDQ graph as one onnxruntime custom op,
- * for x86-64 CPUs with AVX512-VNNI and AArch64 CPUs with the dot-product instructions (ARMv8.2 and later).
+/* pipeline's native CPU kernels (domain com.pipeline), onnxruntime custom ops for x86-64 CPUs with AVX512-VNNI
+ * and AArch64 CPUs with the dot-product instructions (ARMv8.2 and later):
+ *
+ * - StaticInt8MatMul: the static W8A8 MatMul of a QDQ graph (below);
+ * - BlockInt8MatMul: an 8-bit MatMulNBits read as it is stored (after StaticInt8MatMul).
+ *
+ * StaticInt8MatMul:
  *
  *   y = (Q(x) - x_zero_point) . W * (x_scale * w_scale[n]),   Q(x) = saturate_u8(round_half_even(x / x_scale)
  *                                                                             + x_zero_point)
@@ -267,6 +272,240 @@ static OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* context) 
     return status;
 }
 
+
+/* ---- BlockInt8MatMul --------------------------------------------------------------------------------------
+ *
+ *   y[n] = sum over blocks b of  w_scale[n, b] * a_scale[b] * sum_i (W[n, b, i] - 128) * A[b, i]
+ *
+ * where W holds com.microsoft.MatMulNBits' 8-bit blocks of 32 as they are stored (N, K/32, 32; zero point 128)
+ * and A, a_scale are the activations quantized per block of 32 as onnxruntime's MatMulNBits does at
+ * accuracy_level 4 (MLAS' int8 path): a_scale = amax / 127, A = round_half_even(x * (127 / amax)). The integer
+ * sums are the ones MatMulNBits forms; only the float sum over blocks is taken in another order.
+ *
+ * Why it exists: MatMulNBits prepacks its weight into a copy of its own when the session starts, and frees the
+ * stored blocks only when nothing else reads them. A tied head whose blocks the token embedding also gathers
+ * (exporters/quantization/embedding.py) is then held twice: for Gemma 3's 262,144 x 640 head, 220 MB alone
+ * and 388 MB with the Gather. This op reads the stored blocks in place, so the table is in memory once: that
+ * head with its Gather peaks at 245 MB (against 463 with MatMulNBits, on this 2-core EPYC) and one row takes
+ * 4.1-4.8 ms on 2 threads (MatMulNBits on its prepacked copy: 4.2-4.9).
+ *
+ * Inputs: 0 x float (..., K); 1 blocks uint8 (N, K/32, 32); 2 scales float (N, K/32), or flat (N * K/32).
+ * Output: y float (..., N). Work is split over row ranges of N on onnxruntime's intra-op thread pool.
+ *
+ * x86-64: vpdpbusd takes 64 stored bytes (two blocks) as its unsigned operand and A as its signed one; its
+ * accumulator starts at -16 * sum(A of the block) in each of the block's 8 lanes (128 * sum over 8 lanes: the
+ * zero point), so every lane is an exact integer that converts to float exactly. AArch64: the stored bytes xor
+ * 0x80 are W - 128 as int8, which sdot takes as is.
+ */
+enum { BLOCK = 32 };
+
+typedef struct {
+    const int8_t* aq;       /* (M, K) activations quantized per block */
+    const float* a_scale;   /* (M, KB) */
+#if defined(__x86_64__)
+    const int32_t* a_corr;  /* (M, ceil(KB/2), 16): each pair of blocks' accumulator start, -16 * sum(A) */
+#endif
+    const uint8_t* w;       /* (N, KB, 32) */
+    const float* w_scale;   /* (N, KB) */
+    float* y;               /* (M, N) */
+    int64_t m, kb, n, chunks;
+} BlockJob;
+
+#if defined(__x86_64__)
+static void block_quantize(const float* x, int64_t m, int64_t kb, int8_t* aq, float* a_scale, int32_t* a_corr) {
+    const int64_t pairs = (kb + 1) / 2;
+    for (int64_t r = 0; r < m; r++)
+        for (int64_t b = 0; b < kb; b++) {
+            const float* v = x + (r * kb + b) * BLOCK;
+            const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
+            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+            const __m512 inverse = _mm512_set1_ps(amax != 0.0f ? 127.0f / amax : 0.0f);
+            const __m512i q0 = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v0, inverse),
+                                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            const __m512i q1 = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v1, inverse),
+                                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            int8_t* out = aq + (r * kb + b) * BLOCK;
+            _mm_storeu_si128((__m128i*)out, _mm512_cvtsepi32_epi8(q0));
+            _mm_storeu_si128((__m128i*)(out + 16), _mm512_cvtsepi32_epi8(q1));
+            a_scale[r * kb + b] = amax / 127.0f;
+            int32_t sum = 0;
+            for (int i = 0; i < BLOCK; i++) sum += out[i];
+            const int64_t lane = (r * pairs + b / 2) * 16 + (b % 2) * 8;
+            for (int i = 0; i < 8; i++) a_corr[lane + i] = -16 * sum;
+        }
+    if (kb % 2) /* the last pair's second half: no block, nothing added */
+        for (int64_t r = 0; r < m; r++)
+            for (int i = 8; i < 16; i++) a_corr[(r * pairs + pairs - 1) * 16 + i] = 0;
+}
+
+/* Lanes 0-7 from scale 2(p % 8) of a 16-scale vector, lanes 8-15 from the next: pair p's two blocks. */
+static inline __m512i pair_index(int64_t p) {
+    const int lo = (int)(2 * (p % 8));
+    return _mm512_mask_mov_epi32(_mm512_set1_epi32(lo), (__mmask16)0xff00, _mm512_set1_epi32(lo + 1));
+}
+
+/* Pair p of one weight row: its 64 (or, for the last block of an odd count, 32) stored bytes against the
+ * activations a, scaled by the row's scale products (w_scale * a_scale, 16 blocks a vector) and added to acc.
+ * Byte-masked loads are slow on some x86 cores (AMD Zen 4): the single block is a 256-bit load instead. Four
+ * rows read side by side are four streams the hardware prefetcher follows poorly: the bytes PREFETCH ahead
+ * are asked for explicitly (on this 2-core EPYC, one thread: 11.4 -> 7.4 ms for a 262,144 x 640 head, as
+ * fast as MatMulNBits' prepacked copy). */
+enum { PREFETCH = 5120 };
+static inline __attribute__((always_inline)) __m512 pair_step(__m512 acc, const uint8_t* w, int two, __m512i start,
+                                                               __m512i a, __m512i index, __m512 scales) {
+    _mm_prefetch((const char*)w + PREFETCH, _MM_HINT_NTA);
+    const __m512i b = two ? _mm512_loadu_si512(w) : _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i*)w));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, b, a)),
+                           _mm512_permutexvar_ps(index, scales), acc);
+}
+
+/* NR consecutive weight rows from row n, for activation row r: NR independent accumulators, each pair of
+ * blocks' activations loaded once for all of them. */
+static inline __attribute__((always_inline)) void block_rows(const BlockJob* j, int64_t n, int64_t r, const int NR) {
+    const int64_t kb = j->kb, k = kb * BLOCK, pairs = (kb + 1) / 2;
+    const int8_t* ar = j->aq + r * k;
+    const int32_t* corr = j->a_corr + r * pairs * 16;
+    const float* as = j->a_scale + r * kb;
+    __m512 acc[4], scales[4];
+    for (int i = 0; i < NR; i++) acc[i] = scales[i] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < pairs; p++) {
+        if (p % 8 == 0) { /* the next 16 blocks' scale products of each row (fewer at the row's end) */
+            const int64_t left = kb - 2 * p;
+            const __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+            const __m512 a_scale = _mm512_maskz_loadu_ps(mask, as + 2 * p);
+            for (int i = 0; i < NR; i++)
+                scales[i] = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, j->w_scale + (n + i) * kb + 2 * p), a_scale);
+        }
+        const int two = 2 * p + 1 < kb;
+        const __m512i a = two ? _mm512_loadu_si512(ar + 64 * p)
+                              : _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i*)(ar + 64 * p)));
+        const __m512i start = _mm512_loadu_si512(corr + 16 * p), index = pair_index(p);
+        for (int i = 0; i < NR; i++)
+            acc[i] = pair_step(acc[i], j->w + (n + i) * k + 64 * p, two, start, a, index, scales[i]);
+    }
+    for (int i = 0; i < NR; i++) j->y[r * j->n + n + i] = _mm512_reduce_add_ps(acc[i]);
+}
+
+static void block_run_chunk(void* data, size_t chunk) {
+    const BlockJob* j = (const BlockJob*)data;
+    const int64_t first = j->n * (int64_t)chunk / j->chunks, last = j->n * ((int64_t)chunk + 1) / j->chunks;
+    int64_t n = first;
+    for (; n + 4 <= last; n += 4)
+        for (int64_t r = 0; r < j->m; r++) block_rows(j, n, r, 4);
+    for (; n < last; n++)
+        for (int64_t r = 0; r < j->m; r++) block_rows(j, n, r, 1);
+}
+
+#else /* AArch64 */
+static void block_quantize(const float* x, int64_t m, int64_t kb, int8_t* aq, float* a_scale) {
+    for (int64_t i = 0; i < m * kb; i++) {
+        const float* v = x + i * BLOCK;
+        float32x4_t amax4 = vdupq_n_f32(0.0f);
+        for (int c = 0; c < BLOCK; c += 4) amax4 = vmaxq_f32(amax4, vabsq_f32(vld1q_f32(v + c)));
+        const float amax = vmaxvq_f32(amax4);
+        const float32x4_t inverse = vdupq_n_f32(amax != 0.0f ? 127.0f / amax : 0.0f);
+        for (int c = 0; c < BLOCK; c += 8) {
+            const int32x4_t q0 = vcvtnq_s32_f32(vmulq_f32(vld1q_f32(v + c), inverse));
+            const int32x4_t q1 = vcvtnq_s32_f32(vmulq_f32(vld1q_f32(v + c + 4), inverse));
+            vst1_s8(aq + i * BLOCK + c, vqmovn_s16(vcombine_s16(vqmovn_s32(q0), vqmovn_s32(q1))));
+        }
+        a_scale[i] = amax / 127.0f;
+    }
+}
+
+static void block_run_chunk(void* data, size_t chunk) {
+    const BlockJob* j = (const BlockJob*)data;
+    const int64_t first = j->n * (int64_t)chunk / j->chunks, last = j->n * ((int64_t)chunk + 1) / j->chunks;
+    const int64_t kb = j->kb, k = kb * BLOCK;
+    const uint8x16_t bias = vdupq_n_u8(0x80);
+    for (int64_t n = first; n < last; n++) {
+        const uint8_t* wr = j->w + n * k;
+        const float* sr = j->w_scale + n * kb;
+        for (int64_t r = 0; r < j->m; r++) {
+            const int8_t* ar = j->aq + r * k;
+            const float* as = j->a_scale + r * kb;
+            float acc = 0.0f;
+            for (int64_t b = 0; b < kb; b++) {
+                const int8x16_t w0 = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(wr + b * BLOCK), bias));
+                const int8x16_t w1 = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(wr + b * BLOCK + 16), bias));
+                const int32x4_t d = vdotq_s32(vdotq_s32(vdupq_n_s32(0), w0, vld1q_s8(ar + b * BLOCK)), w1,
+                                              vld1q_s8(ar + b * BLOCK + 16));
+                acc += (float)vaddvq_s32(d) * (sr[b] * as[b]);
+            }
+            j->y[r * j->n + n] = acc;
+        }
+    }
+}
+#endif
+
+static int64_t element_count(const OrtValue* value) {
+    OrtTensorTypeAndShapeInfo* info;
+    size_t count = 0;
+    if (g_api->GetTensorTypeAndShape(value, &info)) return -1; /* a status here is not expected; leaked */
+    OrtStatus* status = g_api->GetTensorShapeElementCount(info, &count);
+    g_api->ReleaseTensorTypeAndShapeInfo(info);
+    if (status) {
+        g_api->ReleaseStatus(status);
+        return -1;
+    }
+    return (int64_t)count;
+}
+
+static OrtStatus* ORT_API_CALL block_compute(void* kernel, OrtKernelContext* context) {
+    (void)kernel;
+    const OrtValue* in[3];
+    for (size_t i = 0; i < 3; i++) RETURN_IF_ERROR(g_api->KernelContext_GetInput(context, i, &in[i]));
+    int64_t x_dims[8], w_dims[8];
+    size_t x_rank, w_rank;
+    RETURN_IF_ERROR(shape_of(in[0], x_dims, &x_rank));
+    RETURN_IF_ERROR(shape_of(in[1], w_dims, &w_rank));
+    if (x_rank < 1 || w_rank != 3 || w_dims[2] != BLOCK || x_dims[x_rank - 1] != BLOCK * w_dims[1]
+        || element_count(in[2]) != w_dims[0] * w_dims[1])
+        return g_api->CreateStatus(ORT_INVALID_ARGUMENT,
+                                   "BlockInt8MatMul: x (..., K) needs blocks (N, K/32, 32) and N * K/32 scales");
+    BlockJob job;
+    job.kb = w_dims[1];
+    job.n = w_dims[0];
+    job.m = 1;
+    for (size_t i = 0; i + 1 < x_rank; i++) job.m *= x_dims[i];
+    int64_t y_dims[8];
+    memcpy(y_dims, x_dims, sizeof(int64_t) * x_rank);
+    y_dims[x_rank - 1] = job.n;
+    OrtValue* y;
+    RETURN_IF_ERROR(g_api->KernelContext_GetOutput(context, 0, y_dims, x_rank, &y));
+    job.y = (float*)data_of(y);
+    const float* x = (const float*)data_of(in[0]);
+    job.w = (const uint8_t*)data_of(in[1]);
+    job.w_scale = (const float*)data_of(in[2]);
+    if (job.m == 0 || job.n == 0) return NULL;
+    if (!job.y || !x || !job.w || !job.w_scale)
+        return g_api->CreateStatus(ORT_FAIL, "BlockInt8MatMul: an input has no data");
+    const size_t blocks = (size_t)(job.m * job.kb);
+#if defined(__x86_64__)
+    const size_t lanes = (size_t)(job.m * ((job.kb + 1) / 2) * 16);
+    void* scratch = malloc(blocks * BLOCK + blocks * sizeof(float) + lanes * sizeof(int32_t));
+#else
+    void* scratch = malloc(blocks * BLOCK + blocks * sizeof(float));
+#endif
+    if (!scratch) return g_api->CreateStatus(ORT_FAIL, "BlockInt8MatMul: out of memory");
+    float* a_scale = (float*)scratch;
+    int8_t* aq = (int8_t*)(a_scale + blocks);
+#if defined(__x86_64__)
+    int32_t* a_corr = (int32_t*)(aq + blocks * BLOCK);
+    block_quantize(x, job.m, job.kb, aq, a_scale, a_corr);
+    job.a_corr = a_corr;
+#else
+    block_quantize(x, job.m, job.kb, aq, a_scale);
+#endif
+    job.aq = aq;
+    job.a_scale = a_scale;
+    job.chunks = job.n < 1024 ? 1 : 64; /* a few per thread: even finish times */
+    OrtStatus* status = g_api->KernelContext_ParallelFor(context, block_run_chunk, (size_t)job.chunks, 0, &job);
+    free(scratch);
+    return status;
+}
+
+/* ---- the custom-op plumbing, shared by both ops ---------------------------------------------------------- */
 static OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info,
                                              void** kernel) {
     (void)op, (void)api, (void)info;
@@ -274,18 +513,22 @@ static OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi
     return NULL;
 }
 
+typedef struct {
+    OrtCustomOp op; /* first: onnxruntime hands this pointer back to the callbacks below */
+    const char* name;
+    size_t inputs;
+    const ONNXTensorElementDataType* input_types;
+    OrtStatus*(ORT_API_CALL* compute)(void*, OrtKernelContext*);
+} Op;
+
 static void ORT_API_CALL destroy_kernel(void* kernel) { (void)kernel; }
-static const char* ORT_API_CALL op_name(const OrtCustomOp* op) { (void)op; return "StaticInt8MatMul"; }
+static const char* ORT_API_CALL op_name(const OrtCustomOp* op) { return ((const Op*)op)->name; }
 static const char* ORT_API_CALL op_provider(const OrtCustomOp* op) { (void)op; return "CPUExecutionProvider"; }
 
-static const ONNXTensorElementDataType INPUT_TYPES[6] = {
-    ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
-    ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8};
 static ONNXTensorElementDataType ORT_API_CALL input_type(const OrtCustomOp* op, size_t i) {
-    (void)op;
-    return INPUT_TYPES[i];
+    return ((const Op*)op)->input_types[i];
 }
-static size_t ORT_API_CALL input_count(const OrtCustomOp* op) { (void)op; return 6; }
+static size_t ORT_API_CALL input_count(const OrtCustomOp* op) { return ((const Op*)op)->inputs; }
 static ONNXTensorElementDataType ORT_API_CALL output_type(const OrtCustomOp* op, size_t i) {
     (void)op, (void)i;
     return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
@@ -302,34 +545,44 @@ static OrtMemType ORT_API_CALL memory_type(const OrtCustomOp* op, size_t i) {
 static int ORT_API_CALL start_version(const OrtCustomOp* op) { (void)op; return 1; }
 static int ORT_API_CALL end_version(const OrtCustomOp* op) { (void)op; return 2147483647; }
 
-static OrtCustomOp g_op;
+static const ONNXTensorElementDataType STATIC_INPUTS[6] = {
+    ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+    ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8};
+static const ONNXTensorElementDataType BLOCK_INPUTS[3] = {
+    ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
 
-static void fill_op(void) {
-    g_op.GetName = op_name;
-    g_op.GetExecutionProviderType = op_provider;
-    g_op.GetInputType = input_type;
-    g_op.GetInputTypeCount = input_count;
-    g_op.GetOutputType = output_type;
-    g_op.GetOutputTypeCount = output_count;
-    g_op.GetInputCharacteristic = required;
-    g_op.GetOutputCharacteristic = required;
-    g_op.GetInputMemoryType = memory_type;
-    g_op.CreateKernelV2 = create_kernel;
-    g_op.KernelComputeV2 = compute;
-    g_op.KernelDestroy = destroy_kernel;
-    g_op.GetStartVersion = start_version;
-    g_op.GetEndVersion = end_version;
-    g_op.version = ORT_API_VERSION;
+static Op g_ops[2] = {{.name = "StaticInt8MatMul", .inputs = 6, .input_types = STATIC_INPUTS, .compute = compute},
+                      {.name = "BlockInt8MatMul", .inputs = 3, .input_types = BLOCK_INPUTS,
+                       .compute = block_compute}};
+
+static void fill_op(Op* o) {
+    OrtCustomOp* op = &o->op;
+    op->GetName = op_name;
+    op->GetExecutionProviderType = op_provider;
+    op->GetInputType = input_type;
+    op->GetInputTypeCount = input_count;
+    op->GetOutputType = output_type;
+    op->GetOutputTypeCount = output_count;
+    op->GetInputCharacteristic = required;
+    op->GetOutputCharacteristic = required;
+    op->GetInputMemoryType = memory_type;
+    op->CreateKernelV2 = create_kernel;
+    op->KernelComputeV2 = o->compute;
+    op->KernelDestroy = destroy_kernel;
+    op->GetStartVersion = start_version;
+    op->GetEndVersion = end_version;
+    op->version = ORT_API_VERSION;
 }
 
 /* The entry point onnxruntime looks up in a library given to SessionOptions.register_custom_ops_library. */
 ORT_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base) {
     g_api = base->GetApi(ORT_API_VERSION);
     if (!g_api) /* an onnxruntime older than these headers; version 1 of the API has CreateStatus too */
-        return base->GetApi(1)->CreateStatus(ORT_FAIL, "StaticInt8MatMul needs onnxruntime >= 1.21");
-    if (g_op.version == 0) fill_op(); /* once: sessions registered earlier keep pointing at it */
+        return base->GetApi(1)->CreateStatus(ORT_FAIL, "pipeline's kernels need onnxruntime >= 1.21");
+    for (size_t i = 0; i < 2; i++)
+        if (g_ops[i].op.version == 0) fill_op(&g_ops[i]); /* once: sessions registered earlier keep pointing at it */
     OrtCustomOpDomain* domain;
     RETURN_IF_ERROR(g_api->CreateCustomOpDomain("com.pipeline", &domain));
-    RETURN_IF_ERROR(g_api->CustomOpDomain_Add(domain, &g_op));
+    for (size_t i = 0; i < 2; i++) RETURN_IF_ERROR(g_api->CustomOpDomain_Add(domain, &g_ops[i].op));
     return g_api->AddCustomOpDomain(options, domain); /* the domain lives as long as the process */
 }

@@ -1,4 +1,5 @@
-"""exporters/cpu_kernels.py: which MatMuls become StaticInt8MatMul, and the packed weight layout."""
+"""exporters/cpu_kernels.py: which MatMuls become StaticInt8MatMul or BlockInt8MatMul, the packed weight layout,
+and BlockInt8MatMul against onnxruntime's MatMulNBits."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from exporters.cpu_kernels import DOMAIN, KERNEL_KEY, OP, pack, rewrite, specialize
+from exporters.cpu_kernels import (BLOCK_OP, DOMAIN, KERNEL_KEY, OP, pack, rewrite, rewrite_shared_blocks,
+                                   specialize)
 from models.errors import UserError
 from pipeline.stages.check import int8_flop_share
 
@@ -84,3 +86,91 @@ def test_matmuls_the_kernel_cannot_take_stay(tmp_path, k, n, zero, per_column):
         with pytest.raises(UserError, match="no static int8 MatMul"):
             specialize(src, tmp_path / "out" / "model.onnx")
         assert not (tmp_path / "out" / "model.onnx").exists()
+
+
+def tied_nbits_model(v: int, k: int, *, bits: int = 8, accuracy_level: int = 4, gathered: bool = True,
+                     fp16_scales: bool = False, seed: int = 0) -> onnx.ModelProto:
+    """logits = MatMulNBits(x, blocks, scales) as a tied head writes it, with (`gathered`) an embedding that
+    gathers the same stored blocks and scales; the scales stored as float16 behind a Cast (the gguf recipe's
+    way) with `fp16_scales`."""
+    rng = np.random.default_rng(seed)
+    blob = 32 * bits // 8
+    blocks = rng.integers(0, 256, (v, k // 32, blob), dtype=np.uint8)
+    scales = rng.uniform(1e-3, 1e-2, (v, k // 32)).astype(np.float32)
+    inits = [numpy_helper.from_array(blocks, "blocks")]
+    nodes = []
+    if fp16_scales:
+        inits.append(numpy_helper.from_array(scales.astype(np.float16), "scales16"))
+        nodes.append(helper.make_node("Cast", ["scales16"], ["scales"], to=TensorProto.FLOAT))
+    else:
+        inits.append(numpy_helper.from_array(scales, "scales"))
+    nodes.append(helper.make_node("MatMulNBits", ["x", "blocks", "scales"], ["logits"], name="head",
+                                  domain="com.microsoft", K=k, N=v, bits=bits, block_size=32,
+                                  accuracy_level=accuracy_level))
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, None, v])]
+    if gathered:
+        nodes.append(helper.make_node("Gather", ["blocks", "ids"], ["rows"], axis=0))
+        outputs.append(helper.make_tensor_value_info("rows", TensorProto.UINT8, None))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, k]),
+                                           helper.make_tensor_value_info("ids", TensorProto.INT64, [1, None])],
+                              outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                   helper.make_opsetid("com.microsoft", 1)])
+
+
+@pytest.mark.parametrize("changes, expected", [({}, 1), ({"fp16_scales": True}, 1), ({"gathered": False}, 0),
+                                               ({"bits": 4}, 0), ({"accuracy_level": 1}, 0)])
+def test_only_an_8bit_int8_head_whose_blocks_another_node_reads_moves_to_the_block_kernel(changes, expected):
+    """Blocks nothing else reads are freed by onnxruntime once prepacked (MatMulNBits is the faster there);
+    4-bit blocks and float activations (accuracy_level 1) are not what the kernel computes."""
+    model = tied_nbits_model(64, 96, **changes)
+    assert rewrite_shared_blocks(model) == expected
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert ops[BLOCK_OP] == expected and ops["MatMulNBits"] == 1 - expected
+    if expected:
+        node = next(n for n in model.graph.node if n.op_type == BLOCK_OP)
+        assert node.domain == DOMAIN and list(node.input) == ["x", "blocks", "scales"] and not node.attribute
+        assert any(o.domain == DOMAIN for o in model.opset_import)
+
+
+def test_specialize_a_weight_only_model_records_the_block_kernel(tmp_path):
+    src = tmp_path / "w4.onnx"
+    onnx.save(tied_nbits_model(64, 96), str(src))
+    result = specialize(src, tmp_path / "out" / "model.onnx")
+    assert result["static_matmuls"] == 0 and result["shared_head_matmuls"] == result["matmuls"] == 1
+    model = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    assert {p.key: p.value for p in model.metadata_props}[KERNEL_KEY] == BLOCK_OP
+    untied = tmp_path / "untied.onnx"
+    onnx.save(tied_nbits_model(64, 96, gathered=False), str(untied))
+    with pytest.raises(UserError, match="no static int8 MatMul and no 8-bit head shared"):
+        specialize(untied, tmp_path / "out2" / "model.onnx")
+    assert not (tmp_path / "out2").exists()
+
+
+def session_of(model: onnx.ModelProto, threads: int, library=None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    if library:
+        options.register_custom_ops_library(str(library))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("v, k, m", [(37, 96, 1), (64, 640, 3), (1000, 576, 1), (130, 2048, 5)])
+def test_block_int8_matmul_computes_what_matmul_nbits_does(native_kernels, v, k, m):
+    """The kernel against onnxruntime's own MatMulNBits (8 bits, int8 activations) on the same stored blocks:
+    decode and prefill rows, odd block counts (K 96: 3 blocks), more than 16 blocks a row, row counts not a
+    multiple of 4, an all-zero activation block; equal up to float rounding of the sum over blocks."""
+    model = tied_nbits_model(v, k, seed=v + k)
+    native = onnx.ModelProto()
+    native.CopyFrom(model)
+    assert rewrite_shared_blocks(native) == 1
+    x = np.random.default_rng(m).standard_normal((1, m, k)).astype(np.float32) * 3
+    x[0, 0, :32] = 0
+    feed = {"x": x, "ids": np.array([[1, v - 1]], np.int64)}
+    want = session_of(model, 2).run(None, feed)
+    for threads in (1, 2):
+        got = session_of(native, threads, native_kernels).run(None, feed)
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_allclose(got[0], want[0], rtol=0, atol=2e-6 * np.abs(want[0]).max())

@@ -543,6 +543,32 @@ def test_a_variant_file_in_a_run_is_not_taken_for_a_bundle_without_its_manifest(
     assert runtime_text(capsys, built_run / "variants/w8a8/model.onnx") == pipeline_text(built_run, "w8a8")
 
 
+def test_a_w4_variants_shared_head_on_the_native_kernel_keeps_its_logits_and_ships(built_run, tmp_path,
+                                                                                     native_kernels):
+    """`optimize --native-int8 --source w4`: the tied head, whose 8-bit blocks the embedding gathers, runs on
+    BlockInt8MatMul reading the same stored blocks; checked against w4 (same logits, same check figures), and
+    packaged it needs the kernel on the device and gives w4's greedy tokens."""
+    run = copy_run(built_run, tmp_path / "run")
+    res = json.loads(invoke("optimize", run, "--native-int8", "--source", "w4", "--json").output)
+    assert res["shared_head_matmuls"] == res["matmuls"] == 1 and res["static_matmuls"] == 0
+    assert res["parity_max_abs_logit_diff"]["prefill+decode"] <= 1e-4
+    model = onnx.load(str(run / "variants/w4-native/model.onnx"), load_external_data=False)
+    head = next(n for n in model.graph.node if n.op_type == "BlockInt8MatMul")
+    assert any(n.op_type == "Gather" and n.input[0] == head.input[1] for n in model.graph.node)
+    assert sum(n.op_type == "MatMulNBits" and head.input[1] in n.input for n in model.graph.node) == 0
+    r = invoke("check", run, "--variant", "w4", "--variant", "w4-native", "--text", REPO / "README.md", "--json",
+               "--steps", "4", "--window", "64", ok=False)
+    rows = {row["variant"]: row for row in json.loads(r.output)["variants"]}
+    for key in ("top1", "kl", "ppl"):
+        assert rows["w4-native"][key] == pytest.approx(rows["w4"][key], rel=1e-3, abs=1e-5), key
+    bundle = tmp_path / "bundle"
+    invoke("package", run, "--out", bundle, "--variant", "w4-native")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert any("native kernel" in need for need in manifest["device_needs"])
+    ids = list(range(3, 11))
+    assert greedy_tokens(open_session(bundle), ids, 6) == greedy_tokens(open_session(run / "variants/w4"), ids, 6)
+
+
 @pytest.mark.parametrize("variant", ["fused", "w8a8", "w4"])
 def test_optimum_loads_a_built_variant_folder_and_agrees(optimum_python, built_run, variant):
     expected = until_eos(main_env_tokens(built_run, variant))

@@ -1,6 +1,8 @@
 /* Exactness harness for runtimes/kernels/int8_matmul.c without onnxruntime: its quantize() and run_chunk(), the
  * whole compute path but the custom-op plumbing, against a scalar reference of the arithmetic the op stands for
- * (onnxruntime's QuantizeLinear, an exact int32 dot product, the float epilogue), compared bit for bit.
+ * (onnxruntime's QuantizeLinear, an exact int32 dot product, the float epilogue), compared bit for bit; and
+ * BlockInt8MatMul's block_quantize() and block_run_chunk() against a scalar reference of MatMulNBits' int8 path
+ * (per-block activation codes compared exactly, outputs within float rounding of the sum over blocks).
  * tests/runtimes/test_kernels.py builds it natively and for AArch64, which it runs under qemu. Prints "ok N" or
  * the first difference, and exits 1 on one. */
 #include "int8_matmul.c"
@@ -74,6 +76,71 @@ static int check(int64_t m, int64_t k, int64_t n, int32_t zero_point, int64_t ch
     return bad;
 }
 
+/* BlockInt8MatMul: y[r, n] against the reference sum over blocks of w_scale * a_scale * exact integer dot, with
+ * the activation codes the reference quantizer gives (amax / 127 scale, 127 / amax multiplier, half to even). */
+static int check_block(int64_t m, int64_t kb, int64_t n, int64_t chunks) {
+    const int64_t k = kb * BLOCK;
+    float* x = malloc(sizeof(float) * m * k);
+    uint8_t* w = malloc(n * k);
+    float* w_scale = malloc(sizeof(float) * n * kb);
+    int8_t* aq = malloc(m * k);
+    float* a_scale = malloc(sizeof(float) * m * kb);
+    float* y = malloc(sizeof(float) * m * n);
+    for (int64_t i = 0; i < n * k; i++) w[i] = (uint8_t)(rnd() & 0xff);
+    for (int64_t i = 0; i < n * kb; i++) w_scale[i] = 1e-3f + 2e-2f * uniform();
+    for (int64_t i = 0; i < m * k; i++) x[i] = (uniform() - 0.5f) * 6.0f * (1 + (i / BLOCK) % 5);
+    for (int64_t i = 0; i < BLOCK && kb > 1; i++) x[BLOCK + i] = 0.0f; /* an all-zero block: scale 0 */
+#if defined(__x86_64__)
+    int32_t* a_corr = malloc(sizeof(int32_t) * m * ((kb + 1) / 2) * 16);
+    block_quantize(x, m, kb, aq, a_scale, a_corr);
+    BlockJob job = {.aq = aq, .a_scale = a_scale, .a_corr = a_corr, .w = w, .w_scale = w_scale, .y = y, .m = m,
+                    .kb = kb, .n = n, .chunks = chunks < n ? chunks : n};
+#else
+    block_quantize(x, m, kb, aq, a_scale);
+    BlockJob job = {.aq = aq, .a_scale = a_scale, .w = w, .w_scale = w_scale, .y = y, .m = m, .kb = kb, .n = n,
+                    .chunks = chunks < n ? chunks : n};
+#endif
+    for (int64_t c = 0; c < job.chunks; c++) block_run_chunk(&job, (size_t)c);
+    int bad = 0;
+    for (int64_t b = 0; b < m * kb && !bad; b++) {
+        float amax = 0.0f;
+        for (int i = 0; i < BLOCK; i++) amax = fmaxf(amax, fabsf(x[b * BLOCK + i]));
+        const float inverse = amax != 0.0f ? 127.0f / amax : 0.0f;
+        for (int i = 0; i < BLOCK && !bad; i++)
+            if (aq[b * BLOCK + i] != (int8_t)nearbyintf(x[b * BLOCK + i] * inverse) || a_scale[b] != amax / 127.0f) {
+                printf("m=%lld kb=%lld: activation code %lld differs\n", (long long)m, (long long)kb,
+                       (long long)(b * BLOCK + i));
+                bad = 1;
+            }
+    }
+    for (int64_t r = 0; r < m && !bad; r++)
+        for (int64_t nn = 0; nn < n && !bad; nn++) {
+            double want = 0.0, magnitude = 0.0;
+            for (int64_t b = 0; b < kb; b++) {
+                /* in double (exact: integers under 2^53): GCC 12 at -O3 vectorizes the int32 form of this sum,
+                 * (uint8 - 128) * int8, into wrong code for AVX512-VNNI */
+                double dot = 0.0, bound = 0.0; /* bound: what the kernel's integer partial sums can reach */
+                for (int i = 0; i < BLOCK; i++) {
+                    const double a = aq[(r * kb + b) * BLOCK + i];
+                    dot += ((double)w[(nn * kb + b) * BLOCK + i] - 128.0) * a;
+                    bound += ((double)w[(nn * kb + b) * BLOCK + i] + 128.0) * fabs(a);
+                }
+                const double scale = (double)w_scale[nn * kb + b] * a_scale[r * kb + b];
+                want += dot * scale, magnitude += bound * scale;
+            }
+            if (fabs(y[r * n + nn] - want) > 1e-6 * magnitude + 1e-30) {
+                printf("block m=%lld kb=%lld n=%lld: y[%lld, %lld] = %.9g, want %.9g\n", (long long)m, (long long)kb,
+                       (long long)n, (long long)r, (long long)nn, y[r * n + nn], want);
+                bad = 1;
+            }
+        }
+#if defined(__x86_64__)
+    free(a_corr);
+#endif
+    free(x), free(w), free(w_scale), free(aq), free(a_scale), free(y);
+    return bad;
+}
+
 int main(void) {
     /* decode rows, blocks of 4 rows and remainders, panel counts that are not a multiple of 4, K with a
      * quantization tail (not a multiple of 16), every chunking of the panel groups */
@@ -85,6 +152,12 @@ int main(void) {
         for (size_t z = 0; z < sizeof(zero_points) / sizeof(zero_points[0]); z++)
             for (int64_t chunks = 1; chunks <= 16; chunks *= 4, cases++)
                 if (check(shapes[s][0], shapes[s][1], shapes[s][2], zero_points[z], chunks)) return 1;
+    /* BlockInt8MatMul: one and several activation rows, odd block counts (a single-block last pair), more than
+     * 16 blocks (the scale vectors reload), row counts that are not a multiple of 4, every chunking */
+    static const int64_t block_shapes[][3] = {{1, 20, 64}, {1, 1, 5}, {3, 3, 37}, {2, 18, 9}, {5, 33, 70}, {1, 64, 19}};
+    for (size_t s = 0; s < sizeof(block_shapes) / sizeof(block_shapes[0]); s++)
+        for (int64_t chunks = 1; chunks <= 16; chunks *= 4, cases++)
+            if (check_block(block_shapes[s][0], block_shapes[s][1], block_shapes[s][2], chunks)) return 1;
     printf("ok %d\n", cases);
     return 0;
 }
