@@ -289,6 +289,41 @@ def add_rotary_caches(model: onnx.ModelProto, contract: Contract, theta: float, 
                                    name=f"gqa/Slice_{n}") for n in names)
 
 
+def limit_context(model: onnx.ModelProto, context: int) -> Contract:
+    """Size a graph for `context` positions (prompt + new tokens) in place; returns its new contract.
+
+    The rotary tables `rotary_nodes` computes when the session is created get `context` rows instead of
+    max_position_embeddings (Gemma 3's four tables: 67 MB of every session at 32,768 positions, 4 MB at 2,048;
+    LongRoPE's short and long tables alike), and the contract's max_position_embeddings becomes `context`, so the
+    runtime refuses a longer request with one line and the bundle's configs state it. Graphs without computed
+    tables (traced, learned positions) change their contract only."""
+    contract = read_contract(model)
+    if not 1 <= context <= contract.max_position_embeddings:
+        raise UserError(f"context {context}: give a number of positions from 1 to the model's "
+                        f"{contract.max_position_embeddings}")
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Range" and node.name.startswith("gqa/") and node.input[1] in inits:
+            inits[node.input[1]].CopyFrom(numpy_helper.from_array(np.array(float(context)), node.input[1]))
+    if "gqa.long_rows" in inits:  # where the long-factor table starts in the stacked pair
+        inits["gqa.long_rows"].CopyFrom(numpy_helper.from_array(np.array([context], np.int64), "gqa.long_rows"))
+    contract = replace(contract, max_position_embeddings=context)
+    write_contract(model, contract)
+    return contract
+
+
+def write_with_context(source: Path, target: Path, context: int) -> Contract:
+    """`source` model.onnx sized for `context` positions (`limit_context`) as the graph `target`, written beside
+    it: the weights stay in the source's external data file, which the new graph names as the source does (a
+    link or a copy would cost the file system or the time; onnx refuses hard-linked data)."""
+    if target.parent.resolve() != source.parent.resolve():
+        raise ValueError(f"{target} must be beside {source}: it reads the same external data")
+    model = onnx.load(str(source), load_external_data=False)
+    contract = limit_context(model, context)
+    onnx.save(model, str(target))
+    return contract
+
+
 def rotary_caches(contract: Contract, layer: int) -> tuple[str, str]:
     """The cos/sin cache inputs of a layer's GroupQueryAttention ("" without rotary)."""
     if contract.rope_theta is None:

@@ -44,6 +44,9 @@ class BenchConfig:
                                       "llamacpp (RUN/peers/model.gguf, else a .gguf source), llamacpp:NAME "
                                       "(RUN/peers/NAME.gguf), or none; repeat the flag or separate by commas.",
                                       many=True)
+    full_context: bool = option(bool, False, "Size each variant's session for the model's whole context "
+                                "instead of the request (prompt + new tokens, as the llama.cpp peer's n_ctx): "
+                                "rotary tables of every position, 67 MB more for Gemma 3.")
     timeout_s: int = option(int, 1800, "Seconds each runner may take.", lo=1)
     format: str = option(str, "table", "How the results print on stdout: table, md (Markdown), csv or json "
                          "(--json is --format json).", choices=FORMATS)
@@ -86,6 +89,23 @@ def run_json(cmd: list[str], timeout: int, env: dict[str, str] | None = None) ->
 
 
 def bench_variant(path: Path, config: BenchConfig, cache_dir: Path) -> dict:
+    """The variant's row, its session sized for the request unless --full-context: a graph sized by
+    `exporters.optimize.write_with_context`, written beside the variant's (it reads the same weights file) for
+    the runner's time and removed after."""
+    if config.full_context:
+        return bench_model(path, config, cache_dir)
+    from exporters.optimize import write_with_context
+
+    context = config.prompt_len + config.new_tokens
+    sized = path.with_name(f".{path.stem}-context{context}-{os.getpid()}.onnx")
+    try:
+        write_with_context(path, sized, context)
+        return {**bench_model(sized, config, cache_dir), "context": context}
+    finally:
+        sized.unlink(missing_ok=True)
+
+
+def bench_model(path: Path, config: BenchConfig, cache_dir: Path) -> dict:
     cmd = [sys.executable, "-m", "runtimes", "bench", str(path), "--provider", config.provider,
            "--threads", str(config.threads), "--prompt-len", str(config.prompt_len),
            "--new-tokens", str(config.new_tokens), "--warmup", str(config.warmup), "--repeats", str(config.repeats),
@@ -194,7 +214,8 @@ def bench(run: RunDir, config: BenchConfig) -> dict:
             r["decode_speedup_vs_pytorch"] = base / r["decode_ms_p50"]
     failed = [name for name, r in rows.items() if r.get("error")]
     results = {"provider": config.provider, "threads": config.threads, "prompt_len": config.prompt_len,
-               "new_tokens": config.new_tokens, "rows": rows, "failed": failed, "passed": not failed}
+               "new_tokens": config.new_tokens, "rows": rows, "failed": failed, "passed": not failed,
+               "context": "full" if config.full_context else config.prompt_len + config.new_tokens}
     run.record("bench", asdict(config), {n: str(p) for n, p in paths.items()}, results)
     if config.plot is not None:
         results["plot"] = str(write_plot(results, Path(config.plot)))
@@ -207,8 +228,10 @@ def measured(results: dict) -> dict[str, dict]:
 
 
 def heading(results: dict) -> str:
+    sized = ("the model's whole context" if results.get("context") == "full" else
+             f"{results['context']} positions" if results.get("context") else None)
     return (f"provider {results['provider']}, {results['threads']} threads, batch 1, {results['prompt_len']}-token "
-            f"prompt, {results['new_tokens']} decode steps")
+            f"prompt, {results['new_tokens']} decode steps" + (f"; sessions sized for {sized}" if sized else ""))
 
 
 def label(name: str, r: dict) -> str:

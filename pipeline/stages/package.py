@@ -34,7 +34,8 @@ from pathlib import Path
 from models.errors import UserError
 from models.files import publish, staging_dir
 from pipeline import progress
-from pipeline.loaders import TOKENIZER_FILE, genai_type, write_json, write_loader_files
+from pipeline.loaders import (GENAI_FILE, GENERATION_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, genai_type,
+                              write_json, write_loader_files)
 from pipeline.manifest import RunDir, sha256
 from pipeline.options import check_options, option
 from runtimes.bench import model_bytes
@@ -62,6 +63,10 @@ class PackageConfig:
     target: str | None = option(str, None, "The device's platform: the variant chosen must run there (any: every "
                                 "CPU onnxruntime runs on), and the manifest says what it needs there.",
                                 choices=TARGETS, optional=True)
+    context: int = option(int, 0, "Positions the bundle serves, prompt + new tokens (0: the model's whole "
+                          "context): its rotary tables and the memory its manifest states are sized to it, and a "
+                          "longer request is refused (Gemma 3: 67 MB of tables at 32,768 positions, 4 MB at 2,048).",
+                          lo=0)
 
     def __post_init__(self):
         check_options(self)
@@ -202,6 +207,23 @@ def stage_files(run: RunDir, variant: str, artifacts: dict, dest: Path) -> None:
     copy_verified(run.root / tokenizer["path"], dest / "tokenizer.json", tokenizer["files"][tokenizer["path"]])
 
 
+def size_for_context(model_path: Path, context: int) -> None:
+    """The staged graph sized for `context` positions (exporters.optimize.limit_context), its weights untouched;
+    the loader files that state the context (genai_config's context_length, max_length, model_max_length) go,
+    and `write_loader_files` writes them again from the new contract."""
+    import onnx
+
+    from exporters.optimize import limit_context
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    limit_context(model, context)
+    rewritten = model_path.with_name(model_path.name + ".sized")
+    onnx.save(model, str(rewritten))
+    os.replace(rewritten, model_path)  # a new file: never writes through a link to the run's copy
+    for name in (GENAI_FILE, GENERATION_FILE, TOKENIZER_CONFIG_FILE):
+        (model_path.parent / name).unlink(missing_ok=True)
+
+
 def memory_table(contract: Contract, weights_bytes: int, source: dict) -> dict:
     """Peak memory of generating at 2048 positions and at the whole context (runtimes/memory.py), by part; the
     device can compute any other length from kv_bytes_per_token."""
@@ -299,6 +321,8 @@ def package(run: RunDir, config: PackageConfig) -> dict:
         staged = tmp / out.name
         staged.mkdir()
         stage_files(run, variant, data["artifacts"], staged)
+        if config.context:
+            size_for_context(staged / MODEL_FILE, config.context)
         phase(steps[1])
         contract = model_contract(staged / MODEL_FILE)  # from the verified copy: the graph that ships
         write_loader_files(staged, source, staged / TOKENIZER_FILE, None)  # what an older run's folder lacks

@@ -582,3 +582,40 @@ def test_a_shipped_model_keeps_its_weights_beside_it_and_a_resave_never_appends_
     np.testing.assert_array_equal(y, x @ numpy_helper.to_array(model(2048).graph.initializer[0]))
     save_model_auto(model(8), path, shipped=True)  # too small to bother: inline, and the old data file is gone
     assert model_files(path) == [path] and files_size(path) == path.stat().st_size
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "phi3", "llama"])
+def test_a_graph_sized_for_a_context_computes_the_same_logits_and_refuses_past_it(family, tmp_path):
+    """`write_with_context`: rotary tables of 24 rows instead of 64 (Gemma's two bases; Phi-3's LongRoPE, whose
+    long-factor table is used past 8 positions here), the same logits bit for bit within the context, and a
+    longer request refused by the runtime from the contract, in one line."""
+    from exporters.optimize import write_with_context
+    from runtimes.errors import RuntimeUserError
+    from runtimes.generate import greedy_tokens
+    from runtimes.session import open_session
+
+    weights = open_weights(save(tiny_hf({**FAMILIES, **NEW_FAMILIES}[family]()), tmp_path / "ckpt"))
+    built = tmp_path / "built" / "model.onnx"
+    built.parent.mkdir()
+    full = build_graph(weights, built)
+    sized = built.with_name("sized.onnx")
+    contract = write_with_context(built, sized, 24)
+    assert full.max_position_embeddings == 64 and contract == read_contract(onnx.load(str(sized)))
+    assert contract.max_position_embeddings == 24
+    graph = onnx.load(str(sized), load_external_data=False).graph
+    inits = {t.name: t for t in graph.initializer}
+    rows = [float(onnx.numpy_helper.to_array(inits[n.input[1]])) for n in graph.node
+            if n.op_type == "Range" and n.name.startswith("gqa/")]
+    assert rows and set(rows) == {24.0} and len(rows) == (2 if family in ("gemma3_text", "phi3") else 1)
+    ids = np.random.default_rng(2).integers(0, TINY["vocab_size"], (1, 24))
+    for steps in (3, 18):
+        before, before_steps = graph_run(built, ids, steps)
+        after, after_steps = graph_run(sized, ids, steps)
+        np.testing.assert_array_equal(after, before)
+        for a, b in zip(after_steps, before_steps):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(RuntimeUserError, match="exceeds the model's context of 24") as e:
+        greedy_tokens(open_session(sized), list(range(20)), 8)
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="context 65: give a number of positions from 1 to the model's 64"):
+        write_with_context(built, built.with_name("other.onnx"), 65)

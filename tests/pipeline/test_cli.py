@@ -289,11 +289,18 @@ def test_check_fails_loudly_when_a_threshold_is_missed(run_dir, text_file, monke
 def test_bench_reports_every_runner_with_pytorch_baseline(run_dir):
     r = invoke("bench", run_dir, "--variant", "fused", "--json", "--prompt-len", "8", "--new-tokens", "4",
                "--repeats", "1", "--threads", "1")
-    rows = json.loads(r.output)["rows"]
+    results = json.loads(r.output)
+    rows = results["rows"]
     assert set(rows) == {"pytorch", "fused"}
     for row in rows.values():
         assert row["decode_ms_p50"] > 0 and row["prefill_ms"] > 0 and row["peak_rss_mb"] > 10
     assert rows["fused"]["decode_speedup_vs_pytorch"] > 0
+    # the session sized for the request, as llama.cpp's n_ctx: a graph beside the variant's for the runner's time
+    assert results["context"] == rows["fused"]["context"] == 12
+    assert sorted(p.name for p in (run_dir / "variants/fused").iterdir() if p.name.startswith("."))  == []
+    full = json.loads(invoke("bench", run_dir, "--variant", "fused", "--json", "--prompt-len", "8", "--new-tokens",
+                             "4", "--repeats", "1", "--threads", "1", "--compare", "none", "--full-context").output)
+    assert full["context"] == "full" and "context" not in full["rows"]["fused"]
 
 
 def test_bench_names_missing_peers(run_dir, monkeypatch):

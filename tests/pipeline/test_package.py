@@ -569,6 +569,31 @@ def test_a_w4_variants_shared_head_on_the_native_kernel_keeps_its_logits_and_shi
     assert greedy_tokens(open_session(bundle), ids, 6) == greedy_tokens(open_session(run / "variants/w4"), ids, 6)
 
 
+def test_a_bundle_sized_for_a_context_states_it_and_refuses_past_it(built_run, tmp_path):
+    """`package --context 40`: the graph's rotary tables and contract, genai_config's context_length and the
+    manifest's memory at that context; the same tokens as the variant within it, one line past it; the run's own
+    variant untouched."""
+    before = sha256(built_run / "variants/w4/model.onnx")
+    bundle = tmp_path / "bundle"
+    invoke("package", built_run, "--out", bundle, "--variant", "w4", "--context", "40")
+    assert sha256(built_run / "variants/w4/model.onnx") == before
+    contract = read_contract(onnx.load(str(bundle / "model.onnx"), load_external_data=False))
+    assert contract.max_position_embeddings == 40
+    assert json.loads((bundle / "genai_config.json").read_text())["model"]["context_length"] == 40
+    assert json.loads((bundle / "generation_config.json").read_text())["max_length"] == 40
+    memory = verify_bundle(bundle)["memory"]
+    assert [m["context"] for m in memory["at_context"]] == [40]
+    assert memory["at_context"][0]["rotary_tables_bytes"] == 2 * 40 * contract.head_dim // 2 * 4
+    ids = list(range(3, 11))
+    assert greedy_tokens(open_session(bundle), ids, 30) == greedy_tokens(open_session(built_run / "variants/w4"),
+                                                                          ids, 30)
+    with pytest.raises(RuntimeUserError, match="exceeds the model's context of 40"):
+        greedy_tokens(open_session(bundle), ids, 33)
+    one_line_error(invoke("package", built_run, "--out", tmp_path / "b2", "--variant", "w4", "--context", "100000",
+                          ok=False), "context 100000: give a number of positions from 1 to the model's 512")
+    assert not (tmp_path / "b2").exists()
+
+
 @pytest.mark.parametrize("variant", ["fused", "w8a8", "w4"])
 def test_optimum_loads_a_built_variant_folder_and_agrees(optimum_python, built_run, variant):
     expected = until_eos(main_env_tokens(built_run, variant))
