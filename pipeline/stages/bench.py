@@ -22,6 +22,7 @@ from models.errors import UserError
 from pipeline import options, progress
 from pipeline.manifest import RunDir
 from pipeline.options import check_options, fits_context, option
+from runtimes.bench import model_bytes
 
 
 MAX_REPEATS = 1000  # timed repetitions: a median of more says nothing new
@@ -100,7 +101,8 @@ def bench_variant(path: Path, config: BenchConfig, cache_dir: Path) -> dict:
     sized = path.with_name(f".{path.stem}-context{context}-{os.getpid()}.onnx")
     try:
         write_with_context(path, sized, context)
-        return {**bench_model(sized, config, cache_dir), "context": context}
+        row = bench_model(sized, config, cache_dir)
+        return row if row.get("error") else {**row, "file_bytes": model_bytes(path), "context": context}
     finally:
         sized.unlink(missing_ok=True)
 

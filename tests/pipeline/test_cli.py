@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.manifest import RunDir, sha256
+from runtimes.bench import model_bytes
 from runtimes.contract import past_names, present_names
 from runtimes.generate import greedy_tokens
 from runtimes.session import open_session
@@ -297,6 +298,7 @@ def test_bench_reports_every_runner_with_pytorch_baseline(run_dir):
     assert rows["fused"]["decode_speedup_vs_pytorch"] > 0
     # the session sized for the request, as llama.cpp's n_ctx: a graph beside the variant's for the runner's time
     assert results["context"] == rows["fused"]["context"] == 12
+    assert rows["fused"]["file_bytes"] == model_bytes(run_dir / "variants/fused/model.onnx")  # not the sized graph's
     assert sorted(p.name for p in (run_dir / "variants/fused").iterdir() if p.name.startswith("."))  == []
     full = json.loads(invoke("bench", run_dir, "--variant", "fused", "--json", "--prompt-len", "8", "--new-tokens",
                              "4", "--repeats", "1", "--threads", "1", "--compare", "none", "--full-context").output)
