@@ -13,7 +13,9 @@ integer products and the same float epilogue as onnxruntime's QuantizeLinear + M
 kernel reads it front to back; the QuantizeLinear / DequantizeLinear nodes left without readers go. MatMuls
 that do not fit the kernel (K not a multiple of 4, N not of 16, a weight zero point, a per-channel activation
 scale) stay as they are. The result needs the kernel library at run time (`python -m runtimes.kernels build`);
-the QDQ graph it came from stays the portable one (NPU execution providers, other CPUs).
+the QDQ graph it came from stays the portable one (NPU execution providers, other CPUs). Where the embedding
+gathers its rows from the head's int8 weight (a tied table stored once, embedding.share_static_head), it is
+made to gather them from the packed copy (`gather_packed_columns`), so that weight is still stored once.
 
 BlockInt8MatMul: an 8-bit MatMulNBits whose stored blocks another node also reads (the tied head whose blocks
 the token embedding gathers, exporters/quantization/embedding.py). onnxruntime prepacks a MatMulNBits weight into
@@ -51,6 +53,7 @@ class Match:
     x_zero_point: str
     weight: np.ndarray     # int8 (K, N)
     w_scale: np.ndarray    # float32 (N,)
+    weight_name: str       # the int8 initializer, which a shared embedding may also gather columns of
 
 
 def pack(weight: np.ndarray) -> np.ndarray:
@@ -101,7 +104,7 @@ def matches(model: onnx.ModelProto) -> list[Match]:
             w_scale = np.full(weight.shape[1], w_scale[0], np.float32)
         elif w_scale.size != weight.shape[1] or axis not in (1, -1):
             continue
-        found.append(Match(node, q.input[0], q.input[1], q.input[2], weight, w_scale))
+        found.append(Match(node, q.input[0], q.input[1], q.input[2], weight, w_scale, w_dq.input[0]))
     return found
 
 
@@ -127,11 +130,59 @@ def rewrite(model: onnx.ModelProto) -> int:
     del graph.node[:]
     graph.node.extend(nodes)  # each new node where its MatMul was: still in topological order
     graph.initializer.extend(new_inits)
+    for m in found.values():
+        gather_packed_columns(model, m.weight_name, f"{m.matmul.name or m.matmul.output[0]}/packed_weight",
+                              m.weight.shape[0])
     remove_dead_nodes(model)  # the Q/DQ pairs and weight DequantizeLinear nodes nothing reads any more
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     set_metadata(model, KERNEL_KEY, OP)
     return len(found)
+
+
+def gather_packed_columns(model: onnx.ModelProto, weight: str, packed: str, k: int) -> int:
+    """A shared embedding's column gather of the int8 head `weight` (K, N), with its transpose to (batch, seq, K)
+    (exporters/quantization/embedding.py `share_static_head`), made to read the packed copy instead, so the
+    original can go: token n's K codes sit at packed[n // 16, k // 4, 4 (n % 16) + k % 4] (`pack`), one GatherND.
+    Returns how many gathers moved."""
+    index = GraphIndex(model)
+    moved = 0
+    for gather in [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] == weight]:
+        readers = index.consumers.get(gather.output[0], [])
+        axis = next((a.i for a in gather.attribute if a.name == "axis"), 0)
+        if axis != 1 or len(readers) != 1 or readers[0].op_type != "Transpose" \
+                or [list(a.ints) for a in readers[0].attribute if a.name == "perm"] != [[1, 2, 0]]:
+            continue
+        transpose, ids, p = readers[0], gather.input[1], f"{gather.name}/packed"
+        ks = np.arange(k, dtype=np.int64)
+        model.graph.initializer.extend([
+            numpy_helper.from_array(np.array(16, np.int64), f"{p}/sixteen"),
+            numpy_helper.from_array(np.array(4, np.int64), f"{p}/four"),
+            numpy_helper.from_array(np.zeros(k, np.int64), f"{p}/zeros"),
+            numpy_helper.from_array(ks // 4, f"{p}/groups"),
+            numpy_helper.from_array(ks % 4, f"{p}/within"),
+            numpy_helper.from_array(np.array([-1], np.int64), f"{p}/last_axis")])
+        new = [helper.make_node("Div", [ids, f"{p}/sixteen"], [f"{p}/panel"], f"{p}/Panel"),
+               helper.make_node("Mod", [ids, f"{p}/sixteen"], [f"{p}/column"], f"{p}/Column"),
+               helper.make_node("Mul", [f"{p}/column", f"{p}/four"], [f"{p}/lane"], f"{p}/Lane"),
+               helper.make_node("Unsqueeze", [f"{p}/panel", f"{p}/last_axis"], [f"{p}/panel3"], f"{p}/Panel3"),
+               helper.make_node("Unsqueeze", [f"{p}/lane", f"{p}/last_axis"], [f"{p}/lane3"], f"{p}/Lane3"),
+               helper.make_node("Add", [f"{p}/panel3", f"{p}/zeros"], [f"{p}/i0"], f"{p}/I0"),
+               helper.make_node("Shape", [f"{p}/i0"], [f"{p}/shape"], f"{p}/Shape"),
+               helper.make_node("Expand", [f"{p}/groups", f"{p}/shape"], [f"{p}/i1"], f"{p}/I1"),
+               helper.make_node("Add", [f"{p}/lane3", f"{p}/within"], [f"{p}/i2"], f"{p}/I2")]
+        new += [helper.make_node("Unsqueeze", [f"{p}/{i}", f"{p}/last_axis"], [f"{p}/{i}_4"], f"{p}/{i}_4")
+                for i in ("i0", "i1", "i2")]
+        new += [helper.make_node("Concat", [f"{p}/i0_4", f"{p}/i1_4", f"{p}/i2_4"], [f"{p}/indices"],
+                                 f"{p}/Indices", axis=-1),
+                helper.make_node("GatherND", [packed, f"{p}/indices"], list(transpose.output), f"{p}/GatherND")]
+        at = list(model.graph.node).index(gather)
+        model.graph.node.remove(gather)
+        model.graph.node.remove(transpose)
+        for i, node in enumerate(new):
+            model.graph.node.insert(at + i, node)
+        moved += 1
+    return moved
 
 
 def _float_scales(index: GraphIndex, name: str) -> bool:

@@ -16,6 +16,11 @@ from onnx import TensorProto, numpy_helper
 SHAPE_ONLY_OPS = ("Shape", "Size")
 
 
+# the hidden x hidden map a static int8 model's embedding applies to the head's int8 columns it reads as its table
+# (exporters/quantization/embedding.py `share_static_head`): part of the token lookup, not a weight MatMul
+TABLE_MAP_SUFFIX = "/shared/Map"
+
+
 class GraphIndex:
     """Maps over `model.graph` at the time it is built (the protos are shared, so in-place edits show)."""
 
@@ -58,10 +63,11 @@ class GraphIndex:
 
     def weight_matmuls(self) -> list[onnx.NodeProto]:
         """MatMuls whose B is a 2-D float initializer: the projections and lm_head. Attention-score and rotary
-        MatMuls multiply two activations, so they are never in this list."""
+        MatMuls multiply two activations, so they are never in this list; nor is the map of a tied table read
+        from the head (TABLE_MAP_SUFFIX), which is part of the token lookup."""
         return [n for n in self.model.graph.node
                 if n.op_type == "MatMul" and n.input[1] in self.inits and len(self.inits[n.input[1]].dims) == 2
-                and self.inits[n.input[1]].data_type == TensorProto.FLOAT]
+                and self.inits[n.input[1]].data_type == TensorProto.FLOAT and not n.name.endswith(TABLE_MAP_SUFFIX)]
 
     def weight_shapes(self) -> dict[str, tuple[int, int]]:
         """(K, N) of each weight MatMul's weight, by node name."""

@@ -19,7 +19,7 @@ from exporters.graph import GraphIndex
 from exporters.onnx_io import EXTERNAL_DATA_THRESHOLD, files_size, save_model_auto
 from exporters.probe import input_hessians
 from exporters.quantization.config import WEIGHT_BITS_KEY
-from exporters.quantization.embedding import quantize_embeddings
+from exporters.quantization.embedding import quantize_embeddings, share_static_head
 from exporters.quantization.nbits import BlockwiseRounding, nbits
 from exporters.quantization.quiet import quiet
 from models.errors import UserError
@@ -74,6 +74,7 @@ class QdqJob:
     config: QdqConfig
     rounded: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # MatMul -> GPTQ (q, scale)
     fallback_rounding: "BlockwiseRounding | None" = None  # GPTQ for the MatMuls that fall back to w8
+    tie: tuple | None = None  # (embedding Gather, lm_head, map): the table read from the int8 head (embedding.py)
 
 
 def quantize_qdq(job: QdqJob, nodes: list[str], out_path: Path) -> None:
@@ -106,6 +107,7 @@ def quantize_qdq(job: QdqJob, nodes: list[str], out_path: Path) -> None:
         restore_float_readers(graph, set(nodes))
         set_rounded_weights(graph, {n: job.rounded[n] for n in nodes if n in job.rounded})
         if job.config.quantizes_embeddings:
+            share_static_head(graph, job.tie)  # the tied table stored once, where the head is static int8
             quantize_embeddings(graph, job.config.block_size)
         save_model_auto(graph, out_path)
         return

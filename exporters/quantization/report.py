@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import asdict, dataclass
 
 import onnx
 
 from exporters.quantization.config import QuantConfig
+from exporters.quantization.embedding import SHARED_TABLE_KEY
 from exporters.quantization.nbits import nbits_quantized
 from exporters.quantization.qdq import qdq_quantized
 
@@ -55,5 +58,14 @@ def read_report(shapes: dict[str, tuple[int, int]], activation_matmuls: list[str
                        {n: reasons[n] for n in sorted(fallback)},
                        {n: why for n, why in sorted(reasons.items()) if n not in fallback}, sorted(activation_matmuls),
                        sum(flops[n] for n in done) / total, sum(flops[n] for n in fallback) / total,
-                       {"bits": 8 if tables else 32, "block_size": config.block_size if tables else None,
-                        "tables": tables}, details, config)
+                       embedding_form(after, tables, config.block_size), details, config)
+
+
+def embedding_form(model: onnx.ModelProto, tables: list[str], block_size: int) -> dict:
+    """The token table's form: int8 blocks of its own (`tables`), the head's 8-bit weights it reads (a tied table
+    stored once, exporters/quantization/embedding.py), or float."""
+    shared = any(n.name.endswith(("/shared/GatherColumns", "/shared/GatherBlocks")) for n in model.graph.node)
+    form = {"bits": 8 if tables or shared else 32, "block_size": block_size if tables else None, "tables": tables,
+            "shared_with_head": shared}
+    measured = next((p.value for p in model.metadata_props if p.key == SHARED_TABLE_KEY), None)
+    return {**form, "static_head_share": json.loads(measured)} if measured else form

@@ -94,6 +94,8 @@ def int8_flop_share(model_path) -> dict:
     import onnx
     from onnx import numpy_helper
 
+    from exporters.graph import TABLE_MAP_SUFFIX
+
     m = onnx.load(str(model_path), load_external_data=False)
     g = m.graph
     inits = {t.name: t for t in g.initializer}
@@ -122,6 +124,8 @@ def int8_flop_share(model_path) -> dict:
             total += 64 * panels * groups
             int8_w += 64 * panels * groups
             int8_wa += 64 * panels * groups
+        elif n.op_type == "MatMul" and n.name.endswith(TABLE_MAP_SUFFIX):  # a tied table's map: the lookup's
+            continue
         elif n.op_type == "MatMul" and n.input[1] in inits:  # float weight
             dims = inits[n.input[1]].dims
             total += dims[-2] * dims[-1] * blocks(n.input[0])

@@ -174,3 +174,50 @@ def test_block_int8_matmul_computes_what_matmul_nbits_does(native_kernels, v, k,
         got = session_of(native, threads, native_kernels).run(None, feed)
         np.testing.assert_array_equal(got[1], want[1])
         np.testing.assert_allclose(got[0], want[0], rtol=0, atol=2e-6 * np.abs(want[0]).max())
+
+
+def test_a_shared_table_reads_the_packed_head_and_the_unpacked_codes_go(native_kernels):
+    """A static int8 head whose codes the embedding gathers (embedding.share_static_head): after the rewrite
+    the embedding gathers the same codes from StaticInt8MatMul's packed copy (one GatherND over
+    (N/16, K/4, 64)), the original int8 weight is gone from the file, and the embedding rows are bit for bit
+    those of the QDQ graph; token ids at panel edges and the last token included."""
+    from exporters.quantization.embedding import share_static_head, tied_through_map
+
+    rng = np.random.default_rng(5)
+    k, n = 32, 96  # more tokens than channels: the map is determined
+    table = rng.standard_normal((n, k)).astype(np.float32)
+    w = (table * rng.uniform(0.5, 2.0, k)).T.astype(np.float32)
+    scale = (np.abs(w).max(0) / 127).astype(np.float32)
+    float_pair = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["h"], name="embed", axis=0),
+         helper.make_node("MatMul", ["h", "w"], ["logits"], name="head")], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, None])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(w, "w")])
+    tie = tied_through_map(helper.make_model(float_pair, opset_imports=[helper.make_opsetid("", 21)]))
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["h"], name="embed", axis=0),
+             helper.make_node("QuantizeLinear", ["h", "x_scale", "x_zero"], ["hq"]),
+             helper.make_node("DequantizeLinear", ["hq", "x_scale", "x_zero"], ["hd"]),
+             helper.make_node("DequantizeLinear", ["codes", "w_scale", "w_zero"], ["wd"], axis=1),
+             helper.make_node("MatMul", ["hd", "wd"], ["logits"], name="head")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, None])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("h", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(table, "table"),
+                               numpy_helper.from_array(np.round(w / scale).astype(np.int8), "codes"),
+                               numpy_helper.from_array(scale, "w_scale"),
+                               numpy_helper.from_array(np.zeros(n, np.int8), "w_zero"),
+                               numpy_helper.from_array(np.float32(0.05), "x_scale"),
+                               numpy_helper.from_array(np.uint8(128), "x_zero")])
+    qdq = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    assert share_static_head(qdq, tie)
+    native = onnx.ModelProto()
+    native.CopyFrom(qdq)
+    assert rewrite(native) == 1
+    ops = Counter(node.op_type for node in native.graph.node)
+    assert ops["GatherND"] == 1 and ops[OP] == 1 and "codes" not in {t.name for t in native.graph.initializer}
+    ids = np.array([[0, 15, 16, 17, 31, 32, 95]], np.int64)
+    want = session_of(qdq, 1).run(None, {"ids": ids})
+    got = session_of(native, 2, native_kernels).run(None, {"ids": ids})
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-6 * np.abs(want[0]).max())

@@ -16,6 +16,7 @@ the norms too, +4.9%), w8 +2.1%
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,8 @@ from exporters.export import export_onnx
 from exporters.optimize import optimize
 from exporters.gptq import gptq, gptq_blockwise
 from exporters.rotation import ONLINE_SUFFIX, hadamard, rotate
-from exporters.graph import weight_matmuls
+from exporters.graph import TABLE_MAP_SUFFIX, weight_matmuls
+from exporters.quantization.embedding import SHARE_ERROR_RATIO
 from exporters.quantization.nbits import NBitsConfig, nbits as _nbits, write_nbits
 from exporters.quantize import WEIGHT_BITS_KEY, fake_nbits, QuantConfig, perplexity, qdq_quantized, quantize
 from exporters.smoothing import ALPHA_GRID, SPLIT_HEADROOM, ActivationStats, best_alpha, collect_activation_stats, \
@@ -221,13 +223,20 @@ def test_qdq_wraps_weight_matmuls_only(models, quantized, graph, recipe):
     for name in online:
         assert all(made_by[i].op_type not in ("DequantizeLinear", "QuantizeLinear") for i in next(
             n for n in model.graph.node if n.name == name).input if i in made_by)
-    attention = [n for n in model.graph.node if n.op_type == "MatMul" and n not in weight and n.name not in online]
+    attention = [n for n in model.graph.node if n.op_type == "MatMul" and n not in weight and n.name not in online
+                 and not n.name.endswith(TABLE_MAP_SUFFIX)]  # a tied table's map belongs to the token lookup
     assert len(attention) == (4 if graph == "plain" else 0)  # fused: the scores live inside GroupQueryAttention
     for n in attention:
         assert all(made_by[i].op_type not in ("DequantizeLinear", "QuantizeLinear") for i in n.input)
     if recipe == "static":  # the stock recipe leaves the embedding float
         gather = next(n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits)
         assert gather.input[0] == "model.embed_tokens.weight" and report["embedding"]["tables"] == []
+    elif report["embedding"]["shared_with_head"]:  # the tied table read from the int8 head's columns
+        assert recipe == "w8a8" and report["embedding"]["tables"] == []
+        assert report["embedding"]["static_head_share"]["shared"]
+        columns = next(n for n in model.graph.node if n.name.endswith("/shared/GatherColumns"))
+        head = next(n for n in weight if LOGITS in n.output)
+        assert columns.input[0] == made_by[head.input[1]].input[0]
     else:
         assert report["embedding"]["tables"] == ["model.embed_tokens.weight"]
         assert not any(n.op_type == "Gather" and n.input[0] in inits for n in model.graph.node)
@@ -238,8 +247,10 @@ def test_qdq_wraps_weight_matmuls_only(models, quantized, graph, recipe):
 def test_embedding_table_is_int8_blockwise_and_gathers_the_same_rows(models, quantized, recipe):
     """GatherBlockQuantized: uint8 around 128, one scale per 32 values of a row; the rows it returns are the
     float table's within half a quantization step, so the logits move only by the int8 error. (w8a8 rotates
-    the table first, with a fixed seed: the same rotation applied again gives the table it quantized.) The
-    weight-only recipes share the tied head's 8-bit blocks instead."""
+    the table first, with a fixed seed: the same rotation applied again gives the table it quantized.) This model
+    ties its head: the weight-only recipes' embedding reads the head's 8-bit blocks (one table); w8a8 keeps int8
+    blocks of its own, since its float passes make the head's int8 columns too coarse a table for this decoder
+    (test_a_static_head_shares_its_codes_only_where_they_make_a_fine_enough_table)."""
     path, report = quantized("fused", recipe)
     source = onnx.load(str(models["fused"]))
     if recipe == "w8a8":
@@ -248,24 +259,122 @@ def test_embedding_table_is_int8_blockwise_and_gathers_the_same_rows(models, qua
     table = float_table["model.embed_tokens.weight"]
     model = onnx.load(str(path))
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    if recipe != "w8a8":  # this model ties its head: the embedding reads the head's 8-bit blocks (one table)
-        assert report["tied_table_shared"] and report["embedding"]["tables"] == []
-        assert not any(n.op_type == "GatherBlockQuantized" for n in model.graph.node)
-        head = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and LOGITS in n.output)
-        blocks, scales = inits[head.input[1]], inits[head.input[2]]
-        assert blocks.shape == (table.shape[0], table.shape[1] // 32, 32)
-        rows = ((blocks.astype(np.float32) - 128) * scales[..., None]).reshape(table.shape)
-        # GPTQ rounds the head for its products, not to nearest: within one step of the float table
-        np.testing.assert_array_less(np.abs(rows - table), np.abs(scales).repeat(32, 1) + 1e-7)
+    if recipe == "w8a8":  # this decoder's outlier norm weights make the head's columns too coarse a table
+        share = report["embedding"]["static_head_share"]
+        assert not share["shared"] and share["relative_error"] > SHARE_ERROR_RATIO * share["own_blocks_relative_error"]
+        node = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+        data, scales = inits[node.input[0]], inits[node.input[2]]
+        rows = (data.astype(np.float32) - 128).reshape(*scales.shape, 32) * scales[..., None]
+        np.testing.assert_array_less(np.abs(rows.reshape(table.shape) - table), scales.repeat(32, 1) / 2 + 1e-7)
+        assert report["embedding"]["tables"] == ["model.embed_tokens.weight"]
         return
+    # the weight-only recipes: the embedding reads the head's 8-bit blocks
+    assert report["embedding"]["shared_with_head"] and report["embedding"]["tables"] == []
+    assert not any(n.op_type == "GatherBlockQuantized" for n in model.graph.node)
+    assert report["tied_table_shared"] and report["embedding"]["tables"] == []
+    assert not any(n.op_type == "GatherBlockQuantized" for n in model.graph.node)
+    head = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and LOGITS in n.output)
+    blocks, scales = inits[head.input[1]], inits[head.input[2]]
+    assert blocks.shape == (table.shape[0], table.shape[1] // 32, 32)
+    rows = ((blocks.astype(np.float32) - 128) * scales[..., None]).reshape(table.shape)
+    # GPTQ rounds the head for its products, not to nearest: within one step of the float table
+    np.testing.assert_array_less(np.abs(rows - table), np.abs(scales).repeat(32, 1) + 1e-7)
+
+
+def tied_pair(e: np.ndarray, w: np.ndarray) -> onnx.ModelProto:
+    """An embedding Gather of table `e` (vocab, hidden) and a head MatMul of weight `w` (hidden, vocab)."""
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["h"], name="embed", axis=0),
+             helper.make_node("MatMul", ["h", "head_weight"], [LOGITS], name="head")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, None])],
+                              [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(e, "table"), numpy_helper.from_array(w, "head_weight")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def test_a_tied_pair_is_found_through_the_map_its_float_passes_put_between_them():
+    """A folded norm or smoothing (diagonal) and a rotation (orthogonal, the table rotated too) keep the table
+    the head's weight seen through one hidden x hidden map; an untied pair has none."""
+    from exporters.quantization.embedding import tied_through_map
+
+    rng = np.random.default_rng(3)
+    e = rng.standard_normal((300, 32)).astype(np.float32)
+    q, _ = np.linalg.qr(rng.standard_normal((32, 32)))
+    gamma = rng.uniform(0.2, 3.0, 32)
+    for table, weight in ((e, e.T), (e, (e * gamma).T), (e @ q, ((e * gamma) @ q).T)):
+        found = tied_through_map(tied_pair(table.astype(np.float32), weight.astype(np.float32)))
+        assert found is not None and found[:2] == ("embed", "head")
+        np.testing.assert_allclose(weight.T @ found[2], table, atol=1e-4)
+    assert tied_through_map(tied_pair(e, rng.standard_normal((32, 300)).astype(np.float32))) is None
+
+
+def static_head_model(e: np.ndarray, w: np.ndarray) -> tuple[onnx.ModelProto, tuple]:
+    """`tied_pair` with the head's weight as static int8 (per-column scale, GPTQ-free nearest rounding) behind a
+    DequantizeLinear, as quantize_static writes it; and the tie found on the float pair."""
+    from exporters.quantization.embedding import tied_through_map
+
+    tie = tied_through_map(tied_pair(e, w))
+    scale = (np.abs(w).max(0) / 127).astype(np.float32)
+    codes = np.round(w / scale).astype(np.int8)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["h"], name="embed", axis=0),
+             helper.make_node("DequantizeLinear", ["codes", "scale", "zero"], ["wd"], axis=1),
+             helper.make_node("MatMul", ["h", "wd"], [LOGITS], name="head")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, None])],
+                              [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("h", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(e, "table"), numpy_helper.from_array(codes, "codes"),
+                               numpy_helper.from_array(scale, "scale"),
+                               numpy_helper.from_array(np.zeros(w.shape[1], np.int8), "zero")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), tie
+
+
+def test_a_static_head_shares_its_codes_only_where_they_make_a_fine_enough_table():
+    """A head that is the table scaled by a mild norm (0.5-2) gives rows within SHARE_ERROR_RATIO of the table's
+    own int8 blocks: the embedding reads its columns (the float table goes) and returns the table's rows to the
+    codes' precision. Outlier norm weights (one channel 100x) make every column's scale that channel's: refused,
+    nothing changed, and the measured errors recorded either way."""
+    from exporters.quantization.embedding import SHARED_TABLE_KEY, share_static_head
+
+    rng = np.random.default_rng(4)
+    e = rng.standard_normal((200, 64)).astype(np.float32)
+    ids = np.array([[0, 5, 199]], np.int64)
+    for gamma, shares in ((rng.uniform(0.5, 2.0, 64), True), (np.r_[100.0, np.ones(63)], False)):
+        model, tie = static_head_model(e, (e * gamma).T.astype(np.float32))
+        before = [n.op_type for n in model.graph.node]
+        assert share_static_head(model, tie) == shares
+        record = json.loads({p.key: p.value for p in model.metadata_props}[SHARED_TABLE_KEY])
+        assert record["shared"] == shares and record["own_blocks_relative_error"] > 0
+        assert (record["relative_error"] <= SHARE_ERROR_RATIO * record["own_blocks_relative_error"]) == shares
+        if not shares:
+            assert [n.op_type for n in model.graph.node] == before
+            continue
+        assert "table" not in {t.name for t in model.graph.initializer}
+        rows = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            ["h"], {"ids": ids})[0][0]
+        np.testing.assert_allclose(rows, e[ids[0]], atol=0.03 * np.abs(e).max())
+
+
+def test_an_untied_table_becomes_int8_blocks_that_gather_the_same_rows():
+    """GatherBlockQuantized: uint8 around 128, one scale per 32 values of a row; the rows it returns are the
+    float table's within half a quantization step."""
+    from exporters.quantization.embedding import quantize_embeddings
+
+    table = np.random.default_rng(0).standard_normal((50, 64)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["rows"], axis=0)], "g",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, None])],
+                              [helper.make_tensor_value_info("rows", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(table, "table")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    assert quantize_embeddings(model, 32) == ["table"]
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     node = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
     data, scales, zp = (inits[i] for i in (node.input[0], node.input[2], node.input[3]))
-    assert data.dtype == np.uint8 and data.shape == table.shape
-    assert scales.shape == (table.shape[0], table.shape[1] // 32)
+    assert data.dtype == np.uint8 and data.shape == table.shape and scales.shape == (50, 2)
     assert (zp == 128).all() and {a.name: a.i for a in node.attribute}["bits"] == 8
     rows = (data.astype(np.float32) - 128).reshape(*scales.shape, 32) * scales[..., None]
     np.testing.assert_array_less(np.abs(rows.reshape(table.shape) - table), scales.repeat(32, 1) / 2 + 1e-7)
-    assert report["embedding"] == {"bits": 8, "block_size": 32, "tables": ["model.embed_tokens.weight"]}
+    ids = np.array([[0, 49, 7]], np.int64)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})
+    np.testing.assert_array_equal(got[0][0], rows.reshape(table.shape)[ids[0]])
 
 
 def test_w4_moves_the_most_damaging_matmuls_to_8_bits_until_the_budget_holds(models, quantized, valid_ids):

@@ -569,6 +569,23 @@ def test_a_w4_variants_shared_head_on_the_native_kernel_keeps_its_logits_and_shi
     assert greedy_tokens(open_session(bundle), ids, 6) == greedy_tokens(open_session(run / "variants/w4"), ids, 6)
 
 
+def test_w8a8_native_gathers_the_tied_table_from_the_packed_head(built_run, tmp_path, native_kernels):
+    """The tied table that w8a8's embedding reads from the int8 head is, in w8a8-native, read from the kernel's
+    packed copy (one GatherND), so the original int8 weight goes: the table is in the file and in memory once.
+    optimize checks the logits against w8a8."""
+    run = copy_run(built_run, tmp_path / "run")
+    res = json.loads(invoke("optimize", run, "--native-int8", "--json").output)
+    assert res["parity_max_abs_logit_diff"]["prefill+decode"] <= 1e-4
+    source = onnx.load(str(run / "variants/w8a8/model.onnx"), load_external_data=False)
+    columns = next(n for n in source.graph.node if n.name.endswith("/shared/GatherColumns"))
+    model = onnx.load(str(run / "variants/w8a8-native/model.onnx"), load_external_data=False)
+    nodes = {n.name: n for n in model.graph.node}
+    gather = next(n for n in model.graph.node if n.op_type == "GatherND")
+    head = next(n for n in model.graph.node if n.op_type == "StaticInt8MatMul" and "logits" in n.output)
+    assert gather.input[0] == head.input[1] and columns.name not in nodes
+    assert columns.input[0] not in {t.name for t in model.graph.initializer}  # the unpacked copy is gone
+
+
 def test_a_bundle_sized_for_a_context_states_it_and_refuses_past_it(built_run, tmp_path):
     """`package --context 40`: the graph's rotary tables and contract, genai_config's context_length and the
     manifest's memory at that context; the same tokens as the variant within it, one line past it; the run's own
