@@ -133,7 +133,8 @@ def main(name: str = "smollm2", description: str = __doc__,
     p.add_argument("--windows", type=int, default=2)
     p.add_argument("--calib-windows", type=int, default=32, help="calibration windows of 128 tokens")
     p.add_argument("--memory-prompts", default="512,1536,2048",
-                   help="prompt lengths of the peak-memory runs (w8a8, w4 and gguf against llama.cpp; '' for none)")
+                   help="prompt lengths of the peak-memory runs (w8a8, w4 and gguf, on the native kernels where "
+                        "built, against llama.cpp; '' for none)")
     p.add_argument("--plot", default=f"docs/{name}-bench.png",
                    help="the chart of the speed table (decode ms/token and prefill per runner) that "
                         "docs/benchmarks.md embeds; '' for none (needs matplotlib)")
@@ -154,10 +155,12 @@ def main(name: str = "smollm2", description: str = __doc__,
             pipeline("quantize", str(out), "--recipe", recipe, "--calib-text", str(calib),
                      "--calib-windows", str(a.calib_windows), "--json")
     variants = ["fused", *a.recipes.split(",")]
-    native = None
-    if "w8a8" in variants and native_kernel_built():  # the same w8a8 on pipeline's own int8 kernel
-        native = pipeline("optimize", str(out), "--native-int8", "--json")
-        variants.append("w8a8-native")
+    native = {}
+    if native_kernel_built():  # w8a8 on pipeline's own int8 kernel; the weight-only variants' tied 8-bit head on
+        for source in ("w8a8", "w4", "gguf"):  # the one that reads its blocks as stored (one table in memory)
+            if source in variants:
+                native[source] = pipeline("optimize", str(out), "--native-int8", "--source", source, "--json")
+                variants.append(f"{source}-native")
     vargs = [x for v in variants for x in ("--variant", v)]
     llamacpp = llamacpp_peers(Path(a.gguf), out / "peers")
     compare = ["--compare", ",".join(llamacpp)] if llamacpp else []
@@ -169,8 +172,8 @@ def main(name: str = "smollm2", description: str = __doc__,
                      "--new-tokens", "64", "--repeats", "5", "--compare", ",".join(peers), "--json",
                      *(["--plot", a.plot] if a.plot else []))
     memory = {}  # peak RSS and prefill against the prompt's length: what an edge board must hold
-    small = [x for v in ("w8a8-native" if native else "w8a8", "w4", "gguf") if v in variants
-             for x in ("--variant", v)]
+    small = [x for v in ("w8a8", "w4", "gguf") if v in variants
+             for x in ("--variant", f"{v}-native" if v in native else v)]
     for prompt in [int(x) for x in a.memory_prompts.split(",") if x]:
         memory[prompt] = pipeline("bench", str(out), *small, *compare, "--threads", str(a.threads), "--prompt-len",
                                   str(prompt), "--new-tokens", "16", "--repeats", "1", "--json")["rows"]
@@ -220,9 +223,8 @@ def render(r: dict) -> str:
             lines.append(f"| {prompt} | " + " | ".join(
                 f"{b['peak_rss_mb']:.0f} / {b['prefill_ms']:.0f}" if "peak_rss_mb" in b else "-"
                 for b in rows.values()) + " |")
-    if r.get("native"):
-        n = r["native"]
-        lines.append(f"\nw8a8-native: {n['matmuls']} MatMuls on {n['kernel']}; max |logit diff| vs w8a8 "
+    for source, n in (r.get("native") or {}).items():
+        lines.append(f"\n{source}-native: {n['matmuls']} MatMuls on {n['kernel']}; max |logit diff| vs {source} "
                      f"{max(n['parity_max_abs_logit_diff'].values()):.2g}")
     return "\n".join(lines)
 

@@ -5,6 +5,7 @@ search measures is the one it would keep."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -78,20 +79,28 @@ def quantize_embeddings(model: onnx.ModelProto, block_size: int) -> list[str]:
     return done
 
 
-def tied_head(model: onnx.ModelProto, weights_dir: str | Path = "") -> tuple[str, str] | None:
-    """(embedding Gather, lm_head MatMul) when the Gather's (vocab, hidden) table is exactly the transpose of the
-    head's weight: a tied pair that no float pass (rotation, smoothing, a folded norm) has made two. Weights
-    left in external data are read from `weights_dir`."""
+def tied_candidates(model: onnx.ModelProto) -> Iterator[tuple[onnx.NodeProto, onnx.NodeProto, onnx.TensorProto,
+                                                                 onnx.TensorProto]]:
+    """(embedding Gather, lm_head MatMul, table, weight) for each Gather along axis 0 from a (vocab, hidden) table
+    shaped as the transpose of the head's (hidden, vocab) weight."""
     g = GraphIndex(model)
     head = next((n for n in model.graph.node if LOGITS in n.output and n.name in g.weight_names), None)
     if head is None:
-        return None
+        return
     weight = g.inits[head.input[1]]
     for node in model.graph.node:
         axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
         table = g.inits.get(node.input[0]) if node.op_type == "Gather" and axis == 0 else None
-        if table is not None and list(table.dims) == list(weight.dims)[::-1] \
-                and np.array_equal(tensor_array(table, weights_dir), tensor_array(weight, weights_dir).T):
+        if table is not None and list(table.dims) == list(weight.dims)[::-1]:
+            yield node, head, table, weight
+
+
+def tied_head(model: onnx.ModelProto, weights_dir: str | Path = "") -> tuple[str, str] | None:
+    """(embedding Gather, lm_head MatMul) when the Gather's (vocab, hidden) table is exactly the transpose of the
+    head's weight: a tied pair that no float pass (rotation, smoothing, a folded norm) has made two. Weights
+    left in external data are read from `weights_dir`."""
+    for node, head, table, weight in tied_candidates(model):
+        if np.array_equal(tensor_array(table, weights_dir), tensor_array(weight, weights_dir).T):
             return node.name, head.name
     return None
 
@@ -148,15 +157,8 @@ def tied_through_map(model: onnx.ModelProto, weights_dir: str | Path = "") -> tu
     through the float passes of static int8: folding the final norm (diagonal), smoothing (diagonal) and rotating
     the residual stream (orthogonal, the table rotated by the same Q) each multiply W by a hidden x hidden
     matrix and leave E's rows where they were, or rotate both. X comes from the normal equations, in float64."""
-    g = GraphIndex(model)
-    head = next((n for n in model.graph.node if LOGITS in n.output and n.name in g.weight_names), None)
-    if head is None:
-        return None
-    weight = g.inits[head.input[1]]
-    for node in model.graph.node:
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        table = g.inits.get(node.input[0]) if node.op_type == "Gather" and axis == 0 else None
-        if table is None or list(table.dims) != list(weight.dims)[::-1] or table.dims[0] <= table.dims[1]:
+    for node, head, table, weight in tied_candidates(model):
+        if table.dims[0] <= table.dims[1]:
             continue  # (fewer tokens than channels would leave the map undetermined)
         w = tensor_array(weight, weights_dir).astype(np.float64)
         e = tensor_array(table, weights_dir).astype(np.float64)

@@ -227,6 +227,20 @@ static void* data_of(const OrtValue* value) {
     return data;
 }
 
+/* The output: x's shape with its last dimension n; *m is the number of rows (the product of the others). */
+static OrtStatus* output_rows(OrtKernelContext* context, const int64_t* x_dims, size_t x_rank, int64_t n, float** y,
+                              int64_t* m) {
+    int64_t y_dims[8];
+    memcpy(y_dims, x_dims, sizeof(int64_t) * x_rank);
+    y_dims[x_rank - 1] = n;
+    *m = 1;
+    for (size_t i = 0; i + 1 < x_rank; i++) *m *= x_dims[i];
+    OrtValue* value;
+    RETURN_IF_ERROR(g_api->KernelContext_GetOutput(context, 0, y_dims, x_rank, &value));
+    *y = (float*)data_of(value);
+    return NULL;
+}
+
 static OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* context) {
     (void)kernel;
     const OrtValue* in[6];
@@ -242,14 +256,7 @@ static OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* context) 
     job.k = x_dims[x_rank - 1];
     job.panels = w_dims[0];
     job.n = 16 * job.panels;
-    job.m = 1;
-    for (size_t i = 0; i + 1 < x_rank; i++) job.m *= x_dims[i];
-    int64_t y_dims[8];
-    memcpy(y_dims, x_dims, sizeof(int64_t) * x_rank);
-    y_dims[x_rank - 1] = job.n;
-    OrtValue* y;
-    RETURN_IF_ERROR(g_api->KernelContext_GetOutput(context, 0, y_dims, x_rank, &y));
-    job.y = (float*)data_of(y);
+    RETURN_IF_ERROR(output_rows(context, x_dims, x_rank, job.n, &job.y, &job.m));
     const float* x = (const float*)data_of(in[0]);
     job.w = (const int8_t*)data_of(in[1]);
     job.w_scale = (const float*)data_of(in[2]);
@@ -466,14 +473,7 @@ static OrtStatus* ORT_API_CALL block_compute(void* kernel, OrtKernelContext* con
     BlockJob job;
     job.kb = w_dims[1];
     job.n = w_dims[0];
-    job.m = 1;
-    for (size_t i = 0; i + 1 < x_rank; i++) job.m *= x_dims[i];
-    int64_t y_dims[8];
-    memcpy(y_dims, x_dims, sizeof(int64_t) * x_rank);
-    y_dims[x_rank - 1] = job.n;
-    OrtValue* y;
-    RETURN_IF_ERROR(g_api->KernelContext_GetOutput(context, 0, y_dims, x_rank, &y));
-    job.y = (float*)data_of(y);
+    RETURN_IF_ERROR(output_rows(context, x_dims, x_rank, job.n, &job.y, &job.m));
     const float* x = (const float*)data_of(in[0]);
     job.w = (const uint8_t*)data_of(in[1]);
     job.w_scale = (const float*)data_of(in[2]);
