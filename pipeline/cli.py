@@ -209,8 +209,7 @@ def export(out, as_json, **options):
 def optimize(run_dir, as_json, **options):
     """Fuse attention (GroupQueryAttention), rotary and residual+RMSNorm; fail if a layer is not fused. With
     --native-int8: move a static int8 variant (or a w4/w8/gguf variant's shared 8-bit head) onto pipeline's own
-    int8 kernels, checked for equal logits. With
-    --kv-fp16: store a fused variant's KV cache in float16."""
+    int8 kernels, checked for equal logits. With --kv-fp16: store a fused variant's KV cache in float16."""
     from pipeline.stages.optimize import optimize as optimize_stage
 
     cfg = OptimizeStageConfig(**options)
