@@ -4,7 +4,8 @@ Two routes (`--graph`):
 - built (the default for the Llama-shaped families: llama, mistral, qwen2): exporters/builder.py writes the fused
   graph straight from the config and the weights, streamed tensor by tensor -> variants/fused. `pipeline
   optimize` then has nothing to fuse (it only converts to float16 with --fp16).
-- traced: the decoder is loaded in PyTorch and traced -> variants/fp32 (unfused; `pipeline optimize` fuses it).
+- traced: the decoder is loaded in PyTorch and captured by torch.export -> variants/fp32 (unfused; `pipeline
+  optimize` fuses it).
   It is the route for GPT-2, and the independent oracle the builder is tested against.
 `auto` picks built where the builder emits the family, else traced.
 
@@ -34,8 +35,8 @@ class ExportConfig:
     model: str = option(str, dataclasses.MISSING, "Checkpoint directory (Hugging Face or ours) or .gguf file; "
                         "nothing is downloaded.")
     graph: str = option(str, "auto", "built: the fused graph written from the config and weights, streamed "
-                        "(variants/fused; llama, mistral, qwen2); traced: PyTorch tracing (variants/fp32, fused "
-                        "by `optimize`); auto: built where possible.", choices=GRAPHS)
+                        "(variants/fused; llama, mistral, qwen2); traced: captured by torch.export "
+                        "(variants/fp32, fused by `optimize`); auto: built where possible.", choices=GRAPHS)
 
     def __post_init__(self):
         check_options(self)
