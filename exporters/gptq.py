@@ -74,15 +74,27 @@ def gptq(w: np.ndarray, hessian: np.ndarray, levels: int, damp: float = 0.01,
 
 
 def gptq_blockwise(w: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, damp: float = 0.01,
-                   block: int = 128) -> np.ndarray:
-    """GPTQ on MatMulNBits' symmetric blockwise grid; returns the rounded weights as float32 (K, N).
+                   block: int = 128, grid: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """GPTQ on MatMulNBits' blockwise grid; returns the rounded weights as float32 (K, N).
 
-    Each block of `block_size` inputs of a column has MLAS's scale, peak / -2^(bits-1) (`peak`: the value of
-    largest magnitude, so it lands exactly on -2^(bits-1)), fixed from `w` before rounding. The peak keeps that
-    grid point whatever error reaches it, and no other value can exceed it, so onnxruntime's quantizer given the
-    result computes the same scales and stores exactly these values: the rounding survives its re-quantization.
+    Symmetric (no `grid`): each block of `block_size` inputs of a column has MLAS's scale, peak / -2^(bits-1)
+    (`peak`: the value of largest magnitude, so it lands exactly on -2^(bits-1)), fixed from `w` before rounding.
+    The peak keeps that grid point whatever error reaches it, and no other value can exceed it, so onnxruntime's
+    quantizer given the result computes the same scales and stores exactly these values: the rounding survives
+    its re-quantization. With zero points, `grid` is each block's (scale, zero point), (blocks, N) each
+    (exporters/quantization/nbits.py `asymmetric_grid`), fixed before rounding; the caller packs the result on
+    the same grid, which keeps every code.
     """
     k, n = w.shape
+    if grid is not None:
+        scale, zero = grid
+        top = 2 ** bits - 1
+
+        def round_row(r: int, values: np.ndarray) -> np.ndarray:
+            s, z = scale[r // block_size], zero[r // block_size]
+            return (np.clip(np.round(values / s + z), 0, top) - z) * s
+
+        return _error_feedback(w, hessian, round_row, damp, block).astype(np.float32)
     top = 2 ** (bits - 1)
     blocks = -(-k // block_size)
     padded = np.pad(w.astype(np.float64), ((0, blocks * block_size - k), (0, 0))).reshape(blocks, block_size, n)

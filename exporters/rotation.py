@@ -162,6 +162,12 @@ def _residual_plan(model: onnx.ModelProto, g: GraphIndex) -> tuple[onnx.NodeProt
     return gathers[0], norms, readers, writers
 
 
+def why_not_rotatable(model: onnx.ModelProto) -> str | None:
+    """None when R1 can rotate this graph, else why not; only its structure is read (weights may be lazy)."""
+    plan = _residual_plan(model, GraphIndex(model))
+    return plan if isinstance(plan, str) else None
+
+
 def rotate_residual(model: onnx.ModelProto, seed: int = 0) -> str | None:
     """R1 in place; returns None, or (changing nothing) why this graph cannot be rotated."""
     g = GraphIndex.of(model)

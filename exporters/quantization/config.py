@@ -16,6 +16,9 @@ CALIBRATE_METHODS = ("minmax", "percentile", "entropy")
 WEIGHT_BITS_KEY = "pipeline.int8_weight_bits"  # metadata: "7" (reduce_range) or "8", static QDQ weights only
 
 
+ROTATING = ("w8a8", "w4")  # the recipes that fold the rotations in (docs/quantization.md has both ablations)
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     recipe: str = "w8a8"            # "static" | "w8a8" | "w8" | "w4" (see the module docstring)
@@ -41,11 +44,14 @@ class QuantConfig:
     embedding_bits: int = 8         # w8a8/w8/w4: token-embedding table as GatherBlockQuantized (8), or float (32)
     w4_max_ppl_increase: float = 0.08  # w4: MatMuls move to 8 bits, most damaging first, until within this
     search: bool = True             # w8a8/w4: the budget search; False: every target in the recipe's form, measured
+    zero_points: bool = False       # w4: 4-bit blocks span their [min, max] with a zero point each (nbits.py);
+                                    # False: symmetric, MLAS's default grid
     head_bits: int = 8              # w4: the output projection (lm_head) at 8 bits, as llama.cpp's Q4_K_M keeps
                                     # output.weight at 6; 4 = like every other MatMul
-    rotate: bool = True             # w8a8: fold randomized Hadamard rotations (exporters/rotation.py) into the
-                                    # weights before smoothing, so no channel of the residual stream is an outlier
-    online_hadamard: int = 128      # w8a8 with rotate: block size of the online Hadamard rotation before each
+    rotate: bool = True             # w8a8/w4: fold randomized Hadamard rotations (exporters/rotation.py) into the
+                                    # weights (w8a8: before smoothing), so no channel of the residual stream is an
+                                    # outlier
+    online_hadamard: int = 128      # w8a8/w4 with rotate: block size of the online Hadamard rotation before each
                                     # down_proj, after the outlier split (exporters/rotation.py); 0: none. Without
                                     # R1 it measured worse, so rotate gates it
     outlier_channels: int = 16      # w8a8: per smoothed activation, at most this many channels over 4x the 99th
@@ -100,6 +106,11 @@ class QuantConfig:
     @property
     def plan(self) -> CalibrationPlan:
         return CalibrationPlan(self.num_prefill, self.seq_len, self.num_decode_steps)
+
+    @property
+    def rotates(self) -> bool:
+        """Whether the recipe folds the rotations in (`rotate`, for the recipes that can)."""
+        return self.rotate and self.recipe in ROTATING
 
     @property
     def weight_only_bits(self) -> int | None:

@@ -105,11 +105,14 @@ def tied_head(model: onnx.ModelProto, weights_dir: str | Path = "") -> tuple[str
     return None
 
 
-def share_tied_table(model: onnx.ModelProto, gather: str, head: str) -> bool:
+def share_tied_table(model: onnx.ModelProto, gather: str, head: str, x: np.ndarray | None = None) -> bool:
     """Make the embedding read the head's 8-bit MatMulNBits blocks instead of a table of its own, so a tied
     table is stored once (as onnxruntime-genai's shared embeddings): the token's row of blocks is gathered,
     dequantized exactly as MatMulNBits does (w = (q - 128) * scale, per block) and flattened to the hidden width.
-    Returns False, changing nothing, when the head is not an 8-bit MatMulNBits or its blocks pad the rows."""
+    With `x` (`tied_through_map`'s: the table is E = W^T X, as after a rotation), the rows are then multiplied
+    by X, only where they come within SHARE_ERROR_RATIO of the table's own int8 blocks (the errors go in the
+    model's metadata, as `share_static_head` records them). Returns False, changing nothing but that record, when
+    the head is not an 8-bit MatMulNBits, its blocks pad the rows, or the mapped rows are too coarse."""
     nodes = {n.name: n for n in model.graph.node}
     matmul = nodes.get(f"{head}_Q8")
     embed = nodes.get(gather)
@@ -120,6 +123,17 @@ def share_tied_table(model: onnx.ModelProto, gather: str, head: str) -> bool:
     blocks, scales = matmul.input[1], matmul.input[2]
     table, ids, out = embed.input[0], embed.input[1], embed.output[0]
     p = f"{gather}/shared"
+    if x is not None:
+        inits = {t.name: t for t in model.graph.initializer}
+        shared, own = block_row_errors(numpy_helper.to_array(inits[blocks]), numpy_helper.to_array(inits[scales]),
+                                       x, numpy_helper.to_array(inits[table]))
+        chosen = bool(shared <= SHARE_ERROR_RATIO * own)
+        set_metadata(model, SHARED_TABLE_KEY, json.dumps({"relative_error": round(float(shared), 6),
+                                                          "shared": chosen,
+                                                          "own_blocks_relative_error": round(float(own), 6)}))
+        if not chosen:
+            return False
+        model.graph.initializer.append(numpy_helper.from_array(x, f"{p}/map"))
     model.graph.initializer.extend([numpy_helper.from_array(np.array(128, np.float32), f"{p}/zero_point"),
                                     numpy_helper.from_array(np.array([-1], np.int64), f"{p}/last_axis"),
                                     numpy_helper.from_array(np.array([0, 0, -1], np.int64), f"{p}/shape")])
@@ -129,7 +143,10 @@ def share_tied_table(model: onnx.ModelProto, gather: str, head: str) -> bool:
            helper.make_node("Gather", [scales, ids], [f"{p}/scales"], f"{p}/GatherScales", axis=0),
            helper.make_node("Unsqueeze", [f"{p}/scales", f"{p}/last_axis"], [f"{p}/scales4"], f"{p}/Unsqueeze"),
            helper.make_node("Mul", [f"{p}/centered", f"{p}/scales4"], [f"{p}/rows"], f"{p}/Mul"),
-           helper.make_node("Reshape", [f"{p}/rows", f"{p}/shape"], [out], f"{p}/Reshape")]
+           helper.make_node("Reshape", [f"{p}/rows", f"{p}/shape"], [out if x is None else f"{p}/unmapped"],
+                            f"{p}/Reshape")]
+    if x is not None:
+        new.append(helper.make_node("MatMul", [f"{p}/unmapped", f"{p}/map"], [out], gather + TABLE_MAP_SUFFIX))
     at = list(model.graph.node).index(embed)
     model.graph.node.remove(embed)
     for i, node in enumerate(new):
@@ -182,13 +199,37 @@ def shared_row_errors(codes: np.ndarray, scale: np.ndarray, x: np.ndarray, table
     for i in range(0, table.shape[0], rows):
         e = table[i:i + rows].astype(np.float32)
         got = (codes[:, i:i + rows].T.astype(np.float32) * scale[i:i + rows, None]) @ x
-        blocks = e.reshape(e.shape[0], -1, block_size) if e.shape[1] % block_size == 0 else e[:, None, :]
-        step = np.abs(blocks).max(-1, keepdims=True) / 127
-        step[step == 0] = 1.0
+        own_part, part = _own_block_error(e, block_size)
         shared += float(np.square(got - e).sum())
-        own += float(np.square(np.round(blocks / step) * step - blocks).sum())
-        total += float(np.square(e).sum())
+        own += own_part
+        total += part
     return np.sqrt(shared / max(total, 1e-30)), np.sqrt(own / max(total, 1e-30))
+
+
+def block_row_errors(blocks: np.ndarray, scales: np.ndarray, x: np.ndarray, table: np.ndarray,
+                     rows: int = 8192) -> tuple[float, float]:
+    """`shared_row_errors` for an 8-bit MatMulNBits head: its (vocab, blocks, block) codes, (vocab, blocks)
+    scales, dequantized per block, flattened to the hidden width, times X."""
+    block = blocks.shape[-1]
+    codes = blocks.reshape(blocks.shape[0], -1)[:, :table.shape[1]]
+    step = np.repeat(scales, block, axis=1)[:, :table.shape[1]]
+    shared = own = total = 0.0
+    for i in range(0, table.shape[0], rows):
+        e = table[i:i + rows].astype(np.float32)
+        got = ((codes[i:i + rows].astype(np.float32) - 128) * step[i:i + rows]) @ x
+        own_part, part = _own_block_error(e)
+        shared += float(np.square(got - e).sum())
+        own += own_part
+        total += part
+    return np.sqrt(shared / max(total, 1e-30)), np.sqrt(own / max(total, 1e-30))
+
+
+def _own_block_error(e: np.ndarray, block_size: int = 32) -> tuple[float, float]:
+    """Rows `e` as the table's own int8 blocks (`quantize_embeddings`): (squared error, squared norm)."""
+    blocks = e.reshape(e.shape[0], -1, block_size) if e.shape[1] % block_size == 0 else e[:, None, :]
+    step = np.abs(blocks).max(-1, keepdims=True) / 127
+    step[step == 0] = 1.0
+    return float(np.square(np.round(blocks / step) * step - blocks).sum()), float(np.square(e).sum())
 
 
 def share_static_head(model: onnx.ModelProto, tie: tuple[str, str, np.ndarray] | None) -> bool:

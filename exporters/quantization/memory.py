@@ -55,11 +55,12 @@ class MemoryEstimate:
     hessian_bytes: int   # GPTQ's input Hessians alive at once
     logits_bytes: int = 0  # vocabulary-wide rows: the search's cached reference and a judged window's logits
     packed_bytes: int = 0  # weight-only recipes: the MatMulNBits blocks packed once, held PACKED_COPIES times
+    rotation_bytes: int = 0  # w4 --rotate: float64 temporaries of the largest weight while it is rotated
 
     @property
     def total(self) -> int:
         return int(BASE_BYTES + self.copies * self.model_bytes + self.hessian_bytes + self.logits_bytes
-                   + PACKED_COPIES * self.packed_bytes)
+                   + PACKED_COPIES * self.packed_bytes + self.rotation_bytes)
 
     def describe(self) -> str:
         gib = 1 << 30
@@ -71,13 +72,15 @@ class MemoryEstimate:
             parts.append(f"{self.hessian_bytes / gib:.1f} GiB of GPTQ input Hessians")
         if self.logits_bytes:
             parts.append(f"{self.logits_bytes / gib:.1f} GiB of vocabulary-wide logits")
+        if self.rotation_bytes:
+            parts.append(f"{self.rotation_bytes / gib:.1f} GiB of float64 copies while rotating")
         return f"about {self.total / gib:.1f} GiB: " + ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") \
             + parts[-1]
 
     def to_dict(self) -> dict:
         return {"estimate_bytes": self.total, "model_bytes": self.model_bytes, "model_copies": self.copies,
                 "hessian_bytes": self.hessian_bytes, "logits_bytes": self.logits_bytes,
-                "packed_bytes": self.packed_bytes}
+                "packed_bytes": self.packed_bytes, "rotation_bytes": self.rotation_bytes}
 
 
 def hessian_bytes(model: onnx.ModelProto, exclude: tuple[str, ...] = (), budget: int | None = None) -> int:
@@ -122,10 +125,17 @@ def model_copies(recipe: str) -> float:
     return WEIGHT_ONLY_COPIES if recipe in WEIGHT_ONLY else GGUF_COPIES if recipe == "gguf" else MODEL_COPIES[recipe]
 
 
+def rotation_bytes(model: onnx.ModelProto) -> int:
+    """The weight-only recipes read the whole float graph into memory to rotate it (counted as its one copy), and
+    the largest tensor (the token table) is rotated, and matched to the head, in float64: two copies of it."""
+    return 2 * 8 * max((int(np.prod(t.dims)) for t in model.graph.initializer), default=0)
+
+
 def estimate(path: str | Path, recipe: str, weight_rounding: str = "gptq", window: int = 128,
-             sensitivity_tokens: int = 256, search: bool = True, block_size: int = 32) -> MemoryEstimate:
+             sensitivity_tokens: int = 256, search: bool = True, block_size: int = 32,
+             rotate: bool = False) -> MemoryEstimate:
     """The peak memory of quantizing the model at `path` with `recipe` (and its search, if it has one and
-    `search`), from its graph (weights not loaded)."""
+    `search`; w4 with its rotations when `rotate`), from its graph (weights not loaded)."""
     path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
     gptq = recipe in GPTQ_RECIPES and weight_rounding == "gptq"
@@ -138,4 +148,5 @@ def estimate(path: str | Path, recipe: str, weight_rounding: str = "gptq", windo
     elif gptq:
         hessians = hessian_bytes(model)
     return MemoryEstimate(files_size(path) + tied_table_bytes(model), model_copies(recipe), hessians,
-                          logits_bytes(vocab, window, sensitivity_tokens if searched else 0), packed)
+                          logits_bytes(vocab, window, sensitivity_tokens if searched else 0), packed,
+                          rotation_bytes(model) if rotate and recipe == "w4" else 0)

@@ -1,4 +1,5 @@
-"""Weight-only MatMulNBits (blockwise symmetric int8/int4), and GPTQ rounding on its grid."""
+"""Weight-only MatMulNBits (blockwise int8/int4: symmetric, or 4-bit with a zero point per block), and GPTQ
+rounding on its grid."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ class NBitsConfig:
     block_size: int                # weights per scale along K (power of 2, >= 16)
     accuracy_level: int            # MatMulNBits compute type: 0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8
     exclude: tuple[str, ...] = ()  # MatMuls always left float
+    zero_points: bool = False      # 4-bit blocks span [min, max] with a zero point each (8-bit stays symmetric)
 
 
 def nbits(model: onnx.ModelProto, bits: int, config: NBitsConfig,
@@ -34,18 +36,59 @@ def nbits(model: onnx.ModelProto, bits: int, config: NBitsConfig,
 
 @dataclass(frozen=True)
 class Packed:
-    """One weight as MatMulNBits stores it: (N, blocks, block_size * bits / 8) packed codes and (N, blocks)
-    scales (symmetric: no zero points), of a (K, N) float weight."""
+    """One weight as MatMulNBits stores it: (N, blocks, block_size * bits / 8) packed codes, (N, blocks)
+    scales and, for asymmetric blocks, (N, ceil(blocks * bits / 8)) packed zero points, of a (K, N) float
+    weight."""
     packed: np.ndarray
     scales: np.ndarray
     k: int
     bits: int
+    zero_points: np.ndarray | None = None
 
 
-def pack(w: np.ndarray, bits: int, block_size: int) -> Packed:
-    """`w` (K, N) quantized by onnxruntime's own C++ block quantizer, as MatMulNBitsQuantizer stores it."""
+def asymmetric_grid(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, zero point), each (blocks, N), of blocks of `block_size` along K of `w` (K, N) spanning
+    [min(block, 0), max(block, 0)] in 2^bits - 1 steps, as MLAS sets them; the zero point is the code of 0."""
+    k, n = w.shape
+    blocks = np.pad(w.astype(np.float64), ((0, -k % block_size), (0, 0))).reshape(-1, block_size, n)
+    low, high = np.minimum(blocks.min(1), 0.0), np.maximum(blocks.max(1), 0.0)
+    top = 2 ** bits - 1
+    scale = (high - low) / top
+    scale[scale == 0] = 1.0
+    return scale, np.clip(np.round(-low / scale), 0, top)
+
+
+def asymmetric_codes(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int, block_size: int) -> np.ndarray:
+    """Codes (K padded to whole blocks, N) of `w` on the grid (scale, zero point): (q - zero) * scale."""
+    k, n = w.shape
+    blocks = np.pad(w.astype(np.float64), ((0, -k % block_size), (0, 0))).reshape(-1, block_size, n)
+    q = np.clip(np.round(blocks / scale[:, None] + zero[:, None]), 0, 2 ** bits - 1)
+    return q.reshape(-1, n)
+
+
+def pack_asymmetric(w: np.ndarray, bits: int, block_size: int, grid: tuple[np.ndarray, np.ndarray] | None = None
+                    ) -> Packed:
+    """`w` (K, N) as MatMulNBits blocks with zero points, on `grid` (default: `asymmetric_grid(w)`); values
+    already on the grid (GPTQ's) keep their codes exactly."""
+    from exporters.quantization.grid import pack as pack_codes
+
+    scale, zero = grid if grid is not None else asymmetric_grid(w, bits, block_size)
+    codes = asymmetric_codes(w, scale, zero, bits, block_size).astype(np.uint8).T  # (N, K padded)
+    zeros = zero.astype(np.uint8).T  # (N, blocks)
+    if bits == 4:  # two to a byte, low nibble first; an odd block count pads with 8, as onnxruntime's packer does
+        zeros = np.pad(zeros, ((0, 0), (0, zeros.shape[1] % 2)), constant_values=8)
+        zeros = zeros[:, 0::2] | (zeros[:, 1::2] << 4)
+    return Packed(pack_codes(codes, bits, block_size), scale.T.astype(np.float32), w.shape[0], bits,
+                  np.ascontiguousarray(zeros))
+
+
+def pack(w: np.ndarray, bits: int, block_size: int, zero_points: bool = False) -> Packed:
+    """`w` (K, N) quantized by onnxruntime's own C++ block quantizer, as MatMulNBitsQuantizer stores it; with
+    `zero_points`, 4-bit blocks spanning [min, max] (`pack_asymmetric`)."""
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
+    if zero_points and bits == 4:
+        return pack_asymmetric(w, bits, block_size)
     w = np.ascontiguousarray(w, dtype=np.float32)
     k, n = w.shape
     blocks = -(-k // block_size)
@@ -67,10 +110,13 @@ def nbits_node(node: onnx.NodeProto, p: Packed, config: NBitsConfig,
     attrs = {"K": p.k, "N": p.packed.shape[0], "bits": bits, "block_size": config.block_size}
     if config.accuracy_level:
         attrs["accuracy_level"] = config.accuracy_level
-    new = helper.make_node("MatMulNBits", [node.input[0], f"{weight}_Q{bits}", f"{weight}_scales"],
-                           list(node.output) if outputs is None else outputs, name=f"{node.name}_Q{bits}",
-                           domain="com.microsoft", **attrs)
-    return new, [numpy_helper.from_array(p.packed, new.input[1]), numpy_helper.from_array(p.scales, new.input[2])]
+    inputs = [node.input[0], f"{weight}_Q{bits}", f"{weight}_scales"]
+    if p.zero_points is not None:
+        inputs.append(f"{weight}_zero_points")
+    new = helper.make_node("MatMulNBits", inputs, list(node.output) if outputs is None else outputs,
+                           name=f"{node.name}_Q{bits}", domain="com.microsoft", **attrs)
+    arrays = [p.packed, p.scales] + ([] if p.zero_points is None else [p.zero_points])
+    return new, [numpy_helper.from_array(a, name) for a, name in zip(arrays, new.input[1:])]
 
 
 PackedOf = Callable[[str, int], Packed]  # (MatMul name, bits) -> its weight packed
@@ -97,7 +143,8 @@ def write_nbits(model: onnx.ModelProto, bits_of: dict[str, int], config: NBitsCo
     def packed(name: str, bits: int) -> Packed:
         if packed_of is not None:
             return packed_of(name, bits)
-        return pack(tensor_array(g.inits[nodes[name].input[1]], weights_dir), bits, config.block_size)
+        return pack(tensor_array(g.inits[nodes[name].input[1]], weights_dir), bits, config.block_size,
+                    bits == 4 and config.zero_points)  # (8-bit blocks are symmetric: w8a8's fallback too)
 
     out = skeleton(model)
     written = []

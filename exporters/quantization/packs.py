@@ -23,7 +23,7 @@ from exporters.gptq import fits, gptq_blockwise
 from exporters.graph import GraphIndex
 from exporters.onnx_io import tensor_array
 from exporters.probe import probe_session
-from exporters.quantization.nbits import Packed, pack
+from exporters.quantization.nbits import Packed, asymmetric_grid, pack, pack_asymmetric
 from runtimes.contract import read_contract
 
 # float64 Hessian bytes one calibration pass gathers: a Llama-3.2-1B's 9.5 GiB then take 5 passes, SmolLM2-135M's
@@ -35,10 +35,12 @@ class PackedWeights:
     """MatMulNBits blocks by (MatMul, bits): put there by GPTQ, or packed from the float weight on first use
     (nearest rounding) and kept when `keep` (a search will ask for them again)."""
 
-    def __init__(self, model: onnx.ModelProto, weights_dir: Path, block_size: int, keep: bool):
+    def __init__(self, model: onnx.ModelProto, weights_dir: Path, block_size: int, keep: bool,
+                 zero_points: bool = False):
         g = GraphIndex(model)
         self.weights = {n.name: g.inits[n.input[1]] for n in g.weight_matmuls()}
         self.weights_dir, self.block_size, self.keep = weights_dir, block_size, keep
+        self.zero_points = zero_points  # 4-bit blocks with a zero point each (nbits.py `pack_asymmetric`)
         self._packs: dict[tuple[str, int], Packed] = {}
 
     def put(self, name: str, bits: int, packed: Packed) -> None:
@@ -48,10 +50,19 @@ class PackedWeights:
         """The weight of MatMul `name` packed at `bits`."""
         got = self._packs.get((name, bits)) if self.keep else self._packs.pop((name, bits), None)
         if got is None:
-            got = pack(tensor_array(self.weights[name], self.weights_dir), bits, self.block_size)
+            got = pack(tensor_array(self.weights[name], self.weights_dir), bits, self.block_size, self.zero_points)
             if self.keep:
                 self._packs[name, bits] = got
         return got
+
+
+def rounded_pack(w: np.ndarray, hessian: np.ndarray, bits: int, store: PackedWeights) -> Packed:
+    """`w` GPTQ-rounded on the store's grid at `bits` and packed."""
+    if store.zero_points and bits == 4:
+        grid = asymmetric_grid(w, bits, store.block_size)
+        return pack_asymmetric(gptq_blockwise(w, hessian, bits, store.block_size, grid=grid), bits,
+                               store.block_size, grid)
+    return pack(gptq_blockwise(w, hessian, bits, store.block_size), bits, store.block_size)
 
 
 def hessian_groups(widths: dict[str, int], budget: int) -> list[list[str]]:
@@ -114,8 +125,7 @@ def streamed_gptq(model: onnx.ModelProto, weights_dir: Path, bits_of: dict[str, 
                 for a, name in progress.each(rounding, f"GPTQ rounding {i + 1}/{len(groups)}", unit="MatMul"):
                     w = tensor_array(g.inits[nodes[name].input[1]], weights_dir)
                     for bits in bits_of[name]:
-                        store.put(name, bits, pack(gptq_blockwise(w, hessians[a], bits, store.block_size), bits,
-                                                   store.block_size))
+                        store.put(name, bits, rounded_pack(w, hessians[a], bits, store))
                     if name == acts[a][-1]:
                         del hessians[a]
     return StreamedGptq(tokens, len(groups), budget, sorted(nearest))

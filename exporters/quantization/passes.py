@@ -16,7 +16,7 @@ import onnx
 from exporters.acceptance import Thresholds
 from exporters.calibration import CalibrationPlan, KVCacheCalibrationReader
 from exporters.graph import GraphIndex
-from exporters.onnx_io import save_model_auto, without_weights
+from exporters.onnx_io import load_lazily, materialized, save_model, save_model_auto, without_weights
 from exporters.quantization.embedding import (quantize_embeddings, share_tied_table, tied_head,
                                                tied_through_map)
 from exporters.quantization.evaluate import Agreement
@@ -27,7 +27,7 @@ from exporters.quantization.qdq import QdqConfig, QdqJob, gptq_weights, quantize
 from exporters.quantization.search import Judge, take_out_until_budget
 from exporters.quantization.smooth import SmoothConfig, smooth_model
 from exporters.quantization.switch import NBitsSwitch, QuantSwitch
-from exporters.rotation import ONLINE_SUFFIX, online_hadamard, rotate
+from exporters.rotation import ONLINE_SUFFIX, RotationReport, online_hadamard, rotate, why_not_rotatable
 from exporters.smoothing import find_smooth_groups, outlier_matmuls
 from models.errors import UserError
 
@@ -56,6 +56,7 @@ class Quantizing:
     agreement: Agreement | None = None      # the written model against the source, when valid_ids
     weights_dir: Path = Path()              # where initializers the graph left in external data are read from
     packs: PackedWeights | None = None      # weight-only recipes: MatMulNBits blocks, packed once
+    tie_map: tuple[str, str, object] | None = None  # weight-only after rotation: (Gather, lm_head, X), E = W^T X
 
     def weight_shapes(self) -> dict[str, tuple[int, int]]:
         return GraphIndex(self.model).weight_shapes()
@@ -123,6 +124,47 @@ def run_smooth(q: Quantizing, config: SmoothConfig) -> Quantizing:
 
 
 @dataclass(frozen=True)
+class RotateWeightsConfig:
+    online_block: int  # the online Hadamard's block before each down_proj; 0: none
+    seed: int = 0      # R1's random signs (R2's seed + 1, the online one's 2, as w8a8's)
+
+
+def run_rotate_weights(q: Quantizing, config: RotateWeightsConfig) -> Quantizing:
+    """Weight-only recipes: QuaRot's R1 and R2 and the online Hadamard before each down_proj folded into the
+    float weights before GPTQ (exporters/rotation.py), as w8a8 does before its static int8. Rotated weights have
+    no outlier rows for a 4-bit block to spend its levels on.
+
+    The lazily loaded graph is read into memory for the rotation, then written to the work directory and loaded
+    lazily again from there, so what follows holds one float copy as before. A tied table is a tied table no
+    more (the final norm is folded into the head): `tie_map` keeps the map X with which the table is the head's
+    weight, E = W^T X, so the writer can still store it once."""
+    model = q.model
+    reason = why_not_rotatable(model)
+    if reason is not None:  # e.g. Gemma's norms after attention and MLP: nothing read, nothing rotated
+        q.details["rotation"] = RotationReport(False, 0, reason).as_dict()
+        return q
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            t.CopyFrom(materialized(t, q.weights_dir))
+    gated = [m for g in find_smooth_groups(model, q.exclude) if g.first_column is not None for m in g.matmuls]
+    rotation = rotate(model, config.seed)
+    q.details["rotation"], q.rotated = rotation.as_dict(), rotation.residual
+    if config.online_block:
+        q.details["online_hadamard"] = online_hadamard(model, gated, config.online_block, config.seed + 2)
+        q.details["added_float_matmuls"] = {"online_hadamard": online_rotations_in_float(
+            q, GraphIndex(model).weight_shapes())}
+    q.tie_map = tied_through_map(model)
+    rotated = q.workdir / "rotated" / "model.onnx"
+    rotated.parent.mkdir()
+    save_model(model, rotated, external=True)
+    del model
+    from exporters.quantize import matmul_only_weights
+
+    q.model, q.weights_dir = load_lazily(rotated, matmul_only_weights), rotated.parent
+    return q
+
+
+@dataclass(frozen=True)
 class OnlineHadamardConfig:
     block: int  # block size of the rotation before each down_proj (a Hadamard order 2^a * 12^b)
 
@@ -159,6 +201,7 @@ class BlockwiseGptqConfig:
     bits: int              # the recipe's width (8 or 4)
     head_bits: int         # the output projection's width in a 4-bit model
     search: bool           # a search may move 4-bit MatMuls to 8 bits: round them at both widths
+    zero_points: bool = False  # 4-bit blocks with a zero point each (the grid GPTQ rounds on)
     hessian_budget: int = HESSIAN_BUDGET  # float64 Hessian bytes one calibration pass gathers
 
 
@@ -167,9 +210,10 @@ def run_blockwise_gptq(q: Quantizing, config: BlockwiseGptqConfig) -> Quantizing
     (exporters/quantization/packs.py); nearest rounding (nothing to do) when there is no calibration text."""
     q.details["weight_rounding"] = "gptq" if any(len(ids) for ids in q.calib_ids) else "nearest"
     if q.details["weight_rounding"] == "gptq":
-        q.packs = PackedWeights(q.model, q.weights_dir, config.block_size, keep=config.search)
+        q.packs = PackedWeights(q.model, q.weights_dir, config.block_size, keep=config.search,
+                                zero_points=config.zero_points)
         head = output_projection(q.model) if config.bits == 4 and config.head_bits == 8 else None
-        tie = tied_head(q.model, q.weights_dir)
+        tie = tied_head(q.model, q.weights_dir) or (q.tie_map[:2] if q.tie_map else None)
         # a shared head keeps nearest rounding: GPTQ moves weights by more than a step to fix the head's
         # products, and the embedding reads the same weights as a table
         widths = {n: (8,) if config.bits == 8 or n == head else (4, 8) if config.search else (4,)
@@ -198,13 +242,19 @@ def choose_static_targets(q: Quantizing, config: TargetsConfig) -> Quantizing:
     q.added_shapes.update({name: now[name] for name in split_off})
     q.reasons.update({name: f"outlier channels of {main}: {now[name][0]} of its {now[main][0]} inputs, in float"
                       for name, main in split_off.items()})
+    q.details["added_float_matmuls"] = {"outlier_split": sorted(split_off),
+                                        "online_hadamard": online_rotations_in_float(q, now)}
+    return q
+
+
+def online_rotations_in_float(q: Quantizing, shapes: dict[str, tuple[int, int]]) -> list[str]:
+    """The online Hadamard's MatMuls, reported as float MatMuls of K x b (K*b multiply-adds per token)."""
     online = q.details.get("online_hadamard", {})
     rotations = [f"{name}{ONLINE_SUFFIX}/matmul" for name in online.get("matmuls", [])]
-    for name, rotation in zip(online.get("matmuls", []), rotations):  # float, K*b multiply-adds per token
-        q.added_shapes[rotation] = (now[name][0], online["block"])
+    for name, rotation in zip(online.get("matmuls", []), rotations):
+        q.added_shapes[rotation] = (shapes[name][0], online["block"])
         q.reasons[rotation] = f"online Hadamard rotation of {name}'s input, in float"
-    q.details["added_float_matmuls"] = {"outlier_split": sorted(split_off), "online_hadamard": rotations}
-    return q
+    return rotations
 
 
 def run_write_qdq(q: Quantizing, config: QdqConfig) -> Quantizing:
@@ -236,14 +286,19 @@ def run_write_nbits(q: Quantizing, config: WriteNBitsConfig) -> Quantizing:
     head = output_projection(model) if bits == 4 and config.head_bits == 8 else None
     head_at_8 = [head] if head is not None and head not in q.exclude else []
     tie = tied_head(model, q.weights_dir)  # tied: the embedding then reads the head's 8-bit blocks (stored once)
-    store = q.packs or PackedWeights(model, q.weights_dir, config.nbits.block_size, keep=config.keep_float)
-    q.details.update(bits=bits, block_size=config.nbits.block_size, accuracy_level=config.nbits.accuracy_level)
+    mapped = q.tie_map if tie is None else None  # rotated: the same, through the map X
+    store = q.packs or PackedWeights(model, q.weights_dir, config.nbits.block_size, keep=config.keep_float,
+                                     zero_points=config.nbits.zero_points)
+    q.details.update(bits=bits, block_size=config.nbits.block_size, accuracy_level=config.nbits.accuracy_level,
+                     zero_points=config.nbits.zero_points and bits == 4)
     if bits == 4:
         q.reasons.update({n: "output projection (head_bits 8)" for n in head_at_8})
     names = [n.name for n in GraphIndex(model).weight_matmuls() if n.name not in config.nbits.exclude]
 
     def embeddings(m: onnx.ModelProto) -> None:  # after the MatMuls: the table gathers the head's blocks, or its own
-        shared = tie is not None and config.embedding_block is not None and share_tied_table(m, *tie)
+        pair = tie or (mapped[:2] if mapped else None)
+        shared = pair is not None and config.embedding_block is not None and \
+            share_tied_table(m, *pair, mapped[2] if mapped else None)
         q.details["tied_table_shared"] = shared
         if config.embedding_block is not None:
             quantize_embeddings(m, config.embedding_block)

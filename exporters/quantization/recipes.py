@@ -33,13 +33,15 @@ def _qdq(c: QuantConfig) -> QdqConfig:
 
 
 def _nbits(bits: int) -> Callable[[QuantConfig], p.WriteNBitsConfig]:
-    return lambda c: p.WriteNBitsConfig(bits, NBitsConfig(c.block_size, c.accuracy_level, c.exclude), c.head_bits,
+    return lambda c: p.WriteNBitsConfig(bits, NBitsConfig(c.block_size, c.accuracy_level, c.exclude, c.zero_points),
+                                        c.head_bits,
                                         c.block_size if c.quantizes_embeddings else None,
                                         keep_float=bits == 4 and c.search)
 
 
 def _blockwise_gptq(bits: int) -> Callable[[QuantConfig], p.BlockwiseGptqConfig | None]:
-    return lambda c: (p.BlockwiseGptqConfig(c.plan, c.block_size, bits, c.head_bits, bits == 4 and c.search)
+    return lambda c: (p.BlockwiseGptqConfig(c.plan, c.block_size, bits, c.head_bits, bits == 4 and c.search,
+                                            c.zero_points)
                       if c.weight_rounding == "gptq" else None)
 
 
@@ -71,12 +73,12 @@ RECIPES: dict[str, tuple[Step, ...]] = {
                Step("write_qdq", p.run_write_qdq, _qdq),
                Step("measure", p.run_search, _measure_only)),
     "w8a8": (Step("calibrate", p.calibrate, _calibrate),
-             Step("rotate", p.run_rotate, lambda c: p.RotateConfig() if c.rotate else None),
+             Step("rotate", p.run_rotate, lambda c: p.RotateConfig() if c.rotates else None),
              Step("smooth", p.run_smooth,
                   lambda c: SmoothConfig(c.alpha, c.outlier_channels, c.weight_levels,
-                                         c.online_hadamard if c.rotate else 0, c.exclude)),
+                                         c.online_hadamard if c.rotates else 0, c.exclude)),
              Step("online_hadamard", p.run_online_hadamard,
-                  lambda c: p.OnlineHadamardConfig(c.online_hadamard) if c.rotate and c.online_hadamard else None),
+                  lambda c: p.OnlineHadamardConfig(c.online_hadamard) if c.rotates and c.online_hadamard else None),
              *STATIC_WRITE,
              Step("gptq", p.run_gptq, lambda c: p.GptqConfig(c.weight_levels, c.block_size if c.fallback == "w8"
                                                              else None) if c.weight_rounding == "gptq" else None),
@@ -87,7 +89,9 @@ RECIPES: dict[str, tuple[Step, ...]] = {
            Step("measure", p.run_search, _measure_only)),
     "gguf": (Step("write_grid", run_write_grid, lambda c: GridConfig(c.gguf, c.accuracy_level, c.block_size)),
              Step("measure", p.run_search, _measure_only)),
-    "w4": (Step("gptq_blockwise", p.run_blockwise_gptq, _blockwise_gptq(4)),
+    "w4": (Step("rotate", p.run_rotate_weights,
+                lambda c: p.RotateWeightsConfig(c.online_hadamard) if c.rotates else None),
+           Step("gptq_blockwise", p.run_blockwise_gptq, _blockwise_gptq(4)),
            Step("write_nbits", p.run_write_nbits, _nbits(4)),
            Step("search", p.run_search, _w4_search)),
 }

@@ -46,18 +46,21 @@ class QuantizeStageConfig:
                           "form and only measures it (w4: the 8-bit forms are then never packed).",
                           off="--no-search")
     block_size: int = option(int, 32, "w8/w4: MatMulNBits block size (a power of 2, at least 16).", lo=16)
+    zero_points: bool = option(bool, False, "w4: 4-bit blocks spanning their own [min, max], with a zero point "
+                               "each (half a byte a block more); --symmetric: MLAS's symmetric grid.",
+                               off="--symmetric")
     accuracy_level: int = option(int, 4, "w8/w4: MatMulNBits compute accuracy (4: int8 activations on CPU).",
                                  lo=0, hi=4)
     calib_text: str | None = option(str, None, "Text file to calibrate on (default: the corpus's calib split).",
                                     optional=True)
     weight_rounding: str = option(str, "gptq", "w8a8/w8/w4: weights rounded by GPTQ (least output error on the "
                                   "calibration text) or to nearest.", choices=ROUNDINGS)
-    rotate: bool = option(bool, True, "w8a8: fold randomized Hadamard rotations into the weights (residual stream "
-                          "and attention values) before smoothing, exact in float and adding no ops; and the "
-                          "online one of --online-hadamard.", off="--no-rotate")
-    online_hadamard: int = option(int, 128, "w8a8 with --rotate: block size of an online Hadamard rotation before "
-                                  "each down_proj (three float ops per layer that make its input fit static int8); "
-                                  "0: none.", lo=0)
+    rotate: bool = option(bool, True, "w8a8/w4: fold randomized Hadamard rotations into the weights (residual "
+                          "stream and attention values; w8a8: before smoothing), exact in float and adding no ops; "
+                          "and the online one of --online-hadamard.", off="--no-rotate")
+    online_hadamard: int = option(int, 128, "w8a8/w4 with --rotate: block size of an online Hadamard rotation "
+                                  "before each down_proj (three float ops per layer that make its input fit static "
+                                  "int8 or 4-bit blocks); 0: none.", lo=0)
     outlier_channels: int = option(int, 16, "w8a8: at most this many channels of each smoothed activation, those "
                                    "over 4x its 99th-percentile channel peak, leave the int8 MatMul for a small "
                                    "float one (0: none).", lo=0)
@@ -86,7 +89,7 @@ class QuantizeStageConfig:
                            per_channel=self.per_channel, max_ppl_increase=self.max_ppl_increase,
                            block_size=self.block_size, accuracy_level=self.accuracy_level,
                            fallback=self.fallback, w4_max_ppl_increase=self.w4_max_ppl_increase,
-                           search=self.search,
+                           search=self.search, zero_points=self.zero_points,
                            weight_rounding=self.weight_rounding, rotate=self.rotate,
                            outlier_channels=self.outlier_channels, online_hadamard=self.online_hadamard,
                            reduce_range=reduce_range, gguf=gguf)
@@ -118,7 +121,7 @@ def memory_budget(config: QuantizeStageConfig, source: str, source_path) -> dict
     from exporters.quantization.memory import estimate
 
     need = estimate(source_path, config.recipe, config.weight_rounding, config.window, search=config.search,
-                    block_size=config.block_size)
+                    block_size=config.block_size, rotate=config.rotate)
     if config.max_memory is not None:
         limit, what = int(config.max_memory * (1 << 30)), f"--max-memory {config.max_memory:g} GiB"
     else:
@@ -132,7 +135,8 @@ def memory_budget(config: QuantizeStageConfig, source: str, source_path) -> dict
         if lean.total < min(need.total, limit):
             flags = " ".join(f for f in (f"--recipe {lean_recipe}" if lean_recipe != config.recipe else "",
                                          "--weight-rounding nearest" if lean_recipe != "gguf" else "",
-                                         "--no-search" if lean_recipe == "w4" else "") if f)
+                                         "--no-search" if lean_recipe == "w4" else "",
+                                         "--no-rotate" if lean_recipe == "w4" and config.rotate else "") if f)
             about = f"about {lean.total / (1 << 30):.1f} GiB"
             ways = [f"{no_hessians}: {about}"] if ways and flags == "--weight-rounding nearest" else \
                 ways + [f"{flags} needs {about}"]

@@ -392,6 +392,9 @@ def test_quantize_memory_estimate_counts_copies_hessians_and_packed_weights(tmp_
     assert w4.logits_bytes == logits
     assert w4.total == int(BASE_BYTES + size + hessians + logits + PACKED_COPIES * packed_4_and_8)
     assert estimate(built, "w4", window=64, sensitivity_tokens=100).logits_bytes == 4 * TINY["vocab_size"] * 292
+    rotated = estimate(built, "w4", rotate=True)  # two float64 copies of the largest weight, the packed gate_up
+    assert rotated.rotation_bytes == 16 * max(h * 2 * i, h * TINY["vocab_size"]) and w4.rotation_bytes == 0
+    assert rotated.total == w4.total + rotated.rotation_bytes and estimate(built, "w8", rotate=True).rotation_bytes == 0
     assert estimate(built, "w4", "nearest").hessian_bytes == 0 and estimate(built, "static").hessian_bytes == 0
     lean = estimate(built, "w4", "nearest", search=False)  # written and measured: no ranking rows, 4 bits only
     assert (lean.copies, lean.logits_bytes, lean.packed_bytes) == (WEIGHT_ONLY_COPIES,
@@ -438,8 +441,8 @@ def test_quantize_refuses_before_starting_when_over_max_memory(tmp_path):
     limit = (full.total + lean.total) / 2 / (1 << 30)
     r = invoke("quantize", run, "--recipe", "w4", "--calib-text", text_file, "--window", "32", "--max-memory",
                f"{limit:.6f}", ok=False)
-    one_line_error(r, "--weight-rounding nearest needs no Hessians; --weight-rounding nearest --no-search needs "
-                   f"about {lean.total / (1 << 30):.1f} GiB")
+    one_line_error(r, "--weight-rounding nearest needs no Hessians; --weight-rounding nearest --no-search "
+                   f"--no-rotate needs about {lean.total / (1 << 30):.1f} GiB")
     assert (run / "manifest.json").read_bytes() == before and not (run / "variants/w4").exists()
     report = json.loads(invoke("quantize", run, "--recipe", "w4", "--calib-text", text_file, "--window", "32",
                                "--calib-windows", "4",
@@ -448,7 +451,9 @@ def test_quantize_refuses_before_starting_when_over_max_memory(tmp_path):
     assert memory["limit_bytes"] > 0 and memory["peak_rss_bytes"] > 0
     assert memory["logits_bytes"] == 4 * 256 * (256 + 3 * 32)  # this checkpoint's vocabulary, --window 32
     assert memory["estimate_bytes"] == int(memory["model_bytes"] * memory["model_copies"] + memory["hessian_bytes"]
-                                           + memory["logits_bytes"] + 2 * memory["packed_bytes"] + (600 << 20))
+                                           + memory["logits_bytes"] + 2 * memory["packed_bytes"]
+                                           + memory["rotation_bytes"] + (600 << 20))
+    assert memory["rotation_bytes"] > 0  # w4 rotates by default
 
 
 def test_a_tied_table_stored_once_is_split_for_the_quantizers_and_shared_again_by_8_bit_blocks(tmp_path):
@@ -473,9 +478,10 @@ def test_a_tied_table_stored_once_is_split_for_the_quantizers_and_shared_again_b
     rng = np.random.default_rng(1)
     calib = [list(rng.integers(0, TINY["vocab_size"], 40)) for _ in range(4)]
     inits_float = inits["model.embed_tokens.weight"]
-    for recipe in ("w8a8", "w4", "w8"):
+    for recipe in ("w8a8", "w4", "w8"):  # (w4 not rotated: the tie through a rotation's map is test_packs')
         report = quantize(built, tmp_path / f"{recipe}.onnx", calib,
-                          QuantConfig(recipe=recipe, num_prefill=4, seq_len=32, num_decode_steps=4))
+                          QuantConfig(recipe=recipe, num_prefill=4, seq_len=32, num_decode_steps=4,
+                                      rotate=recipe == "w8a8"))
         assert "/model/lm_head/MatMul" not in report["float_matmuls"]
         q = onnx.load(str(tmp_path / f"{recipe}.onnx"))
         assert not [t.name for t in q.graph.initializer if t.name == "model.lm_head.weight"]  # no float copy left

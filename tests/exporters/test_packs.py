@@ -3,22 +3,25 @@ groups of Hessians, one packed store for the writer and the search's switch (exp
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+import torch
 from transformers import LlamaConfig
 
 from exporters.builder import build_graph
 from exporters.calibration import CalibrationPlan, cpu_session
+from exporters.graph import TABLE_MAP_SUFFIX
 from exporters.onnx_io import load_lazily, save_model
-from exporters.quantization.embedding import untie_embeddings
-from exporters.quantization.evaluate import log_probs
+from exporters.quantization.embedding import SHARE_ERROR_RATIO, SHARED_TABLE_KEY, untie_embeddings
+from exporters.quantization.evaluate import log_probs, session_log_probs
 from exporters.quantization.nbits import NBitsConfig
 from exporters.quantization.packs import PackedWeights, streamed_gptq
-from exporters.quantization.passes import BlockwiseGptqConfig, Quantizing, WriteNBitsConfig, run_blockwise_gptq, \
-    run_write_nbits, targets
+from exporters.quantization.passes import BlockwiseGptqConfig, Quantizing, RotateWeightsConfig, WriteNBitsConfig, \
+    run_blockwise_gptq, run_rotate_weights, run_write_nbits, targets
 from exporters.quantize import QuantConfig, matmul_only_weights, quantize
 from models.errors import UserError
 from models.weights import open_weights
@@ -87,17 +90,20 @@ def built_tied(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied-shared-table"])
-def test_the_switch_evaluates_exactly_the_model_the_writer_writes(built, built_tied, ids, tied, tmp_path):
+@pytest.mark.parametrize("tied,zero_points", [(False, False), (True, False), (False, True)],
+                         ids=["untied", "tied-shared-table", "untied-zero-points"])
+def test_the_switch_evaluates_exactly_the_model_the_writer_writes(built, built_tied, ids, tied, zero_points, tmp_path):
     """Any mix of 4- and 8-bit MatMuls on the If-gated switch gives the log-probabilities of that mix written,
-    the embedding included (a tied table gathers the 8-bit head's blocks in both)."""
+    the embedding included (a tied table gathers the 8-bit head's blocks in both); with zero points, the 4-bit
+    MatMuls read theirs and the 8-bit ones have none."""
     source = built_tied if tied else built
     model = load_lazily(source, matmul_only_weights)
     untie_embeddings(model)
     q = Quantizing(model, source, tmp_path / "out.onnx", tmp_path, ids[0], ids[1], (), weights_dir=source.parent)
     q.targets = targets(model, ())
-    q = run_blockwise_gptq(q, BlockwiseGptqConfig(PLAN, 32, 4, 8, search=True))
-    q = run_write_nbits(q, WriteNBitsConfig(4, NBitsConfig(32, 4), 8, 32 if tied else None, keep_float=True))
+    q = run_blockwise_gptq(q, BlockwiseGptqConfig(PLAN, 32, 4, 8, search=True, zero_points=zero_points))
+    q = run_write_nbits(q, WriteNBitsConfig(4, NBitsConfig(32, 4, zero_points=zero_points), 8, 32 if tied else None,
+                                            keep_float=True))
     assert q.details["tied_table_shared"] is tied
     switch = q.switch()
     gated = list(switch.gates)
@@ -109,7 +115,9 @@ def test_the_switch_evaluates_exactly_the_model_the_writer_writes(built, built_t
         expected = log_probs(written, read_contract(onnx.load(str(q.staged), load_external_data=False)), seq)
         np.testing.assert_array_equal(switch.log_probs(seq, at_4), expected)
         kinds = [n for n in onnx.load(str(q.staged)).graph.node if n.op_type == "MatMulNBits"]
-        assert sum(a.i == 4 for n in kinds for a in n.attribute if a.name == "bits") == len(at_4)
+        four = [n for n in kinds for a in n.attribute if a.name == "bits" and a.i == 4]
+        assert len(four) == len(at_4)
+        assert all(len(n.input) == (4 if zero_points and n in four else 3) for n in kinds)  # 8-bit: symmetric
 
 
 def test_quantizing_from_external_data_writes_what_an_inline_model_gives(built, ids, tmp_path):
@@ -135,3 +143,57 @@ def test_a_truncated_data_file_is_one_clear_error_before_any_work(built, tmp_pat
         copy.with_name("model.onnx.data").write_bytes(data[:-cut])
         with pytest.raises(UserError, match="corrupt or truncated"):
             load_lazily(copy, matmul_only_weights)
+
+
+@pytest.fixture(scope="module")
+def built_tied_final_norm_near_one(tmp_path_factory) -> Path:
+    """The tied tiny Llama with its final norm weights near 1, as trained models have them (the test models'
+    N(0, 0.3) ones put 1/g in the map: rows a rotation's map makes from the head's blocks come back coarse)."""
+    root = tmp_path_factory.mktemp("packs_tied_norm")
+    path = root / "built" / "model.onnx"
+    path.parent.mkdir()
+    hf = tiny_hf(LlamaConfig(**TINY, tie_word_embeddings=True))
+    with torch.no_grad():
+        noise = torch.randn(TINY["hidden_size"], generator=torch.Generator().manual_seed(1))
+        hf.model.norm.weight.copy_(1 + 0.1 * noise)
+    build_graph(open_weights(save(hf, root / "ckpt")), path)
+    return path
+
+
+@pytest.mark.parametrize("norm_near_one", [True, False], ids=["shared", "own-table"])
+def test_rotating_before_gptq_is_exact_in_float_and_keeps_the_tied_table_once(
+        built_tied, built_tied_final_norm_near_one, ids, norm_near_one, tmp_path):
+    """w4 --rotate: R1, R2 and the online Hadamard folded into the lazily loaded graph give the source's
+    log-probabilities, the graph is lazy again afterwards (read from the rotated copy), and the written model's
+    embedding reads the tied table from the head's 8-bit blocks through the map the rotation put between them,
+    where those rows come within SHARE_ERROR_RATIO of the table's own blocks (not with the test models' random
+    final norms: 1/g in the map)."""
+    built_tied = built_tied_final_norm_near_one if norm_near_one else built_tied
+    model = load_lazily(built_tied, matmul_only_weights)
+    untie_embeddings(model)
+    q = Quantizing(model, built_tied, tmp_path / "out.onnx", tmp_path, ids[0], ids[1], (),
+                   weights_dir=built_tied.parent)
+    q.targets = targets(model, ())
+    q = run_rotate_weights(q, RotateWeightsConfig(online_block=32))
+    assert q.details["rotation"]["residual"] and q.details["rotation"]["value_heads"] == TINY["num_hidden_layers"]
+    assert len(q.details["online_hadamard"]["matmuls"]) == TINY["num_hidden_layers"]
+    assert q.tie_map is not None and q.tie_map[2].shape == (TINY["hidden_size"],) * 2
+    seq = np.asarray(ids[1][0], np.int64)
+    rotated = q.weights_dir / "model.onnx"
+    np.testing.assert_allclose(session_log_probs(rotated)[0](seq), session_log_probs(built_tied)[0](seq), atol=1e-4)
+    lazy = matmul_only_weights(q.model)
+    assert lazy and all(t.data_location == onnx.TensorProto.EXTERNAL for t in q.model.graph.initializer
+                        if t.name in lazy)
+
+    q = run_blockwise_gptq(q, BlockwiseGptqConfig(PLAN, 32, 4, 8, search=False))
+    q = run_write_nbits(q, WriteNBitsConfig(4, NBitsConfig(32, 4), 8, 32, keep_float=False))
+    written = onnx.load(str(q.staged))
+    record = json.loads({p.key: p.value for p in written.metadata_props}[SHARED_TABLE_KEY])
+    assert q.details["tied_table_shared"] is record["shared"] is norm_near_one
+    assert (record["relative_error"] <= SHARE_ERROR_RATIO * record["own_blocks_relative_error"]) is norm_near_one
+    vocab_sized = [t.name for t in written.graph.initializer if TINY["vocab_size"] in t.dims]
+    # shared: the head's 8-bit blocks and their scales, no table of its own; else the table's blocks, scales and
+    # zero points beside them
+    assert len(vocab_sized) == (2 if norm_near_one else 5)
+    maps = [n for n in written.graph.node if n.name.endswith(TABLE_MAP_SUFFIX)]
+    assert [n.op_type for n in maps] == (["MatMul"] if norm_near_one else [])

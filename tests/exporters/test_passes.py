@@ -35,7 +35,7 @@ def test_every_recipe_is_a_list_of_passes():
                              "search"]
     assert names["static"] == ["calibrate", "targets", "write_qdq", "measure"]
     assert names["w8"] == ["gptq_blockwise", "write_nbits", "measure"]
-    assert names["w4"] == ["gptq_blockwise", "write_nbits", "search"]
+    assert names["w4"] == ["rotate", "gptq_blockwise", "write_nbits", "search"]
 
 
 def test_options_leave_passes_out_rather_than_branching_inside_them():
@@ -43,6 +43,8 @@ def test_options_leave_passes_out_rather_than_branching_inside_them():
     assert "rotate" not in names and "online_hadamard" not in names and "gptq" not in names
     names = [s.name for s, _ in steps(QuantConfig(recipe="w8a8", online_hadamard=0))]
     assert "rotate" in names and "online_hadamard" not in names
+    names = [s.name for s, _ in steps(QuantConfig(recipe="w4", rotate=False, search=False))]
+    assert names == ["gptq_blockwise", "write_nbits", "search"]
 
 
 @pytest.mark.parametrize("recipe", sorted(qconfig.RECIPES))

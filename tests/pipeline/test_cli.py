@@ -106,22 +106,35 @@ def manifest_results(run_dir, stage: str) -> dict:
     return entries[-1]["results"]
 
 
-@pytest.mark.parametrize("recipe", ["w8a8", "static", "w8", "w4"])
-def test_quantize_recipes_shrink_and_are_checked(run_dir, text_file, recipe):
+@pytest.mark.parametrize("recipe,extra", [("w8a8", ()), ("static", ()), ("w8", ()), ("w4", ()),
+                                          ("w4", ("--zero-points",)), ("w4", ("--no-rotate",))],
+                         ids=["w8a8", "static", "w8", "w4", "w4-zero-points", "w4-not-rotated"])
+def test_quantize_recipes_shrink_and_are_checked(run_dir, text_file, recipe, extra):
     invoke("quantize", run_dir, "--recipe", recipe, "--calib-text", text_file, "--calib-windows", "4",
-           "--window", "32", "--max-ppl-increase", "1.0")
+           "--window", "32", "--max-ppl-increase", "1.0", *extra)
     path = run_dir / "variants" / recipe / "model.onnx"
-    ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    nodes = onnx.load(str(path)).graph.node
+    ops = Counter(n.op_type for n in nodes)
     if recipe in ("w8", "w4"):
         assert ops["MatMulNBits"] > 0
+        four = [n for n in nodes for a in n.attribute if n.op_type == "MatMulNBits" and a.name == "bits" and a.i == 4]
+        zero_points = "--zero-points" in extra
+        assert four and all(len(n.input) == (4 if zero_points else 3) for n in four) if recipe == "w4" else not four
     else:
         assert ops["DequantizeLinear"] > 0
     r = invoke("check", run_dir, "--variant", recipe, "--text", text_file, "--json", "--steps", "4",
                "--window", "64", ok=False)
     row = json.loads(r.output)["variants"][0]
     report = manifest_results(run_dir, "quantize")
+    rotated = recipe == "w4" and "--no-rotate" not in extra
     if recipe in ("w8", "w4"):  # accuracy level 4: int8 arithmetic on activations quantized at run time
-        assert row["int8_weight_flop_share"] == row["int8_compute_flop_share"] == 1.0
+        # (rotated w4: but for the online Hadamard before each down_proj, in float and counted as such)
+        assert row["int8_weight_flop_share"] == row["int8_compute_flop_share"] == \
+            pytest.approx(report["quantized_flop_share"] + report["fallback_flop_share"])
+        assert (report["quantized_flop_share"] + report["fallback_flop_share"] < 0.99) is rotated
+        assert report["zero_points"] is ("--zero-points" in extra)
+        assert report["rotation"]["residual"] if rotated else "rotation" not in report
+        assert len(report["float_matmuls"]) == (2 if rotated else 0)  # one online Hadamard per layer
         assert row["int8_w8a8_flop_share"] == 0.0
     elif recipe == "static":  # budget 100%: nothing leaves static int8
         assert row["int8_w8a8_flop_share"] == row["int8_compute_flop_share"] == 1.0
