@@ -6,7 +6,9 @@ helpers to rewrite; a pass that changes the wiring builds a fresh one.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable, Iterable
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 import onnx
@@ -108,8 +110,32 @@ class GraphIndex:
         self.model.graph.node.extend(nodes)
 
 
+class Rescaler(Protocol):
+    def rescale(self, tensor: TensorProto, fn: Callable[[np.ndarray], np.ndarray]) -> None: ...
+
+
+_EXTERNAL = ContextVar("external_rescaler", default=None)
+
+
+@contextmanager
+def rescaling_external(rescaler: Rescaler) -> Iterator[Rescaler]:
+    """Within it, `rescale` hands tensors that still live in external data to `rescaler`
+    (exporters/onnx_io.py `ExternalRewriter`) instead of reading them into the graph."""
+    token = _EXTERNAL.set(rescaler)
+    try:
+        yield rescaler
+    finally:
+        _EXTERNAL.reset(token)
+
+
 def rescale(tensor: TensorProto, fn: Callable[[np.ndarray], np.ndarray]) -> None:
-    """tensor <- fn(tensor), stored as float32."""
+    """tensor <- fn(tensor), stored as float32 (one in external data: by the `rescaling_external` rescaler)."""
+    if tensor.data_location == TensorProto.EXTERNAL:
+        rescaler = _EXTERNAL.get()
+        if rescaler is None:
+            raise ValueError(f"{tensor.name} lives in external data: rescale it within rescaling_external(...)")
+        rescaler.rescale(tensor, fn)
+        return
     tensor.CopyFrom(numpy_helper.from_array(fn(numpy_helper.to_array(tensor)).astype(np.float32), tensor.name))
 
 

@@ -102,6 +102,45 @@ def materialized(tensor: onnx.TensorProto, weights_dir: str | Path = "") -> onnx
     return out
 
 
+class ExternalRewriter:
+    """A lazily loaded model's external tensors rewritten into one new data file, `path`.data: each one a pass
+    changes (`rescale`, through exporters/graph.py's `rescaling_external`) is read, transformed and appended
+    there, and `finish` copies the rest, so that every tensor then reads from `path`'s directory. The model
+    proto only ever holds their small location fields: protobuf keeps a field's replaced bytes until the whole
+    message goes, so a 1B model's weights rewritten inside it held 23 GB. A tensor rewritten twice leaves its
+    first bytes unread in the file (it is scratch: the caller's work directory)."""
+
+    def __init__(self, source_dir: Path, path: Path):
+        self.source_dir, self.dir, self.location = source_dir, path.parent, path.name + ".data"
+        self.file = open(self.dir / self.location, "wb")
+        self.moved: set[str] = set()
+
+    def read(self, tensor: onnx.TensorProto) -> np.ndarray:
+        return tensor_array(tensor, self.dir if tensor.name in self.moved else self.source_dir)
+
+    def write(self, tensor: onnx.TensorProto, values: np.ndarray) -> None:
+        values = np.ascontiguousarray(values, dtype=onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+        if list(values.shape) != list(tensor.dims):
+            raise ValueError(f"{tensor.name}: {values.shape} does not fit its dims {list(tensor.dims)}")
+        offset = self.file.tell()
+        self.file.write(values.tobytes())
+        del tensor.external_data[:]
+        for key, value in (("location", self.location), ("offset", str(offset)), ("length", str(values.nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        self.moved.add(tensor.name)
+
+    def rescale(self, tensor: onnx.TensorProto, fn: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.write(tensor, fn(self.read(tensor)).astype(np.float32))
+
+    def finish(self, model: onnx.ModelProto) -> None:
+        """Copy the external tensors no pass changed, and close the file."""
+        for t in model.graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL and t.name not in self.moved:
+                self.write(t, self.read(t))
+        self.file.close()
+
+
 def load_lazily(path: Path, lazy: Callable[[onnx.ModelProto], set[str]]) -> onnx.ModelProto:
     """The model with the initializers named by `lazy(graph)` left in its external data file (read when used,
     through `tensor_array` / `materialized` with the model's directory), every other one in memory. A model

@@ -173,17 +173,22 @@ def tied_through_map(model: onnx.ModelProto, weights_dir: str | Path = "") -> tu
     vocab) weight W seen through one hidden x hidden map: E = W^T X to float rounding. A tied pair stays so
     through the float passes of static int8: folding the final norm (diagonal), smoothing (diagonal) and rotating
     the residual stream (orthogonal, the table rotated by the same Q) each multiply W by a hidden x hidden
-    matrix and leave E's rows where they were, or rotate both. X comes from the normal equations, in float64."""
+    matrix and leave E's rows where they were, or rotate both. X comes from the normal equations, summed in
+    float64 over blocks of 4096 tokens (a float64 copy of a 128k-token table would be 2 GB)."""
     for node, head, table, weight in tied_candidates(model):
         if table.dims[0] <= table.dims[1]:
             continue  # (fewer tokens than channels would leave the map undetermined)
-        w = tensor_array(weight, weights_dir).astype(np.float64)
-        e = tensor_array(table, weights_dir).astype(np.float64)
+        w, e = tensor_array(weight, weights_dir), tensor_array(table, weights_dir)
+        gram, cross = np.zeros((w.shape[0],) * 2), np.zeros((w.shape[0], e.shape[1]))
+        for i in range(0, e.shape[0], 4096):
+            wb, eb = w[:, i:i + 4096].astype(np.float64), e[i:i + 4096].astype(np.float64)
+            gram += wb @ wb.T
+            cross += wb @ eb
         try:
-            x = np.linalg.solve(w @ w.T, w @ e)
+            x = np.linalg.solve(gram, cross)
         except np.linalg.LinAlgError:  # a singular head: no map
             return None
-        residual = sum(float(np.square(w[:, i:i + 4096].T @ x - e[i:i + 4096]).sum())
+        residual = sum(float(np.square(w[:, i:i + 4096].T.astype(np.float64) @ x - e[i:i + 4096]).sum())
                        for i in range(0, e.shape[0], 4096))
         if residual <= TIE_TOLERANCE ** 2 * float(np.square(e).sum()):
             return node.name, head.name, x.astype(np.float32)

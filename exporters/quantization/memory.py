@@ -126,8 +126,9 @@ def model_copies(recipe: str) -> float:
 
 
 def rotation_bytes(model: onnx.ModelProto) -> int:
-    """The weight-only recipes read the whole float graph into memory to rotate it (counted as its one copy), and
-    the largest tensor (the token table) is rotated, and matched to the head, in float64: two copies of it."""
+    """w4's rotations stream the weights through a new data file (exporters/onnx_io.py `ExternalRewriter`), one
+    at a time, each in float64 while it is rotated: two float64 copies of the largest (the token table or the
+    head)."""
     return 2 * 8 * max((int(np.prod(t.dims)) for t in model.graph.initializer), default=0)
 
 

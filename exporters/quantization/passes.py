@@ -15,8 +15,8 @@ import onnx
 
 from exporters.acceptance import Thresholds
 from exporters.calibration import CalibrationPlan, KVCacheCalibrationReader
-from exporters.graph import GraphIndex
-from exporters.onnx_io import load_lazily, materialized, save_model, save_model_auto, without_weights
+from exporters.graph import GraphIndex, rescaling_external
+from exporters.onnx_io import ExternalRewriter, load_lazily, save_model, save_model_auto, without_weights
 from exporters.quantization.embedding import (quantize_embeddings, share_tied_table, tied_head,
                                                tied_through_map)
 from exporters.quantization.evaluate import Agreement
@@ -134,8 +134,9 @@ def run_rotate_weights(q: Quantizing, config: RotateWeightsConfig) -> Quantizing
     float weights before GPTQ (exporters/rotation.py), as w8a8 does before its static int8. Rotated weights have
     no outlier rows for a 4-bit block to spend its levels on.
 
-    The lazily loaded graph is read into memory for the rotation, then written to the work directory and loaded
-    lazily again from there, so what follows holds one float copy as before. A tied table is a tied table no
+    The weights stay out of memory: those the rotations change are read, rotated and written to a new data file
+    in the work directory one at a time (exporters/onnx_io.py `ExternalRewriter`), and the graph is loaded
+    lazily again from there; only the token table, which the embedding reads, is rotated in memory. A tied table is a tied table no
     more (the final norm is folded into the head): `tie_map` keeps the map X with which the table is the head's
     weight, E = W^T X, so the writer can still store it once."""
     model = q.model
@@ -143,20 +144,19 @@ def run_rotate_weights(q: Quantizing, config: RotateWeightsConfig) -> Quantizing
     if reason is not None:  # e.g. Gemma's norms after attention and MLP: nothing read, nothing rotated
         q.details["rotation"] = RotationReport(False, 0, reason).as_dict()
         return q
-    for t in model.graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            t.CopyFrom(materialized(t, q.weights_dir))
-    gated = [m for g in find_smooth_groups(model, q.exclude) if g.first_column is not None for m in g.matmuls]
-    rotation = rotate(model, config.seed)
-    q.details["rotation"], q.rotated = rotation.as_dict(), rotation.residual
-    if config.online_block:
-        q.details["online_hadamard"] = online_hadamard(model, gated, config.online_block, config.seed + 2)
-        q.details["added_float_matmuls"] = {"online_hadamard": online_rotations_in_float(
-            q, GraphIndex(model).weight_shapes())}
-    q.tie_map = tied_through_map(model)
     rotated = q.workdir / "rotated" / "model.onnx"
     rotated.parent.mkdir()
-    save_model(model, rotated, external=True)
+    gated = [m for g in find_smooth_groups(model, q.exclude) if g.first_column is not None for m in g.matmuls]
+    with rescaling_external(ExternalRewriter(q.weights_dir, rotated)) as rewriter:
+        rotation = rotate(model, config.seed)
+        q.details["rotation"], q.rotated = rotation.as_dict(), rotation.residual
+        if config.online_block:
+            q.details["online_hadamard"] = online_hadamard(model, gated, config.online_block, config.seed + 2)
+            q.details["added_float_matmuls"] = {"online_hadamard": online_rotations_in_float(
+                q, GraphIndex(model).weight_shapes())}
+        rewriter.finish(model)
+    q.tie_map = tied_through_map(model, rotated.parent)
+    save_model(model, rotated, external=True)  # the tensors in memory (the table) join the new data file
     del model
     from exporters.quantize import matmul_only_weights
 

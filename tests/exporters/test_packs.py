@@ -10,12 +10,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 from transformers import LlamaConfig
 
 from exporters.builder import build_graph
 from exporters.calibration import CalibrationPlan, cpu_session
-from exporters.graph import TABLE_MAP_SUFFIX
-from exporters.onnx_io import load_lazily, save_model
+from exporters.graph import TABLE_MAP_SUFFIX, rescale, rescaling_external
+from exporters.onnx_io import ExternalRewriter, load_lazily, save_model, tensor_array
 from exporters.quantization.embedding import SHARE_ERROR_RATIO, SHARED_TABLE_KEY, untie_embeddings
 from exporters.quantization.evaluate import log_probs, session_log_probs
 from exporters.quantization.nbits import NBitsConfig
@@ -197,3 +198,29 @@ def test_rotating_before_gptq_is_exact_in_float_and_keeps_the_tied_table_once(
     assert len(vocab_sized) == (2 if norm_near_one else 5)
     maps = [n for n in written.graph.node if n.name.endswith(TABLE_MAP_SUFFIX)]
     assert [n.op_type for n in maps] == (["MatMul"] if norm_near_one else [])
+
+
+def test_external_weights_are_rewritten_without_entering_the_graph(built, tmp_path):
+    """Rescaling a lazily loaded weight streams it into a new data file (the graph keeps only where it lies);
+    untouched weights are copied there too, so the saved model reads everything from its own directory."""
+    model = load_lazily(built, matmul_only_weights)
+    lazy = sorted(matmul_only_weights(model))
+    changed, kept = lazy[0], lazy[1]
+    inits = {t.name: t for t in model.graph.initializer}
+    before = {n: tensor_array(inits[n], built.parent) for n in (changed, kept)}
+    out = tmp_path / "rewritten" / "model.onnx"
+    out.parent.mkdir()
+    with pytest.raises(ValueError, match="external data"):
+        rescale(inits[changed], lambda w: -w)  # outside rescaling_external: refused, not read into the graph
+    with rescaling_external(ExternalRewriter(built.parent, out)) as rewriter:
+        rescale(inits[changed], lambda w: 2 * w + 1)
+        rescale(inits[changed], lambda w: w - 1)  # twice: read back from the new file
+        rewriter.finish(model)
+    assert all(not inits[n].raw_data and inits[n].data_location == onnx.TensorProto.EXTERNAL for n in lazy)
+    save_model(model, out, external=True)
+    again = {t.name: t for t in onnx.load(str(out)).graph.initializer}
+    np.testing.assert_allclose(numpy_helper.to_array(again[changed]), 2 * before[changed], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(numpy_helper.to_array(again[kept]), before[kept])
+    stubs = {t.name: {e.key: e.value for e in t.external_data}
+             for t in onnx.load(str(out), load_external_data=False).graph.initializer}
+    assert {stubs[n]["location"] for n in lazy} == {"model.onnx.data"}
