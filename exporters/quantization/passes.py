@@ -56,7 +56,7 @@ class Quantizing:
     agreement: Agreement | None = None      # the written model against the source, when valid_ids
     weights_dir: Path = Path()              # where initializers the graph left in external data are read from
     packs: PackedWeights | None = None      # weight-only recipes: MatMulNBits blocks, packed once
-    tie_map: tuple[str, str, object] | None = None  # weight-only after rotation: (Gather, lm_head, X), E = W^T X
+    tie_map: tuple | None = None            # weight-only, rotated: (Gather, lm_head, X) with E = W^T X
 
     def weight_shapes(self) -> dict[str, tuple[int, int]]:
         return GraphIndex(self.model).weight_shapes()
@@ -136,9 +136,9 @@ def run_rotate_weights(q: Quantizing, config: RotateWeightsConfig) -> Quantizing
 
     The weights stay out of memory: those the rotations change are read, rotated and written to a new data file
     in the work directory one at a time (exporters/onnx_io.py `ExternalRewriter`), and the graph is loaded
-    lazily again from there; only the token table, which the embedding reads, is rotated in memory. A tied table is a tied table no
-    more (the final norm is folded into the head): `tie_map` keeps the map X with which the table is the head's
-    weight, E = W^T X, so the writer can still store it once."""
+    lazily again from there; only the token table, which the embedding reads, is rotated in memory. A tied table
+    is a tied table no more (the final norm is folded into the head): `tie_map` keeps the map X with which the
+    table is the head's weight, E = W^T X, so the writer can still store it once."""
     model = q.model
     reason = why_not_rotatable(model)
     if reason is not None:  # e.g. Gemma's norms after attention and MLP: nothing read, nothing rotated
@@ -158,7 +158,7 @@ def run_rotate_weights(q: Quantizing, config: RotateWeightsConfig) -> Quantizing
     q.tie_map = tied_through_map(model, rotated.parent)
     save_model(model, rotated, external=True)  # the tensors in memory (the table) join the new data file
     del model
-    from exporters.quantize import matmul_only_weights
+    from exporters.quantize import matmul_only_weights  # (exporters.quantize imports this module)
 
     q.model, q.weights_dir = load_lazily(rotated, matmul_only_weights), rotated.parent
     return q
