@@ -115,7 +115,7 @@ def name_by_scope(proto: onnx.ModelProto, contract: Contract) -> None:
 def fold_transposed_weights(proto: onnx.ModelProto) -> int:
     """Transposes of initializers become initializers (the exporter leaves one where the tensor has another
     reader, as a tied head's table has in the embedding's Gather), so every weight MatMul reads a constant, as
-    fusion and quantization expect; returns how many were folded."""
+    fusion and quantization expect; a source nothing else reads goes. Returns how many were folded."""
     g = proto.graph
     inits = {t.name: t for t in g.initializer}
     folded = [n for n in g.node if n.op_type == "Transpose" and n.input[0] in inits]
@@ -124,6 +124,9 @@ def fold_transposed_weights(proto: onnx.ModelProto) -> int:
         g.initializer.append(numpy_helper.from_array(np.transpose(numpy_helper.to_array(inits[n.input[0]]), perm),
                                                      n.output[0]))
         g.node.remove(n)
+    read = {i for n in g.node for i in n.input}
+    for source in {n.input[0] for n in folded} - read:
+        g.initializer.remove(inits[source])
     return len(folded)
 
 
