@@ -125,13 +125,9 @@ def share_tied_table(model: onnx.ModelProto, gather: str, head: str, x: np.ndarr
     p = f"{gather}/shared"
     if x is not None:
         inits = {t.name: t for t in model.graph.initializer}
-        shared, own = block_row_errors(numpy_helper.to_array(inits[blocks]), numpy_helper.to_array(inits[scales]),
-                                       x, numpy_helper.to_array(inits[table]))
-        chosen = bool(shared <= SHARE_ERROR_RATIO * own)
-        set_metadata(model, SHARED_TABLE_KEY, json.dumps({"relative_error": round(float(shared), 6),
-                                                          "shared": chosen,
-                                                          "own_blocks_relative_error": round(float(own), 6)}))
-        if not chosen:
+        if not _fine_enough(model, *block_row_errors(numpy_helper.to_array(inits[blocks]),
+                                                     numpy_helper.to_array(inits[scales]), x,
+                                                     numpy_helper.to_array(inits[table]))):
             return False
         model.graph.initializer.append(numpy_helper.from_array(x, f"{p}/map"))
     model.graph.initializer.extend([numpy_helper.from_array(np.array(128, np.float32), f"{p}/zero_point"),
@@ -147,13 +143,28 @@ def share_tied_table(model: onnx.ModelProto, gather: str, head: str, x: np.ndarr
                             f"{p}/Reshape")]
     if x is not None:
         new.append(helper.make_node("MatMul", [f"{p}/unmapped", f"{p}/map"], [out], gather + TABLE_MAP_SUFFIX))
+    _replace_lookup(model, embed, new)
+    return True
+
+
+def _fine_enough(model: onnx.ModelProto, shared: float, own: float) -> bool:
+    """Whether rows read from the head (relative error `shared`) come within SHARE_ERROR_RATIO of the table's own
+    int8 blocks (`own`); both and the choice go in the model's metadata (SHARED_TABLE_KEY)."""
+    chosen = bool(shared <= SHARE_ERROR_RATIO * own)
+    set_metadata(model, SHARED_TABLE_KEY, json.dumps({"relative_error": round(float(shared), 6), "shared": chosen,
+                                                      "own_blocks_relative_error": round(float(own), 6)}))
+    return chosen
+
+
+def _replace_lookup(model: onnx.ModelProto, embed: onnx.NodeProto, nodes: list[onnx.NodeProto]) -> None:
+    """`nodes` in the embedding Gather's place; its table goes when nothing else reads it."""
+    table = embed.input[0]
     at = list(model.graph.node).index(embed)
     model.graph.node.remove(embed)
-    for i, node in enumerate(new):
+    for i, node in enumerate(nodes):
         model.graph.node.insert(at + i, node)
     if not any(table in n.input for n in model.graph.node):
         model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == table))
-    return True
 
 
 TIE_TOLERANCE = 1e-4  # relative residual of E = W^T X below which a table and a head are one tensor mapped
@@ -259,11 +270,8 @@ def share_static_head(model: onnx.ModelProto, tie: tuple[str, str, np.ndarray] |
                                               or np.any(numpy_helper.to_array(g.inits[dq.input[2]]) != 0)):
         return False
     table, ids, out = embed.input[0], embed.input[1], embed.output[0]
-    shared, own = shared_row_errors(numpy_helper.to_array(codes), scale, x, numpy_helper.to_array(g.inits[table]))
-    chosen = bool(shared <= SHARE_ERROR_RATIO * own)
-    set_metadata(model, SHARED_TABLE_KEY, json.dumps({"relative_error": round(float(shared), 6), "shared": chosen,
-                                                      "own_blocks_relative_error": round(float(own), 6)}))
-    if not chosen:
+    if not _fine_enough(model, *shared_row_errors(numpy_helper.to_array(codes), scale, x,
+                                                  numpy_helper.to_array(g.inits[table]))):
         return False
     p = f"{gather}/shared"
     model.graph.initializer.extend([numpy_helper.from_array(x, f"{p}/map"),
@@ -279,10 +287,5 @@ def share_static_head(model: onnx.ModelProto, tie: tuple[str, str, np.ndarray] |
                                  f"{p}/Unsqueeze"),
                 helper.make_node("Mul", [f"{p}/codes", f"{p}/scales3"], [f"{p}/rows"], f"{p}/Mul")]
     new.append(helper.make_node("MatMul", [f"{p}/rows", f"{p}/map"], [out], gather + TABLE_MAP_SUFFIX))
-    at = list(model.graph.node).index(embed)
-    model.graph.node.remove(embed)
-    for i, node in enumerate(new):
-        model.graph.node.insert(at + i, node)
-    if not any(table in n.input for n in model.graph.node):
-        model.graph.initializer.remove(g.inits[table])
+    _replace_lookup(model, embed, new)
     return True

@@ -285,8 +285,9 @@ def run_write_nbits(q: Quantizing, config: WriteNBitsConfig) -> Quantizing:
     bits, model = config.bits, q.model
     head = output_projection(model) if bits == 4 and config.head_bits == 8 else None
     head_at_8 = [head] if head is not None and head not in q.exclude else []
-    tie = tied_head(model, q.weights_dir)  # tied: the embedding then reads the head's 8-bit blocks (stored once)
-    mapped = q.tie_map if tie is None else None  # rotated: the same, through the map X
+    # tied: the embedding then reads the head's 8-bit blocks (stored once); rotated: the same, through the map X
+    tie = tied_head(model, q.weights_dir)
+    pair, x = (tie, None) if tie is not None or q.tie_map is None else (q.tie_map[:2], q.tie_map[2])
     store = q.packs or PackedWeights(model, q.weights_dir, config.nbits.block_size, keep=config.keep_float,
                                      zero_points=config.nbits.zero_points)
     q.details.update(bits=bits, block_size=config.nbits.block_size, accuracy_level=config.nbits.accuracy_level,
@@ -296,9 +297,7 @@ def run_write_nbits(q: Quantizing, config: WriteNBitsConfig) -> Quantizing:
     names = [n.name for n in GraphIndex(model).weight_matmuls() if n.name not in config.nbits.exclude]
 
     def embeddings(m: onnx.ModelProto) -> None:  # after the MatMuls: the table gathers the head's blocks, or its own
-        pair = tie or (mapped[:2] if mapped else None)
-        shared = pair is not None and config.embedding_block is not None and \
-            share_tied_table(m, *pair, mapped[2] if mapped else None)
+        shared = pair is not None and config.embedding_block is not None and share_tied_table(m, *pair, x)
         q.details["tied_table_shared"] = shared
         if config.embedding_block is not None:
             quantize_embeddings(m, config.embedding_block)
