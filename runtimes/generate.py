@@ -12,6 +12,9 @@ is the only provider-dependent part:
   prompt in chunks of `PREFILL_CHUNK` tokens, so prefill's activations do not grow with the prompt.
 * `BoundCache` — IO binding: presents are bound to the provider's device and rebound as the next step's past,
   so on CUDA the cache never leaves the GPU; only the logits of the new position are copied to the host.
+* `StaticCache` — fused graphs on any device (`Generator(static=True)`; the default under `cuda(graph=True)`):
+  `SharedCache`'s in-place buffers on the provider's device, and every decode step on the same token, mask and
+  logits buffers with the same shapes, which CUDA graph capture needs (the mask spans the whole capacity).
 
 Providers that cannot take a zero-length past (TensorRT, `spec.needs_nonempty_past`) prefill with one dummy
 past slot of zeros that the attention mask hides; position ids still start at 0, so the tokens are the same.
@@ -156,6 +159,118 @@ class SharedCache:
         return logits
 
 
+GRAPH_ID = "gpu_graph_id"  # onnxruntime's run option: the CUDA graph a run captures or replays; -1: none
+
+
+class StaticCache:
+    """A fixed-capacity KV cache on the provider's device, with decode steps on fixed buffers: what CUDA graph
+    capture needs, since a replay reads and writes the addresses and shapes its graph was captured with.
+
+    As in `SharedCache`, past and present are one buffer per tensor, which GroupQueryAttention fills in place. A
+    decode step's token, attention mask and logits have buffers of their own, written in place: the mask spans
+    the whole capacity (ones for the positions so far, zeros after) so its shape never changes, and
+    GroupQueryAttention takes the sequence length from the mask's sum, not its width, attending to those
+    positions only (the logits are `SharedCache`'s, bit for bit on the CPU). A prefill runs off the graph
+    (`gpu_graph_id` -1) with its own shapes, writing the prompt's keys and values into the same buffers and
+    returning the last position's logits. Past the capacity the buffers double (one copy) and the next step
+    captures a new graph.
+    """
+
+    def __init__(self, session: DecoderSession):
+        spec = session.spec
+        self._session = session.ort
+        self._where = (spec.device, spec.device_id)
+        kind = _ort_c.OrtDevice.cpu() if spec.device == "cpu" else _ort_c.OrtDevice.cuda()
+        self._device = _ort_c.OrtDevice(kind, _ort_c.OrtDevice.default_memory(), spec.device_id)
+        self._graphs = spec.graph_capture
+        self._vocab = session.contract.vocab_size
+        logits_type = next(o.type for o in session.ort.get_outputs() if o.name == LOGITS)
+        self._logits_dtype = np.float16 if logits_type == "tensor(float16)" else np.float32
+        self._input_names = past_names(session.contract.num_layers)
+        self._output_names = [LOGITS, *present_names(session.contract.num_layers)]
+        self._graph_id = 0
+        self._kv: list[ort.OrtValue] = []
+        self._host: list[np.ndarray] = []  # on the CPU, the memory the cache's OrtValues wrap
+        self._step: dict[str, tuple[np.ndarray, ort.OrtValue]] = {}  # decode input -> (host staging, its value)
+        self._logits: ort.OrtValue | None = None
+        self._logits_host: np.ndarray | None = None
+        self._options: dict[int, ort.RunOptions] = {}
+
+    @property
+    def capacity(self) -> int:
+        return self._kv[0].shape()[2] if self._kv else 0
+
+    def reset(self, past: np.ndarray, capacity: int) -> None:
+        batch, heads, _, head_dim = past.shape
+        self._kv, self._host = [], []  # the last sequence's cache goes before the next one is allocated
+        self._allocate([np.zeros((batch, heads, max(capacity, 1), head_dim), past.dtype) for _ in self._input_names])
+
+    def _allocate(self, buffers: list[np.ndarray]) -> None:
+        """Device copies of `buffers` as the cache; new buffers are a new graph, and new step buffers."""
+        on_cpu = self._where[0] == "cpu"
+        self._host = buffers if on_cpu else []
+        self._kv = [ort.OrtValue.ortvalue_from_numpy(b, *self._where) for b in buffers]  # the CPU: no copy
+        self._step, self._logits = {}, None
+        self._graph_id += 1
+
+    def _grow(self, capacity: int) -> None:
+        grown = []
+        for value in self._kv:
+            old = value.numpy()
+            new = np.zeros((*old.shape[:2], capacity, old.shape[3]), old.dtype)
+            new[:, :, :old.shape[2]] = old
+            grown.append(new)
+        self._kv = []
+        self._allocate(grown)
+
+    def _run_options(self, graph_id: int) -> ort.RunOptions:
+        if graph_id not in self._options:
+            options = ort.RunOptions()
+            if self._graphs:
+                options.add_run_config_entry(GRAPH_ID, str(graph_id))
+            self._options[graph_id] = options
+        return self._options[graph_id]
+
+    def _run(self, graph_id: int, names: list[str], inputs: list, logits: ort.OrtValue, device) -> None:
+        vin, vout = _vector(), _vector()
+        for value in [*inputs, *self._kv]:
+            vin.push_back(value._ortvalue)
+        for value in [logits, *self._kv]:
+            vout.push_back(value._ortvalue)
+        self._session.run_with_ortvaluevector(self._run_options(graph_id), [*names, *self._input_names], vin,
+                                              self._output_names, vout, [device] + [self._device] * len(self._kv))
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        total = feeds[ATTENTION_MASK].shape[1]
+        if total > self.capacity:
+            self._grow(2 * total)
+        batch, length = feeds[INPUT_IDS].shape
+        if length > 1 or LOGITS_TO_KEEP in feeds:  # a prefill: its own shapes, off the graph
+            logits = np.empty((batch, 1 if LOGITS_TO_KEEP in feeds else length, self._vocab), self._logits_dtype)
+            arrays = [np.require(a, requirements="C") for a in feeds.values()]  # alive until the run is over
+            self._run(-1, list(feeds), [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays],
+                      ort.OrtValue.ortvalue_from_numpy(logits), _CPU)
+            return logits
+        if not self._step:  # the decode step's buffers, kept for every step until the cache is reallocated
+            for name, array in feeds.items():
+                host = np.zeros((batch, self.capacity) if name == ATTENTION_MASK else array.shape, array.dtype)
+                self._step[name] = host, ort.OrtValue.ortvalue_from_numpy(host, *self._where)
+            self._logits_host = np.zeros((batch, 1, self._vocab), self._logits_dtype)  # the CPU's: the value's memory
+            self._logits = ort.OrtValue.ortvalue_from_numpy(self._logits_host, *self._where)
+        for name, array in feeds.items():
+            host, value = self._step[name]
+            if name == ATTENTION_MASK:
+                host[:, total:] = 0
+                host[:, :total] = array
+            else:
+                host[...] = array
+            if self._where[0] != "cpu":  # on the CPU the value wraps `host` itself
+                value.update_inplace(host)
+        self._run(self._graph_id, list(self._step), [v for _, v in self._step.values()], self._logits,
+                  self._device)
+        return np.array(self._logits.numpy())  # a copy: the buffer is the next step's
+
+
 class BoundCache:
     """KV cache kept on the provider's device with IO binding; only logits come back to the host.
 
@@ -196,14 +311,22 @@ class Generator:
     and on the CPU the in-place cache for fused graphs; True / False force `BoundCache` / `HostCache`.
     """
 
-    def __init__(self, session: DecoderSession, io_binding: bool | None = None, prefill_chunk: int = PREFILL_CHUNK):
+    def __init__(self, session: DecoderSession, io_binding: bool | None = None, prefill_chunk: int = PREFILL_CHUNK,
+                 static: bool | None = None):
         self.session = session
         if prefill_chunk < 1:
             raise RuntimeUserError(f"prefill chunk of {prefill_chunk} tokens: give 1 or more")
+        # `static`: the fixed-capacity cache on the device (`StaticCache`), which CUDA graphs need
+        static = session.spec.graph_capture if static is None else static
+        if static and not session.contract.fused_attention:
+            raise RuntimeUserError(f"{session.path}: a fixed-capacity cache (as CUDA graphs need) takes a fused graph "
+                                   f"(GroupQueryAttention): run `pipeline optimize` and use the fused variant")
         # the in-place cache takes a long prompt in chunks: GroupQueryAttention attends each chunk to the cache
         # written so far, so the logits are the same and prefill's activations scale with the chunk, not the prompt
         self._chunk = 1 << 62
-        if io_binding is None and session.spec.device == "cpu" and session.contract.fused_attention:
+        if static:
+            self._cache = StaticCache(session)
+        elif io_binding is None and session.spec.device == "cpu" and session.contract.fused_attention:
             self._cache = SharedCache(session)
             self._chunk = prefill_chunk
         else:

@@ -67,6 +67,7 @@ class ProviderSpec:
     needs_nonempty_past: bool = False           # prefill must feed one masked dummy past slot (TensorRT)
     profiles: TrtProfiles | None = None         # shape profiles, computed from the model when it is opened
     cache_dir: str | None = None                # created before the session is, the provider writes there
+    graph_capture: bool = False                 # CUDA graphs: decode steps replay one captured graph (CUDA)
 
     @property
     def needs_model_shape(self) -> bool:
@@ -97,16 +98,19 @@ def cpu(threads: int | None = None) -> ProviderSpec:
     return ProviderSpec(name="cpu", ep=CPU_EP, install="pip install onnxruntime", threads=threads)
 
 
-def cuda(device_id: int = 0) -> ProviderSpec:
+def cuda(device_id: int = 0, graph: bool = False) -> ProviderSpec:
     """CUDA: the KV cache stays on the GPU between steps (IO binding, see runtimes.generate).
 
     cudnn_conv_algo_search DEFAULT skips cuDNN's exhaustive benchmark, which costs seconds per shape and buys
     nothing for a decoder with no convolutions; copies go on the compute stream so a step never races its input.
+    `graph`: onnxruntime captures the first decode step as a CUDA graph and replays it for every later one
+    (`enable_cuda_graph`), which needs every step to run with the same shapes on the same buffers: the
+    generation loop then keeps a fixed-capacity cache (runtimes.generate `StaticCache`; fused graphs only).
     """
     options = (("device_id", str(device_id)), ("cudnn_conv_algo_search", "DEFAULT"),
-               ("do_copy_in_default_stream", "1"))
+               ("do_copy_in_default_stream", "1")) + ((("enable_cuda_graph", "1"),) if graph else ())
     return ProviderSpec(name="cuda", ep=CUDA_EP, install="pip install 'edge-pipeline[gpu]'", options=options,
-                        device="cuda", device_id=device_id)
+                        device="cuda", device_id=device_id, graph_capture=graph)
 
 
 def tensorrt(fp16: bool = False, int8: bool = False, cache_dir: str | Path = "trt_cache",

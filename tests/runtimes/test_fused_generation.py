@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from runtimes.errors import RuntimeUserError
-from runtimes.generate import Generator, HostCache, SharedCache, greedy_tokens
+from runtimes.generate import GRAPH_ID, Generator, HostCache, SharedCache, StaticCache, greedy_tokens
 from runtimes.providers import cpu
 from runtimes.session import open_session
 
@@ -86,6 +86,46 @@ def test_shared_cache_grows_past_its_capacity_hint(fused_pair):
     assert shared._cache._buffers[0].shape[2] >= 13
 
 
+def test_static_cache_steps_on_fixed_buffers_with_the_logits_of_the_shared_cache(fused_pair):
+    """The cache CUDA graphs need, on the CPU: every decode step feeds the same token, full-capacity mask and
+    logits buffers (the mask zero past the positions so far), and the logits are the in-place cache's bit for
+    bit, past the capacity hint too (the buffers double and the next step is a new graph)."""
+    fused = open_session(fused_pair[1], cpu(threads=1))
+    static, shared = Generator(fused, static=True), Generator(fused)
+    assert isinstance(static._cache, StaticCache)
+    prompt = [5, 17, 3, 99, 42]
+    np.testing.assert_array_equal(static.prefill(prompt, capacity=8), shared.prefill(prompt, capacity=8))
+    cache = static._cache
+    np.testing.assert_array_equal(static.step(7), shared.step(7))
+    buffers = {name: value.data_ptr() for name, (_, value) in cache._step.items()}
+    mask = cache._step["attention_mask"][0]
+    assert mask.shape == (1, 8) and mask.tolist() == [[1] * 6 + [0] * 2]
+    for token in (8, 9):
+        np.testing.assert_array_equal(static.step(token), shared.step(token))
+        assert {name: value.data_ptr() for name, (_, value) in cache._step.items()} == buffers
+    assert cache.capacity == 8 and cache._graph_id == 1
+    for token in range(10, 16):  # 14 positions > 8: one doubling
+        np.testing.assert_array_equal(static.step(token), shared.step(token))
+    assert cache.capacity >= 14 and cache._graph_id == 2
+
+
+def test_static_cache_runs_prefill_off_the_graph_and_steps_on_it():
+    """With graph capture asked for, a prefill runs with gpu_graph_id -1 (no capture, its own shapes) and
+    each decode step with the graph of the current buffers."""
+    from runtimes.providers import cuda
+
+    cache = object.__new__(StaticCache)
+    cache._graphs, cache._options = True, {}
+    assert cache._run_options(-1).get_run_config_entry(GRAPH_ID) == "-1"
+    assert cache._run_options(3).get_run_config_entry(GRAPH_ID) == "3"
+    assert cuda(graph=True).graph_capture
+
+
+def test_static_cache_refuses_an_unfused_graph(fused_pair):
+    with pytest.raises(RuntimeUserError, match="fused graph"):
+        Generator(open_session(fused_pair[0], cpu(threads=1)), static=True)
+
+
 @pytest.fixture(scope="module")
 def built_windowed(tmp_path_factory):
     """A built graph (it takes logits_to_keep) of a Mistral with a 4-token sliding window."""
@@ -121,6 +161,19 @@ def test_chunked_prefill_gives_the_logits_and_cache_of_one_prefill(built_windowe
         np.testing.assert_allclose(buffer[:, :, :11], present, rtol=1e-5, atol=1e-6)
     for token in (7, 8, 9, 10, 11):
         np.testing.assert_allclose(chunked.step(token), host.step(token), rtol=1e-5, atol=1e-5)
+
+
+def test_static_cache_on_a_built_graph_keeps_the_last_logits_and_the_window(built_windowed):
+    """A built graph takes logits_to_keep: the static cache's prefill gets one row; steps past the sliding
+    window through the full-capacity mask equal the copying cache's."""
+    session = open_session(built_windowed, cpu(threads=1))
+    static, host = Generator(session, static=True), Generator(session, io_binding=False)
+    prompt = np.random.default_rng(4).integers(0, 160, 9)
+    a, b = static.prefill(prompt, capacity=20), host.prefill(prompt, capacity=20)
+    assert a.shape == (1, 160)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    for token in range(20, 30):
+        np.testing.assert_allclose(static.step(token), host.step(token), rtol=1e-5, atol=1e-5)
 
 
 def test_a_prefill_chunk_below_one_is_refused(built_windowed):

@@ -68,6 +68,12 @@ def test_cuda_options_and_cpu_fallback():
     assert options == {"device_id": "1", "cudnn_conv_algo_search": "DEFAULT", "do_copy_in_default_stream": "1"}
     assert (spec.device, spec.device_id, spec.needs_nonempty_past) == ("cuda", 1, False)
     assert [ep for ep, _ in spec.session_providers()] == [CUDA_EP, CPU_EP]
+    assert not spec.graph_capture
+
+
+def test_cuda_graphs_are_asked_of_onnxruntime_and_marked_for_the_generation_loop():
+    spec = cuda(graph=True)
+    assert dict(spec.options)["enable_cuda_graph"] == "1" and spec.graph_capture
 
 
 def test_tensorrt_caches_live_under_the_given_directory(tmp_path):
