@@ -36,6 +36,12 @@ from pathlib import Path
 
 # the published config.json of each model (only the fields the decoder reads), random weights
 CONFIGS = {
+    "smollm2-135m": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576,
+        "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+        "head_dim": 64, "vocab_size": 49152, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+        "rope_theta": 100000.0, "tie_word_embeddings": True, "hidden_act": "silu", "attention_bias": False,
+        "mlp_bias": False, "bos_token_id": 0, "eos_token_id": 0, "torch_dtype": "bfloat16"},
     "llama-3.2-1b": {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
         "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
@@ -98,14 +104,15 @@ def tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def write_checkpoint(name: str, out: Path, tokenizer: Path | None) -> Path:
-    """Random bf16 weights in ~1 GB shards, an index, the config; norms near one, matrices N(0, 0.02)."""
+def write_checkpoint(name: str, out: Path, tokenizer: Path | None, cfg: dict | None = None) -> Path:
+    """Random bf16 weights in ~1 GB shards, an index, the config; norms near one, matrices N(0, 0.02). `cfg`:
+    a config of the same fields in place of the named model's."""
     import torch
     from safetensors.torch import save_file
 
     if (out / "model.safetensors.index.json").is_file():
         return out
-    cfg = CONFIGS[name]
+    cfg = cfg or CONFIGS[name]
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(0)
     shard, size, weight_map, shards = {}, 0, {}, []
