@@ -99,7 +99,20 @@ class HostCache:
         return logits
 
 
-class SharedCache:
+class _InPlaceCache:
+    """What both in-place caches read from the session: the names of the cache's inputs and outputs, the
+    vocabulary and the logits' dtype."""
+
+    def __init__(self, session: DecoderSession):
+        self._session = session.ort
+        self._vocab = session.contract.vocab_size
+        logits_type = next(o.type for o in session.ort.get_outputs() if o.name == LOGITS)
+        self._logits_dtype = np.float16 if logits_type == "tensor(float16)" else np.float32
+        self._input_names = past_names(session.contract.num_layers)
+        self._output_names = [LOGITS, *present_names(session.contract.num_layers)]
+
+
+class SharedCache(_InPlaceCache):
     """KV cache updated in place by GroupQueryAttention: past and present are one host buffer per tensor.
 
     GroupQueryAttention shares the buffer when its past and present pointers are equal: it writes the new
@@ -112,12 +125,7 @@ class SharedCache:
     """
 
     def __init__(self, session: DecoderSession):
-        self._session = session.ort
-        self._vocab = session.contract.vocab_size
-        logits_type = next(o.type for o in session.ort.get_outputs() if o.name == LOGITS)
-        self._logits_dtype = np.float16 if logits_type == "tensor(float16)" else np.float32
-        self._input_names = past_names(session.contract.num_layers)
-        self._output_names = [LOGITS, *present_names(session.contract.num_layers)]
+        super().__init__(session)
         self._buffers: list[np.ndarray] = []  # owners of the memory the cache's OrtValues wrap
         self._values: list = []
         self._devices = [_CPU] * len(self._output_names)
@@ -162,7 +170,7 @@ class SharedCache:
 GRAPH_ID = "gpu_graph_id"  # onnxruntime's run option: the CUDA graph a run captures or replays; -1: none
 
 
-class StaticCache:
+class StaticCache(_InPlaceCache):
     """A fixed-capacity KV cache on the provider's device, with decode steps on fixed buffers: what CUDA graph
     capture needs, since a replay reads and writes the addresses and shapes its graph was captured with.
 
@@ -177,17 +185,12 @@ class StaticCache:
     """
 
     def __init__(self, session: DecoderSession):
+        super().__init__(session)
         spec = session.spec
-        self._session = session.ort
         self._where = (spec.device, spec.device_id)
         kind = _ort_c.OrtDevice.cpu() if spec.device == "cpu" else _ort_c.OrtDevice.cuda()
         self._device = _ort_c.OrtDevice(kind, _ort_c.OrtDevice.default_memory(), spec.device_id)
         self._graphs = spec.graph_capture
-        self._vocab = session.contract.vocab_size
-        logits_type = next(o.type for o in session.ort.get_outputs() if o.name == LOGITS)
-        self._logits_dtype = np.float16 if logits_type == "tensor(float16)" else np.float32
-        self._input_names = past_names(session.contract.num_layers)
-        self._output_names = [LOGITS, *present_names(session.contract.num_layers)]
         self._graph_id = 0
         self._kv: list[ort.OrtValue] = []
         self._host: list[np.ndarray] = []  # on the CPU, the memory the cache's OrtValues wrap

@@ -18,8 +18,10 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from runtimes.bundle import file_sha256  # noqa: E402
+
 MANIFEST = "manifest.json"
-CHUNK = 1 << 20
 
 
 class PartsError(Exception):
@@ -28,14 +30,6 @@ class PartsError(Exception):
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def split(wheel: Path, out: Path, part_bytes: int) -> list[Path]:
@@ -58,7 +52,7 @@ def split(wheel: Path, out: Path, part_bytes: int) -> list[Path]:
             (folder / name).write_bytes(data)
             parts.append({"name": name, "size": len(data), "sha256": sha256_bytes(data)})
             folders.append(folder)
-    manifest = {"wheel": wheel.name, "size": size, "sha256": sha256_file(wheel), "parts": parts}
+    manifest = {"wheel": wheel.name, "size": size, "sha256": file_sha256(wheel), "parts": parts}
     for folder in folders:
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return folders
