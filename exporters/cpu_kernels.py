@@ -18,7 +18,10 @@ gathers its rows from the head's int8 weight (a tied table stored once, embeddin
 made to gather them from the packed copy (`gather_packed_columns`), so that weight is still stored once.
 
 BlockInt8MatMul: an 8-bit MatMulNBits whose stored blocks another node also reads (the tied head whose blocks
-the token embedding gathers, exporters/quantization/embedding.py). onnxruntime prepacks a MatMulNBits weight into
+the token embedding gathers, exporters/quantization/embedding.py). A static int8 head that could not share the
+table (its per-column codes came out too coarse for the embedding, as on Gemma 3, whose table is a GGUF's exact
+Q8_0 blocks) is moved onto the table's own blocks first (`head_on_table_blocks`): the table is then stored once
+and the head reads it as llama.cpp's Q8_0 does, with per-block int8 activations. onnxruntime prepacks a MatMulNBits weight into
 a copy of its own and keeps the stored blocks while anything else reads them, so such a table is in memory
 twice (Gemma 3's 262,144 x 640 head: 388 MB where 168 MB are the table). The op reads the stored blocks in
 place, with the same int8 arithmetic as MatMulNBits at accuracy_level 4; nothing in the file changes but the node.
@@ -36,9 +39,10 @@ from onnx import helper, numpy_helper
 from exporters.graph import GraphIndex
 from exporters.onnx_io import move_model, save_model_auto
 from exporters.optimize import remove_dead_nodes
+from exporters.quantization.embedding import share_tied_table
 from models.errors import UserError
 from models.files import staging_dir
-from runtimes.contract import set_metadata
+from runtimes.contract import LOGITS, set_metadata
 from runtimes.kernels import BLOCK_OP, OP
 
 DOMAIN = "com.pipeline"
@@ -185,6 +189,101 @@ def gather_packed_columns(model: onnx.ModelProto, weight: str, packed: str, k: i
     return moved
 
 
+# relative residual |W - X E^T| / |W| below which a static int8 head W is the embedding's table E seen through one
+# hidden x hidden map X (smoothing, a folded norm): the int8 head's own rounding is a few percent (Gemma 3 270M:
+# 3.3%), an unrelated table gives about 1
+HEAD_FIT_TOLERANCE = 0.1
+# off-diagonal share of the fitted map below which it is applied as a Mul: a smoothing's diagonal map comes back
+# with the int8 head's rounding in it (Gemma 3 270M: 0.3%)
+DIAGONAL_TOLERANCE = 1e-2
+FIT_ROWS = 16384           # table rows per float64 block of the fit
+
+
+def _block_table(index: GraphIndex, node: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray] | None:
+    """(codes uint8 (V, K), scales float32 (V, K/32)) of a GatherBlockQuantized embedding in the layout
+    MatMulNBits reads (8 bits, blocks of 32 along the row, zero point 128), else None."""
+    attrs = {a.name: a.i for a in node.attribute}
+    if (node.op_type != "GatherBlockQuantized" or attrs.get("bits") != 8 or attrs.get("block_size") != 32
+            or attrs.get("gather_axis", 0) != 0 or attrs.get("quantize_axis") != 1 or node.input[0] not in index.inits
+            or node.input[2] not in index.inits):
+        return None
+    codes, scales = (numpy_helper.to_array(index.inits[n]) for n in (node.input[0], node.input[2]))
+    if codes.dtype != np.uint8 or codes.ndim != 2 or codes.shape[1] % 32 or scales.dtype != np.float32 \
+            or scales.shape != (codes.shape[0], codes.shape[1] // 32):
+        return None
+    if len(node.input) > 3 and node.input[3]:
+        zero = index.inits.get(node.input[3])
+        if zero is None or np.any(numpy_helper.to_array(zero) != 128):
+            return None
+    return codes, scales
+
+
+def table_map(weight: np.ndarray, w_scale: np.ndarray, codes: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray,
+                                                                                                       float]:
+    """The map X (K, K) with which the head W = weight * w_scale (K, V) is closest to X E^T, E the table's
+    dequantized rows (V, K), by least squares in float64 over blocks of rows; and the relative residual."""
+    k = weight.shape[0]
+    gram, cross, rows = np.zeros((k, k)), np.zeros((k, k)), codes.shape[0]
+
+    def blocks():
+        for r in range(0, rows, FIT_ROWS):
+            e = ((codes[r:r + FIT_ROWS].astype(np.float64) - 128).reshape(-1, k // 32, 32)
+                 * scales[r:r + FIT_ROWS, :, None]).reshape(-1, k)
+            yield e, weight[:, r:r + FIT_ROWS].astype(np.float64) * w_scale[r:r + FIT_ROWS]
+
+    for e, w in blocks():
+        gram += e.T @ e
+        cross += w @ e
+    x = np.linalg.solve(gram, cross.T).T
+    residual = norm = 0.0
+    for e, w in blocks():
+        residual += float(np.sum((w - x @ e.T) ** 2))
+        norm += float(np.sum(w ** 2))
+    return x, (residual / norm) ** 0.5 if norm else float("inf")
+
+
+def head_on_table_blocks(model: onnx.ModelProto) -> dict | None:
+    """A static int8 head beside an embedding of its own int8 blocks is the table stored twice. Where the head is
+    the table seen through a map (`table_map` within HEAD_FIT_TOLERANCE), it becomes x -> x X (a Mul where X is
+    diagonal) -> 8-bit MatMulNBits on the table's blocks (accuracy level 4: per-block int8 activations), and the
+    embedding gathers those blocks (embedding.share_tied_table): one copy, which `rewrite_shared_blocks` then
+    puts on BlockInt8MatMul. Changes the logits (the head's arithmetic is another), so the caller judges them.
+    Returns what it did, or None where nothing fits."""
+    index = GraphIndex(model)
+    head = next((m for m in matches(model) if LOGITS in m.matmul.output), None)
+    embeds = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
+    if head is None or len(embeds) != 1 or (table := _block_table(index, embeds[0])) is None:
+        return None
+    codes, scales = table
+    if codes.shape != head.weight.shape[::-1]:
+        return None
+    x, residual = table_map(head.weight, head.w_scale, codes, scales)
+    if not residual <= HEAD_FIT_TOLERANCE:
+        return None
+    embed, name = embeds[0], head.matmul.name or head.matmul.output[0]
+    p = f"{name}/table_blocks"
+    off = x - np.diag(np.diag(x))
+    diagonal = bool(np.linalg.norm(off) <= DIAGONAL_TOLERANCE * np.linalg.norm(x))
+    v, k = codes.shape
+    model.graph.initializer.extend([
+        numpy_helper.from_array(np.diag(x).astype(np.float32) if diagonal else x.astype(np.float32), f"{p}/map"),
+        numpy_helper.from_array(codes.reshape(v, k // 32, 32), f"{p}/blocks")])
+    mapped = helper.make_node("Mul" if diagonal else "MatMul", [head.x, f"{p}/map"], [f"{p}/mapped"],
+                              f"{p}/Map")
+    matmul = helper.make_node("MatMulNBits", [f"{p}/mapped", f"{p}/blocks", embed.input[2]],
+                              list(head.matmul.output), f"{name}_Q8", domain="com.microsoft", K=k, N=v, bits=8,
+                              block_size=32, accuracy_level=4)
+    at = list(model.graph.node).index(head.matmul)
+    model.graph.node.remove(head.matmul)
+    model.graph.node.insert(at, matmul)
+    model.graph.node.insert(at, mapped)
+    if not share_tied_table(model, embed.name, name):
+        raise RuntimeError(f"{name}: the head on the table's blocks could not be shared with {embed.name}")
+    remove_dead_nodes(model)  # the head's Q/DQ, its int8 weight, the table's own codes
+    return {"matmul": name, "fit_relative_residual": round(residual, 6),
+            "map": "diagonal" if diagonal else f"{k}x{k}"}
+
+
 def _float_scales(index: GraphIndex, name: str) -> bool:
     """Whether a MatMulNBits' scales are float32 (the kernel's type): a float32 initializer, or a Cast to float
     of one stored narrower (the gguf recipe's float16 scales)."""
@@ -227,11 +326,16 @@ def rewrite_shared_blocks(model: onnx.ModelProto) -> int:
     return len(found)
 
 
-def specialize(source: Path, target: Path) -> dict:
+def specialize(source: Path, target: Path, portable: Path | None = None, move_head: bool = True) -> dict:
     """source model.onnx -> target model.onnx with its static int8 MatMuls and its shared 8-bit heads on the
-    native kernels; written to a temp name, then renamed."""
+    native kernels; written to a temp name, then renamed. Where the head moved onto the table's blocks
+    (`head_on_table_blocks`, which changes the logits), the graph as it is then, before the native kernels, is
+    also saved at `portable`: what the native graph must equal."""
     model = onnx.load(str(source))
     before = len(model.graph.node)
+    moved = head_on_table_blocks(model) if move_head else None
+    if moved is not None and portable is not None:
+        save_model_auto(model, portable)
     static, shared = rewrite(model), rewrite_shared_blocks(model)
     if not static + shared:
         raise UserError(f"{source} has no static int8 MatMul and no 8-bit head shared with its embedding for the "
@@ -242,5 +346,8 @@ def specialize(source: Path, target: Path) -> dict:
     with staging_dir(target) as staging:  # saved under its final name (the external data's name is inside it)
         save_model_auto(model, staging / target.name, shipped=True)
         move_model(staging / target.name, target)
-    return {"kernel": " + ".join(kernels), "matmuls": static + shared, "static_matmuls": static,
-            "shared_head_matmuls": shared, "nodes_before": before, "nodes_after": len(model.graph.node)}
+    results = {"kernel": " + ".join(kernels), "matmuls": static + shared, "static_matmuls": static,
+               "shared_head_matmuls": shared, "nodes_before": before, "nodes_after": len(model.graph.node)}
+    if moved is not None:
+        results["head_on_table_blocks"] = moved
+    return results

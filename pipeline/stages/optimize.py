@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -33,7 +35,8 @@ KV16_TOLERANCE = 0.25
 # -kv16 variant is judged by its distance from the float model it was quantized from: kept when its mean KL from
 # it is at most KV16_DRIFT times the source's own (plus KV16_DRIFT_FLOOR). Measured over 2048 tokens of the
 # evaluation text: w4 0.0490 -> 0.0485 with the float16 cache, w8 0.0059 -> 0.0057; a wrong cast or layout is
-# garbage (KL of order 1).
+# garbage (KL of order 1). The same rule judges a w8a8-native whose head moved onto the table's int8 blocks
+# (exporters/cpu_kernels.py `head_on_table_blocks`), another arithmetic for the head.
 KV16_DRIFT = 2.0
 KV16_DRIFT_FLOOR = 1e-3
 
@@ -45,9 +48,14 @@ class OptimizeStageConfig:
     fp16: bool = option(bool, False, "Also convert to float16 (for the CUDA / TensorRT providers).")
     native_int8: bool = option(bool, False, "Instead of fusing: put a static int8 variant's MatMuls on pipeline's "
                                "native CPU kernel (x86-64 with AVX512-VNNI, AArch64 with the dot product; build it with "
-                               "`python -m runtimes.kernels build`): same logits, faster decode. With --source w4, w8 "
-                               "or gguf: their tied 8-bit head, read as stored, so the table the embedding shares is "
-                               "in memory once. Writes <source>-native.")
+                               "`python -m runtimes.kernels build`): same logits, faster decode; a static head that "
+                               "did not share the tied table moves onto the table's int8 blocks (stored once, judged "
+                               "against the float model; see --static-head). With --source w4, w8 or gguf: their "
+                               "tied 8-bit head, read as stored, so the table the embedding shares is in memory once. "
+                               "Writes <source>-native.")
+    static_head: bool = option(bool, False, "With --native-int8: keep a static int8 head that did not share the "
+                               "tied table with the embedding on the static kernel (faster decode, the table in "
+                               "memory twice) instead of moving it onto the table's int8 blocks.")
     kv_fp16: bool = option(bool, False, "Instead of fusing: store a fused variant's KV cache in float16 (half the "
                            "cache memory; attention runs in float16). Writes <source>-kv16; default source: fused.")
 
@@ -55,6 +63,8 @@ class OptimizeStageConfig:
         check_options(self)
         if sum((self.fp16, self.native_int8, self.kv_fp16)) > 1:
             raise UserError("--fp16, --native-int8 and --kv-fp16 are separate rewrites: give one of them")
+        if self.static_head and not self.native_int8:
+            raise UserError("--static-head is a choice of --native-int8: give both")
 
     def source_in(self, run: RunDir) -> str:
         """The variant rewritten: --source, else w8a8 for --native-int8, fp32 from a traced export, or fused
@@ -109,8 +119,8 @@ def mean_kl(ref: list[np.ndarray], got: list[np.ndarray]) -> float:
     return max(total / len(ref), 0.0)
 
 
-def kv16_drift(reference, source, target, steps: int = 16, prompt_len: int = 32) -> dict:
-    """How far `source` and its -kv16 `target` each are from their float `reference` (mean KL over a prefill
+def float_drift(reference, source, target, steps: int = 16, prompt_len: int = 32) -> dict:
+    """How far `source` and its rewrite `target` each are from their float `reference` (mean KL over a prefill
     and `steps` greedy steps), and whether the target is within KV16_DRIFT of the source's own distance."""
     ref, src, tgt = parity_logits([reference, source, target], steps, prompt_len)
     before, after = mean_kl(ref, src), mean_kl(ref, tgt)
@@ -147,12 +157,25 @@ def optimize(run: RunDir, config: OptimizeStageConfig) -> dict:
             why = kernels.unavailable_reason()
             if why:  # before writing anything: the variant is only kept once checked
                 raise UserError(f"{target} could not be checked against {source} here: {why}")
-            results = specialize(source_path, out)
-            worst = logit_parity(source_path, out)
+            # a head moved onto the table's blocks computes otherwise: judged by its distance from the float model
+            reference = float_ancestor(run, source)
+            move_head = reference not in (None, source) and not config.static_head
+            with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+                portable = Path(tmp) / "model.onnx"
+                results = specialize(source_path, out, portable if move_head else None, move_head=move_head)
+                moved = "head_on_table_blocks" in results
+                worst = logit_parity(portable if moved else source_path, out)
             if not worst <= NATIVE_TOLERANCE:  # the same arithmetic: more than rounding means a kernel bug
                 raise UserError(f"{target} differs from {source} by {worst:.3g} in the logits (more than "
                                 f"{NATIVE_TOLERANCE}): not kept; please report it with the run's manifest.json")
             results["parity_max_abs_logit_diff"] = {"prefill+decode": worst}
+            if moved:
+                drift = float_drift(tx.read(reference), source_path, out)
+                if not drift["kept"]:
+                    raise UserError(f"{target}'s head on the table's int8 blocks is {drift['target_kl']:.3g} in mean "
+                                    f"KL from {reference} against {source}'s {drift['source_kl']:.3g}: not kept; "
+                                    f"please report it with the run's manifest.json")
+                results["drift_from_float"] = {"reference": reference, **drift}
         elif config.kv_fp16:
             from exporters.kv16 import write_kv16
 
@@ -161,7 +184,7 @@ def optimize(run: RunDir, config: OptimizeStageConfig) -> dict:
             results["parity_max_abs_logit_diff"] = {"prefill+decode": worst}
             if not worst <= KV16_TOLERANCE:
                 reference = float_ancestor(run, source)
-                drift = kv16_drift(tx.read(reference), source_path, out) if reference not in (None, source) \
+                drift = float_drift(tx.read(reference), source_path, out) if reference not in (None, source) \
                     else None
                 if drift is None or not drift["kept"]:
                     how = "" if drift is None else (f", and is {drift['target_kl']:.3g} in mean KL from {reference} "

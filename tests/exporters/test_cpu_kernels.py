@@ -221,3 +221,70 @@ def test_a_shared_table_reads_the_packed_head_and_the_unpacked_codes_go(native_k
     got = session_of(native, 2, native_kernels).run(None, {"ids": ids})
     np.testing.assert_array_equal(got[1], want[1])
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-6 * np.abs(want[0]).max())
+
+
+def table_and_static_head_model(v: int, k: int, *, diagonal: bool = True, related: bool = True) -> onnx.ModelProto:
+    """ids -> GatherBlockQuantized (int8 blocks of 32, its own table E) -> x -> DQ(Q(x)) @ DQ(W) -> logits, where W
+    is E seen through a map (a diagonal smoothing, or a dense one) rounded to int8 per column: a table stored
+    twice, as the w8a8 writer leaves it when the head's codes are too coarse to share. `related` False: W is
+    unrelated to E."""
+    rng = np.random.default_rng(5)
+    table = rng.standard_normal((v, k)).astype(np.float32)
+    blocks = table.reshape(v, k // 32, 32)
+    scales = (np.abs(blocks).max(-1) / 127).astype(np.float32)
+    codes = (np.round(blocks / scales[..., None]) + 128).astype(np.uint8).reshape(v, k)
+    e = ((codes.astype(np.float32) - 128).reshape(v, k // 32, 32) * scales[..., None]).reshape(v, k)
+    x_map = np.diag(rng.uniform(0.5, 4.0, k)) if diagonal else np.eye(k) + 0.2 * rng.standard_normal((k, k))
+    w = (x_map @ e.T if related else rng.standard_normal((k, v))).astype(np.float32)
+    w_scale = (np.abs(w).max(0) / 127).astype(np.float32)
+    w_q = np.round(w / w_scale).astype(np.int8)
+    inits = [numpy_helper.from_array(codes, "embed_Q8"), numpy_helper.from_array(scales, "embed_scales"),
+             numpy_helper.from_array(np.full(scales.shape, 128, np.uint8), "embed_zp"),
+             numpy_helper.from_array(w_q, "head_w"), numpy_helper.from_array(w_scale, "head_scale"),
+             numpy_helper.from_array(np.zeros(v, np.int8), "head_zero"),
+             numpy_helper.from_array(np.float32(0.05), "x_scale"), numpy_helper.from_array(np.uint8(128), "x_zero")]
+    nodes = [helper.make_node("GatherBlockQuantized", ["embed_Q8", "ids", "embed_scales", "embed_zp"], ["emb"],
+                              name="embed_Q8", domain="com.microsoft", gather_axis=0, quantize_axis=1, block_size=32,
+                              bits=8),
+             helper.make_node("QuantizeLinear", ["emb", "x_scale", "x_zero"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zero"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["head_w", "head_scale", "head_zero"], ["wd"], axis=1),
+             helper.make_node("MatMul", ["xd", "wd"], ["logits"], name="/model/lm_head/MatMul")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, None])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("emb", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+
+
+@pytest.mark.parametrize("diagonal", [True, False])
+def test_a_static_head_beside_its_own_table_moves_onto_the_tables_blocks(diagonal):
+    """The head reads the table's int8 blocks through the fitted map (a Mul where it is diagonal), the embedding
+    gathers those same blocks: one uint8 table is left, the rows come out exactly as before, and the logits stay
+    within the head's int8 rounding of the original's."""
+    from exporters.cpu_kernels import head_on_table_blocks
+
+    v, k = 320, 64
+    model = table_and_static_head_model(v, k, diagonal=diagonal)
+    ids = np.array([[3, 77, 299, 0, 150]], np.int64)
+    before = session_of(model, 1).run(None, {"ids": ids})
+    moved = head_on_table_blocks(model)
+    assert moved["map"] == ("diagonal" if diagonal else f"{k}x{k}") and moved["fit_relative_residual"] < 0.02
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert ops["MatMulNBits"] == 1 and ops["Mul" if diagonal else "MatMul"] >= 1 and not ops["QuantizeLinear"]
+    assert not ops["GatherBlockQuantized"]
+    tables = [t for t in model.graph.initializer if t.data_type == TensorProto.UINT8 and np.prod(t.dims) == v * k]
+    assert len(tables) == 1 and list(tables[0].dims) == [v, k // 32, 32]
+    assert {t.name for t in model.graph.initializer}.isdisjoint({"head_w", "embed_Q8", "embed_zp"})
+    after = session_of(model, 1).run(None, {"ids": ids})
+    np.testing.assert_array_equal(after[1], before[1])
+    err = np.abs(after[0] - before[0]).max() / np.abs(before[0]).max()
+    assert err < 0.03
+    assert rewrite_shared_blocks(model) == 1
+
+
+def test_an_unrelated_head_stays_static():
+    from exporters.cpu_kernels import head_on_table_blocks
+
+    model = table_and_static_head_model(320, 64, related=False)
+    nodes = [n.op_type for n in model.graph.node]
+    assert head_on_table_blocks(model) is None and [n.op_type for n in model.graph.node] == nodes

@@ -4,6 +4,7 @@ no torch is installed: our runtime alone in a fresh virtual environment, and onn
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 import importlib.metadata
 import json
 import os
@@ -14,6 +15,7 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -584,6 +586,38 @@ def test_w8a8_native_gathers_the_tied_table_from_the_packed_head(built_run, tmp_
     head = next(n for n in model.graph.node if n.op_type == "StaticInt8MatMul" and "logits" in n.output)
     assert gather.input[0] == head.input[1] and columns.name not in nodes
     assert columns.input[0] not in {t.name for t in model.graph.initializer}  # the unpacked copy is gone
+
+
+def test_w8a8_native_moves_a_static_head_beside_its_own_table_onto_the_tables_blocks(built_run, text_file, tmp_path,
+                                                                                     native_kernels, monkeypatch):
+    """A w8a8 whose static head did not share the tied table (the share refused, as on Gemma 3) keeps int8
+    blocks of its own for the embedding: the table twice. w8a8-native reads the head from those blocks on the
+    block kernel, the table once, checked against the portable graph to rounding and against the float model by
+    its drift; --static-head keeps the head static (and the table twice)."""
+    from exporters.quantization import embedding
+
+    run = copy_run(built_run, tmp_path / "run")
+    monkeypatch.setattr(embedding, "SHARE_ERROR_RATIO", 0.0)  # no static head shares the table
+    invoke("quantize", run, "--recipe", "w8a8", "--calib-text", text_file, "--calib-windows", "2", "--window",
+           "32", "--valid-windows", "0")
+    w8a8 = onnx.load(str(run / "variants/w8a8/model.onnx"), load_external_data=False)
+    assert Counter(n.op_type for n in w8a8.graph.node)["GatherBlockQuantized"] == 1
+    res = json.loads(invoke("optimize", run, "--native-int8", "--json").output)
+    assert res["head_on_table_blocks"]["fit_relative_residual"] < 0.05
+    assert res["parity_max_abs_logit_diff"]["prefill+decode"] <= 1e-4
+    drift = res["drift_from_float"]
+    assert drift["reference"] == "fused" and drift["kept"] and drift["target_kl"] <= 2 * drift["source_kl"] + 1e-3
+    model = onnx.load(str(run / "variants/w8a8-native/model.onnx"), load_external_data=False)
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert ops["BlockInt8MatMul"] == 1 and ops["GatherBlockQuantized"] == 0 and ops["StaticInt8MatMul"] > 0
+    vk = read_contract(model).vocab_size * read_contract(model).hidden_size
+    names = {t.name: t for t in model.graph.initializer}
+    assert {"model.lm_head.weight_quantized", "model.embed_tokens.weight_Q8"} <= {t.name for t in w8a8.graph.initializer}
+    assert not {"model.lm_head.weight_quantized", "model.embed_tokens.weight_Q8"} & set(names)
+    blocks = [t for t in names.values() if t.name.endswith("/table_blocks/blocks")]
+    assert len(blocks) == 1 and int(np.prod(blocks[0].dims)) == vk  # the table, once
+    res = json.loads(invoke("optimize", run, "--native-int8", "--static-head", "--json").output)
+    assert "head_on_table_blocks" not in res and res["shared_head_matmuls"] == 0
 
 
 def test_a_bundle_sized_for_a_context_states_it_and_refuses_past_it(built_run, tmp_path):
