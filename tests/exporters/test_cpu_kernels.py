@@ -133,6 +133,17 @@ def test_only_an_8bit_int8_head_whose_blocks_another_node_reads_moves_to_the_blo
         assert any(o.domain == DOMAIN for o in model.opset_import)
 
 
+def test_check_counts_the_block_kernel_as_matmul_nbits_counts(tmp_path):
+    """int8 weights and int8 arithmetic (activations quantized per block as it runs), not static W8A8."""
+    model = tied_nbits_model(64, 96)
+    onnx.save(model, str(tmp_path / "nbits.onnx"))
+    rewrite_shared_blocks(model)
+    onnx.save(model, str(tmp_path / "block.onnx"))
+    shares = int8_flop_share(tmp_path / "block.onnx")
+    assert shares == int8_flop_share(tmp_path / "nbits.onnx")
+    assert shares == {"int8_weight_flop_share": 1.0, "int8_w8a8_flop_share": 0.0, "int8_compute_flop_share": 1.0}
+
+
 def test_specialize_a_weight_only_model_records_the_block_kernel(tmp_path):
     src = tmp_path / "w4.onnx"
     onnx.save(tied_nbits_model(64, 96), str(src))
