@@ -25,7 +25,7 @@ EXIT_INTERRUPTED = 130
 def provider_spec(args: argparse.Namespace) -> ProviderSpec:
     """The spec for --provider, with only the provider options actually given (a wrong one is an error)."""
     given = {"device_id": args.device_id, "cache_dir": args.trt_cache_dir,
-             "fp16": args.trt_fp16 or None, "int8": args.trt_int8 or None}
+             "fp16": args.trt_fp16 or None, "int8": args.trt_int8 or None, "graph": args.cuda_graph or None}
     return resolve(args.provider, **{k: v for k, v in given.items() if v is not None})
 
 
@@ -36,6 +36,8 @@ def add_provider_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trt-cache-dir", default=None, help="TensorRT engine and timing cache directory")
     parser.add_argument("--trt-fp16", action="store_true", help="let TensorRT use fp16 kernels")
     parser.add_argument("--trt-int8", action="store_true", help="let TensorRT use int8 kernels (QDQ models)")
+    parser.add_argument("--cuda-graph", action="store_true", help="cuda: replay each decode step as one captured "
+                        "CUDA graph, on a fixed-capacity cache (fused graphs)")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:

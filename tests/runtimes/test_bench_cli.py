@@ -62,6 +62,16 @@ def test_provider_option_for_another_provider_is_rejected(tiny_model, capsys):
     assert "takes no option fp16" in capsys.readouterr().err
 
 
+def test_cuda_graphs_are_a_cuda_option(tiny_model, capsys):
+    assert main(["bench", str(tiny_model), "--cuda-graph"]) == 2
+    assert "takes no option graph" in capsys.readouterr().err
+    from runtimes.providers import CUDA_EP, available
+
+    if not available(CUDA_EP):  # where CUDA loads, the same command benches
+        assert main(["bench", str(tiny_model), "--provider", "cuda", "--cuda-graph"]) == 2
+        assert "pip install 'edge-pipeline[gpu]'" in capsys.readouterr().err
+
+
 def test_debug_env_shows_the_traceback(tmp_path, monkeypatch):
     monkeypatch.setenv("RUNTIME_DEBUG", "1")
     with pytest.raises(RuntimeUserError):
