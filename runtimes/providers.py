@@ -13,8 +13,9 @@ import functools
 import inspect
 import io
 import platform
+import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,30 +152,73 @@ def trt_profile_options(profiles: TrtProfiles, shape: ModelShape) -> dict[str, s
             for k, kind in enumerate(("min", "opt", "max"))}
 
 
-@functools.cache
-def available(ep: str) -> bool:
-    """True when `ep` loads and runs here: listed by onnxruntime *and* able to run a one-node model."""
+NOT_IN_BUILD = "not in this onnxruntime"
+
+
+@contextlib.contextmanager
+def _native_stderr() -> Iterator[io.StringIO]:
+    """What C++ writes to file descriptor 2 meanwhile (onnxruntime's log of a library it cannot load), kept out of
+    the terminal and handed back in the yielded buffer once the block ends."""
+    import os
+    import sys
+    import tempfile
+
+    text = io.StringIO()
+    with tempfile.TemporaryFile() as log:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield text
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            log.seek(0)
+            text.write(log.read().decode(errors="replace"))
+
+
+def load_failure(ep: str) -> str | None:
+    """None when `ep` loads here and runs a one-node model; else why not: not in this onnxruntime build, or what
+    onnxruntime said when it tried (a GPU build lists CUDA, then falls back to the CPU when a CUDA library is
+    missing: the library it could not open)."""
     if ep not in ort.get_available_providers():
-        return False
+        return NOT_IN_BUILD
     options = ort.SessionOptions()
     options.log_severity_level = 4
-    # a provider that fails to load is the answer here, not news: onnxruntime's fallback banner (printed to
-    # stdout) and its warnings are swallowed
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+    error = None
+    # a provider that fails to load is the answer here, not news: onnxruntime's fallback banner (stdout), its
+    # warnings and its native log are kept out of the terminal
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), _native_stderr() as log:
         warnings.simplefilter("ignore")
         try:
             session = ort.InferenceSession(_PROBE_MODEL, options, providers=with_cpu_fallback(ep, {}))
             session.run(None, {"x": np.zeros(1, np.float32)})
-        except Exception:  # noqa: BLE001 - any failure to load or run means the provider is not usable
-            return False
-    return ep in session.get_providers()
+            loaded = ep in session.get_providers()
+        except Exception as e:  # noqa: BLE001 - any failure to load or run means the provider is not usable
+            loaded, error = False, f"{type(e).__name__}: {e}"
+    if loaded:
+        return None
+    lines = [line for line in re.sub(r"\x1b\[[0-9;]*m", "", log.getvalue()).splitlines() if line.strip()]
+    reason = next((line.split("with error: ", 1)[1] for line in lines if "with error: " in line), None)
+    reason = reason or error or next((line for line in lines if "fail" in line.lower()), None)
+    return " ".join((reason or "onnxruntime fell back to the CPU").split())
+
+
+@functools.cache
+def available(ep: str) -> bool:
+    """True when `ep` loads and runs here: listed by onnxruntime *and* able to run a one-node model."""
+    return load_failure(ep) is None
 
 
 def ensure_available(spec: ProviderSpec) -> ProviderSpec:
-    """`spec` itself, or a RuntimeUserError that says how to install the provider."""
+    """`spec` itself, or a RuntimeUserError that says how to install the provider, or what kept it from loading."""
     if not available(spec.ep):
-        raise RuntimeUserError(f"execution provider {spec.name!r} ({spec.ep}) does not load with this "
-                               f"onnxruntime: install it with {spec.install}")
+        why = load_failure(spec.ep)
+        if why == NOT_IN_BUILD:
+            raise RuntimeUserError(f"execution provider {spec.name!r} ({spec.ep}) is not in this onnxruntime: "
+                                   f"install it with {spec.install}")
+        raise RuntimeUserError(f"execution provider {spec.name!r} ({spec.ep}) is installed but does not load: "
+                               f"{why} (install its libraries, or see {spec.install})")
     return spec
 
 

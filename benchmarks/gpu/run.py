@@ -47,7 +47,6 @@ import subprocess
 import sys
 import time
 import traceback
-import warnings
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -290,44 +289,19 @@ def bench_torch_compiled(model, prompt, new_tokens: int, repeats: int) -> dict:
 
 
 def tensorrt_attempt(path: str) -> dict:
-    """Ask onnxruntime for TensorRT on the fp16 graph; where it does not load, what onnxruntime printed about it
-    (the library it could not open) and the providers the session got instead."""
-    import tempfile
-
+    """Ask onnxruntime for TensorRT; where it does not load, why (runtimes.providers `load_failure`: not in the
+    build, or the library onnxruntime could not open); where it does, a few greedy tokens of the fp16 graph."""
     import onnxruntime as ort
 
     from runtimes.generate import greedy_tokens
-    from runtimes.providers import TENSORRT_EP, tensorrt
+    from runtimes.providers import TENSORRT_EP, load_failure, tensorrt
     from runtimes.session import open_session
 
-    listed = TENSORRT_EP in ort.get_available_providers()
-    spec = tensorrt(fp16=True, cache_dir="/tmp/trt_cache")
-    Path(spec.cache_dir).mkdir(parents=True, exist_ok=True)
-    # onnxruntime's C++ log goes to file descriptor 2, its Python side warns
-    with tempfile.TemporaryFile() as log, warnings.catch_warnings(record=True) as warned:
-        warnings.simplefilter("always")
-        sys.stderr.flush()
-        saved = os.dup(2)
-        os.dup2(log.fileno(), 2)
-        try:
-            options = ort.SessionOptions()
-            options.log_severity_level = 1
-            got = ort.InferenceSession(path, options, providers=[(TENSORRT_EP, dict(spec.options)),
-                                                                 "CPUExecutionProvider"]).get_providers()
-            error = None
-        except Exception as e:
-            got, error = [], f"{type(e).__name__}: {e}"
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-        log.seek(0)
-        lines = [ln for ln in [*(str(w.message) for w in warned), *log.read().decode(errors="replace").splitlines()]
-                 if any(k in ln.lower() for k in ("tensorrt", "nvinfer", "cannot open", "failed"))]
-    out = {"listed": listed, "loaded": TENSORRT_EP in got, "session_providers": got, "error": error,
-           "reason": lines[:6]}
-    if out["loaded"]:
-        session = open_session(path, spec)
-        out["tokens"] = greedy_tokens(session, [1, 2, 3, 4], 4)
+    why = load_failure(TENSORRT_EP)
+    out = {"listed": TENSORRT_EP in ort.get_available_providers(), "loaded": why is None, "reason": why}
+    if why is None:
+        session = open_session(path, tensorrt(fp16=True, cache_dir="/tmp/trt_cache"))
+        out["provider"], out["tokens"] = session.provider, greedy_tokens(session, [1, 2, 3, 4], 4)
     return out
 
 

@@ -128,4 +128,4 @@ def test_the_whole_check_runs_with_the_cpu_standing_in(tmp_path):
     assert set(m["targets"]) == {"decode_io_binding_vs_eager", "prefill_io_binding_vs_eager",
                                  "decode_static_vs_eager", "prefill_static_vs_eager", "fp16_logits_within_check"}
     trt = d["tensorrt"]
-    assert trt["loaded"] is False and trt["session_providers"] == ["CPUExecutionProvider"] and trt["reason"]
+    assert trt == {"listed": False, "loaded": False, "reason": "not in this onnxruntime", "seconds": trt["seconds"]}

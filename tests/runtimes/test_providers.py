@@ -10,8 +10,8 @@ import pytest
 from runtimes import providers
 from runtimes.contract import Contract, is_past, past_key, past_value
 from runtimes.errors import RuntimeUserError
-from runtimes.providers import (CPU_EP, CUDA_EP, TENSORRT_EP, ModelShape, TrtProfiles, available, cpu, cuda, resolve,
-                                tensorrt)
+from runtimes.providers import (CPU_EP, CUDA_EP, TENSORRT_EP, ModelShape, TrtProfiles, available, cpu, cuda,
+                                ensure_available, resolve, tensorrt)
 
 CONTRACT = Contract(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, hidden_size=32, vocab_size=128,
                     max_position_embeddings=64, attention_windows=(None, None))
@@ -58,6 +58,11 @@ def test_listed_provider_that_does_not_load_counts_as_absent(monkeypatch):
     available.cache_clear()
     try:
         assert not available(CUDA_EP)
+        with pytest.raises(RuntimeUserError) as err:
+            ensure_available(cuda())
+        message = str(err.value)  # the reason onnxruntime gives, one line
+        assert message.startswith("execution provider 'cuda' (CUDAExecutionProvider) is installed but does not "
+                                  "load: ") and "pip install 'edge-pipeline[gpu]'" in message and "\n" not in message
     finally:
         available.cache_clear()
 
