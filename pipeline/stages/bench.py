@@ -34,6 +34,8 @@ PLOT_INSTALL = "pip install 'edge-pipeline[plot]'"
 class BenchConfig:
     variant: tuple[str, ...] = options.variants("benchmark")
     provider: str = options.provider()
+    cuda_graph: bool = option(bool, False, "cuda: replay each decode step as one captured CUDA graph, on a "
+                              "fixed-capacity cache on the GPU (fused variants).")
     threads: int = options.threads()  # for every runner, ours and the peers
     prompt_len: int = option(int, 32, "Prompt tokens (prefill).", lo=1)
     new_tokens: int = option(int, 64, "Decode steps timed.", lo=1)
@@ -58,6 +60,8 @@ class BenchConfig:
     def __post_init__(self):
         check_options(self)
         object.__setattr__(self, "compare", tuple(c for c in self.compare if c != "none"))
+        if self.cuda_graph and self.provider != "cuda":
+            raise UserError(f"--cuda-graph is a CUDA option: give --provider cuda (not {self.provider})")
         if self.plot is not None:
             check_plot(Path(self.plot))
 
@@ -114,6 +118,8 @@ def bench_model(path: Path, config: BenchConfig, cache_dir: Path) -> dict:
            "--json"]
     if config.provider == "tensorrt":  # engines and timing caches live in the run, reused by the next bench
         cmd += ["--trt-cache-dir", str(cache_dir)]
+    if config.cuda_graph:
+        cmd.append("--cuda-graph")
     return run_json(cmd, config.timeout_s)
 
 
@@ -198,7 +204,7 @@ def bench_peer(run: RunDir, peer: str, config: BenchConfig) -> dict:
 def bench(run: RunDir, config: BenchConfig) -> dict:
     from runtimes.providers import resolve
 
-    resolve(config.provider)  # an unknown or absent provider fails here, with its install line
+    resolve(config.provider)  # an unknown or absent provider fails here, with its install line or why
     names = list(config.variant) or run.variants()
     if not names:
         raise UserError(f"run {run.root} has no ONNX variants to benchmark: run `pipeline export` first")

@@ -502,6 +502,7 @@ def test_corrupt_onnx(tmp_path, run_dir, damage):
 
 def test_unknown_and_absent_providers(run_dir):
     one_line_error(invoke("bench", run_dir, "--provider", "npu", ok=False), "npu")
+    one_line_error(invoke("bench", run_dir, "--cuda-graph", ok=False), "--cuda-graph is a CUDA option")
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
