@@ -18,13 +18,14 @@ gathers its rows from the head's int8 weight (a tied table stored once, embeddin
 made to gather them from the packed copy (`gather_packed_columns`), so that weight is still stored once.
 
 BlockInt8MatMul: an 8-bit MatMulNBits whose stored blocks another node also reads (the tied head whose blocks
-the token embedding gathers, exporters/quantization/embedding.py). A static int8 head that could not share the
-table (its per-column codes came out too coarse for the embedding, as on Gemma 3, whose table is a GGUF's exact
-Q8_0 blocks) is moved onto the table's own blocks first (`head_on_table_blocks`): the table is then stored once
-and the head reads it as llama.cpp's Q8_0 does, with per-block int8 activations. onnxruntime prepacks a MatMulNBits weight into
+the token embedding gathers, exporters/quantization/embedding.py). onnxruntime prepacks a MatMulNBits weight into
 a copy of its own and keeps the stored blocks while anything else reads them, so such a table is in memory
 twice (Gemma 3's 262,144 x 640 head: 388 MB where 168 MB are the table). The op reads the stored blocks in
-place, with the same int8 arithmetic as MatMulNBits at accuracy_level 4; nothing in the file changes but the node.
+place, with the same int8 arithmetic as MatMulNBits at accuracy_level 4; nothing in the file changes but the
+node. A static int8 head that could not share the table (its per-column codes too coarse for the embedding, as
+on Gemma 3, whose table is a GGUF's exact Q8_0 blocks) is first moved onto the table's own blocks
+(`head_on_table_blocks`, where the caller asks): the table is then stored once and the head reads it as
+llama.cpp's Q8_0 does, with per-block int8 activations.
 """
 
 from __future__ import annotations
@@ -326,7 +327,7 @@ def rewrite_shared_blocks(model: onnx.ModelProto) -> int:
     return len(found)
 
 
-def specialize(source: Path, target: Path, portable: Path | None = None, move_head: bool = True) -> dict:
+def specialize(source: Path, target: Path, portable: Path | None = None, move_head: bool = False) -> dict:
     """source model.onnx -> target model.onnx with its static int8 MatMuls and its shared 8-bit heads on the
     native kernels; written to a temp name, then renamed. Where the head moved onto the table's blocks
     (`head_on_table_blocks`, which changes the logits), the graph as it is then, before the native kernels, is
