@@ -293,9 +293,13 @@ def test_a_static_head_beside_its_own_table_moves_onto_the_tables_blocks(diagona
     assert rewrite_shared_blocks(model) == 1
 
 
-def test_an_unrelated_head_stays_static():
-    from exporters.cpu_kernels import head_on_table_blocks
+@pytest.mark.parametrize("fit_rows", [16384, 128])  # the whole table in one block, or a first sample of it
+def test_an_unrelated_head_stays_static_and_a_related_one_moves_whatever_the_fit_blocks(monkeypatch, fit_rows):
+    from exporters import cpu_kernels
 
+    monkeypatch.setattr(cpu_kernels, "FIT_ROWS", fit_rows)
     model = table_and_static_head_model(320, 64, related=False)
     nodes = [n.op_type for n in model.graph.node]
-    assert head_on_table_blocks(model) is None and [n.op_type for n in model.graph.node] == nodes
+    assert cpu_kernels.head_on_table_blocks(model) is None and [n.op_type for n in model.graph.node] == nodes
+    moved = cpu_kernels.head_on_table_blocks(table_and_static_head_model(320, 64))
+    assert moved["map"] == "diagonal" and moved["fit_relative_residual"] < 0.02
