@@ -11,7 +11,10 @@ graph) and `pipeline optimize --fp16`, then
      - cuda_graph: the same with every decode step replaying one captured CUDA graph (`cuda(graph=True)`),
      and for PyTorch eager fp16 (its dynamic cache) and, with --torch-compile, `generate` with a static cache
      and the forward under torch.compile (mode reduce-overhead), as users run it;
-  3. the targets of issue "CUDA and TensorRT figures": decode >= 2x eager (io_binding / static) and >= 3x with
+  3. on the first shape, the user's own commands on the provider, small: `pipeline check --variant fused-fp16
+     --provider cuda` and `pipeline bench --variant fused-fp16 --provider cuda --cuda-graph` (a byte-level
+     tokenizer of 256 ids goes with each checkpoint: random weights come with none);
+  4. the targets of issue "CUDA and TensorRT figures": decode >= 2x eager (io_binding / static) and >= 3x with
      CUDA graphs, prefill no slower than eager, fp16 logits within check's tolerance.
 Then TensorRT: its provider is asked for and, where its libraries are absent, the exact reason is recorded.
 Everything goes to OUT/gpu.json, rewritten after every step, so a run cut short still reports what it did.
@@ -128,23 +131,54 @@ def preload_cuda_libraries() -> str:
     return "preloaded"
 
 
-def pipeline(*args: str) -> dict:
-    """`python -m pipeline ARGS --json` in a child; its JSON result, or the error it printed."""
+def pipeline(*args: str, ok: tuple[int, ...] = (0,)) -> dict:
+    """`python -m pipeline ARGS --json` in a child; its JSON result (and exit code where `ok` allows more than
+    0, as check's 1 for a missed threshold), or the error it printed."""
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-m", "pipeline", *args, "--json"], capture_output=True, text=True,
                        cwd=ROOT, env={**os.environ, "PYTHONPATH": os.pathsep.join(
                            [*os.environ.get("PYTHONPATH", "").split(os.pathsep), str(ROOT)]).strip(os.pathsep)})
-    if p.returncode != 0:
+    if p.returncode not in ok:
         raise RuntimeError(f"pipeline {args[0]} exited {p.returncode}: {p.stderr.strip()[-800:]}")
-    return {"seconds": round(time.perf_counter() - t0, 1), "result": json.loads(p.stdout) if p.stdout.strip()
-            else None}
+    return {"seconds": round(time.perf_counter() - t0, 1), "exit": p.returncode,
+            "result": json.loads(p.stdout) if p.stdout.strip() else None}
+
+
+def pipeline_commands(run: str, provider: str) -> dict:
+    """The user's own commands on the provider, small: `check` of the fp16 variant (PyTorch as its reference,
+    its fused-fp16 thresholds) and `bench` of it (with CUDA graphs on CUDA)."""
+    check = pipeline("check", run, "--variant", "fused-fp16", "--provider", provider, "--windows", "2", "--window",
+                     "128", "--steps", "8", ok=(0, 1))
+    row = check["result"]["variants"][0]
+    graph = ["--cuda-graph"] if provider == "cuda" else []
+    bench = pipeline("bench", run, "--variant", "fused-fp16", "--provider", provider, *graph, "--compare", "none",
+                     "--prompt-len", "128", "--new-tokens", "32", "--repeats", "3")
+    b = bench["result"]["rows"]["fused-fp16"]
+    return {"check": {k: row.get(k) for k in ("provider", "max_abs_diff", "top1", "kl", "failed")},
+            "check_exit": check["exit"], "check_s": check["seconds"],
+            "bench": {k: b.get(k) for k in ("provider_in_use", "prefill_ms", "decode_ms_p50", "peak_rss_mb", "error")},
+            "bench_s": bench["seconds"], "cuda_graph": bool(graph)}
+
+
+def byte_tokenizer(path: Path) -> Path:
+    """A byte-level tokenizer.json of 256 ids (every shape's vocabulary holds them): the pipeline's check and
+    bench tokenize text, and a random-weight checkpoint has no tokenizer of its own."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return path
 
 
 def prepare(name: str, cfg: dict, work: Path) -> dict:
     """Checkpoint, export (built, fused) and the fp16 variant; steps whose outputs exist are kept."""
     ckpt, run = work / name, work / f"run-{name}"
     t0 = time.perf_counter()
-    write_checkpoint(name, ckpt, None, cfg)
+    write_checkpoint(name, ckpt, byte_tokenizer(work / "tokenizer.json"), cfg)
     out = {"checkpoint_s": round(time.perf_counter() - t0, 1)}
     if not (run / "variants" / "fused" / "model.onnx").is_file():
         out["export"] = pipeline("export", "--model", str(ckpt), "--out", str(run))["seconds"]
@@ -323,7 +357,7 @@ def targets(bench: dict, check: dict | None) -> dict:
     return out
 
 
-def run_model(report: Report, name: str, cfg: dict, a) -> None:
+def run_model(report: Report, name: str, cfg: dict, a, first: bool = False) -> None:
     import numpy as np
 
     entry = report.data["models"].setdefault(name, {"config": {k: cfg[k] for k in (
@@ -350,6 +384,8 @@ def run_model(report: Report, name: str, cfg: dict, a) -> None:
             report.step(bench, "torch_compile", bench_torch_compiled, model, prompt, a.new_tokens, a.repeats)
         elif a.torch_compile:
             bench["torch_compile"] = {"skipped": f"less than {a.compile_reserve:.0f} s of the budget left"}
+    if first and report.elapsed() < a.budget:  # the pipeline's own commands, on the first shape only
+        report.step(entry, "pipeline_commands", pipeline_commands, str(Path(files["fp16"]).parents[2]), a.provider)
     entry["targets"] = targets(bench, check)
     report.save()
     del model
@@ -395,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         if report.elapsed() > a.budget:
             report.data["models"][name] = {"skipped": "past the time budget"}
             continue
-        run_model(report, name, TINY if name == "tiny" else CONFIGS[name], a)
+        run_model(report, name, TINY if name == "tiny" else CONFIGS[name], a, first=name == a.model[0])
     if a.tensorrt:
         fp16 = next((m["prepare"]["fp16"] for m in report.data["models"].values()
                      if isinstance(m.get("prepare"), dict) and "fp16" in m["prepare"]), None)

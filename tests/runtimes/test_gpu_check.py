@@ -127,5 +127,8 @@ def test_the_whole_check_runs_with_the_cpu_standing_in(tmp_path):
     assert "cuda_graph" not in m["bench"]  # the CPU has no CUDA graphs
     assert set(m["targets"]) == {"decode_io_binding_vs_eager", "prefill_io_binding_vs_eager",
                                  "decode_static_vs_eager", "prefill_static_vs_eager", "fp16_logits_within_check"}
+    cmds = m["pipeline_commands"]  # the user's commands ran too, on the first shape
+    assert cmds["check_exit"] in (0, 1) and cmds["check"]["top1"] >= 0.98 and not cmds["cuda_graph"]
+    assert cmds["bench"]["decode_ms_p50"] > 0 and cmds["bench"]["provider_in_use"] == "CPUExecutionProvider"
     trt = d["tensorrt"]
     assert trt == {"listed": False, "loaded": False, "reason": "not in this onnxruntime", "seconds": trt["seconds"]}
