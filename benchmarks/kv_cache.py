@@ -18,7 +18,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtimes.bench import greedy_calls, timed_run  # noqa: E402
-from runtimes.generate import Generator, HostCache, SharedCache  # noqa: E402
+from runtimes.caches import HostCache, SharedCache  # noqa: E402
+from runtimes.generate import Generator  # noqa: E402
 from runtimes.session import open_session  # noqa: E402
 
 

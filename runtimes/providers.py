@@ -12,8 +12,11 @@ import contextlib
 import functools
 import inspect
 import io
+import os
 import platform
 import re
+import sys
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -106,7 +109,7 @@ def cuda(device_id: int = 0, graph: bool = False) -> ProviderSpec:
     nothing for a decoder with no convolutions; copies go on the compute stream so a step never races its input.
     `graph`: onnxruntime captures the first decode step as a CUDA graph and replays it for every later one
     (`enable_cuda_graph`), which needs every step to run with the same shapes on the same buffers: the
-    generation loop then keeps a fixed-capacity cache (runtimes.generate `StaticCache`; fused graphs only).
+    generation loop then keeps a fixed-capacity cache (runtimes.caches `StaticCache`; fused graphs only).
     """
     options = (("device_id", str(device_id)), ("cudnn_conv_algo_search", "DEFAULT"),
                ("do_copy_in_default_stream", "1")) + ((("enable_cuda_graph", "1"),) if graph else ())
@@ -159,10 +162,6 @@ NOT_IN_BUILD = "not in this onnxruntime"
 def _native_stderr() -> Iterator[io.StringIO]:
     """What C++ writes to file descriptor 2 meanwhile (onnxruntime's log of a library it cannot load), kept out of
     the terminal and handed back in the yielded buffer once the block ends."""
-    import os
-    import sys
-    import tempfile
-
     text = io.StringIO()
     with tempfile.TemporaryFile() as log:
         sys.stderr.flush()

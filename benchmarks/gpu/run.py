@@ -6,7 +6,7 @@ graph) and `pipeline optimize --fp16`, then
   1. check: fp16 logits of onnxruntime's CUDA provider against PyTorch fp16 on the same GPU, on random token
      windows, judged by the thresholds `check` uses for fused-fp16 (exporters/acceptance.py);
   2. bench: prefill at --prompt-len tokens and decode ms/token (median step) for onnxruntime with
-     - io_binding: the KV cache on the device, rebound step to step (runtimes.generate `BoundCache`),
+     - io_binding: the KV cache on the device, rebound step to step (runtimes.caches `BoundCache`),
      - static: the fixed-capacity cache on the device (`StaticCache`),
      - cuda_graph: the same with every decode step replaying one captured CUDA graph (`cuda(graph=True)`),
      and for PyTorch eager fp16 (its dynamic cache) and, with --torch-compile, `generate` with a static cache

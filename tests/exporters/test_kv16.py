@@ -11,7 +11,8 @@ from exporters.kv16 import kv_to_fp16, write_kv16
 from models.errors import UserError
 from models.weights import open_weights
 from runtimes.contract import LOGITS, past_names, present_names, read_contract
-from runtimes.generate import Generator, SharedCache
+from runtimes.caches import SharedCache
+from runtimes.generate import Generator
 from runtimes.providers import cpu
 from runtimes.session import open_session
 from tests.exporters.test_builder import NEW_FAMILIES, save

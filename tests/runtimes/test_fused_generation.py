@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from runtimes.errors import RuntimeUserError
-from runtimes.generate import GRAPH_ID, Generator, HostCache, SharedCache, StaticCache, greedy_tokens
+from runtimes.caches import GRAPH_ID, HostCache, SharedCache, StaticCache
+from runtimes.generate import Generator, greedy_tokens
 from runtimes.providers import cpu
 from runtimes.session import open_session
 
