@@ -41,6 +41,7 @@ from exporters.graph import GraphIndex
 from exporters.onnx_io import move_model, save_model_auto
 from exporters.optimize import remove_dead_nodes
 from exporters.quantization.embedding import share_tied_table
+from exporters.quantization.scales import stored_scales
 from models.errors import UserError
 from models.files import staging_dir
 from runtimes.contract import LOGITS, set_metadata
@@ -205,11 +206,10 @@ def _block_table(index: GraphIndex, node: onnx.NodeProto) -> tuple[np.ndarray, n
     MatMulNBits reads (8 bits, blocks of 32 along the row, zero point 128), else None."""
     attrs = {a.name: a.i for a in node.attribute}
     if (node.op_type != "GatherBlockQuantized" or attrs.get("bits") != 8 or attrs.get("block_size") != 32
-            or attrs.get("gather_axis", 0) != 0 or attrs.get("quantize_axis") != 1 or node.input[0] not in index.inits
-            or node.input[2] not in index.inits):
+            or attrs.get("gather_axis", 0) != 0 or attrs.get("quantize_axis") != 1 or node.input[0] not in index.inits):
         return None
-    codes, scales = (numpy_helper.to_array(index.inits[n]) for n in (node.input[0], node.input[2]))
-    if codes.dtype != np.uint8 or codes.ndim != 2 or codes.shape[1] % 32 or scales.dtype != np.float32 \
+    codes, scales = numpy_helper.to_array(index.inits[node.input[0]]), stored_scales(index, node.input[2])
+    if scales is None or codes.dtype != np.uint8 or codes.ndim != 2 or codes.shape[1] % 32 \
             or scales.shape != (codes.shape[0], codes.shape[1] // 32):
         return None
     if len(node.input) > 3 and node.input[3]:
@@ -290,13 +290,11 @@ def head_on_table_blocks(model: onnx.ModelProto) -> dict | None:
 
 
 def _float_scales(index: GraphIndex, name: str) -> bool:
-    """Whether a MatMulNBits' scales are float32 (the kernel's type): a float32 initializer, or a Cast to float
-    of one stored narrower (the gguf recipe's float16 scales)."""
+    """Whether a MatMulNBits' scales are float32 (the kernel's type) from initializers: a float32 initializer, or
+    one stored as float16 behind a Cast to float (the writers' block scales, the gguf recipe's factors)."""
     if name in index.inits:
         return index.inits[name].data_type == onnx.TensorProto.FLOAT
-    cast = index.producers.get(name)
-    return (cast is not None and cast.op_type == "Cast" and cast.input[0] in index.inits
-            and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in cast.attribute))
+    return stored_scales(index, name) is not None
 
 
 def shared_block_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:

@@ -14,6 +14,7 @@ from onnx import helper, numpy_helper
 
 from exporters.graph import TABLE_MAP_SUFFIX, GraphIndex
 from exporters.onnx_io import tensor_array
+from exporters.quantization.scales import on_half_grid
 from runtimes.contract import LOGITS, set_metadata
 
 
@@ -62,6 +63,7 @@ def quantize_embeddings(model: onnx.ModelProto, block_size: int) -> list[str]:
         blocks = w.reshape(w.shape[0], -1, block_size)
         scale = (np.abs(blocks).max(-1) / 127).astype(np.float32)
         scale[scale == 0] = 1.0
+        scale = on_half_grid(scale)  # as the file will store it (scales.py), the codes chosen for it
         q = (np.clip(np.round(blocks / scale[..., None]), -127, 127) + 128).astype(np.uint8).reshape(w.shape)
         base = table.name
         model.graph.initializer.remove(table)

@@ -31,6 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 from exporters.graph import GraphIndex
 from exporters.onnx_io import save_model_auto
 from exporters.quantization.embedding import quantize_embeddings, share_tied_table, tied_head
+from exporters.quantization.scales import half_scales
 from exporters.onnx_io import skeleton
 from models.errors import UserError
 from models.gguf_grid import Factor, Grid, stack
@@ -183,5 +184,6 @@ def run_write_grid(q, config: GridConfig):
     q.details.update(bits=4, block_size=32, accuracy_level=config.accuracy_level)
     q.reasons.update({name: f"GGUF {'/'.join(k['types'])}: its exact {k['bits']}-bit form"
                       for name, k in details["matmuls"].items() if k["bits"] == 8})
+    half_scales(q.model)  # an untied table's int8 blocks (its factors are the file's own float16 already)
     save_model_auto(q.model, q.staged, shipped=True)
     return q

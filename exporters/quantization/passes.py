@@ -22,6 +22,7 @@ from exporters.quantization.embedding import (quantize_embeddings, share_tied_ta
 from exporters.quantization.evaluate import Agreement
 from exporters.quantization.nbits import BlockwiseRounding, NBitsConfig, output_projection, write_nbits
 from exporters.quantization.packs import HESSIAN_BUDGET, PackedWeights, streamed_gptq
+from exporters.quantization.scales import half_scales
 from exporters.quantization.qdq import QdqConfig, QdqJob, gptq_weights, quantize_qdq, weight_hessians, \
     with_value_info, write_mix
 from exporters.quantization.search import Judge, take_out_until_budget
@@ -296,22 +297,23 @@ def run_write_nbits(q: Quantizing, config: WriteNBitsConfig) -> Quantizing:
         q.reasons.update({n: "output projection (head_bits 8)" for n in head_at_8})
     names = [n.name for n in GraphIndex(model).weight_matmuls() if n.name not in config.nbits.exclude]
 
-    def embeddings(m: onnx.ModelProto) -> None:  # after the MatMuls: the table gathers the head's blocks, or its own
+    def finish(m: onnx.ModelProto) -> dict:  # after the MatMuls: the table gathers the head's blocks, or its own,
         shared = pair is not None and config.embedding_block is not None and share_tied_table(m, *pair, x)
         q.details["tied_table_shared"] = shared
         if config.embedding_block is not None:
             quantize_embeddings(m, config.embedding_block)
+        return half_scales(m)  # and every block scale is stored as float16
 
     def write(at_8: list[str]) -> None:
         m = write_nbits(model, {t: 8 if t in at_8 else bits for t in names}, config.nbits, packed_of=store,
                         weights_dir=q.weights_dir)
-        embeddings(m)
+        q.details["scales"] = finish(m)
         save_model_auto(m, q.staged, shipped=True)
 
     def switch() -> NBitsSwitch:
         gated = [n for n in names if n not in head_at_8 and n not in q.exclude]
         return NBitsSwitch(model, gated, dict.fromkeys(head_at_8, 8), store, config.nbits, q.workdir,
-                           q.weights_dir, finish=embeddings)
+                           q.weights_dir, finish=finish)
 
     q.write, q.switch = (lambda at_8: write(head_at_8 + at_8)), switch
     write(head_at_8)

@@ -22,6 +22,7 @@ from exporters.quantization.config import WEIGHT_BITS_KEY
 from exporters.quantization.embedding import quantize_embeddings, share_static_head
 from exporters.quantization.nbits import BlockwiseRounding, nbits
 from exporters.quantization.quiet import quiet
+from exporters.quantization.scales import half_scales
 from models.errors import UserError
 from runtimes.contract import set_metadata
 
@@ -85,6 +86,7 @@ def quantize_qdq(job: QdqJob, nodes: list[str], out_path: Path) -> None:
         model = onnx.load(str(job.fp32_path))
         if job.config.quantizes_embeddings:
             quantize_embeddings(model, job.config.block_size)
+        half_scales(model)
         save_model_auto(model, out_path)
         return
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
@@ -109,6 +111,7 @@ def quantize_qdq(job: QdqJob, nodes: list[str], out_path: Path) -> None:
         if job.config.quantizes_embeddings:
             share_static_head(graph, job.tie)  # the tied table stored once, where the head is static int8
             quantize_embeddings(graph, job.config.block_size)
+        half_scales(graph)
         save_model_auto(graph, out_path)
         return
     graph = onnx.load(str(out_path), load_external_data=False)  # weights stay where they are
@@ -161,7 +164,9 @@ def write_mix(job: QdqJob, static_nodes: list[str], fallback_nodes: list[str], o
         model = onnx.load(str(out_path))
         if job.fallback_rounding is not None:
             job.fallback_rounding.apply(model, {name: 8 for name in fallback_nodes})
-        save_model_auto(nbits(model, 8, job.config, include=fallback_nodes), out_path)
+        mixed = nbits(model, 8, job.config, include=fallback_nodes)
+        half_scales(mixed)
+        save_model_auto(mixed, out_path)
 
 
 def restore_float_readers(model: onnx.ModelProto, quantized: set[str]) -> bool:

@@ -20,6 +20,8 @@ from transformers import (Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralCo
                           Qwen3Config)
 
 from exporters.builder import build_graph, check_built
+from exporters.graph import GraphIndex
+from exporters.quantization.scales import stored_scales
 from exporters.export import export_onnx, parity
 from exporters.optimize import OptimizeConfig, add_rotary_caches, optimize, rotary_table
 from models.errors import UserError
@@ -496,8 +498,9 @@ def test_a_tied_table_stored_once_is_split_for_the_quantizers_and_shared_again_b
             continue
         # weight-only: the head is 8-bit MatMulNBits (w4 keeps it at 8) and the embedding reads its blocks
         assert report["tied_table_shared"] and report["embedding"]["tables"] == []
-        assert [t.name for t in q.graph.initializer if TINY["vocab_size"] in t.dims] == [
-            "model.lm_head.weight_Q8", "model.lm_head.weight_scales"]
+        assert [(t.name, t.data_type) for t in q.graph.initializer if TINY["vocab_size"] in t.dims] == [
+            ("model.lm_head.weight_Q8", onnx.TensorProto.UINT8),
+            ("model.lm_head.weight_scales_f16", onnx.TensorProto.FLOAT16)]  # read through a Cast to float
         shared = next(n for n in q.graph.node if n.name.endswith("/shared/Reshape")).output[0]
         q.graph.output.append(onnx.helper.make_tensor_value_info(shared, onnx.TensorProto.FLOAT, None))
         onnx.save(q, str(tmp_path / "probe.onnx"))
@@ -507,7 +510,8 @@ def test_a_tied_table_stored_once_is_split_for_the_quantizers_and_shared_again_b
                  **dict.fromkeys(past_names(c.num_layers), np.zeros((1, c.num_kv_heads, 0, c.head_dim), np.float32))}
         rows = sess.run([shared], feeds)[0]
         inits = {t.name: onnx.numpy_helper.to_array(t) for t in q.graph.initializer}
-        blocks, scales = inits["model.lm_head.weight_Q8"][ids[0]], inits["model.lm_head.weight_scales"][ids[0]]
+        blocks = inits["model.lm_head.weight_Q8"][ids[0]]
+        scales = stored_scales(GraphIndex(q), "model.lm_head.weight_scales")[ids[0]]
         want = ((blocks.astype(np.float32) - 128) * scales[..., None]).reshape(ids.shape[1], -1)
         np.testing.assert_array_equal(rows[0], want)  # exactly the head's own 8-bit weights, row by row
         np.testing.assert_allclose(rows[0], inits_float[ids[0]], atol=np.abs(inits_float).max() / 100)

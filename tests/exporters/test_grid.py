@@ -61,8 +61,10 @@ def test_the_gguf_blocks_come_back_exactly(tmp_path, tied):
     floats = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2
               and "weight" in t.name]
     # no float weight left, and the MatMuls' scales are stored float16 as in the file; an untied table is int8
-    # blocks of its own, which for Q8_0 are its grid again (the same largest-magnitude / 127 scales)
-    assert floats == ([] if tied else ["model.embed_tokens.weight_scales"])
+    # blocks of its own, which for Q8_0 are its grid again (the same largest-magnitude / 127 scales), float16 too
+    assert floats == []
+    halves = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+    assert ("model.embed_tokens.weight_scales_f16" in halves) is not tied
     assert ("GatherBlockQuantized" in ops) is not tied  # a tied table is gathered from the head's blocks
     assert report["quantized_matmuls"] and report["size_after"] < report["size_before"] / 3
 

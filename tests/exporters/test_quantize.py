@@ -32,9 +32,12 @@ from exporters.export import export_onnx
 from exporters.optimize import optimize
 from exporters.gptq import gptq, gptq_blockwise
 from exporters.rotation import ONLINE_SUFFIX, hadamard, rotate
-from exporters.graph import TABLE_MAP_SUFFIX, weight_matmuls
+from exporters.graph import TABLE_MAP_SUFFIX, GraphIndex, weight_matmuls
 from exporters.quantization.embedding import SHARE_ERROR_RATIO
 from exporters.quantization.nbits import NBitsConfig, nbits as _nbits, write_nbits
+from exporters.quantization.scales import HALF_SUFFIX, stored_scales
+from exporters.quantization.search import Judge
+from exporters.acceptance import Thresholds
 from exporters.quantize import WEIGHT_BITS_KEY, fake_nbits, QuantConfig, perplexity, qdq_quantized, quantize
 from exporters.smoothing import ALPHA_GRID, SPLIT_HEADROOM, ActivationStats, best_alpha, collect_activation_stats, \
     fake_quant_error, find_smooth_groups, outlier_matmuls, pick_outliers, smooth, smoothing_scales, split_scales
@@ -266,11 +269,12 @@ def test_embedding_table_is_int8_blockwise_and_gathers_the_same_rows(models, qua
     table = float_table["model.embed_tokens.weight"]
     model = onnx.load(str(path))
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    index = GraphIndex(model)
     if recipe == "w8a8":  # this decoder's outlier norm weights make the head's columns too coarse a table
         share = report["embedding"]["static_head_share"]
         assert not share["shared"] and share["relative_error"] > SHARE_ERROR_RATIO * share["own_blocks_relative_error"]
         node = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
-        data, scales = inits[node.input[0]], inits[node.input[2]]
+        data, scales = inits[node.input[0]], stored_scales(index, node.input[2])  # float16 in the file
         rows = (data.astype(np.float32) - 128).reshape(*scales.shape, 32) * scales[..., None]
         np.testing.assert_array_less(np.abs(rows.reshape(table.shape) - table), scales.repeat(32, 1) / 2 + 1e-7)
         assert report["embedding"]["tables"] == ["model.embed_tokens.weight"]
@@ -281,7 +285,8 @@ def test_embedding_table_is_int8_blockwise_and_gathers_the_same_rows(models, qua
     assert report["tied_table_shared"] and report["embedding"]["tables"] == []
     assert not any(n.op_type == "GatherBlockQuantized" for n in model.graph.node)
     head = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and LOGITS in n.output)
-    blocks, scales = inits[head.input[1]], inits[head.input[2]]
+    blocks, scales = inits[head.input[1]], stored_scales(index, head.input[2])
+    assert inits[f"{head.input[2]}{HALF_SUFFIX}"].dtype == np.float16  # stored at half the bytes
     assert blocks.shape == (table.shape[0], table.shape[1] // 32, 32)
     rows = ((blocks.astype(np.float32) - 128) * scales[..., None]).reshape(table.shape)
     # GPTQ rounds the head for its products, not to nearest: within one step of the float table
@@ -647,10 +652,13 @@ def massive_decoder() -> Decoder:
 
 
 def test_w8a8_splits_massive_channels_and_keeps_accuracy(tmp_path):
-    """On the massive-activation decoder the split channels are found, reported, run in float, and cut the all-int8
-    perplexity increase; the report's int8 FLOP share is the one `pipeline check` reads from the graph. Measured
-    (all MatMuls int8, minmax ranges): without the split +7.0%, with it +2.9% (without the online Hadamard: +11.2%,
-    +5.8%). w8a8's default percentile ranges clip part of the massive channels instead: +4.7% and +3.9%."""
+    """On the massive-activation decoder the split channels are found, reported, run in float, and bring the
+    all-int8 model closer to the float one; the report's int8 FLOP share is the one `pipeline check` reads from the
+    graph. Measured without the online Hadamard (which spreads the massive channel over its block and leaves the
+    split little to do), as KL from the float model over the 252 validation positions: minmax ranges 0.21-0.26
+    without the split, 0.16-0.18 with it; w8a8's default percentile ranges 0.21-0.24 and 0.16-0.18 (the ranges over
+    calibrations that differ only by a float16 rounding of the embedding's scales). The perplexity increase is
+    no measure here: over these positions it moves by as much between such calibrations as between the two."""
     model = massive_decoder()
     export_onnx(model, tmp_path / "plain.onnx")
     optimize(tmp_path / "plain.onnx", tmp_path / "fused.onnx")
@@ -661,13 +669,16 @@ def test_w8a8_splits_massive_channels_and_keeps_accuracy(tmp_path):
     reports, percentile = {}, {}
     for limit in (0, 16):
         config = QuantConfig(recipe="w8a8", **FAST, max_ppl_increase=1e9, outlier_channels=limit,
-                             calibrate_method="minmax", judge_like_check=False)
+                             calibrate_method="minmax", judge_like_check=False, online_hadamard=0)
         reports[limit] = quantize(tmp_path / "fused.onnx", tmp_path / f"split{limit}.onnx", calib, config, valid)
         config = QuantConfig(recipe="w8a8", **FAST, max_ppl_increase=1e9, outlier_channels=limit,
-                             judge_like_check=False)
-        percentile[limit] = quantize(tmp_path / "fused.onnx", tmp_path / "pct.onnx", calib, config, valid)
+                             judge_like_check=False, online_hadamard=0)
+        percentile[limit] = quantize(tmp_path / "fused.onnx", tmp_path / f"pct{limit}.onnx", calib, config, valid)
     assert percentile[16]["calibrate_method"] == "percentile"
-    assert percentile[16]["ppl"]["increase"] < 0.9 * percentile[0]["ppl"]["increase"]
+    judge = Judge(tmp_path / "fused.onnx", valid, Thresholds(min_top1=0.5))
+    kl = {(name, limit): judge.model(tmp_path / f"{name}{limit}.onnx").kl for name in ("split", "pct")
+          for limit in (0, 16)}
+    assert kl["pct", 16] < 0.85 * kl["pct", 0] and kl["split", 16] < 0.85 * kl["split", 0]
     split = reports[16]["smoothing"]["outlier_channels"]
     assert list(split.values()) == [[9], [9]] and not reports[0]["smoothing"]["outlier_channels"]
     side = {n: why for n, why in reports[16]["float_matmuls"].items() if "outlier channels" in why}
@@ -676,7 +687,6 @@ def test_w8a8_splits_massive_channels_and_keeps_accuracy(tmp_path):
     assert set(side) == set(outlier_matmuls(graph)) and not set(side) & qdq_quantized(graph)
     assert reports[16]["quantized_flop_share"] == pytest.approx(
         int8_flop_share(tmp_path / "split16.onnx")["int8_w8a8_flop_share"])
-    assert reports[16]["ppl"]["increase"] < 0.6 * reports[0]["ppl"]["increase"]
 
 
 def test_activation_stats_keep_the_extreme_token_and_bound_the_sample(models, calib_ids):
