@@ -105,6 +105,16 @@ def half_scales(model: onnx.ModelProto, weights_dir: str | Path = "") -> dict:
     return {"float16_scales": halved, "float32_scales": kept, "bytes_saved": saved}
 
 
+def folded_bytes(model: onnx.ModelProto) -> int:
+    """Bytes a session holds beyond the file for the float16 initializers cast to float32 (`half_scales`'s, the
+    gguf recipe's factors): onnxruntime folds each into float32, twice its size. The model may be loaded without
+    its external data: sizes come from the dims."""
+    casts = {n.input[0] for n in model.graph.node if n.op_type == "Cast"
+             and any(a.name == "to" and a.i == TensorProto.FLOAT for a in n.attribute)}
+    return sum(2 * int(np.prod(t.dims)) for t in model.graph.initializer
+               if t.data_type == TensorProto.FLOAT16 and t.name in casts)
+
+
 def stored_scales(index: GraphIndex, name: str, weights_dir: str | Path = "") -> np.ndarray | None:
     """The float32 value of a scales input: a float32 initializer, or a float16 one behind `half_scales`'s Cast
     (and Mul by a constant); None for anything else (computed at run time)."""

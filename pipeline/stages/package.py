@@ -31,6 +31,7 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from exporters.quantization.scales import folded_bytes
 from models.errors import UserError
 from models.files import publish, staging_dir
 from pipeline import progress
@@ -243,7 +244,9 @@ def bundle_manifest(variant: str, data: dict, dest: Path, contract: Contract, ta
     import onnx
 
     source = data["artifacts"].get("source", {})
-    meta = {p.key: p.value for p in onnx.load(str(dest / MODEL_FILE), load_external_data=False).metadata_props}
+    graph = onnx.load(str(dest / MODEL_FILE), load_external_data=False)
+    meta = {p.key: p.value for p in graph.metadata_props}
+    weights = model_bytes(dest / MODEL_FILE) + folded_bytes(graph)  # as held: float16 scales folded to float32
     return {"format": BUNDLE_FORMAT, "schema": BUNDLE_SCHEMA, "variant": variant,
             "target": target, "device_needs": device_needs(variant, meta, target)[0],
             "files": describe_files(dest),
@@ -251,7 +254,7 @@ def bundle_manifest(variant: str, data: dict, dest: Path, contract: Contract, ta
                                                   "eos_token_id")},
             "lineage": lineage(data["artifacts"], variant),
             "check": check_row(data["stages"], variant), "bench": bench_row(data["stages"], variant),
-            "memory": memory_table(contract, model_bytes(dest / MODEL_FILE), source)}
+            "memory": memory_table(contract, weights, source)}
 
 
 def _normalize(info: tarfile.TarInfo) -> tarfile.TarInfo:
