@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader
 
 from exporters import progress
 from models.errors import UserError
 from runtimes.contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, Contract, past_key, past_value, present_key, \
-    present_value
+    present_value, read_contract
 
 
 @dataclass(frozen=True)
@@ -124,27 +125,45 @@ def window_feeds(session: ort.InferenceSession, contract: Contract, window: np.n
 class KVCacheCalibrationReader(CalibrationDataReader):
     """onnxruntime CalibrationDataReader over prefill + decode feeds, produced lazily from token windows.
 
-    `model_path` is the fp32 model whose presents become the decode steps' past (any exact re-parametrisation
-    of it, e.g. a smoothed copy, gives the same cache). Implements `__len__` and `set_range` for quantize_static's
+    `model_path` is the fp32 model whose presents become the decode steps' past, unless a pass brings the
+    session of the graph it probes (`through`): a rewritten graph's cache need not be the source's (R2 rotates
+    the value heads, exporters/rotation.py), and a past from the source would put the rewritten graph's
+    attention in a state it never reaches. Implements `__len__` and `set_range` for quantize_static's
     strided calibration (`CalibStridedMinMax`): consecutive ranges continue one pass over the windows, so the
     model runs once per sample however small the stride.
     """
 
     def __init__(self, model_path: str | Path, ids_list: Iterable[list[int]], plan: CalibrationPlan):
-        self.session = cpu_session(model_path)
-        self.contract = session_contract(self.session)
+        self.model_path = Path(model_path)
+        self.contract = read_contract(onnx.load(str(model_path), load_external_data=False), self.model_path)
         self.plan = plan
         self.windows = token_windows(ids_list, plan.window_len, plan.num_prefill, self.contract.vocab_size)
+        self._session: ort.InferenceSession | None = None
         self._stream, self._next, self._stop = self.feeds(), 0, len(self)
+
+    @property
+    def session(self) -> ort.InferenceSession:
+        """A session of the model the reader was made for, opened on first use: a caller that brings its own
+        (`feeds(session=...)`) never holds a second copy of the weights."""
+        if self._session is None:
+            self._session = cpu_session(self.model_path)
+        return self._session
 
     def __len__(self) -> int:
         return len(self.windows) * self.plan.samples_per_window
 
-    def feeds(self, first_window: int = 0, stop_window: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-        """A fresh pass over the windows [first_window, stop_window), independent of get_next's position."""
+    def feeds(self, first_window: int = 0, stop_window: int | None = None,
+              session: ort.InferenceSession | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """A fresh pass over the windows [first_window, stop_window), independent of get_next's position; the
+        decode steps' past from `session` when given (an exact re-parametrisation of the model, e.g. the probe
+        session of its smoothed graph), else from the reader's own."""
         windows = self.windows[first_window:stop_window]
         for window in progress.each(windows, "calibration pass", unit="window"):
-            yield from window_feeds(self.session, self.contract, window, self.plan.seq_len)
+            yield from window_feeds(session or self.session, self.contract, window, self.plan.seq_len)
+
+    def through(self, session: ort.InferenceSession) -> Iterator[dict[str, np.ndarray]]:
+        """A pass over every window with the past from `session`."""
+        return self.feeds(session=session)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self._next >= self._stop:

@@ -111,6 +111,7 @@ class GraphIndex:
 
 
 class Rescaler(Protocol):
+    def read(self, tensor: TensorProto) -> np.ndarray: ...
     def rescale(self, tensor: TensorProto, fn: Callable[[np.ndarray], np.ndarray]) -> None: ...
 
 
@@ -126,6 +127,17 @@ def rescaling_external(rescaler: Rescaler) -> Iterator[Rescaler]:
         yield rescaler
     finally:
         _EXTERNAL.reset(token)
+
+
+def weight_array(tensor: TensorProto) -> np.ndarray:
+    """The tensor's values; one in external data read by the `rescaling_external` rescaler (which knows where
+    a tensor it has already rewritten now lies)."""
+    if tensor.data_location == TensorProto.EXTERNAL:
+        rescaler = _EXTERNAL.get()
+        if rescaler is None:
+            raise ValueError(f"{tensor.name} lives in external data: read it within rescaling_external(...)")
+        return rescaler.read(tensor)
+    return numpy_helper.to_array(tensor)
 
 
 def rescale(tensor: TensorProto, fn: Callable[[np.ndarray], np.ndarray]) -> None:

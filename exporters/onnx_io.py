@@ -179,6 +179,13 @@ def skeleton(model: onnx.ModelProto, nodes: bool = False) -> onnx.ModelProto:
     return out
 
 
+def copy_of(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A deep copy (a pass that rewrites its graph leaves `model` as it was)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
 def without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     """`model`'s graph without its initializers, as a new message: clearing the field in place would keep their
     memory (protobuf's arena) for as long as the message lives."""

@@ -9,7 +9,7 @@ import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -21,12 +21,16 @@ from exporters.onnx_io import EXTERNAL_DATA_THRESHOLD, save_beside, save_model
 from models.files import remove_tree
 
 
-def probe(model: onnx.ModelProto, tensors: list[str], feeds: Iterable[dict[str, np.ndarray]],
-          workdir: Path | None = None) -> Iterator[dict[str, np.ndarray]]:
+Feeds = Iterable[dict[str, np.ndarray]] | Callable[[ort.InferenceSession], Iterable[dict[str, np.ndarray]]]
+
+
+def probe(model: onnx.ModelProto, tensors: list[str], feeds: Feeds, workdir: Path | None = None,
+          weights_dir: Path | None = None) -> Iterator[dict[str, np.ndarray]]:
     """For each feed, the values of the intermediate `tensors`, exposed as extra graph outputs for the run
-    (`probe_session`)."""
-    with probe_session(model, tensors, workdir) as session:
-        for feed in feeds:
+    (`probe_session`). `feeds` may be a function of the probe session (whose presents then give the decode
+    steps' past: exporters/calibration.py `KVCacheCalibrationReader.through`), so no second session is open."""
+    with probe_session(model, tensors, workdir, weights_dir) as session:
+        for feed in feeds(session) if callable(feeds) else feeds:
             yield dict(zip(tensors, session.run(tensors, feed)))
 
 
@@ -63,12 +67,12 @@ def probe_session(model: onnx.ModelProto, tensors: list[str], workdir: Path | No
             model.graph.output.pop()
 
 
-def input_hessians(model: onnx.ModelProto, tensors: list[str], feeds: Iterable[dict[str, np.ndarray]],
-                   workdir: Path | None = None) -> tuple[dict[str, np.ndarray], int]:
+def input_hessians(model: onnx.ModelProto, tensors: list[str], feeds: Feeds, workdir: Path | None = None,
+                   weights_dir: Path | None = None) -> tuple[dict[str, np.ndarray], int]:
     """X^T X over every token of every feed, for each tensor (float64, (K, K)); and the number of tokens."""
     hessians: dict[str, np.ndarray] = {}
     tokens = 0
-    for values in probe(model, tensors, feeds, workdir):
+    for values in probe(model, tensors, feeds, workdir, weights_dir):
         rows = {name: x.reshape(-1, x.shape[-1]).astype(np.float64) for name, x in values.items()}
         for name, x in rows.items():
             h = hessians.setdefault(name, np.zeros((x.shape[1], x.shape[1])))

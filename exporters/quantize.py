@@ -86,7 +86,10 @@ def _load_checked(model_path: Path, lazy: bool = False) -> onnx.ModelProto:
     return model
 
 
-LAZY_RECIPES = ("w4", "w8")  # weight-only: no pass rewrites the float weights, each is read once to be packed
+# weight-only: each float weight is read once to be packed (w4's rotations stream them through a new file);
+# w8a8: its float passes stream the weights they change through new files (passes.py `rewriting`), its writer
+# reads each once (exporters/quantization/static.py)
+LAZY_RECIPES = ("w4", "w8", "w8a8")
 
 
 def matmul_only_weights(model: onnx.ModelProto) -> set[str]:

@@ -42,8 +42,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from exporters.graph import GraphIndex, rescale
-from exporters.probe import probe
+from exporters.graph import GraphIndex, rescale, weight_array
+from exporters.probe import Feeds, probe
 
 # op type -> (input index of the scale, input index of the bias or None); output 0 is the normalized tensor
 NORM_SCALE_INPUTS: dict[str, tuple[int, int | None]] = {
@@ -148,9 +148,9 @@ class ActivationStats:
     rows: np.ndarray     # (R, C)
 
 
-def collect_activation_stats(model: onnx.ModelProto, tensors: list[str], feeds: Iterable[dict[str, np.ndarray]],
-                             workdir: Path | None = None, max_rows: int = 512,
-                             seed: int = 0) -> dict[str, ActivationStats]:
+def collect_activation_stats(model: onnx.ModelProto, tensors: list[str], feeds: Feeds,
+                             workdir: Path | None = None, max_rows: int = 512, seed: int = 0,
+                             weights_dir: Path | None = None) -> dict[str, ActivationStats]:
     """Per-channel extremes over all tokens of all feeds, and up to `max_rows` token rows, for each tensor.
 
     The rows are every feed's largest-magnitude token (LLMs put their "massive activations" on a few tokens,
@@ -158,7 +158,7 @@ def collect_activation_stats(model: onnx.ModelProto, tensors: list[str], feeds: 
     """
     rng = np.random.default_rng(seed)
     acc: dict[str, dict] = {}
-    for values in probe(model, tensors, feeds, workdir):
+    for values in probe(model, tensors, feeds, workdir, weights_dir):
         for name, x in values.items():
             x = x.reshape(-1, x.shape[-1])
             a = acc.setdefault(name, {"low": x.min(0), "high": x.max(0), "peak": [], "rest": []})
@@ -280,7 +280,7 @@ def smooth(model: onnx.ModelProto, groups: list[SmoothGroup], act_max: dict[str,
         nodes, inits = fresh.nodes, fresh.inits  # (which rewrites the node list: the old NodeProtos are copies)
         mms = [nodes[m] for m in g.matmuls]
         a = alpha[g.activation] if isinstance(alpha, dict) else alpha
-        s = smoothing_scales(act_max[g.activation], [numpy_helper.to_array(inits[m.input[1]]) for m in mms], a)
+        s = smoothing_scales(act_max[g.activation], [weight_array(inits[m.input[1]]) for m in mms], a)
         split = np.asarray((outliers or {}).get(g.activation, ()), np.int64)
         if split.size:
             s[split] = split_scales(act_max[g.activation], s, split)
@@ -340,16 +340,19 @@ def split_channels(model: onnx.ModelProto, group: SmoothGroup, channels: np.ndar
         if gather is not None:
             nodes.append(gather)
             gather = None
-        w = numpy_helper.to_array(inits[node.input[1]])
-        side, out, name = w[channels], node.output[0], f"{node.name}{OUTLIER_SUFFIX}"
-        w = w.copy()
-        w[channels] = 0.0
-        inits[node.input[1]].CopyFrom(numpy_helper.from_array(w, node.input[1]))
+        side, out, name = weight_array(inits[node.input[1]])[channels], node.output[0], f"{node.name}{OUTLIER_SUFFIX}"
+        rescale(inits[node.input[1]], lambda w: _zero_rows(w, channels))
         model.graph.initializer.append(numpy_helper.from_array(side, f"{name}.weight"))
         node.output[0] = f"{out}/without_outliers"
         nodes += [node, helper.make_node("MatMul", [picked, f"{name}.weight"], [f"{name}/y"], name=name),
                   helper.make_node("Add", [node.output[0], f"{name}/y"], [out], name=f"{name}/add")]
     GraphIndex(model).set_nodes(nodes)
+
+
+def _zero_rows(w: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    w = w.copy()
+    w[rows] = 0.0
+    return w
 
 
 def outlier_matmuls(model: onnx.ModelProto) -> dict[str, str]:

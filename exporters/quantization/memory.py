@@ -21,11 +21,13 @@ from exporters.onnx_io import files_size
 from exporters.quantization.packs import HESSIAN_BUDGET, hessian_groups
 from runtimes.contract import read_contract
 
-# float-model copies alive at the peak, by recipe: the graph in memory, a calibration or judging session, the
-# writer's copy and the search's switch model. From SmolLM2-135M's measured peak RSS (w8a8 7.75 GB from a
-# 654 MB float model with 0.81 GB of Hessians), less the base and the Hessians, over the model's size, rounded
-# up; static runs a subset of w8a8's passes.
-MODEL_COPIES = {"static": 10.0, "w8a8": 10.0}
+# float-model copies alive at the peak, by recipe. static (onnxruntime's quantize_static): the graph in memory,
+# its calibration session, the augmented and quantized copies it makes; from SmolLM2-135M's measured peak RSS
+# (7.75 GB from a 654 MB float model with 0.81 GB of Hessians), less the base and the Hessians, over the
+# model's size, rounded up. w8a8 streams its float passes through files and writes its QDQ graph itself
+# (exporters/quantization/static.py): one probe or search session of the float graph, the graph itself when it
+# was stored inline (loaded whole), and the int8 model being written.
+MODEL_COPIES = {"static": 10.0, "w8a8": 2.5}
 SEARCHED = ("w8a8", "w4")  # the recipes with a budget search (--no-search: written, then measured)
 # the weight-only recipes read each float weight from the model's file when they pack it, so one float copy is
 # alive at a time: the calibration session's (GPTQ), then the judge's. Beside it: the packed store, which the

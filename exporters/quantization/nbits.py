@@ -187,7 +187,7 @@ class BlockwiseRounding:
     before MatMulNBitsQuantizer runs, they come out of it unchanged (same scales, same grid points)."""
 
     def __init__(self, model: onnx.ModelProto, targets: list[str], hessians: dict[str, np.ndarray], tokens: int,
-                 block_size: int):
+                 block_size: int, weights_dir: str | Path = ""):
         g = GraphIndex(model)
         nodes, self.inits, readers = g.nodes, g.inits, g.uses
         self.weight = {t: nodes[t].input[1] for t in targets if readers[nodes[t].input[1]] == 1}
@@ -195,13 +195,13 @@ class BlockwiseRounding:
         self.hessians, self.tokens = hessians, tokens
         self.nearest = sorted(t for t in targets if t not in self.weight
                               or not fits(self.inits[self.weight[t]].dims[0], tokens))
-        self.block_size, self._cache = block_size, {}
+        self.block_size, self._cache, self.weights_dir = block_size, {}, weights_dir
 
     def rounded(self, name: str, bits: int) -> np.ndarray | None:
         if name in self.nearest or name not in self.weight:
             return None
         if (name, bits) not in self._cache:
-            w = numpy_helper.to_array(self.inits[self.weight[name]])
+            w = tensor_array(self.inits[self.weight[name]], self.weights_dir)
             self._cache[name, bits] = gptq_blockwise(w, self.hessians[self.activation[name]], bits, self.block_size)
         return self._cache[name, bits]
 

@@ -7,16 +7,17 @@ write any mix of low-precision and fallback MatMuls, which `search` uses.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import onnx
 
 from exporters.acceptance import Thresholds
 from exporters.calibration import CalibrationPlan, KVCacheCalibrationReader
 from exporters.graph import GraphIndex, rescaling_external
-from exporters.onnx_io import ExternalRewriter, load_lazily, save_model, save_model_auto, without_weights
+from exporters.onnx_io import ExternalRewriter, copy_of, load_lazily, save_model, save_model_auto, without_weights
 from exporters.quantization.embedding import (quantize_embeddings, share_tied_table, tied_head,
                                                tied_through_map)
 from exporters.quantization.evaluate import Agreement
@@ -27,10 +28,12 @@ from exporters.quantization.qdq import QdqConfig, QdqJob, gptq_weights, quantize
     with_value_info, write_mix
 from exporters.quantization.search import Judge, take_out_until_budget
 from exporters.quantization.smooth import SmoothConfig, smooth_model
+from exporters.quantization.static import StaticWriter, activation_ranges
 from exporters.quantization.switch import NBitsSwitch, QuantSwitch
 from exporters.rotation import ONLINE_SUFFIX, RotationReport, online_hadamard, rotate, why_not_rotatable
 from exporters.smoothing import find_smooth_groups, outlier_matmuls
 from models.errors import UserError
+from models.files import remove_tree
 
 
 @dataclass
@@ -109,9 +112,34 @@ class RotateConfig:
     seed: int = 0  # R1's random signs; R2's are seed + 1 (exporters/rotation.py)
 
 
+@contextmanager
+def rewriting(q: Quantizing, name: str) -> Iterator[None]:
+    """Around a float pass that changes weights. A graph whose weights still lie in external data (a large
+    model, loaded lazily) has each weight the pass changes read, changed and written to a new data file under
+    `name` in the work directory (exporters/onnx_io.py `ExternalRewriter`), the rest copied there; the graph is
+    then loaded lazily from it and the previous work-directory copy removed: one weight in memory at a time.
+    A graph held in memory is changed in place."""
+    if not any(t.data_location == onnx.TensorProto.EXTERNAL for t in q.model.graph.initializer):
+        yield
+        return
+    from exporters.quantize import matmul_only_weights  # (exporters.quantize imports this module)
+
+    path = q.workdir / name / "model.onnx"
+    path.parent.mkdir()
+    with rescaling_external(ExternalRewriter(q.weights_dir, path)) as rewriter:
+        yield
+        rewriter.finish(q.model)
+    save_model(q.model, path, external=True)  # the tensors in memory the pass added join the new data file
+    previous, q.weights_dir = q.weights_dir, path.parent
+    q.model = load_lazily(path, matmul_only_weights)
+    if previous.resolve().is_relative_to(q.workdir.resolve()):
+        remove_tree(previous)
+
+
 def run_rotate(q: Quantizing, config: RotateConfig) -> Quantizing:
     """QuaRot's R1 and R2 folded into the weights (exporters/rotation.py)."""
-    rotation = rotate(q.model, config.seed)
+    with rewriting(q, "rotated"):
+        rotation = rotate(q.model, config.seed)
     q.details["rotation"], q.rotated = rotation.as_dict(), rotation.residual
     return q
 
@@ -120,7 +148,8 @@ def run_smooth(q: Quantizing, config: SmoothConfig) -> Quantizing:
     """SmoothQuant smoothing and outlier-channel splitting (exporters/smoothing.py); remembers the gated-MLP
     readers first, which the online Hadamard rotates after the split."""
     q.gated = [m for g in find_smooth_groups(q.model, q.exclude) if g.first_column is not None for m in g.matmuls]
-    q.details["smoothing"] = smooth_model(q.model, q.reader, config, q.workdir, q.rotated)
+    with rewriting(q, "smoothed"):
+        q.details["smoothing"] = smooth_model(q.model, q.reader, config, q.workdir, q.rotated, q.weights_dir)
     return q
 
 
@@ -172,7 +201,8 @@ class OnlineHadamardConfig:
 
 def run_online_hadamard(q: Quantizing, config: OnlineHadamardConfig) -> Quantizing:
     """QuaRot's online rotation of the gated-MLP products (exporters/rotation.py's `online_hadamard`)."""
-    q.details["online_hadamard"] = online_hadamard(q.model, q.gated, config.block)
+    with rewriting(q, "online"):
+        q.details["online_hadamard"] = online_hadamard(q.model, q.gated, config.block)
     return q
 
 
@@ -187,11 +217,12 @@ def run_gptq(q: Quantizing, config: GptqConfig) -> Quantizing:
     head keeps it although the embedding then reads GPTQ's codes as its table: measured on SmolLM2 (held-out
     text), nearest rounding of the head costs more (top-1 0.948, KL 0.0088) than the shared table does (0.951,
     0.0079; the table of its own with a GPTQ head: 0.959, 0.0082)."""
-    hessians, tokens = weight_hessians(q.model, q.targets, q.reader, q.workdir)
-    q.rounded, q.details["gptq"] = gptq_weights(q.model, q.targets, hessians, tokens, config.levels)
+    hessians, tokens = weight_hessians(q.model, q.targets, q.reader, q.workdir, q.weights_dir)
+    q.rounded, q.details["gptq"] = gptq_weights(q.model, q.targets, hessians, tokens, config.levels, q.weights_dir)
     q.details["weight_rounding"] = "gptq"
     if config.fallback_block_size is not None:
-        q.blockwise = BlockwiseRounding(q.model, q.targets, hessians, tokens, config.fallback_block_size)
+        q.blockwise = BlockwiseRounding(q.model, q.targets, hessians, tokens, config.fallback_block_size,
+                                        q.weights_dir)
     return q
 
 
@@ -267,6 +298,24 @@ def run_write_qdq(q: Quantizing, config: QdqConfig) -> Quantizing:
     quantize_qdq(job, q.targets, q.staged)
     q.write = lambda taken_out: write_mix(job, [t for t in q.targets if t not in taken_out], taken_out, q.staged)
     q.switch = lambda: QuantSwitch(onnx.load(str(job.fp32_path)), onnx.load(str(q.staged)), q.targets, q.workdir)
+    return q
+
+
+def run_write_static(q: Quantizing, config: QdqConfig) -> Quantizing:
+    """w8a8: every target as static QDQ int8, written from the float graph with the ranges onnxruntime's
+    calibrator would compute (exporters/quantization/static.py: no quantize_static and its copies of the float
+    model); the taken-out ones, when the search asks, as the configured fallback."""
+    nodes = GraphIndex(q.model).nodes
+    activations = list(dict.fromkeys(nodes[t].input[0] for t in q.targets))
+    ranges = activation_ranges(q.model, activations, q.reader.through, config.calibrate_method, q.workdir,
+                               q.weights_dir)
+    writer = StaticWriter(q.model, ranges, config, q.rounded, q.blockwise,
+                          tied_through_map(q.model, q.weights_dir) if config.quantizes_embeddings else None,
+                          q.weights_dir)
+    q.details["scales"] = writer.write(q.targets, [], q.staged)
+    q.write = lambda taken_out: writer.write([t for t in q.targets if t not in taken_out], taken_out, q.staged)
+    q.switch = lambda: QuantSwitch(copy_of(q.model), onnx.load(str(q.staged)), q.targets, q.workdir,
+                                   q.weights_dir)
     return q
 
 

@@ -16,7 +16,7 @@ from exporters import progress
 from exporters.calibration import KVCacheCalibrationReader
 from exporters.gptq import fits, gptq
 from exporters.graph import GraphIndex
-from exporters.onnx_io import EXTERNAL_DATA_THRESHOLD, files_size, save_model_auto
+from exporters.onnx_io import EXTERNAL_DATA_THRESHOLD, files_size, save_model_auto, tensor_array
 from exporters.probe import input_hessians
 from exporters.quantization.config import WEIGHT_BITS_KEY
 from exporters.quantization.embedding import quantize_embeddings, share_static_head
@@ -134,14 +134,15 @@ def set_rounded_weights(model: onnx.ModelProto, rounded: dict[str, tuple[np.ndar
 
 
 def weight_hessians(model: onnx.ModelProto, targets: list[str], reader: KVCacheCalibrationReader,
-                    workdir: Path) -> tuple[dict[str, np.ndarray], int]:
+                    workdir: Path, weights_dir: Path | None = None) -> tuple[dict[str, np.ndarray], int]:
     """Input Hessians (X^T X over the calibration feeds) of the `targets` MatMuls, by activation name."""
     nodes = GraphIndex(model).nodes
-    return input_hessians(model, sorted({nodes[t].input[0] for t in targets}), reader.feeds(), workdir)
+    return input_hessians(model, sorted({nodes[t].input[0] for t in targets}), reader.through, workdir,
+                          weights_dir)
 
 
 def gptq_weights(model: onnx.ModelProto, targets: list[str], hessians: dict[str, np.ndarray], tokens: int,
-                 levels: int) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
+                 levels: int, weights_dir: str | Path = "") -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
     """GPTQ-rounded int8 weights and scales of `targets`, from the input Hessians of `model` (the smoothed
     float graph) over `tokens` calibration tokens (a weight too wide for them keeps nearest rounding, see
     `gptq.fits`); and what to report."""
@@ -149,7 +150,7 @@ def gptq_weights(model: onnx.ModelProto, targets: list[str], hessians: dict[str,
     nodes, inits = g.nodes, g.inits
     rounded, nearest = {}, []
     for t in progress.each(targets, "GPTQ", unit="MatMul"):
-        w = numpy_helper.to_array(inits[nodes[t].input[1]])
+        w = tensor_array(inits[nodes[t].input[1]], weights_dir)
         if not fits(w.shape[0], tokens):
             nearest.append(t)
             continue

@@ -82,7 +82,7 @@ RECIPES: dict[str, tuple[Step, ...]] = {
              *STATIC_WRITE,
              Step("gptq", p.run_gptq, lambda c: p.GptqConfig(c.weight_levels, c.block_size if c.fallback == "w8"
                                                              else None) if c.weight_rounding == "gptq" else None),
-             Step("write_qdq", p.run_write_qdq, _qdq),
+             Step("write_static", p.run_write_static, _qdq),
              Step("search", p.run_search, _w8a8_search)),
     "w8": (Step("gptq_blockwise", p.run_blockwise_gptq, _blockwise_gptq(8)),
            Step("write_nbits", p.run_write_nbits, _nbits(8)),

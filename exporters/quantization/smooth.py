@@ -11,7 +11,7 @@ import onnx
 from onnx import numpy_helper
 
 from exporters.calibration import KVCacheCalibrationReader
-from exporters.graph import GraphIndex
+from exporters.graph import GraphIndex, weight_array
 from exporters.rotation import online_matrix
 from exporters.smoothing import ActivationStats, best_alpha, collect_activation_stats, find_smooth_groups, \
     pick_outliers, smooth
@@ -36,7 +36,7 @@ class SmoothConfig:
 
 
 def smooth_model(model: onnx.ModelProto, reader: KVCacheCalibrationReader, config: SmoothConfig,
-                 workdir: Path, rotated: bool = False) -> dict:
+                 workdir: Path, rotated: bool = False, weights_dir: Path | None = None) -> dict:
     """Smooth in place; reports the alphas and the largest activation magnitude before and after.
 
     `rotated`: the residual stream was rotated, so the norm outputs have no outlier channels left to migrate;
@@ -48,7 +48,7 @@ def smooth_model(model: onnx.ModelProto, reader: KVCacheCalibrationReader, confi
               if which == "all" or which == "gated" and g.first_column is not None]
     if not groups:
         return {"groups": 0}
-    stats = collect_activation_stats(model, [g.activation for g in groups], reader.feeds(), workdir)
+    stats = collect_activation_stats(model, [g.activation for g in groups], reader.through, workdir, weights_dir=weights_dir)
     act_max = {name: st.abs_max for name, st in stats.items()}
     outliers = {name: pick_outliers(a, config.outlier_channels) for name, a in act_max.items()}
     report: dict = {"groups": len(groups)}
@@ -60,7 +60,7 @@ def smooth_model(model: onnx.ModelProto, reader: KVCacheCalibrationReader, confi
         rotation = online_matrix(config.online_block) if config.online_block else None
         chosen = {}
         for g in groups:
-            weights = [numpy_helper.to_array(inits[nodes[m].input[1]]) for m in g.matmuls]
+            weights = [weight_array(inits[nodes[m].input[1]]) for m in g.matmuls]
             st, split = stats[g.activation], outliers[g.activation]
             if rotation is not None and g.first_column is not None and weights[0].shape[0] % len(rotation) == 0:
                 chosen[g.activation] = best_alpha(st, weights, levels, rotation=rotation, split=split)

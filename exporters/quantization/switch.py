@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Callable, Collection
 
@@ -11,7 +12,7 @@ from onnx import helper
 
 from exporters.calibration import cpu_session, session_contract
 from exporters.graph import GraphIndex
-from exporters.onnx_io import save_model_auto
+from exporters.onnx_io import save_beside, save_model_auto
 from exporters.quantization.evaluate import log_probs, perplexity_of, sequences
 from exporters.quantization.nbits import NBitsConfig, PackedOf, nbits_node, write_nbits
 
@@ -25,7 +26,8 @@ class QuantSwitch:
     quantize-one-at-a-time sensitivity affordable at 200+ MatMuls, and the budget search cheap.
     """
 
-    def __init__(self, fp32: onnx.ModelProto, int8: onnx.ModelProto, targets: list[str], workdir: Path):
+    def __init__(self, fp32: onnx.ModelProto, int8: onnx.ModelProto, targets: list[str], workdir: Path,
+                 weights_dir: Path | None = None):
         g = GraphIndex(int8)
         inits, made_by, int8_nodes = g.inits, g.producers, g.nodes
 
@@ -33,11 +35,13 @@ class QuantSwitch:
             a_dq, w_dq = (made_by[i] for i in int8_nodes[node.name].input[:2])
             return self._switch(model, node, a_dq, w_dq, inits)
 
-        self._build(fp32, targets, route, workdir)
+        self._build(fp32, targets, route, workdir, weights_dir)
 
     def _build(self, fp32: onnx.ModelProto, targets: list[str],
-               route: Callable[[onnx.ModelProto, onnx.NodeProto], list[onnx.NodeProto]], workdir: Path) -> None:
-        """Insert `route`'s nodes before every target, add one boolean gate input per target, open a session."""
+               route: Callable[[onnx.ModelProto, onnx.NodeProto], list[onnx.NodeProto]], workdir: Path,
+               weights_dir: Path | None = None) -> None:
+        """Insert `route`'s nodes before every target, add one boolean gate input per target, open a session
+        (`fp32`'s weights still in external data are read from `weights_dir`, beside which it is saved)."""
         self.gates = {name: f"quant_switch.{i}" for i, name in enumerate(targets)}
         nodes = []
         for node in fp32.graph.node:
@@ -47,9 +51,18 @@ class QuantSwitch:
         GraphIndex(fp32).set_nodes(nodes)
         fp32.graph.input.extend(helper.make_tensor_value_info(g, onnx.TensorProto.BOOL, [])
                                 for g in self.gates.values())
-        path = workdir / "switch.onnx"
-        save_model_auto(fp32, path)
-        self.session = cpu_session(path)
+        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in fp32.graph.initializer):
+            path = weights_dir / f".switch-{uuid.uuid4().hex}.onnx"
+            save_beside(fp32, path)
+            try:
+                self.session = cpu_session(path)
+            finally:
+                path.unlink(missing_ok=True)
+                path.with_name(path.name + ".data").unlink(missing_ok=True)
+        else:
+            path = workdir / "switch.onnx"
+            save_model_auto(fp32, path)
+            self.session = cpu_session(path)
         self.contract = session_contract(self.session)
 
     def _switch(self, model: onnx.ModelProto, node: onnx.NodeProto, a_dq: onnx.NodeProto, w_dq: onnx.NodeProto,

@@ -556,16 +556,19 @@ def test_smoothing_beats_plain_static_on_outliers(quantized):
 def test_rotation_beats_smoothing_alone_on_outliers(quantized):
     """The outlier channels of this model sit in the norm weights, where the rotation (R1) spreads them over all
     channels (then only the down_proj inputs are smoothed); measured all-int8 perplexity increase with w8a8's
-    percentile ranges: smoothing alone +4.6%, rotation +0.03% (+1.42% without the online Hadamard before
-    down_proj; +0.90% before the smoothing strengths were chosen for the rotated MatMul); with minmax ranges
-    +4.9%, +0.74%, +2.1%."""
+    percentile ranges: smoothing alone +5.2%, rotation +0.26% (+0.33% without the online Hadamard before
+    down_proj); with minmax ranges rotation +0.20%, without the online Hadamard +1.15%. (Calibrated on decode
+    steps whose past came from the float source, whose value heads R2 does not rotate, the rotated figures had
+    read +0.03% and +1.42%.)"""
     rotated, plain = quantized("fused", "w8a8")[1], quantized("fused", "w8a8", rotate=False)[1]
     assert rotated["rotation"] == {"residual": True, "value_heads": 2, "not_rotated": None}
     assert "rotation" not in plain
     assert rotated["ppl"]["increase"] < 0.6 * plain["ppl"]["increase"]
     assert rotated["smoothing"]["groups"] == 2  # the two gated-MLP products; the rotated norm outputs are not
     assert len(rotated["online_hadamard"]["matmuls"]) == 2 and "online_hadamard" not in plain  # --no-rotate: none
-    assert rotated["ppl"]["increase"] < 0.6 * quantized("fused", "w8a8", online_hadamard=0)[1]["ppl"]["increase"]
+    minmax = quantized("fused", "w8a8", calibrate_method="minmax")[1]
+    without = quantized("fused", "w8a8", calibrate_method="minmax", online_hadamard=0)[1]
+    assert minmax["ppl"]["increase"] < 0.4 * without["ppl"]["increase"]
 
 
 @pytest.mark.parametrize("graph", ["plain", "fused", "fresh_plain", "fresh_fused"])

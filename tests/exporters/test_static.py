@@ -1,0 +1,144 @@
+"""w8a8's own static int8 writer against onnxruntime's quantize_static: the same graph, initializer for
+initializer, from ranges gathered through one probe session; and weights read from external data one at a time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper, numpy_helper
+
+from exporters.calibration import CalibrationPlan, KVCacheCalibrationReader
+from exporters.export import export_onnx
+from exporters.graph import GraphIndex
+from exporters.onnx_io import copy_of, load_lazily, save_model
+from exporters.optimize import optimize
+from exporters.quantization.qdq import QdqConfig, QdqJob, quantize_qdq, restore_float_readers, with_value_info
+from exporters.quantization.static import activation_ranges, nearest_weight, weight_levels, write_static
+from exporters.quantize import matmul_only_weights
+from tests.exporters.test_quantize import outlier_decoder
+
+PLAN = CalibrationPlan(num_prefill=4, seq_len=16, num_decode_steps=2)
+
+
+@pytest.fixture(scope="module")
+def fused(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("static")
+    torch.manual_seed(1)
+    export_onnx(outlier_decoder(), root / "plain.onnx")
+    optimize(root / "plain.onnx", root / "fused.onnx")
+    return root / "fused.onnx"
+
+
+def calib_ids() -> list[list[int]]:
+    rng = np.random.default_rng(0)
+    return [list(rng.integers(0, 256, 80)) for _ in range(3)]
+
+
+def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def node_set(model: onnx.ModelProto) -> set:
+    return {(n.op_type, n.name, tuple(n.input), tuple(n.output),
+             tuple(sorted((a.name, helper.get_attribute_value(a)) for a in n.attribute))) for n in model.graph.node}
+
+
+@pytest.mark.parametrize("method, per_channel, reduce_range", [
+    ("percentile", True, True), ("minmax", True, False), ("entropy", False, True)])
+def test_the_written_graph_is_quantize_statics(fused, tmp_path, method, per_channel, reduce_range):
+    """All weight MatMuls but the head: quantize_static's output (its float readers given back their float
+    activation) and ours hold the same nodes and bit-identical initializers; the ranges come from the probe
+    session's own feeds, its past from its own presents, where quantize_static's reader ran the model itself."""
+    model = onnx.load(str(fused))
+    targets = [n.name for n in GraphIndex(model).weight_matmuls()][:-1]
+    fp32 = tmp_path / "fp32.onnx"
+    onnx.save(with_value_info(model), str(fp32))
+    config = QdqConfig(method, per_channel, reduce_range, False, "w8", 32, 4)
+    reader = KVCacheCalibrationReader(fused, calib_ids(), PLAN)
+    quantize_qdq(QdqJob(fp32, tmp_path / "cache.json", reader, config), targets, tmp_path / "ort.onnx")
+    theirs = onnx.load(str(tmp_path / "ort.onnx"))
+    restore_float_readers(theirs, set(targets))
+
+    activations = sorted({GraphIndex(model).nodes[t].input[0] for t in targets})
+    ranges = activation_ranges(model, activations, KVCacheCalibrationReader(fused, calib_ids(), PLAN).through,
+                               method, tmp_path)
+    ours = write_static(model, targets, ranges, per_channel, reduce_range)
+
+    mine, ort_ = initializers(ours), initializers(theirs)
+    assert set(mine) == set(ort_)
+    for name, value in mine.items():
+        assert value.dtype == ort_[name].dtype and value.shape == ort_[name].shape, name
+        np.testing.assert_array_equal(value, ort_[name], err_msg=name)
+    assert node_set(ours) == node_set(theirs)
+    assert len(initializers(model)) == len(initializers(onnx.load(str(fused))))  # the float graph is untouched
+
+
+def test_nearest_weight_is_onnxruntimes_quantize_data_per_column():
+    from onnx import TensorProto
+    from onnxruntime.quantization.quant_utils import quantize_data
+
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((64, 48)) * np.logspace(-3, 2, 48)).astype(np.float32)
+    w[:, 5] = 0.0  # an all-zero column: scale 1, codes 0
+    w[:, 6] = np.abs(w[:, 6])  # one sign only: the range still holds 0
+    for reduce_range in (False, True):
+        q, scale = nearest_weight(w, weight_levels(reduce_range), per_channel=True)
+        for c in range(w.shape[1]):
+            zero, s, codes = quantize_data(w[:, c], TensorProto.INT8, True, reduce_range)
+            assert zero == 0 and np.float32(s) == scale[c], c
+            np.testing.assert_array_equal(q[:, c], codes, err_msg=str(c))
+
+
+def test_weights_left_in_external_data_are_read_one_at_a_time(fused, tmp_path):
+    """A lazily loaded graph (the float weights only MatMuls read still in model.onnx.data) writes the same model
+    as the graph in memory, and its float weights never enter the proto it was given."""
+    model = onnx.load(str(fused))
+    external = tmp_path / "ext" / "model.onnx"
+    external.parent.mkdir()
+    save_model(copy_of(model), external, external=True)  # (onnx moves a saved model's weights out of it)
+    lazy = load_lazily(external, matmul_only_weights)
+    left = [t.name for t in lazy.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert len(left) >= 8
+    targets = [n.name for n in GraphIndex(model).weight_matmuls()]
+    activations = sorted({GraphIndex(model).nodes[t].input[0] for t in targets})
+    ranges = activation_ranges(lazy, activations, KVCacheCalibrationReader(fused, calib_ids(), PLAN).through,
+                               "minmax", tmp_path, external.parent)
+    in_memory = write_static(model, targets, ranges, True, True)
+    streamed = write_static(lazy, targets, ranges, True, True, weights_dir=external.parent)
+    a, b = initializers(in_memory), initializers(streamed)
+    assert set(a) == set(b)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in lazy.graph.initializer if t.name in left)
+    assert not list(external.parent.glob(".probe-*"))  # the probe's model beside the weights is gone
+
+
+def test_w8a8_of_a_graph_in_external_data_streams_its_float_passes_and_writes_the_same_model(fused, tmp_path):
+    """The float passes (rotation, smoothing with its channel split, online Hadamard) and GPTQ on a graph loaded
+    lazily rewrite its weights through files in the work directory instead of in memory: the quantized model is
+    the one the in-memory graph gives, to float rounding of the rewritten weights."""
+    from exporters.quantize import QuantConfig, quantize
+    from exporters.onnx_io import files_size
+
+    external = tmp_path / "ext" / "model.onnx"
+    external.parent.mkdir()
+    save_model(onnx.load(str(fused)), external, external=True)
+    config = QuantConfig(recipe="w8a8", num_prefill=4, seq_len=16, num_decode_steps=2, outlier_channels=4)
+    a = quantize(fused, tmp_path / "a.onnx", calib_ids(), config)
+    b = quantize(external, tmp_path / "b.onnx", calib_ids(), config)
+    assert a["smoothing"] == b["smoothing"] and a["rotation"] == b["rotation"]
+    assert a["added_float_matmuls"] == b["added_float_matmuls"]
+    ma, mb = initializers(onnx.load(str(tmp_path / "a.onnx"))), initializers(onnx.load(str(tmp_path / "b.onnx")))
+    assert set(ma) == set(mb)
+    codes = [n for n in ma if n.endswith("_quantized")]
+    assert len(codes) >= 8
+    for name in ma:
+        if ma[name].dtype == np.int8:  # codes: a rewritten weight may round across a level in a few places
+            assert np.mean(ma[name] != mb[name]) < 1e-3 and np.abs(ma[name].astype(int) - mb[name]).max() <= 1, name
+        else:
+            np.testing.assert_allclose(ma[name], mb[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    assert abs(files_size(tmp_path / "a.onnx") - files_size(tmp_path / "b.onnx")) < 64  # (protobuf's varints)
