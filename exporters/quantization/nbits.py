@@ -11,7 +11,6 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from exporters.gptq import fits, gptq_blockwise
 from exporters.graph import GraphIndex
 from exporters.onnx_io import materialized, skeleton, tensor_array
 from runtimes.contract import LOGITS
@@ -179,39 +178,6 @@ def nbits_quantized(model: onnx.ModelProto, bits: int | None = None) -> set[str]
             if bits is None or b == bits:
                 found.add(n.name.removesuffix(f"_Q{b}"))
     return found
-
-
-class BlockwiseRounding:
-    """GPTQ-rounded stand-ins for the weights of `targets` on MatMulNBits' grid (exporters/gptq.py), computed once
-    per (MatMul, bits) from the input Hessians over the calibration feeds. Written into a copy of the float model
-    before MatMulNBitsQuantizer runs, they come out of it unchanged (same scales, same grid points)."""
-
-    def __init__(self, model: onnx.ModelProto, targets: list[str], hessians: dict[str, np.ndarray], tokens: int,
-                 block_size: int, weights_dir: str | Path = ""):
-        g = GraphIndex(model)
-        nodes, self.inits, readers = g.nodes, g.inits, g.uses
-        self.weight = {t: nodes[t].input[1] for t in targets if readers[nodes[t].input[1]] == 1}
-        self.activation = {t: nodes[t].input[0] for t in self.weight}
-        self.hessians, self.tokens = hessians, tokens
-        self.nearest = sorted(t for t in targets if t not in self.weight
-                              or not fits(self.inits[self.weight[t]].dims[0], tokens))
-        self.block_size, self._cache, self.weights_dir = block_size, {}, weights_dir
-
-    def rounded(self, name: str, bits: int) -> np.ndarray | None:
-        if name in self.nearest or name not in self.weight:
-            return None
-        if (name, bits) not in self._cache:
-            w = tensor_array(self.inits[self.weight[name]], self.weights_dir)
-            self._cache[name, bits] = gptq_blockwise(w, self.hessians[self.activation[name]], bits, self.block_size)
-        return self._cache[name, bits]
-
-    def apply(self, model: onnx.ModelProto, bits_of: dict[str, int]) -> None:
-        """Replace, in `model` (a copy of the float model), each named MatMul's weight by its rounding."""
-        g = GraphIndex(model)
-        for name, bits in bits_of.items():
-            w = self.rounded(name, bits)
-            if w is not None:
-                g.replace_initializer(self.weight[name], w)
 
 
 def fake_nbits(w: np.ndarray, bits: int, block_size: int) -> np.ndarray:

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from exporters import progress
 from exporters.calibration import CalibrationPlan, token_windows, window_feeds
@@ -109,23 +111,39 @@ def streamed_gptq(model: onnx.ModelProto, weights_dir: Path, bits_of: dict[str, 
         else:
             acts.setdefault(node.input[0], []).append(name)
     widths = {a: g.inits[nodes[names[0]].input[1]].dims[0] for a, names in acts.items()}
+
+    def feeds(session: ort.InferenceSession, label: str) -> Iterator[dict[str, np.ndarray]]:
+        for window in progress.each(windows, label, unit="window"):
+            yield from window_feeds(session, contract, window, plan.seq_len)
+
+    passes = 0
+    for passes, group, hessians in gathered_hessians(model, weights_dir, widths, feeds, workdir, budget):
+        rounding = [(a, name) for a in group for name in acts[a]]
+        for a, name in progress.each(rounding, f"GPTQ rounding {passes}", unit="MatMul"):
+            w = tensor_array(g.inits[nodes[name].input[1]], weights_dir)
+            for bits in bits_of[name]:
+                store.put(name, bits, rounded_pack(w, hessians[a], bits, store))
+            if name == acts[a][-1]:
+                del hessians[a]
+    return StreamedGptq(tokens, passes, budget, sorted(nearest))
+
+
+def gathered_hessians(model: onnx.ModelProto, weights_dir: Path, widths: dict[str, int],
+                      feeds: Callable[[ort.InferenceSession, str], Iterable[dict[str, np.ndarray]]], workdir: Path,
+                      budget: int = HESSIAN_BUDGET) -> Iterator[tuple[int, list[str], dict[str, np.ndarray]]]:
+    """The input Hessians (X^T X, float64) of the activations `widths` (name -> K, in graph order), a group
+    within `budget` bytes at a time: (pass number from 1, the group, its Hessians), one pass of
+    `feeds(session, label)` per group through one probe session of `model` (whose presents give the feeds'
+    past). The caller drops each Hessian when it is done with it, before the next group is gathered."""
     groups = hessian_groups(widths, budget)
-    if groups:
-        with probe_session(model, list(widths), workdir, weights_dir) as session:
-            for i, group in enumerate(groups):
-                hessians = {a: np.zeros((widths[a], widths[a])) for a in group}
-                feeds = (f for window in progress.each(windows, f"GPTQ Hessians {i + 1}/{len(groups)}",
-                                                       unit="window")
-                         for f in window_feeds(session, contract, window, plan.seq_len))
-                for feed in feeds:
-                    for a, x in zip(group, session.run(group, feed)):
-                        x = x.reshape(-1, x.shape[-1]).astype(np.float64)
-                        hessians[a] += x.T @ x
-                rounding = [(a, name) for a in group for name in acts[a]]
-                for a, name in progress.each(rounding, f"GPTQ rounding {i + 1}/{len(groups)}", unit="MatMul"):
-                    w = tensor_array(g.inits[nodes[name].input[1]], weights_dir)
-                    for bits in bits_of[name]:
-                        store.put(name, bits, rounded_pack(w, hessians[a], bits, store))
-                    if name == acts[a][-1]:
-                        del hessians[a]
-    return StreamedGptq(tokens, len(groups), budget, sorted(nearest))
+    if not groups:
+        return
+    with probe_session(model, list(widths), workdir, weights_dir) as session:
+        for i, group in enumerate(groups, 1):
+            hessians = {a: np.zeros((widths[a], widths[a])) for a in group}
+            for feed in feeds(session, f"GPTQ Hessians {i}/{len(groups)}"):
+                for a, x in zip(group, session.run(group, feed)):
+                    x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+                    hessians[a] += x.T @ x
+            yield i, group, hessians
+            del hessians

@@ -16,16 +16,18 @@ import onnx
 
 from exporters.acceptance import Thresholds
 from exporters.calibration import CalibrationPlan, KVCacheCalibrationReader
+from exporters.gptq import fits, gptq
 from exporters.graph import GraphIndex, rescaling_external
-from exporters.onnx_io import ExternalRewriter, copy_of, load_lazily, save_model, save_model_auto, without_weights
+from exporters.onnx_io import ExternalRewriter, copy_of, load_lazily, save_model, save_model_auto, tensor_array, \
+    without_weights
 from exporters.quantization.embedding import (quantize_embeddings, share_tied_table, tied_head,
                                                tied_through_map)
 from exporters.quantization.evaluate import Agreement
-from exporters.quantization.nbits import BlockwiseRounding, NBitsConfig, output_projection, write_nbits
-from exporters.quantization.packs import HESSIAN_BUDGET, PackedWeights, streamed_gptq
+from exporters.quantization.nbits import NBitsConfig, output_projection, write_nbits
+from exporters.quantization.packs import HESSIAN_BUDGET, PackedWeights, StreamedGptq, gathered_hessians, \
+    rounded_pack, streamed_gptq
 from exporters.quantization.scales import half_scales
-from exporters.quantization.qdq import QdqConfig, QdqJob, gptq_weights, quantize_qdq, weight_hessians, \
-    with_value_info, write_mix
+from exporters.quantization.qdq import QdqConfig, QdqJob, quantize_qdq, with_value_info
 from exporters.quantization.search import Judge, take_out_until_budget
 from exporters.quantization.smooth import SmoothConfig, smooth_model
 from exporters.quantization.static import StaticWriter, activation_ranges
@@ -54,7 +56,6 @@ class Quantizing:
     gated: list[str] = field(default_factory=list)  # readers of gated-MLP products (down_proj), before smoothing
     targets: list[str] = field(default_factory=list)  # MatMuls the writer puts in the recipe's form
     rounded: dict = field(default_factory=dict)      # static int8 GPTQ: MatMul -> (q, scale)
-    blockwise: BlockwiseRounding | None = None       # w8a8: GPTQ on MatMulNBits' grid for the w8 fallback
     write: Callable[[list[str]], None] | None = None  # the writer: the model with these MatMuls taken out
     switch: Callable[[], QuantSwitch] | None = None  # one-session simulation of any mix (for the search)
     agreement: Agreement | None = None      # the written model against the source, when valid_ids
@@ -210,19 +211,45 @@ def run_online_hadamard(q: Quantizing, config: OnlineHadamardConfig) -> Quantizi
 class GptqConfig:
     levels: int                  # static int8 weight levels: 127, or 64 with reduce_range
     fallback_block_size: int | None  # also round on MatMulNBits' grid, of this block size, for the w8 fallback
+    hessian_budget: int = HESSIAN_BUDGET  # float64 Hessian bytes one calibration pass gathers
 
 
 def run_gptq(q: Quantizing, config: GptqConfig) -> Quantizing:
-    """GPTQ rounding of the static int8 targets (and of their w8 fallback) from the calibration Hessians. A tied
-    head keeps it although the embedding then reads GPTQ's codes as its table: measured on SmolLM2 (held-out
-    text), nearest rounding of the head costs more (top-1 0.948, KL 0.0088) than the shared table does (0.951,
-    0.0079; the table of its own with a GPTQ head: 0.959, 0.0082)."""
-    hessians, tokens = weight_hessians(q.model, q.targets, q.reader, q.workdir, q.weights_dir)
-    q.rounded, q.details["gptq"] = gptq_weights(q.model, q.targets, hessians, tokens, config.levels, q.weights_dir)
+    """GPTQ rounding of the static int8 targets, per output channel (exporters/gptq.py), and of their w8
+    fallback on MatMulNBits' grid, packed (exporters/quantization/packs.py), from the input Hessians over the
+    calibration feeds, gathered a bounded group at a time, each dropped once its MatMuls are rounded. A MatMul
+    wider than the calibration tokens keeps nearest rounding.
+
+    A tied head keeps GPTQ although the embedding then reads its codes as its table: measured on SmolLM2
+    (held-out text), nearest rounding of the head costs more (top-1 0.948, KL 0.0088) than the shared table
+    does (0.951, 0.0079; the table of its own with a GPTQ head: 0.959, 0.0082)."""
+    g = GraphIndex(q.model)
+    nodes, inits = g.nodes, g.inits
+    tokens = len(q.reader.windows) * q.reader.plan.window_len  # every token of a window is one activation row
+    acts: dict[str, list[str]] = {}
+    nearest = []
+    for t in q.targets:
+        if fits(inits[nodes[t].input[1]].dims[0], tokens):
+            acts.setdefault(nodes[t].input[0], []).append(t)
+        else:
+            nearest.append(t)
+    widths = {a: inits[nodes[names[0]].input[1]].dims[0] for a, names in acts.items()}
+    store = None if config.fallback_block_size is None else \
+        PackedWeights(q.model, q.weights_dir, config.fallback_block_size, keep=True)
+    passes = 0
+    feeds = lambda session, label: q.reader.feeds(session=session)  # noqa: E731
+    for passes, group, hessians in gathered_hessians(q.model, q.weights_dir, widths, feeds, q.workdir,
+                                                     config.hessian_budget):
+        for a in group:
+            for t in acts[a]:
+                w = tensor_array(inits[nodes[t].input[1]], q.weights_dir)
+                q.rounded[t] = gptq(w, hessians[a], config.levels)
+                if store is not None and g.uses[nodes[t].input[1]] == 1:
+                    store.put(t, 8, rounded_pack(w, hessians[a], 8, store))
+            del hessians[a]
+    q.packs = store
     q.details["weight_rounding"] = "gptq"
-    if config.fallback_block_size is not None:
-        q.blockwise = BlockwiseRounding(q.model, q.targets, hessians, tokens, config.fallback_block_size,
-                                        q.weights_dir)
+    q.details["gptq"] = StreamedGptq(tokens, passes, config.hessian_budget, sorted(nearest)).to_dict()
     return q
 
 
@@ -290,14 +317,11 @@ def online_rotations_in_float(q: Quantizing, shapes: dict[str, tuple[int, int]])
 
 
 def run_write_qdq(q: Quantizing, config: QdqConfig) -> Quantizing:
-    """Every target as static QDQ int8 (exporters/quantization/qdq.py); the taken-out ones, when the search asks,
-    as the configured fallback."""
-    job = QdqJob(q.workdir / "fp32.onnx", q.workdir / "calibration.json", q.reader, config, q.rounded, q.blockwise,
-                 tied_through_map(q.model, q.weights_dir) if config.quantizes_embeddings else None)
+    """static: every target as QDQ int8 by onnxruntime's quantize_static (exporters/quantization/qdq.py), as
+    the stock tool writes it; measured, not searched."""
+    job = QdqJob(q.workdir / "fp32.onnx", q.workdir / "calibration.json", q.reader, config)
     save_model_auto(with_value_info(q.model), job.fp32_path)
     quantize_qdq(job, q.targets, q.staged)
-    q.write = lambda taken_out: write_mix(job, [t for t in q.targets if t not in taken_out], taken_out, q.staged)
-    q.switch = lambda: QuantSwitch(onnx.load(str(job.fp32_path)), onnx.load(str(q.staged)), q.targets, q.workdir)
     return q
 
 
@@ -309,7 +333,7 @@ def run_write_static(q: Quantizing, config: QdqConfig) -> Quantizing:
     activations = list(dict.fromkeys(nodes[t].input[0] for t in q.targets))
     ranges = activation_ranges(q.model, activations, q.reader.through, config.calibrate_method, q.workdir,
                                q.weights_dir)
-    writer = StaticWriter(q.model, ranges, config, q.rounded, q.blockwise,
+    writer = StaticWriter(q.model, ranges, config, q.rounded, q.packs,
                           tied_through_map(q.model, q.weights_dir) if config.quantizes_embeddings else None,
                           q.weights_dir)
     q.details["scales"] = writer.write(q.targets, [], q.staged)

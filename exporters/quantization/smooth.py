@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from exporters.calibration import KVCacheCalibrationReader
 from exporters.graph import GraphIndex, weight_array

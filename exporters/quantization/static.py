@@ -31,7 +31,8 @@ from exporters.graph import GraphIndex
 from exporters.onnx_io import materialized, save_model_auto, skeleton, tensor_array
 from exporters.probe import probe_session
 from exporters.quantization.embedding import quantize_embeddings, share_static_head
-from exporters.quantization.nbits import BlockwiseRounding, nbits
+from exporters.quantization.nbits import write_nbits
+from exporters.quantization.packs import PackedWeights
 from exporters.quantization.qdq import QdqConfig
 from exporters.quantization.quiet import quiet
 from exporters.quantization.scales import half_scales
@@ -183,7 +184,7 @@ class StaticWriter:
     ranges: dict[str, tuple]          # activation -> (low, high), `activation_ranges`
     config: QdqConfig
     rounded: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # MatMul -> GPTQ (q, scale)
-    fallback_rounding: BlockwiseRounding | None = None  # GPTQ for the MatMuls that fall back to w8
+    packs: PackedWeights | None = None  # the w8 fallback's blocks: GPTQ's (packs.py), or nearest on demand
     tie: tuple | None = None          # (embedding Gather, lm_head, map): the table read from the int8 head
     weights_dir: Path = Path()
 
@@ -196,9 +197,7 @@ class StaticWriter:
             share_static_head(m, self.tie)  # the tied table stored once, where the head is static int8
             quantize_embeddings(m, self.config.block_size)
         if fallback_nodes and self.config.fallback == "w8":
-            if self.fallback_rounding is not None:
-                self.fallback_rounding.apply(m, dict.fromkeys(fallback_nodes, 8))
-            m = nbits(m, 8, self.config, include=fallback_nodes)
+            m = write_nbits(m, dict.fromkeys(fallback_nodes, 8), self.config, packed_of=self.packs)
         report = half_scales(m)
         save_model_auto(m, out_path)
         return report

@@ -3,6 +3,7 @@ initializer, from ranges gathered through one probe session; and weights read fr
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +15,16 @@ from onnx import helper, numpy_helper
 from exporters.calibration import CalibrationPlan, KVCacheCalibrationReader
 from exporters.export import export_onnx
 from exporters.graph import GraphIndex
-from exporters.onnx_io import copy_of, load_lazily, save_model
+from exporters.onnx_io import copy_of, files_size, load_lazily, save_model
 from exporters.optimize import optimize
+from exporters.quantization import passes
+from exporters.quantization.nbits import pack
+from exporters.quantization.packs import PackedWeights, rounded_pack
 from exporters.quantization.qdq import QdqConfig, QdqJob, quantize_qdq, restore_float_readers, with_value_info
-from exporters.quantization.static import activation_ranges, nearest_weight, weight_levels, write_static
-from exporters.quantize import matmul_only_weights
+from exporters.quantization.scales import stored_scales
+from exporters.quantization.static import StaticWriter, activation_ranges, nearest_weight, weight_levels, \
+    write_static
+from exporters.quantize import QuantConfig, matmul_only_weights, quantize
 from tests.exporters.test_quantize import outlier_decoder
 
 PLAN = CalibrationPlan(num_prefill=4, seq_len=16, num_decode_steps=2)
@@ -121,9 +127,6 @@ def test_w8a8_of_a_graph_in_external_data_streams_its_float_passes_and_writes_th
     """The float passes (rotation, smoothing with its channel split, online Hadamard) and GPTQ on a graph loaded
     lazily rewrite its weights through files in the work directory instead of in memory: the quantized model is
     the one the in-memory graph gives, to float rounding of the rewritten weights."""
-    from exporters.quantize import QuantConfig, quantize
-    from exporters.onnx_io import files_size
-
     external = tmp_path / "ext" / "model.onnx"
     external.parent.mkdir()
     save_model(onnx.load(str(fused)), external, external=True)
@@ -142,3 +145,47 @@ def test_w8a8_of_a_graph_in_external_data_streams_its_float_passes_and_writes_th
         else:
             np.testing.assert_allclose(ma[name], mb[name], rtol=1e-5, atol=1e-6, err_msg=name)
     assert abs(files_size(tmp_path / "a.onnx") - files_size(tmp_path / "b.onnx")) < 64  # (protobuf's varints)
+
+
+def test_w8a8_gptq_gathers_its_hessians_in_bounded_groups_and_rounds_the_same(fused, tmp_path, monkeypatch):
+    """GPTQ's input Hessians gathered one activation per calibration pass (a budget of one byte) give the model
+    that one pass gives, to the bit, and the report says how many passes it took; the search's w8 fallback is
+    written from GPTQ's blocks."""
+    config = QuantConfig(recipe="w8a8", num_prefill=16, seq_len=16, num_decode_steps=2)  # 288 tokens: K <= 256
+    ids = [np.random.default_rng(1).integers(0, 256, 400).tolist()]
+    one = quantize(fused, tmp_path / "one.onnx", ids, config)
+    monkeypatch.setattr(passes, "GptqConfig", functools.partial(passes.GptqConfig, hessian_budget=1))
+    many = quantize(fused, tmp_path / "many.onnx", ids, config)
+    assert one["gptq"]["hessian_passes"] == 1 and not one["gptq"]["nearest_too_few_tokens"]
+    distinct = len({n.input[0] for n in GraphIndex(onnx.load(str(fused))).weight_matmuls()})
+    assert many["gptq"]["hessian_passes"] == distinct >= 5
+    a, b = initializers(onnx.load(str(tmp_path / "one.onnx"))), initializers(onnx.load(str(tmp_path / "many.onnx")))
+    assert set(a) == set(b)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_the_w8_fallback_is_written_from_gptqs_blocks(fused, tmp_path):
+    """A MatMul the search takes out is written as an 8-bit MatMulNBits holding GPTQ's blockwise rounding, which
+    differs from the float weight's nearest blocks."""
+    model = onnx.load(str(fused))
+    g = GraphIndex(model)
+    targets = [n.name for n in g.weight_matmuls()]
+    out_name = targets[3]  # a down_proj, rounded with a Hessian of its own making
+    w = numpy_helper.to_array(g.inits[g.nodes[out_name].input[1]])
+    reader = KVCacheCalibrationReader(fused, calib_ids(), PLAN)
+    activations = sorted({g.nodes[t].input[0] for t in targets})
+    ranges = activation_ranges(model, activations, reader.through, "minmax", tmp_path)
+    store = PackedWeights(model, Path(), 32, keep=True)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4 * w.shape[0], w.shape[0])) * np.linspace(0.1, 3, w.shape[0])
+    store.put(out_name, 8, rounded_pack(w, x.T @ x, 8, store))
+    config = QdqConfig("minmax", True, True, False, "w8", 32, 4)
+    writer = StaticWriter(model, ranges, config, packs=store)
+    writer.write([t for t in targets if t != out_name], [out_name], tmp_path / "mix.onnx")
+    mix = onnx.load(str(tmp_path / "mix.onnx"))
+    node = next(n for n in mix.graph.node if n.name == f"{out_name}_Q8")
+    codes = numpy_helper.to_array(next(t for t in mix.graph.initializer if t.name == node.input[1]))
+    np.testing.assert_array_equal(codes, store(out_name, 8).packed)
+    assert not np.array_equal(codes, pack(w, 8, 32).packed)
+    assert stored_scales(GraphIndex(mix), node.input[2]).shape == store(out_name, 8).scales.shape
