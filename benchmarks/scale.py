@@ -16,7 +16,8 @@ docs/benchmarks.md and writes the rows as JSON beside the run.
 
 `quantize-w8-nearest` and `quantize-w4-nearest` are the weight-only recipes rounded to nearest and only
 measured (`--no-search`); `quantize-w8`, `quantize-w4` and `quantize-w8a8` run the defaults (GPTQ, the search),
-which quantize's own estimate refuses up front where they do not fit (w8a8 at 1B).
+which quantize's own estimate refuses up front where they do not fit; `quantize-w8a8-no-search` is w8a8's
+defaults written and measured without the search.
 `--max-memory GiB` is passed on to quantize (to measure past its estimate). `llamacpp-peers` makes llama.cpp's
 Q8_0 and Q4_K_M of the same weights (its converter, given by `--llamacpp-convert`, and its quantizer), where
 `bench --compare llamacpp,llamacpp:q4_k_m` finds them.
@@ -74,7 +75,7 @@ CONFIGS = {
         "pad_token_id": 0, "torch_dtype": "bfloat16"},
 }
 STAGES = ("export", "llamacpp-peers", "optimize", "quantize-w8-nearest", "quantize-w4-nearest", "quantize-w8",
-          "quantize-w4", "quantize-w8a8", "check", "bench", "package")
+          "quantize-w4", "quantize-w8a8-no-search", "quantize-w8a8", "check", "bench", "package")
 SHARD_BYTES = 1 << 30
 
 
@@ -252,6 +253,9 @@ def main() -> None:
         "quantize-w4": ["quantize", str(run), "--recipe", "w4", "--calib-text", str(calib), "--json", *max_memory],
         "quantize-w8a8": ["quantize", str(run), "--recipe", "w8a8", "--calib-text", str(calib), "--json",
                           *max_memory],
+        # w8a8 with its defaults (rotations, smoothing, GPTQ) written and measured, without the search
+        "quantize-w8a8-no-search": ["quantize", str(run), "--recipe", "w8a8", "--no-search", "--calib-text",
+                                    str(calib), "--json", *max_memory],
         "check": ["check", str(run), "--text", str(text), "--json"],
         "bench": ["bench", str(run), "--threads", "2", "--prompt-len", "32", "--new-tokens", "32", "--json"],
         "package": ["package", str(run), "--out", str(a.out / f"bundle-{a.model}")],

@@ -55,7 +55,7 @@ def probe_session(model: onnx.ModelProto, tensors: list[str], workdir: Path | No
             else:
                 save_model(model, path, external=sum(t.ByteSize() for t in model.graph.initializer)
                            >= EXTERNAL_DATA_THRESHOLD)
-            session = cpu_session(path)
+            session = cpu_session(path, prepack=False)  # weights left in the data file's map
         finally:
             for f in (path, path.with_name(path.name + ".data")) if lazy else ():
                 f.unlink(missing_ok=True)

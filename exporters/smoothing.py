@@ -180,7 +180,8 @@ def collect_activation_stats(model: onnx.ModelProto, tensors: list[str], feeds: 
 
 
 def fake_quant_error(stats: ActivationStats, weights: list[np.ndarray], s: np.ndarray, weight_levels: int,
-                     rotation: np.ndarray | None = None, split: np.ndarray | None = None) -> float:
+                     rotation: np.ndarray | None = None, split: np.ndarray | None = None,
+                     exact_outputs: list[np.ndarray] | None = None) -> float:
     """Mean over the sampled token rows of the relative squared error of Q(X/s) @ Q(diag(s) W_m) against
     X @ W_m, summed over the readers m. Per row, so the few massive-activation tokens do not drown the rest.
 
@@ -192,6 +193,7 @@ def fake_quant_error(stats: ActivationStats, weights: list[np.ndarray], s: np.nd
     `online_hadamard`), so what is quantized is (X/s) R and R^T diag(s) W, R = I (x) rotation; the `split`
     channels leave the int8 MatMul (their weight rows zero there) and are added back exactly, as `split_channels`
     does. Without a rotation the caller passes only the channels that stay (`split` must be None).
+    `exact_outputs`: X @ W_m, when the caller has them (they do not depend on s).
     """
     x = stats.rows / s
     split = np.zeros(0, np.int64) if split is None else split
@@ -205,15 +207,15 @@ def fake_quant_error(stats: ActivationStats, weights: list[np.ndarray], s: np.nd
     zero = np.round(-low / scale)
     xq = (np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale
     err = ref = np.zeros(len(stats.rows))
-    for w in weights:
+    for i, w in enumerate(weights):
         ws = w * s[:, None]
         ws[split] = 0.0
-        if rotation is not None:
-            ws = np.einsum("ba,kbn->kan", rotation, ws.reshape(-1, b, ws.shape[1])).reshape(ws.shape)
+        if rotation is not None:  # each block of b input rows times R^T (a batched BLAS product)
+            ws = np.matmul(rotation.T, ws.reshape(-1, b, ws.shape[1])).reshape(ws.shape)
         wscale = np.abs(ws).max(0) / weight_levels
         wscale[wscale == 0] = 1.0
         wq = np.round(ws / wscale) * wscale
-        y = stats.rows @ w
+        y = stats.rows @ w if exact_outputs is None else exact_outputs[i]
         exact = stats.rows[:, split] @ w[split] if split.size else 0.0
         err = err + ((xq @ wq + exact - y) ** 2).sum(1)
         ref = ref + (y ** 2).sum(1)
@@ -236,8 +238,9 @@ def best_alpha(stats: ActivationStats, weights: list[np.ndarray], weight_levels:
             s[split] = split_scales(stats.abs_max, s, split)
         return s
 
+    exact = [stats.rows @ w for w in weights]
     errors = {a: fake_quant_error(stats, weights, scales(a), weight_levels, rotation,
-                                  split if rotation is not None else None) for a in grid}
+                                  split if rotation is not None else None, exact) for a in grid}
     alpha = min(errors, key=errors.get)
     return alpha, errors[alpha]
 

@@ -148,9 +148,9 @@ def estimate(path: str | Path, recipe: str, weight_rounding: str = "gptq", windo
     if recipe in WEIGHT_ONLY:
         packed = packed_bytes(model, (4, 8) if searched else (8,) if recipe == "w8" else (4,), block_size)
         hessians = hessian_bytes(model, budget=HESSIAN_BUDGET) if gptq else 0
-    elif gptq and recipe == "w8a8":  # Hessians in bounded groups; its codes and the w8 fallback's blocks kept
-        hessians = hessian_bytes(model, budget=HESSIAN_BUDGET)
-        packed = packed_bytes(model, (8,), block_size)
+    elif gptq and recipe == "w8a8":  # Hessians in bounded groups; GPTQ's int8 codes (a byte a weight) kept,
+        hessians = hessian_bytes(model, budget=HESSIAN_BUDGET)  # and for the search the w8 fallback's blocks:
+        packed = packed_bytes(model, (8,), block_size) // (1 if searched else 2)  # the two, or the codes alone
     elif gptq:
         hessians = hessian_bytes(model)
     return MemoryEstimate(files_size(path) + tied_table_bytes(model), model_copies(recipe), hessians,

@@ -60,7 +60,8 @@ class Quantizing:
     switch: Callable[[], QuantSwitch] | None = None  # one-session simulation of any mix (for the search)
     agreement: Agreement | None = None      # the written model against the source, when valid_ids
     weights_dir: Path = Path()              # where initializers the graph left in external data are read from
-    packs: PackedWeights | None = None      # weight-only recipes: MatMulNBits blocks, packed once
+    packs: PackedWeights | None = None      # MatMulNBits blocks, packed once (w8a8: its w8 fallback's)
+    ranges: dict = field(default_factory=dict)  # w8a8: activation -> calibrated (low, high)
     tie_map: tuple | None = None            # weight-only, rotated: (Gather, lm_head, X) with E = W^T X
 
     def weight_shapes(self) -> dict[str, tuple[int, int]]:
@@ -325,18 +326,33 @@ def run_write_qdq(q: Quantizing, config: QdqConfig) -> Quantizing:
     return q
 
 
-def run_write_static(q: Quantizing, config: QdqConfig) -> Quantizing:
-    """w8a8: every target as static QDQ int8, written from the float graph with the ranges onnxruntime's
-    calibrator would compute (exporters/quantization/static.py: no quantize_static and its copies of the float
-    model); the taken-out ones, when the search asks, as the configured fallback."""
+@dataclass(frozen=True)
+class RangesConfig:
+    calibrate_method: str  # "minmax" | "percentile" | "entropy", as onnxruntime's calibrators compute them
+
+
+def run_ranges(q: Quantizing, config: RangesConfig) -> Quantizing:
+    """The static int8 targets' activation ranges on the float graph the float passes left, as onnxruntime's
+    calibrator computes them (exporters/quantization/static.py); before GPTQ, whose codes are then not yet
+    held beside the calibration session."""
     nodes = GraphIndex(q.model).nodes
     activations = list(dict.fromkeys(nodes[t].input[0] for t in q.targets))
-    ranges = activation_ranges(q.model, activations, q.reader.through, config.calibrate_method, q.workdir,
-                               q.weights_dir)
-    writer = StaticWriter(q.model, ranges, config, q.rounded, q.packs,
+    q.ranges = activation_ranges(q.model, activations, q.reader.through, config.calibrate_method, q.workdir,
+                                 q.weights_dir)
+    return q
+
+
+def run_write_static(q: Quantizing, config: QdqConfig) -> Quantizing:
+    """w8a8: every target as static QDQ int8, written from the float graph with the calibrated ranges
+    (exporters/quantization/static.py: no quantize_static and its copies of the float model); the taken-out
+    ones, when the search asks, as the configured fallback. Without a search, GPTQ's codes go once written."""
+    writer = StaticWriter(q.model, q.ranges, config, q.rounded, q.packs,
                           tied_through_map(q.model, q.weights_dir) if config.quantizes_embeddings else None,
                           q.weights_dir)
     q.details["scales"] = writer.write(q.targets, [], q.staged)
+    if not config.searched:
+        q.rounded, q.packs = {}, None
+        return q
     q.write = lambda taken_out: writer.write([t for t in q.targets if t not in taken_out], taken_out, q.staged)
     q.switch = lambda: QuantSwitch(copy_of(q.model), onnx.load(str(q.staged)), q.targets, q.workdir,
                                    q.weights_dir)

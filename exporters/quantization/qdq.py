@@ -30,6 +30,7 @@ class QdqConfig:
     block_size: int                   # MatMulNBits and embedding block size
     accuracy_level: int               # MatMulNBits compute type of the fallback
     exclude: tuple[str, ...] = ()     # MatMuls always left float
+    searched: bool = True             # w8a8: a search may write other mixes (keep what writing them needs)
 
     @property
     def quantizes_embeddings(self) -> bool:

@@ -29,7 +29,7 @@ def _calibrate(c: QuantConfig) -> p.CalibrateConfig:
 
 def _qdq(c: QuantConfig) -> QdqConfig:
     return QdqConfig(c.calibrate_method, c.per_channel, c.reduce_range, c.quantizes_embeddings, c.fallback,
-                     c.block_size, c.accuracy_level, c.exclude)
+                     c.block_size, c.accuracy_level, c.exclude, searched=c.search)
 
 
 def _nbits(bits: int) -> Callable[[QuantConfig], p.WriteNBitsConfig]:
@@ -80,8 +80,10 @@ RECIPES: dict[str, tuple[Step, ...]] = {
              Step("online_hadamard", p.run_online_hadamard,
                   lambda c: p.OnlineHadamardConfig(c.online_hadamard) if c.rotates and c.online_hadamard else None),
              *STATIC_WRITE,
+             Step("ranges", p.run_ranges, lambda c: p.RangesConfig(c.calibrate_method)),
              Step("gptq", p.run_gptq, lambda c: p.GptqConfig(c.weight_levels, c.block_size if c.fallback == "w8"
-                                                             else None) if c.weight_rounding == "gptq" else None),
+                                                             and c.search else None)
+                  if c.weight_rounding == "gptq" else None),
              Step("write_static", p.run_write_static, _qdq),
              Step("search", p.run_search, _w8a8_search)),
     "w8": (Step("gptq_blockwise", p.run_blockwise_gptq, _blockwise_gptq(8)),

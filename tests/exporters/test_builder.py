@@ -405,8 +405,9 @@ def test_quantize_memory_estimate_counts_copies_hessians_and_packed_weights(tmp_
     blocks_64 = sum(-(-k // 64) * n for k, n in shapes)
     assert estimate(built, "w4", block_size=64).packed_bytes == blocks_64 * ((32 + 4) + (64 + 4))
     assert estimate(built, "gguf").copies == GGUF_COPIES and estimate(built, "gguf").packed_bytes == 0
-    w8a8 = estimate(built, "w8a8", search=False)  # Hessians in bounded groups (one here); GPTQ's codes and blocks
+    w8a8 = estimate(built, "w8a8")  # Hessians in bounded groups (one here); GPTQ's codes and the fallback's blocks
     assert (w8a8.copies, w8a8.hessian_bytes, w8a8.packed_bytes) == (MODEL_COPIES["w8a8"], hessians, blocks * 36)
+    assert estimate(built, "w8a8", search=False).packed_bytes == blocks * 18  # the codes alone
     assert estimate(built, "w8a8", "nearest").packed_bytes == 0
     tied = tmp_path / "tied.onnx"  # its table is stored once but split for quantizing: counted twice
     build_graph(open_weights(save(tiny_hf(LlamaConfig(**TINY, tie_word_embeddings=True)), tmp_path / "t")), tied)

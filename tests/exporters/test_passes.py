@@ -31,8 +31,8 @@ def test_onnx_to_onnx_modules_import_no_torch():
 def test_every_recipe_is_a_list_of_passes():
     assert set(RECIPES) == set(qconfig.RECIPES)
     names = {r: [s.name for s, _ in steps(QuantConfig(recipe=r))] for r in RECIPES}
-    assert names["w8a8"] == ["calibrate", "rotate", "smooth", "online_hadamard", "targets", "gptq", "write_static",
-                             "search"]
+    assert names["w8a8"] == ["calibrate", "rotate", "smooth", "online_hadamard", "targets", "ranges", "gptq",
+                             "write_static", "search"]
     assert names["static"] == ["calibrate", "targets", "write_qdq", "measure"]
     assert names["w8"] == ["gptq_blockwise", "write_nbits", "measure"]
     assert names["w4"] == ["rotate", "gptq_blockwise", "write_nbits", "search"]
