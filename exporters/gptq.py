@@ -64,13 +64,22 @@ def _error_feedback(w: np.ndarray, hessian: np.ndarray, round_row: Callable[[int
     return out
 
 
+# output columns rounded at once: with per-column scales the columns are independent, so a wide weight (a
+# 128k-token head: 2 GB per float64 copy) is rounded a slice at a time, to the same result
+COLUMNS = 16384
+
+
 def gptq(w: np.ndarray, hessian: np.ndarray, levels: int, damp: float = 0.01,
-         block: int = 128) -> tuple[np.ndarray, np.ndarray]:
+         block: int = 128, columns: int = COLUMNS) -> tuple[np.ndarray, np.ndarray]:
     """Round `w` (K, N) to int8 in [-levels, levels] with per-column scales; returns (q int8, scales float32)."""
-    scale = per_channel_scales(w, levels).astype(np.float64)
-    rounded = _error_feedback(w, hessian, lambda _, v: np.clip(np.round(v / scale), -levels, levels) * scale,
-                              damp, block)
-    return np.round(rounded / scale).astype(np.int8), scale.astype(np.float32)
+    scales = per_channel_scales(w, levels)
+    q = np.empty(w.shape, np.int8)
+    for c in range(0, w.shape[1], columns):
+        scale = scales[c:c + columns].astype(np.float64)
+        rounded = _error_feedback(w[:, c:c + columns], hessian,
+                                  lambda _, v: np.clip(np.round(v / scale), -levels, levels) * scale, damp, block)
+        q[:, c:c + columns] = np.round(rounded / scale)
+    return q, scales
 
 
 def gptq_blockwise(w: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, damp: float = 0.01,

@@ -134,16 +134,15 @@ def gathered_hessians(model: onnx.ModelProto, weights_dir: Path, widths: dict[st
     """The input Hessians (X^T X, float64) of the activations `widths` (name -> K, in graph order), a group
     within `budget` bytes at a time: (pass number from 1, the group, its Hessians), one pass of
     `feeds(session, label)` per group through one probe session of `model` (whose presents give the feeds'
-    past). The caller drops each Hessian when it is done with it, before the next group is gathered."""
+    past). The caller drops each Hessian when it is done with it, before the next group is gathered; the
+    session is closed while it rounds (a pass opens its own: without prepacking, that costs little)."""
     groups = hessian_groups(widths, budget)
-    if not groups:
-        return
-    with probe_session(model, list(widths), workdir, weights_dir) as session:
-        for i, group in enumerate(groups, 1):
-            hessians = {a: np.zeros((widths[a], widths[a])) for a in group}
+    for i, group in enumerate(groups, 1):
+        hessians = {a: np.zeros((widths[a], widths[a])) for a in group}
+        with probe_session(model, group, workdir, weights_dir) as session:
             for feed in feeds(session, f"GPTQ Hessians {i}/{len(groups)}"):
                 for a, x in zip(group, session.run(group, feed)):
                     x = x.reshape(-1, x.shape[-1]).astype(np.float64)
                     hessians[a] += x.T @ x
-            yield i, group, hessians
-            del hessians
+        yield i, group, hessians
+        del hessians

@@ -902,6 +902,18 @@ def test_w8a8_writes_gptq_rounding_on_the_same_grid(quantized):
     assert gptq_report["ppl"]["quantized"] <= near_report["ppl"]["quantized"] * 1.005
 
 
+def test_gptq_rounds_a_wide_weight_a_slice_of_columns_at_a_time_to_the_same_codes():
+    """Per-column scales make the output columns independent: rounding 100 columns 7 at a time (a 128k-token
+    head 16384 at a time, bounding its float64 copies) gives every code and scale of rounding them at once."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((64, 100)) * np.logspace(-2, 1, 100)).astype(np.float32)
+    x = rng.standard_normal((500, 64)) * np.linspace(0.1, 4, 64)
+    whole, sliced = gptq(w, x.T @ x, 127, columns=1 << 20), gptq(w, x.T @ x, 127, columns=7)
+    np.testing.assert_array_equal(whole[0], sliced[0])
+    np.testing.assert_array_equal(whole[1], sliced[1])
+    assert np.mean(whole[0] != np.round(w / whole[1]).astype(np.int8)) > 0.05  # GPTQ moved codes off nearest
+
+
 def test_gptq_needs_more_calibration_tokens_than_inputs(quantized):
     """FAST calibrates on 4 * (16 + 2) = 72 tokens, fewer than any MatMul's inputs (128 / 256): GPTQ would
     overfit a singular Hessian, so every weight keeps nearest rounding, and says why."""
