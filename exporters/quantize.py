@@ -4,7 +4,10 @@ Recipes (lists of passes: exporters/quantization/recipes.py; the passes: exporte
   static  onnxruntime quantize_static: QDQ, int8 symmetric weights (7-bit range by default, see below), uint8
           activations, calibrated on prefill and decode feeds (exporters/calibration.py). Only MatMuls whose
           weight is an initializer; embeddings (Gather) stay float.
-  w8a8    static + rotations folded into the weights (exporters/rotation.py) + SmoothQuant smoothing
+  w8a8    static's QDQ graph, written by the recipe itself from the float graph (exporters/quantization/
+          static.py: the same nodes and codes, without quantize_static's copies of the float model; the float
+          passes and GPTQ stream the weights, so a 1B model fits) + rotations folded into the weights
+          (exporters/rotation.py) + SmoothQuant smoothing
           (exporters/smoothing.py), whose largest outlier channels are split off into small float MatMuls, + an
           online Hadamard rotation before each down_proj (rotation.py's `online_hadamard`) + mixed precision:
           the quantized model is measured on validation ids and, over budget (perplexity, and check's top-1 and
@@ -24,7 +27,7 @@ Recipes (lists of passes: exporters/quantization/recipes.py; the passes: exporte
   gguf    a graph built from a quantized GGUF file with that file's own blocks as MatMulNBits, exactly
           (exporters/quantization/grid.py, models/gguf_grid.py); only measured, never searched.
 
-Choices read from onnxruntime's source (1.32):
+Choices read from onnxruntime's source (1.32), for both QDQ recipes:
   * activations are uint8: on x86 the CPU QDQ fusion only accepts int8 activations on ARM
     (`QDQIsInt8Allowed()`), so int8 activations would leave DQ -> float MatMul in the graph, slower than fp32;
     uint8 x int8 (U8S8) is MLAS's fast path on x86 and fine on ARM.
