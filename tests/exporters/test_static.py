@@ -198,3 +198,22 @@ def test_the_w8_fallback_is_written_from_gptqs_blocks(fused, tmp_path):
     np.testing.assert_array_equal(codes, store(out_name, 8).packed)
     assert not np.array_equal(codes, pack(w, 8, 32).packed)
     assert stored_scales(GraphIndex(mix), node.input[2]).shape == store(out_name, 8).scales.shape
+
+
+def test_the_search_runs_on_a_graph_left_in_external_data_as_on_one_in_memory(fused, tmp_path):
+    """With a budget no mix meets, the search takes MatMuls out to the w8 fallback one at a time: its switch
+    session reads the lazily loaded graph's weights beside their data file, and it takes out what the search on
+    the graph in memory takes out, with the same perplexities."""
+    external = tmp_path / "ext" / "model.onnx"
+    external.parent.mkdir()
+    save_model(onnx.load(str(fused)), external, external=True)
+    g = torch.Generator().manual_seed(0)
+    valid = outlier_decoder().generate(torch.randint(0, 256, (4, 1), generator=g), 63, temperature=1.0,
+                                       generator=g).tolist()
+    config = QuantConfig(recipe="w8a8", num_prefill=4, seq_len=16, num_decode_steps=2, max_ppl_increase=1e-4,
+                         judge_like_check=False)
+    a = quantize(fused, tmp_path / "a.onnx", calib_ids(), config, valid)
+    b = quantize(external, tmp_path / "b.onnx", calib_ids(), config, valid)
+    assert a["fallback_matmuls"] and a["fallback_matmuls"] == b["fallback_matmuls"]
+    assert a["ppl"]["quantized"] == pytest.approx(b["ppl"]["quantized"], rel=1e-6)
+    assert not list(external.parent.glob(".switch-*"))  # the switch's model beside the weights is gone
