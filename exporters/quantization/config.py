@@ -76,6 +76,9 @@ class QuantConfig:
             raise UserError(f"embedding_bits must be 8 or 32 (float), got {self.embedding_bits}")
         if self.weight_rounding not in ROUNDINGS:
             raise UserError(f"unknown weight rounding {self.weight_rounding!r} (choose from {', '.join(ROUNDINGS)})")
+        if self.recipe == "w8a8" and not self.per_channel and self.weight_rounding == "gptq":
+            raise UserError("GPTQ rounds w8a8's weights on per-channel scales: --per-tensor needs "
+                            "--weight-rounding nearest")
         if self.fallback not in FALLBACKS:
             raise UserError(f"unknown fallback {self.fallback!r} (choose from {', '.join(FALLBACKS)})")
         if self.calibrate_method is None:

@@ -92,6 +92,24 @@ def test_the_written_graph_is_quantize_statics(fused, tmp_path, method, per_chan
     assert len(initializers(model)) == len(initializers(onnx.load(str(fused))))  # the float graph is untouched
 
 
+def test_w8a8_per_tensor_needs_nearest_rounding_and_writes_one_scale_per_weight(fused, tmp_path):
+    """GPTQ's codes sit on per-channel scales: asked for per-tensor ones, the config refuses with one line;
+    with nearest rounding every weight's DequantizeLinear has one scale and no axis."""
+    from models.errors import UserError
+
+    with pytest.raises(UserError, match="--per-tensor needs --weight-rounding nearest"):
+        QuantConfig(recipe="w8a8", per_channel=False)
+    config = QuantConfig(recipe="w8a8", per_channel=False, weight_rounding="nearest", num_prefill=4, seq_len=16,
+                         num_decode_steps=2)
+    quantize(fused, tmp_path / "t.onnx", calib_ids(), config)
+    model = onnx.load(str(tmp_path / "t.onnx"))
+    inits = initializers(model)
+    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("_quantized")]
+    assert len(dqs) >= 8
+    for dq in dqs:
+        assert inits[dq.input[1]].size == 1 and not any(a.name == "axis" for a in dq.attribute)
+
+
 def test_nearest_weight_is_onnxruntimes_quantize_data_per_column():
     from onnx import TensorProto
     from onnxruntime.quantization.quant_utils import quantize_data
