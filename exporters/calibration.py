@@ -162,8 +162,8 @@ class KVCacheCalibrationReader(CalibrationDataReader):
     def feeds(self, first_window: int = 0, stop_window: int | None = None,
               session: ort.InferenceSession | None = None) -> Iterator[dict[str, np.ndarray]]:
         """A fresh pass over the windows [first_window, stop_window), independent of get_next's position; the
-        decode steps' past from `session` when given (an exact re-parametrisation of the model, e.g. the probe
-        session of its smoothed graph), else from the reader's own."""
+        decode steps' past from `session` when given (the graph a pass probes, rotated or smoothed: its own
+        cache), else from the reader's own."""
         windows = self.windows[first_window:stop_window]
         for window in progress.each(windows, "calibration pass", unit="window"):
             yield from window_feeds(session or self.session, self.contract, window, self.plan.seq_len)
