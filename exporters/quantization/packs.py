@@ -100,17 +100,9 @@ def streamed_gptq(model: onnx.ModelProto, weights_dir: Path, bits_of: dict[str, 
     into `store`; the input Hessians gathered over the calibration windows a bounded group at a time."""
     g = GraphIndex(model)
     nodes, contract = g.nodes, read_contract(model)
-    acts: dict[str, list[str]] = {}
-    nearest = []
     windows = token_windows(calib_ids, plan.window_len, plan.num_prefill, contract.vocab_size)
     tokens = len(windows) * plan.window_len
-    for name in bits_of:  # graph order: bits_of follows the graph's weight MatMuls
-        node = nodes[name]
-        if g.uses[node.input[1]] != 1 or not fits(g.inits[node.input[1]].dims[0], tokens):
-            nearest.append(name)
-        else:
-            acts.setdefault(node.input[0], []).append(name)
-    widths = {a: g.inits[nodes[names[0]].input[1]].dims[0] for a, names in acts.items()}
+    acts, widths, nearest = gptq_groups(g, list(bits_of), tokens)  # bits_of follows the graph's MatMuls
 
     def feeds(session: ort.InferenceSession, label: str) -> Iterator[dict[str, np.ndarray]]:
         for window in progress.each(windows, label, unit="window"):
@@ -126,6 +118,23 @@ def streamed_gptq(model: onnx.ModelProto, weights_dir: Path, bits_of: dict[str, 
             if name == acts[a][-1]:
                 del hessians[a]
     return StreamedGptq(tokens, passes, budget, sorted(nearest))
+
+
+def gptq_groups(g: GraphIndex, names: list[str], tokens: int, shared: bool = False
+                ) -> tuple[dict[str, list[str]], dict[str, int], list[str]]:
+    """The weight MatMuls `names` (in graph order) that GPTQ rounds on `tokens` calibration tokens, by input
+    activation; each activation's width; and the rest, which keep nearest rounding: wider than the tokens
+    (`fits`) or, unless `shared`, with a weight something else reads too."""
+    acts: dict[str, list[str]] = {}
+    nearest = []
+    for name in names:
+        node = g.nodes[name]
+        if (not shared and g.uses[node.input[1]] != 1) or not fits(g.inits[node.input[1]].dims[0], tokens):
+            nearest.append(name)
+        else:
+            acts.setdefault(node.input[0], []).append(name)
+    widths = {a: g.inits[g.nodes[names[0]].input[1]].dims[0] for a, names in acts.items()}
+    return acts, widths, nearest
 
 
 def gathered_hessians(model: onnx.ModelProto, weights_dir: Path, widths: dict[str, int],

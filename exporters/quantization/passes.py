@@ -16,7 +16,7 @@ import onnx
 
 from exporters.acceptance import Thresholds
 from exporters.calibration import CalibrationPlan, KVCacheCalibrationReader
-from exporters.gptq import fits, gptq
+from exporters.gptq import gptq
 from exporters.graph import GraphIndex, rescaling_external
 from exporters.onnx_io import ExternalRewriter, copy_of, load_lazily, save_model, save_model_auto, tensor_array, \
     without_weights
@@ -25,7 +25,7 @@ from exporters.quantization.embedding import (quantize_embeddings, share_tied_ta
 from exporters.quantization.evaluate import Agreement
 from exporters.quantization.nbits import NBitsConfig, output_projection, write_nbits
 from exporters.quantization.packs import HESSIAN_BUDGET, PackedWeights, StreamedGptq, gathered_hessians, \
-    rounded_pack, streamed_gptq
+    gptq_groups, rounded_pack, streamed_gptq
 from exporters.quantization.scales import half_scales
 from exporters.quantization.qdq import QdqConfig, QdqJob, quantize_qdq, with_value_info
 from exporters.quantization.search import Judge, take_out_until_budget
@@ -115,13 +115,13 @@ class RotateConfig:
 
 
 @contextmanager
-def rewriting(q: Quantizing, name: str) -> Iterator[None]:
+def rewriting(q: Quantizing, name: str, always: bool = False) -> Iterator[None]:
     """Around a float pass that changes weights. A graph whose weights still lie in external data (a large
-    model, loaded lazily) has each weight the pass changes read, changed and written to a new data file under
-    `name` in the work directory (exporters/onnx_io.py `ExternalRewriter`), the rest copied there; the graph is
-    then loaded lazily from it and the previous work-directory copy removed: one weight in memory at a time.
-    A graph held in memory is changed in place."""
-    if not any(t.data_location == onnx.TensorProto.EXTERNAL for t in q.model.graph.initializer):
+    model, loaded lazily), or any graph when `always`, has each weight the pass changes read, changed and written
+    to a new data file under `name` in the work directory (exporters/onnx_io.py `ExternalRewriter`), the rest
+    copied there; the graph is then loaded lazily from it and the previous work-directory copy removed: one
+    weight in memory at a time. Otherwise a graph held in memory is changed in place."""
+    if not always and not any(t.data_location == onnx.TensorProto.EXTERNAL for t in q.model.graph.initializer):
         yield
         return
     from exporters.quantize import matmul_only_weights  # (exporters.quantize imports this module)
@@ -131,7 +131,9 @@ def rewriting(q: Quantizing, name: str) -> Iterator[None]:
     with rescaling_external(ExternalRewriter(q.weights_dir, path)) as rewriter:
         yield
         rewriter.finish(q.model)
-    save_model(q.model, path, external=True)  # the tensors in memory the pass added join the new data file
+    model, q.model = q.model, None
+    save_model(model, path, external=True)  # the tensors in memory (the table, what the pass added) join it
+    del model  # before the graph is loaded again
     previous, q.weights_dir = q.weights_dir, path.parent
     q.model = load_lazily(path, matmul_only_weights)
     if previous.resolve().is_relative_to(q.workdir.resolve()):
@@ -171,28 +173,19 @@ def run_rotate_weights(q: Quantizing, config: RotateWeightsConfig) -> Quantizing
     lazily again from there; only the token table, which the embedding reads, is rotated in memory. A tied table
     is a tied table no more (the final norm is folded into the head): `tie_map` keeps the map X with which the
     table is the head's weight, E = W^T X, so the writer can still store it once."""
-    model = q.model
-    reason = why_not_rotatable(model)
+    reason = why_not_rotatable(q.model)
     if reason is not None:  # e.g. Gemma's norms after attention and MLP: nothing read, nothing rotated
         q.details["rotation"] = RotationReport(False, 0, reason).as_dict()
         return q
-    rotated = q.workdir / "rotated" / "model.onnx"
-    rotated.parent.mkdir()
-    gated = [m for g in find_smooth_groups(model, q.exclude) if g.first_column is not None for m in g.matmuls]
-    with rescaling_external(ExternalRewriter(q.weights_dir, rotated)) as rewriter:
-        rotation = rotate(model, config.seed)
+    gated = [m for g in find_smooth_groups(q.model, q.exclude) if g.first_column is not None for m in g.matmuls]
+    with rewriting(q, "rotated", always=True):
+        rotation = rotate(q.model, config.seed)
         q.details["rotation"], q.rotated = rotation.as_dict(), rotation.residual
         if config.online_block:
-            q.details["online_hadamard"] = online_hadamard(model, gated, config.online_block, config.seed + 2)
+            q.details["online_hadamard"] = online_hadamard(q.model, gated, config.online_block, config.seed + 2)
             q.details["added_float_matmuls"] = {"online_hadamard": online_rotations_in_float(
-                q, GraphIndex(model).weight_shapes())}
-        rewriter.finish(model)
-    q.tie_map = tied_through_map(model, rotated.parent)
-    save_model(model, rotated, external=True)  # the tensors in memory (the table) join the new data file
-    del model
-    from exporters.quantize import matmul_only_weights  # (exporters.quantize imports this module)
-
-    q.model, q.weights_dir = load_lazily(rotated, matmul_only_weights), rotated.parent
+                q, GraphIndex(q.model).weight_shapes())}
+    q.tie_map = tied_through_map(q.model, q.weights_dir)
     return q
 
 
@@ -227,14 +220,7 @@ def run_gptq(q: Quantizing, config: GptqConfig) -> Quantizing:
     g = GraphIndex(q.model)
     nodes, inits = g.nodes, g.inits
     tokens = len(q.reader.windows) * q.reader.plan.window_len  # every token of a window is one activation row
-    acts: dict[str, list[str]] = {}
-    nearest = []
-    for t in q.targets:
-        if fits(inits[nodes[t].input[1]].dims[0], tokens):
-            acts.setdefault(nodes[t].input[0], []).append(t)
-        else:
-            nearest.append(t)
-    widths = {a: inits[nodes[names[0]].input[1]].dims[0] for a, names in acts.items()}
+    acts, widths, nearest = gptq_groups(g, q.targets, tokens, shared=True)
     store = None if config.fallback_block_size is None else \
         PackedWeights(q.model, q.weights_dir, config.fallback_block_size, keep=True)
     passes = 0

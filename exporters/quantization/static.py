@@ -20,16 +20,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from exporters.graph import GraphIndex
 from exporters.onnx_io import materialized, save_model_auto, skeleton, tensor_array
-from exporters.probe import probe_session
+from exporters.probe import Feeds, probe_session
 from exporters.quantization.embedding import quantize_embeddings, share_static_head
 from exporters.quantization.nbits import write_nbits
 from exporters.quantization.packs import PackedWeights
@@ -43,13 +41,10 @@ WEIGHT_TYPE = TensorProto.INT8
 HISTOGRAM = {"percentile": dict(num_bins=2048, symmetric=True, percentile=99.999),
              "entropy": dict(num_bins=128, symmetric=False, percentile=99.999)}
 
-Feeds = Callable[[ort.InferenceSession], Iterable[dict[str, np.ndarray]]]
-
-
 def activation_ranges(model: onnx.ModelProto, activations: list[str], feeds: Feeds, method: str,
                       workdir: Path | None = None, weights_dir: Path | None = None) -> dict[str, tuple]:
     """(low, high) of each activation over the calibration feeds, as onnxruntime's `method` calibrator computes
-    them one sample at a time. `feeds(session)`: the feeds, their past from the probe session itself."""
+    them one sample at a time. `feeds`: a function of the probe session (whose presents give the feeds' past)."""
     from onnxruntime.quantization.calibrate import HistogramCollector
 
     low: dict[str, np.ndarray] = {}
@@ -120,11 +115,11 @@ def write_static(model: onnx.ModelProto, nodes: list[str], ranges: dict[str, tup
     levels = weight_levels(reduce_range)
     out = skeleton(model)
     added_inits: list[TensorProto] = []
-    weight_dq: list[onnx.NodeProto] = []
+    weight_dq: dict[str, onnx.NodeProto] = {}  # weight -> its DequantizeLinear
     act_dq: dict[str, str] = {}
     for node in chosen:
         a, w = node.input[0], node.input[1]
-        if w + "_DequantizeLinear_Output" not in {n.output[0] for n in weight_dq}:
+        if w not in weight_dq:
             if node.name in rounded:
                 q, scale = rounded[node.name]
             else:
@@ -134,8 +129,8 @@ def write_static(model: onnx.ModelProto, nodes: list[str], ranges: dict[str, tup
                             numpy_helper.from_array(np.asarray(scale, np.float32), w + "_scale"),
                             numpy_helper.from_array(zero, w + "_zero_point")]
             axis = {"axis": 1} if np.ndim(scale) else {}
-            weight_dq.append(helper.make_node("DequantizeLinear", [w + "_quantized", w + "_scale", w + "_zero_point"],
-                                              [w + "_DequantizeLinear_Output"], w + "_DequantizeLinear", **axis))
+            weight_dq[w] = helper.make_node("DequantizeLinear", [w + "_quantized", w + "_scale", w + "_zero_point"],
+                                            [w + "_DequantizeLinear_Output"], w + "_DequantizeLinear", **axis)
         if a not in act_dq:
             zero_point, scale = activation_params(*ranges[a])
             added_inits += [numpy_helper.from_array(scale, a + "_scale"),
@@ -147,7 +142,7 @@ def write_static(model: onnx.ModelProto, nodes: list[str], ranges: dict[str, tup
             out.graph.initializer.append(materialized(t, weights_dir))
     out.graph.initializer.extend(added_inits)
     quantized = set(nodes)
-    new_nodes = list(weight_dq)
+    new_nodes = list(weight_dq.values())
     for node in model.graph.node:
         copy = onnx.NodeProto()
         copy.CopyFrom(node)

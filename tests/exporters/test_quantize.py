@@ -557,9 +557,7 @@ def test_rotation_beats_smoothing_alone_on_outliers(quantized):
     """The outlier channels of this model sit in the norm weights, where the rotation (R1) spreads them over all
     channels (then only the down_proj inputs are smoothed); measured all-int8 perplexity increase with w8a8's
     percentile ranges: smoothing alone +5.2%, rotation +0.26% (+0.33% without the online Hadamard before
-    down_proj); with minmax ranges rotation +0.20%, without the online Hadamard +1.15%. (Calibrated on decode
-    steps whose past came from the float source, whose value heads R2 does not rotate, the rotated figures had
-    read +0.03% and +1.42%.)"""
+    down_proj); with minmax ranges rotation +0.20%, without the online Hadamard +1.15%."""
     rotated, plain = quantized("fused", "w8a8")[1], quantized("fused", "w8a8", rotate=False)[1]
     assert rotated["rotation"] == {"residual": True, "value_heads": 2, "not_rotated": None}
     assert "rotation" not in plain
