@@ -294,7 +294,7 @@ static OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* context) 
  * (exporters/quantization/embedding.py) is then held twice: for Gemma 3's 262,144 x 640 head, 220 MB alone
  * and 388 MB with the Gather. This op reads the stored blocks in place, so the table is in memory once: that
  * head with its Gather peaks at 245 MB (against 463 with MatMulNBits, on this 2-core EPYC) and one row takes
- * 4.1-4.8 ms on 2 threads (MatMulNBits on its prepacked copy: 4.2-4.9).
+ * 3.7-4.7 ms on 2 threads (MatMulNBits on its prepacked copy: 4.2-4.9; see block_row).
  *
  * Inputs: 0 x float (..., K); 1 blocks uint8 (N, K/32, 32); 2 scales float (N, K/32), or flat (N * K/32).
  * Output: y float (..., N). Work is split over row ranges of N on onnxruntime's intra-op thread pool.
@@ -353,21 +353,22 @@ static inline __m512i pair_index(int64_t p) {
 
 /* Pair p of one weight row: its 64 (or, for the last block of an odd count, 32) stored bytes against the
  * activations a, scaled by the row's scale products (w_scale * a_scale, 16 blocks a vector) and added to acc.
- * Byte-masked loads are slow on some x86 cores (AMD Zen 4): the single block is a 256-bit load instead. Four
- * rows read side by side are four streams the hardware prefetcher follows poorly: the bytes PREFETCH ahead
- * are asked for explicitly (on this 2-core EPYC, one thread: 11.4 -> 7.4 ms for a 262,144 x 640 head, as
- * fast as MatMulNBits' prepacked copy). */
-enum { PREFETCH = 5120 };
+ * Byte-masked loads are slow on some x86 cores (AMD Zen 4): the single block is a 256-bit load instead. The
+ * bytes `ahead` of w are asked for explicitly: the hardware prefetcher alone follows these streams poorly. */
 static inline __attribute__((always_inline)) __m512 pair_step(__m512 acc, const uint8_t* w, int two, __m512i start,
-                                                               __m512i a, __m512i index, __m512 scales) {
-    _mm_prefetch((const char*)w + PREFETCH, _MM_HINT_NTA);
+                                                               __m512i a, __m512i index, __m512 scales,
+                                                               int64_t ahead) {
+    _mm_prefetch((const char*)w + ahead, _MM_HINT_NTA);
     const __m512i b = two ? _mm512_loadu_si512(w) : _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i*)w));
     return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, b, a)),
                            _mm512_permutexvar_ps(index, scales), acc);
 }
 
 /* NR consecutive weight rows from row n, for activation row r: NR independent accumulators, each pair of
- * blocks' activations loaded once for all of them. */
+ * blocks' activations loaded once for all of them. For several activation rows (a prompt's logits), where
+ * the weight rows are read from cache once per activation row after the first. Four rows side by side are
+ * four streams: each asks for the bytes 5120 ahead of its own (on this 2-core EPYC, one thread: 11.4 -> 7.4 ms
+ * for a 262,144 x 640 head). */
 static inline __attribute__((always_inline)) void block_rows(const BlockJob* j, int64_t n, int64_t r, const int NR) {
     const int64_t kb = j->kb, k = kb * BLOCK, pairs = (kb + 1) / 2;
     const int8_t* ar = j->aq + r * k;
@@ -388,15 +389,47 @@ static inline __attribute__((always_inline)) void block_rows(const BlockJob* j, 
                               : _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i*)(ar + 64 * p)));
         const __m512i start = _mm512_loadu_si512(corr + 16 * p), index = pair_index(p);
         for (int i = 0; i < NR; i++)
-            acc[i] = pair_step(acc[i], j->w + (n + i) * k + 64 * p, two, start, a, index, scales[i]);
+            acc[i] = pair_step(acc[i], j->w + (n + i) * k + 64 * p, two, start, a, index, scales[i], 5120);
     }
     for (int i = 0; i < NR; i++) j->y[r * j->n + n + i] = _mm512_reduce_add_ps(acc[i]);
+}
+
+/* Weight row n for the one activation row of a decode step: the rows are read in order, one stream, each pair
+ * 1024 bytes ahead asked for, with two accumulators (even and odd pairs) for the sums' latency. Four rows side
+ * by side (block_rows) reach half the memory bandwidth once rows are long: on this 2-core EPYC, 2 threads,
+ * Llama-3.2-1B's 128,256 x 2048 head took 11.5 ms that way and takes 6.3-7.1 ms so (Gemma 3's 262,144 x 640:
+ * 4.2 -> 3.7-4.4 ms). */
+static inline __attribute__((always_inline)) void block_row(const BlockJob* j, int64_t n) {
+    const int64_t kb = j->kb, k = kb * BLOCK, pairs = (kb + 1) / 2;
+    const uint8_t* w = j->w + n * k;
+    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, scales = _mm512_setzero_ps();
+    for (int64_t p = 0; p < pairs; p += 2) {
+        if (p % 8 == 0) { /* the next 16 blocks' scale products */
+            const int64_t left = kb - 2 * p;
+            const __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+            scales = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, j->w_scale + n * kb + 2 * p),
+                                   _mm512_maskz_loadu_ps(mask, j->a_scale + 2 * p));
+        }
+        for (int h = 0; h < 2 && p + h < pairs; h++) {
+            const int64_t q = p + h;
+            const int two = 2 * q + 1 < kb;
+            const __m512i a = two ? _mm512_loadu_si512(j->aq + 64 * q)
+                                  : _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i*)(j->aq + 64 * q)));
+            acc[h] = pair_step(acc[h], w + 64 * q, two, _mm512_loadu_si512(j->a_corr + 16 * q), a, pair_index(q),
+                               scales, 1024);
+        }
+    }
+    j->y[n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
 }
 
 static void block_run_chunk(void* data, size_t chunk) {
     const BlockJob* j = (const BlockJob*)data;
     const int64_t first = j->n * (int64_t)chunk / j->chunks, last = j->n * ((int64_t)chunk + 1) / j->chunks;
     int64_t n = first;
+    if (j->m == 1) {
+        for (; n < last; n++) block_row(j, n);
+        return;
+    }
     for (; n + 4 <= last; n += 4)
         for (int64_t r = 0; r < j->m; r++) block_rows(j, n, r, 4);
     for (; n < last; n++)
