@@ -20,10 +20,15 @@ from exporters.quantization.nbits import NBitsConfig, PackedOf, nbits_node, writ
 class QuantSwitch:
     """The float model with each target MatMul's int8 rounding behind its own on/off input.
 
-    Both inputs of every target go through `Where(gate, DQ(Q(x)), x)`, with the exact scales, zero points and
-    int8 weights of the all-int8 graph, so one session evaluates any mix of int8 and float MatMuls (what the
-    int8 kernels compute, up to float rounding) without writing or loading a model per mix. That makes
-    quantize-one-at-a-time sensitivity affordable at 200+ MatMuls, and the budget search cheap.
+    Every target becomes `If(gate)` between the float MatMul and the MatMul of its int8 form, `DQ(Q(x))` against
+    `DQ(w)` with the exact scales, zero points and int8 weights of the all-int8 graph, so one session evaluates
+    any mix of int8 and float MatMuls (what the int8 kernels compute, up to float rounding) without writing or
+    loading a model per mix. That makes quantize-one-at-a-time sensitivity affordable at 200+ MatMuls, and the
+    budget search cheap. Only the chosen branch runs, when its input is ready, so a dequantized weight lives
+    for its own MatMul only. (Gating each input with `Where` instead computes both; and since the weight's
+    `DQ` and `Where` wait on no activation, onnxruntime ran them all first, holding two float copies of every
+    weight: a Llama-3.2-1B search past 22 GB.) The session does not prepack: the float weights stay in the
+    map of their data file.
     """
 
     def __init__(self, fp32: onnx.ModelProto, int8: onnx.ModelProto, targets: list[str], workdir: Path,
@@ -45,9 +50,7 @@ class QuantSwitch:
         self.gates = {name: f"quant_switch.{i}" for i, name in enumerate(targets)}
         nodes = []
         for node in fp32.graph.node:
-            if node.name in self.gates:
-                nodes += route(fp32, node)
-            nodes.append(node)
+            nodes += route(fp32, node) if node.name in self.gates else [node]
         GraphIndex(fp32).set_nodes(nodes)
         fp32.graph.input.extend(helper.make_tensor_value_info(g, onnx.TensorProto.BOOL, [])
                                 for g in self.gates.values())
@@ -55,19 +58,19 @@ class QuantSwitch:
             path = weights_dir / f".switch-{uuid.uuid4().hex}.onnx"
             save_beside(fp32, path)
             try:
-                self.session = cpu_session(path)
+                self.session = cpu_session(path, prepack=False)
             finally:
                 path.unlink(missing_ok=True)
                 path.with_name(path.name + ".data").unlink(missing_ok=True)
         else:
             path = workdir / "switch.onnx"
             save_model_auto(fp32, path)
-            self.session = cpu_session(path)
+            self.session = cpu_session(path, prepack=False)
         self.contract = session_contract(self.session)
 
     def _switch(self, model: onnx.ModelProto, node: onnx.NodeProto, a_dq: onnx.NodeProto, w_dq: onnx.NodeProto,
                 inits: dict[str, onnx.TensorProto]) -> list[onnx.NodeProto]:
-        """Route `node`'s activation and weight through gated copies of the int8 graph's Q/DQ."""
+        """`node` as an `If` on its gate: its int8 form (copies of the int8 graph's Q/DQ parameters) or itself."""
         gate, tag = self.gates[node.name], self.gates[node.name] + "."
         for name in {*a_dq.input[1:], *w_dq.input}:
             copy = onnx.TensorProto()
@@ -75,13 +78,15 @@ class QuantSwitch:
             copy.name = tag + name
             model.graph.initializer.append(copy)
         a_params, w_params = [tag + n for n in a_dq.input[1:]], [tag + n for n in w_dq.input]
-        x, w = node.input[0], node.input[1]
-        node.input[0], node.input[1] = tag + "x", tag + "w"
-        return [helper.make_node("QuantizeLinear", [x, *a_params], [tag + "xq"]),
+        x, w, y = node.input[0], node.input[1], node.output[0]
+        int8 = [helper.make_node("QuantizeLinear", [x, *a_params], [tag + "xq"]),
                 helper.make_node("DequantizeLinear", [tag + "xq", *a_params], [tag + "xdq"]),
-                helper.make_node("Where", [gate, tag + "xdq", x], [tag + "x"]),
                 helper.make_node("DequantizeLinear", w_params, [tag + "wdq"], axis=_axis(w_dq)),
-                helper.make_node("Where", [gate, tag + "wdq", w], [tag + "w"])]
+                helper.make_node("MatMul", [tag + "xdq", tag + "wdq"], [tag + "int8"])]
+        float_ = [helper.make_node("MatMul", [x, w], [tag + "float"])]
+        then, other = (helper.make_graph(n, f"{node.name}.{kind}", [], [helper.make_tensor_value_info(
+            tag + kind, onnx.TensorProto.FLOAT, None)]) for n, kind in ((int8, "int8"), (float_, "float")))
+        return [helper.make_node("If", [gate], [y], name=node.name, then_branch=then, else_branch=other)]
 
     def close(self) -> None:
         """Let the session's memory go (the search is done with the switch before it writes and measures)."""

@@ -235,3 +235,28 @@ def test_the_search_runs_on_a_graph_left_in_external_data_as_on_one_in_memory(fu
     assert a["fallback_matmuls"] and a["fallback_matmuls"] == b["fallback_matmuls"]
     assert a["ppl"]["quantized"] == pytest.approx(b["ppl"]["quantized"], rel=1e-6)
     assert not list(external.parent.glob(".switch-*"))  # the switch's model beside the weights is gone
+
+
+def test_the_switch_computes_the_float_graph_and_the_written_mixes(fused, tmp_path):
+    """The search's switch: every gate off is the float graph; any set of gates on is the model the writer
+    writes with those MatMuls int8 and the rest float, to float rounding (onnxruntime fuses each `If` branch's
+    Q/DQ into the written model's int8 kernel; the `Where` gates it replaced computed the int8 MatMuls in float,
+    0.12 apart in log-probability with every gate on)."""
+    from exporters.quantization.evaluate import kl_sum, session_log_probs
+    from exporters.quantization.switch import QuantSwitch
+
+    model = onnx.load(str(fused))
+    targets = [n.name for n in GraphIndex(model).weight_matmuls()]
+    activations = sorted({GraphIndex(model).nodes[t].input[0] for t in targets})
+    ranges = activation_ranges(model, activations, KVCacheCalibrationReader(fused, calib_ids(), PLAN).through,
+                               "minmax", tmp_path)
+    switch = QuantSwitch(copy_of(model), write_static(model, targets, ranges, True, False), targets, tmp_path)
+    assert "If" in {n.op_type for n in onnx.load(str(tmp_path / "switch.onnx")).graph.node}
+    ids = np.asarray(calib_ids()[0], np.int64)
+    ref = session_log_probs(fused)[0](ids)
+    np.testing.assert_allclose(switch.log_probs(ids, ()), ref, atol=1e-5)
+    for i, mix in enumerate([targets, targets[::2], targets[1:3]]):
+        save_model(write_static(model, mix, ranges, True, False), tmp_path / f"mix{i}.onnx", external=False)
+        written = session_log_probs(tmp_path / f"mix{i}.onnx")[0](ids)
+        assert kl_sum(ref, written) > 1e-4 * len(ids)  # the int8 MatMuls move the logits
+        np.testing.assert_allclose(switch.log_probs(ids, set(mix)), written, atol=1e-5)
