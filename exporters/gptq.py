@@ -83,7 +83,8 @@ def gptq(w: np.ndarray, hessian: np.ndarray, levels: int, damp: float = 0.01,
 
 
 def gptq_blockwise(w: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, damp: float = 0.01,
-                   block: int = 128, grid: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+                   block: int = 128, grid: tuple[np.ndarray, np.ndarray] | None = None,
+                   columns: int = COLUMNS) -> np.ndarray:
     """GPTQ on MatMulNBits' blockwise grid; returns the rounded weights as float32 (K, N).
 
     Symmetric (no `grid`): each block of `block_size` inputs of a column has MLAS's scale, peak / -2^(bits-1)
@@ -92,8 +93,18 @@ def gptq_blockwise(w: np.ndarray, hessian: np.ndarray, bits: int, block_size: in
     quantizer given the result computes the same scales and stores exactly these values: the rounding survives
     its re-quantization. With zero points, `grid` is each block's (scale, zero point), (blocks, N) each
     (exporters/quantization/nbits.py `asymmetric_grid`), fixed before rounding; the caller packs the result on
-    the same grid, which keeps every code.
+    the same grid, which keeps every code. Every column's blocks are its own, so a wide weight is rounded
+    `columns` at a time (as `gptq`): a 128k-token head whole held three float64 copies of itself and briefly a fourth, 6-8 GB.
     """
+    out = np.empty(w.shape, np.float32)
+    for c in range(0, w.shape[1], columns):
+        part = None if grid is None else (grid[0][:, c:c + columns], grid[1][:, c:c + columns])
+        out[:, c:c + columns] = _gptq_blockwise(w[:, c:c + columns], hessian, bits, block_size, damp, block, part)
+    return out
+
+
+def _gptq_blockwise(w: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, damp: float, block: int,
+                    grid: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
     k, n = w.shape
     if grid is not None:
         scale, zero = grid

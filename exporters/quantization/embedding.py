@@ -59,12 +59,7 @@ def quantize_embeddings(model: onnx.ModelProto, block_size: int) -> list[str]:
         if (table is None or table.data_type != onnx.TensorProto.FLOAT or len(table.dims) != 2 or axis != 0
                 or readers[table.name] != 1 or table.dims[1] % block_size):
             continue
-        w = numpy_helper.to_array(table)
-        blocks = w.reshape(w.shape[0], -1, block_size)
-        scale = (np.abs(blocks).max(-1) / 127).astype(np.float32)
-        scale[scale == 0] = 1.0
-        scale = on_half_grid(scale)  # as the file will store it (scales.py), the codes chosen for it
-        q = (np.clip(np.round(blocks / scale[..., None]), -127, 127) + 128).astype(np.uint8).reshape(w.shape)
+        q, scale = int8_blocks(numpy_helper.to_array(table), block_size)
         base = table.name
         model.graph.initializer.remove(table)
         model.graph.initializer.extend([numpy_helper.from_array(q, base + "_Q8"),
@@ -79,6 +74,26 @@ def quantize_embeddings(model: onnx.ModelProto, block_size: int) -> list[str]:
     if done and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return done
+
+
+def int8_blocks(w: np.ndarray, block_size: int, rows: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    """A (vocab, hidden) table as GatherBlockQuantized's uint8 codes (zero point 128) and one scale per
+    `block_size` values of a row, on the float16 grid the file stores them on (scales.py), so the codes are the
+    nearest for the scales as stored. Taken `rows` rows at a time: a 262k-row table's float temporaries would
+    otherwise be several copies of it."""
+    q = np.empty(w.shape, np.uint8)
+    scale = np.empty((w.shape[0], w.shape[1] // block_size), np.float32)
+    for i in range(0, w.shape[0], rows):
+        blocks = w[i:i + rows].reshape(-1, scale.shape[1], block_size)
+        step = (np.abs(blocks).max(-1) / 127).astype(np.float32)
+        step[step == 0] = 1.0
+        scale[i:i + rows] = step
+    scale = on_half_grid(scale)
+    for i in range(0, w.shape[0], rows):
+        blocks = w[i:i + rows].reshape(-1, scale.shape[1], block_size)
+        q[i:i + rows] = (np.clip(np.round(blocks / scale[i:i + rows, :, None]), -127, 127) + 128).reshape(
+            -1, w.shape[1])
+    return q, scale
 
 
 def tied_candidates(model: onnx.ModelProto) -> Iterator[tuple[onnx.NodeProto, onnx.NodeProto, onnx.TensorProto,

@@ -389,6 +389,23 @@ def test_an_untied_table_becomes_int8_blocks_that_gather_the_same_rows():
     np.testing.assert_array_equal(got[0][0], rows.reshape(table.shape)[ids[0]])
 
 
+def test_a_table_quantized_in_row_chunks_equals_it_quantized_whole():
+    """int8_blocks takes a large table a few rows at a time; chunk edges change nothing: the scales (one float16
+    grid for the whole table) and codes are those of one pass, and each code is its value's nearest level."""
+    from exporters.quantization.embedding import int8_blocks
+
+    table = np.random.default_rng(1).standard_normal((37, 64)).astype(np.float32) * 3
+    table[5, :32] = 0  # an all-zero block keeps a scale of 1
+    q, scale = int8_blocks(table, 32, rows=1000)
+    for rows in (1, 7, 36):
+        q2, scale2 = int8_blocks(table, 32, rows=rows)
+        np.testing.assert_array_equal(q2, q)
+        np.testing.assert_array_equal(scale2, scale)
+    assert scale[5, 0] == 1.0 and (q[5, :32] == 128).all()
+    got = (q.astype(np.float32) - 128).reshape(37, 2, 32) * scale[..., None]
+    assert np.abs(got - table.reshape(37, 2, 32)).max() <= 0.5 * scale.max() * (1 + 1e-6)
+
+
 def test_w4_moves_the_most_damaging_matmuls_to_8_bits_until_the_budget_holds(models, quantized, valid_ids):
     """All-4-bit costs this model ~+56%; with a 10% budget the search moves MatMuls to 8 bits in order of the
     KL each causes alone in 4 bits per weight, the fewest that meet it, and the written model is the one measured."""
@@ -910,6 +927,23 @@ def test_gptq_rounds_a_wide_weight_a_slice_of_columns_at_a_time_to_the_same_code
     np.testing.assert_array_equal(whole[0], sliced[0])
     np.testing.assert_array_equal(whole[1], sliced[1])
     assert np.mean(whole[0] != np.round(w / whole[1]).astype(np.int8)) > 0.05  # GPTQ moved codes off nearest
+
+
+def test_blockwise_gptq_rounds_a_wide_weight_a_slice_of_columns_at_a_time_to_the_same_values():
+    """MatMulNBits' blocks run along K inside one column, so GPTQ on its grid (symmetric, or with each block's
+    zero point) also rounds a wide weight in column slices: the same values as all at once, on the grid."""
+    from exporters.gptq import gptq_blockwise
+    from exporters.quantization.nbits import asymmetric_grid
+
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((64, 100)) * np.logspace(-2, 1, 100)).astype(np.float32)
+    x = rng.standard_normal((500, 64)) * np.linspace(0.1, 4, 64)
+    for bits, grid in ((8, None), (4, None), (4, asymmetric_grid(w, 4, 32))):
+        whole = gptq_blockwise(w, x.T @ x, bits, 32, grid=grid, columns=1 << 20)
+        sliced = gptq_blockwise(w, x.T @ x, bits, 32, grid=grid, columns=7)
+        np.testing.assert_array_equal(whole, sliced)
+        assert whole.dtype == np.float32 and whole.shape == w.shape
+        assert np.abs(whole - w).max() > 0 and np.abs(whole - w).mean() < 0.2 * np.abs(w).mean()
 
 
 def test_gptq_needs_more_calibration_tokens_than_inputs(quantized):
