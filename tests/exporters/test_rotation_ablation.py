@@ -49,7 +49,8 @@ def ablation(run: Path, *args: str) -> list[str]:
 
 def test_defaults_are_w8a8s_passes_and_exact_in_float(run_dir):
     float_graph, static, down = ablation(run_dir)
-    assert float_graph.startswith("float graph: held-out ppl +0.00%,"), float_graph
+    # the float passes change the float graph's perplexity by float rounding only (either sign: "-0.00%" too)
+    assert re.match(r"float graph: held-out ppl [+-]0\.00%,", float_graph), float_graph
     label = "rotate r1r2, smooth down, outlier channels <= 16, online block 128, percentile ranges, "
     assert static.startswith(label) and ": all 9 MatMuls static: " in static, static
     assert down.startswith(label) and ": down_proj 8-bit weight-only: " in down, down

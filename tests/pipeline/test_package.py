@@ -703,17 +703,28 @@ def test_default_variant_runs_on_the_target(monkeypatch, target, bits, expected)
     assert choose_variant(Path("run"), ALL, stages, "", target) == expected
 
 
-def test_the_bundle_says_what_its_device_needs_and_refuses_what_the_target_cannot_run(built_run, tmp_path):
-    one_line_error(invoke("package", built_run, "--out", tmp_path / "any", "--variant", "w8a8", "--target", "any",
+def test_the_bundle_says_what_its_device_needs_and_refuses_what_the_target_cannot_run(built_run, text_file,
+                                                                                      tmp_path):
+    # full 8-bit weights whatever this machine is (quantize picks 7 bits by itself where its int8 GEMM saturates)
+    run = tmp_path / "run"
+    shutil.copytree(built_run, run)
+    invoke("quantize", run, "--recipe", "w8a8", "--no-reduce-range", "--calib-text", text_file, "--calib-windows",
+           "2", "--window", "32", "--valid-windows", "0")
+    one_line_error(invoke("package", run, "--out", tmp_path / "any", "--variant", "w8a8", "--target", "any",
                           ok=False), "--target any", "8 bits")
     assert not (tmp_path / "any").exists()
-    invoke("package", built_run, "--out", tmp_path / "x86", "--variant", "w8a8", "--target", "linux-x86_64")
+    invoke("package", run, "--out", tmp_path / "x86", "--variant", "w8a8", "--target", "linux-x86_64")
     x86 = json.loads((tmp_path / "x86/manifest.json").read_text())
     assert x86["target"] == "linux-x86_64" and any("VNNI" in n for n in x86["device_needs"])
-    invoke("package", built_run, "--out", tmp_path / "arm", "--variant", "w8a8", "--target", "linux-aarch64")
+    invoke("package", run, "--out", tmp_path / "arm", "--variant", "w8a8", "--target", "linux-aarch64")
     assert json.loads((tmp_path / "arm/manifest.json").read_text())["device_needs"] == []
-    invoke("package", built_run, "--out", tmp_path / "w4", "--variant", "w4", "--target", "any")
+    invoke("package", run, "--out", tmp_path / "w4", "--variant", "w4", "--target", "any")
     assert json.loads((tmp_path / "w4/manifest.json").read_text())["device_needs"] == []
+    # 7-bit weights run on any x86 CPU: nothing to refuse
+    invoke("quantize", run, "--recipe", "w8a8", "--reduce-range", "--calib-text", text_file, "--calib-windows",
+           "2", "--window", "32", "--valid-windows", "0")
+    invoke("package", run, "--out", tmp_path / "any7", "--variant", "w8a8", "--target", "any")
+    assert json.loads((tmp_path / "any7/manifest.json").read_text())["device_needs"] == []
 
 
 def test_a_native_variant_needs_the_kernel_everywhere_and_is_refused_for_any_cpu():
