@@ -195,7 +195,7 @@ class StaticWriter:
             m = write_nbits(m, dict.fromkeys(fallback_nodes, 8), self.config, packed_of=self.packs)
         report = half_scales(m)
         # weights in model.onnx.data from 1 MB, as the weight-only writers save theirs: onnxruntime keeps an
-        # inline model's whole file in a buffer beside the tensors it makes of it, which the search's judge of
-        # each written mix held again (on Llama-3.2-1B the stage's peak, 12.2 GiB)
+        # inline model's whole file in a buffer beside the tensors it makes of it, and the search judges each
+        # mix it writes (judging one was the stage's peak on Llama-3.2-1B, 12.2 GiB, with the file inline)
         save_model_auto(m, out_path, shipped=True)
         return report
