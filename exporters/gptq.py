@@ -94,7 +94,7 @@ def gptq_blockwise(w: np.ndarray, hessian: np.ndarray, bits: int, block_size: in
     its re-quantization. With zero points, `grid` is each block's (scale, zero point), (blocks, N) each
     (exporters/quantization/nbits.py `asymmetric_grid`), fixed before rounding; the caller packs the result on
     the same grid, which keeps every code. Every column's blocks are its own, so a wide weight is rounded
-    `columns` at a time (as `gptq`): a 128k-token head whole held three float64 copies of itself and briefly a fourth, 6-8 GB.
+    `columns` at a time (as `gptq`): a 128k-token head whole would hold three float64 copies of itself, 6 GB.
     """
     out = np.empty(w.shape, np.float32)
     for c in range(0, w.shape[1], columns):

@@ -24,7 +24,7 @@ from exporters.calibration import CalibrationPlan, token_windows, window_feeds
 from exporters.gptq import fits, gptq_blockwise
 from exporters.graph import GraphIndex
 from exporters.onnx_io import tensor_array
-from exporters.probe import probe_session
+from exporters.probe import input_hessians
 from exporters.quantization.nbits import Packed, asymmetric_grid, pack, pack_asymmetric
 from runtimes.contract import read_contract
 
@@ -147,23 +147,9 @@ def gathered_hessians(model: onnx.ModelProto, weights_dir: Path, widths: dict[st
     session is closed while it rounds (a pass opens its own: without prepacking, that costs little)."""
     groups = hessian_groups(widths, budget)
     for i, group in enumerate(groups, 1):
-        hessians = _group_hessians(model, weights_dir, {a: widths[a] for a in group}, feeds, workdir,
-                                   f"GPTQ Hessians {i}/{len(groups)}")
+        # gathered by a call that returns, not in this generator's body: a session bound to a name here would
+        # stay open (its map of the float weights resident) while the caller rounds
+        label = f"GPTQ Hessians {i}/{len(groups)}"
+        hessians, _ = input_hessians(model, group, lambda session: feeds(session, label), workdir, weights_dir)
         yield i, group, hessians
         del hessians
-
-
-def _group_hessians(model: onnx.ModelProto, weights_dir: Path, widths: dict[str, int],
-                    feeds: Callable[[ort.InferenceSession, str], Iterable[dict[str, np.ndarray]]], workdir: Path,
-                    label: str) -> dict[str, np.ndarray]:
-    """One pass's Hessians, in a function of its own: its session goes when it returns. (Gathered in the
-    generator's body, the session stayed bound to its name there while the caller rounded, its weights' pages
-    mapped: the float model's size beside GPTQ, and two sessions at once when the next pass opened its own.)"""
-    group = list(widths)
-    hessians = {a: np.zeros((k, k)) for a, k in widths.items()}
-    with probe_session(model, group, workdir, weights_dir) as session:
-        for feed in feeds(session, label):
-            for a, x in zip(group, session.run(group, feed)):
-                x = x.reshape(-1, x.shape[-1]).astype(np.float64)
-                hessians[a] += x.T @ x
-    return hessians
