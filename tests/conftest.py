@@ -11,8 +11,8 @@ import pytest
 def native_kernels(tmp_path_factory):
     """pipeline's native kernel library, built for this test session and named by PIPELINE_KERNELS.
 
-    Skips where it cannot be built: a CPU that is neither x86-64 with AVX512-VNNI nor AArch64 with the dot
-    product, or no onnxruntime C API headers (.ci/run fetches Debian's libonnxruntime-dev and sets
+    Skips where it cannot be built: a CPU that is neither x86-64 with AVX2 and FMA (or AVX512-VNNI) nor AArch64
+    with the dot product, or no onnxruntime C API headers (.ci/run fetches Debian's libonnxruntime-dev and sets
     ORT_INCLUDE_DIR).
     """
     from runtimes import kernels

@@ -47,7 +47,7 @@ class OptimizeStageConfig:
                          "built it, or w8a8 with --native-int8).")
     fp16: bool = option(bool, False, "Also convert to float16 (for the CUDA / TensorRT providers).")
     native_int8: bool = option(bool, False, "Instead of fusing: put a static int8 variant's MatMuls on pipeline's "
-                               "native CPU kernel (x86-64 with AVX512-VNNI, AArch64 with the dot product; build it with "
+                               "native CPU kernel (x86-64 with AVX2 or AVX512-VNNI, AArch64 with the dot product; build it with "
                                "`python -m runtimes.kernels build`): same logits, faster decode; a static head that "
                                "did not share the tied table moves onto the table's int8 blocks (stored once, judged "
                                "against the float model; see --static-head). With --source w4, w8 or gguf: their "

@@ -51,7 +51,7 @@ PREFERENCE_UNCHECKED = ("fused", "fp32")
 ARCHIVE_FORMATS = ("tar.gz", "zip")
 TARGETS = ("any", "linux-x86_64", "linux-aarch64")
 NATIVE_NEEDS = ("pipeline's native kernel built on the device (`python -m runtimes.kernels build`) and a CPU "
-                "with AVX512-VNNI (x86-64) or the dot product (AArch64, ARMv8.2+)")
+                "with AVX2 and FMA or AVX512-VNNI (x86-64), or the dot product (AArch64, ARMv8.2+)")
 EIGHT_BIT_NEEDS = "an x86-64 CPU with VNNI (AVX512-VNNI or AVX-VNNI): its static int8 weights use all 8 bits"
 
 

@@ -1,8 +1,9 @@
 """pipeline's native CPU kernels: an onnxruntime custom-op library, built from C on the machine that runs it.
 
-Two ops (int8_matmul.c), for x86-64 with AVX512-VNNI and for AArch64 with the dot-product instructions
-(ARMv8.2+: Raspberry Pi 5, Jetson Orin, Graviton 2+, phones), which `pipeline optimize --native-int8` puts in
-place of onnxruntime's:
+Two ops (int8_matmul.c), for x86-64 (AVX512-VNNI, or AVX2 with FMA: every x86-64 CPU since 2015, the Intel
+N100 class of edge boards among them) and for AArch64 with the dot-product instructions (ARMv8.2+: Raspberry
+Pi 5, Jetson Orin, Graviton 2+, phones), which `pipeline optimize --native-int8` puts in place of
+onnxruntime's:
 
 - `com.pipeline.StaticInt8MatMul`, a static W8A8 MatMul, for a QDQ graph's QuantizeLinear +
   MatMulIntegerToFloat: onnxruntime's int8 GEMM reads a one-row product's weights at ~65% of this machine's
@@ -13,8 +14,11 @@ place of onnxruntime's:
     python -m runtimes.kernels build [--ort-include DIR]   # needs cc and onnxruntime's C API headers
     python -m runtimes.kernels status
 
-The library goes to a per-user cache named after the source's hash (a changed source is never served by a
-stale build); PIPELINE_KERNELS names another. `open_session` registers it whenever it is built and the CPU
+The library goes to a per-user cache named after the source's and the compiler flags' hash (a changed source
+is never served by a stale build, an AVX2 build never taken for an AVX512 one); PIPELINE_KERNELS names another.
+An x86-64 CPU gets the AVX512-VNNI build where it has those instructions (one vpdpbusd per 64 weight bytes),
+else the AVX2 one (the products widened to int16: exact for full 8-bit weights, about a quarter of the
+instruction throughput, which decode, bound by memory, hardly notices). `open_session` registers it whenever it is built and the CPU
 has the instructions, so a model that needs it just loads.
 """
 
@@ -38,11 +42,12 @@ OPS = (OP, BLOCK_OP)
 LIBRARY_ENV = "PIPELINE_KERNELS"        # path of the built library, instead of the cache
 INCLUDE_ENV = "ORT_INCLUDE_DIR"         # directory holding onnxruntime_c_api.h
 REQUIRED_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}  # /proc/cpuinfo names (x86-64 "flags")
+AVX2_FLAGS = {"avx2", "fma"}  # the portable x86-64 build's
 ARM_FEATURE = "asimddp"  # /proc/cpuinfo's AArch64 "Features" name of the dot product (sdot / udot)
 COMMON_CFLAGS = ["-O3", "-fPIC", "-shared", "-std=c11", "-Wall", "-Werror"]
 ARCH_CFLAGS = {"x86_64": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
+               "x86_64-avx2": ["-mavx2", "-mfma"],
                "aarch64": ["-march=armv8.2-a+dotprod"]}
-CFLAGS = COMMON_CFLAGS + ARCH_CFLAGS["x86_64"]  # this machine's (x86-64) flags; cflags() picks per machine
 _MACHINES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 HEADER_DIRS = ["/usr/include/onnxruntime", "/usr/local/include/onnxruntime", "/usr/include",
                "/usr/local/include"]
@@ -55,30 +60,38 @@ def arch(machine: str | None = None) -> str | None:
     return _MACHINES.get((machine or platform.machine()).lower())
 
 
-def cflags(machine: str | None = None) -> list[str]:
-    return COMMON_CFLAGS + ARCH_CFLAGS[arch(machine) or "x86_64"]
-
-
-def cpu_supported(cpuinfo: str | None = None, machine: str | None = None) -> bool:
-    """x86-64 with the AVX512 subsets the kernel is compiled for (AVX512-VNNI among them), or AArch64 with the
-    dot product."""
+def flavor(cpuinfo: str | None = None, machine: str | None = None) -> str | None:
+    """The build this CPU runs: "x86_64" (AVX512-VNNI), "x86_64-avx2" or "aarch64"; None where none runs."""
     which = arch(machine)
     if which == "aarch64":
         if cpuinfo is None:
             try:
                 cpuinfo = Path("/proc/cpuinfo").read_text()
             except OSError:
-                return False
-        return any(line.startswith("Features") and ARM_FEATURE in line.split(":", 1)[1].split()
-                   for line in cpuinfo.splitlines())
+                return None
+        return which if any(line.startswith("Features") and ARM_FEATURE in line.split(":", 1)[1].split()
+                            for line in cpuinfo.splitlines()) else None
     if which != "x86_64":
-        return False
-    flags = cpu_flags(cpuinfo)
-    return flags is not None and REQUIRED_FLAGS <= flags
+        return None
+    flags = cpu_flags(cpuinfo) or set()
+    return "x86_64" if REQUIRED_FLAGS <= flags else "x86_64-avx2" if AVX2_FLAGS <= flags else None
+
+
+def cflags(machine: str | None = None, cpuinfo: str | None = None) -> list[str]:
+    """The compiler flags of the build for `machine` (default: this one); on x86-64 the build this CPU (or
+    `cpuinfo`'s) runs, the AVX512-VNNI one where it runs none (to build for another machine)."""
+    if arch(machine) == "aarch64":
+        return COMMON_CFLAGS + ARCH_CFLAGS["aarch64"]
+    return COMMON_CFLAGS + ARCH_CFLAGS[flavor(cpuinfo, "x86_64") or "x86_64"]
+
+
+def cpu_supported(cpuinfo: str | None = None, machine: str | None = None) -> bool:
+    """x86-64 with AVX2 and FMA (or AVX512-VNNI), or AArch64 with the dot product."""
+    return flavor(cpuinfo, machine) is not None
 
 
 def requirement() -> str:
-    return ("x86-64 with AVX512-VNNI" if arch() != "aarch64" else
+    return ("x86-64 with AVX2 and FMA (or AVX512-VNNI)" if arch() != "aarch64" else
             "AArch64 with the dot-product instructions (ARMv8.2 and later, /proc/cpuinfo: asimddp)")
 
 
@@ -123,8 +136,8 @@ def build(include_dir: str | Path | None = None, compiler: str | None = None, ou
     asks for the version it was compiled against.
     """
     if not cpu_supported():
-        raise RuntimeUserError("the native int8 kernel is for x86-64 with AVX512-VNNI and for AArch64 with the dot "
-                               "product, which this CPU is not: use the portable w8a8 variant here")
+        raise RuntimeUserError(f"the native int8 kernel is for {requirement()}, which this CPU is not: use the "
+                               "portable w8a8 variant here")
     cc = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
         raise RuntimeUserError("no C compiler (cc, gcc or clang) on PATH: install one (Debian: gcc) or set CC")

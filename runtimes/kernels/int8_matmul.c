@@ -1,5 +1,6 @@
 /* pipeline's native CPU kernels (domain com.pipeline), onnxruntime custom ops for x86-64 CPUs with AVX512-VNNI
- * and AArch64 CPUs with the dot-product instructions (ARMv8.2 and later):
+ * or with AVX2 and FMA (the portable x86-64 build), and AArch64 CPUs with the dot-product instructions (ARMv8.2
+ * and later):
  *
  * - StaticInt8MatMul: the static W8A8 MatMul of a QDQ graph (below);
  * - BlockInt8MatMul: an 8-bit MatMulNBits read as it is stored (after StaticInt8MatMul).
@@ -29,21 +30,32 @@
  * (KernelContext_ParallelFor), so the session's thread count holds. Rows go 4 at a time so that a prefill
  * loads each weight vector once per 4 rows.
  *
- * The packed layout suits both instruction sets: one 64-byte group is 16 columns x 4 consecutive k, which
- * AVX512-VNNI's vpdpbusd (u8 x s8) takes as one register and NEON's sdot (vdotq_s32, s8 x s8) as four, 4
- * columns each. NEON has no u8 x s8 dot product before i8mm, so on AArch64 the quantized activations are stored
+ * The packed layout suits every instruction set: one 64-byte group is 16 columns x 4 consecutive k, which
+ * AVX512-VNNI's vpdpbusd (u8 x s8) takes as one register, NEON's sdot (vdotq_s32, s8 x s8) as four, 4
+ * columns each, and AVX2's vpmaddwd as four quarters widened to int16 (rows go 2 at a time there: 16 vector
+ * registers). NEON has no u8 x s8 dot product before i8mm, so on AArch64 the quantized activations are stored
  * minus 128 (as int8) and the zero point's correction becomes (zero_point - 128) * colsum: the same integers.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__x86_64__)
+#if defined(__x86_64__) && defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define KERNEL_AVX512 1
+#include <immintrin.h>
+#elif defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__)
+#define KERNEL_AVX2 1
 #include <immintrin.h>
 #elif defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD)
 #include <arm_neon.h>
 #include <math.h>
 #else
-#error "StaticInt8MatMul needs x86-64 (AVX512-VNNI) or AArch64 with the dot product (-march=armv8.2-a+dotprod)"
+#error "pipeline's kernels need x86-64 with AVX2 and FMA (-mavx2 -mfma) or AVX512-VNNI (-mavx512f -mavx512bw -mavx512vl -mavx512vnni), or AArch64 with the dot product (-march=armv8.2-a+dotprod)"
+#endif
+#ifndef KERNEL_AVX512
+#define KERNEL_AVX512 0
+#endif
+#ifndef KERNEL_AVX2
+#define KERNEL_AVX2 0
 #endif
 
 #include "onnxruntime_c_api.h"
@@ -67,7 +79,7 @@ typedef struct {
     int64_t m, k, n, panels, groups, chunks;
 } Job;
 
-#if defined(__x86_64__)
+#if KERNEL_AVX512
 /* QuantizeLinear as onnxruntime computes it: x / scale clamped to [-zero_point, 255 - zero_point] in float (so
  * huge values and infinities saturate, and NaN goes to the low end), rounded half to even, plus zero_point. */
 static inline __m128i quantize16(__m512 x, __m512 scale, __m512 lo, __m512 hi, __m512i zero_point) {
@@ -125,6 +137,78 @@ static inline __attribute__((always_inline)) void block(const Job* j, int64_t m,
     }
 }
 
+#elif KERNEL_AVX2
+/* The same QuantizeLinear in 256-bit registers: vmaxps returns its second operand for NaN (the low end), as
+ * above; vcvtps2dq rounds half to even (the default rounding mode). */
+static void quantize(const float* x, uint8_t* q, int64_t count, float scale, int32_t zero_point) {
+    const __m256 s = _mm256_set1_ps(scale), lo = _mm256_set1_ps((float)-zero_point),
+                 hi = _mm256_set1_ps((float)(255 - zero_point));
+    const __m256i z = _mm256_set1_epi32(zero_point);
+    int64_t i = 0;
+    for (; i + 16 <= count; i += 16) {
+        __m256i r[2];
+        for (int h = 0; h < 2; h++) {
+            const __m256 v = _mm256_min_ps(_mm256_max_ps(_mm256_div_ps(_mm256_loadu_ps(x + i + 8 * h), s), lo), hi);
+            r[h] = _mm256_add_epi32(_mm256_cvtps_epi32(v), z);
+        }
+        /* int32 -> uint16 -> uint8 (every value is in [0, 255]); packus works within 128-bit lanes */
+        const __m256i w = _mm256_permute4x64_epi64(_mm256_packus_epi32(r[0], r[1]), 0xd8);
+        _mm_storeu_si128((__m128i*)(q + i),
+                         _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
+    }
+    for (; i < count; i++) {
+        float f = x[i] / scale;
+        if (!(f >= (float)-zero_point)) f = (float)-zero_point; /* NaN to the low end */
+        if (f > (float)(255 - zero_point)) f = (float)(255 - zero_point);
+        q[i] = (uint8_t)(_mm_cvtss_si32(_mm_set_ss(f)) + zero_point);
+    }
+}
+
+/* Rows m, m + 1 (NM of them, 1 or 2) against one 16-column panel. AVX2 has no u8 x s8 product that is exact
+ * for 8-bit weights (vpmaddubsw adds pairs in saturating int16: 255 * 127 * 2 > 32767), so both sides are
+ * widened to int16 and vpmaddwd adds pairs of products in int32: each 16-byte quarter of a 64-byte group (4
+ * columns x 4 k) gives two int32 halves per column, summed once at the end. */
+static inline __attribute__((always_inline)) void panel_rows(const Job* j, int64_t m, int64_t p, const int NM) {
+    const int64_t groups_k = j->k / 4;
+    const int8_t* panel = j->w + p * groups_k * 64;
+    __m256i acc[2][4];
+    for (int r = 0; r < NM; r++)
+        for (int q = 0; q < 4; q++) acc[r][q] = _mm256_setzero_si256();
+    for (int64_t g = 0; g < groups_k; g++) {
+        __m256i b[4];
+        for (int q = 0; q < 4; q++) b[q] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(panel + g * 64 + 16 * q)));
+        for (int r = 0; r < NM; r++) {
+            int32_t four;
+            memcpy(&four, j->xq + (m + r) * j->k + 4 * g, 4);
+            const __m256i a = _mm256_cvtepu8_epi16(_mm_set1_epi32(four));
+            for (int q = 0; q < 4; q++) acc[r][q] = _mm256_add_epi32(acc[r][q], _mm256_madd_epi16(b[q], a));
+        }
+    }
+    const int64_t n0 = p * 16;
+    const __m256i zero_point = _mm256_set1_epi32(j->x_zero_point);
+    const __m256 x_scale = _mm256_set1_ps(j->x_scale);
+    for (int h = 0; h < 2; h++) { /* columns 8h .. 8h + 7 */
+        const __m256i correction = _mm256_mullo_epi32(_mm256_loadu_si256((const __m256i*)(j->colsum + n0 + 8 * h)),
+                                                      zero_point);
+        const __m256 scale = _mm256_mul_ps(x_scale, _mm256_loadu_ps(j->w_scale + n0 + 8 * h));
+        for (int r = 0; r < NM; r++) {
+            /* hadd pairs the halves: columns 0, 1, 4, 5 | 2, 3, 6, 7 of the eight; the permute puts them in order */
+            const __m256i sums = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[r][2 * h], acc[r][2 * h + 1]), 0xd8);
+            const __m256 v = _mm256_cvtepi32_ps(_mm256_sub_epi32(sums, correction));
+            _mm256_storeu_ps(j->y + (m + r) * j->n + n0 + 8 * h, _mm256_mul_ps(v, scale));
+        }
+    }
+}
+
+/* NP panels x NM rows starting at (row m, panel p): a panel at a time, rows in pairs (16 vector registers). */
+static inline __attribute__((always_inline)) void block(const Job* j, int64_t m, int64_t p, const int NP,
+                                                         const int NM) {
+    for (int c = 0; c < NP; c++) {
+        int r = 0;
+        for (; r + 2 <= NM; r += 2) panel_rows(j, m + r, p + c, 2);
+        if (r < NM) panel_rows(j, m + r, p + c, 1);
+    }
+}
 #else /* AArch64 */
 /* The same QuantizeLinear, stored minus 128 as int8 for sdot: clamping with maxNum/minNum (vmaxnmq / fmaxf)
  * sends NaN to the low end as the x86 path does, and vcvtnq rounds half to even. */
@@ -309,7 +393,7 @@ enum { BLOCK = 32 };
 typedef struct {
     const int8_t* aq;       /* (M, K) activations quantized per block */
     const float* a_scale;   /* (M, KB) */
-#if defined(__x86_64__)
+#if KERNEL_AVX512
     const int32_t* a_corr;  /* (M, ceil(KB/2), 16): each pair of blocks' accumulator start, -16 * sum(A) */
 #endif
     const uint8_t* w;       /* (N, KB, 32) */
@@ -318,7 +402,7 @@ typedef struct {
     int64_t m, kb, n, chunks;
 } BlockJob;
 
-#if defined(__x86_64__)
+#if KERNEL_AVX512
 static void block_quantize(const float* x, int64_t m, int64_t kb, int8_t* aq, float* a_scale, int32_t* a_corr) {
     const int64_t pairs = (kb + 1) / 2;
     for (int64_t r = 0; r < m; r++)
@@ -436,6 +520,70 @@ static void block_run_chunk(void* data, size_t chunk) {
         for (int64_t r = 0; r < j->m; r++) block_rows(j, n, r, 1);
 }
 
+#elif KERNEL_AVX2
+static void block_quantize(const float* x, int64_t m, int64_t kb, int8_t* aq, float* a_scale) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t i = 0; i < m * kb; i++) {
+        const float* v = x + i * BLOCK;
+        __m256 f[4], amax8 = _mm256_setzero_ps();
+        for (int q = 0; q < 4; q++) {
+            f[q] = _mm256_loadu_ps(v + 8 * q);
+            amax8 = _mm256_max_ps(amax8, _mm256_andnot_ps(sign, f[q]));
+        }
+        __m128 amax4 = _mm_max_ps(_mm256_castps256_ps128(amax8), _mm256_extractf128_ps(amax8, 1));
+        amax4 = _mm_max_ps(amax4, _mm_movehl_ps(amax4, amax4));
+        const float amax = _mm_cvtss_f32(_mm_max_ss(amax4, _mm_movehdup_ps(amax4)));
+        const __m256 inverse = _mm256_set1_ps(amax != 0.0f ? 127.0f / amax : 0.0f);
+        __m256i r[4];
+        for (int q = 0; q < 4; q++) r[q] = _mm256_cvtps_epi32(_mm256_mul_ps(f[q], inverse));
+        /* int32 -> int16 -> int8 with saturation, within 128-bit lanes: the permute restores the order */
+        const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
+        _mm256_storeu_si256((__m256i*)(aq + i * BLOCK),
+                            _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+        a_scale[i] = amax / 127.0f;
+    }
+}
+
+/* One block's exact integer dot product, sum (W - 128) * A, as 8 int32 lanes. The stored bytes xor 0x80 are
+ * W - 128 as int8 (-128 .. 127); vpmaddubsw takes their magnitudes (0 .. 128, unsigned) against A with their
+ * signs (|A| <= 127), so each pair of products is at most 2 * 128 * 127 < 32767 and no int16 saturates. */
+static inline __m256i block_dot(const uint8_t* w, const int8_t* a) {
+    const __m256i signed_w = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)w), _mm256_set1_epi8((char)0x80));
+    const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(signed_w),
+                                               _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)a), signed_w));
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* Weight rows in order, each against every activation row (a decode step's one, or a prompt's: a row of
+ * K bytes stays in cache for the others); two accumulators for the sums' latency, the bytes 1 kB ahead asked
+ * for, as the AVX-512 path's decode row does. */
+static void block_run_chunk(void* data, size_t chunk) {
+    const BlockJob* j = (const BlockJob*)data;
+    const int64_t first = j->n * (int64_t)chunk / j->chunks, last = j->n * ((int64_t)chunk + 1) / j->chunks;
+    const int64_t kb = j->kb, k = kb * BLOCK;
+    for (int64_t n = first; n < last; n++) {
+        const uint8_t* wr = j->w + n * k;
+        const float* sr = j->w_scale + n * kb;
+        for (int64_t r = 0; r < j->m; r++) {
+            const int8_t* ar = j->aq + r * k;
+            const float* as = j->a_scale + r * kb;
+            __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+            for (int64_t b = 0; b < kb; b++) {
+                _mm_prefetch((const char*)wr + b * BLOCK + 1024, _MM_HINT_NTA);
+                acc[b % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(wr + b * BLOCK, ar + b * BLOCK)),
+                                             _mm256_set1_ps(sr[b] * as[b]), acc[b % 2]);
+            }
+            j->y[r * j->n + n] = hsum(_mm256_add_ps(acc[0], acc[1]));
+        }
+    }
+}
+
 #else /* AArch64 */
 static void block_quantize(const float* x, int64_t m, int64_t kb, int8_t* aq, float* a_scale) {
     for (int64_t i = 0; i < m * kb; i++) {
@@ -514,7 +662,7 @@ static OrtStatus* ORT_API_CALL block_compute(void* kernel, OrtKernelContext* con
     if (!job.y || !x || !job.w || !job.w_scale)
         return g_api->CreateStatus(ORT_FAIL, "BlockInt8MatMul: an input has no data");
     const size_t blocks = (size_t)(job.m * job.kb);
-#if defined(__x86_64__)
+#if KERNEL_AVX512
     const size_t lanes = (size_t)(job.m * ((job.kb + 1) / 2) * 16);
     void* scratch = malloc(blocks * BLOCK + blocks * sizeof(float) + lanes * sizeof(int32_t));
 #else
@@ -523,7 +671,7 @@ static OrtStatus* ORT_API_CALL block_compute(void* kernel, OrtKernelContext* con
     if (!scratch) return g_api->CreateStatus(ORT_FAIL, "BlockInt8MatMul: out of memory");
     float* a_scale = (float*)scratch;
     int8_t* aq = (int8_t*)(a_scale + blocks);
-#if defined(__x86_64__)
+#if KERNEL_AVX512
     int32_t* a_corr = (int32_t*)(aq + blocks * BLOCK);
     block_quantize(x, job.m, job.kb, aq, a_scale, a_corr);
     job.a_corr = a_corr;

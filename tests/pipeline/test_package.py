@@ -575,6 +575,11 @@ def test_w8a8_native_gathers_the_tied_table_from_the_packed_head(built_run, tmp_
     """The tied table that w8a8's embedding reads from the int8 head is, in w8a8-native, read from the kernel's
     packed copy (one GatherND), so the original int8 weight goes: the table is in the file and in memory once.
     optimize checks the logits against w8a8."""
+    from runtimes.providers import int8_gemm_saturates
+
+    if int8_gemm_saturates():  # 7-bit codes are too coarse to share the table, and 8-bit ones do not run here
+        pytest.skip("a w8a8 that shares the tied table has full 8-bit weights, which onnxruntime's int8 GEMM on "
+                    "this CPU (x86 without VNNI) cannot run as the parity reference")
     run = copy_run(built_run, tmp_path / "run")
     res = json.loads(invoke("optimize", run, "--native-int8", "--json").output)
     assert res["parity_max_abs_logit_diff"]["prefill+decode"] <= 1e-4

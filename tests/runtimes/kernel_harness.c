@@ -90,7 +90,7 @@ static int check_block(int64_t m, int64_t kb, int64_t n, int64_t chunks) {
     for (int64_t i = 0; i < n * kb; i++) w_scale[i] = 1e-3f + 2e-2f * uniform();
     for (int64_t i = 0; i < m * k; i++) x[i] = (uniform() - 0.5f) * 6.0f * (1 + (i / BLOCK) % 5);
     for (int64_t i = 0; i < BLOCK && kb > 1; i++) x[BLOCK + i] = 0.0f; /* an all-zero block: scale 0 */
-#if defined(__x86_64__)
+#if KERNEL_AVX512
     int32_t* a_corr = malloc(sizeof(int32_t) * m * ((kb + 1) / 2) * 16);
     block_quantize(x, m, kb, aq, a_scale, a_corr);
     BlockJob job = {.aq = aq, .a_scale = a_scale, .a_corr = a_corr, .w = w, .w_scale = w_scale, .y = y, .m = m,
@@ -134,7 +134,7 @@ static int check_block(int64_t m, int64_t kb, int64_t n, int64_t chunks) {
                 bad = 1;
             }
         }
-#if defined(__x86_64__)
+#if KERNEL_AVX512
     free(a_corr);
 #endif
     free(x), free(w), free(w_scale), free(aq), free(a_scale), free(y);
