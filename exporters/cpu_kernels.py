@@ -131,8 +131,10 @@ def rewrite(model: onnx.ModelProto) -> int:
         new_inits += [numpy_helper.from_array(pack(m.weight), names[0]),
                       numpy_helper.from_array(m.w_scale, names[1]),
                       numpy_helper.from_array(m.weight.sum(axis=0, dtype=np.int32), names[2])]
+        # the bound on |W| lets the AVX2 build add pairs of products in int16 where they cannot saturate (<= 64)
         nodes.append(helper.make_node(OP, [m.x, *names, m.x_scale, m.x_zero_point], [node.output[0]],
-                                      name=f"{base}/{OP}", domain=DOMAIN))
+                                      name=f"{base}/{OP}", domain=DOMAIN,
+                                      weight_max_abs=int(np.abs(m.weight.astype(np.int16)).max(initial=0))))
     del graph.node[:]
     graph.node.extend(nodes)  # each new node where its MatMul was: still in topological order
     graph.initializer.extend(new_inits)

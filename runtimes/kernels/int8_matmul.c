@@ -75,6 +75,7 @@ typedef struct {
     const int32_t* colsum;
     float x_scale;
     int32_t x_zero_point;
+    int narrow;             /* every |W| <= 64 (7-bit weights): u8 x s8 pair sums fit int16 (the AVX2 build) */
     float* y;               /* (M, N) */
     int64_t m, k, n, panels, groups, chunks;
 } Job;
@@ -200,10 +201,50 @@ static inline __attribute__((always_inline)) void panel_rows(const Job* j, int64
     }
 }
 
-/* NP panels x NM rows starting at (row m, panel p): a panel at a time, rows in pairs (16 vector registers). */
+/* Rows m .. m + NM - 1 against one panel where every |W| <= 64 (7-bit weights, as `pipeline quantize` writes
+ * them on x86 without VNNI): vpmaddubsw's pairs of u8 x s8 products stay within int16 (2 * 255 * 64 < 32767),
+ * so each 32-byte half of a group (8 columns x 4 k) is one vpmaddubsw and one vpmaddwd: half the instructions
+ * of the widened path, which prefill, bound by arithmetic, sees. */
+static inline __attribute__((always_inline)) void panel_rows_narrow(const Job* j, int64_t m, int64_t p,
+                                                                     const int NM) {
+    const int64_t groups_k = j->k / 4;
+    const int8_t* panel = j->w + p * groups_k * 64;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[4][2];
+    for (int r = 0; r < NM; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+    for (int64_t g = 0; g < groups_k; g++) {
+        const __m256i b0 = _mm256_loadu_si256((const __m256i*)(panel + g * 64));
+        const __m256i b1 = _mm256_loadu_si256((const __m256i*)(panel + g * 64 + 32));
+        for (int r = 0; r < NM; r++) {
+            int32_t four;
+            memcpy(&four, j->xq + (m + r) * j->k + 4 * g, 4);
+            const __m256i a = _mm256_set1_epi32(four);
+            acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(a, b0), ones));
+            acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(a, b1), ones));
+        }
+    }
+    const int64_t n0 = p * 16;
+    const __m256i zero_point = _mm256_set1_epi32(j->x_zero_point);
+    const __m256 x_scale = _mm256_set1_ps(j->x_scale);
+    for (int h = 0; h < 2; h++) {
+        const __m256i correction = _mm256_mullo_epi32(_mm256_loadu_si256((const __m256i*)(j->colsum + n0 + 8 * h)),
+                                                      zero_point);
+        const __m256 scale = _mm256_mul_ps(x_scale, _mm256_loadu_ps(j->w_scale + n0 + 8 * h));
+        for (int r = 0; r < NM; r++)
+            _mm256_storeu_ps(j->y + (m + r) * j->n + n0 + 8 * h,
+                             _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[r][h], correction)), scale));
+    }
+}
+
+/* NP panels x NM rows starting at (row m, panel p): a panel at a time; full 8-bit weights take rows in pairs
+ * (16 vector registers). */
 static inline __attribute__((always_inline)) void block(const Job* j, int64_t m, int64_t p, const int NP,
                                                          const int NM) {
     for (int c = 0; c < NP; c++) {
+        if (j->narrow) {
+            panel_rows_narrow(j, m, p + c, NM);
+            continue;
+        }
         int r = 0;
         for (; r + 2 <= NM; r += 2) panel_rows(j, m + r, p + c, 2);
         if (r < NM) panel_rows(j, m + r, p + c, 1);
@@ -291,6 +332,11 @@ static void run_chunk(void* data, size_t chunk) {
     }
 }
 
+/* What a kernel instance knows from its node: StaticInt8MatMul's `weight_max_abs` attribute (128 if absent). */
+typedef struct {
+    int64_t weight_max_abs;
+} Kernel;
+
 static OrtStatus* shape_of(const OrtValue* value, int64_t* dims, size_t* rank) {
     OrtTensorTypeAndShapeInfo* info;
     RETURN_IF_ERROR(g_api->GetTensorTypeAndShape(value, &info));
@@ -326,7 +372,6 @@ static OrtStatus* output_rows(OrtKernelContext* context, const int64_t* x_dims, 
 }
 
 static OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* context) {
-    (void)kernel;
     const OrtValue* in[6];
     for (size_t i = 0; i < 6; i++) RETURN_IF_ERROR(g_api->KernelContext_GetInput(context, i, &in[i]));
     int64_t x_dims[8], w_dims[8];
@@ -352,6 +397,7 @@ static OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* context) 
         return g_api->CreateStatus(ORT_FAIL, "StaticInt8MatMul: an input has no data");
     job.x_scale = *x_scale;
     job.x_zero_point = *x_zero_point;
+    job.narrow = ((const Kernel*)kernel)->weight_max_abs <= 64;
     uint8_t* xq = (uint8_t*)malloc((size_t)(job.m * job.k));
     if (!xq) return g_api->CreateStatus(ORT_FAIL, "StaticInt8MatMul: out of memory");
     quantize(x, xq, job.m * job.k, job.x_scale, job.x_zero_point);
@@ -689,8 +735,16 @@ static OrtStatus* ORT_API_CALL block_compute(void* kernel, OrtKernelContext* con
 /* ---- the custom-op plumbing, shared by both ops ---------------------------------------------------------- */
 static OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info,
                                              void** kernel) {
-    (void)op, (void)api, (void)info;
-    *kernel = (void*)&g_api; /* stateless: every input is read at compute time */
+    (void)op, (void)api;
+    Kernel* k = (Kernel*)malloc(sizeof(Kernel));
+    if (!k) return g_api->CreateStatus(ORT_FAIL, "pipeline kernels: out of memory");
+    /* the rewrite's bound on |W| (exporters/cpu_kernels.py); a graph without it may use all 8 bits */
+    OrtStatus* absent = g_api->KernelInfoGetAttribute_int64(info, "weight_max_abs", &k->weight_max_abs);
+    if (absent) {
+        g_api->ReleaseStatus(absent);
+        k->weight_max_abs = 128;
+    }
+    *kernel = k;
     return NULL;
 }
 
@@ -702,7 +756,7 @@ typedef struct {
     OrtStatus*(ORT_API_CALL* compute)(void*, OrtKernelContext*);
 } Op;
 
-static void ORT_API_CALL destroy_kernel(void* kernel) { (void)kernel; }
+static void ORT_API_CALL destroy_kernel(void* kernel) { free(kernel); }
 static const char* ORT_API_CALL op_name(const OrtCustomOp* op) { return ((const Op*)op)->name; }
 static const char* ORT_API_CALL op_provider(const OrtCustomOp* op) { (void)op; return "CPUExecutionProvider"; }
 

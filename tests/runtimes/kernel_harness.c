@@ -28,7 +28,7 @@ static uint8_t quantize_ref(float x, float scale, int32_t zero_point) {
     return (uint8_t)((int32_t)nearbyintf(f) + zero_point);
 }
 
-static int check(int64_t m, int64_t k, int64_t n, int32_t zero_point, int64_t chunks) {
+static int check(int64_t m, int64_t k, int64_t n, int32_t zero_point, int64_t chunks, int narrow) {
     const float x_scale = 0.03f;
     float* x = malloc(sizeof(float) * m * k);
     int8_t* w = malloc(k * n);
@@ -37,7 +37,7 @@ static int check(int64_t m, int64_t k, int64_t n, int32_t zero_point, int64_t ch
     int32_t* colsum = calloc(n, sizeof(int32_t));
     uint8_t* xq = malloc(m * k);
     float* y = malloc(sizeof(float) * m * n);
-    for (int64_t i = 0; i < k * n; i++) w[i] = (int8_t)(rnd() & 0xff);
+    for (int64_t i = 0; i < k * n; i++) w[i] = narrow ? (int8_t)((int32_t)(rnd() % 129) - 64) : (int8_t)(rnd() & 0xff);
     for (int64_t i = 0; i < n; i++) w_scale[i] = 1e-3f + 2e-2f * uniform();
     for (int64_t i = 0; i < m * k; i++) {
         x[i] = (uniform() - 0.5f) * 6.0f;
@@ -53,7 +53,7 @@ static int check(int64_t m, int64_t k, int64_t n, int32_t zero_point, int64_t ch
             colsum[nn] += w[kk * n + nn];
         }
     Job job = {.xq = xq, .w = packed, .w_scale = w_scale, .colsum = colsum, .x_scale = x_scale,
-               .x_zero_point = zero_point, .y = y, .m = m, .k = k, .n = n, .panels = n / 16};
+               .x_zero_point = zero_point, .narrow = narrow, .y = y, .m = m, .k = k, .n = n, .panels = n / 16};
     job.groups = (job.panels + 3) / 4;
     job.chunks = chunks < job.groups ? chunks : job.groups;
     quantize(x, xq, m * k, x_scale, zero_point);
@@ -66,9 +66,9 @@ static int check(int64_t m, int64_t k, int64_t n, int32_t zero_point, int64_t ch
                 acc += ((int32_t)quantize_ref(x[r * k + kk], x_scale, zero_point) - zero_point) * w[kk * n + nn];
             const float want = (float)acc * (x_scale * w_scale[nn]);
             if (memcmp(&want, &y[r * n + nn], sizeof(float)) != 0) {
-                printf("m=%lld k=%lld n=%lld zero_point=%d: y[%lld, %lld] = %.9g, want %.9g\n", (long long)m,
-                       (long long)k, (long long)n, (int)zero_point, (long long)r, (long long)nn, y[r * n + nn],
-                       want);
+                printf("m=%lld k=%lld n=%lld zero_point=%d narrow=%d: y[%lld, %lld] = %.9g, want %.9g\n",
+                       (long long)m, (long long)k, (long long)n, (int)zero_point, narrow, (long long)r,
+                       (long long)nn, y[r * n + nn], want);
                 bad = 1;
             }
         }
@@ -143,15 +143,17 @@ static int check_block(int64_t m, int64_t kb, int64_t n, int64_t chunks) {
 
 int main(void) {
     /* decode rows, blocks of 4 rows and remainders, panel counts that are not a multiple of 4, K with a
-     * quantization tail (not a multiple of 16), every chunking of the panel groups */
+     * quantization tail (not a multiple of 16), every chunking of the panel groups; full 8-bit weights and
+     * 7-bit ones (|W| <= 64, which the AVX2 build sums in int16 pairs), -64 and 64 included */
     static const int64_t shapes[][3] = {{1, 576, 960}, {1, 36, 48}, {5, 64, 64}, {8, 100, 16}, {3, 1536, 80},
                                         {4, 4, 16}, {9, 12, 112}};
     static const int32_t zero_points[] = {0, 128, 255, 37};
     int cases = 0;
     for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++)
         for (size_t z = 0; z < sizeof(zero_points) / sizeof(zero_points[0]); z++)
-            for (int64_t chunks = 1; chunks <= 16; chunks *= 4, cases++)
-                if (check(shapes[s][0], shapes[s][1], shapes[s][2], zero_points[z], chunks)) return 1;
+            for (int64_t chunks = 1; chunks <= 16; chunks *= 4)
+                for (int narrow = 0; narrow < 2; narrow++, cases++)
+                    if (check(shapes[s][0], shapes[s][1], shapes[s][2], zero_points[z], chunks, narrow)) return 1;
     /* BlockInt8MatMul: one activation row (block_row) and several (block_rows), odd block counts (a single-block
      * last pair; an odd pair count, whose last step has no partner), more than 16 blocks (the scale vectors
      * reload), row counts that are not a multiple of 4, every chunking */

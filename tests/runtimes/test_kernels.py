@@ -66,7 +66,7 @@ def test_the_x86_kernel_is_exact_against_the_scalar_reference(tmp_path, build):
         pytest.skip(str(e))
     exe = harness_build(shutil.which("cc") or "gcc", ["-O3", *kernels.ARCH_CFLAGS[build]], tmp_path / "harness")
     run = subprocess.run([str(exe)], capture_output=True, text=True)
-    assert run.returncode == 0 and run.stdout == "ok 111\n", run.stdout
+    assert run.returncode == 0 and run.stdout == "ok 195\n", run.stdout
 
 
 def test_the_aarch64_kernel_is_exact_under_qemu(tmp_path):
@@ -85,7 +85,7 @@ def test_the_aarch64_kernel_is_exact_under_qemu(tmp_path):
         pytest.skip(str(e))
     exe = harness_build(cc, ["-O3", "-static", *kernels.ARCH_CFLAGS["aarch64"]], tmp_path / "harness")
     run = subprocess.run([qemu, "-cpu", "max", str(exe)], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0 and run.stdout.startswith("ok 111"), run.stdout + run.stderr
+    assert run.returncode == 0 and run.stdout.startswith("ok 195"), run.stdout + run.stderr
     old = subprocess.run([qemu, "-cpu", "cortex-a53", str(exe)], capture_output=True, text=True, timeout=600)
     assert old.returncode != 0 and "ok" not in old.stdout
 
@@ -152,6 +152,21 @@ def test_static_int8_matmul_computes_what_onnxruntime_qdq_does(native_kernels, m
         got = run(native, x, native_kernels, threads)
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+
+
+def test_the_weight_bound_is_recorded_and_a_graph_without_it_computes_the_same(native_kernels):
+    """The rewrite records max |W| (the AVX2 build sums 7-bit weights' products in int16 pairs); a graph written
+    without the attribute is taken as full 8-bit and gives the same outputs."""
+    from runtimes.providers import int8_gemm_saturates
+
+    qdq, native, x = pair(3, 64, 32, seed=9)
+    node = next(n for n in native.graph.node if n.op_type == kernels.OP)
+    bound = next(a.i for a in node.attribute if a.name == "weight_max_abs")
+    w = next(numpy_helper.to_array(t) for t in qdq.graph.initializer if t.name == "w")
+    assert bound == np.abs(w.astype(np.int16)).max() == (64 if int8_gemm_saturates() else 128)
+    with_bound = run(native, x, native_kernels)
+    del node.attribute[:]
+    np.testing.assert_array_equal(run(native, x, native_kernels), with_bound)
 
 
 def test_a_native_graph_without_the_kernel_is_one_line_error(tiny_model, tmp_path, monkeypatch):
