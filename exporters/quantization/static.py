@@ -18,6 +18,7 @@ tests/exporters/test_static.py checks the written graph against quantize_static'
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,11 +104,14 @@ def nearest_weight(w: np.ndarray, levels: int, per_channel: bool) -> tuple[np.nd
 
 def write_static(model: onnx.ModelProto, nodes: list[str], ranges: dict[str, tuple], per_channel: bool,
                  reduce_range: bool, rounded: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
-                 weights_dir: str | Path = "") -> onnx.ModelProto:
+                 weights_dir: str | Path = "", unread: Collection[str] = ()) -> onnx.ModelProto:
     """A new model: `model` with exactly the weight MatMuls `nodes` as QDQ int8 (codes and scales from `rounded`
     where given, else nearest), every other initializer copied into memory (those `model` left in external data
-    under `weights_dir` read one at a time). `model` is not changed."""
+    under `weights_dir` read one at a time), but those named in `unread`, which keep their external data
+    reference (the caller replaces their readers before the model is saved: the fallback's weights, whose
+    blocks it has, are 5 GB of float on Llama-3.2-1B). `model` is not changed."""
     rounded = rounded or {}
+    unread = set(unread)
     g = GraphIndex(model)
     chosen = [g.nodes[n] for n in nodes]
     weights = {n.input[1] for n in chosen}
@@ -139,7 +143,7 @@ def write_static(model: onnx.ModelProto, nodes: list[str], ranges: dict[str, tup
     kept = {t: any(r.name not in nodes or r.input[1] != t for r in readers.get(t, [])) for t in weights}
     for t in model.graph.initializer:
         if t.name not in weights or kept[t.name]:
-            out.graph.initializer.append(materialized(t, weights_dir))
+            out.graph.initializer.append(t if t.name in unread else materialized(t, weights_dir))
     out.graph.initializer.extend(added_inits)
     quantized = set(nodes)
     new_nodes = list(weight_dq.values())
@@ -186,13 +190,20 @@ class StaticWriter:
     def write(self, static_nodes: list[str], fallback_nodes: list[str], out_path: Path) -> dict:
         """`static_nodes` as static QDQ int8, `fallback_nodes` as the fallback (w8 weight-only, or float), the
         embedding as the recipe has it; every block scale stored float16. Returns half_scales' report."""
+        w8 = bool(fallback_nodes) and self.config.fallback == "w8"
+        # the w8 fallback's float weights are never read when its blocks are at hand (GPTQ's, or the store's):
+        # they stay in external data until write_nbits drops them (the search's last mixes took every MatMul
+        # out on Llama-3.2-1B, and copying their float weights in first was the stage's peak, 12.2 GiB)
+        nodes = GraphIndex(self.model).nodes
+        unread = [nodes[n].input[1] for n in fallback_nodes] if w8 and self.packs is not None else []
         m = write_static(self.model, static_nodes, self.ranges, self.config.per_channel, self.config.reduce_range,
-                         {n: self.rounded[n] for n in static_nodes if n in self.rounded}, self.weights_dir)
+                         {n: self.rounded[n] for n in static_nodes if n in self.rounded}, self.weights_dir, unread)
         if self.config.quantizes_embeddings:
             share_static_head(m, self.tie)  # the tied table stored once, where the head is static int8
             quantize_embeddings(m, self.config.block_size)
-        if fallback_nodes and self.config.fallback == "w8":
-            m = write_nbits(m, dict.fromkeys(fallback_nodes, 8), self.config, packed_of=self.packs)
+        if w8:
+            m = write_nbits(m, dict.fromkeys(fallback_nodes, 8), self.config, packed_of=self.packs,
+                            weights_dir=self.weights_dir)
         report = half_scales(m)
         # weights in model.onnx.data from 1 MB, as the weight-only writers save theirs: onnxruntime keeps an
         # inline model's whole file in a buffer beside the tensors it makes of it, and the search judges each

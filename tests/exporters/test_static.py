@@ -218,6 +218,35 @@ def test_the_w8_fallback_is_written_from_gptqs_blocks(fused, tmp_path):
     assert stored_scales(GraphIndex(mix), node.input[2]).shape == store(out_name, 8).scales.shape
 
 
+def test_the_w8_fallbacks_float_weights_are_never_read_into_memory(fused, tmp_path, monkeypatch):
+    """Every MatMul taken out to the w8 fallback (the search's last mixes on a 1B model): the float weights of a
+    lazily loaded graph stay in external data (write_static leaves them referenced, write_nbits drops them),
+    and the model written is the one the graph in memory gives, initializer for initializer."""
+    from exporters.quantization import static
+
+    model = onnx.load(str(fused))
+    external = tmp_path / "ext" / "model.onnx"
+    external.parent.mkdir()
+    save_model(copy_of(model), external, external=True)
+    lazy = load_lazily(external, matmul_only_weights)
+    targets = [n.name for n in GraphIndex(model).weight_matmuls()]
+    weights = {GraphIndex(lazy).nodes[t].input[1] for t in targets}
+    assert {t.name for t in lazy.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL} & weights
+    config = QdqConfig("minmax", True, True, False, "w8", 32, 4)
+    read = []
+    real = static.materialized
+    monkeypatch.setattr(static, "materialized", lambda t, d="": read.append(t.name) or real(t, d))
+    StaticWriter(lazy, {}, config, packs=PackedWeights(lazy, external.parent, 32, keep=False),
+                 weights_dir=external.parent).write([], targets, tmp_path / "lazy.onnx")
+    assert read and not set(read) & weights
+    StaticWriter(model, {}, config, packs=PackedWeights(model, Path(), 32, keep=False)).write(
+        [], targets, tmp_path / "memory.onnx")
+    a, b = initializers(onnx.load(str(tmp_path / "lazy.onnx"))), initializers(onnx.load(str(tmp_path / "memory.onnx")))
+    assert set(a) == set(b) and not set(a) & weights
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
 def test_the_search_runs_on_a_graph_left_in_external_data_as_on_one_in_memory(fused, tmp_path):
     """With a budget no mix meets, the search takes MatMuls out to the w8 fallback one at a time: its switch
     session reads the lazily loaded graph's weights beside their data file, and it takes out what the search on
