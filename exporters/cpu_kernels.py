@@ -49,6 +49,9 @@ from runtimes.kernels import BLOCK_OP, OP
 
 DOMAIN = "com.pipeline"
 KERNEL_KEY = "pipeline.cpu_kernels"  # metadata: which native kernels the graph needs
+# metadata: "native" where every static int8 MatMul runs on StaticInt8MatMul, whose every build is exact for full
+# 8-bit weights: onnxruntime's int8 GEMM, which saturates on them on x86 without VNNI, then runs none
+INT8_GEMM_KEY = "pipeline.int8_gemm"
 
 
 @dataclass(frozen=True)
@@ -145,7 +148,21 @@ def rewrite(model: onnx.ModelProto) -> int:
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     set_metadata(model, KERNEL_KEY, OP)
+    if not static_int8_matmuls(model):
+        set_metadata(model, INT8_GEMM_KEY, "native")
     return len(found)
+
+
+def static_int8_matmuls(model: onnx.ModelProto) -> list[str]:
+    """MatMuls onnxruntime would run as an int8 GEMM: one input dequantized from int8 initializer codes."""
+    g = GraphIndex(model)
+
+    def int8_codes(name: str) -> bool:
+        dq = g.producers.get(name)
+        return dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in g.inits \
+            and g.inits[dq.input[0]].data_type == onnx.TensorProto.INT8
+
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and any(int8_codes(i) for i in n.input)]
 
 
 def gather_packed_columns(model: onnx.ModelProto, weight: str, packed: str, k: int) -> int:

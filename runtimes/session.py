@@ -26,6 +26,7 @@ from runtimes.providers import (CPU_EP, ModelShape, ProviderSpec, cpu, ensure_av
                                with_cpu_fallback)
 
 WEIGHT_BITS_KEY = "pipeline.int8_weight_bits"  # written by `pipeline quantize` for static int8 weights: "7" or "8"
+INT8_GEMM_KEY = "pipeline.int8_gemm"  # "native": `optimize --native-int8` left onnxruntime no int8 GEMM to run
 MODEL_FILE = "model.onnx"  # the model's name inside a bundle directory
 MAX_THREADS = 1024  # intra-op threads: more than any machine has cores, fewer than would exhaust the process
 
@@ -143,7 +144,8 @@ def _describe(session: ort.InferenceSession, path: Path) -> tuple[Contract, tupl
 def check_int8_weights(meta: Mapping[str, str], path: Path, spec: ProviderSpec) -> None:
     """Refuse full 8-bit static int8 weights on a CPU whose int8 kernels saturate: the model would load and run,
     and its logits would be garbage (SmolLM2-135M: perplexity 38 -> 650,000)."""
-    if spec.device == "cpu" and meta.get(WEIGHT_BITS_KEY) == "8" and int8_gemm_saturates():
+    if spec.device == "cpu" and meta.get(WEIGHT_BITS_KEY) == "8" and meta.get(INT8_GEMM_KEY) != "native" \
+            and int8_gemm_saturates():
         raise RuntimeUserError(f"{path} has full 8-bit int8 weights, which overflow onnxruntime's int8 kernels on "
                                "this CPU (x86 without VNNI): quantize it again with `pipeline quantize "
                                "--reduce-range` (7-bit weights)")

@@ -106,12 +106,15 @@ def device_needs(variant: str, metadata: dict[str, str], target: str | None) -> 
     """(what the device needs to run `variant` beyond onnxruntime, why it cannot be promised on `target` or
     None). 8-bit static int8 weights overflow onnxruntime's x86 int8 kernels without VNNI (ARM's widen first);
     a -native variant needs our kernel, built on the device, and the CPU features it is written for."""
+    from exporters.cpu_kernels import INT8_GEMM_KEY
     from exporters.quantization.config import WEIGHT_BITS_KEY
 
     needs = []
     if variant.endswith("-native"):
         needs.append(NATIVE_NEEDS)
-    if metadata.get(WEIGHT_BITS_KEY) == "8" and target != "linux-aarch64":
+    # 8-bit weights all on the native kernel (exact on every CPU it builds for) need nothing more
+    if metadata.get(WEIGHT_BITS_KEY) == "8" and metadata.get(INT8_GEMM_KEY) != "native" \
+            and target != "linux-aarch64":
         needs.append(EIGHT_BIT_NEEDS)
     if target != "any" or not needs:
         return needs, None

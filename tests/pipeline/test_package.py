@@ -708,6 +708,16 @@ def test_default_variant_runs_on_the_target(monkeypatch, target, bits, expected)
     assert choose_variant(Path("run"), ALL, stages, "", target) == expected
 
 
+def test_eight_bit_weights_all_on_the_native_kernel_need_only_the_kernel():
+    """8-bit static weights that onnxruntime's int8 GEMM never runs (`optimize --native-int8` took every one)
+    need no VNNI: the kernel is exact for them on every CPU it builds for."""
+    bits = {"pipeline.int8_weight_bits": "8"}
+    needs, why = package_stage.device_needs("w8a8-native", {**bits, "pipeline.int8_gemm": "native"}, "linux-x86_64")
+    assert needs == [package_stage.NATIVE_NEEDS] and why is None
+    needs, _ = package_stage.device_needs("w8a8-native", bits, "linux-x86_64")
+    assert needs == [package_stage.NATIVE_NEEDS, package_stage.EIGHT_BIT_NEEDS]
+
+
 def test_the_bundle_says_what_its_device_needs_and_refuses_what_the_target_cannot_run(built_run, text_file,
                                                                                       tmp_path):
     # full 8-bit weights whatever this machine is (quantize picks 7 bits by itself where its int8 GEMM saturates)

@@ -169,6 +169,26 @@ def test_the_weight_bound_is_recorded_and_a_graph_without_it_computes_the_same(n
     np.testing.assert_array_equal(run(native, x, native_kernels), with_bound)
 
 
+def test_the_rewrite_says_when_onnxruntime_is_left_no_int8_gemm():
+    """`pipeline.int8_gemm` = native where every static int8 MatMul went onto the kernel (8-bit weights then run
+    exactly on any CPU the kernel builds for); a MatMul the kernel cannot take (N not a multiple of 16) keeps it
+    off, and is the one named."""
+    from exporters.cpu_kernels import INT8_GEMM_KEY, rewrite, static_int8_matmuls
+
+    _, native, _ = pair(2, 64, 32, seed=3)
+    assert {p.key: p.value for p in native.metadata_props}[INT8_GEMM_KEY] == "native"
+    assert static_int8_matmuls(native) == []
+    qdq, _, _ = pair(2, 64, 32, seed=3)
+    rng = np.random.default_rng(3)
+    qdq.graph.initializer.extend([numpy_helper.from_array(rng.integers(-64, 64, (32, 24), dtype=np.int8), "w2"),
+                                  numpy_helper.from_array(np.full(24, 0.01, np.float32), "w2_scale")])
+    qdq.graph.node.extend([helper.make_node("DequantizeLinear", ["w2", "w2_scale"], ["w2d"], axis=1),
+                           helper.make_node("MatMul", ["y", "w2d"], ["z"], name="narrow")])
+    qdq.graph.output[0].CopyFrom(helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 2, 24]))
+    assert rewrite(qdq) == 1
+    assert INT8_GEMM_KEY not in {p.key for p in qdq.metadata_props} and static_int8_matmuls(qdq) == ["narrow"]
+
+
 def test_a_native_graph_without_the_kernel_is_one_line_error(tiny_model, tmp_path, monkeypatch):
     """A model from `pipeline optimize --native-int8` on a machine where the kernel is not built."""
     from exporters.cpu_kernels import specialize

@@ -77,14 +77,21 @@ def test_contract_that_does_not_match_the_graph_is_a_user_error(tmp_path, tiny_m
         open_session(tmp_path / "lying.onnx")
 
 
-@pytest.mark.parametrize("bits, saturates, refused", [("8", True, True), ("8", False, False), ("7", True, False)])
+@pytest.mark.parametrize("bits, saturates, native, refused", [
+    ("8", True, False, True), ("8", False, False, False), ("7", True, False, False),
+    ("8", True, True, False),  # every int8 MatMul on the native kernel, exact for 8-bit weights on every build
+])
 def test_full_range_int8_weights_are_refused_where_the_cpu_kernels_saturate(tmp_path, tiny_model, monkeypatch,
-                                                                            bits, saturates, refused):
+                                                                            bits, saturates, native, refused):
     """Full 8-bit weights on an x86 CPU without VNNI would run and give garbage: one clear error instead."""
     import runtimes.session as session_module
+    from exporters.cpu_kernels import INT8_GEMM_KEY
 
+    assert session_module.INT8_GEMM_KEY == INT8_GEMM_KEY
     proto = onnx.load(str(tiny_model))
     proto.metadata_props.add(key="pipeline.int8_weight_bits", value=bits)
+    if native:
+        proto.metadata_props.add(key=INT8_GEMM_KEY, value="native")
     onnx.save(proto, str(tmp_path / "q.onnx"))
     monkeypatch.setattr(session_module, "int8_gemm_saturates", lambda: saturates)
     if refused:
