@@ -189,6 +189,37 @@ def test_the_rewrite_says_when_onnxruntime_is_left_no_int8_gemm():
     assert INT8_GEMM_KEY not in {p.key for p in qdq.metadata_props} and static_int8_matmuls(qdq) == ["narrow"]
 
 
+def test_full_8bit_weights_on_the_kernel_open_and_compute_the_qdq_graph_on_any_cpu(tiny_model, tmp_path,
+                                                                                     native_kernels):
+    """A static model quantized with full 8-bit weights (as on a VNNI machine), every MatMul on the kernel: the
+    session opens it on this CPU whatever it is (it says it needs no int8 GEMM of onnxruntime's) and its logits
+    are the QDQ graph's computed in float (onnxruntime without graph optimizations: DequantizeLinear and a float
+    MatMul, no int8 GEMM to saturate), to float rounding."""
+    import onnxruntime as ort
+
+    from exporters.cpu_kernels import INT8_GEMM_KEY, specialize
+    from exporters.quantize import QuantConfig, quantize
+    from runtimes.generate import Generator
+    from runtimes.providers import cpu
+    from runtimes.session import DecoderSession, _describe, open_session
+
+    ids = np.random.default_rng(0).integers(0, 128, 40).tolist()
+    quantize(tiny_model, tmp_path / "static.onnx", [ids],
+             QuantConfig(recipe="static", num_prefill=1, seq_len=16, num_decode_steps=1, reduce_range=False))
+    specialize(tmp_path / "static.onnx", tmp_path / "native" / "model.onnx")
+    meta = onnx.load(str(tmp_path / "native" / "model.onnx"), load_external_data=False).metadata_props
+    assert {p.key: p.value for p in meta}[INT8_GEMM_KEY] == "native"
+    native = Generator(open_session(tmp_path / "native" / "model.onnx", threads=2)).prefill(ids[:12])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    plain = ort.InferenceSession(str(tmp_path / "static.onnx"), options, providers=["CPUExecutionProvider"])
+    contract, inputs, outputs = _describe(plain, tmp_path / "static.onnx")
+    session = DecoderSession(ort=plain, spec=cpu(), path=tmp_path / "static.onnx", contract=contract,
+                             input_names=inputs, output_names=outputs, kv_dtype=np.dtype(np.float32))
+    want = Generator(session, io_binding=False).prefill(ids[:12])
+    np.testing.assert_allclose(native, want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
 def test_a_native_graph_without_the_kernel_is_one_line_error(tiny_model, tmp_path, monkeypatch):
     """A model from `pipeline optimize --native-int8` on a machine where the kernel is not built."""
     from exporters.cpu_kernels import specialize
