@@ -162,10 +162,14 @@ def model_shape(path: Path) -> ModelShape:
 
 
 def open_session(model_path: str | Path, spec: ProviderSpec | None = None, threads: int | None = None,
-                 profile_prefix: str | None = None) -> DecoderSession:
+                 profile_prefix: str | None = None, exact_int8: bool = False) -> DecoderSession:
     """Open `model_path` (a .onnx file or a bundle directory) on `spec` (default CPU).
 
     `threads` overrides the spec's intra-op thread count; `profile_prefix` turns on onnxruntime's profiler.
+    `exact_int8`: full 8-bit static int8 weights on a CPU whose int8 GEMM saturates on them (x86 without VNNI)
+    run as their QDQ graph says, in float (DequantizeLinear and a float MatMul, no int8 GEMM), instead of being
+    refused: a reference for what a VNNI CPU computes, at float speed (`optimize --native-int8` checks its
+    rewrite against it).
     """
     spec = ensure_available(spec or cpu())
     path = resolve_model_path(model_path)
@@ -174,8 +178,15 @@ def open_session(model_path: str | Path, spec: ProviderSpec | None = None, threa
     options = session_options(threads or spec.threads, profile_prefix=profile_prefix)
     shape = model_shape(path) if spec.needs_model_shape else None
     session = _load(path, options, spec.session_providers(shape))
+    try:
+        check_int8_weights(session.get_modelmeta().custom_metadata_map, path, spec)
+    except RuntimeUserError:
+        if not exact_int8:
+            raise
+        del session  # opened again without onnxruntime's int8 kernels: its weights stay mapped once
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
+        session = _load(path, options, spec.session_providers(shape))
     contract, inputs, outputs = _describe(session, path)
-    check_int8_weights(session.get_modelmeta().custom_metadata_map, path, spec)
     kv_type = next(i.type for i in session.get_inputs() if i.name == past_key(0))
     if kv_type not in _KV_DTYPES:
         raise RuntimeUserError(f"{path} has a {kv_type} KV cache; this runtime supports float32 and float16")

@@ -187,6 +187,30 @@ def test_optimize_native_int8_keeps_w8a8_logits_and_is_checked_and_benched(run_d
                                                                         ids, 6)
 
 
+def test_optimize_native_int8_of_full_8bit_weights_where_they_saturate_is_judged_against_the_float_model(
+        run_dir, text_file, native_kernels, monkeypatch, tmp_path):
+    """Full 8-bit static weights (quantized for a VNNI CPU) on a CPU whose int8 GEMM saturates on them: optimize
+    computes w8a8 in float as its reference, and since float rounding flips later layers' activation codes, keeps
+    w8a8-native by its distance from the float model; the variant then runs and is checked there. Saturation is
+    forced, so every CPU takes this path."""
+    from runtimes import providers
+    from runtimes import session as session_module
+
+    run_dir = shutil.copytree(run_dir, tmp_path / "run")  # its w8a8 replaced: the module's run stays as it was
+    invoke("quantize", run_dir, "--recipe", "w8a8", "--no-reduce-range", "--calib-text", text_file,
+           "--calib-windows", "4", "--window", "32", "--max-ppl-increase", "1.0")
+    for module in (providers, session_module):
+        monkeypatch.setattr(module, "int8_gemm_saturates", lambda *args: True)
+    one_line_error(invoke("check", run_dir, "--variant", "w8a8", "--text", text_file, ok=False),
+                   "full 8-bit int8 weights")
+    res = json.loads(invoke("optimize", run_dir, "--native-int8", "--json").output)
+    drift = res["drift_from_float"]
+    assert drift["kept"] and drift["reference"] == "fused" and drift["target_kl"] <= 2 * drift["source_kl"] + 1e-3
+    r = invoke("check", run_dir, "--variant", "w8a8-native", "--text", text_file, "--json", "--steps", "4",
+               "--window", "64", ok=False)
+    assert json.loads(r.output)["variants"][0]["top1"] > 0.5
+
+
 def test_a_native_variant_whose_logits_differ_is_not_kept(run_dir, text_file, native_kernels, monkeypatch):
     from pipeline.stages import optimize as optimize_stage
 

@@ -220,6 +220,41 @@ def test_full_8bit_weights_on_the_kernel_open_and_compute_the_qdq_graph_on_any_c
     np.testing.assert_allclose(native, want, rtol=0, atol=1e-4 * np.abs(want).max())
 
 
+def test_full_8bit_weights_open_exactly_in_float_as_the_native_rewrites_reference(tiny_model, tmp_path,
+                                                                                    native_kernels, monkeypatch):
+    """On a CPU whose int8 GEMM saturates, `open_session(..., exact_int8=True)` runs a full 8-bit static model as
+    its QDQ graph says (float DequantizeLinear and MatMul) where a plain open refuses it, so `optimize
+    --native-int8` can check its rewrite there: logits to float rounding of onnxruntime's unoptimized graph, and
+    the native rewrite within optimize's tolerance of them. Saturation is forced, so every CPU takes the path."""
+    import onnxruntime as ort
+
+    from exporters.cpu_kernels import specialize
+    from exporters.quantize import QuantConfig, quantize
+    from pipeline.stages.optimize import NATIVE_TOLERANCE, logit_parity
+    from runtimes import session as session_module
+    from runtimes.generate import Generator
+    from runtimes.providers import cpu
+    from runtimes.session import DecoderSession, _describe, open_session
+
+    ids = np.random.default_rng(1).integers(0, 128, 40).tolist()
+    quantize(tiny_model, tmp_path / "static.onnx", [ids],
+             QuantConfig(recipe="static", num_prefill=1, seq_len=16, num_decode_steps=1, reduce_range=False))
+    monkeypatch.setattr(session_module, "int8_gemm_saturates", lambda: True)
+    with pytest.raises(RuntimeUserError, match="full 8-bit int8 weights"):
+        open_session(tmp_path / "static.onnx")
+    exact = Generator(open_session(tmp_path / "static.onnx", threads=1, exact_int8=True)).prefill(ids[:12])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    plain = ort.InferenceSession(str(tmp_path / "static.onnx"), options, providers=["CPUExecutionProvider"])
+    contract, inputs, outputs = _describe(plain, tmp_path / "static.onnx")
+    want = Generator(DecoderSession(ort=plain, spec=cpu(), path=tmp_path / "static.onnx", contract=contract,
+                                    input_names=inputs, output_names=outputs, kv_dtype=np.dtype(np.float32)),
+                     io_binding=False).prefill(ids[:12])
+    np.testing.assert_allclose(exact, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    specialize(tmp_path / "static.onnx", tmp_path / "native" / "model.onnx")
+    assert logit_parity(tmp_path / "static.onnx", tmp_path / "native" / "model.onnx") <= NATIVE_TOLERANCE
+
+
 def test_a_native_graph_without_the_kernel_is_one_line_error(tiny_model, tmp_path, monkeypatch):
     """A model from `pipeline optimize --native-int8` on a machine where the kernel is not built."""
     from exporters.cpu_kernels import specialize
