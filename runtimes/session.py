@@ -141,11 +141,16 @@ def _describe(session: ort.InferenceSession, path: Path) -> tuple[Contract, tupl
     return contract, inputs, outputs
 
 
+def int8_weights_saturate(meta: Mapping[str, str]) -> bool:
+    """Whether a model with this metadata has full 8-bit static int8 weights that onnxruntime's int8 GEMM runs
+    and this CPU's saturates on (x86 without VNNI)."""
+    return meta.get(WEIGHT_BITS_KEY) == "8" and meta.get(INT8_GEMM_KEY) != "native" and int8_gemm_saturates()
+
+
 def check_int8_weights(meta: Mapping[str, str], path: Path, spec: ProviderSpec) -> None:
     """Refuse full 8-bit static int8 weights on a CPU whose int8 kernels saturate: the model would load and run,
     and its logits would be garbage (SmolLM2-135M: perplexity 38 -> 650,000)."""
-    if spec.device == "cpu" and meta.get(WEIGHT_BITS_KEY) == "8" and meta.get(INT8_GEMM_KEY) != "native" \
-            and int8_gemm_saturates():
+    if spec.device == "cpu" and int8_weights_saturate(meta):
         raise RuntimeUserError(f"{path} has full 8-bit int8 weights, which overflow onnxruntime's int8 kernels on "
                                "this CPU (x86 without VNNI): quantize it again with `pipeline quantize "
                                "--reduce-range` (7-bit weights)")

@@ -108,11 +108,10 @@ def saturated_source(path) -> bool:
     parity_logits computes it in float."""
     import onnx
 
-    from runtimes.providers import int8_gemm_saturates
-    from runtimes.session import WEIGHT_BITS_KEY
+    from runtimes.session import int8_weights_saturate
 
-    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    return meta.get(WEIGHT_BITS_KEY) == "8" and int8_gemm_saturates()
+    return int8_weights_saturate({p.key: p.value for p in onnx.load(str(path), load_external_data=False)
+                                  .metadata_props})
 
 
 def logit_parity(source, target, steps: int = 4, prompt_len: int = 8) -> float:

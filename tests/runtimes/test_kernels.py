@@ -195,13 +195,10 @@ def test_full_8bit_weights_on_the_kernel_open_and_compute_the_qdq_graph_on_any_c
     session opens it on this CPU whatever it is (it says it needs no int8 GEMM of onnxruntime's) and its logits
     are the QDQ graph's computed in float (onnxruntime without graph optimizations: DequantizeLinear and a float
     MatMul, no int8 GEMM to saturate), to float rounding."""
-    import onnxruntime as ort
-
     from exporters.cpu_kernels import INT8_GEMM_KEY, specialize
     from exporters.quantize import QuantConfig, quantize
     from runtimes.generate import Generator
-    from runtimes.providers import cpu
-    from runtimes.session import DecoderSession, _describe, open_session
+    from runtimes.session import open_session
 
     ids = np.random.default_rng(0).integers(0, 128, 40).tolist()
     quantize(tiny_model, tmp_path / "static.onnx", [ids],
@@ -210,14 +207,24 @@ def test_full_8bit_weights_on_the_kernel_open_and_compute_the_qdq_graph_on_any_c
     meta = onnx.load(str(tmp_path / "native" / "model.onnx"), load_external_data=False).metadata_props
     assert {p.key: p.value for p in meta}[INT8_GEMM_KEY] == "native"
     native = Generator(open_session(tmp_path / "native" / "model.onnx", threads=2)).prefill(ids[:12])
+    want = unoptimized_prefill(tmp_path / "static.onnx", ids[:12])
+    np.testing.assert_allclose(native, want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
+def unoptimized_prefill(path: Path, ids: list[int]) -> np.ndarray:
+    """The last position's logits of a prefill of `ids` through onnxruntime without graph optimizations: a QDQ
+    graph's DequantizeLinear and float MatMul, no int8 GEMM to saturate."""
+    from runtimes.generate import Generator
+    from runtimes.providers import cpu
+    from runtimes.session import DecoderSession, _describe
+
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    plain = ort.InferenceSession(str(tmp_path / "static.onnx"), options, providers=["CPUExecutionProvider"])
-    contract, inputs, outputs = _describe(plain, tmp_path / "static.onnx")
-    session = DecoderSession(ort=plain, spec=cpu(), path=tmp_path / "static.onnx", contract=contract,
-                             input_names=inputs, output_names=outputs, kv_dtype=np.dtype(np.float32))
-    want = Generator(session, io_binding=False).prefill(ids[:12])
-    np.testing.assert_allclose(native, want, rtol=0, atol=1e-4 * np.abs(want).max())
+    plain = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    contract, inputs, outputs = _describe(plain, path)
+    session = DecoderSession(ort=plain, spec=cpu(), path=path, contract=contract, input_names=inputs,
+                             output_names=outputs, kv_dtype=np.dtype(np.float32))
+    return Generator(session, io_binding=False).prefill(ids)
 
 
 def test_full_8bit_weights_open_exactly_in_float_as_the_native_rewrites_reference(tiny_model, tmp_path,
@@ -226,15 +233,12 @@ def test_full_8bit_weights_open_exactly_in_float_as_the_native_rewrites_referenc
     its QDQ graph says (float DequantizeLinear and MatMul) where a plain open refuses it, so `optimize
     --native-int8` can check its rewrite there: logits to float rounding of onnxruntime's unoptimized graph, and
     the native rewrite within optimize's tolerance of them. Saturation is forced, so every CPU takes the path."""
-    import onnxruntime as ort
-
     from exporters.cpu_kernels import specialize
     from exporters.quantize import QuantConfig, quantize
     from pipeline.stages.optimize import NATIVE_TOLERANCE, logit_parity
     from runtimes import session as session_module
     from runtimes.generate import Generator
-    from runtimes.providers import cpu
-    from runtimes.session import DecoderSession, _describe, open_session
+    from runtimes.session import open_session
 
     ids = np.random.default_rng(1).integers(0, 128, 40).tolist()
     quantize(tiny_model, tmp_path / "static.onnx", [ids],
@@ -243,13 +247,7 @@ def test_full_8bit_weights_open_exactly_in_float_as_the_native_rewrites_referenc
     with pytest.raises(RuntimeUserError, match="full 8-bit int8 weights"):
         open_session(tmp_path / "static.onnx")
     exact = Generator(open_session(tmp_path / "static.onnx", threads=1, exact_int8=True)).prefill(ids[:12])
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    plain = ort.InferenceSession(str(tmp_path / "static.onnx"), options, providers=["CPUExecutionProvider"])
-    contract, inputs, outputs = _describe(plain, tmp_path / "static.onnx")
-    want = Generator(DecoderSession(ort=plain, spec=cpu(), path=tmp_path / "static.onnx", contract=contract,
-                                    input_names=inputs, output_names=outputs, kv_dtype=np.dtype(np.float32)),
-                     io_binding=False).prefill(ids[:12])
+    want = unoptimized_prefill(tmp_path / "static.onnx", ids[:12])
     np.testing.assert_allclose(exact, want, rtol=0, atol=1e-5 * np.abs(want).max())
     specialize(tmp_path / "static.onnx", tmp_path / "native" / "model.onnx")
     assert logit_parity(tmp_path / "static.onnx", tmp_path / "native" / "model.onnx") <= NATIVE_TOLERANCE
