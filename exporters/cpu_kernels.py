@@ -26,10 +26,16 @@ node. A static int8 head that could not share the table (its per-column codes to
 on Gemma 3, whose table is a GGUF's exact Q8_0 blocks) is first moved onto the table's own blocks
 (`head_on_table_blocks`, where the caller asks): the table is then stored once and the head reads it as
 llama.cpp's Q8_0 does, with per-block int8 activations.
+
+An 8-bit MatMulNBits that nothing else reads, whose codes span fewer bits (a GGUF's Q5_0 blocks, which the gguf
+recipe writes as 8-bit blocks, MatMulNBits having no 5-bit form), becomes BlockInt8MatMul over those codes
+packed at their own width (`pack_narrow_blocks`): the file holds 5 bits a weight, not 8; the kernel unpacks them
+once when the session starts and computes as on the stored blocks.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -316,9 +322,9 @@ def _float_scales(index: GraphIndex, name: str) -> bool:
     return stored_scales(index, name) is not None
 
 
-def shared_block_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+def block_matmuls(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, bool]]:
     """The 8-bit MatMulNBits BlockInt8MatMul computes as they are (blocks of 32, zero point 128, int8 activations:
-    accuracy_level 4, float32) whose stored blocks another node also reads."""
+    accuracy_level 4, float32), each with whether another node also reads its stored blocks."""
     index = GraphIndex(model)
     found = []
     for node in model.graph.node:
@@ -331,21 +337,101 @@ def shared_block_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
                 or list(blocks.dims) != [attrs.get("N"), attrs.get("K", 0) // 32, 32] or attrs["K"] % 32
                 or not _float_scales(index, node.input[2])):
             continue
-        if index.uses[node.input[1]] > 1:
-            found.append(node)
+        found.append((node, index.uses[node.input[1]] > 1))
     return found
+
+
+def shared_block_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """`block_matmuls` whose stored blocks another node also reads."""
+    return [node for node, shared in block_matmuls(model) if shared]
+
+
+def _to_block_op(model: onnx.ModelProto, node: onnx.NodeProto) -> None:
+    node.op_type, node.domain = BLOCK_OP, DOMAIN
+    node.name = f"{node.name}/{BLOCK_OP}"
+    del node.attribute[:], node.input[3:]
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
 
 
 def rewrite_shared_blocks(model: onnx.ModelProto) -> int:
     """Each MatMulNBits of `shared_block_matmuls` becomes BlockInt8MatMul on the same inputs; returns how many."""
     found = shared_block_matmuls(model)
     for node in found:
-        node.op_type, node.domain = BLOCK_OP, DOMAIN
-        node.name = f"{node.name}/{BLOCK_OP}"
-        del node.attribute[:], node.input[3:]
-    if found and not any(o.domain == DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+        _to_block_op(model, node)
     return len(found)
+
+
+MAX_SEGMENTS = 64       # the kernel's limit on runs of rows of one width (int8_matmul.c)
+BLOCK_CODES = 32        # codes a block
+PACK_MIN_SAVING = 1     # bits a weight, on average, that packing must save for an unshared MatMul to move
+
+
+def code_bits(codes: np.ndarray) -> np.ndarray:
+    """uint8 (N, ...) 8-bit codes (zero point 128) -> per row the fewest bits b, 2 to 8, whose signed range
+    [-2^(b-1), 2^(b-1)) holds every code - 128 of the row."""
+    v = codes.reshape(len(codes), -1)
+    need = np.maximum(128 - v.min(axis=1).astype(np.int64), v.max(axis=1).astype(np.int64) - 127)  # 2^(b-1) >= need
+    return np.maximum(2, 1 + np.ceil(np.log2(np.maximum(need, 1))).astype(np.int64))
+
+
+def segments(bits: np.ndarray) -> tuple[list[int], list[int]]:
+    """Per-row widths -> (bits, rows) of their runs; one run at the widest where there would be more than the
+    kernel takes."""
+    starts = [0, *(np.flatnonzero(np.diff(bits)) + 1).tolist()]
+    if len(starts) > MAX_SEGMENTS:
+        return [int(bits.max())], [len(bits)]
+    ends = starts[1:] + [len(bits)]
+    return [int(bits[s]) for s in starts], [e - s for s, e in zip(starts, ends)]
+
+
+def pack_codes(codes: np.ndarray, bits: list[int], rows: list[int], chunk: int = 4096) -> np.ndarray:
+    """uint8 (N, K/32, 32) codes -> BlockInt8MatMul's packed codes: per run of rows at b bits, each block's 32
+    values code - 128 + 2^(b-1) as a little-endian bit stream of 4b bytes (int8_matmul.c), flat."""
+    out, start = [], 0
+    for b, count in zip(bits, rows):
+        shift, planes = np.uint8(128 - 2 ** (b - 1)), np.arange(b, dtype=np.uint8)
+        for first in range(start, start + count, chunk):
+            c = codes[first:min(first + chunk, start + count)] - shift
+            stream = ((c[..., None] >> planes) & 1).reshape(*c.shape[:-1], BLOCK_CODES * b)
+            out.append(np.packbits(stream, axis=-1, bitorder="little").reshape(-1))
+        start += count
+    return np.concatenate(out)
+
+
+def pack_narrow_blocks(model: onnx.ModelProto) -> dict[str, dict]:
+    """Each unshared `block_matmuls` node whose codes fit fewer bits (at least PACK_MIN_SAVING a weight saved)
+    becomes BlockInt8MatMul over the codes packed at their widths (attributes K, bits, rows); returns, per node
+    moved, its widths and the bytes before and after."""
+    index = GraphIndex(model)
+    moved, dropped = {}, set()
+    for node, shared in block_matmuls(model):
+        if shared:  # the other reader needs the 8-bit blocks
+            continue
+        codes = numpy_helper.to_array(index.inits[node.input[1]])
+        bits, rows = segments(code_bits(codes))
+        saved = sum((8 - b) * r for b, r in zip(bits, rows)) / len(codes)
+        if saved < PACK_MIN_SAVING:
+            continue
+        packed = pack_codes(codes, bits, rows)
+        name = f"{node.input[1]}_packed"
+        model.graph.initializer.append(numpy_helper.from_array(packed, name))
+        dropped.add(node.input[1])
+        k = next(a.i for a in node.attribute if a.name == "K")
+        original = node.name
+        _to_block_op(model, node)
+        node.input[1] = name
+        node.attribute.extend([helper.make_attribute("K", k), helper.make_attribute("bits", bits),
+                               helper.make_attribute("rows", rows)])
+        widths = Counter()
+        for b, r in zip(bits, rows):
+            widths[b] += r
+        moved[original] = {"rows_at_bits": {str(b): widths[b] for b in sorted(widths)},
+                           "bytes": [int(codes.size), int(packed.size)]}
+    kept = [t for t in model.graph.initializer if t.name not in dropped]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return moved
 
 
 def specialize(source: Path, target: Path, portable: Path | None = None, move_head: bool = False) -> dict:
@@ -358,18 +444,19 @@ def specialize(source: Path, target: Path, portable: Path | None = None, move_he
     moved = head_on_table_blocks(model) if move_head else None
     if moved is not None and portable is not None:
         save_model_auto(model, portable)
-    static, shared = rewrite(model), rewrite_shared_blocks(model)
-    if not static + shared:
-        raise UserError(f"{source} has no static int8 MatMul and no 8-bit head shared with its embedding for the "
-                        "native kernels: quantize it with `pipeline quantize --recipe w8a8` (or w4, w8, gguf with a "
-                        "tied embedding) first")
-    kernels = [name for name, count in ((OP, static), (BLOCK_OP, shared)) if count]
+    static, shared, packed = rewrite(model), rewrite_shared_blocks(model), pack_narrow_blocks(model)
+    if not static + shared + len(packed):
+        raise UserError(f"{source} has no static int8 MatMul, no 8-bit head shared with its embedding and no 8-bit "
+                        "blocks of fewer bits for the native kernels: quantize it with `pipeline quantize --recipe "
+                        "w8a8` (or w4, w8, gguf with a tied embedding) first")
+    kernels = [name for name, count in ((OP, static), (BLOCK_OP, shared + len(packed))) if count]
     set_metadata(model, KERNEL_KEY, ",".join(kernels))
     with staging_dir(target) as staging:  # saved under its final name (the external data's name is inside it)
         save_model_auto(model, staging / target.name, shipped=True)
         move_model(staging / target.name, target)
-    results = {"kernel": " + ".join(kernels), "matmuls": static + shared, "static_matmuls": static,
-               "shared_head_matmuls": shared, "nodes_before": before, "nodes_after": len(model.graph.node)}
+    results = {"kernel": " + ".join(kernels), "matmuls": static + shared + len(packed), "static_matmuls": static,
+               "shared_head_matmuls": shared, "packed_matmuls": packed, "nodes_before": before,
+               "nodes_after": len(model.graph.node)}
     if moved is not None:
         results["head_on_table_blocks"] = moved
     return results

@@ -120,10 +120,11 @@ def int8_flop_share(model_path) -> dict:
             int8_w += attrs["K"] * attrs["N"]
             int8_dyn += attrs["K"] * attrs["N"] if attrs.get("accuracy_level") == 4 else 0
         elif n.op_type == "BlockInt8MatMul":  # pipeline's native kernel of 8-bit MatMulNBits: blocks (N, K/32, 32)
-            rows, groups, width = inits[n.input[1]].dims
-            total += rows * groups * width
-            int8_w += rows * groups * width
-            int8_dyn += rows * groups * width
+            attrs = {a.name: a for a in n.attribute}  # or packed codes: K and each run's rows as attributes
+            size = attrs["K"].i * sum(attrs["rows"].ints) if "K" in attrs else int(np.prod(inits[n.input[1]].dims))
+            total += size
+            int8_w += size
+            int8_dyn += size
         elif n.op_type == "StaticInt8MatMul":  # pipeline's native W8A8 kernel: w_packed is (N/16, K/4, 64)
             panels, groups, _ = inits[n.input[1]].dims
             total += 64 * panels * groups

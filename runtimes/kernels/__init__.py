@@ -9,7 +9,9 @@ onnxruntime's:
   MatMulIntegerToFloat: onnxruntime's int8 GEMM reads a one-row product's weights at ~65% of this machine's
   memory rate, and batch-1 decode is that product (docs/benchmarks.md);
 - `com.pipeline.BlockInt8MatMul`, an 8-bit MatMulNBits read as stored, for a tied head whose blocks the
-  embedding also gathers: onnxruntime would hold them twice (its prepacked copy beside the stored blocks).
+  embedding also gathers: onnxruntime would hold them twice (its prepacked copy beside the stored blocks); and
+  for 8-bit blocks whose codes span fewer bits (a GGUF's Q5_0 and Q5_1 blocks), stored packed at those bits,
+  which MatMulNBits has no form for, and unpacked when the session starts.
 
     python -m runtimes.kernels build [--ort-include DIR]   # needs cc and onnxruntime's C API headers
     python -m runtimes.kernels status

@@ -3,7 +3,8 @@
  * and later):
  *
  * - StaticInt8MatMul: the static W8A8 MatMul of a QDQ graph (below);
- * - BlockInt8MatMul: an 8-bit MatMulNBits read as it is stored (after StaticInt8MatMul).
+ * - BlockInt8MatMul: an 8-bit MatMulNBits read as it is stored, or from codes stored packed at fewer bits
+ *   (after StaticInt8MatMul).
  *
  * StaticInt8MatMul:
  *
@@ -332,9 +333,12 @@ static void run_chunk(void* data, size_t chunk) {
     }
 }
 
-/* What a kernel instance knows from its node: StaticInt8MatMul's `weight_max_abs` attribute (128 if absent). */
+/* What a kernel instance knows from its node: StaticInt8MatMul's `weight_max_abs` attribute (128 if absent);
+ * BlockInt8MatMul's blocks when its codes are stored packed (below), unpacked once when the session starts. */
 typedef struct {
     int64_t weight_max_abs;
+    uint8_t* blocks; /* (n, kb, 32), or NULL: the blocks are input 1 as stored */
+    int64_t n, kb;
 } Kernel;
 
 static OrtStatus* shape_of(const OrtValue* value, int64_t* dims, size_t* rank) {
@@ -428,6 +432,13 @@ static OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* context) 
  *
  * Inputs: 0 x float (..., K); 1 blocks uint8 (N, K/32, 32); 2 scales float (N, K/32), or flat (N * K/32).
  * Output: y float (..., N). Work is split over row ranges of N on onnxruntime's intra-op thread pool.
+ *
+ * Packed codes (attributes K, bits, rows): blocks whose values W - 128 all lie in [-2^(b-1), 2^(b-1)) are
+ * stored at b bits, as a GGUF's Q5_0 blocks are 5-bit (exporters/cpu_kernels.py `pack_narrow_blocks`). Input
+ * 1 is then a flat initializer: for each segment s of rows[s] rows, each row's K/32 blocks, each block 32 codes
+ * c = W - 128 + 2^(b-1) in 4b bytes, a little-endian bit stream (code i at bits [i*b, i*b + b)), b = bits[s].
+ * The kernel unpacks them into the (N, K/32, 32) bytes above once, when the session is created, and computes
+ * exactly as for stored 8-bit blocks: the file holds b bits a weight, memory 8 (and the packed initializer).
  *
  * x86-64: vpdpbusd takes 64 stored bytes (two blocks) as its unsigned operand and A as its signed one; its
  * accumulator starts at -16 * sum(A of the block) in each of the block's 8 lanes (128 * sum over 8 lanes: the
@@ -686,13 +697,13 @@ static int64_t element_count(const OrtValue* value) {
 }
 
 static OrtStatus* ORT_API_CALL block_compute(void* kernel, OrtKernelContext* context) {
-    (void)kernel;
+    const Kernel* unpacked = (const Kernel*)kernel;
     const OrtValue* in[3];
     for (size_t i = 0; i < 3; i++) RETURN_IF_ERROR(g_api->KernelContext_GetInput(context, i, &in[i]));
-    int64_t x_dims[8], w_dims[8];
-    size_t x_rank, w_rank;
+    int64_t x_dims[8], w_dims[8] = {unpacked->n, unpacked->kb, BLOCK};
+    size_t x_rank, w_rank = 3;
     RETURN_IF_ERROR(shape_of(in[0], x_dims, &x_rank));
-    RETURN_IF_ERROR(shape_of(in[1], w_dims, &w_rank));
+    if (!unpacked->blocks) RETURN_IF_ERROR(shape_of(in[1], w_dims, &w_rank));
     if (x_rank < 1 || w_rank != 3 || w_dims[2] != BLOCK || x_dims[x_rank - 1] != BLOCK * w_dims[1]
         || element_count(in[2]) != w_dims[0] * w_dims[1])
         return g_api->CreateStatus(ORT_INVALID_ARGUMENT,
@@ -702,7 +713,7 @@ static OrtStatus* ORT_API_CALL block_compute(void* kernel, OrtKernelContext* con
     job.n = w_dims[0];
     RETURN_IF_ERROR(output_rows(context, x_dims, x_rank, job.n, &job.y, &job.m));
     const float* x = (const float*)data_of(in[0]);
-    job.w = (const uint8_t*)data_of(in[1]);
+    job.w = unpacked->blocks ? unpacked->blocks : (const uint8_t*)data_of(in[1]);
     job.w_scale = (const float*)data_of(in[2]);
     if (job.m == 0 || job.n == 0) return NULL;
     if (!job.y || !x || !job.w || !job.w_scale)
@@ -732,22 +743,70 @@ static OrtStatus* ORT_API_CALL block_compute(void* kernel, OrtKernelContext* con
     return status;
 }
 
-/* ---- the custom-op plumbing, shared by both ops ---------------------------------------------------------- */
-static OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info,
-                                             void** kernel) {
-    (void)op, (void)api;
-    Kernel* k = (Kernel*)malloc(sizeof(Kernel));
-    if (!k) return g_api->CreateStatus(ORT_FAIL, "pipeline kernels: out of memory");
-    /* the rewrite's bound on |W| (exporters/cpu_kernels.py); a graph without it may use all 8 bits */
-    OrtStatus* absent = g_api->KernelInfoGetAttribute_int64(info, "weight_max_abs", &k->weight_max_abs);
-    if (absent) {
-        g_api->ReleaseStatus(absent);
-        k->weight_max_abs = 128;
+enum { MAX_SEGMENTS = 64 };
+
+static OrtStatus* packed_error(const char* what) {
+    return g_api->CreateStatus(ORT_INVALID_ARGUMENT, what);
+}
+
+/* One attribute's int64 list into out[MAX_SEGMENTS]; its length in *count. */
+static OrtStatus* int_list(const OrtKernelInfo* info, const char* name, int64_t* out, size_t* count) {
+    *count = 0;
+    RETURN_IF_ERROR(g_api->KernelInfoGetAttributeArray_int64(info, name, NULL, count));
+    if (*count == 0 || *count > MAX_SEGMENTS)
+        return packed_error("BlockInt8MatMul: `bits` and `rows` need 1 to 64 entries");
+    return g_api->KernelInfoGetAttributeArray_int64(info, name, out, count);
+}
+
+/* Packed codes (the attributes K, bits, rows and the constant input 1, see BlockInt8MatMul above) -> k->blocks. */
+static OrtStatus* unpack_blocks(const OrtKernelInfo* info, int64_t K, Kernel* k) {
+    int64_t bits[MAX_SEGMENTS], rows[MAX_SEGMENTS];
+    size_t segments, count;
+    RETURN_IF_ERROR(int_list(info, "bits", bits, &segments));
+    RETURN_IF_ERROR(int_list(info, "rows", rows, &count));
+    if (count != segments || K <= 0 || K % BLOCK)
+        return packed_error("BlockInt8MatMul: packed codes need K a multiple of 32 and one `rows` entry per `bits`");
+    int64_t n = 0, bytes = 0;
+    for (size_t s = 0; s < segments; s++) {
+        if (bits[s] < 2 || bits[s] > 8 || rows[s] <= 0)
+            return packed_error("BlockInt8MatMul: packed codes are 2 to 8 bits, in segments of at least one row");
+        n += rows[s];
+        bytes += rows[s] * (K / BLOCK) * 4 * bits[s];
     }
-    *kernel = k;
+    int constant = 0;
+    const OrtValue* value = NULL;
+    RETURN_IF_ERROR(g_api->KernelInfoGetConstantInput_tensor(info, 1, &constant, &value));
+    if (!constant || !value)
+        return packed_error("BlockInt8MatMul: packed codes must be an initializer (they are unpacked once)");
+    if (element_count(value) != bytes)
+        return packed_error("BlockInt8MatMul: the packed codes' size does not match K, bits and rows");
+    const uint8_t* src = (const uint8_t*)data_of(value);
+    k->n = n;
+    k->kb = K / BLOCK;
+    k->blocks = (uint8_t*)malloc((size_t)(n * K));
+    if (!src || !k->blocks) return g_api->CreateStatus(ORT_FAIL, "BlockInt8MatMul: out of memory");
+    uint8_t* dst = k->blocks;
+    for (size_t s = 0; s < segments; s++) {
+        const int b = (int)bits[s];
+        const uint32_t mask = (1u << b) - 1, shift = 128u - (1u << (b - 1));
+        for (int64_t block = 0; block < rows[s] * k->kb; block++) { /* 4b bytes in, 32 out */
+            uint32_t acc = 0;
+            int have = 0;
+            for (int i = 0; i < BLOCK; i++) {
+                while (have < b) {
+                    acc |= (uint32_t)*src++ << have;
+                    have += 8;
+                }
+                *dst++ = (uint8_t)((acc & mask) + shift);
+                acc >>= b;
+                have -= b;
+            }
+        }
+    }
     return NULL;
 }
 
+/* ---- the custom-op plumbing, shared by both ops ---------------------------------------------------------- */
 typedef struct {
     OrtCustomOp op; /* first: onnxruntime hands this pointer back to the callbacks below */
     const char* name;
@@ -756,7 +815,36 @@ typedef struct {
     OrtStatus*(ORT_API_CALL* compute)(void*, OrtKernelContext*);
 } Op;
 
-static void ORT_API_CALL destroy_kernel(void* kernel) { free(kernel); }
+static void ORT_API_CALL destroy_kernel(void* kernel) {
+    if (kernel) free(((Kernel*)kernel)->blocks);
+    free(kernel);
+}
+
+static OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info,
+                                             void** kernel) {
+    (void)api;
+    Kernel* k = (Kernel*)calloc(1, sizeof(Kernel));
+    if (!k) return g_api->CreateStatus(ORT_FAIL, "pipeline kernels: out of memory");
+    /* the rewrite's bound on |W| (exporters/cpu_kernels.py); a graph without it may use all 8 bits */
+    OrtStatus* absent = g_api->KernelInfoGetAttribute_int64(info, "weight_max_abs", &k->weight_max_abs);
+    if (absent) {
+        g_api->ReleaseStatus(absent);
+        k->weight_max_abs = 128;
+    }
+    int64_t K = 0;
+    absent = ((const Op*)op)->compute == block_compute ? g_api->KernelInfoGetAttribute_int64(info, "K", &K) : NULL;
+    if (absent) { /* stored 8-bit blocks, read in place */
+        g_api->ReleaseStatus(absent);
+    } else if (K) {
+        OrtStatus* status = unpack_blocks(info, K, k);
+        if (status) {
+            destroy_kernel(k);
+            return status;
+        }
+    }
+    *kernel = k;
+    return NULL;
+}
 static const char* ORT_API_CALL op_name(const OrtCustomOp* op) { return ((const Op*)op)->name; }
 static const char* ORT_API_CALL op_provider(const OrtCustomOp* op) { (void)op; return "CPUExecutionProvider"; }
 

@@ -10,8 +10,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from exporters.cpu_kernels import (BLOCK_OP, DOMAIN, KERNEL_KEY, OP, pack, rewrite, rewrite_shared_blocks,
-                                   specialize)
+from exporters.cpu_kernels import (BLOCK_OP, DOMAIN, KERNEL_KEY, MAX_SEGMENTS, OP, code_bits, pack, pack_codes,
+                                   pack_narrow_blocks, rewrite, rewrite_shared_blocks, segments, specialize)
 from models.errors import UserError
 from pipeline.stages.check import int8_flop_share
 
@@ -88,14 +88,26 @@ def test_matmuls_the_kernel_cannot_take_stay(tmp_path, k, n, zero, per_column):
         assert not (tmp_path / "out" / "model.onnx").exists()
 
 
+def narrow_codes(rng, k: int, widths: list[tuple[int, int]]) -> np.ndarray:
+    """uint8 (rows, K/32, 32) 8-bit codes, each run of (rows, b) within b bits' signed range around 128, its
+    extremes included."""
+    runs = []
+    for rows, b in widths:
+        c = rng.integers(128 - 2 ** (b - 1), 128 + 2 ** (b - 1), (rows, k // 32, 32), dtype=np.uint8)
+        c[:, 0, 0], c[:, -1, -1] = 128 - 2 ** (b - 1), 127 + 2 ** (b - 1)
+        runs.append(c)
+    return np.concatenate(runs)
+
+
 def tied_nbits_model(v: int, k: int, *, bits: int = 8, accuracy_level: int = 4, gathered: bool = True,
-                     fp16_scales: bool = False, seed: int = 0) -> onnx.ModelProto:
+                     fp16_scales: bool = False, seed: int = 0,
+                     widths: list[tuple[int, int]] | None = None) -> onnx.ModelProto:
     """logits = MatMulNBits(x, blocks, scales) as a tied head writes it, with (`gathered`) an embedding that
     gathers the same stored blocks and scales; the scales stored as float16 behind a Cast (the gguf recipe's
-    way) with `fp16_scales`."""
+    way) with `fp16_scales`; 8-bit codes in runs of rows of fewer bits with `widths` [(rows, bits), ...]."""
     rng = np.random.default_rng(seed)
     blob = 32 * bits // 8
-    blocks = rng.integers(0, 256, (v, k // 32, blob), dtype=np.uint8)
+    blocks = narrow_codes(rng, k, widths) if widths else rng.integers(0, 256, (v, k // 32, blob), dtype=np.uint8)
     scales = rng.uniform(1e-3, 1e-2, (v, k // 32)).astype(np.float32)
     inits = [numpy_helper.from_array(blocks, "blocks")]
     nodes = []
@@ -153,7 +165,7 @@ def test_specialize_a_weight_only_model_records_the_block_kernel(tmp_path):
     assert {p.key: p.value for p in model.metadata_props}[KERNEL_KEY] == BLOCK_OP
     untied = tmp_path / "untied.onnx"
     onnx.save(tied_nbits_model(64, 96, gathered=False), str(untied))
-    with pytest.raises(UserError, match="no static int8 MatMul and no 8-bit head shared"):
+    with pytest.raises(UserError, match="no static int8 MatMul, no 8-bit head shared"):
         specialize(untied, tmp_path / "out2" / "model.onnx")
     assert not (tmp_path / "out2").exists()
 
@@ -312,3 +324,97 @@ def test_an_unrelated_head_stays_static_and_a_related_one_moves_whatever_the_fit
     assert cpu_kernels.head_on_table_blocks(model) is None and [n.op_type for n in model.graph.node] == nodes
     moved = cpu_kernels.head_on_table_blocks(table_and_static_head_model(320, 64))
     assert moved["map"] == "diagonal" and moved["fit_relative_residual"] < 0.02
+
+
+def test_code_bits_are_the_fewest_that_hold_each_rows_codes_and_runs_of_them_become_segments():
+    rng = np.random.default_rng(2)
+    codes = narrow_codes(rng, 64, [(3, 5), (2, 8), (1, 2), (4, 5), (1, 7)])
+    bits = code_bits(codes)
+    assert bits.tolist() == [5] * 3 + [8] * 2 + [2] + [5] * 4 + [7]
+    assert code_bits(np.full((1, 1, 32), 128, np.uint8)).tolist() == [2]  # all zero: the narrowest width
+    assert code_bits(np.full((1, 1, 32), 112, np.uint8)).tolist() == [5]  # -16 fits 5 bits; +16 would not
+    assert code_bits(np.full((1, 1, 32), 144, np.uint8)).tolist() == [6]
+    assert segments(bits) == ([5, 8, 2, 5, 7], [3, 2, 1, 4, 1])
+    alternating = np.array([5, 6] * MAX_SEGMENTS)  # more runs than the kernel takes: one at the widest
+    assert segments(alternating) == ([6], [2 * MAX_SEGMENTS])
+
+
+def test_pack_codes_puts_each_code_where_the_kernel_reads_it():
+    """Per block of 32, code i of a b-bit run at bits [i*b, i*b + b) of 4b little-endian bytes, minus 128 plus
+    2^(b-1); runs one after another, rows in order (read back bit by bit here)."""
+    rng = np.random.default_rng(3)
+    widths = [(3, 5), (2, 8), (2, 3)]
+    codes = narrow_codes(rng, 64, widths)
+    packed = pack_codes(codes, [b for _, b in widths], [r for r, _ in widths], chunk=2)
+    assert packed.dtype == np.uint8 and packed.size == sum(r * 2 * 4 * b for r, b in widths)
+    bitstream = np.unpackbits(packed, bitorder="little")
+    at, row = 0, 0
+    for rows, b in widths:
+        for _ in range(rows):
+            for block in range(2):
+                for i in range(32):
+                    value = int(sum(int(bitstream[at + j]) << j for j in range(b)))
+                    assert value - 2 ** (b - 1) + 128 == codes[row, block, i]
+                    at += b
+            row += 1
+    assert at == bitstream.size
+
+
+def test_only_unshared_8bit_blocks_of_fewer_bits_are_packed():
+    """A GGUF's Q5_0 blocks beside Q8_0 rows (a stacked qkv): packed per run; blocks the embedding gathers stay
+    8-bit for it (rewrite_shared_blocks takes them); full 8-bit codes save nothing and stay MatMulNBits."""
+    widths = [(40, 5), (8, 8), (16, 6)]
+    model = tied_nbits_model(64, 96, gathered=False, widths=widths)
+    moved = pack_narrow_blocks(model)
+    assert moved == {"head": {"rows_at_bits": {"5": 40, "6": 16, "8": 8},
+                              "bytes": [64 * 96, (40 * 5 + 8 * 8 + 16 * 6) * 96 // 8]}}
+    node = model.graph.node[0]
+    assert node.op_type == BLOCK_OP and node.domain == DOMAIN and list(node.input) == ["x", "blocks_packed", "scales"]
+    attrs = {a.name: a for a in node.attribute}
+    assert attrs["K"].i == 96 and list(attrs["bits"].ints) == [5, 8, 6] and list(attrs["rows"].ints) == [40, 8, 16]
+    assert [t.name for t in model.graph.initializer] == ["scales", "blocks_packed"]
+    assert pack_narrow_blocks(tied_nbits_model(64, 96, gathered=False)) == {}
+    assert pack_narrow_blocks(tied_nbits_model(64, 96, gathered=False, widths=[(64, 8)])) == {}
+    assert pack_narrow_blocks(tied_nbits_model(64, 96, gathered=False, widths=[(56, 8), (8, 5)])) == {}  # < 1 bit
+    assert pack_narrow_blocks(tied_nbits_model(64, 96, gathered=False, widths=[(64, 7)]))  # a bit a weight saved
+    shared = tied_nbits_model(64, 96, widths=[(64, 5)])
+    assert pack_narrow_blocks(shared) == {} and shared.graph.node[0].op_type == "MatMulNBits"
+
+
+@pytest.mark.parametrize("k, m", [(96, 1), (640, 3), (2048, 5)])
+def test_packed_blocks_compute_what_matmul_nbits_does_on_the_8bit_ones(native_kernels, k, m):
+    """BlockInt8MatMul on packed codes (unpacked when the session starts) against onnxruntime's MatMulNBits on
+    the same codes stored 8-bit: decode and prefill rows, 1 and 2 threads, runs of 5, 8, 6 and 2 bits."""
+    widths = [(37, 5), (8, 8), (16, 6), (3, 2), (16, 5)]
+    model = tied_nbits_model(80, k, gathered=False, fp16_scales=True, widths=widths, seed=k)
+    native = onnx.ModelProto()
+    native.CopyFrom(model)
+    assert pack_narrow_blocks(native)
+    x = np.random.default_rng(m).standard_normal((1, m, k)).astype(np.float32) * 3
+    feed = {"x": x, "ids": np.zeros((1, 1), np.int64)}  # ids: an input the ungathered model has no use for
+    want = session_of(model, 2).run(None, feed)[0]
+    for threads in (1, 2):
+        got = session_of(native, threads, native_kernels).run(None, feed)[0]
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
+
+
+def test_packed_codes_that_do_not_match_their_attributes_are_refused_when_the_session_starts(native_kernels):
+    model = tied_nbits_model(64, 96, gathered=False, widths=[(64, 5)])
+    pack_narrow_blocks(model)
+    rows = next(a for a in model.graph.node[0].attribute if a.name == "rows")
+    rows.ints[0] = 63
+    with pytest.raises(Exception, match="packed codes' size does not match K, bits and rows"):
+        session_of(model, 1, native_kernels)
+
+
+def test_specialize_packs_narrow_blocks_and_check_counts_them_as_before(tmp_path):
+    src = tmp_path / "gguf.onnx"
+    onnx.save(tied_nbits_model(64, 96, gathered=False, widths=[(64, 5)]), str(src))
+    result = specialize(src, tmp_path / "out" / "model.onnx")
+    assert result["matmuls"] == 1 and result["static_matmuls"] == result["shared_head_matmuls"] == 0
+    assert result["packed_matmuls"]["head"]["bytes"] == [64 * 96, 64 * 96 * 5 // 8]
+    out = tmp_path / "out" / "model.onnx"
+    assert {p.key: p.value for p in onnx.load(str(out)).metadata_props}[KERNEL_KEY] == BLOCK_OP
+    assert out.stat().st_size < src.stat().st_size - 64 * 96 * 3 // 8 + 200
+    assert int8_flop_share(out) == int8_flop_share(src)
+    assert int8_flop_share(out)["int8_weight_flop_share"] == 1.0

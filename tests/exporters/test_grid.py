@@ -130,3 +130,42 @@ def test_the_weight_check_dequantizes_a_few_rows_at_a_time_and_misses_no_row():
         moved[7, row] += 0.25
         assert grid_error(grid, moved, rows=3) == pytest.approx(0.25 / np.abs(moved).max())
     assert grid_error(grid, weight[:, :9], rows=3) == float("inf")
+
+
+def test_5bit_blocks_are_stored_at_5_bits_on_the_native_kernel(tmp_path, native_kernels):
+    """Q5_0 q and k (8-bit MatMulNBits codes in [-16, 16)) beside Q8_0 v, and Q5_1 down_proj (its minimums in the
+    offset term): `specialize` stores the Q5 rows at 5 bits and the Q8_0 rows at 8 on BlockInt8MatMul; the tied
+    Q8_0 head stays the embedding's. The file shrinks by 3 bits a 5-bit weight and the logits stay the grid's."""
+    from exporters.cpu_kernels import specialize
+
+    gguf_path = mixed_gguf(tmp_path / "tiny.gguf", tied=True)
+    weights = open_weights(gguf_path)
+    fused = tmp_path / "fused" / "model.onnx"
+    fused.parent.mkdir()
+    build_graph(weights, fused)
+    grid = tmp_path / "gguf" / "model.onnx"
+    quantize(fused, grid, [list(range(20))], QuantConfig(recipe="gguf", gguf=str(gguf_path)))
+    native = tmp_path / "native" / "model.onnx"
+    result = specialize(grid, native)
+
+    n, hidden, inner = TINY["num_hidden_layers"], TINY["hidden_size"], TINY["intermediate_size"]
+    q_rows = hidden
+    kv_rows = hidden // TINY["num_attention_heads"] * TINY["num_key_value_heads"]
+    packed = result["packed_matmuls"]
+    assert result["shared_head_matmuls"] == 1 and len(packed) == 2 * n
+    for name, moved in packed.items():
+        if "qkv_proj" in name:
+            assert moved == {"rows_at_bits": {"5": q_rows + kv_rows, "8": kv_rows},
+                             "bytes": [hidden * (q_rows + 2 * kv_rows), hidden * (5 * q_rows + 13 * kv_rows) // 8]}
+        else:
+            assert "down_proj" in name and moved == {"rows_at_bits": {"5": hidden},
+                                                     "bytes": [inner * hidden, inner * hidden * 5 // 8]}
+    size = lambda p: sum(f.stat().st_size for f in p.parent.iterdir())  # noqa: E731
+    saved = n * 3 * (hidden * (q_rows + kv_rows) + inner * hidden) // 8
+    assert size(grid) - size(native) == pytest.approx(saved, abs=2048)
+
+    from pipeline.stages.optimize import parity_logits
+
+    for ref, want, got in zip(*parity_logits([fused, grid, native])):
+        # the same integer products (5e-7 apart here), where int8 activations put the grid 1-3% from float
+        assert np.abs(got - want).max() < 1e-3 * np.abs(ref).max() < np.abs(want - ref).max()
