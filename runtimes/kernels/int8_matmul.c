@@ -617,27 +617,79 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-/* Weight rows in order, each against every activation row (a decode step's one, or a prompt's: a row of
- * K bytes stays in cache for the others); two accumulators for the sums' latency, the bytes 1 kB ahead asked
+/* Weight row n against activation row r: two accumulators for the sums' latency, the bytes 1 kB ahead asked
  * for, as the AVX-512 path's decode row does. */
+static inline void block_1x1(const BlockJob* j, int64_t n, int64_t r) {
+    const int64_t kb = j->kb, k = kb * BLOCK;
+    const uint8_t* wr = j->w + n * k;
+    const float* sr = j->w_scale + n * kb;
+    const int8_t* ar = j->aq + r * k;
+    const float* as = j->a_scale + r * kb;
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t b = 0; b < kb; b++) {
+        _mm_prefetch((const char*)wr + b * BLOCK + 1024, _MM_HINT_NTA);
+        acc[b % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(wr + b * BLOCK, ar + b * BLOCK)),
+                                     _mm256_set1_ps(sr[b] * as[b]), acc[b % 2]);
+    }
+    j->y[r * j->n + n] = hsum(_mm256_add_ps(acc[0], acc[1]));
+}
+
+/* Weight rows n, n + 1 against activation rows r, r + 1: each block's four loads and the weights' sign work
+ * shared by four products (block_dot's arithmetic). */
+static inline void block_2x2(const BlockJob* j, int64_t n, int64_t r) {
+    const int64_t kb = j->kb, k = kb * BLOCK;
+    const uint8_t *w0 = j->w + n * k, *w1 = w0 + k;
+    const int8_t *a0 = j->aq + r * k, *a1 = a0 + k;
+    const float *s0 = j->w_scale + n * kb, *s1 = s0 + kb, *t0 = j->a_scale + r * kb, *t1 = t0 + kb;
+    const __m256i bias = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+    __m256 acc00 = _mm256_setzero_ps(), acc01 = _mm256_setzero_ps(), acc10 = _mm256_setzero_ps(),
+           acc11 = _mm256_setzero_ps();
+    for (int64_t b = 0; b < kb; b++) {
+        const int64_t o = b * BLOCK;
+        const __m256i v0 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(w0 + o)), bias);
+        const __m256i v1 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(w1 + o)), bias);
+        const __m256i u0 = _mm256_abs_epi8(v0), u1 = _mm256_abs_epi8(v1);
+        const __m256i x0 = _mm256_loadu_si256((const __m256i*)(a0 + o));
+        const __m256i x1 = _mm256_loadu_si256((const __m256i*)(a1 + o));
+        const __m256i d00 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(x0, v0)), ones);
+        const __m256i d01 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(x1, v0)), ones);
+        const __m256i d10 = _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(x0, v1)), ones);
+        const __m256i d11 = _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(x1, v1)), ones);
+        acc00 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d00), _mm256_set1_ps(s0[b] * t0[b]), acc00);
+        acc01 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d01), _mm256_set1_ps(s0[b] * t1[b]), acc01);
+        acc10 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d10), _mm256_set1_ps(s1[b] * t0[b]), acc10);
+        acc11 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d11), _mm256_set1_ps(s1[b] * t1[b]), acc11);
+    }
+    j->y[r * j->n + n] = hsum(acc00);
+    j->y[(r + 1) * j->n + n] = hsum(acc01);
+    j->y[r * j->n + n + 1] = hsum(acc10);
+    j->y[(r + 1) * j->n + n + 1] = hsum(acc11);
+}
+
+enum { ROW_TILE = 64 }; /* a prompt's activation rows per pass over a chunk's weight rows: 64 x K bytes */
+
+/* A decode step's one activation row: the weight rows in order, one stream. A prompt's: ROW_TILE activation
+ * rows at a time (they stay in cache while the chunk's weight rows stream past), two weight rows by two. */
 static void block_run_chunk(void* data, size_t chunk) {
     const BlockJob* j = (const BlockJob*)data;
     const int64_t first = j->n * (int64_t)chunk / j->chunks, last = j->n * ((int64_t)chunk + 1) / j->chunks;
-    const int64_t kb = j->kb, k = kb * BLOCK;
-    for (int64_t n = first; n < last; n++) {
-        const uint8_t* wr = j->w + n * k;
-        const float* sr = j->w_scale + n * kb;
-        for (int64_t r = 0; r < j->m; r++) {
-            const int8_t* ar = j->aq + r * k;
-            const float* as = j->a_scale + r * kb;
-            __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-            for (int64_t b = 0; b < kb; b++) {
-                _mm_prefetch((const char*)wr + b * BLOCK + 1024, _MM_HINT_NTA);
-                acc[b % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(wr + b * BLOCK, ar + b * BLOCK)),
-                                             _mm256_set1_ps(sr[b] * as[b]), acc[b % 2]);
+    if (j->m == 1) {
+        for (int64_t n = first; n < last; n++) block_1x1(j, n, 0);
+        return;
+    }
+    for (int64_t r0 = 0; r0 < j->m; r0 += ROW_TILE) {
+        const int64_t r1 = r0 + ROW_TILE < j->m ? r0 + ROW_TILE : j->m;
+        int64_t n = first;
+        for (; n + 2 <= last; n += 2) {
+            int64_t r = r0;
+            for (; r + 2 <= r1; r += 2) block_2x2(j, n, r);
+            for (; r < r1; r++) {
+                block_1x1(j, n, r);
+                block_1x1(j, n + 1, r);
             }
-            j->y[r * j->n + n] = hsum(_mm256_add_ps(acc[0], acc[1]));
         }
+        for (; n < last; n++)
+            for (int64_t r = r0; r < r1; r++) block_1x1(j, n, r);
     }
 }
 

@@ -180,11 +180,12 @@ def session_of(model: onnx.ModelProto, threads: int, library=None):
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-@pytest.mark.parametrize("v, k, m", [(37, 96, 1), (64, 640, 3), (1000, 576, 1), (130, 2048, 5)])
+@pytest.mark.parametrize("v, k, m", [(37, 96, 1), (64, 640, 3), (1000, 576, 1), (130, 2048, 5), (67, 96, 131)])
 def test_block_int8_matmul_computes_what_matmul_nbits_does(native_kernels, v, k, m):
     """The kernel against onnxruntime's own MatMulNBits (8 bits, int8 activations) on the same stored blocks:
     decode and prefill rows, odd block counts (K 96: 3 blocks), more than 16 blocks a row, row counts not a
-    multiple of 4, an all-zero activation block; equal up to float rounding of the sum over blocks."""
+    multiple of 4 (nor of 2), prompts longer than the kernel's tiles of activation rows (131: 64 + 64 + 3), an
+    all-zero activation block; equal up to float rounding of the sum over blocks."""
     model = tied_nbits_model(v, k, seed=v + k)
     native = onnx.ModelProto()
     native.CopyFrom(model)
