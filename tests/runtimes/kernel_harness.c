@@ -156,9 +156,10 @@ int main(void) {
                     if (check(shapes[s][0], shapes[s][1], shapes[s][2], zero_points[z], chunks, narrow)) return 1;
     /* BlockInt8MatMul: one activation row (block_row) and several (block_rows), odd block counts (a single-block
      * last pair; an odd pair count, whose last step has no partner), more than 16 blocks (the scale vectors
-     * reload), row counts that are not a multiple of 4, every chunking */
+     * reload), row counts that are not a multiple of 4 (nor of 2), prompts longer than the AVX2 build's tiles of
+     * 64 activation rows, every chunking */
     static const int64_t block_shapes[][3] = {{1, 20, 64}, {1, 1, 5}, {3, 3, 37}, {2, 18, 9}, {5, 33, 70},
-                                              {1, 64, 19}, {1, 33, 7}, {1, 3, 6}, {1, 5, 11}};
+                                              {1, 64, 19}, {1, 33, 7}, {1, 3, 6}, {1, 5, 11}, {131, 3, 7}};
     for (size_t s = 0; s < sizeof(block_shapes) / sizeof(block_shapes[0]); s++)
         for (int64_t chunks = 1; chunks <= 16; chunks *= 4, cases++)
             if (check_block(block_shapes[s][0], block_shapes[s][1], block_shapes[s][2], chunks)) return 1;
