@@ -8,13 +8,14 @@ For each model, in one process and in alternating rounds so that all see the sam
              thread): what reading the weights once costs on this machine
     matmuls  a graph of only the model's weight MatMuls (same initializers, so the same onnxruntime kernels:
              QuantizeLinear + MatMulIntegerToFloat for QDQ int8, MatMulNBits, float MatMul), each fed its own
-             input: the kernels' share of a step (pipeline's StaticInt8MatMul too, with its library)
+             input: the kernels' share of a step (pipeline's StaticInt8MatMul and BlockInt8MatMul too, with
+             its library; block scales stored as float16 come with the Cast nodes that widen them)
     rest     the model with every weight MatMul replaced by a shape-only op (Pad / Slice / Identity), driven
              by the same decode loop: norms, attention, activations, quantize ops, dispatch, the Python loop
     step     the model's own decode step (the `pipeline bench` figure)
 
 A weight MatMul multiplies by a 2-D constant of at least 65,536 values (int8 through DequantizeLinear,
-MatMulNBits' packed blocks, StaticInt8MatMul's packed panels, or float); smaller ones (the online Hadamard, the
+MatMulNBits' packed blocks, StaticInt8MatMul's packed panels, BlockInt8MatMul's blocks, or float); smaller ones (the online Hadamard, the
 outlier split) stay in `rest`.
 Timings only: the `rest` graph computes nothing meaningful.
 """
@@ -44,7 +45,7 @@ MIN_WEIGHT_VALUES = 1 << 16
 
 @dataclass
 class WeightMatMul:
-    node: onnx.NodeProto       # the MatMul / MatMulNBits / StaticInt8MatMul
+    node: onnx.NodeProto       # the MatMul / MatMulNBits / StaticInt8MatMul / BlockInt8MatMul
     x: str                     # its float activation input (before any QuantizeLinear)
     k: int
     n: int
@@ -57,6 +58,33 @@ def _attr(node: onnx.NodeProto, name: str) -> int:
     return next(helper.get_attribute_value(a) for a in node.attribute if a.name == name)
 
 
+def _constants(name: str, inits: dict, producer: dict) -> list[onnx.NodeProto] | None:
+    """The nodes that compute `name` from initializers alone (block scales stored as float16 behind a Cast, a
+    K-quant's sub-block product), in order; [] for an initializer, None where a graph input feeds it."""
+    if name in inits or not name:
+        return []
+    node = producer.get(name)
+    if node is None:
+        return None
+    chain = []
+    for i in node.input:
+        sub = _constants(i, inits, producer)
+        if sub is None:
+            return None
+        chain += [n for n in sub if n not in chain]
+    return chain + [node]
+
+
+def _stored_bytes(node: onnx.NodeProto, inits: dict, producer: dict) -> int:
+    """Bytes of the initializers a weight op reads, directly or through constant nodes (its scales)."""
+    names = set()
+    for i in node.input[1:]:
+        names.update(n for c in (_constants(i, inits, producer) or []) for n in c.input if n in inits)
+        names.update([i] if i in inits else [])
+    return sum(int(np.prod(inits[n].dims)) * helper.tensor_dtype_to_np_dtype(inits[n].data_type).itemsize
+               for n in names)
+
+
 def weight_matmuls(model: onnx.ModelProto) -> list[WeightMatMul]:
     inits = {i.name: i for i in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
@@ -64,9 +92,15 @@ def weight_matmuls(model: onnx.ModelProto) -> list[WeightMatMul]:
     for node in model.graph.node:
         if node.op_type == "MatMulNBits":
             k, n = _attr(node, "K"), _attr(node, "N")
-            nbytes = sum(int(np.prod(inits[i].dims)) * (4 if inits[i].data_type == TensorProto.FLOAT else 1)
-                         for i in node.input[1:] if i in inits)
-            found.append(WeightMatMul(node, node.input[0], k, n, [], None, nbytes))
+            found.append(WeightMatMul(node, node.input[0], k, n, [], None, _stored_bytes(node, inits, producer)))
+        elif node.op_type == "BlockInt8MatMul":  # pipeline's block kernel: (N, K/32, 32) blocks, or packed codes
+            attrs = {a.name: a for a in node.attribute}
+            if "K" in attrs:
+                k, n = attrs["K"].i, sum(attrs["rows"].ints)
+            else:
+                rows, groups, width = inits[node.input[1]].dims
+                k, n = groups * width, rows
+            found.append(WeightMatMul(node, node.input[0], k, n, [], None, _stored_bytes(node, inits, producer)))
         elif node.op_type == "StaticInt8MatMul":  # pipeline's native kernel: w_packed (N/16, K/4, 64)
             panels, groups, _ = inits[node.input[1]].dims
             found.append(WeightMatMul(node, node.input[0], 4 * groups, 16 * panels, [], None, 64 * panels * groups))
@@ -107,6 +141,8 @@ def matmuls_only(model: onnx.ModelProto, mms: list[WeightMatMul], path: Path) ->
         inputs.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 1, mm.k]))
         rename = {mm.x: x}
         chain = [mm.quantize, producer[mm.node.input[0]]] if mm.quantize else []  # the activation's Q, DQ
+        for name in mm.node.input[1:]:  # constant nodes before the weight op (float16 scales' Cast)
+            chain += [c for c in _constants(name, inits, producer) or [] if c not in chain]
         chain += mm.weight_nodes + [mm.node]
         for n in chain:
             copy = onnx.NodeProto()
