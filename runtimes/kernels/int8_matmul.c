@@ -37,9 +37,14 @@
  * registers). NEON has no u8 x s8 dot product before i8mm, so on AArch64 the quantized activations are stored
  * minus 128 (as int8) and the zero point's correction becomes (zero_point - 128) * colsum: the same integers.
  */
+#define _DEFAULT_SOURCE /* madvise under -std=c11 */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
 #if defined(__x86_64__) && defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define KERNEL_AVX512 1
 #include <immintrin.h>
@@ -810,6 +815,20 @@ static OrtStatus* int_list(const OrtKernelInfo* info, const char* name, int64_t*
     return g_api->KernelInfoGetAttributeArray_int64(info, name, out, count);
 }
 
+/* Asks Linux to reclaim the whole pages of [data, data + bytes), which nothing reads again: where onnxruntime maps
+ * the initializer from the model's data file, the clean pages that unpacking read leave the process's resident
+ * memory (they are read from the file again if ever touched); elsewhere (an initializer in the heap, without
+ * swap) nothing happens. MADV_PAGEOUT never changes what the memory holds. */
+static void release_pages(const void* data, size_t bytes) {
+#if defined(__linux__) && defined(MADV_PAGEOUT)
+    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    const uintptr_t start = ((uintptr_t)data + page - 1) & ~(page - 1), end = ((uintptr_t)data + bytes) & ~(page - 1);
+    if (end > start) (void)madvise((void*)start, end - start, MADV_PAGEOUT);
+#else
+    (void)data, (void)bytes;
+#endif
+}
+
 /* Packed codes (the attributes K, bits, rows and the constant input 1, see BlockInt8MatMul above) -> k->blocks. */
 static OrtStatus* unpack_blocks(const OrtKernelInfo* info, int64_t K, Kernel* k) {
     int64_t bits[MAX_SEGMENTS], rows[MAX_SEGMENTS];
@@ -855,6 +874,7 @@ static OrtStatus* unpack_blocks(const OrtKernelInfo* info, int64_t K, Kernel* k)
             }
         }
     }
+    release_pages(data_of(value), (size_t)bytes);
     return NULL;
 }
 
