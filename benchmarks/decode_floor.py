@@ -15,8 +15,8 @@ For each model, in one process and in alternating rounds so that all see the sam
     step     the model's own decode step (the `pipeline bench` figure)
 
 A weight MatMul multiplies by a 2-D constant of at least 65,536 values (int8 through DequantizeLinear,
-MatMulNBits' packed blocks, StaticInt8MatMul's packed panels, BlockInt8MatMul's blocks, or float); smaller ones (the online Hadamard, the
-outlier split) stay in `rest`.
+MatMulNBits' packed blocks, StaticInt8MatMul's packed panels, BlockInt8MatMul's blocks, or float); smaller ones
+(the online Hadamard, the outlier split) stay in `rest`.
 Timings only: the `rest` graph computes nothing meaningful.
 """
 

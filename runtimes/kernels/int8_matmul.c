@@ -443,7 +443,8 @@ static OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* context) 
  * 1 is then a flat initializer: for each segment s of rows[s] rows, each row's K/32 blocks, each block 32 codes
  * c = W - 128 + 2^(b-1) in 4b bytes, a little-endian bit stream (code i at bits [i*b, i*b + b)), b = bits[s].
  * The kernel unpacks them into the (N, K/32, 32) bytes above once, when the session is created, and computes
- * exactly as for stored 8-bit blocks: the file holds b bits a weight, memory 8 (and the packed initializer).
+ * exactly as for stored 8-bit blocks: the file holds b bits a weight, memory 8 (the packed codes' pages are
+ * handed back to the system once read, release_pages).
  *
  * x86-64: vpdpbusd takes 64 stored bytes (two blocks) as its unsigned operand and A as its signed one; its
  * accumulator starts at -16 * sum(A of the block) in each of the block's 8 lanes (128 * sum over 8 lanes: the
