@@ -322,10 +322,10 @@ def _float_scales(index: GraphIndex, name: str) -> bool:
     return stored_scales(index, name) is not None
 
 
-def block_matmuls(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, bool]]:
+def block_matmuls(model: onnx.ModelProto, index: GraphIndex | None = None) -> list[tuple[onnx.NodeProto, bool]]:
     """The 8-bit MatMulNBits BlockInt8MatMul computes as they are (blocks of 32, zero point 128, int8 activations:
     accuracy_level 4, float32), each with whether another node also reads its stored blocks."""
-    index = GraphIndex(model)
+    index = index or GraphIndex(model)
     found = []
     for node in model.graph.node:
         if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
@@ -363,7 +363,6 @@ def rewrite_shared_blocks(model: onnx.ModelProto) -> int:
 
 
 MAX_SEGMENTS = 64       # the kernel's limit on runs of rows of one width (int8_matmul.c)
-BLOCK_CODES = 32        # codes a block
 PACK_MIN_SAVING = 1     # bits a weight, on average, that packing must save for an unshared MatMul to move
 
 
@@ -393,7 +392,7 @@ def pack_codes(codes: np.ndarray, bits: list[int], rows: list[int], chunk: int =
         shift, planes = np.uint8(128 - 2 ** (b - 1)), np.arange(b, dtype=np.uint8)
         for first in range(start, start + count, chunk):
             c = codes[first:min(first + chunk, start + count)] - shift
-            stream = ((c[..., None] >> planes) & 1).reshape(*c.shape[:-1], BLOCK_CODES * b)
+            stream = ((c[..., None] >> planes) & 1).reshape(*c.shape[:-1], c.shape[-1] * b)
             out.append(np.packbits(stream, axis=-1, bitorder="little").reshape(-1))
         start += count
     return np.concatenate(out)
@@ -405,7 +404,7 @@ def pack_narrow_blocks(model: onnx.ModelProto) -> dict[str, dict]:
     moved, its widths and the bytes before and after."""
     index = GraphIndex(model)
     moved, dropped = {}, set()
-    for node, shared in block_matmuls(model):
+    for node, shared in block_matmuls(model, index):
         if shared:  # the other reader needs the 8-bit blocks
             continue
         codes = numpy_helper.to_array(index.inits[node.input[1]])
