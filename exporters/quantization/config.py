@@ -42,7 +42,9 @@ class QuantConfig:
     weight_rounding: str = "gptq"   # w8a8/w8/w4: weights rounded by GPTQ (least output error on the calibration
                                     # tokens, exporters/gptq.py) or to "nearest" (onnxruntime's own)
     embedding_bits: int = 8         # w8a8/w8/w4: token-embedding table as GatherBlockQuantized (8), or float (32)
-    w4_max_ppl_increase: float = 0.08  # w4: MatMuls move to 8 bits, most damaging first, until within this
+    w4_max_ppl_increase: float = 0.08  # w4: MatMuls move to w4_high_bits, most damaging first, until within this
+    w4_high_bits: int = 8           # w4: the width the search moves a MatMul to: 8, or 5-7 (codes of that width
+                                    # in 8-bit MatMulNBits blocks, which `optimize --native-int8` stores packed)
     search: bool = True             # w8a8/w4: the budget search; False: every target in the recipe's form, measured
     zero_points: bool = False       # w4: 4-bit blocks span their [min, max] with a zero point each (nbits.py);
                                     # False: symmetric, MLAS's default grid
@@ -70,6 +72,8 @@ class QuantConfig:
             raise UserError(f"a GGUF file to keep the blocks of is for the gguf recipe, not {self.recipe}")
         if self.w4_max_ppl_increase < 0:
             raise UserError(f"w4_max_ppl_increase cannot be negative, got {self.w4_max_ppl_increase}")
+        if self.w4_high_bits not in (5, 6, 7, 8):
+            raise UserError(f"w4_high_bits must be 5 to 8, got {self.w4_high_bits}")
         if self.head_bits not in (4, 8):
             raise UserError(f"head_bits must be 4 or 8, got {self.head_bits}")
         if self.embedding_bits not in (8, 32):

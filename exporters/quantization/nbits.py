@@ -1,5 +1,5 @@
-"""Weight-only MatMulNBits (blockwise int8/int4: symmetric, or 4-bit with a zero point per block), and GPTQ
-rounding on its grid."""
+"""Weight-only MatMulNBits (blockwise int8/int4: symmetric, or 4-bit with a zero point per block; 5- to 7-bit codes
+in 8-bit blocks), and GPTQ rounding on its grid."""
 
 from __future__ import annotations
 
@@ -31,6 +31,9 @@ def nbits(model: onnx.ModelProto, bits: int, config: NBitsConfig,
     names = [n.name for n in GraphIndex(model).weight_matmuls() if n.name not in config.exclude
              and (include is None or n.name in include)]
     return write_nbits(model, dict.fromkeys(names, bits), config)
+
+
+NARROW_BITS = (5, 6, 7)  # widths stored as 8-bit MatMulNBits blocks whose codes span only that many bits
 
 
 @dataclass(frozen=True)
@@ -81,13 +84,33 @@ def pack_asymmetric(w: np.ndarray, bits: int, block_size: int, grid: tuple[np.nd
                   np.ascontiguousarray(zeros))
 
 
+def pack_narrow(w: np.ndarray, bits: int, block_size: int) -> Packed:
+    """`w` (K, N) on a symmetric `bits`-bit grid (5 to 7) stored as 8-bit MatMulNBits blocks: each block's scale
+    is MLAS's, peak / -2^(bits-1), and its codes 128 + q with q in [-2^(bits-1), 2^(bits-1) - 1], so MatMulNBits
+    computes scale * (code - 128) = w rounded to that grid. Values already on the grid (GPTQ's at `bits`) keep
+    their codes exactly. The file holds a byte a weight; `pipeline optimize --native-int8` stores the codes at
+    their own width (exporters/cpu_kernels.py `pack_narrow_blocks`)."""
+    k, n = w.shape
+    top = 2 ** (bits - 1)
+    # float32 throughout, as `fake_nbits` (the grid the search's ranking assumes) rounds
+    blocks = np.pad(w.astype(np.float32), ((0, -k % block_size), (0, 0))).reshape(-1, block_size, n)
+    peak = np.take_along_axis(blocks, np.abs(blocks).argmax(1)[:, None, :], axis=1)[:, 0]  # (blocks, N), signed
+    scale = np.where(peak == 0, np.float32(1), peak / np.float32(-top)).astype(np.float32)
+    q = np.clip(np.round(blocks / scale[:, None]), -top, top - 1)
+    codes = (q + 128).astype(np.uint8).transpose(2, 0, 1)  # (N, blocks, block_size)
+    return Packed(np.ascontiguousarray(codes), np.ascontiguousarray(scale.T), k, 8)
+
+
 def pack(w: np.ndarray, bits: int, block_size: int, zero_points: bool = False) -> Packed:
     """`w` (K, N) quantized by onnxruntime's own C++ block quantizer, as MatMulNBitsQuantizer stores it; with
-    `zero_points`, 4-bit blocks spanning [min, max] (`pack_asymmetric`)."""
+    `zero_points`, 4-bit blocks spanning [min, max] (`pack_asymmetric`); 5 to 7 bits as 8-bit blocks of codes
+    that narrow (`pack_narrow`)."""
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
     if zero_points and bits == 4:
         return pack_asymmetric(w, bits, block_size)
+    if bits in NARROW_BITS:
+        return pack_narrow(w, bits, block_size)
     w = np.ascontiguousarray(w, dtype=np.float32)
     k, n = w.shape
     blocks = -(-k // block_size)

@@ -246,8 +246,9 @@ class BlockwiseGptqConfig:
     block_size: int        # MatMulNBits' block size, the grid GPTQ rounds on
     bits: int              # the recipe's width (8 or 4)
     head_bits: int         # the output projection's width in a 4-bit model
-    search: bool           # a search may move 4-bit MatMuls to 8 bits: round them at both widths
+    search: bool           # a search may move 4-bit MatMuls to `high_bits`: round them at both widths
     zero_points: bool = False  # 4-bit blocks with a zero point each (the grid GPTQ rounds on)
+    high_bits: int = 8     # the width a searched 4-bit MatMul moves to (5-7: narrow codes in 8-bit blocks)
     hessian_budget: int = HESSIAN_BUDGET  # float64 Hessian bytes one calibration pass gathers
 
 
@@ -262,7 +263,7 @@ def run_blockwise_gptq(q: Quantizing, config: BlockwiseGptqConfig) -> Quantizing
         tie = tied_head(q.model, q.weights_dir) or (q.tie_map[:2] if q.tie_map else None)
         # a shared head keeps nearest rounding: GPTQ moves weights by more than a step to fix the head's
         # products, and the embedding reads the same weights as a table
-        widths = {n: (8,) if config.bits == 8 or n == head else (4, 8) if config.search else (4,)
+        widths = {n: (8,) if config.bits == 8 or n == head else (4, config.high_bits) if config.search else (4,)
                   for n in q.targets if tie is None or n != tie[1]}
         done = streamed_gptq(q.model, q.weights_dir, widths, q.calib_ids, config.plan, q.packs, q.workdir,
                              config.hessian_budget)
@@ -353,11 +354,13 @@ class WriteNBitsConfig:
     embedding_block: int | None    # the embedding table as int8 blocks of this size; None: float
     keep_float: bool = True        # the search may rewrite the model; False: the float weights are dropped once
                                    # it is written (no search follows), so measuring it holds no float copy
+    high_bits: int = 8             # the width the search moves a 4-bit MatMul to (5-7: narrow codes in 8-bit
+                                   # blocks, nbits.py `pack_narrow`)
 
 
 def run_write_nbits(q: Quantizing, config: WriteNBitsConfig) -> Quantizing:
     """Weight-only MatMulNBits for every target, from the packed store (GPTQ-rounded when `blockwise_gptq` ran);
-    taken-out MatMuls (the search's) at 8 bits."""
+    taken-out MatMuls (the search's) at `high_bits`, the head at 8."""
     bits, model = config.bits, q.model
     head = output_projection(model) if bits == 4 and config.head_bits == 8 else None
     head_at_8 = [head] if head is not None and head not in q.exclude else []
@@ -379,19 +382,19 @@ def run_write_nbits(q: Quantizing, config: WriteNBitsConfig) -> Quantizing:
             quantize_embeddings(m, config.embedding_block)
         return half_scales(m)  # and every block scale is stored as float16
 
-    def write(at_8: list[str]) -> None:
-        m = write_nbits(model, {t: 8 if t in at_8 else bits for t in names}, config.nbits, packed_of=store,
-                        weights_dir=q.weights_dir)
+    def write(taken_out: list[str]) -> None:
+        bits_of = {t: 8 if t in head_at_8 else config.high_bits if t in taken_out else bits for t in names}
+        m = write_nbits(model, bits_of, config.nbits, packed_of=store, weights_dir=q.weights_dir)
         q.details["scales"] = finish(m)
         save_model_auto(m, q.staged, shipped=True)
 
     def switch() -> NBitsSwitch:
         gated = [n for n in names if n not in head_at_8 and n not in q.exclude]
         return NBitsSwitch(model, gated, dict.fromkeys(head_at_8, 8), store, config.nbits, q.workdir,
-                           q.weights_dir, finish=finish)
+                           q.weights_dir, high=config.high_bits, finish=finish)
 
-    q.write, q.switch = (lambda at_8: write(head_at_8 + at_8)), switch
-    write(head_at_8)
+    q.write, q.switch = write, switch
+    write([])
     if not config.keep_float:
         q.write = q.switch = q.packs = None
         q.model = without_weights(q.model)  # the float graph's memory goes with the last reference to it

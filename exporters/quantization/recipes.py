@@ -36,12 +36,12 @@ def _nbits(bits: int) -> Callable[[QuantConfig], p.WriteNBitsConfig]:
     return lambda c: p.WriteNBitsConfig(bits, NBitsConfig(c.block_size, c.accuracy_level, c.exclude, c.zero_points),
                                         c.head_bits,
                                         c.block_size if c.quantizes_embeddings else None,
-                                        keep_float=bits == 4 and c.search)
+                                        keep_float=bits == 4 and c.search, high_bits=c.w4_high_bits)
 
 
 def _blockwise_gptq(bits: int) -> Callable[[QuantConfig], p.BlockwiseGptqConfig | None]:
     return lambda c: (p.BlockwiseGptqConfig(c.plan, c.block_size, bits, c.head_bits, bits == 4 and c.search,
-                                            c.zero_points)
+                                            c.zero_points, c.w4_high_bits)
                       if c.weight_rounding == "gptq" else None)
 
 
@@ -62,7 +62,7 @@ def _w4_search(c: QuantConfig) -> p.SearchConfig:
     if not c.search:
         return _measure_only(c)
     return p.SearchConfig(c.acceptance(c.w4_max_ppl_increase), c.top1_z, c.sensitivity_tokens, "ppl_all_4bit",
-                          "w4_search", "8 bits", "4 bits")
+                          "w4_search", f"{c.w4_high_bits} bits", "4 bits")
 
 
 STATIC_WRITE = (Step("targets", p.choose_static_targets, lambda c: p.TargetsConfig()),)

@@ -106,29 +106,30 @@ def _axis(dq: onnx.NodeProto) -> int:
 
 class NBitsSwitch(QuantSwitch):
     """The weight-only model with each gated MatMul as an `If` between its MatMulNBits at `low` bits (gate on)
-    and at 8 (gate off), both read from the packed store: the search evaluates any mix exactly as it would be
+    and at `high` (gate off; 5-7 are narrow codes in 8-bit blocks), both read from the packed store: the search evaluates any mix exactly as it would be
     written, holding packed weights only (a float copy and float stand-ins were 8 bytes a weight). Only the
     chosen branch runs, so a forward costs what the written model's does. `fixed` MatMuls are written at their
     bits outright (a 4-bit model's 8-bit head); `finish` then does to the graph what the writer does after its
     MatMuls (the embedding's int8 blocks, or its gathering the head's), so every mix is the model written."""
 
     def __init__(self, model: onnx.ModelProto, gated: list[str], fixed: dict[str, int], packed_of: PackedOf,
-                 config: NBitsConfig, workdir: Path, weights_dir: Path, low: int = 4,
+                 config: NBitsConfig, workdir: Path, weights_dir: Path, low: int = 4, high: int = 8,
                  finish: Callable[[onnx.ModelProto], None] = lambda m: None):
         self.gates = {name: f"quant_switch.{i}" for i, name in enumerate(gated)}
-        # the model written with every gated MatMul at 8 bits; each of those then becomes the `If`'s else branch
-        out = write_nbits(model, {**dict.fromkeys(gated, 8), **fixed}, config, packed_of, weights_dir)
+        # the model written with every gated MatMul at `high` bits (8-bit MatMulNBits: narrower codes are stored
+        # in 8-bit blocks); each of those then becomes the `If`'s else branch
+        out = write_nbits(model, {**dict.fromkeys(gated, high), **fixed}, config, packed_of, weights_dir)
         floats, written = GraphIndex(model).nodes, {n.name: n for n in out.graph.node}
         for name, gate in self.gates.items():
-            high = written[f"{name}_Q8"]
-            y = high.output[0]
+            upper = written[f"{name}_Q8"]
+            y = upper.output[0]
             lower, inits = nbits_node(floats[name], packed_of(name, low), config, outputs=[f"{y}.q{low}"])
             lower.input[2] = inits[1].name = f"{inits[1].name}_Q{low}"  # the 8-bit scales keep the plain name
             out.graph.initializer.extend(inits)
-            high.output[0] = f"{y}.q8"
+            upper.output[0] = f"{y}.q{high}"
             then, other = (helper.make_graph([n], f"{name}.q{b}", [], [helper.make_tensor_value_info(
-                n.output[0], onnx.TensorProto.FLOAT, None)]) for n, b in ((lower, low), (high, 8)))
-            high.CopyFrom(helper.make_node("If", [gate], [y], name=name, then_branch=then, else_branch=other))
+                n.output[0], onnx.TensorProto.FLOAT, None)]) for n, b in ((lower, low), (upper, high)))
+            upper.CopyFrom(helper.make_node("If", [gate], [y], name=name, then_branch=then, else_branch=other))
         out.graph.input.extend(helper.make_tensor_value_info(gate, onnx.TensorProto.BOOL, [])
                                for gate in self.gates.values())
         finish(out)

@@ -39,8 +39,11 @@ class QuantizeStageConfig:
     fallback: str = option(str, "w8", "w8a8: what the MatMuls the budget takes out of static int8 become: int8 "
                            "weight-only (MatMulNBits) or float (a pure QDQ graph, for NPU execution providers).",
                            choices=FALLBACKS)
-    w4_max_ppl_increase: float = option(float, 0.08, "w4: MatMuls move to 8 bits, most damaging first, until "
-                                        "perplexity is within this.", lo=0)
+    w4_max_ppl_increase: float = option(float, 0.08, "w4: MatMuls move to --w4-high-bits, most damaging first, "
+                                        "until perplexity is within this.", lo=0)
+    w4_high_bits: int = option(int, 8, "w4: the width the search moves a MatMul to: 8, or 5 to 7 (codes of that "
+                               "width in 8-bit MatMulNBits blocks: as large a file on onnxruntime alone, stored at "
+                               "their width by `optimize --native-int8`).", lo=5, hi=8)
     search: bool = option(bool, True, "w8a8/w4: the budget search (MatMuls leave the recipe's form, most "
                           "damaging first, until within budget); --no-search writes every MatMul in the recipe's "
                           "form and only measures it (w4: the 8-bit forms are then never packed).",
@@ -89,6 +92,7 @@ class QuantizeStageConfig:
                            per_channel=self.per_channel, max_ppl_increase=self.max_ppl_increase,
                            block_size=self.block_size, accuracy_level=self.accuracy_level,
                            fallback=self.fallback, w4_max_ppl_increase=self.w4_max_ppl_increase,
+                           w4_high_bits=self.w4_high_bits,
                            search=self.search, zero_points=self.zero_points,
                            weight_rounding=self.weight_rounding, rotate=self.rotate,
                            outlier_channels=self.outlier_channels, online_hadamard=self.online_hadamard,

@@ -385,9 +385,9 @@ def test_only_unshared_8bit_blocks_of_fewer_bits_are_packed():
 @pytest.mark.parametrize("k, m", [(96, 1), (640, 3), (2048, 5)])
 def test_packed_blocks_compute_what_matmul_nbits_does_on_the_8bit_ones(native_kernels, k, m):
     """BlockInt8MatMul on packed codes (unpacked when the session starts) against onnxruntime's MatMulNBits on
-    the same codes stored 8-bit: decode and prefill rows, 1 and 2 threads, runs of 5, 8, 6 and 2 bits."""
-    widths = [(37, 5), (8, 8), (16, 6), (3, 2), (16, 5)]
-    model = tied_nbits_model(80, k, gathered=False, fp16_scales=True, widths=widths, seed=k)
+    the same codes stored 8-bit: decode and prefill rows, 1 and 2 threads, runs of every width from 2 to 8 bits."""
+    widths = [(37, 5), (8, 8), (16, 6), (3, 2), (16, 5), (5, 7), (4, 4), (3, 3)]
+    model = tied_nbits_model(sum(r for r, _ in widths), k, gathered=False, fp16_scales=True, widths=widths, seed=k)
     native = onnx.ModelProto()
     native.CopyFrom(model)
     assert pack_narrow_blocks(native)

@@ -81,3 +81,52 @@ def test_onnxruntime_multiplies_by_the_packed_weight_with_its_zero_points():
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     expected = x.astype(np.float64) @ dequantized(p, k, block)
     np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def nbits_product(p, x: np.ndarray, block: int) -> np.ndarray:
+    """onnxruntime's MatMulNBits (fp32 compute) of `x` by the Packed weight `p` (no zero points)."""
+    k, n = p.k, p.packed.shape[0]
+    node = helper.make_node("MatMulNBits", ["x", "B", "S"], ["y"], domain="com.microsoft", K=k, N=n, bits=p.bits,
+                            block_size=block)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [x.shape[0], n])],
+                              [numpy_helper.from_array(p.packed, "B"), numpy_helper.from_array(p.scales, "S")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("bits", [5, 6, 7])
+def test_narrow_codes_in_8_bit_blocks_are_the_narrow_grid(bits):
+    """5 to 7 bits: 8-bit MatMulNBits blocks whose codes span 2^bits levels around 128, each block's peak on
+    -2^(bits-1); onnxruntime computes exactly the weight rounded to that grid."""
+    rng = np.random.default_rng(bits)
+    k, n, block = 96, 24, 32
+    w = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
+    p = pack(w, bits, block)
+    top = 2 ** (bits - 1)
+    assert p.bits == 8 and p.packed.shape == (n, k // block, block) and p.zero_points is None
+    q = p.packed.astype(np.int32) - 128
+    assert q.min() >= -top and q.max() <= top - 1 and (q.min(axis=2) == -top).all()  # every block's peak at -top
+    grid = fake_nbits(w, bits, block)
+    unpacked = (q * p.scales[..., None]).reshape(n, k).T
+    np.testing.assert_allclose(unpacked, grid, rtol=1e-6, atol=1e-9)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    np.testing.assert_allclose(nbits_product(p, x, block), x.astype(np.float64) @ grid, rtol=1e-4, atol=1e-5)
+    # finer than 4 bits and coarser than 8, by about 2x per bit
+    errors = {b: np.abs(fake_nbits(w, b, block) - w).mean() for b in (4, bits, 8)}
+    assert errors[8] * 2 ** (8 - bits) * 0.7 < errors[bits] < errors[4] / 2 ** (bits - 4) * 1.4
+
+
+def test_gptq_at_6_bits_keeps_its_codes_in_8_bit_blocks():
+    """GPTQ's 6-bit rounding, packed, is exactly what MatMulNBits unpacks: no code moves in the store."""
+    rng = np.random.default_rng(6)
+    k, n, block = 128, 16, 32
+    w = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
+    x = rng.standard_normal((512, k))
+    rounded = gptq_blockwise(w, x.T @ x, 6, block)
+    p = pack(rounded, 6, block)
+    unpacked = ((p.packed.astype(np.float64) - 128) * p.scales[..., None]).reshape(n, k).T
+    np.testing.assert_allclose(unpacked, rounded, rtol=1e-6, atol=1e-9)
+    assert (np.abs(p.packed.astype(np.int32) - 128) <= 32).all()

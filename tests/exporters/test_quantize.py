@@ -424,6 +424,32 @@ def test_w4_moves_the_most_damaging_matmuls_to_8_bits_until_the_budget_holds(mod
     assert perplexity(path, valid_ids) == pytest.approx(report["ppl"]["quantized"])
 
 
+def test_w4_can_move_matmuls_to_6_bits_which_the_native_kernel_stores_at_6(models, quantized, valid_ids):
+    """--w4-high-bits 6: the search's MatMuls leave 4 bits for 6-bit codes in 8-bit MatMulNBits blocks (GPTQ-
+    rounded on the 6-bit grid), the head stays at 8, the written model is the one measured, and the native
+    kernel's packing stores exactly those MatMuls at 6 bits a weight."""
+    from exporters.cpu_kernels import pack_narrow_blocks
+
+    path, report = quantized("fused", "w4", w4_max_ppl_increase=0.10, w4_high_bits=6)
+    upgraded = {n for n, why in report["fallback_matmuls"].items() if why.startswith("sensitive")}
+    assert upgraded and all(report["fallback_matmuls"][n].endswith("-> 6 bits") for n in upgraded)
+    assert report["ppl"]["increase"] <= 0.10
+    assert perplexity(path, valid_ids) == pytest.approx(report["ppl"]["quantized"])
+    model = onnx.load(str(path))
+    index = GraphIndex(model)
+    spans = {}
+    for n in model.graph.node:
+        if n.op_type == "MatMulNBits" and {a.name: a.i for a in n.attribute}["bits"] == 8:
+            codes = numpy_helper.to_array(index.inits[n.input[1]]).astype(np.int32) - 128
+            spans[n.name.rsplit("_Q", 1)[0]] = (codes.min(), codes.max())
+    assert set(spans) == upgraded | {"/model/lm_head/MatMul"}
+    assert all(spans[n][0] == -32 and spans[n][1] <= 31 for n in upgraded)  # each block's peak on -32
+    assert spans["/model/lm_head/MatMul"][0] < -32  # the shared head keeps its 8 bits
+    moved = pack_narrow_blocks(model)
+    assert {n.rsplit("_Q", 1)[0] for n in moved} == upgraded
+    assert all(m["rows_at_bits"].keys() == {"6"} and m["bytes"][1] * 8 == m["bytes"][0] * 6 for m in moved.values())
+
+
 def test_w4_without_the_search_writes_every_matmul_at_4_bits_and_only_measures(models, quantized, valid_ids):
     """--no-search: the same budget is not acted on (all-4-bit misses it here), the model is written once with
     every MatMul but the head at 4 bits, in the same blocks the searched model has, and it is measured."""
