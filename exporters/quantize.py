@@ -22,7 +22,8 @@ Recipes (lists of passes: exporters/quantization/recipes.py; the passes: exporte
           kernel, activations stay float (or int8 per block with accuracy_level 4). Calibration text only serves
           the GPTQ rounding, streamed over bounded groups of Hessians into one packed store that the writer and
           the search share (exporters/quantization/packs.py); w4 moves its most damaging MatMuls to 8 bits
-          within a budget, judged on an exact 4/8-bit switch. The float weights are read lazily, one at a time.
+          (or 5-7: `w4_high_bits`) within a budget, judged on an exact switch between the two widths. The
+          float weights are read lazily, one at a time.
 
   gguf    a graph built from a quantized GGUF file with that file's own blocks as MatMulNBits, exactly
           (exporters/quantization/grid.py, models/gguf_grid.py); only measured, never searched.
