@@ -1,5 +1,5 @@
-"""4-bit MatMulNBits blocks with zero points: the packer's layout is onnxruntime's, GPTQ's rounding on that grid
-survives packing exactly, and onnxruntime computes the packed weight."""
+"""4-bit MatMulNBits blocks with zero points, and 5- to 7-bit codes in 8-bit blocks: the packer's layout is
+onnxruntime's, GPTQ's rounding on each grid survives packing exactly, and onnxruntime computes the packed weight."""
 
 from __future__ import annotations
 
