@@ -106,11 +106,12 @@ def _axis(dq: onnx.NodeProto) -> int:
 
 class NBitsSwitch(QuantSwitch):
     """The weight-only model with each gated MatMul as an `If` between its MatMulNBits at `low` bits (gate on)
-    and at `high` (gate off; 5-7 are narrow codes in 8-bit blocks), both read from the packed store: the search evaluates any mix exactly as it would be
-    written, holding packed weights only (a float copy and float stand-ins were 8 bytes a weight). Only the
-    chosen branch runs, so a forward costs what the written model's does. `fixed` MatMuls are written at their
-    bits outright (a 4-bit model's 8-bit head); `finish` then does to the graph what the writer does after its
-    MatMuls (the embedding's int8 blocks, or its gathering the head's), so every mix is the model written."""
+    and at `high` (gate off; 5-7 are narrow codes in 8-bit blocks), both read from the packed store: the search
+    evaluates any mix exactly as it would be written, holding packed weights only (a float copy and float
+    stand-ins were 8 bytes a weight). Only the chosen branch runs, so a forward costs what the written model's
+    does. `fixed` MatMuls are written at their bits outright (a 4-bit model's 8-bit head); `finish` then does to
+    the graph what the writer does after its MatMuls (the embedding's int8 blocks, or its gathering the head's),
+    so every mix is the model written."""
 
     def __init__(self, model: onnx.ModelProto, gated: list[str], fixed: dict[str, int], packed_of: PackedOf,
                  config: NBitsConfig, workdir: Path, weights_dir: Path, low: int = 4, high: int = 8,
