@@ -90,15 +90,9 @@ def pack_narrow(w: np.ndarray, bits: int, block_size: int) -> Packed:
     computes scale * (code - 128) = w rounded to that grid. Values already on the grid (GPTQ's at `bits`) keep
     their codes exactly. The file holds a byte a weight; `pipeline optimize --native-int8` stores the codes at
     their own width (exporters/cpu_kernels.py `pack_narrow_blocks`)."""
-    k, n = w.shape
-    top = 2 ** (bits - 1)
-    # float32 throughout, as `fake_nbits` (the grid the search's ranking assumes) rounds
-    blocks = np.pad(w.astype(np.float32), ((0, -k % block_size), (0, 0))).reshape(-1, block_size, n)
-    peak = np.take_along_axis(blocks, np.abs(blocks).argmax(1)[:, None, :], axis=1)[:, 0]  # (blocks, N), signed
-    scale = np.where(peak == 0, np.float32(1), peak / np.float32(-top)).astype(np.float32)
-    q = np.clip(np.round(blocks / scale[:, None]), -top, top - 1)
+    q, scale = symmetric_blocks(w.astype(np.float32), bits, block_size)
     codes = (q + 128).astype(np.uint8).transpose(2, 0, 1)  # (N, blocks, block_size)
-    return Packed(np.ascontiguousarray(codes), np.ascontiguousarray(scale.T), k, 8)
+    return Packed(np.ascontiguousarray(codes), np.ascontiguousarray(scale[:, 0].T, dtype=np.float32), w.shape[0], 8)
 
 
 def pack(w: np.ndarray, bits: int, block_size: int, zero_points: bool = False) -> Packed:
@@ -203,15 +197,20 @@ def nbits_quantized(model: onnx.ModelProto, bits: int | None = None) -> set[str]
     return found
 
 
-def fake_nbits(w: np.ndarray, bits: int, block_size: int) -> np.ndarray:
-    """w (K, N) rounded as symmetric `bits`-bit blocks of `block_size` along K (K padded to a whole block)."""
+def symmetric_blocks(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Codes q (blocks, block_size, N), in [-2^(bits-1), 2^(bits-1) - 1], and scales (blocks, 1, N) of w (K, N)
+    as symmetric `bits`-bit blocks of `block_size` along K (K padded to a whole block), in w's float type."""
     k, n = w.shape
-    pad = -k % block_size
-    blocks = np.pad(w, ((0, pad), (0, 0))).reshape(-1, block_size, n)
+    blocks = np.pad(w, ((0, -k % block_size), (0, 0))).reshape(-1, block_size, n)
     top = 2 ** (bits - 1)
     # MLAS's symmetric blocks: the value of largest magnitude maps exactly to -top (the scale takes its sign)
     peak = np.take_along_axis(blocks, np.abs(blocks).argmax(1)[:, None, :], axis=1)
     scale = peak / -top
     scale[scale == 0] = 1.0
-    q = np.clip(np.round(blocks / scale), -top, top - 1) * scale
-    return q.reshape(-1, n)[:k]
+    return np.clip(np.round(blocks / scale), -top, top - 1), scale
+
+
+def fake_nbits(w: np.ndarray, bits: int, block_size: int) -> np.ndarray:
+    """w (K, N) rounded as symmetric `bits`-bit blocks of `block_size` along K (K padded to a whole block)."""
+    q, scale = symmetric_blocks(w, bits, block_size)
+    return (q * scale).reshape(-1, w.shape[1])[:w.shape[0]]
