@@ -31,6 +31,10 @@ An 8-bit MatMulNBits that nothing else reads, whose codes span fewer bits (a GGU
 recipe writes as 8-bit blocks, MatMulNBits having no 5-bit form), becomes BlockInt8MatMul over those codes
 packed at their own width (`pack_narrow_blocks`): the file holds 5 bits a weight, not 8; the kernel unpacks them
 once when the session starts and computes as on the stored blocks.
+
+BlockGather: a tied head of such narrow codes (w4's --head-bits 5 to 7), whose blocks the token embedding
+gathers, is packed the same way, and the embedding's lookup reads the rows it needs from the packed codes
+(`pack_shared_head`): the table is stored once, at its codes' width.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from exporters.quantization.scales import stored_scales
 from models.errors import UserError
 from models.files import staging_dir
 from runtimes.contract import LOGITS, set_metadata
-from runtimes.kernels import BLOCK_OP, OP
+from runtimes.kernels import BLOCK_OP, GATHER_OP, OP
 
 DOMAIN = "com.pipeline"
 KERNEL_KEY = "pipeline.cpu_kernels"  # metadata: which native kernels the graph needs
@@ -398,38 +402,127 @@ def pack_codes(codes: np.ndarray, bits: list[int], rows: list[int], chunk: int =
     return np.concatenate(out)
 
 
+def narrow_widths(codes: np.ndarray) -> tuple[list[int], list[int]] | None:
+    """`segments` of 8-bit codes (N, K/32, 32) that fit fewer bits, where packing them saves at least
+    PACK_MIN_SAVING bits a weight on average; else None."""
+    bits, rows = segments(code_bits(codes))
+    saved = sum((8 - b) * r for b, r in zip(bits, rows)) / len(codes)
+    return (bits, rows) if saved >= PACK_MIN_SAVING else None
+
+
+def _packed_attributes(node: onnx.NodeProto, k: int, bits: list[int], rows: list[int]) -> None:
+    node.attribute.extend([helper.make_attribute("K", k), helper.make_attribute("bits", bits),
+                           helper.make_attribute("rows", rows)])
+
+
+def _to_packed_op(model: onnx.ModelProto, node: onnx.NodeProto, codes: np.ndarray, bits: list[int],
+                  rows: list[int]) -> dict:
+    """The `block_matmuls` node as BlockInt8MatMul over its codes packed at (bits, rows), a new initializer named
+    after its blocks + "_packed" (the blocks stay for the caller to drop); returns its widths and the bytes
+    before and after."""
+    packed = pack_codes(codes, bits, rows)
+    name = f"{node.input[1]}_packed"
+    model.graph.initializer.append(numpy_helper.from_array(packed, name))
+    k = next(a.i for a in node.attribute if a.name == "K")
+    _to_block_op(model, node)
+    node.input[1] = name
+    _packed_attributes(node, k, bits, rows)
+    widths = Counter()
+    for b, r in zip(bits, rows):
+        widths[b] += r
+    return {"rows_at_bits": {str(b): widths[b] for b in sorted(widths)},
+            "bytes": [int(codes.size), int(packed.size)]}
+
+
+def _drop_initializers(model: onnx.ModelProto, names: set[str]) -> None:
+    kept = [t for t in model.graph.initializer if t.name not in names]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+
+
 def pack_narrow_blocks(model: onnx.ModelProto) -> dict[str, dict]:
-    """Each unshared `block_matmuls` node whose codes fit fewer bits (at least PACK_MIN_SAVING a weight saved)
-    becomes BlockInt8MatMul over the codes packed at their widths (attributes K, bits, rows); returns, per node
-    moved, its widths and the bytes before and after."""
+    """Each unshared `block_matmuls` node whose codes fit fewer bits (`narrow_widths`) becomes BlockInt8MatMul
+    over the codes packed at their widths (attributes K, bits, rows); returns, per node moved, its widths and
+    the bytes before and after."""
     index = GraphIndex(model)
     moved, dropped = {}, set()
     for node, shared in block_matmuls(model, index):
-        if shared:  # the other reader needs the 8-bit blocks
+        if shared:  # the other reader needs the 8-bit blocks (`pack_shared_head` takes a tied table's)
             continue
         codes = numpy_helper.to_array(index.inits[node.input[1]])
-        bits, rows = segments(code_bits(codes))
-        saved = sum((8 - b) * r for b, r in zip(bits, rows)) / len(codes)
-        if saved < PACK_MIN_SAVING:
+        widths = narrow_widths(codes)
+        if widths is None:
             continue
-        packed = pack_codes(codes, bits, rows)
-        name = f"{node.input[1]}_packed"
-        model.graph.initializer.append(numpy_helper.from_array(packed, name))
         dropped.add(node.input[1])
-        k = next(a.i for a in node.attribute if a.name == "K")
         original = node.name
-        _to_block_op(model, node)
-        node.input[1] = name
-        node.attribute.extend([helper.make_attribute("K", k), helper.make_attribute("bits", bits),
-                               helper.make_attribute("rows", rows)])
-        widths = Counter()
-        for b, r in zip(bits, rows):
-            widths[b] += r
-        moved[original] = {"rows_at_bits": {str(b): widths[b] for b in sorted(widths)},
-                           "bytes": [int(codes.size), int(packed.size)]}
-    kept = [t for t in model.graph.initializer if t.name not in dropped]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
+        moved[original] = _to_packed_op(model, node, codes, *widths)
+    _drop_initializers(model, dropped)
+    return moved
+
+
+def shared_table_lookup(index: GraphIndex, matmul: onnx.NodeProto) -> tuple[list[onnx.NodeProto], str] | None:
+    """The nodes through which a tied table reads the 8-bit MatMulNBits `matmul`'s blocks (embedding.py
+    `share_tied_table`: Gather of the blocks, Cast, Sub 128, times the Gather of the scales, Unsqueezed, Reshape
+    to (batch, sequence, K)), and the token ids they gather; None when anything else reads the blocks."""
+    blocks, scales = matmul.input[1], matmul.input[2]
+    readers = [n for n in index.consumers.get(blocks, []) if n is not matmul]
+    if len(readers) != 1 or readers[0].op_type != "Gather" or readers[0].input[0] != blocks \
+            or any(a.name == "axis" and a.i != 0 for a in readers[0].attribute):
+        return None
+    gather, ids = readers[0], readers[0].input[1]
+
+    def only(node: onnx.NodeProto, op: str) -> onnx.NodeProto | None:
+        found = index.consumers.get(node.output[0], [])
+        return found[0] if len(found) == 1 and found[0].op_type == op else None
+
+    cast = only(gather, "Cast")
+    sub = cast and only(cast, "Sub")
+    mul = sub and only(sub, "Mul")
+    reshape = mul and only(mul, "Reshape")
+    if reshape is None or sub.input[0] != cast.output[0] or mul.input[0] != sub.output[0]:
+        return None
+    zero, shape = index.constant_source(sub.input[1]), index.constant_source(reshape.input[1])
+    unsqueeze = index.producers.get(mul.input[1])
+    scale_gather = unsqueeze and index.producers.get(unsqueeze.input[0])
+    if (zero is None or numpy_helper.to_array(zero).tolist() != 128.0 or shape is None
+            or numpy_helper.to_array(shape).tolist() != [0, 0, -1] or unsqueeze.op_type != "Unsqueeze"
+            or scale_gather is None or scale_gather.op_type != "Gather" or list(scale_gather.input) != [scales, ids]
+            or any(a.name == "axis" and a.i != 0 for a in scale_gather.attribute)
+            or len(index.consumers.get(unsqueeze.output[0], [])) != 1
+            or len(index.consumers.get(scale_gather.output[0], [])) != 1):
+        return None
+    return [gather, cast, sub, scale_gather, unsqueeze, mul, reshape], ids
+
+
+def pack_shared_head(model: onnx.ModelProto) -> dict[str, dict]:
+    """A tied head whose 8-bit blocks the token embedding gathers (`shared_table_lookup`) and whose codes fit
+    fewer bits (`narrow_widths`: w4's --head-bits 5 to 7) becomes BlockInt8MatMul over the codes packed at their
+    widths, and the embedding's lookup one BlockGather on the same packed codes, which dequantizes the rows it
+    is asked for exactly as the nodes it replaces did: the table is stored once, at its codes' width. Returns
+    what `pack_narrow_blocks` does."""
+    index = GraphIndex(model)
+    moved, dropped = {}, set()
+    for node, shared in block_matmuls(model, index):
+        lookup = shared_table_lookup(index, node) if shared else None
+        codes = numpy_helper.to_array(index.inits[node.input[1]]) if lookup is not None else None
+        widths = narrow_widths(codes) if codes is not None else None
+        if widths is None:
+            continue
+        chain, ids = lookup
+        dropped.add(node.input[1])
+        original, scales = node.name, node.input[2]
+        moved[original] = _to_packed_op(model, node, codes, *widths)
+        rows = chain[-1]
+        gather = helper.make_node(GATHER_OP, [node.input[1], ids, scales], list(rows.output),
+                                  f"{chain[0].name}/{GATHER_OP}", domain=DOMAIN)
+        _packed_attributes(gather, codes.shape[1] * codes.shape[2], *widths)
+        at = list(model.graph.node).index(rows)
+        model.graph.node.insert(at, gather)
+        for n in chain:
+            model.graph.node.remove(n)
+    _drop_initializers(model, dropped)
+    if moved:
+        remove_dead_nodes(model)  # the lookup's constants
     return moved
 
 
@@ -443,18 +536,20 @@ def specialize(source: Path, target: Path, portable: Path | None = None, move_he
     moved = head_on_table_blocks(model) if move_head else None
     if moved is not None and portable is not None:
         save_model_auto(model, portable)
-    static, shared, packed = rewrite(model), rewrite_shared_blocks(model), pack_narrow_blocks(model)
+    static, head = rewrite(model), pack_shared_head(model)
+    shared, packed = rewrite_shared_blocks(model), {**head, **pack_narrow_blocks(model)}
     if not static + shared + len(packed):
         raise UserError(f"{source} has no static int8 MatMul, no 8-bit head shared with its embedding and no 8-bit "
                         "blocks of fewer bits for the native kernels: quantize it with `pipeline quantize --recipe "
                         "w8a8` (or w4, w8, gguf with a tied embedding) first")
-    kernels = [name for name, count in ((OP, static), (BLOCK_OP, shared + len(packed))) if count]
+    kernels = [name for name, count in ((OP, static), (BLOCK_OP, shared + len(packed)), (GATHER_OP, len(head)))
+               if count]
     set_metadata(model, KERNEL_KEY, ",".join(kernels))
     with staging_dir(target) as staging:  # saved under its final name (the external data's name is inside it)
         save_model_auto(model, staging / target.name, shipped=True)
         move_model(staging / target.name, target)
     results = {"kernel": " + ".join(kernels), "matmuls": static + shared + len(packed), "static_matmuls": static,
-               "shared_head_matmuls": shared, "packed_matmuls": packed, "nodes_before": before,
+               "shared_head_matmuls": shared + len(head), "packed_matmuls": packed, "nodes_before": before,
                "nodes_after": len(model.graph.node)}
     if moved is not None:
         results["head_on_table_blocks"] = moved

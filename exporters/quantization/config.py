@@ -48,8 +48,9 @@ class QuantConfig:
     search: bool = True             # w8a8/w4: the budget search; False: every target in the recipe's form, measured
     zero_points: bool = False       # w4: 4-bit blocks span their [min, max] with a zero point each (nbits.py);
                                     # False: symmetric, MLAS's default grid
-    head_bits: int = 8              # w4: the output projection (lm_head) at 8 bits, as llama.cpp's Q4_K_M keeps
-                                    # output.weight at 6; 4 = like every other MatMul
+    head_bits: int = 8              # w4: the output projection (lm_head) at this width, 5-8 (llama.cpp's Q4_K_M
+                                    # keeps output.weight at 6; 5-7 are narrow codes in 8-bit blocks, nbits.py),
+                                    # or 4: like every other MatMul
     rotate: bool = True             # w8a8/w4: fold randomized Hadamard rotations (exporters/rotation.py) into the
                                     # weights (w8a8: before smoothing), so no channel of the residual stream is an
                                     # outlier
@@ -74,8 +75,8 @@ class QuantConfig:
             raise UserError(f"w4_max_ppl_increase cannot be negative, got {self.w4_max_ppl_increase}")
         if self.w4_high_bits not in (5, 6, 7, 8):
             raise UserError(f"w4_high_bits must be 5 to 8, got {self.w4_high_bits}")
-        if self.head_bits not in (4, 8):
-            raise UserError(f"head_bits must be 4 or 8, got {self.head_bits}")
+        if not 4 <= self.head_bits <= 8:
+            raise UserError(f"head_bits must be 4 to 8, got {self.head_bits}")
         if self.embedding_bits not in (8, 32):
             raise UserError(f"embedding_bits must be 8 or 32 (float), got {self.embedding_bits}")
         if self.weight_rounding not in ROUNDINGS:

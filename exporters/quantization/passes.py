@@ -245,7 +245,7 @@ class BlockwiseGptqConfig:
     plan: CalibrationPlan  # calibration feeds
     block_size: int        # MatMulNBits' block size, the grid GPTQ rounds on
     bits: int              # the recipe's width (8 or 4)
-    head_bits: int         # the output projection's width in a 4-bit model
+    head_bits: int         # the output projection's width in a 4-bit model (4: searched like the rest)
     search: bool           # a search may move 4-bit MatMuls to `high_bits`: round them at both widths
     zero_points: bool = False  # 4-bit blocks with a zero point each (the grid GPTQ rounds on)
     high_bits: int = 8     # the width a searched 4-bit MatMul moves to (5-7: narrow codes in 8-bit blocks)
@@ -259,11 +259,12 @@ def run_blockwise_gptq(q: Quantizing, config: BlockwiseGptqConfig) -> Quantizing
     if q.details["weight_rounding"] == "gptq":
         q.packs = PackedWeights(q.model, q.weights_dir, config.block_size, keep=config.search,
                                 zero_points=config.zero_points)
-        head = output_projection(q.model) if config.bits == 4 and config.head_bits == 8 else None
+        head = output_projection(q.model) if config.bits == 4 and config.head_bits > 4 else None
         tie = tied_head(q.model, q.weights_dir) or (q.tie_map[:2] if q.tie_map else None)
         # a shared head keeps nearest rounding: GPTQ moves weights by more than a step to fix the head's
         # products, and the embedding reads the same weights as a table
-        widths = {n: (8,) if config.bits == 8 or n == head else (4, config.high_bits) if config.search else (4,)
+        widths = {n: (8,) if config.bits == 8 else (config.head_bits,) if n == head
+                  else (4, config.high_bits) if config.search else (4,)
                   for n in q.targets if tie is None or n != tie[1]}
         done = streamed_gptq(q.model, q.weights_dir, widths, q.calib_ids, config.plan, q.packs, q.workdir,
                              config.hessian_budget)
@@ -350,7 +351,8 @@ def run_write_static(q: Quantizing, config: QdqConfig) -> Quantizing:
 class WriteNBitsConfig:
     bits: int                      # 8 or 4
     nbits: NBitsConfig             # block size, accuracy level, excluded MatMuls
-    head_bits: int                 # the output projection's bits (8 keeps it at 8 in a 4-bit model)
+    head_bits: int                 # the output projection's bits in a 4-bit model: 5-8 written at that width
+                                   # (5-7 narrow codes in 8-bit blocks), 4 searched like the rest
     embedding_block: int | None    # the embedding table as int8 blocks of this size; None: float
     keep_float: bool = True        # the search may rewrite the model; False: the float weights are dropped once
                                    # it is written (no search follows), so measuring it holds no float copy
@@ -360,10 +362,10 @@ class WriteNBitsConfig:
 
 def run_write_nbits(q: Quantizing, config: WriteNBitsConfig) -> Quantizing:
     """Weight-only MatMulNBits for every target, from the packed store (GPTQ-rounded when `blockwise_gptq` ran);
-    taken-out MatMuls (the search's) at `high_bits`, the head at 8."""
+    taken-out MatMuls (the search's) at `high_bits`, the head at `head_bits`."""
     bits, model = config.bits, q.model
-    head = output_projection(model) if bits == 4 and config.head_bits == 8 else None
-    head_at_8 = [head] if head is not None and head not in q.exclude else []
+    head = output_projection(model) if bits == 4 and config.head_bits > 4 else None
+    wide_head = [head] if head is not None and head not in q.exclude else []
     # tied: the embedding then reads the head's 8-bit blocks (stored once); rotated: the same, through the map X
     tie = tied_head(model, q.weights_dir)
     pair, x = (tie, None) if tie is not None or q.tie_map is None else (q.tie_map[:2], q.tie_map[2])
@@ -372,7 +374,7 @@ def run_write_nbits(q: Quantizing, config: WriteNBitsConfig) -> Quantizing:
     q.details.update(bits=bits, block_size=config.nbits.block_size, accuracy_level=config.nbits.accuracy_level,
                      zero_points=config.nbits.zero_points and bits == 4)
     if bits == 4:
-        q.reasons.update({n: "output projection (head_bits 8)" for n in head_at_8})
+        q.reasons.update({n: f"output projection (head_bits {config.head_bits})" for n in wide_head})
     names = [n.name for n in GraphIndex(model).weight_matmuls() if n.name not in config.nbits.exclude]
 
     def finish(m: onnx.ModelProto) -> dict:  # after the MatMuls: the table gathers the head's blocks, or its own,
@@ -383,14 +385,15 @@ def run_write_nbits(q: Quantizing, config: WriteNBitsConfig) -> Quantizing:
         return half_scales(m)  # and every block scale is stored as float16
 
     def write(taken_out: list[str]) -> None:
-        bits_of = {t: 8 if t in head_at_8 else config.high_bits if t in taken_out else bits for t in names}
+        bits_of = {t: config.head_bits if t in wide_head else config.high_bits if t in taken_out else bits
+                   for t in names}
         m = write_nbits(model, bits_of, config.nbits, packed_of=store, weights_dir=q.weights_dir)
         q.details["scales"] = finish(m)
         save_model_auto(m, q.staged, shipped=True)
 
     def switch() -> NBitsSwitch:
-        gated = [n for n in names if n not in head_at_8 and n not in q.exclude]
-        return NBitsSwitch(model, gated, dict.fromkeys(head_at_8, 8), store, config.nbits, q.workdir,
+        gated = [n for n in names if n not in wide_head and n not in q.exclude]
+        return NBitsSwitch(model, gated, dict.fromkeys(wide_head, config.head_bits), store, config.nbits, q.workdir,
                            q.weights_dir, high=config.high_bits, finish=finish)
 
     q.write, q.switch = write, switch

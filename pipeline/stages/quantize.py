@@ -44,6 +44,9 @@ class QuantizeStageConfig:
     w4_high_bits: int = option(int, 8, "w4: the width the search moves a MatMul to: 8, or 5 to 7 (codes of that "
                                "width in 8-bit MatMulNBits blocks: as large a file on onnxruntime alone, stored at "
                                "their width by `optimize --native-int8`).", lo=5, hi=8)
+    head_bits: int = option(int, 8, "w4: the output projection's width, 5 to 8 (5 to 7 as narrow codes in 8-bit "
+                            "blocks, like --w4-high-bits; a tied table reads the same codes), or 4 like the other "
+                            "MatMuls.", lo=4, hi=8)
     search: bool = option(bool, True, "w8a8/w4: the budget search (MatMuls leave the recipe's form, most "
                           "damaging first, until within budget); --no-search writes every MatMul in the recipe's "
                           "form and only measures it (w4: the 8-bit forms are then never packed).",
@@ -92,7 +95,7 @@ class QuantizeStageConfig:
                            per_channel=self.per_channel, max_ppl_increase=self.max_ppl_increase,
                            block_size=self.block_size, accuracy_level=self.accuracy_level,
                            fallback=self.fallback, w4_max_ppl_increase=self.w4_max_ppl_increase,
-                           w4_high_bits=self.w4_high_bits,
+                           w4_high_bits=self.w4_high_bits, head_bits=self.head_bits,
                            search=self.search, zero_points=self.zero_points,
                            weight_rounding=self.weight_rounding, rotate=self.rotate,
                            outlier_channels=self.outlier_channels, online_hadamard=self.online_hadamard,

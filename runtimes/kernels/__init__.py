@@ -1,6 +1,6 @@
 """pipeline's native CPU kernels: an onnxruntime custom-op library, built from C on the machine that runs it.
 
-Two ops (int8_matmul.c), for x86-64 (AVX512-VNNI, or AVX2 with FMA: every x86-64 CPU since 2015, the Intel
+Three ops (int8_matmul.c), for x86-64 (AVX512-VNNI, or AVX2 with FMA: every x86-64 CPU since 2015, the Intel
 N100 class of edge boards among them) and for AArch64 with the dot-product instructions (ARMv8.2+: Raspberry
 Pi 5, Jetson Orin, Graviton 2+, phones), which `pipeline optimize --native-int8` puts in place of
 onnxruntime's:
@@ -10,8 +10,10 @@ onnxruntime's:
   memory rate, and batch-1 decode is that product (docs/benchmarks.md);
 - `com.pipeline.BlockInt8MatMul`, an 8-bit MatMulNBits read as stored, for a tied head whose blocks the
   embedding also gathers: onnxruntime would hold them twice (its prepacked copy beside the stored blocks); and
-  for 8-bit blocks whose codes span fewer bits (a GGUF's Q5_0 and Q5_1 blocks), stored packed at those bits,
-  which MatMulNBits has no form for, and unpacked when the session starts.
+  for 8-bit blocks whose codes span fewer bits (a GGUF's Q5_0 and Q5_1 blocks, w4's 5- to 7-bit MatMuls and
+  head), stored packed at those bits, which MatMulNBits has no form for, and unpacked when the session starts;
+- `com.pipeline.BlockGather`, the token embedding's rows read from such a head's packed codes, so a tied table
+  is stored once at its codes' width.
 
     python -m runtimes.kernels build [--ort-include DIR]   # needs cc and onnxruntime's C API headers
     python -m runtimes.kernels status
@@ -40,7 +42,8 @@ from runtimes.providers import cpu_flags
 SOURCE = Path(__file__).with_name("int8_matmul.c")
 OP = "StaticInt8MatMul"
 BLOCK_OP = "BlockInt8MatMul"
-OPS = (OP, BLOCK_OP)
+GATHER_OP = "BlockGather"
+OPS = (OP, BLOCK_OP, GATHER_OP)
 LIBRARY_ENV = "PIPELINE_KERNELS"        # path of the built library, instead of the cache
 INCLUDE_ENV = "ORT_INCLUDE_DIR"         # directory holding onnxruntime_c_api.h
 REQUIRED_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}  # /proc/cpuinfo names (x86-64 "flags")

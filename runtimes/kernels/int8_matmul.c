@@ -4,7 +4,9 @@
  *
  * - StaticInt8MatMul: the static W8A8 MatMul of a QDQ graph (below);
  * - BlockInt8MatMul: an 8-bit MatMulNBits read as it is stored, or from codes stored packed at fewer bits
- *   (after StaticInt8MatMul).
+ *   (after StaticInt8MatMul);
+ * - BlockGather: rows of those packed codes, dequantized: the token embedding of a tied table whose head is
+ *   BlockInt8MatMul on packed codes (at the end).
  *
  * StaticInt8MatMul:
  *
@@ -338,12 +340,24 @@ static void run_chunk(void* data, size_t chunk) {
     }
 }
 
+enum { MAX_SEGMENTS = 64 };
+
+/* Codes stored packed (BlockInt8MatMul's and BlockGather's attributes K, bits, rows): runs of rows[s] rows at
+ * bits[s] bits, n rows and `bytes` packed bytes in all. */
+typedef struct {
+    size_t count;
+    int64_t bits[MAX_SEGMENTS], rows[MAX_SEGMENTS];
+    int64_t bytes;
+} Segments;
+
 /* What a kernel instance knows from its node: StaticInt8MatMul's `weight_max_abs` attribute (128 if absent);
- * BlockInt8MatMul's blocks when its codes are stored packed (below), unpacked once when the session starts. */
+ * BlockInt8MatMul's blocks when its codes are stored packed (below), unpacked once when the session starts;
+ * BlockGather's segments. */
 typedef struct {
     int64_t weight_max_abs;
     uint8_t* blocks; /* (n, kb, 32), or NULL: the blocks are input 1 as stored */
     int64_t n, kb;
+    Segments seg;
 } Kernel;
 
 static OrtStatus* shape_of(const OrtValue* value, int64_t* dims, size_t* rank) {
@@ -801,8 +815,6 @@ static OrtStatus* ORT_API_CALL block_compute(void* kernel, OrtKernelContext* con
     return status;
 }
 
-enum { MAX_SEGMENTS = 64 };
-
 static OrtStatus* packed_error(const char* what) {
     return g_api->CreateStatus(ORT_INVALID_ARGUMENT, what);
 }
@@ -812,7 +824,7 @@ static OrtStatus* int_list(const OrtKernelInfo* info, const char* name, int64_t*
     *count = 0;
     RETURN_IF_ERROR(g_api->KernelInfoGetAttributeArray_int64(info, name, NULL, count));
     if (*count == 0 || *count > MAX_SEGMENTS)
-        return packed_error("BlockInt8MatMul: `bits` and `rows` need 1 to 64 entries");
+        return packed_error("pipeline kernels: `bits` and `rows` need 1 to 64 entries");
     return g_api->KernelInfoGetAttributeArray_int64(info, name, out, count);
 }
 
@@ -830,56 +842,125 @@ static void release_pages(const void* data, size_t bytes) {
 #endif
 }
 
-/* Packed codes (the attributes K, bits, rows and the constant input 1, see BlockInt8MatMul above) -> k->blocks. */
-static OrtStatus* unpack_blocks(const OrtKernelInfo* info, int64_t K, Kernel* k) {
-    int64_t bits[MAX_SEGMENTS], rows[MAX_SEGMENTS];
-    size_t segments, count;
-    RETURN_IF_ERROR(int_list(info, "bits", bits, &segments));
-    RETURN_IF_ERROR(int_list(info, "rows", rows, &count));
-    if (count != segments || K <= 0 || K % BLOCK)
-        return packed_error("BlockInt8MatMul: packed codes need K a multiple of 32 and one `rows` entry per `bits`");
-    int64_t n = 0, bytes = 0;
-    for (size_t s = 0; s < segments; s++) {
-        if (bits[s] < 2 || bits[s] > 8 || rows[s] <= 0)
-            return packed_error("BlockInt8MatMul: packed codes are 2 to 8 bits, in segments of at least one row");
-        n += rows[s];
-        bytes += rows[s] * (K / BLOCK) * 4 * bits[s];
+/* The attributes K, bits and rows (see BlockInt8MatMul above) -> k->seg, k->n, k->kb; the constant input
+ * `input` (the packed codes) checked against them, its data in *src. */
+static OrtStatus* read_segments(const OrtKernelInfo* info, int64_t K, size_t input, Kernel* k, const OrtValue** src) {
+    Segments* seg = &k->seg;
+    size_t count;
+    RETURN_IF_ERROR(int_list(info, "bits", seg->bits, &seg->count));
+    RETURN_IF_ERROR(int_list(info, "rows", seg->rows, &count));
+    if (count != seg->count || K <= 0 || K % BLOCK)
+        return packed_error("pipeline kernels: packed codes need K a multiple of 32 and one `rows` entry per `bits`");
+    k->n = seg->bytes = 0;
+    k->kb = K / BLOCK;
+    for (size_t s = 0; s < seg->count; s++) {
+        if (seg->bits[s] < 2 || seg->bits[s] > 8 || seg->rows[s] <= 0)
+            return packed_error("pipeline kernels: packed codes are 2 to 8 bits, in segments of at least one row");
+        k->n += seg->rows[s];
+        seg->bytes += seg->rows[s] * k->kb * 4 * seg->bits[s];
     }
     int constant = 0;
-    const OrtValue* value = NULL;
-    RETURN_IF_ERROR(g_api->KernelInfoGetConstantInput_tensor(info, 1, &constant, &value));
-    if (!constant || !value)
-        return packed_error("BlockInt8MatMul: packed codes must be an initializer (they are unpacked once)");
-    if (element_count(value) != bytes)
-        return packed_error("BlockInt8MatMul: the packed codes' size does not match K, bits and rows");
-    const uint8_t* src = (const uint8_t*)data_of(value);
-    k->n = n;
-    k->kb = K / BLOCK;
-    k->blocks = (uint8_t*)malloc((size_t)(n * K));
-    if (!src || !k->blocks) return g_api->CreateStatus(ORT_FAIL, "BlockInt8MatMul: out of memory");
-    uint8_t* dst = k->blocks;
-    for (size_t s = 0; s < segments; s++) {
-        const int b = (int)bits[s];
-        const uint32_t mask = (1u << b) - 1, shift = 128u - (1u << (b - 1));
-        for (int64_t block = 0; block < rows[s] * k->kb; block++) { /* 4b bytes in, 32 out */
-            uint32_t acc = 0;
-            int have = 0;
-            for (int i = 0; i < BLOCK; i++) {
-                while (have < b) {
-                    acc |= (uint32_t)*src++ << have;
-                    have += 8;
-                }
-                *dst++ = (uint8_t)((acc & mask) + shift);
-                acc >>= b;
-                have -= b;
-            }
-        }
-    }
-    release_pages(data_of(value), (size_t)bytes);
+    RETURN_IF_ERROR(g_api->KernelInfoGetConstantInput_tensor(info, input, &constant, src));
+    if (!constant || !*src)
+        return packed_error("pipeline kernels: packed codes must be an initializer");
+    if (element_count(*src) != seg->bytes)
+        return packed_error("pipeline kernels: the packed codes' size does not match K, bits and rows");
     return NULL;
 }
 
-/* ---- the custom-op plumbing, shared by both ops ---------------------------------------------------------- */
+/* `blocks` blocks of 32 codes packed at b bits (4b bytes each) -> W = code + 128 - 2^(b-1), a byte each. */
+static const uint8_t* unpack_run(const uint8_t* src, int b, int64_t blocks, uint8_t* dst) {
+    const uint32_t mask = (1u << b) - 1, shift = 128u - (1u << (b - 1));
+    for (int64_t block = 0; block < blocks; block++) {
+        uint32_t acc = 0;
+        int have = 0;
+        for (int i = 0; i < BLOCK; i++) {
+            while (have < b) {
+                acc |= (uint32_t)*src++ << have;
+                have += 8;
+            }
+            *dst++ = (uint8_t)((acc & mask) + shift);
+            acc >>= b;
+            have -= b;
+        }
+    }
+    return src;
+}
+
+/* Packed codes (the attributes K, bits, rows and the constant input 1, see BlockInt8MatMul above) -> k->blocks. */
+static OrtStatus* unpack_blocks(const OrtKernelInfo* info, int64_t K, Kernel* k) {
+    const OrtValue* value = NULL;
+    RETURN_IF_ERROR(read_segments(info, K, 1, k, &value));
+    const uint8_t* src = (const uint8_t*)data_of(value);
+    k->blocks = (uint8_t*)malloc((size_t)(k->n * K));
+    if (!src || !k->blocks) return g_api->CreateStatus(ORT_FAIL, "BlockInt8MatMul: out of memory");
+    uint8_t* dst = k->blocks;
+    for (size_t s = 0; s < k->seg.count; s++) {
+        src = unpack_run(src, (int)k->seg.bits[s], k->seg.rows[s] * k->kb, dst);
+        dst += k->seg.rows[s] * K;
+    }
+    release_pages(data_of(value), (size_t)k->seg.bytes);
+    return NULL;
+}
+
+/* ---- BlockGather ------------------------------------------------------------------------------------------
+ *
+ *   y[..., :] = rows ids[...] of the blocks BlockInt8MatMul reads, dequantized: (W[id, b, i] - 128) * scale[id, b]
+ *
+ * which is what the graph a tied table shares its head's 8-bit blocks with computes (Gather of the blocks and of
+ * the scales, Cast, Sub 128, Mul, Reshape: exporters/quantization/embedding.py `share_tied_table`), to the bit,
+ * for a head whose codes are stored packed (attributes K, bits, rows and input 0 as BlockInt8MatMul's input 1):
+ * the table is then stored once, at its codes' width. Only the rows asked for are decoded, from the stored packed
+ * codes (the head's unpacked copy belongs to its own kernel).
+ *
+ * Inputs: 0 packed uint8 (flat, an initializer); 1 ids int64 (...), negative ones counted from the end as
+ * Gather's; 2 scales float (N * K/32). Output: y float (..., K).
+ */
+static OrtStatus* ORT_API_CALL gather_compute(void* kernel, OrtKernelContext* context) {
+    const Kernel* k = (const Kernel*)kernel;
+    const OrtValue* in[3];
+    for (size_t i = 0; i < 3; i++) RETURN_IF_ERROR(g_api->KernelContext_GetInput(context, i, &in[i]));
+    int64_t dims[8];
+    size_t rank;
+    RETURN_IF_ERROR(shape_of(in[1], dims, &rank));
+    if (rank > 7 || element_count(in[0]) != k->seg.bytes || element_count(in[2]) != k->n * k->kb)
+        return g_api->CreateStatus(ORT_INVALID_ARGUMENT,
+                                   "BlockGather: ids of rank < 8 need the packed codes of K, bits, rows and N * K/32 "
+                                   "scales");
+    const int64_t K = k->kb * BLOCK, count = element_count(in[1]);
+    dims[rank] = K;
+    OrtValue* out;
+    RETURN_IF_ERROR(g_api->KernelContext_GetOutput(context, 0, dims, rank + 1, &out));
+    float* y = (float*)data_of(out);
+    const int64_t* ids = (const int64_t*)data_of(in[1]);
+    const uint8_t* packed = (const uint8_t*)data_of(in[0]);
+    const float* scales = (const float*)data_of(in[2]);
+    if (count == 0) return NULL;
+    if (!y || !ids || !packed || !scales) return g_api->CreateStatus(ORT_FAIL, "BlockGather: an input has no data");
+    uint8_t codes[BLOCK];
+    for (int64_t t = 0; t < count; t++, y += K) {
+        int64_t id = ids[t] < 0 ? ids[t] + k->n : ids[t];
+        if (id < 0 || id >= k->n)
+            return g_api->CreateStatus(ORT_INVALID_ARGUMENT, "BlockGather: a token id outside the table");
+        const uint8_t* src = packed;
+        size_t s = 0;
+        int64_t row = id;
+        for (; row >= k->seg.rows[s]; s++) { /* the run the row is in, and the bytes before it */
+            row -= k->seg.rows[s];
+            src += k->seg.rows[s] * k->kb * 4 * k->seg.bits[s];
+        }
+        const int b = (int)k->seg.bits[s];
+        src += row * k->kb * 4 * b;
+        const float* scale = scales + id * k->kb;
+        for (int64_t j = 0; j < k->kb; j++) {
+            src = unpack_run(src, b, 1, codes);
+            for (int i = 0; i < BLOCK; i++) y[j * BLOCK + i] = (float)((int)codes[i] - 128) * scale[j];
+        }
+    }
+    return NULL;
+}
+
+/* ---- the custom-op plumbing, shared by the ops ---------------------------------------------------------- */
 typedef struct {
     OrtCustomOp op; /* first: onnxruntime hands this pointer back to the callbacks below */
     const char* name;
@@ -905,15 +986,21 @@ static OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi
         k->weight_max_abs = 128;
     }
     int64_t K = 0;
-    absent = ((const Op*)op)->compute == block_compute ? g_api->KernelInfoGetAttribute_int64(info, "K", &K) : NULL;
-    if (absent) { /* stored 8-bit blocks, read in place */
+    OrtStatus* status = NULL;
+    const Op* o = (const Op*)op;
+    absent = o->compute != compute ? g_api->KernelInfoGetAttribute_int64(info, "K", &K) : NULL;
+    if (absent) { /* BlockInt8MatMul: stored 8-bit blocks, read in place */
         g_api->ReleaseStatus(absent);
+        if (o->compute == gather_compute) status = packed_error("BlockGather needs the attributes K, bits and rows");
+    } else if (o->compute == gather_compute) {
+        const OrtValue* packed;
+        status = read_segments(info, K, 0, k, &packed);
     } else if (K) {
-        OrtStatus* status = unpack_blocks(info, K, k);
-        if (status) {
-            destroy_kernel(k);
-            return status;
-        }
+        status = unpack_blocks(info, K, k);
+    }
+    if (status) {
+        destroy_kernel(k);
+        return status;
     }
     *kernel = k;
     return NULL;
@@ -947,9 +1034,14 @@ static const ONNXTensorElementDataType STATIC_INPUTS[6] = {
 static const ONNXTensorElementDataType BLOCK_INPUTS[3] = {
     ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
 
-static Op g_ops[2] = {{.name = "StaticInt8MatMul", .inputs = 6, .input_types = STATIC_INPUTS, .compute = compute},
-                      {.name = "BlockInt8MatMul", .inputs = 3, .input_types = BLOCK_INPUTS,
-                       .compute = block_compute}};
+static const ONNXTensorElementDataType GATHER_INPUTS[3] = {
+    ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+
+enum { OP_COUNT = 3 };
+static Op g_ops[OP_COUNT] = {
+    {.name = "StaticInt8MatMul", .inputs = 6, .input_types = STATIC_INPUTS, .compute = compute},
+    {.name = "BlockInt8MatMul", .inputs = 3, .input_types = BLOCK_INPUTS, .compute = block_compute},
+    {.name = "BlockGather", .inputs = 3, .input_types = GATHER_INPUTS, .compute = gather_compute}};
 
 static void fill_op(Op* o) {
     OrtCustomOp* op = &o->op;
@@ -975,10 +1067,10 @@ ORT_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
     g_api = base->GetApi(ORT_API_VERSION);
     if (!g_api) /* an onnxruntime older than these headers; version 1 of the API has CreateStatus too */
         return base->GetApi(1)->CreateStatus(ORT_FAIL, "pipeline's kernels need onnxruntime >= 1.21");
-    for (size_t i = 0; i < 2; i++)
+    for (size_t i = 0; i < OP_COUNT; i++)
         if (g_ops[i].op.version == 0) fill_op(&g_ops[i]); /* once: sessions registered earlier keep pointing at it */
     OrtCustomOpDomain* domain;
     RETURN_IF_ERROR(g_api->CreateCustomOpDomain("com.pipeline", &domain));
-    for (size_t i = 0; i < 2; i++) RETURN_IF_ERROR(g_api->CustomOpDomain_Add(domain, &g_ops[i].op));
+    for (size_t i = 0; i < OP_COUNT; i++) RETURN_IF_ERROR(g_api->CustomOpDomain_Add(domain, &g_ops[i].op));
     return g_api->AddCustomOpDomain(options, domain); /* the domain lives as long as the process */
 }

@@ -10,8 +10,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from exporters.cpu_kernels import (BLOCK_OP, DOMAIN, KERNEL_KEY, MAX_SEGMENTS, OP, code_bits, pack, pack_codes,
-                                   pack_narrow_blocks, rewrite, rewrite_shared_blocks, segments, specialize)
+from exporters.cpu_kernels import (BLOCK_OP, DOMAIN, GATHER_OP, KERNEL_KEY, MAX_SEGMENTS, OP, code_bits, pack,
+                                   pack_codes, pack_narrow_blocks, pack_shared_head, rewrite, rewrite_shared_blocks,
+                                   segments, specialize)
+from exporters.quantization.embedding import share_tied_table
 from models.errors import UserError
 from pipeline.stages.check import int8_flop_share
 
@@ -419,3 +421,77 @@ def test_specialize_packs_narrow_blocks_and_check_counts_them_as_before(tmp_path
     assert out.stat().st_size < src.stat().st_size - 64 * 96 * 3 // 8 + 200
     assert int8_flop_share(out) == int8_flop_share(src)
     assert int8_flop_share(out)["int8_weight_flop_share"] == 1.0
+
+
+def shared_table_model(widths: list[tuple[int, int]], k: int = 96, seed: int = 5) -> onnx.ModelProto:
+    """A tied head (8-bit MatMulNBits "head_Q8" of codes in runs `widths` [(rows, bits), ...], float16 scales
+    behind a Cast) whose table the token embedding reads through embedding.share_tied_table's lookup nodes:
+    outputs logits and the gathered rows ("hidden")."""
+    rng = np.random.default_rng(seed)
+    v = sum(r for r, _ in widths)
+    scales = rng.uniform(1e-3, 1e-2, (v, k // 32)).astype(np.float16)
+    inits = [numpy_helper.from_array(narrow_codes(rng, k, widths), "blocks"),
+             numpy_helper.from_array(scales, "scales16"),
+             numpy_helper.from_array(rng.standard_normal((v, k)).astype(np.float32), "table")]
+    nodes = [helper.make_node("Cast", ["scales16"], ["scales"], to=TensorProto.FLOAT),
+             helper.make_node("Gather", ["table", "ids"], ["hidden"], name="embed", axis=0),
+             helper.make_node("MatMulNBits", ["x", "blocks", "scales"], ["logits"], name="head_Q8",
+                              domain="com.microsoft", K=k, N=v, bits=8, block_size=32, accuracy_level=4)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, k]),
+                                           helper.make_tensor_value_info("ids", TensorProto.INT64, [1, None])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, None, v]),
+                               helper.make_tensor_value_info("hidden", TensorProto.FLOAT, [1, None, k])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    assert share_tied_table(model, "embed", "head")
+    return model
+
+
+@pytest.mark.parametrize("k", [96, 576])
+def test_a_shared_head_of_narrow_codes_is_stored_once_packed_and_the_embedding_gathers_from_it(native_kernels, k):
+    """w4's --head-bits 6 on a tied table: the head on BlockInt8MatMul over packed codes, the embedding's lookup
+    one BlockGather on the same packed initializer; the rows are the portable lookup's to the bit (negative ids
+    count from the end, as Gather's), the logits MatMulNBits' to float rounding, on 1 and 2 threads."""
+    widths = [(40, 6), (3, 5), (21, 6)]
+    model = shared_table_model(widths, k)
+    native = onnx.ModelProto()
+    native.CopyFrom(model)
+    moved = pack_shared_head(native)
+    assert moved == {"head_Q8": {"rows_at_bits": {"5": 3, "6": 61}, "bytes": [64 * k, (61 * 6 + 3 * 5) * k // 8]}}
+    ops = Counter(n.op_type for n in native.graph.node)
+    assert ops == {"Cast": 1, BLOCK_OP: 1, GATHER_OP: 1}  # the lookup's seven nodes went, and its constants
+    assert sorted(t.name for t in native.graph.initializer) == ["blocks_packed", "scales16"]
+    gather = next(n for n in native.graph.node if n.op_type == GATHER_OP)
+    assert list(gather.input) == ["blocks_packed", "ids", "scales"] and gather.domain == DOMAIN
+    assert {a.name: list(a.ints) or a.i for a in gather.attribute} == {"K": k, "bits": [6, 5, 6], "rows": [40, 3, 21]}
+    rng = np.random.default_rng(k)
+    for m in (1, 7):
+        ids = rng.integers(-64, 64, (1, m)).astype(np.int64)
+        ids[0, 0] = 41  # a row of the 5-bit run
+        feed = {"x": rng.standard_normal((1, m, k)).astype(np.float32), "ids": ids}
+        want_logits, want_rows = session_of(model, 2).run(None, feed)
+        for threads in (1, 2):
+            logits, rows = session_of(native, threads, native_kernels).run(None, feed)
+            np.testing.assert_array_equal(rows, want_rows)
+            np.testing.assert_allclose(logits, want_logits, rtol=0, atol=2e-6 * np.abs(want_logits).max())
+    with pytest.raises(Exception, match="BlockGather: a token id outside the table"):
+        session_of(native, 1, native_kernels).run(None, {"x": feed["x"][:, :1], "ids": np.array([[64]])})
+
+
+def test_a_shared_head_of_full_8bit_codes_or_another_reader_stays_for_the_block_kernel_as_stored():
+    """Nothing to save at 8 bits; and blocks read by anything but the lookup share_tied_table writes keep their
+    8-bit form (rewrite_shared_blocks then reads them in place)."""
+    full = shared_table_model([(64, 8)])
+    assert pack_shared_head(full) == {} and rewrite_shared_blocks(full) == 1
+    other = tied_nbits_model(64, 96, widths=[(64, 5)])  # a plain Gather of the blocks as they are
+    assert pack_shared_head(other) == {} and Counter(n.op_type for n in other.graph.node)["MatMulNBits"] == 1
+
+
+def test_specialize_records_the_gather_kernel_and_stores_the_table_at_its_width(tmp_path):
+    src = tmp_path / "w4.onnx"
+    onnx.save(shared_table_model([(64, 6)]), str(src))
+    out = tmp_path / "out" / "model.onnx"
+    result = specialize(src, out)
+    assert result["matmuls"] == result["shared_head_matmuls"] == 1 and list(result["packed_matmuls"]) == ["head_Q8"]
+    assert {p.key: p.value for p in onnx.load(str(out)).metadata_props}[KERNEL_KEY] == f"{BLOCK_OP},{GATHER_OP}"
+    assert out.stat().st_size < src.stat().st_size - 64 * 96 * 2 // 8 + 200  # 6 bits a code, not 8

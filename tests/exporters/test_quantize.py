@@ -115,9 +115,15 @@ def quantized(models, calib_ids, valid_ids, tmp_path_factory):
     return get
 
 
-def logits(path: Path, ids: np.ndarray) -> np.ndarray:
-    """Prefill logits (batch 1) of `ids`, feeding only the inputs the model declares."""
-    session = cpu_session(path)
+def logits(path: Path, ids: np.ndarray, library: Path | None = None) -> np.ndarray:
+    """Prefill logits (batch 1) of `ids`, feeding only the inputs the model declares; with the native kernels'
+    `library` registered where given."""
+    if library is None:
+        session = cpu_session(path)
+    else:
+        options = ort.SessionOptions()
+        options.register_custom_ops_library(str(library))
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feed = step_feed(ids, 0, empty_past(session_contract(session)))
     return session.run(["logits"], declared(feed, {i.name for i in session.get_inputs()}))[0][0]
 
@@ -448,6 +454,32 @@ def test_w4_can_move_matmuls_to_6_bits_which_the_native_kernel_stores_at_6(model
     moved = pack_narrow_blocks(model)
     assert {n.rsplit("_Q", 1)[0] for n in moved} == upgraded
     assert all(m["rows_at_bits"].keys() == {"6"} and m["bytes"][1] * 8 == m["bytes"][0] * 6 for m in moved.values())
+
+
+def test_w4_head_bits_6_rounds_the_tied_head_to_6_bits_which_the_native_kernels_store_once_at_6(
+        models, quantized, valid_ids, native_kernels, tmp_path):
+    """--head-bits 6: the output projection's codes on a symmetric 6-bit grid in its 8-bit blocks, which the
+    token embedding still gathers (the table stored once), and the written model is the one measured; the native
+    kernels then store those codes at 6 bits for both readers and compute the same logits."""
+    from exporters.cpu_kernels import GATHER_OP, specialize
+
+    head = "/model/lm_head/MatMul"
+    path, report = quantized("fused", "w4", head_bits=6)
+    assert report["fallback_matmuls"][head] == "output projection (head_bits 6)"
+    assert perplexity(path, valid_ids) == pytest.approx(report["ppl"]["quantized"])
+    model = onnx.load(str(path))
+    index = GraphIndex(model)
+    blocks = index.nodes[f"{head}_Q8"].input[1]
+    codes = numpy_helper.to_array(index.inits[blocks]).astype(np.int32) - 128
+    assert codes.min() == -32 and codes.max() <= 31 and index.uses[blocks] == 2  # the embedding reads them too
+    assert not any(n.op_type == "GatherBlockQuantized" for n in model.graph.node)
+    native = tmp_path / "native" / "model.onnx"
+    result = specialize(path, native)
+    assert result["packed_matmuls"][f"{head}_Q8"]["rows_at_bits"] == {"6": codes.shape[0]}
+    assert sum(n.op_type == GATHER_OP for n in onnx.load(str(native)).graph.node) == 1
+    ids = np.array(valid_ids[0][:24])
+    want = logits(path, ids)
+    np.testing.assert_allclose(logits(native, ids, native_kernels), want, rtol=0, atol=1e-4 * np.abs(want).max())
 
 
 def test_w4_without_the_search_writes_every_matmul_at_4_bits_and_only_measures(models, quantized, valid_ids):
@@ -877,7 +909,8 @@ def test_bad_inputs_are_one_line_user_errors(models, calib_ids, tmp_path):
         lambda: QuantConfig(max_ppl_increase=-0.1),
         lambda: QuantConfig(fallback="fp16"),
         lambda: QuantConfig(embedding_bits=4),
-        lambda: QuantConfig(head_bits=6),
+        lambda: QuantConfig(head_bits=3),
+        lambda: QuantConfig(head_bits=9),
         lambda: QuantConfig(w4_max_ppl_increase=-1),
     ]
     for case in cases:
