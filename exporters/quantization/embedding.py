@@ -127,7 +127,8 @@ def share_tied_table(model: onnx.ModelProto, gather: str, head: str, x: np.ndarr
     table is stored once (as onnxruntime-genai's shared embeddings): the token's row of blocks is gathered,
     dequantized exactly as MatMulNBits does (w = (q - 128) * scale, per block) and flattened to the hidden width.
     With `x` (`tied_through_map`'s: the table is E = W^T X, as after a rotation), the rows are then multiplied
-    by X, only where they come within SHARE_ERROR_RATIO of the table's own int8 blocks (the errors go in the
+    by X, only where they come within SHARE_ERROR_RATIO of the table's own blocks at the codes' width (8 bits,
+    or the 5 to 7 of a narrow head's codes: the width asked of the table stored once; the errors go in the
     model's metadata, as `share_static_head` records them). Returns False, changing nothing but that record, when
     the head is not an 8-bit MatMulNBits, its blocks pad the rows, or the mapped rows are too coarse."""
     nodes = {n.name: n for n in model.graph.node}
@@ -166,7 +167,7 @@ def share_tied_table(model: onnx.ModelProto, gather: str, head: str, x: np.ndarr
 
 def _fine_enough(model: onnx.ModelProto, shared: float, own: float) -> bool:
     """Whether rows read from the head (relative error `shared`) come within SHARE_ERROR_RATIO of the table's own
-    int8 blocks (`own`); both and the choice go in the model's metadata (SHARED_TABLE_KEY)."""
+    blocks (`own`); both and the choice go in the model's metadata (SHARED_TABLE_KEY)."""
     chosen = bool(shared <= SHARE_ERROR_RATIO * own)
     set_metadata(model, SHARED_TABLE_KEY, json.dumps({"relative_error": round(float(shared), 6), "shared": chosen,
                                                       "own_blocks_relative_error": round(float(own), 6)}))
@@ -242,25 +243,34 @@ def shared_row_errors(codes: np.ndarray, scale: np.ndarray, x: np.ndarray, table
 def block_row_errors(blocks: np.ndarray, scales: np.ndarray, x: np.ndarray, table: np.ndarray,
                      rows: int = 8192) -> tuple[float, float]:
     """`shared_row_errors` for an 8-bit MatMulNBits head: its (vocab, blocks, block) codes, (vocab, blocks)
-    scales, dequantized per block, flattened to the hidden width, times X."""
-    block = blocks.shape[-1]
+    scales, dequantized per block, flattened to the hidden width, times X; the table's own blocks at the width
+    the codes span (`code_width`)."""
+    block, bits = blocks.shape[-1], code_width(blocks)
     codes = blocks.reshape(blocks.shape[0], -1)[:, :table.shape[1]]
     step = np.repeat(scales, block, axis=1)[:, :table.shape[1]]
     shared = own = total = 0.0
     for i in range(0, table.shape[0], rows):
         e = table[i:i + rows].astype(np.float32)
         got = ((codes[i:i + rows].astype(np.float32) - 128) * step[i:i + rows]) @ x
-        own_part, part = _own_block_error(e)
+        own_part, part = _own_block_error(e, bits=bits)
         shared += float(np.square(got - e).sum())
         own += own_part
         total += part
     return np.sqrt(shared / max(total, 1e-30)), np.sqrt(own / max(total, 1e-30))
 
 
-def _own_block_error(e: np.ndarray, block_size: int = 32) -> tuple[float, float]:
-    """Rows `e` as the table's own int8 blocks (`quantize_embeddings`): (squared error, squared norm)."""
+def code_width(codes: np.ndarray) -> int:
+    """The fewest bits b whose signed range [-2^(b-1), 2^(b-1)) holds every one of the 8-bit codes (zero point
+    128) - 128: 8 for a full 8-bit head, 6 for `--head-bits 6`'s."""
+    need = max(128 - int(codes.min()), int(codes.max()) - 127, 1)
+    return max(2, 1 + int(np.ceil(np.log2(need))))
+
+
+def _own_block_error(e: np.ndarray, block_size: int = 32, bits: int = 8) -> tuple[float, float]:
+    """Rows `e` as the table's own symmetric `bits`-bit blocks (`quantize_embeddings` at 8): (squared error,
+    squared norm)."""
     blocks = e.reshape(e.shape[0], -1, block_size) if e.shape[1] % block_size == 0 else e[:, None, :]
-    step = np.abs(blocks).max(-1, keepdims=True) / 127
+    step = np.abs(blocks).max(-1, keepdims=True) / (2 ** (bits - 1) - 1)
     step[step == 0] = 1.0
     return float(np.square(np.round(blocks / step) * step - blocks).sum()), float(np.square(e).sum())
 

@@ -130,3 +130,20 @@ def test_gptq_at_6_bits_keeps_its_codes_in_8_bit_blocks():
     unpacked = ((p.packed.astype(np.float64) - 128) * p.scales[..., None]).reshape(n, k).T
     np.testing.assert_allclose(unpacked, rounded, rtol=1e-6, atol=1e-9)
     assert (np.abs(p.packed.astype(np.int32) - 128) <= 32).all()
+
+
+def test_a_narrow_tied_head_is_judged_against_the_table_s_own_blocks_at_its_width():
+    """share_tied_table's guard for a rotated tie (E = W^T X): a 6-bit head's rows are as good as the table's own
+    6-bit blocks (what storing it once at 6 bits asks), though 4x coarser than its own int8 blocks would be."""
+    from exporters.quantization.embedding import SHARE_ERROR_RATIO, block_row_errors, code_width
+
+    rng = np.random.default_rng(0)
+    e = rng.standard_normal((512, 64)).astype(np.float32)
+    x = np.linalg.qr(rng.standard_normal((64, 64)))[0].astype(np.float32)  # a rotation: W^T X = E
+    w = np.ascontiguousarray((e @ x.T).T)
+    narrow, full = pack(w, 6, 32), pack(w, 8, 32)
+    assert code_width(narrow.packed) == 6 and code_width(full.packed) == 8
+    shared6, own6 = block_row_errors(narrow.packed, narrow.scales, x, e)
+    shared8, own8 = block_row_errors(full.packed, full.scales, x, e)
+    assert shared6 <= SHARE_ERROR_RATIO * own6 and shared8 <= SHARE_ERROR_RATIO * own8
+    assert own6 == pytest.approx(4 * own8, rel=0.15) and shared6 > SHARE_ERROR_RATIO * own8
