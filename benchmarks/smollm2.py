@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import sysconfig
@@ -132,6 +133,9 @@ def main(name: str = "smollm2", description: str = __doc__,
     p.add_argument("--window", type=int, default=512, help="evaluation window (tokens)")
     p.add_argument("--windows", type=int, default=2)
     p.add_argument("--calib-windows", type=int, default=32, help="calibration windows of 128 tokens")
+    p.add_argument("--w4-flags", default="",
+                   help="more `pipeline quantize` flags for the w4 recipe, e.g. docs/quantization.md's smaller "
+                        "native file: '--w4-high-bits 5 --w4-max-ppl-increase 0 --head-bits 7'")
     p.add_argument("--memory-prompts", default="512,1536,2048",
                    help="prompt lengths of the peak-memory runs (w8a8, w4 and gguf, on the native kernels where "
                         "built, against llama.cpp; '' for none)")
@@ -153,7 +157,8 @@ def main(name: str = "smollm2", description: str = __doc__,
     for recipe in a.recipes.split(","):
         quant[recipe] = last_quantize_report(out, recipe) if a.skip_quantize else \
             pipeline("quantize", str(out), "--recipe", recipe, "--calib-text", str(calib),
-                     "--calib-windows", str(a.calib_windows), "--json")
+                     "--calib-windows", str(a.calib_windows), *(shlex.split(a.w4_flags) if recipe == "w4" else []),
+                     "--json")
     variants = ["fused", *a.recipes.split(",")]
     native = {}
     if native_kernel_built():  # w8a8 on pipeline's own int8 kernel; the weight-only variants' tied 8-bit head on
