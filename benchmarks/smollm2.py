@@ -22,6 +22,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -214,9 +215,10 @@ def render(r: dict) -> str:
         line = (f"\n{recipe}: calibration-side perplexity {ppl.get('fp32', float('nan')):.3f} -> "
                 f"{ppl.get('quantized', float('nan')):.3f}; {100 * q['quantized_flop_share']:.1f}% "
                 f"of weight-MatMul FLOPs in the recipe's own form")
-        if q.get("fallback_matmuls"):
-            line += (f", 8-bit weight-only instead {100 * q['fallback_flop_share']:.1f}%: "
-                     + ", ".join(q["fallback_matmuls"]))
+        if q.get("fallback_matmuls"):  # grouped by what each became ("... -> 5 bits", "output projection ...")
+            became = Counter(why.rsplit("-> ", 1)[-1] for why in q["fallback_matmuls"].values())
+            line += (f", in other forms {100 * q['fallback_flop_share']:.1f}%: "
+                     + ", ".join(f"{n} × {what}" for what, n in became.items()))
         lines.append(line)
     if r.get("memory"):
         first = next(iter(r["memory"].values()))
