@@ -17,29 +17,15 @@ the QDQ graph it came from stays the portable one (NPU execution providers, othe
 gathers its rows from the head's int8 weight (a tied table stored once, embedding.share_static_head), it is
 made to gather them from the packed copy (`gather_packed_columns`), so that weight is still stored once.
 
-BlockInt8MatMul: an 8-bit MatMulNBits whose stored blocks another node also reads (the tied head whose blocks
-the token embedding gathers, exporters/quantization/embedding.py). onnxruntime prepacks a MatMulNBits weight into
-a copy of its own and keeps the stored blocks while anything else reads them, so such a table is in memory
-twice (Gemma 3's 262,144 x 640 head: 388 MB where 168 MB are the table). The op reads the stored blocks in
-place, with the same int8 arithmetic as MatMulNBits at accuracy_level 4; nothing in the file changes but the
-node. A static int8 head that could not share the table (its per-column codes too coarse for the embedding, as
-on Gemma 3, whose table is a GGUF's exact Q8_0 blocks) is first moved onto the table's own blocks
-(`head_on_table_blocks`, where the caller asks): the table is then stored once and the head reads it as
-llama.cpp's Q8_0 does, with per-block int8 activations.
-
-An 8-bit MatMulNBits that nothing else reads, whose codes span fewer bits (a GGUF's Q5_0 blocks, which the gguf
-recipe writes as 8-bit blocks, MatMulNBits having no 5-bit form), becomes BlockInt8MatMul over those codes
-packed at their own width (`pack_narrow_blocks`): the file holds 5 bits a weight, not 8; the kernel unpacks them
-once when the session starts and computes as on the stored blocks.
-
-BlockGather: a tied head of such narrow codes (w4's --head-bits 5 to 7), whose blocks the token embedding
-gathers, is packed the same way, and the embedding's lookup reads the rows it needs from the packed codes
-(`pack_shared_head`): the table is stored once, at its codes' width.
+BlockInt8MatMul and BlockGather, for weight-only heads and narrow codes: exporters/block_kernels.py. A static int8
+head that could not share the table (its per-column codes too coarse for the embedding, as on Gemma 3, whose
+table is a GGUF's exact Q8_0 blocks) is first moved onto the table's own blocks (`head_on_table_blocks`, where
+the caller asks): the table is then stored once and the head reads it as llama.cpp's Q8_0 does, with per-block
+int8 activations, on BlockInt8MatMul.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +33,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from exporters.block_kernels import pack_narrow_blocks, pack_shared_head, rewrite_shared_blocks
 from exporters.graph import GraphIndex
 from exporters.onnx_io import move_model, save_model_auto
 from exporters.optimize import remove_dead_nodes
@@ -55,9 +42,8 @@ from exporters.quantization.scales import stored_scales
 from models.errors import UserError
 from models.files import staging_dir
 from runtimes.contract import LOGITS, set_metadata
-from runtimes.kernels import BLOCK_OP, GATHER_OP, OP
+from runtimes.kernels import BLOCK_OP, DOMAIN, GATHER_OP, OP
 
-DOMAIN = "com.pipeline"
 KERNEL_KEY = "pipeline.cpu_kernels"  # metadata: which native kernels the graph needs
 # metadata: "native" where every static int8 MatMul runs on StaticInt8MatMul, whose every build is exact for full
 # 8-bit weights: onnxruntime's int8 GEMM, which saturates on them on x86 without VNNI, then runs none
@@ -316,214 +302,6 @@ def head_on_table_blocks(model: onnx.ModelProto) -> dict | None:
     remove_dead_nodes(model)  # the head's Q/DQ, its int8 weight, the table's own codes
     return {"matmul": name, "fit_relative_residual": round(residual, 6),
             "map": "diagonal" if diagonal else f"{k}x{k}"}
-
-
-def _float_scales(index: GraphIndex, name: str) -> bool:
-    """Whether a MatMulNBits' scales are float32 (the kernel's type) from initializers: a float32 initializer, or
-    one stored as float16 behind a Cast to float (the writers' block scales, the gguf recipe's factors)."""
-    if name in index.inits:
-        return index.inits[name].data_type == onnx.TensorProto.FLOAT
-    return stored_scales(index, name) is not None
-
-
-def block_matmuls(model: onnx.ModelProto, index: GraphIndex | None = None) -> list[tuple[onnx.NodeProto, bool]]:
-    """The 8-bit MatMulNBits BlockInt8MatMul computes as they are (blocks of 32, zero point 128, int8 activations:
-    accuracy_level 4, float32), each with whether another node also reads its stored blocks."""
-    index = index or GraphIndex(model)
-    found = []
-    for node in model.graph.node:
-        if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
-            continue
-        attrs = {a.name: a.i for a in node.attribute}
-        blocks = index.inits.get(node.input[1])
-        if (attrs.get("bits") != 8 or attrs.get("block_size") != 32 or attrs.get("accuracy_level") != 4
-                or any(node.input[3:]) or blocks is None or blocks.data_type != onnx.TensorProto.UINT8
-                or list(blocks.dims) != [attrs.get("N"), attrs.get("K", 0) // 32, 32] or attrs["K"] % 32
-                or not _float_scales(index, node.input[2])):
-            continue
-        found.append((node, index.uses[node.input[1]] > 1))
-    return found
-
-
-def shared_block_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """`block_matmuls` whose stored blocks another node also reads."""
-    return [node for node, shared in block_matmuls(model) if shared]
-
-
-def _to_block_op(model: onnx.ModelProto, node: onnx.NodeProto) -> None:
-    node.op_type, node.domain = BLOCK_OP, DOMAIN
-    node.name = f"{node.name}/{BLOCK_OP}"
-    del node.attribute[:], node.input[3:]
-    if not any(o.domain == DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
-
-
-def rewrite_shared_blocks(model: onnx.ModelProto) -> int:
-    """Each MatMulNBits of `shared_block_matmuls` becomes BlockInt8MatMul on the same inputs; returns how many."""
-    found = shared_block_matmuls(model)
-    for node in found:
-        _to_block_op(model, node)
-    return len(found)
-
-
-MAX_SEGMENTS = 64       # the kernel's limit on runs of rows of one width (int8_matmul.c)
-PACK_MIN_SAVING = 1     # bits a weight, on average, that packing must save for an unshared MatMul to move
-
-
-def code_bits(codes: np.ndarray) -> np.ndarray:
-    """uint8 (N, ...) 8-bit codes (zero point 128) -> per row the fewest bits b, 2 to 8, whose signed range
-    [-2^(b-1), 2^(b-1)) holds every code - 128 of the row."""
-    v = codes.reshape(len(codes), -1)
-    need = np.maximum(128 - v.min(axis=1).astype(np.int64), v.max(axis=1).astype(np.int64) - 127)  # 2^(b-1) >= need
-    return np.maximum(2, 1 + np.ceil(np.log2(np.maximum(need, 1))).astype(np.int64))
-
-
-def segments(bits: np.ndarray) -> tuple[list[int], list[int]]:
-    """Per-row widths -> (bits, rows) of their runs; one run at the widest where there would be more than the
-    kernel takes."""
-    starts = [0, *(np.flatnonzero(np.diff(bits)) + 1).tolist()]
-    if len(starts) > MAX_SEGMENTS:
-        return [int(bits.max())], [len(bits)]
-    ends = starts[1:] + [len(bits)]
-    return [int(bits[s]) for s in starts], [e - s for s, e in zip(starts, ends)]
-
-
-def pack_codes(codes: np.ndarray, bits: list[int], rows: list[int], chunk: int = 4096) -> np.ndarray:
-    """uint8 (N, K/32, 32) codes -> BlockInt8MatMul's packed codes: per run of rows at b bits, each block's 32
-    values code - 128 + 2^(b-1) as a little-endian bit stream of 4b bytes (int8_matmul.c), flat."""
-    out, start = [], 0
-    for b, count in zip(bits, rows):
-        shift, planes = np.uint8(128 - 2 ** (b - 1)), np.arange(b, dtype=np.uint8)
-        for first in range(start, start + count, chunk):
-            c = codes[first:min(first + chunk, start + count)] - shift
-            stream = ((c[..., None] >> planes) & 1).reshape(*c.shape[:-1], c.shape[-1] * b)
-            out.append(np.packbits(stream, axis=-1, bitorder="little").reshape(-1))
-        start += count
-    return np.concatenate(out)
-
-
-def narrow_widths(codes: np.ndarray) -> tuple[list[int], list[int]] | None:
-    """`segments` of 8-bit codes (N, K/32, 32) that fit fewer bits, where packing them saves at least
-    PACK_MIN_SAVING bits a weight on average; else None."""
-    bits, rows = segments(code_bits(codes))
-    saved = sum((8 - b) * r for b, r in zip(bits, rows)) / len(codes)
-    return (bits, rows) if saved >= PACK_MIN_SAVING else None
-
-
-def _packed_attributes(node: onnx.NodeProto, k: int, bits: list[int], rows: list[int]) -> None:
-    node.attribute.extend([helper.make_attribute("K", k), helper.make_attribute("bits", bits),
-                           helper.make_attribute("rows", rows)])
-
-
-def _to_packed_op(model: onnx.ModelProto, node: onnx.NodeProto, codes: np.ndarray, bits: list[int],
-                  rows: list[int]) -> dict:
-    """The `block_matmuls` node as BlockInt8MatMul over its codes packed at (bits, rows), a new initializer named
-    after its blocks + "_packed" (the blocks stay for the caller to drop); returns its widths and the bytes
-    before and after."""
-    packed = pack_codes(codes, bits, rows)
-    name = f"{node.input[1]}_packed"
-    model.graph.initializer.append(numpy_helper.from_array(packed, name))
-    k = next(a.i for a in node.attribute if a.name == "K")
-    _to_block_op(model, node)
-    node.input[1] = name
-    _packed_attributes(node, k, bits, rows)
-    widths = Counter()
-    for b, r in zip(bits, rows):
-        widths[b] += r
-    return {"rows_at_bits": {str(b): widths[b] for b in sorted(widths)},
-            "bytes": [int(codes.size), int(packed.size)]}
-
-
-def _drop_initializers(model: onnx.ModelProto, names: set[str]) -> None:
-    kept = [t for t in model.graph.initializer if t.name not in names]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
-
-
-def pack_narrow_blocks(model: onnx.ModelProto) -> dict[str, dict]:
-    """Each unshared `block_matmuls` node whose codes fit fewer bits (`narrow_widths`) becomes BlockInt8MatMul
-    over the codes packed at their widths (attributes K, bits, rows); returns, per node moved, its widths and
-    the bytes before and after."""
-    index = GraphIndex(model)
-    moved, dropped = {}, set()
-    for node, shared in block_matmuls(model, index):
-        if shared:  # the other reader needs the 8-bit blocks (`pack_shared_head` takes a tied table's)
-            continue
-        codes = numpy_helper.to_array(index.inits[node.input[1]])
-        widths = narrow_widths(codes)
-        if widths is None:
-            continue
-        dropped.add(node.input[1])
-        original = node.name
-        moved[original] = _to_packed_op(model, node, codes, *widths)
-    _drop_initializers(model, dropped)
-    return moved
-
-
-def shared_table_lookup(index: GraphIndex, matmul: onnx.NodeProto) -> tuple[list[onnx.NodeProto], str] | None:
-    """The nodes through which a tied table reads the 8-bit MatMulNBits `matmul`'s blocks (embedding.py
-    `share_tied_table`: Gather of the blocks, Cast, Sub 128, times the Gather of the scales, Unsqueezed, Reshape
-    to (batch, sequence, K)), and the token ids they gather; None when anything else reads the blocks."""
-    blocks, scales = matmul.input[1], matmul.input[2]
-    readers = [n for n in index.consumers.get(blocks, []) if n is not matmul]
-    if len(readers) != 1 or readers[0].op_type != "Gather" or readers[0].input[0] != blocks \
-            or any(a.name == "axis" and a.i != 0 for a in readers[0].attribute):
-        return None
-    gather, ids = readers[0], readers[0].input[1]
-
-    def only(node: onnx.NodeProto, op: str) -> onnx.NodeProto | None:
-        found = index.consumers.get(node.output[0], [])
-        return found[0] if len(found) == 1 and found[0].op_type == op else None
-
-    cast = only(gather, "Cast")
-    sub = cast and only(cast, "Sub")
-    mul = sub and only(sub, "Mul")
-    reshape = mul and only(mul, "Reshape")
-    if reshape is None or sub.input[0] != cast.output[0] or mul.input[0] != sub.output[0]:
-        return None
-    zero, shape = index.constant_source(sub.input[1]), index.constant_source(reshape.input[1])
-    unsqueeze = index.producers.get(mul.input[1])
-    scale_gather = unsqueeze and index.producers.get(unsqueeze.input[0])
-    if (zero is None or numpy_helper.to_array(zero).tolist() != 128.0 or shape is None
-            or numpy_helper.to_array(shape).tolist() != [0, 0, -1] or unsqueeze.op_type != "Unsqueeze"
-            or scale_gather is None or scale_gather.op_type != "Gather" or list(scale_gather.input) != [scales, ids]
-            or any(a.name == "axis" and a.i != 0 for a in scale_gather.attribute)
-            or len(index.consumers.get(unsqueeze.output[0], [])) != 1
-            or len(index.consumers.get(scale_gather.output[0], [])) != 1):
-        return None
-    return [gather, cast, sub, scale_gather, unsqueeze, mul, reshape], ids
-
-
-def pack_shared_head(model: onnx.ModelProto) -> dict[str, dict]:
-    """A tied head whose 8-bit blocks the token embedding gathers (`shared_table_lookup`) and whose codes fit
-    fewer bits (`narrow_widths`: w4's --head-bits 5 to 7) becomes BlockInt8MatMul over the codes packed at their
-    widths, and the embedding's lookup one BlockGather on the same packed codes, which dequantizes the rows it
-    is asked for exactly as the nodes it replaces did: the table is stored once, at its codes' width. Returns
-    what `pack_narrow_blocks` does."""
-    index = GraphIndex(model)
-    moved, dropped = {}, set()
-    for node, shared in block_matmuls(model, index):
-        lookup = shared_table_lookup(index, node) if shared else None
-        codes = numpy_helper.to_array(index.inits[node.input[1]]) if lookup is not None else None
-        widths = narrow_widths(codes) if codes is not None else None
-        if widths is None:
-            continue
-        chain, ids = lookup
-        dropped.add(node.input[1])
-        original, scales = node.name, node.input[2]
-        moved[original] = _to_packed_op(model, node, codes, *widths)
-        rows = chain[-1]
-        gather = helper.make_node(GATHER_OP, [node.input[1], ids, scales], list(rows.output),
-                                  f"{chain[0].name}/{GATHER_OP}", domain=DOMAIN)
-        _packed_attributes(gather, codes.shape[1] * codes.shape[2], *widths)
-        at = list(model.graph.node).index(rows)
-        model.graph.node.insert(at, gather)
-        for n in chain:
-            model.graph.node.remove(n)
-    _drop_initializers(model, dropped)
-    if moved:
-        remove_dead_nodes(model)  # the lookup's constants
-    return moved
 
 
 def specialize(source: Path, target: Path, portable: Path | None = None, move_head: bool = False) -> dict:

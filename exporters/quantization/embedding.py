@@ -14,6 +14,7 @@ from onnx import helper, numpy_helper
 
 from exporters.graph import TABLE_MAP_SUFFIX, GraphIndex
 from exporters.onnx_io import tensor_array
+from exporters.quantization.nbits import code_bits
 from exporters.quantization.scales import on_half_grid
 from runtimes.contract import LOGITS, set_metadata
 
@@ -260,10 +261,8 @@ def block_row_errors(blocks: np.ndarray, scales: np.ndarray, x: np.ndarray, tabl
 
 
 def code_width(codes: np.ndarray) -> int:
-    """The fewest bits b whose signed range [-2^(b-1), 2^(b-1)) holds every one of the 8-bit codes (zero point
-    128) - 128: 8 for a full 8-bit head, 6 for `--head-bits 6`'s."""
-    need = max(128 - int(codes.min()), int(codes.max()) - 127, 1)
-    return max(2, 1 + int(np.ceil(np.log2(need))))
+    """`code_bits` of all the 8-bit codes as one row: 8 for a full 8-bit head, 6 for `--head-bits 6`'s."""
+    return int(code_bits(codes.reshape(1, -1))[0])
 
 
 def _own_block_error(e: np.ndarray, block_size: int = 32, bits: int = 8) -> tuple[float, float]:

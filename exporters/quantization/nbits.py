@@ -89,7 +89,7 @@ def pack_narrow(w: np.ndarray, bits: int, block_size: int) -> Packed:
     is MLAS's, peak / -2^(bits-1), and its codes 128 + q with q in [-2^(bits-1), 2^(bits-1) - 1], so MatMulNBits
     computes scale * (code - 128) = w rounded to that grid. Values already on the grid (GPTQ's at `bits`) keep
     their codes exactly. The file holds a byte a weight; `pipeline optimize --native-int8` stores the codes at
-    their own width (exporters/cpu_kernels.py `pack_narrow_blocks`)."""
+    their own width (exporters/block_kernels.py `pack_narrow_blocks`)."""
     q, scale = symmetric_blocks(w.astype(np.float32), bits, block_size)
     codes = (q + 128).astype(np.uint8).transpose(2, 0, 1)  # (N, blocks, block_size)
     return Packed(np.ascontiguousarray(codes), np.ascontiguousarray(scale[:, 0].T, dtype=np.float32), w.shape[0], 8)
@@ -214,3 +214,11 @@ def fake_nbits(w: np.ndarray, bits: int, block_size: int) -> np.ndarray:
     """w (K, N) rounded as symmetric `bits`-bit blocks of `block_size` along K (K padded to a whole block)."""
     q, scale = symmetric_blocks(w, bits, block_size)
     return (q * scale).reshape(-1, w.shape[1])[:w.shape[0]]
+
+
+def code_bits(codes: np.ndarray) -> np.ndarray:
+    """uint8 (N, ...) 8-bit codes (zero point 128) -> per row the fewest bits b, 2 to 8, whose signed range
+    [-2^(b-1), 2^(b-1)) holds every code - 128 of the row."""
+    v = codes.reshape(len(codes), -1)
+    need = np.maximum(128 - v.min(axis=1).astype(np.int64), v.max(axis=1).astype(np.int64) - 127)  # 2^(b-1) >= need
+    return np.maximum(2, 1 + np.ceil(np.log2(np.maximum(need, 1))).astype(np.int64))

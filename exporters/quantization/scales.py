@@ -10,7 +10,7 @@ before and only the file shrinks. A float16 scale is within 2^-11 of the float32
 moves its weight by at most 8 such steps, under a 256th of a quantization step.
 
 `stored_scales` reads a scales input back as float32 whichever way it was stored, for the passes that rewrite a
-quantized model (exporters/cpu_kernels.py).
+quantized model (exporters/cpu_kernels.py, block_kernels.py).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 - fusion (default): variants/fp32 -> variants/fused (or fused-fp16): one fused attention op per layer;
 - `native_int8`: a static-int8 variant (w8a8) -> variants/<source>-native, its MatMuls on pipeline's native
   CPU kernel; or a weight-only one (w4, w8, gguf) whose tied head's 8-bit blocks the embedding also reads, the
-  head on the kernel that reads them as stored (exporters/cpu_kernels.py); checked against the source on this
+  head on the kernel that reads them as stored (exporters/block_kernels.py); checked against the source on this
   machine's onnxruntime;
 - `kv_fp16`: any fused variant -> variants/<source>-kv16, its KV cache in float16 (exporters/kv16.py), checked
   against the source within KV16_TOLERANCE, or, where the source rounds its activations to int8 as it runs (w4,

@@ -40,6 +40,7 @@ from runtimes.errors import RuntimeUserError
 from runtimes.providers import cpu_flags
 
 SOURCE = Path(__file__).with_name("int8_matmul.c")
+DOMAIN = "com.pipeline"  # the custom ops' domain (int8_matmul.c registers it)
 OP = "StaticInt8MatMul"
 BLOCK_OP = "BlockInt8MatMul"
 GATHER_OP = "BlockGather"

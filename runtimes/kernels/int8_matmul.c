@@ -453,7 +453,7 @@ static OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* context) 
  * Output: y float (..., N). Work is split over row ranges of N on onnxruntime's intra-op thread pool.
  *
  * Packed codes (attributes K, bits, rows): blocks whose values W - 128 all lie in [-2^(b-1), 2^(b-1)) are
- * stored at b bits, as a GGUF's Q5_0 blocks are 5-bit (exporters/cpu_kernels.py `pack_narrow_blocks`). Input
+ * stored at b bits, as a GGUF's Q5_0 blocks are 5-bit (exporters/block_kernels.py `pack_narrow_blocks`). Input
  * 1 is then a flat initializer: for each segment s of rows[s] rows, each row's K/32 blocks, each block 32 codes
  * c = W - 128 + 2^(b-1) in 4b bytes, a little-endian bit stream (code i at bits [i*b, i*b + b)), b = bits[s].
  * The kernel unpacks them into the (N, K/32, 32) bytes above once, when the session is created, and computes

@@ -1,5 +1,5 @@
-"""exporters/cpu_kernels.py: which MatMuls become StaticInt8MatMul or BlockInt8MatMul, the packed weight layout,
-and BlockInt8MatMul against onnxruntime's MatMulNBits."""
+"""exporters/cpu_kernels.py and block_kernels.py: which MatMuls become StaticInt8MatMul or BlockInt8MatMul, the
+packed weight layout, and BlockInt8MatMul against onnxruntime's MatMulNBits."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from exporters.cpu_kernels import (BLOCK_OP, DOMAIN, GATHER_OP, KERNEL_KEY, MAX_SEGMENTS, OP, code_bits, pack,
-                                   pack_codes, pack_narrow_blocks, pack_shared_head, rewrite, rewrite_shared_blocks,
-                                   segments, specialize)
+from exporters.block_kernels import (MAX_SEGMENTS, pack_codes, pack_narrow_blocks, pack_shared_head,
+                                     rewrite_shared_blocks, segments)
+from exporters.cpu_kernels import KERNEL_KEY, pack, rewrite, specialize
+from exporters.quantization.nbits import code_bits
+from runtimes.kernels import BLOCK_OP, DOMAIN, GATHER_OP, OP
 from exporters.quantization.embedding import share_tied_table
 from models.errors import UserError
 from pipeline.stages.check import int8_flop_share

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_onnx_to_onnx_modules_import_no_torch():
     code = ("import sys, exporters.quantize, exporters.optimize, exporters.rotation, exporters.smoothing, "
-            "exporters.gptq, exporters.cpu_kernels, exporters.acceptance; "
+            "exporters.gptq, exporters.cpu_kernels, exporters.block_kernels, exporters.acceptance; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]

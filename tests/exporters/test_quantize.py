@@ -434,7 +434,7 @@ def test_w4_can_move_matmuls_to_6_bits_which_the_native_kernel_stores_at_6(model
     """--w4-high-bits 6: the search's MatMuls leave 4 bits for 6-bit codes in 8-bit MatMulNBits blocks (GPTQ-
     rounded on the 6-bit grid), the head stays at 8, the written model is the one measured, and the native
     kernel's packing stores exactly those MatMuls at 6 bits a weight."""
-    from exporters.cpu_kernels import pack_narrow_blocks
+    from exporters.block_kernels import pack_narrow_blocks
 
     path, report = quantized("fused", "w4", w4_max_ppl_increase=0.10, w4_high_bits=6)
     upgraded = {n for n, why in report["fallback_matmuls"].items() if why.startswith("sensitive")}
@@ -461,7 +461,8 @@ def test_w4_head_bits_6_rounds_the_tied_head_to_6_bits_which_the_native_kernels_
     """--head-bits 6: the output projection's codes on a symmetric 6-bit grid in its 8-bit blocks, which the
     token embedding still gathers (the table stored once), and the written model is the one measured; the native
     kernels then store those codes at 6 bits for both readers and compute the same logits."""
-    from exporters.cpu_kernels import GATHER_OP, specialize
+    from exporters.cpu_kernels import specialize
+    from runtimes.kernels import GATHER_OP
 
     head = "/model/lm_head/MatMul"
     path, report = quantized("fused", "w4", head_bits=6)
