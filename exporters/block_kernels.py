@@ -141,18 +141,12 @@ def _to_packed_op(model: onnx.ModelProto, node: onnx.NodeProto, codes: np.ndarra
             "bytes": [int(codes.size), int(packed.size)]}
 
 
-def _drop_initializers(model: onnx.ModelProto, names: set[str]) -> None:
-    kept = [t for t in model.graph.initializer if t.name not in names]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
-
-
 def pack_narrow_blocks(model: onnx.ModelProto) -> dict[str, dict]:
     """Each unshared `block_matmuls` node whose codes fit fewer bits (`narrow_widths`) becomes BlockInt8MatMul
     over the codes packed at their widths (attributes K, bits, rows); returns, per node moved, its widths and
     the bytes before and after."""
     index = GraphIndex(model)
-    moved, dropped = {}, set()
+    moved = {}
     for node, shared in block_matmuls(model, index):
         if shared:  # the other reader needs the 8-bit blocks (`pack_shared_head` takes a tied table's)
             continue
@@ -160,10 +154,10 @@ def pack_narrow_blocks(model: onnx.ModelProto) -> dict[str, dict]:
         widths = narrow_widths(codes)
         if widths is None:
             continue
-        dropped.add(node.input[1])
         original = node.name
         moved[original] = _to_packed_op(model, node, codes, *widths)
-    _drop_initializers(model, dropped)
+    if moved:
+        index.remove_unused_initializers()  # the 8-bit blocks the packed codes replace
     return moved
 
 
@@ -208,7 +202,7 @@ def pack_shared_head(model: onnx.ModelProto) -> dict[str, dict]:
     is asked for exactly as the nodes it replaces did: the table is stored once, at its codes' width. Returns
     what `pack_narrow_blocks` does."""
     index = GraphIndex(model)
-    moved, dropped = {}, set()
+    moved = {}
     for node, shared in block_matmuls(model, index):
         lookup = shared_table_lookup(index, node) if shared else None
         codes = numpy_helper.to_array(index.inits[node.input[1]]) if lookup is not None else None
@@ -216,7 +210,6 @@ def pack_shared_head(model: onnx.ModelProto) -> dict[str, dict]:
         if widths is None:
             continue
         chain, ids = lookup
-        dropped.add(node.input[1])
         original, scales = node.name, node.input[2]
         moved[original] = _to_packed_op(model, node, codes, *widths)
         rows = chain[-1]
@@ -227,7 +220,6 @@ def pack_shared_head(model: onnx.ModelProto) -> dict[str, dict]:
         model.graph.node.insert(at, gather)
         for n in chain:
             model.graph.node.remove(n)
-    _drop_initializers(model, dropped)
     if moved:
-        remove_dead_nodes(model)  # the lookup's constants
+        remove_dead_nodes(model)  # the 8-bit blocks the packed codes replace, the lookup's constants
     return moved
