@@ -20,12 +20,29 @@ def entry() -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         _exit_interrupted()
+    except Exception as e:
+        if not _caused_by_interrupt(e):
+            raise
+        print("interrupted", file=sys.stderr)
+        _exit_interrupted()
     except SystemExit as e:
         if e.code == EXIT_INTERRUPTED:
             _exit_interrupted()
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _caused_by_interrupt(error: BaseException) -> bool:
+    """Whether a Ctrl-C is in `error`'s chain of causes: one that lands while an extension module initializes
+    (scipy's, under transformers' lazy imports) surfaces as that import's ImportError, raised from it."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _redeliver_interrupts(unraisable, default=sys.unraisablehook) -> None:

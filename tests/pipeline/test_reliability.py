@@ -492,3 +492,21 @@ def test_a_sigint_while_a_stage_cleans_up_is_delivered_once_the_directory_is_gon
     assert f"interrupted: nothing half-written was left behind; `optimize` in {run} had finished" in result.output
     assert_consistent(run)
     assert run_state(run) != before and RunDir(run).verified("fused").is_file()
+
+
+@pytest.mark.parametrize("interrupted", [True, False])
+def test_an_error_a_ctrl_c_caused_is_an_interrupt_and_any_other_still_a_failure(interrupted):
+    """A Ctrl-C that lands while an extension module initializes surfaces as that import's ImportError raised
+    from the KeyboardInterrupt: the command then stops as for any Ctrl-C (exit 130, one line); an ImportError of
+    its own is not hidden."""
+    raise_it = ("try:\n        raise KeyboardInterrupt\n    except KeyboardInterrupt as e:\n"
+                "        raise ImportError('initialization failed') from e" if interrupted
+                else "raise ImportError('initialization failed')")
+    code = ("import pipeline.cli, pipeline.__main__ as m\n"
+            f"def failing():\n    {raise_it}\n"
+            "pipeline.cli.main = failing\nm.entry()\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    if interrupted:
+        assert done.returncode == 130 and done.stderr.strip() == "interrupted"
+    else:
+        assert done.returncode == 1 and "ImportError: initialization failed" in done.stderr
