@@ -351,13 +351,18 @@ typedef struct {
 } Segments;
 
 /* What a kernel instance knows from its node: StaticInt8MatMul's `weight_max_abs` attribute (128 if absent);
- * BlockInt8MatMul's blocks when its codes are stored packed (below), unpacked once when the session starts;
- * BlockGather's segments. */
+ * BlockInt8MatMul's blocks when its codes are stored packed (below), unpacked once when the session starts (the
+ * AVX2 build's 5-bit runs into a layout of their own); BlockGather's segments. */
 typedef struct {
     int64_t weight_max_abs;
     uint8_t* blocks; /* (n, kb, 32), or NULL: the blocks are input 1 as stored */
     int64_t n, kb;
     Segments seg;
+    /* where each segment's rows start in `blocks`, and whether they are kept at 5 bits (the AVX2 build: "5-bit
+     * codes kept at 5 bits" below) rather than a byte each */
+    int64_t offset[MAX_SEGMENTS];
+    unsigned char five[MAX_SEGMENTS];
+    int any_five;
 } Kernel;
 
 static OrtStatus* shape_of(const OrtValue* value, int64_t* dims, size_t* rank) {
@@ -458,7 +463,8 @@ static OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* context) 
  * c = W - 128 + 2^(b-1) in 4b bytes, a little-endian bit stream (code i at bits [i*b, i*b + b)), b = bits[s].
  * The kernel unpacks them into the (N, K/32, 32) bytes above once, when the session is created, and computes
  * exactly as for stored 8-bit blocks: the file holds b bits a weight, memory 8 (the packed codes' pages are
- * handed back to the system once read, release_pages).
+ * handed back to the system once read, release_pages). The AVX2 build keeps 5-bit runs at 5 bits in memory
+ * instead, and decodes them as it reads them (below, "5-bit codes kept at 5 bits").
  *
  * x86-64: vpdpbusd takes 64 stored bytes (two blocks) as its unsigned operand and A as its signed one; its
  * accumulator starts at -16 * sum(A of the block) in each of the block's 8 lanes (128 * sum over 8 lanes: the
@@ -477,6 +483,11 @@ typedef struct {
     const float* w_scale;   /* (N, KB) */
     float* y;               /* (M, N) */
     int64_t m, kb, n, chunks;
+#if KERNEL_AVX2
+    const Kernel* packed;   /* with 5-bit segments (any_five), the rows as it keeps them; else NULL */
+    const int16_t* a_pair16; /* (M, KB, 16): 16 * (A[2i] + A[2i + 1]) of each block, for the 5-bit rows */
+    uint8_t* scratch;       /* (chunks, 2, K): a prompt's 5-bit rows, two at a time, a byte each */
+#endif
 } BlockJob;
 
 #if KERNEL_AVX512
@@ -637,11 +648,10 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-/* Weight row n against activation row r: two accumulators for the sums' latency, the bytes 1 kB ahead asked
- * for, as the AVX-512 path's decode row does. */
-static inline void block_1x1(const BlockJob* j, int64_t n, int64_t r) {
+/* Weight row n, whose bytes are wr, against activation row r: two accumulators for the sums' latency, the bytes
+ * 1 kB ahead asked for, as the AVX-512 path's decode row does. */
+static inline void block_1x1(const BlockJob* j, const uint8_t* wr, int64_t n, int64_t r) {
     const int64_t kb = j->kb, k = kb * BLOCK;
-    const uint8_t* wr = j->w + n * k;
     const float* sr = j->w_scale + n * kb;
     const int8_t* ar = j->aq + r * k;
     const float* as = j->a_scale + r * kb;
@@ -654,11 +664,11 @@ static inline void block_1x1(const BlockJob* j, int64_t n, int64_t r) {
     j->y[r * j->n + n] = hsum(_mm256_add_ps(acc[0], acc[1]));
 }
 
-/* Weight rows n, n + 1 against activation rows r, r + 1: each block's four loads and the weights' sign work
- * shared by four products (block_dot's arithmetic). */
-static inline void block_2x2(const BlockJob* j, int64_t n, int64_t r) {
+/* Weight rows n, n + 1 (bytes w0, then the next row's) against activation rows r, r + 1: each block's four
+ * loads and the weights' sign work shared by four products (block_dot's arithmetic). */
+static inline void block_2x2(const BlockJob* j, const uint8_t* w0, int64_t n, int64_t r) {
     const int64_t kb = j->kb, k = kb * BLOCK;
-    const uint8_t *w0 = j->w + n * k, *w1 = w0 + k;
+    const uint8_t* w1 = w0 + k;
     const int8_t *a0 = j->aq + r * k, *a1 = a0 + k;
     const float *s0 = j->w_scale + n * kb, *s1 = s0 + kb, *t0 = j->a_scale + r * kb, *t1 = t0 + kb;
     const __m256i bias = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
@@ -688,28 +698,161 @@ static inline void block_2x2(const BlockJob* j, int64_t n, int64_t r) {
 
 enum { ROW_TILE = 64 }; /* a prompt's activation rows per pass over a chunk's weight rows: 64 x K bytes */
 
-/* A decode step's one activation row: the weight rows in order, one stream. A prompt's: ROW_TILE activation
- * rows at a time (they stay in cache while the chunk's weight rows stream past), two weight rows by two. */
-static void block_run_chunk(void* data, size_t chunk) {
-    const BlockJob* j = (const BlockJob*)data;
-    const int64_t first = j->n * (int64_t)chunk / j->chunks, last = j->n * ((int64_t)chunk + 1) / j->chunks;
+/* Rows [lo, hi) whose bytes are a byte each, row n's at w + (n - from) * K. A decode step's one activation row:
+ * the weight rows in order, one stream. A prompt's: ROW_TILE activation rows at a time (they stay in cache while
+ * the chunk's weight rows stream past), two weight rows by two. */
+static void byte_rows(const BlockJob* j, const uint8_t* w, int64_t from, int64_t lo, int64_t hi) {
+    const int64_t k = j->kb * BLOCK;
     if (j->m == 1) {
-        for (int64_t n = first; n < last; n++) block_1x1(j, n, 0);
+        for (int64_t n = lo; n < hi; n++) block_1x1(j, w + (n - from) * k, n, 0);
         return;
     }
     for (int64_t r0 = 0; r0 < j->m; r0 += ROW_TILE) {
         const int64_t r1 = r0 + ROW_TILE < j->m ? r0 + ROW_TILE : j->m;
-        int64_t n = first;
-        for (; n + 2 <= last; n += 2) {
+        int64_t n = lo;
+        for (; n + 2 <= hi; n += 2) {
             int64_t r = r0;
-            for (; r + 2 <= r1; r += 2) block_2x2(j, n, r);
+            for (; r + 2 <= r1; r += 2) block_2x2(j, w + (n - from) * k, n, r);
             for (; r < r1; r++) {
-                block_1x1(j, n, r);
-                block_1x1(j, n + 1, r);
+                block_1x1(j, w + (n - from) * k, n, r);
+                block_1x1(j, w + (n + 1 - from) * k, n + 1, r);
             }
         }
-        for (; n < last; n++)
-            for (int64_t r = r0; r < r1; r++) block_1x1(j, n, r);
+        for (; n < hi; n++)
+            for (int64_t r = r0; r < r1; r++) block_1x1(j, w + (n - from) * k, n, r);
+    }
+}
+
+/* ---- 5-bit codes kept at 5 bits (this build) ----
+ *
+ * On AVX2 without VNNI a one-row product of 8-bit blocks is bound by its arithmetic about as much as by memory,
+ * and 5-bit codes need fewer instructions a block than 8-bit ones (no sign work: the codes are small and
+ * unsigned), decoding included. So a run of 5-bit codes (w4's --w4-high-bits 5, a GGUF's Q5_0) stays 5 bits a
+ * weight in memory, 20 bytes a block where unpacking took 32: on a 2-core EPYC, SmolLM2's w4-native with 109
+ * 5-bit MatMuls decodes 11% faster and holds 29 MB less (docs/benchmarks.md). A row is groups of 8 blocks
+ * (fewer at its end): each block's 16 bytes of low nibbles (byte i: code i in bits 0-3, code i + 16 in bits
+ * 4-7), then 32 bytes of fifth bits (byte i, bit t: code i of the group's block t). A code c stands for the
+ * weight c - 16 (W = c + 112 as a stored byte). vpmaddubsw takes c (0 .. 31, unsigned) against A, and each
+ * pair's 16 * (A + A') is taken off (a_pair16), so every int32 lane is the one block_dot computes on W and a
+ * decode row's result is the same to the bit. A prompt's rows are decoded to bytes two at a time and go the
+ * 8-bit way. */
+enum { FIVE_GROUP = 8 };
+
+static int64_t five_row_bytes(int64_t kb) { return kb * 16 + (kb + FIVE_GROUP - 1) / FIVE_GROUP * 32; }
+
+/* One row of bytes W = c + 112 (kb blocks) -> the 5-bit layout above. */
+static void five_pack_row(const uint8_t* w, int64_t kb, uint8_t* out) {
+    for (int64_t g = 0; g < kb; g += FIVE_GROUP) {
+        const int64_t nb = kb - g < FIVE_GROUP ? kb - g : FIVE_GROUP;
+        uint8_t* plane = out + nb * 16;
+        memset(plane, 0, 32);
+        for (int64_t t = 0; t < nb; t++) {
+            const uint8_t* c = w + (g + t) * BLOCK;
+            for (int i = 0; i < 16; i++)
+                out[t * 16 + i] = (uint8_t)(((c[i] - 112) & 15) | (((c[i + 16] - 112) & 15) << 4));
+            for (int i = 0; i < BLOCK; i++) plane[i] |= (uint8_t)((((c[i] - 112) >> 4) & 1) << t);
+        }
+        out += nb * 16 + 32;
+    }
+}
+
+/* Block t of a group: its 32 codes (0 .. 31) from its nibbles and the group's fifth bits. The shifts move bit t
+ * of each byte to bit 4 within 16-bit lanes; what crosses into a neighbouring byte lands outside bit 4. */
+static inline __attribute__((always_inline)) __m256i five_codes(const uint8_t* nibbles, __m256i plane, int t) {
+    const __m128i n = _mm_loadu_si128((const __m128i*)nibbles);
+    const __m256i low = _mm256_and_si256(
+        _mm256_inserti128_si256(_mm256_castsi128_si256(n), _mm_srli_epi16(n, 4), 1), _mm256_set1_epi8(0x0f));
+    const __m256i fifth = t < 4 ? _mm256_slli_epi16(plane, 4 - t) : _mm256_srli_epi16(plane, t - 4);
+    return _mm256_or_si256(low, _mm256_and_si256(fifth, _mm256_set1_epi8(0x10)));
+}
+
+/* Each block's 16 * (A[2i] + A[2i + 1]), i = 0 .. 15: what the codes' offset of 16 adds to vpmaddubsw's pairs. */
+static void five_pair_sums(const int8_t* aq, size_t blocks, int16_t* out) {
+    const __m256i sixteen = _mm256_set1_epi8(16);
+    for (size_t b = 0; b < blocks; b++)
+        _mm256_storeu_si256((__m256i*)(out + b * 16),
+                            _mm256_maddubs_epi16(sixteen, _mm256_loadu_si256((const __m256i*)(aq + b * BLOCK))));
+}
+
+/* Block b = g + t of 5-bit row wr (group g at gr) against activation row 0, into acc[b % 2] as block_1x1 does. */
+#define FIVE_STEP(t)                                                                                              \
+    do {                                                                                                          \
+        const int64_t b = g + (t);                                                                                \
+        const __m256i pairs = _mm256_sub_epi16(                                                                   \
+            _mm256_maddubs_epi16(five_codes(gr + 16 * (t), plane, (t)),                                           \
+                                 _mm256_loadu_si256((const __m256i*)(j->aq + b * BLOCK))),                        \
+            _mm256_loadu_si256((const __m256i*)(j->a_pair16 + b * 16)));                                          \
+        acc[b % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones)),                          \
+                                     _mm256_set1_ps(sr[b] * j->a_scale[b]), acc[b % 2]);                          \
+    } while (0)
+
+/* 5-bit row n (its layout at wr) against a decode step's one activation row: the same sums as block_1x1 on its
+ * bytes, in the same order. */
+static inline void five_1x1(const BlockJob* j, const uint8_t* wr, int64_t n) {
+    const int64_t kb = j->kb;
+    const float* sr = j->w_scale + n * kb;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    int64_t g = 0;
+    for (; g + FIVE_GROUP <= kb; g += FIVE_GROUP, wr += FIVE_GROUP * 16 + 32) {
+        const uint8_t* gr = wr;
+        for (int l = 0; l < 3; l++) _mm_prefetch((const char*)gr + 1024 + 64 * l, _MM_HINT_NTA);
+        const __m256i plane = _mm256_loadu_si256((const __m256i*)(gr + FIVE_GROUP * 16));
+        FIVE_STEP(0); FIVE_STEP(1); FIVE_STEP(2); FIVE_STEP(3);
+        FIVE_STEP(4); FIVE_STEP(5); FIVE_STEP(6); FIVE_STEP(7);
+    }
+    if (g < kb) { /* the row's last blocks, fewer than a group */
+        const uint8_t* gr = wr;
+        const __m256i plane = _mm256_loadu_si256((const __m256i*)(gr + (kb - g) * 16));
+        for (int t = 0; t < kb - g; t++) FIVE_STEP(t);
+    }
+    j->y[n] = hsum(_mm256_add_ps(acc[0], acc[1]));
+}
+
+/* 5-bit row wr -> its bytes W = c + 112 (kb blocks), for a prompt's rows. */
+static void five_unpack_row(const uint8_t* wr, int64_t kb, uint8_t* w) {
+    const __m256i offset = _mm256_set1_epi8(112);
+    for (int64_t g = 0; g < kb; g += FIVE_GROUP) {
+        const int64_t nb = kb - g < FIVE_GROUP ? kb - g : FIVE_GROUP;
+        const __m256i plane = _mm256_loadu_si256((const __m256i*)(wr + nb * 16));
+        for (int t = 0; t < nb; t++)
+            _mm256_storeu_si256((__m256i*)(w + (g + t) * BLOCK),
+                                _mm256_add_epi8(five_codes(wr + 16 * t, plane, t), offset));
+        wr += nb * 16 + 32;
+    }
+}
+
+/* Rows [lo, hi) of a 5-bit segment, row n's layout at w + (n - from) * five_row_bytes: a decode step reads them
+ * as they are; a prompt's are decoded two at a time into the chunk's scratch and go the 8-bit way. */
+static void five_rows(const BlockJob* j, const uint8_t* w, int64_t from, int64_t lo, int64_t hi, uint8_t* scratch) {
+    const int64_t kb = j->kb, row = five_row_bytes(kb);
+    if (j->m == 1) {
+        for (int64_t n = lo; n < hi; n++) five_1x1(j, w + (n - from) * row, n);
+        return;
+    }
+    for (int64_t n = lo; n < hi; n += 2) {
+        const int64_t two = n + 2 <= hi ? 2 : 1;
+        for (int64_t i = 0; i < two; i++) five_unpack_row(w + (n + i - from) * row, kb, scratch + i * kb * BLOCK);
+        byte_rows(j, scratch, n, n, n + two);
+    }
+}
+
+static void block_run_chunk(void* data, size_t chunk) {
+    const BlockJob* j = (const BlockJob*)data;
+    const int64_t first = j->n * (int64_t)chunk / j->chunks, last = j->n * ((int64_t)chunk + 1) / j->chunks;
+    const Kernel* k = j->packed;
+    if (!k) {
+        byte_rows(j, j->w, 0, first, last);
+        return;
+    }
+    int64_t start = 0;
+    for (size_t s = 0; s < k->seg.count; start += k->seg.rows[s], s++) {
+        const int64_t lo = first > start ? first : start, end = start + k->seg.rows[s], hi = last < end ? last : end;
+        if (lo >= hi) continue;
+        if (k->five[s])
+            five_rows(j, k->blocks + k->offset[s], start, lo, hi, j->scratch + (int64_t)chunk * 2 * j->kb * BLOCK);
+        else
+            byte_rows(j, k->blocks + k->offset[s], start, lo, hi);
     }
 }
 
@@ -780,7 +923,7 @@ static OrtStatus* ORT_API_CALL block_compute(void* kernel, OrtKernelContext* con
         || element_count(in[2]) != w_dims[0] * w_dims[1])
         return g_api->CreateStatus(ORT_INVALID_ARGUMENT,
                                    "BlockInt8MatMul: x (..., K) needs blocks (N, K/32, 32) and N * K/32 scales");
-    BlockJob job;
+    BlockJob job = {0};
     job.kb = w_dims[1];
     job.n = w_dims[0];
     RETURN_IF_ERROR(output_rows(context, x_dims, x_rank, job.n, &job.y, &job.m));
@@ -791,9 +934,16 @@ static OrtStatus* ORT_API_CALL block_compute(void* kernel, OrtKernelContext* con
     if (!job.y || !x || !job.w || !job.w_scale)
         return g_api->CreateStatus(ORT_FAIL, "BlockInt8MatMul: an input has no data");
     const size_t blocks = (size_t)(job.m * job.kb);
+    job.chunks = job.n < 1024 ? 1 : 64; /* a few per thread: even finish times */
 #if KERNEL_AVX512
     const size_t lanes = (size_t)(job.m * ((job.kb + 1) / 2) * 16);
     void* scratch = malloc(blocks * BLOCK + blocks * sizeof(float) + lanes * sizeof(int32_t));
+#elif KERNEL_AVX2
+    job.packed = unpacked->blocks && unpacked->any_five ? unpacked : NULL;
+    /* with 5-bit rows: each block's pair sums (16 int16), and a prompt's two decoded rows per chunk */
+    const size_t five = !job.packed ? 0
+                        : blocks * 16 * sizeof(int16_t) + (job.m > 1 ? (size_t)(job.chunks * 2 * job.kb * BLOCK) : 0);
+    void* scratch = malloc(blocks * BLOCK + blocks * sizeof(float) + five);
 #else
     void* scratch = malloc(blocks * BLOCK + blocks * sizeof(float));
 #endif
@@ -807,9 +957,16 @@ static OrtStatus* ORT_API_CALL block_compute(void* kernel, OrtKernelContext* con
 #else
     block_quantize(x, job.m, job.kb, aq, a_scale);
 #endif
+#if KERNEL_AVX2
+    if (job.packed) {
+        int16_t* a_pair16 = (int16_t*)(aq + blocks * BLOCK);
+        five_pair_sums(aq, blocks, a_pair16);
+        job.a_pair16 = a_pair16;
+        job.scratch = (uint8_t*)(a_pair16 + blocks * 16);
+    }
+#endif
     job.aq = aq;
     job.a_scale = a_scale;
-    job.chunks = job.n < 1024 ? 1 : 64; /* a few per thread: even finish times */
     OrtStatus* status = g_api->KernelContext_ParallelFor(context, block_run_chunk, (size_t)job.chunks, 0, &job);
     free(scratch);
     return status;
@@ -892,13 +1049,37 @@ static OrtStatus* unpack_blocks(const OrtKernelInfo* info, int64_t K, Kernel* k)
     const OrtValue* value = NULL;
     RETURN_IF_ERROR(read_segments(info, K, 1, k, &value));
     const uint8_t* src = (const uint8_t*)data_of(value);
-    k->blocks = (uint8_t*)malloc((size_t)(k->n * K));
-    if (!src || !k->blocks) return g_api->CreateStatus(ORT_FAIL, "BlockInt8MatMul: out of memory");
-    uint8_t* dst = k->blocks;
+    int64_t total = 0;
     for (size_t s = 0; s < k->seg.count; s++) {
-        src = unpack_run(src, (int)k->seg.bits[s], k->seg.rows[s] * k->kb, dst);
-        dst += k->seg.rows[s] * K;
+        k->offset[s] = total;
+#if KERNEL_AVX2
+        k->five[s] = k->seg.bits[s] == 5;
+        k->any_five |= k->five[s];
+        total += k->seg.rows[s] * (k->five[s] ? five_row_bytes(k->kb) : K);
+#else
+        total += k->seg.rows[s] * K;
+#endif
     }
+    k->blocks = (uint8_t*)malloc((size_t)total);
+    uint8_t* row = k->any_five ? (uint8_t*)malloc((size_t)K) : NULL;
+    if (!src || !k->blocks || (k->any_five && !row)) {
+        free(row);
+        return g_api->CreateStatus(ORT_FAIL, "BlockInt8MatMul: out of memory");
+    }
+    for (size_t s = 0; s < k->seg.count; s++) {
+        uint8_t* dst = k->blocks + k->offset[s];
+#if KERNEL_AVX2
+        if (k->five[s]) { /* a row at a time: to bytes, then to the 5-bit layout */
+            for (int64_t r = 0; r < k->seg.rows[s]; r++, dst += five_row_bytes(k->kb)) {
+                src = unpack_run(src, 5, k->kb, row);
+                five_pack_row(row, k->kb, dst);
+            }
+            continue;
+        }
+#endif
+        src = unpack_run(src, (int)k->seg.bits[s], k->seg.rows[s] * k->kb, dst);
+    }
+    free(row);
     release_pages(data_of(value), (size_t)k->seg.bytes);
     return NULL;
 }

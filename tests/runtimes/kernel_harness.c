@@ -141,6 +141,71 @@ static int check_block(int64_t m, int64_t kb, int64_t n, int64_t chunks) {
     return bad;
 }
 
+#if KERNEL_AVX2
+/* The AVX2 build's 5-bit rows (five_pack_row's layout) against the same codes a byte each, one segment of 5-bit
+ * rows between 8-bit ones: a decode row's outputs equal to the bit (the same int32 lanes, summed in the same
+ * order). */
+static int check_five(int64_t m, int64_t kb, int64_t n, int64_t chunks) {
+    const int64_t k = kb * BLOCK, before = n / 3, fives = n - 2 * (n / 3), after = n / 3;
+    float* x = malloc(sizeof(float) * m * k);
+    uint8_t* w = malloc(n * k);
+    float* w_scale = malloc(sizeof(float) * n * kb);
+    int8_t* aq = malloc(m * k);
+    float* a_scale = malloc(sizeof(float) * m * kb);
+    int16_t* a_pair16 = malloc(sizeof(int16_t) * m * kb * 16);
+    uint8_t* scratch = malloc(16 * 2 * k);
+    float* want = malloc(sizeof(float) * m * n);
+    float* got = malloc(sizeof(float) * m * n);
+    for (int64_t i = 0; i < n * k; i++) /* the 5-bit rows' bytes are c + 112, c in 0 .. 31 */
+        w[i] = i / k >= before && i / k < before + fives ? (uint8_t)(112 + rnd() % 32) : (uint8_t)(rnd() & 0xff);
+    for (int64_t i = 0; i < n * kb; i++) w_scale[i] = 1e-3f + 2e-2f * uniform();
+    for (int64_t i = 0; i < m * k; i++) x[i] = (uniform() - 0.5f) * 6.0f * (1 + (i / BLOCK) % 5);
+    for (int64_t i = 0; i < k; i++) x[(m - 1) * k + i] *= (i / BLOCK) % 3 == 1 ? 0.0f : 1.0f; /* zero blocks */
+    Kernel kernel = {.n = n, .kb = kb, .any_five = 1};
+    kernel.seg.count = 3;
+    const int64_t rows[3] = {before, fives, after};
+    int64_t total = 0;
+    for (int s = 0; s < 3; s++) {
+        kernel.seg.bits[s] = s == 1 ? 5 : 8, kernel.seg.rows[s] = rows[s], kernel.five[s] = s == 1;
+        kernel.offset[s] = total;
+        total += rows[s] * (s == 1 ? five_row_bytes(kb) : k);
+    }
+    kernel.blocks = malloc(total);
+    memcpy(kernel.blocks, w, before * k);
+    for (int64_t r = 0; r < fives; r++)
+        five_pack_row(w + (before + r) * k, kb, kernel.blocks + kernel.offset[1] + r * five_row_bytes(kb));
+    memcpy(kernel.blocks + kernel.offset[2], w + (before + fives) * k, after * k);
+    block_quantize(x, m, kb, aq, a_scale);
+    five_pair_sums(aq, (size_t)(m * kb), a_pair16);
+    BlockJob plain = {.aq = aq, .a_scale = a_scale, .w = w, .w_scale = w_scale, .y = want, .m = m, .kb = kb, .n = n,
+                      .chunks = chunks < n ? chunks : n};
+    BlockJob five = plain;
+    five.y = got, five.packed = &kernel, five.a_pair16 = a_pair16, five.scratch = scratch;
+    for (int64_t c = 0; c < plain.chunks; c++) block_run_chunk(&plain, (size_t)c), block_run_chunk(&five, (size_t)c);
+    /* one activation row: equal to the bit; a prompt's: rows pair up from each segment's start, so a row may be
+     * summed by the other tile shape, within float rounding of the sum over blocks */
+    int bad = 0;
+    for (int64_t i = 0; i < m * n && !bad; i++) {
+        const int64_t r = i / n, row = i % n;
+        double magnitude = 0.0;
+        for (int64_t b = 0; b < kb; b++) {
+            double bound = 0.0;
+            for (int c = 0; c < BLOCK; c++)
+                bound += fabs((double)w[(row * kb + b) * BLOCK + c] - 128.0) * fabs((double)aq[(r * kb + b) * BLOCK + c]);
+            magnitude += bound * w_scale[row * kb + b] * a_scale[r * kb + b];
+        }
+        if (m == 1 ? memcmp(&got[i], &want[i], sizeof(float)) != 0 : fabs(got[i] - want[i]) > 1e-6 * magnitude) {
+            printf("5-bit m=%lld kb=%lld n=%lld: y[%lld] = %.9g, as bytes %.9g\n", (long long)m, (long long)kb,
+                   (long long)n, (long long)i, got[i], want[i]);
+            bad = 1;
+        }
+    }
+    free(x), free(w), free(w_scale), free(aq), free(a_scale), free(a_pair16), free(scratch), free(want), free(got);
+    free(kernel.blocks);
+    return bad;
+}
+#endif
+
 int main(void) {
     /* decode rows, blocks of 4 rows and remainders, panel counts that are not a multiple of 4, K with a
      * quantization tail (not a multiple of 16), every chunking of the panel groups; full 8-bit weights and
@@ -164,5 +229,16 @@ int main(void) {
         for (int64_t chunks = 1; chunks <= 16; chunks *= 4, cases++)
             if (check_block(block_shapes[s][0], block_shapes[s][1], block_shapes[s][2], chunks)) return 1;
     printf("ok %d\n", cases);
+#if KERNEL_AVX2
+    /* whole groups of 8 blocks and every tail (1 to 7 blocks), decode and prompt rows (an odd count: the last
+     * row decoded alone), every chunking; segments of 1 row or more */
+    static const int64_t five_shapes[][3] = {{1, 8, 9}, {1, 18, 7}, {1, 3, 3}, {1, 1, 5}, {3, 21, 10}, {2, 7, 8},
+                                             {1, 48, 31}, {67, 13, 6}, {1, 5, 4}, {4, 6, 12}, {1, 4, 3}, {1, 2, 3}};
+    int fives = 0;
+    for (size_t s = 0; s < sizeof(five_shapes) / sizeof(five_shapes[0]); s++)
+        for (int64_t chunks = 1; chunks <= 16; chunks *= 4, fives++)
+            if (check_five(five_shapes[s][0], five_shapes[s][1], five_shapes[s][2], chunks)) return 1;
+    printf("ok 5-bit %d\n", fives);
+#endif
     return 0;
 }
