@@ -22,6 +22,7 @@ from runtimes import kernels
 from runtimes.contract import (INPUT_IDS, LOGITS, LOGITS_TO_KEEP, METADATA_KEY, Contract, past_key, past_names,
                                present_names)
 from runtimes.errors import RuntimeUserError
+from runtimes.pages import released_pages
 from runtimes.providers import (CPU_EP, ModelShape, ProviderSpec, cpu, ensure_available, int8_gemm_saturates,
                                with_cpu_fallback)
 
@@ -84,10 +85,11 @@ def _load(path: Path, options: ort.SessionOptions,
     """onnxruntime's session, with load failures as one-line user errors.
 
     onnxruntime prints its provider-fallback banner on stdout; it goes to stderr so that stdout stays the
-    command's output (one JSON object for `bench --json`).
+    command's output (one JSON object for `bench --json`). The weights its kernels prepack are resident once,
+    not also as the data file's pages they were read from (runtimes/pages.py).
     """
     try:
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), released_pages(path.parent):
             return ort.InferenceSession(str(path), options, providers=providers)
     except _LOAD_ERRORS as e:
         op = next((op for op in kernels.OPS if op in str(e)), None)

@@ -1,0 +1,123 @@
+"""runtimes/pages.py: the pages of a model's mapped files are handed back after a load, and nothing is lost."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import mmap
+import os
+
+import numpy as np
+import pytest
+
+from runtimes import pages, session
+
+PAGE = mmap.PAGESIZE
+PAGES = 64
+
+
+def _address(buffer) -> int:
+    """Where a writable buffer starts (the ctypes view let go at once, so that the buffer can close)."""
+    view = ctypes.c_char.from_buffer(buffer)
+    try:
+        return ctypes.addressof(view)
+    finally:
+        del view
+
+
+def _pageout_works() -> bool:
+    if pages._MADVISE is None or not os.path.exists("/proc/self/pagemap"):
+        return False
+    buf = mmap.mmap(-1, PAGE)
+    try:
+        return pages._MADVISE(_address(buf), PAGE, pages.MADV_PAGEOUT) == 0
+    finally:
+        buf.close()
+
+
+pytestmark = pytest.mark.skipif(not _pageout_works(), reason="needs Linux 5.4+ madvise(MADV_PAGEOUT)")
+
+
+def _present(address: int, count: int) -> np.ndarray:
+    """Which of `count` pages from `address` are in this process's memory (pagemap bit 63)."""
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(8 * (address // PAGE))
+        entries = np.frombuffer(f.read(8 * count), dtype=np.uint64)
+    return (entries >> np.uint64(63)) == 1
+
+
+def _vm_flags(address: int) -> list[str]:
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            if "-" in line.split()[0] and not line.startswith("VmFlags"):
+                start, end = (int(x, 16) for x in line.split()[0].split("-"))
+                inside = start <= address < end
+            elif inside and line.startswith("VmFlags:"):
+                return line.split()[1:]
+    raise AssertionError("mapping not found")
+
+
+def test_read_pages_are_handed_back_written_ones_kept_and_later_reads_are_random(tmp_path):
+    content = np.random.default_rng(0).integers(0, 256, PAGES * PAGE, dtype=np.uint8)
+    path = tmp_path / "model.onnx.data"
+    path.write_bytes(content.tobytes())  # dirty in the page cache: released_pages syncs it
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # onnxruntime's: private, read-write
+    address = _address(mapped)
+    try:
+        np.testing.assert_array_equal(np.frombuffer(mapped[:], dtype=np.uint8), content)  # every page read
+        mapped[3 * PAGE] ^= 0xFF  # one page written: a private copy, no longer the file's
+        assert _present(address, PAGES).all()
+        with pages.released_pages(tmp_path):
+            pass
+        present = _present(address, PAGES)
+        assert present.sum() <= 1, present.nonzero()  # the written page may stay (no swap here); the rest left
+        assert "rr" in _vm_flags(address)  # read during the load, still mapped: read sparsely from now on
+        expected = content.copy()
+        expected[3 * PAGE] ^= 0xFF
+        np.testing.assert_array_equal(np.frombuffer(mapped[:], dtype=np.uint8), expected)  # nothing lost
+    finally:
+        mapped.close()
+
+
+def test_other_directories_and_unread_mappings_are_left_alone(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for name in ("a", "b"):
+        (tmp_path / name / "w.data").write_bytes(bytes(range(256)) * (PAGES * PAGE // 256))
+    maps = {}
+    for name in ("a", "b"):
+        with open(tmp_path / name / "w.data", "rb") as f:
+            maps[name] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    try:
+        bytes(maps["b"][:])  # b read
+        address = {k: _address(m) for k, m in maps.items()}
+        with pages.released_pages(tmp_path / "a"):  # a never read during the block
+            pass
+        assert _present(address["b"], PAGES).all()
+        assert "rr" not in _vm_flags(address["a"])
+    finally:
+        for m in maps.values():
+            m.close()
+
+
+def test_a_session_loads_to_the_same_logits_with_its_pages_handed_back(tiny_model, monkeypatch):
+    ids = {"input_ids": np.array([[1, 5, 9, 2]], dtype=np.int64)}
+
+    def logits():
+        decoder = session.open_session(tiny_model, threads=1)
+        feeds = {name: value for name, value in ids.items() if name in decoder.input_names}
+        shape = decoder.contract
+        for name in decoder.input_names:
+            if name.startswith("past_key_values"):
+                feeds[name] = np.zeros((1, shape.num_kv_heads, 0, shape.head_dim), dtype=decoder.kv_dtype)
+            elif name == "attention_mask":
+                feeds[name] = np.ones((1, 4), dtype=np.int64)
+            elif name == "position_ids":
+                feeds[name] = np.arange(4, dtype=np.int64)[None]
+        return decoder.run(feeds, ["logits"])[0]
+
+    released = logits()
+    monkeypatch.setattr(session, "released_pages", lambda directory: contextlib.nullcontext())
+    np.testing.assert_array_equal(released, logits())
