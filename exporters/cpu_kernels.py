@@ -35,7 +35,7 @@ from onnx import helper, numpy_helper
 
 from exporters.block_kernels import pack_narrow_blocks, pack_shared_head, rewrite_shared_blocks
 from exporters.graph import GraphIndex
-from exporters.onnx_io import move_model, save_model_auto
+from exporters.onnx_io import load_onnx, move_model, save_model_auto
 from exporters.optimize import remove_dead_nodes
 from exporters.quantization.embedding import share_tied_table
 from exporters.quantization.scales import stored_scales
@@ -309,7 +309,7 @@ def specialize(source: Path, target: Path, portable: Path | None = None, move_he
     native kernels; written to a temp name, then renamed. Where the head moved onto the table's blocks
     (`head_on_table_blocks`, which changes the logits), the graph as it is then, before the native kernels, is
     also saved at `portable`: what the native graph must equal."""
-    model = onnx.load(str(source))
+    model = load_onnx(source)
     before = len(model.graph.node)
     moved = head_on_table_blocks(model) if move_head else None
     if moved is not None and portable is not None:

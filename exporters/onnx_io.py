@@ -20,6 +20,10 @@ EXTERNAL_DATA_THRESHOLD = 1 << 31  # protobuf cannot hold a model over 2 GB: wei
 
 
 def unreadable(path: Path, e: Exception) -> UserError:
+    if "hard link" in str(e):  # onnx's own guard: a data file reached through another name is refused
+        return UserError(f"cannot read ONNX model {path}: onnx refuses its external data file, which has more "
+                         "than one hard link; give this copy a file of its own (cp the .data file to a new name "
+                         "and move it back over the link)")
     return UserError(f"cannot read ONNX model {path}: the file is corrupt or truncated ({type(e).__name__})")
 
 

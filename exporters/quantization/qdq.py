@@ -13,7 +13,7 @@ import onnx
 
 from exporters.calibration import KVCacheCalibrationReader
 from exporters.graph import GraphIndex
-from exporters.onnx_io import EXTERNAL_DATA_THRESHOLD, files_size, save_model_auto
+from exporters.onnx_io import EXTERNAL_DATA_THRESHOLD, files_size, load_onnx, save_model_auto
 from exporters.quantization.config import WEIGHT_BITS_KEY
 from exporters.quantization.quiet import quiet
 from models.errors import UserError
@@ -74,7 +74,7 @@ def quantize_qdq(job: QdqJob, nodes: list[str], out_path: Path) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if not nodes:  # (quantize_static reads an empty list as every node)
-        save_model_auto(onnx.load(str(job.fp32_path)), out_path)
+        save_model_auto(load_onnx(job.fp32_path), out_path)
         return
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[job.config.calibrate_method]
