@@ -7,13 +7,14 @@ the embedding gathers (Gemma 3's 262,144 x 640 table, 168 MB at 8 bits) is then 
 blocks beside the packed copy, and the peak holds both.
 
 `released_pages(directory)` hands those pages back while the session is created: every `period` seconds, and
-once after, each mapping of a file of the model's directory with resident pages gets madvise(MADV_PAGEOUT),
-which reclaims clean file pages and never discards data (a written private page would go to swap, or stay).
-A mapping that was read during the load and is still mapped after it is read sparsely from then on (an
-embedding's rows): it gets MADV_RANDOM, so that each row's fault reads its own page, not a read-around window
-that later faults would map in whole (1,536 random token ids brought back ~110 MB of Gemma 3's table that way,
-~10 MB with it). Weights that a kernel reads in place at run time (pipeline's native ops) are not read while the
-session is created, so neither advice reaches them.
+once after, each mapping made meanwhile of a file of the model's directory, if it has resident pages, gets
+madvise(MADV_PAGEOUT), which reclaims clean file pages and never discards data (a written private page would
+go to swap, or stay). A mapping that was read during the load and is still mapped after it is read sparsely
+from then on (an embedding's rows): it gets MADV_RANDOM, so that each row's fault reads its own page, not a
+read-around window that later faults would map in whole (1,536 random token ids brought back ~110 MB of Gemma
+3's table that way, ~10 MB with it). Weights that a kernel reads in place at run time (pipeline's native ops)
+are not read while the session is created, so neither advice reaches them; nor does it reach what was mapped
+before (a library loaded from that directory).
 
 The cost: the reclaimed pages leave the page cache, so the next process to load the model reads them from disk.
 
@@ -86,6 +87,7 @@ class _Pager:
     def __init__(self, directory: str | Path):
         self.directory = os.path.realpath(directory)
         self.page = os.sysconf("SC_PAGE_SIZE")
+        self.before = set(_mappings(self.directory))  # not onnxruntime's (a library loaded from there): left alone
         self.read: set[tuple[int, int]] = set()
         self.synced: set[str] = set()
 
@@ -97,7 +99,7 @@ class _Pager:
     def release(self) -> list[tuple[int, int, str]]:
         """One pass; the directory's mappings as found (onnxruntime may unmap one meanwhile: then madvise fails
         with ENOMEM, or pread reads short, and the mapping is skipped)."""
-        maps = _mappings(self.directory)
+        maps = [m for m in _mappings(self.directory) if m not in self.before]
         if not maps:
             return maps
         pagemap = os.open("/proc/self/pagemap", os.O_RDONLY)
@@ -130,9 +132,8 @@ def released_pages(directory: str | Path, period: float = PERIOD_S) -> Iterator[
     if _MADVISE is None or not os.path.exists("/proc/self/pagemap"):
         yield
         return
-    pager = _Pager(directory)
     try:
-        pager.release()  # a kernel without MADV_PAGEOUT refuses it with EINVAL: nothing is changed then
+        pager = _Pager(directory)
     except OSError:
         yield
         return

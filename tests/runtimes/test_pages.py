@@ -58,19 +58,21 @@ def _vm_flags(address: int) -> list[str]:
     raise AssertionError("mapping not found")
 
 
+def _map(path) -> mmap.mmap:
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # onnxruntime's: private, read-write
+
+
 def test_read_pages_are_handed_back_written_ones_kept_and_later_reads_are_random(tmp_path):
     content = np.random.default_rng(0).integers(0, 256, PAGES * PAGE, dtype=np.uint8)
     path = tmp_path / "model.onnx.data"
     path.write_bytes(content.tobytes())  # dirty in the page cache: released_pages syncs it
-    with open(path, "rb") as f:
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # onnxruntime's: private, read-write
-    address = _address(mapped)
+    with pages.released_pages(tmp_path):  # as onnxruntime does while it creates a session:
+        mapped = _map(path)  # maps the data file,
+        address = _address(mapped)
+        np.testing.assert_array_equal(np.frombuffer(mapped[:], dtype=np.uint8), content)  # reads every page
+        mapped[3 * PAGE] ^= 0xFF  # (one page written: a private copy, no longer the file's)
     try:
-        np.testing.assert_array_equal(np.frombuffer(mapped[:], dtype=np.uint8), content)  # every page read
-        mapped[3 * PAGE] ^= 0xFF  # one page written: a private copy, no longer the file's
-        assert _present(address, PAGES).all()
-        with pages.released_pages(tmp_path):
-            pass
         present = _present(address, PAGES)
         assert present.sum() <= 1, present.nonzero()  # the written page may stay (no swap here); the rest left
         assert "rr" in _vm_flags(address)  # read during the load, still mapped: read sparsely from now on
@@ -81,22 +83,27 @@ def test_read_pages_are_handed_back_written_ones_kept_and_later_reads_are_random
         mapped.close()
 
 
-def test_other_directories_and_unread_mappings_are_left_alone(tmp_path):
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    for name in ("a", "b"):
-        (tmp_path / name / "w.data").write_bytes(bytes(range(256)) * (PAGES * PAGE // 256))
-    maps = {}
-    for name in ("a", "b"):
-        with open(tmp_path / name / "w.data", "rb") as f:
-            maps[name] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+def test_earlier_mappings_other_directories_and_unread_mappings_are_left_alone(tmp_path):
+    for name in ("model", "other"):
+        (tmp_path / name).mkdir()
+        for file in ("early.data", "late.data", "unread.data"):
+            (tmp_path / name / file).write_bytes(bytes(range(256)) * (PAGES * PAGE // 256))
+    maps = {("model", "early.data"): _map(tmp_path / "model" / "early.data")}  # mapped before the load
+    bytes(maps[("model", "early.data")][:])
+    with pages.released_pages(tmp_path / "model"):
+        for name in ("model", "other"):
+            for file in ("late.data", "unread.data"):
+                maps[(name, file)] = _map(tmp_path / name / file)
+        for key in (("model", "late.data"), ("other", "late.data")):
+            bytes(maps[key][:])
+    address = {key: _address(m) for key, m in maps.items()}
     try:
-        bytes(maps["b"][:])  # b read
-        address = {k: _address(m) for k, m in maps.items()}
-        with pages.released_pages(tmp_path / "a"):  # a never read during the block
-            pass
-        assert _present(address["b"], PAGES).all()
-        assert "rr" not in _vm_flags(address["a"])
+        assert _present(address[("model", "early.data")], PAGES).all()
+        assert _present(address[("other", "late.data")], PAGES).all()
+        assert not _present(address[("model", "late.data")], PAGES).any()
+        assert "rr" in _vm_flags(address[("model", "late.data")])
+        assert "rr" not in _vm_flags(address[("model", "unread.data")])
+        assert "rr" not in _vm_flags(address[("model", "early.data")])
     finally:
         for m in maps.values():
             m.close()
