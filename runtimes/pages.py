@@ -16,7 +16,8 @@ read-around window that later faults would map in whole (1,536 random token ids 
 are not read while the session is created, so neither advice reaches them; nor does it reach what was mapped
 before (a library loaded from that directory).
 
-The cost: the reclaimed pages leave the page cache, so the next process to load the model reads them from disk.
+The cost: the reclaimed pages leave the page cache, so the next process to load the model reads them from disk
+(on slow storage and with memory to spare, PIPELINE_RELEASE_PAGES=0 turns this off).
 
 Elsewhere than Linux 5.4+, or where /proc or madvise is missing, it does nothing.
 """
@@ -35,6 +36,7 @@ import numpy as np
 
 MADV_RANDOM = 1
 MADV_PAGEOUT = 21  # Linux 5.4
+ENV = "PIPELINE_RELEASE_PAGES"  # "0": leave the pages to the kernel
 PERIOD_S = 0.01  # a prepack reads ~2 GB/s here: at most ~20 MB of read pages are resident between two passes
 _PRESENT = np.uint64(1 << 63)  # /proc/self/pagemap: the page is in memory
 
@@ -129,7 +131,7 @@ class _Pager:
 def released_pages(directory: str | Path, period: float = PERIOD_S) -> Iterator[None]:
     """While the block runs (onnxruntime creating a session, which releases the GIL), and once after it, page out
     what the model's mapped files have resident (module docstring)."""
-    if _MADVISE is None or not os.path.exists("/proc/self/pagemap"):
+    if _MADVISE is None or os.environ.get(ENV) == "0" or not os.path.exists("/proc/self/pagemap"):
         yield
         return
     try:

@@ -83,6 +83,18 @@ def test_read_pages_are_handed_back_written_ones_kept_and_later_reads_are_random
         mapped.close()
 
 
+def test_the_environment_can_turn_it_off(tmp_path, monkeypatch):
+    (tmp_path / "model.onnx.data").write_bytes(bytes(range(256)) * (PAGES * PAGE // 256))
+    monkeypatch.setenv(pages.ENV, "0")
+    with pages.released_pages(tmp_path):
+        mapped = _map(tmp_path / "model.onnx.data")
+        bytes(mapped[:])
+    try:
+        assert _present(_address(mapped), PAGES).all()
+    finally:
+        mapped.close()
+
+
 def test_earlier_mappings_other_directories_and_unread_mappings_are_left_alone(tmp_path):
     for name in ("model", "other"):
         (tmp_path / name).mkdir()
