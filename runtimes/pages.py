@@ -136,7 +136,7 @@ def released_pages(directory: str | Path, period: float = PERIOD_S) -> Iterator[
         return
     try:
         pager = _Pager(directory)
-    except OSError:
+    except Exception:  # as in loop()
         yield
         return
     done = threading.Event()
@@ -145,7 +145,7 @@ def released_pages(directory: str | Path, period: float = PERIOD_S) -> Iterator[
         while not done.wait(period):
             try:
                 pager.release()
-            except OSError:
+            except Exception:  # an economy, never a failure of the load (nor a thread's traceback on stderr)
                 return
 
     thread = threading.Thread(target=loop, name="released-pages", daemon=True)
@@ -157,5 +157,5 @@ def released_pages(directory: str | Path, period: float = PERIOD_S) -> Iterator[
         thread.join()
     try:
         pager.finish()
-    except OSError:
+    except Exception:  # as in loop()
         pass

@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import mmap
 import os
+import time
 
 import numpy as np
 import pytest
@@ -93,6 +94,16 @@ def test_the_environment_can_turn_it_off(tmp_path, monkeypatch):
         assert _present(_address(mapped), PAGES).all()
     finally:
         mapped.close()
+
+
+def test_a_failing_pass_never_fails_the_load(tmp_path, monkeypatch, capfd):
+    def broken(self):
+        raise ValueError("an unreadable /proc/self/maps line")
+
+    monkeypatch.setattr(pages._Pager, "release", broken)
+    with pages.released_pages(tmp_path, period=0.001):
+        time.sleep(0.05)  # the thread's passes fail meanwhile
+    assert capfd.readouterr().err == ""
 
 
 def test_earlier_mappings_other_directories_and_unread_mappings_are_left_alone(tmp_path):
