@@ -11,7 +11,7 @@ once after, each mapping made meanwhile of a file of the model's directory, if i
 madvise(MADV_PAGEOUT), which reclaims clean file pages and never discards data (a written private page would
 go to swap, or stay). A mapping that was read during the load and is still mapped after it is read sparsely
 from then on (an embedding's rows): it gets MADV_RANDOM, so that each row's fault reads its own page, not a
-read-around window that later faults would map in whole (1,536 random token ids brought back ~110 MB of Gemma
+read-around window that later faults would map in whole (1,536 random token ids brought back ~75 MB of Gemma
 3's table that way, ~10 MB with it). Weights that a kernel reads in place at run time (pipeline's native ops)
 are not read while the session is created, so neither advice reaches them; nor does it reach what was mapped
 before (a library loaded from that directory).
