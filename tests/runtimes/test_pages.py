@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from runtimes import pages, session
+from runtimes.generate import Generator
 
 PAGE = mmap.PAGESIZE
 PAGES = 64
@@ -133,20 +134,8 @@ def test_earlier_mappings_other_directories_and_unread_mappings_are_left_alone(t
 
 
 def test_a_session_loads_to_the_same_logits_with_its_pages_handed_back(tiny_model, monkeypatch):
-    ids = {"input_ids": np.array([[1, 5, 9, 2]], dtype=np.int64)}
-
     def logits():
-        decoder = session.open_session(tiny_model, threads=1)
-        feeds = {name: value for name, value in ids.items() if name in decoder.input_names}
-        shape = decoder.contract
-        for name in decoder.input_names:
-            if name.startswith("past_key_values"):
-                feeds[name] = np.zeros((1, shape.num_kv_heads, 0, shape.head_dim), dtype=decoder.kv_dtype)
-            elif name == "attention_mask":
-                feeds[name] = np.ones((1, 4), dtype=np.int64)
-            elif name == "position_ids":
-                feeds[name] = np.arange(4, dtype=np.int64)[None]
-        return decoder.run(feeds, ["logits"])[0]
+        return Generator(session.open_session(tiny_model, threads=1)).prefill([1, 5, 9, 2])
 
     released = logits()
     monkeypatch.setattr(session, "released_pages", lambda directory: contextlib.nullcontext())
