@@ -11,7 +11,7 @@ node.
 An 8-bit MatMulNBits that nothing else reads, whose codes span fewer bits (a GGUF's Q5_0 blocks, which the gguf
 recipe writes as 8-bit blocks, MatMulNBits having no 5-bit form), becomes BlockInt8MatMul over those codes
 packed at their own width (`pack_narrow_blocks`): the file holds 5 bits a weight, not 8; the kernel unpacks them
-once when the session starts and computes as on the stored blocks (its AVX2 build keeps 5-bit codes at 5 bits in
+once when the session starts and computes as on the stored blocks (its x86-64 builds keep 5-bit codes at 5 bits in
 memory and decodes them as it reads them).
 
 BlockGather: a tied head of such narrow codes (w4's --head-bits 5 to 7), whose blocks the token embedding

@@ -65,6 +65,8 @@
 #ifndef KERNEL_AVX2
 #define KERNEL_AVX2 0
 #endif
+/* the x86-64 builds keep 5-bit codes at 5 bits in memory ("5-bit codes kept at 5 bits" below) */
+#define KERNEL_FIVE (KERNEL_AVX2 || KERNEL_AVX512)
 
 #include "onnxruntime_c_api.h"
 
@@ -352,13 +354,13 @@ typedef struct {
 
 /* What a kernel instance knows from its node: StaticInt8MatMul's `weight_max_abs` attribute (128 if absent);
  * BlockInt8MatMul's blocks when its codes are stored packed (below), unpacked once when the session starts (the
- * AVX2 build's 5-bit runs into a layout of their own); BlockGather's segments. */
+ * x86-64 builds' 5-bit runs into a layout of their own); BlockGather's segments. */
 typedef struct {
     int64_t weight_max_abs;
     uint8_t* blocks; /* (n, kb, 32), or NULL: the blocks are input 1 as stored */
     int64_t n, kb;
     Segments seg;
-    /* where each segment's rows start in `blocks`, and whether they are kept at 5 bits (the AVX2 build: "5-bit
+    /* where each segment's rows start in `blocks`, and whether they are kept at 5 bits (the x86-64 builds: "5-bit
      * codes kept at 5 bits" below) rather than a byte each */
     int64_t offset[MAX_SEGMENTS];
     unsigned char five[MAX_SEGMENTS];
@@ -463,8 +465,8 @@ static OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* context) 
  * c = W - 128 + 2^(b-1) in 4b bytes, a little-endian bit stream (code i at bits [i*b, i*b + b)), b = bits[s].
  * The kernel unpacks them into the (N, K/32, 32) bytes above once, when the session is created, and computes
  * exactly as for stored 8-bit blocks: the file holds b bits a weight, memory 8 (the packed codes' pages are
- * handed back to the system once read, release_pages). The AVX2 build keeps 5-bit runs at 5 bits in memory
- * instead, and decodes them as it reads them (below, "5-bit codes kept at 5 bits").
+ * handed back to the system once read, release_pages). The x86-64 builds keep 5-bit runs at 5 bits in memory
+ * instead, and decode them as they read them (below, "5-bit codes kept at 5 bits").
  *
  * x86-64: vpdpbusd takes 64 stored bytes (two blocks) as its unsigned operand and A as its signed one; its
  * accumulator starts at -16 * sum(A of the block) in each of the block's 8 lanes (128 * sum over 8 lanes: the
@@ -472,6 +474,43 @@ static OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* context) 
  * 0x80 are W - 128 as int8, which sdot takes as is.
  */
 enum { BLOCK = 32 };
+
+/* ---- 5-bit codes kept at 5 bits (the x86-64 builds) ----
+ *
+ * A one-row product (a decode step) streams its weights from memory, and 5-bit codes are 20 bytes a block where
+ * unpacked bytes take 32. So a run of 5-bit codes (w4's --w4-high-bits 5, a GGUF's Q5_0) stays 5 bits a weight in
+ * memory and is decoded as a decode step reads it. A row is groups of 8 blocks (fewer at its end): each block's 16
+ * bytes of low nibbles (byte i: code i in bits 0-3, code i + 16 in bits 4-7), then 32 bytes of fifth bits (byte
+ * i, bit t: code i of the group's block t). A code c stands for the weight c - 16 (W = c + 112 as a stored byte).
+ * Each build's decode row gives the same int32 lanes as its 8-bit path on the bytes W, summed in the same order,
+ * so the same floats to the bit; a prompt's rows are decoded to bytes a few at a time and go the 8-bit way. On
+ * the AVX2 build (a 2-core EPYC without VNNI), SmolLM2's w4-native with 109 5-bit MatMuls decodes 11% faster
+ * and holds 29 MB less (docs/benchmarks.md); on the AVX-512 build (a 2-core EPYC with VNNI), with 103, 9.0 ->
+ * 8.2 ms/token and 223 -> 197 MB (python -m runtimes bench, 3 alternating runs each). */
+#if KERNEL_FIVE
+enum { FIVE_GROUP = 8 };
+
+/* a prompt's 5-bit rows are decoded this many at a time: the weight rows the build's prompt tile takes */
+enum { FIVE_ROWS = KERNEL_AVX512 ? 4 : 2 };
+
+static int64_t five_row_bytes(int64_t kb) { return kb * 16 + (kb + FIVE_GROUP - 1) / FIVE_GROUP * 32; }
+
+/* One row of bytes W = c + 112 (kb blocks) -> the 5-bit layout above. */
+static void five_pack_row(const uint8_t* w, int64_t kb, uint8_t* out) {
+    for (int64_t g = 0; g < kb; g += FIVE_GROUP) {
+        const int64_t nb = kb - g < FIVE_GROUP ? kb - g : FIVE_GROUP;
+        uint8_t* plane = out + nb * 16;
+        memset(plane, 0, 32);
+        for (int64_t t = 0; t < nb; t++) {
+            const uint8_t* c = w + (g + t) * BLOCK;
+            for (int i = 0; i < 16; i++)
+                out[t * 16 + i] = (uint8_t)(((c[i] - 112) & 15) | (((c[i + 16] - 112) & 15) << 4));
+            for (int i = 0; i < BLOCK; i++) plane[i] |= (uint8_t)((((c[i] - 112) >> 4) & 1) << t);
+        }
+        out += nb * 16 + 32;
+    }
+}
+#endif
 
 typedef struct {
     const int8_t* aq;       /* (M, K) activations quantized per block */
@@ -483,10 +522,12 @@ typedef struct {
     const float* w_scale;   /* (N, KB) */
     float* y;               /* (M, N) */
     int64_t m, kb, n, chunks;
-#if KERNEL_AVX2
+#if KERNEL_FIVE
     const Kernel* packed;   /* with 5-bit segments (any_five), the rows as it keeps them; else NULL */
+    uint8_t* scratch;       /* (chunks, FIVE_ROWS, K): a prompt's 5-bit rows, a few at a time, a byte each */
+#endif
+#if KERNEL_AVX2
     const int16_t* a_pair16; /* (M, KB, 16): 16 * (A[2i] + A[2i + 1]) of each block, for the 5-bit rows */
-    uint8_t* scratch;       /* (chunks, 2, K): a prompt's 5-bit rows, two at a time, a byte each */
 #endif
 } BlockJob;
 
@@ -536,12 +577,13 @@ static inline __attribute__((always_inline)) __m512 pair_step(__m512 acc, const 
                            _mm512_permutexvar_ps(index, scales), acc);
 }
 
-/* NR consecutive weight rows from row n, for activation row r: NR independent accumulators, each pair of
+/* NR consecutive weight rows from row n (its bytes at w), for activation row r: NR independent accumulators, each pair of
  * blocks' activations loaded once for all of them. For several activation rows (a prompt's logits), where
  * the weight rows are read from cache once per activation row after the first. Four rows side by side are
  * four streams: each asks for the bytes 5120 ahead of its own (on this 2-core EPYC, one thread: 11.4 -> 7.4 ms
  * for a 262,144 x 640 head). */
-static inline __attribute__((always_inline)) void block_rows(const BlockJob* j, int64_t n, int64_t r, const int NR) {
+static inline __attribute__((always_inline)) void block_rows(const BlockJob* j, const uint8_t* w, int64_t n, int64_t r,
+                                                             const int NR) {
     const int64_t kb = j->kb, k = kb * BLOCK, pairs = (kb + 1) / 2;
     const int8_t* ar = j->aq + r * k;
     const int32_t* corr = j->a_corr + r * pairs * 16;
@@ -561,19 +603,18 @@ static inline __attribute__((always_inline)) void block_rows(const BlockJob* j, 
                               : _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i*)(ar + 64 * p)));
         const __m512i start = _mm512_loadu_si512(corr + 16 * p), index = pair_index(p);
         for (int i = 0; i < NR; i++)
-            acc[i] = pair_step(acc[i], j->w + (n + i) * k + 64 * p, two, start, a, index, scales[i], 5120);
+            acc[i] = pair_step(acc[i], w + i * k + 64 * p, two, start, a, index, scales[i], 5120);
     }
     for (int i = 0; i < NR; i++) j->y[r * j->n + n + i] = _mm512_reduce_add_ps(acc[i]);
 }
 
-/* Weight row n for the one activation row of a decode step: the rows are read in order, one stream, each pair
+/* Weight row n (its bytes at w) for the one activation row of a decode step: the rows are read in order, one stream, each pair
  * 1024 bytes ahead asked for, with two accumulators (even and odd pairs) for the sums' latency. Four rows side
  * by side (block_rows) reach half the memory bandwidth once rows are long: on this 2-core EPYC, 2 threads,
  * Llama-3.2-1B's 128,256 x 2048 head took 11.5 ms that way and takes 6.3-7.1 ms so (Gemma 3's 262,144 x 640:
  * 4.2 -> 3.7-4.4 ms). */
-static inline __attribute__((always_inline)) void block_row(const BlockJob* j, int64_t n) {
-    const int64_t kb = j->kb, k = kb * BLOCK, pairs = (kb + 1) / 2;
-    const uint8_t* w = j->w + n * k;
+static inline __attribute__((always_inline)) void block_row(const BlockJob* j, const uint8_t* w, int64_t n) {
+    const int64_t kb = j->kb, pairs = (kb + 1) / 2;
     __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, scales = _mm512_setzero_ps();
     for (int64_t p = 0; p < pairs; p += 2) {
         if (p % 8 == 0) { /* the next 16 blocks' scale products */
@@ -594,19 +635,88 @@ static inline __attribute__((always_inline)) void block_row(const BlockJob* j, i
     j->y[n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
 }
 
-static void block_run_chunk(void* data, size_t chunk) {
-    const BlockJob* j = (const BlockJob*)data;
-    const int64_t first = j->n * (int64_t)chunk / j->chunks, last = j->n * ((int64_t)chunk + 1) / j->chunks;
-    int64_t n = first;
+/* Rows [lo, hi) whose bytes are a byte each, row n's at w + (n - from) * K. */
+static void byte_rows(const BlockJob* j, const uint8_t* w, int64_t from, int64_t lo, int64_t hi) {
+    const int64_t k = j->kb * BLOCK;
+    int64_t n = lo;
     if (j->m == 1) {
-        for (; n < last; n++) block_row(j, n);
+        for (; n < hi; n++) block_row(j, w + (n - from) * k, n);
         return;
     }
-    for (; n + 4 <= last; n += 4)
-        for (int64_t r = 0; r < j->m; r++) block_rows(j, n, r, 4);
-    for (; n < last; n++)
-        for (int64_t r = 0; r < j->m; r++) block_rows(j, n, r, 1);
+    for (; n + 4 <= hi; n += 4)
+        for (int64_t r = 0; r < j->m; r++) block_rows(j, w + (n - from) * k, n, r, 4);
+    for (; n < hi; n++)
+        for (int64_t r = 0; r < j->m; r++) block_rows(j, w + (n - from) * k, n, r, 1);
 }
+
+/* 5-bit codes on this build: vpdpbusd takes the stored bytes W as they are, so a pair of blocks is decoded to
+ * its 64 bytes W = c + 112 and goes pair_step's way, with the same accumulator starts. The nibbles of blocks t
+ * and t + 1 (32 bytes) give the codes' low 4 bits; the group's fifth bits, the same 32 bytes in both halves,
+ * tested against bit t in the low half and bit t + 1 in the high half, say which bytes get 16 more. A lone last
+ * block reads the 16 bytes after its nibbles too (the group's fifth bits, in bounds): its activations' high half
+ * is zero. */
+static inline __attribute__((always_inline)) __m512i five_pair(const uint8_t* nibbles, __m512i plane, __m512i bits) {
+    const __m256i n = _mm256_loadu_si256((const __m256i*)nibbles);
+    /* 128-bit lanes [n_t, n_t+1, n_t >> 4, n_t+1 >> 4] -> [n_t, n_t >> 4, n_t+1, n_t+1 >> 4] */
+    __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(n), _mm256_srli_epi16(n, 4), 1);
+    v = _mm512_shuffle_i64x2(v, v, _MM_SHUFFLE(3, 1, 2, 0));
+    const __m512i w = _mm512_add_epi8(_mm512_and_si512(v, _mm512_set1_epi8(0x0f)), _mm512_set1_epi8(112));
+    return _mm512_mask_add_epi8(w, _mm512_test_epi8_mask(plane, bits), w, _mm512_set1_epi8(16));
+}
+
+/* Bit t of each byte in the low half, bit t + 1 in the high half: pair h of a group (t = 2h). */
+static inline __m512i five_bits(int h) {
+    return _mm512_mask_blend_epi8((__mmask64)0xffffffff00000000ull, _mm512_set1_epi8((char)(1 << (2 * h))),
+                                  _mm512_set1_epi8((char)(1 << (2 * h + 1))));
+}
+
+/* 5-bit row n (its layout at wr) against a decode step's one activation row: block_row's sums on its bytes, in
+ * the same order. */
+static inline void five_row(const BlockJob* j, const uint8_t* wr, int64_t n) {
+    const int64_t kb = j->kb;
+    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, scales = _mm512_setzero_ps();
+    const __m512i bits[4] = {five_bits(0), five_bits(1), five_bits(2), five_bits(3)};
+    for (int64_t g = 0; g < kb; g += FIVE_GROUP, wr += FIVE_GROUP * 16 + 32) {
+        const int64_t nb = kb - g < FIVE_GROUP ? kb - g : FIVE_GROUP;
+        for (int l = 0; l < 3; l++) _mm_prefetch((const char*)wr + 1024 + 64 * l, _MM_HINT_NTA);
+        const __m512i plane = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(wr + nb * 16)));
+        for (int h = 0; 2 * h < nb; h++) {
+            const int64_t q = g / 2 + h;
+            if (q % 8 == 0) { /* the next 16 blocks' scale products */
+                const int64_t left = kb - 2 * q;
+                const __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+                scales = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, j->w_scale + n * kb + 2 * q),
+                                       _mm512_maskz_loadu_ps(mask, j->a_scale + 2 * q));
+            }
+            const int two = 2 * q + 1 < kb;
+            const __m512i a = two ? _mm512_loadu_si512(j->aq + 64 * q)
+                                  : _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i*)(j->aq + 64 * q)));
+            const __m512i sums = _mm512_dpbusd_epi32(_mm512_loadu_si512(j->a_corr + 16 * q),
+                                                     five_pair(wr + 32 * h, plane, bits[h]), a);
+            acc[q % 2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_permutexvar_ps(pair_index(q), scales),
+                                         acc[q % 2]);
+        }
+    }
+    j->y[n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
+}
+
+/* 5-bit row wr -> its bytes W = c + 112 (kb blocks), for a prompt's rows. */
+static void five_unpack_row(const uint8_t* wr, int64_t kb, uint8_t* w) {
+    const __m512i bits[4] = {five_bits(0), five_bits(1), five_bits(2), five_bits(3)};
+    for (int64_t g = 0; g < kb; g += FIVE_GROUP) {
+        const int64_t nb = kb - g < FIVE_GROUP ? kb - g : FIVE_GROUP;
+        const __m512i plane = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(wr + nb * 16)));
+        for (int h = 0; 2 * h < nb; h++) {
+            const __m512i pair = five_pair(wr + 32 * h, plane, bits[h]);
+            if (2 * h + 1 < nb)
+                _mm512_storeu_si512(w + (g + 2 * h) * BLOCK, pair);
+            else
+                _mm256_storeu_si256((__m256i*)(w + (g + 2 * h) * BLOCK), _mm512_castsi512_si256(pair));
+        }
+        wr += nb * 16 + 32;
+    }
+}
+
 
 #elif KERNEL_AVX2
 static void block_quantize(const float* x, int64_t m, int64_t kb, int8_t* aq, float* a_scale) {
@@ -723,39 +833,11 @@ static void byte_rows(const BlockJob* j, const uint8_t* w, int64_t from, int64_t
     }
 }
 
-/* ---- 5-bit codes kept at 5 bits (this build) ----
- *
- * On AVX2 without VNNI a one-row product of 8-bit blocks is bound by its arithmetic about as much as by memory,
- * and 5-bit codes need fewer instructions a block than 8-bit ones (no sign work: the codes are small and
- * unsigned), decoding included. So a run of 5-bit codes (w4's --w4-high-bits 5, a GGUF's Q5_0) stays 5 bits a
- * weight in memory, 20 bytes a block where unpacking took 32: on a 2-core EPYC, SmolLM2's w4-native with 109
- * 5-bit MatMuls decodes 11% faster and holds 29 MB less (docs/benchmarks.md). A row is groups of 8 blocks
- * (fewer at its end): each block's 16 bytes of low nibbles (byte i: code i in bits 0-3, code i + 16 in bits
- * 4-7), then 32 bytes of fifth bits (byte i, bit t: code i of the group's block t). A code c stands for the
- * weight c - 16 (W = c + 112 as a stored byte). vpmaddubsw takes c (0 .. 31, unsigned) against A, and each
- * pair's 16 * (A + A') is taken off (a_pair16), so every int32 lane is the one block_dot computes on W and a
- * decode row's result is the same to the bit. A prompt's rows are decoded to bytes two at a time and go the
- * 8-bit way. */
-enum { FIVE_GROUP = 8 };
-
-static int64_t five_row_bytes(int64_t kb) { return kb * 16 + (kb + FIVE_GROUP - 1) / FIVE_GROUP * 32; }
-
-/* One row of bytes W = c + 112 (kb blocks) -> the 5-bit layout above. */
-static void five_pack_row(const uint8_t* w, int64_t kb, uint8_t* out) {
-    for (int64_t g = 0; g < kb; g += FIVE_GROUP) {
-        const int64_t nb = kb - g < FIVE_GROUP ? kb - g : FIVE_GROUP;
-        uint8_t* plane = out + nb * 16;
-        memset(plane, 0, 32);
-        for (int64_t t = 0; t < nb; t++) {
-            const uint8_t* c = w + (g + t) * BLOCK;
-            for (int i = 0; i < 16; i++)
-                out[t * 16 + i] = (uint8_t)(((c[i] - 112) & 15) | (((c[i + 16] - 112) & 15) << 4));
-            for (int i = 0; i < BLOCK; i++) plane[i] |= (uint8_t)((((c[i] - 112) >> 4) & 1) << t);
-        }
-        out += nb * 16 + 32;
-    }
-}
-
+/* 5-bit codes on this build: on AVX2 without VNNI a one-row product of 8-bit blocks is bound by its arithmetic
+ * about as much as by memory, and 5-bit codes need fewer instructions a block than 8-bit ones (no sign work: the
+ * codes are small and unsigned), decoding included. vpmaddubsw takes c (0 .. 31, unsigned) against A, and each
+ * pair's 16 * (A + A') is taken off (a_pair16), so every int32 lane is the one block_dot computes on W. A prompt's
+ * rows are decoded to bytes two at a time. */
 /* Block t of a group: its 32 codes (0 .. 31) from its nibbles and the group's fifth bits. The shifts move bit t
  * of each byte to bit 4 within 16-bit lanes; what crosses into a neighbouring byte lands outside bit 4. */
 static inline __attribute__((always_inline)) __m256i five_codes(const uint8_t* nibbles, __m256i plane, int t) {
@@ -788,7 +870,7 @@ static void five_pair_sums(const int8_t* aq, size_t blocks, int16_t* out) {
 
 /* 5-bit row n (its layout at wr) against a decode step's one activation row: the same sums as block_1x1 on its
  * bytes, in the same order. */
-static inline void five_1x1(const BlockJob* j, const uint8_t* wr, int64_t n) {
+static inline void five_row(const BlockJob* j, const uint8_t* wr, int64_t n) {
     const int64_t kb = j->kb;
     const float* sr = j->w_scale + n * kb;
     const __m256i ones = _mm256_set1_epi16(1);
@@ -822,39 +904,6 @@ static void five_unpack_row(const uint8_t* wr, int64_t kb, uint8_t* w) {
     }
 }
 
-/* Rows [lo, hi) of a 5-bit segment, row n's layout at w + (n - from) * five_row_bytes: a decode step reads them
- * as they are; a prompt's are decoded two at a time into the chunk's scratch and go the 8-bit way. */
-static void five_rows(const BlockJob* j, const uint8_t* w, int64_t from, int64_t lo, int64_t hi, uint8_t* scratch) {
-    const int64_t kb = j->kb, row = five_row_bytes(kb);
-    if (j->m == 1) {
-        for (int64_t n = lo; n < hi; n++) five_1x1(j, w + (n - from) * row, n);
-        return;
-    }
-    for (int64_t n = lo; n < hi; n += 2) {
-        const int64_t two = n + 2 <= hi ? 2 : 1;
-        for (int64_t i = 0; i < two; i++) five_unpack_row(w + (n + i - from) * row, kb, scratch + i * kb * BLOCK);
-        byte_rows(j, scratch, n, n, n + two);
-    }
-}
-
-static void block_run_chunk(void* data, size_t chunk) {
-    const BlockJob* j = (const BlockJob*)data;
-    const int64_t first = j->n * (int64_t)chunk / j->chunks, last = j->n * ((int64_t)chunk + 1) / j->chunks;
-    const Kernel* k = j->packed;
-    if (!k) {
-        byte_rows(j, j->w, 0, first, last);
-        return;
-    }
-    int64_t start = 0;
-    for (size_t s = 0; s < k->seg.count; start += k->seg.rows[s], s++) {
-        const int64_t lo = first > start ? first : start, end = start + k->seg.rows[s], hi = last < end ? last : end;
-        if (lo >= hi) continue;
-        if (k->five[s])
-            five_rows(j, k->blocks + k->offset[s], start, lo, hi, j->scratch + (int64_t)chunk * 2 * j->kb * BLOCK);
-        else
-            byte_rows(j, k->blocks + k->offset[s], start, lo, hi);
-    }
-}
 
 #else /* AArch64 */
 static void block_quantize(const float* x, int64_t m, int64_t kb, int8_t* aq, float* a_scale) {
@@ -898,6 +947,44 @@ static void block_run_chunk(void* data, size_t chunk) {
 }
 #endif
 
+#if KERNEL_FIVE
+/* Rows [lo, hi) of a 5-bit segment, row n's layout at w + (n - from) * five_row_bytes: a decode step reads them
+ * as they are; a prompt's are decoded FIVE_ROWS at a time into the chunk's scratch and go the 8-bit way. */
+static void five_rows(const BlockJob* j, const uint8_t* w, int64_t from, int64_t lo, int64_t hi, uint8_t* scratch) {
+    const int64_t kb = j->kb, row = five_row_bytes(kb);
+    if (j->m == 1) {
+        for (int64_t n = lo; n < hi; n++) five_row(j, w + (n - from) * row, n);
+        return;
+    }
+    for (int64_t n = lo; n < hi; n += FIVE_ROWS) {
+        const int64_t count = n + FIVE_ROWS <= hi ? FIVE_ROWS : hi - n;
+        for (int64_t i = 0; i < count; i++) five_unpack_row(w + (n + i - from) * row, kb, scratch + i * kb * BLOCK);
+        byte_rows(j, scratch, n, n, n + count);
+    }
+}
+
+/* Rows [first, last) of chunk `chunk`, segment by segment where some rows are kept at 5 bits. */
+static void block_run_chunk(void* data, size_t chunk) {
+    const BlockJob* j = (const BlockJob*)data;
+    const int64_t first = j->n * (int64_t)chunk / j->chunks, last = j->n * ((int64_t)chunk + 1) / j->chunks;
+    const Kernel* k = j->packed;
+    if (!k) {
+        byte_rows(j, j->w, 0, first, last);
+        return;
+    }
+    int64_t start = 0;
+    for (size_t s = 0; s < k->seg.count; start += k->seg.rows[s], s++) {
+        const int64_t lo = first > start ? first : start, end = start + k->seg.rows[s], hi = last < end ? last : end;
+        if (lo >= hi) continue;
+        if (k->five[s])
+            five_rows(j, k->blocks + k->offset[s], start, lo, hi,
+                      j->scratch + (int64_t)chunk * FIVE_ROWS * j->kb * BLOCK);
+        else
+            byte_rows(j, k->blocks + k->offset[s], start, lo, hi);
+    }
+}
+#endif
+
 static int64_t element_count(const OrtValue* value) {
     OrtTensorTypeAndShapeInfo* info;
     size_t count = 0;
@@ -935,18 +1022,19 @@ static OrtStatus* ORT_API_CALL block_compute(void* kernel, OrtKernelContext* con
         return g_api->CreateStatus(ORT_FAIL, "BlockInt8MatMul: an input has no data");
     const size_t blocks = (size_t)(job.m * job.kb);
     job.chunks = job.n < 1024 ? 1 : 64; /* a few per thread: even finish times */
-#if KERNEL_AVX512
-    const size_t lanes = (size_t)(job.m * ((job.kb + 1) / 2) * 16);
-    void* scratch = malloc(blocks * BLOCK + blocks * sizeof(float) + lanes * sizeof(int32_t));
-#elif KERNEL_AVX2
+#if KERNEL_FIVE
     job.packed = unpacked->blocks && unpacked->any_five ? unpacked : NULL;
-    /* with 5-bit rows: each block's pair sums (16 int16), and a prompt's two decoded rows per chunk */
-    const size_t five = !job.packed ? 0
-                        : blocks * 16 * sizeof(int16_t) + (job.m > 1 ? (size_t)(job.chunks * 2 * job.kb * BLOCK) : 0);
-    void* scratch = malloc(blocks * BLOCK + blocks * sizeof(float) + five);
-#else
-    void* scratch = malloc(blocks * BLOCK + blocks * sizeof(float));
+    /* with 5-bit rows, a prompt's decoded rows: FIVE_ROWS per chunk */
+    const size_t decoded = job.packed && job.m > 1 ? (size_t)(job.chunks * FIVE_ROWS * job.kb * BLOCK) : 0;
 #endif
+#if KERNEL_AVX512
+    const size_t extra = (size_t)(job.m * ((job.kb + 1) / 2) * 16) * sizeof(int32_t); /* a_corr */
+#elif KERNEL_AVX2
+    const size_t extra = job.packed ? blocks * 16 * sizeof(int16_t) : 0; /* with 5-bit rows, each block's pair sums */
+#else
+    const size_t extra = 0, decoded = 0;
+#endif
+    void* scratch = malloc(blocks * BLOCK + blocks * sizeof(float) + extra + decoded);
     if (!scratch) return g_api->CreateStatus(ORT_FAIL, "BlockInt8MatMul: out of memory");
     float* a_scale = (float*)scratch;
     int8_t* aq = (int8_t*)(a_scale + blocks);
@@ -962,8 +1050,10 @@ static OrtStatus* ORT_API_CALL block_compute(void* kernel, OrtKernelContext* con
         int16_t* a_pair16 = (int16_t*)(aq + blocks * BLOCK);
         five_pair_sums(aq, blocks, a_pair16);
         job.a_pair16 = a_pair16;
-        job.scratch = (uint8_t*)(a_pair16 + blocks * 16);
     }
+#endif
+#if KERNEL_FIVE
+    job.scratch = (uint8_t*)(aq + blocks * BLOCK) + extra;
 #endif
     job.aq = aq;
     job.a_scale = a_scale;
@@ -1052,7 +1142,7 @@ static OrtStatus* unpack_blocks(const OrtKernelInfo* info, int64_t K, Kernel* k)
     int64_t total = 0;
     for (size_t s = 0; s < k->seg.count; s++) {
         k->offset[s] = total;
-#if KERNEL_AVX2
+#if KERNEL_FIVE
         k->five[s] = k->seg.bits[s] == 5;
         k->any_five |= k->five[s];
         total += k->seg.rows[s] * (k->five[s] ? five_row_bytes(k->kb) : K);
@@ -1068,7 +1158,7 @@ static OrtStatus* unpack_blocks(const OrtKernelInfo* info, int64_t K, Kernel* k)
     }
     for (size_t s = 0; s < k->seg.count; s++) {
         uint8_t* dst = k->blocks + k->offset[s];
-#if KERNEL_AVX2
+#if KERNEL_FIVE
         if (k->five[s]) { /* a row at a time: to bytes, then to the 5-bit layout */
             for (int64_t r = 0; r < k->seg.rows[s]; r++, dst += five_row_bytes(k->kb)) {
                 src = unpack_run(src, 5, k->kb, row);

@@ -141,8 +141,8 @@ static int check_block(int64_t m, int64_t kb, int64_t n, int64_t chunks) {
     return bad;
 }
 
-#if KERNEL_AVX2
-/* The AVX2 build's 5-bit rows (five_pack_row's layout) against the same codes a byte each, one segment of 5-bit
+#if KERNEL_FIVE
+/* The x86-64 builds' 5-bit rows (five_pack_row's layout) against the same codes a byte each, one segment of 5-bit
  * rows between 8-bit ones: a decode row's outputs equal to the bit (the same int32 lanes, summed in the same
  * order). */
 static int check_five(int64_t m, int64_t kb, int64_t n, int64_t chunks) {
@@ -152,8 +152,7 @@ static int check_five(int64_t m, int64_t kb, int64_t n, int64_t chunks) {
     float* w_scale = malloc(sizeof(float) * n * kb);
     int8_t* aq = malloc(m * k);
     float* a_scale = malloc(sizeof(float) * m * kb);
-    int16_t* a_pair16 = malloc(sizeof(int16_t) * m * kb * 16);
-    uint8_t* scratch = malloc(16 * 2 * k);
+    uint8_t* scratch = malloc(16 * FIVE_ROWS * k);
     float* want = malloc(sizeof(float) * m * n);
     float* got = malloc(sizeof(float) * m * n);
     for (int64_t i = 0; i < n * k; i++) /* the 5-bit rows' bytes are c + 112, c in 0 .. 31 */
@@ -175,12 +174,22 @@ static int check_five(int64_t m, int64_t kb, int64_t n, int64_t chunks) {
     for (int64_t r = 0; r < fives; r++)
         five_pack_row(w + (before + r) * k, kb, kernel.blocks + kernel.offset[1] + r * five_row_bytes(kb));
     memcpy(kernel.blocks + kernel.offset[2], w + (before + fives) * k, after * k);
-    block_quantize(x, m, kb, aq, a_scale);
-    five_pair_sums(aq, (size_t)(m * kb), a_pair16);
     BlockJob plain = {.aq = aq, .a_scale = a_scale, .w = w, .w_scale = w_scale, .y = want, .m = m, .kb = kb, .n = n,
                       .chunks = chunks < n ? chunks : n};
+#if KERNEL_AVX512
+    int32_t* a_corr = malloc(sizeof(int32_t) * m * ((kb + 1) / 2) * 16);
+    block_quantize(x, m, kb, aq, a_scale, a_corr);
+    plain.a_corr = a_corr;
+#else
+    int16_t* a_pair16 = malloc(sizeof(int16_t) * m * kb * 16);
+    block_quantize(x, m, kb, aq, a_scale);
+    five_pair_sums(aq, (size_t)(m * kb), a_pair16);
+#endif
     BlockJob five = plain;
-    five.y = got, five.packed = &kernel, five.a_pair16 = a_pair16, five.scratch = scratch;
+    five.y = got, five.packed = &kernel, five.scratch = scratch;
+#if KERNEL_AVX2
+    five.a_pair16 = a_pair16;
+#endif
     for (int64_t c = 0; c < plain.chunks; c++) block_run_chunk(&plain, (size_t)c), block_run_chunk(&five, (size_t)c);
     /* one activation row: equal to the bit; a prompt's: rows pair up from each segment's start, so a row may be
      * summed by the other tile shape, within float rounding of the sum over blocks */
@@ -200,7 +209,12 @@ static int check_five(int64_t m, int64_t kb, int64_t n, int64_t chunks) {
             bad = 1;
         }
     }
-    free(x), free(w), free(w_scale), free(aq), free(a_scale), free(a_pair16), free(scratch), free(want), free(got);
+#if KERNEL_AVX512
+    free(a_corr);
+#else
+    free(a_pair16);
+#endif
+    free(x), free(w), free(w_scale), free(aq), free(a_scale), free(scratch), free(want), free(got);
     free(kernel.blocks);
     return bad;
 }
@@ -229,7 +243,7 @@ int main(void) {
         for (int64_t chunks = 1; chunks <= 16; chunks *= 4, cases++)
             if (check_block(block_shapes[s][0], block_shapes[s][1], block_shapes[s][2], chunks)) return 1;
     printf("ok %d\n", cases);
-#if KERNEL_AVX2
+#if KERNEL_FIVE
     /* whole groups of 8 blocks and every tail (1 to 7 blocks), decode and prompt rows (an odd count: the last
      * row decoded alone), every chunking; segments of 1 row or more */
     static const int64_t five_shapes[][3] = {{1, 8, 9}, {1, 18, 7}, {1, 3, 3}, {1, 1, 5}, {3, 21, 10}, {2, 7, 8},
