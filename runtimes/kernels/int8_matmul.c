@@ -1021,7 +1021,10 @@ static OrtStatus* ORT_API_CALL block_compute(void* kernel, OrtKernelContext* con
     if (!job.y || !x || !job.w || !job.w_scale)
         return g_api->CreateStatus(ORT_FAIL, "BlockInt8MatMul: an input has no data");
     const size_t blocks = (size_t)(job.m * job.kb);
-    job.chunks = job.n < 1024 ? 1 : 64; /* a few per thread: even finish times */
+    /* a few chunks per thread, for even finish times; below 1024 rows, chunks of 64 rows, since a layer's
+     * MatMuls (576 or 192 rows) on one thread left the other idle: SmolLM2's w4-native, 2 threads, VNNI EPYC,
+     * 8.2 -> 6.5 ms/token */
+    job.chunks = job.n < 1024 ? (job.n + 63) / 64 : 64;
 #if KERNEL_FIVE
     job.packed = unpacked->blocks && unpacked->any_five ? unpacked : NULL;
     /* with 5-bit rows, a prompt's decoded rows: FIVE_ROWS per chunk */
