@@ -577,9 +577,9 @@ static inline __attribute__((always_inline)) __m512 pair_step(__m512 acc, const 
                            _mm512_permutexvar_ps(index, scales), acc);
 }
 
-/* NR consecutive weight rows from row n (its bytes at w), for activation row r: NR independent accumulators, each pair of
- * blocks' activations loaded once for all of them. For several activation rows (a prompt's logits), where
- * the weight rows are read from cache once per activation row after the first. Four rows side by side are
+/* NR consecutive weight rows from row n (its bytes at w), for activation row r: NR independent accumulators,
+ * each pair of blocks' activations loaded once for all of them. For several activation rows (a prompt's logits),
+ * where the weight rows are read from cache once per activation row after the first. Four rows side by side are
  * four streams: each asks for the bytes 5120 ahead of its own (on this 2-core EPYC, one thread: 11.4 -> 7.4 ms
  * for a 262,144 x 640 head). */
 static inline __attribute__((always_inline)) void block_rows(const BlockJob* j, const uint8_t* w, int64_t n, int64_t r,
@@ -608,11 +608,11 @@ static inline __attribute__((always_inline)) void block_rows(const BlockJob* j, 
     for (int i = 0; i < NR; i++) j->y[r * j->n + n + i] = _mm512_reduce_add_ps(acc[i]);
 }
 
-/* Weight row n (its bytes at w) for the one activation row of a decode step: the rows are read in order, one stream, each pair
- * 1024 bytes ahead asked for, with two accumulators (even and odd pairs) for the sums' latency. Four rows side
- * by side (block_rows) reach half the memory bandwidth once rows are long: on this 2-core EPYC, 2 threads,
- * Llama-3.2-1B's 128,256 x 2048 head took 11.5 ms that way and takes 6.3-7.1 ms so (Gemma 3's 262,144 x 640:
- * 4.2 -> 3.7-4.4 ms). */
+/* Weight row n (its bytes at w) for the one activation row of a decode step: the rows are read in order, one
+ * stream, each pair 1024 bytes ahead asked for, with two accumulators (even and odd pairs) for the sums' latency.
+ * Four rows side by side (block_rows) reach half the memory bandwidth once rows are long: on this 2-core EPYC, 2
+ * threads, Llama-3.2-1B's 128,256 x 2048 head took 11.5 ms that way and takes 6.3-7.1 ms so (Gemma 3's 262,144 x
+ * 640: 4.2 -> 3.7-4.4 ms). */
 static inline __attribute__((always_inline)) void block_row(const BlockJob* j, const uint8_t* w, int64_t n) {
     const int64_t kb = j->kb, pairs = (kb + 1) / 2;
     __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, scales = _mm512_setzero_ps();
