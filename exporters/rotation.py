@@ -50,15 +50,22 @@ def _paley12() -> np.ndarray:
     return s + np.eye(12)
 
 
+def hadamard_order(n: int) -> bool:
+    """Whether `hadamard` can build a matrix of order n (2^a * 12^b), decided without building it."""
+    if n < 1:
+        return False
+    while n % 12 == 0:
+        n //= 12
+    return n & (n - 1) == 0
+
+
 def hadamard(n: int) -> np.ndarray | None:
     """Orthonormal Hadamard matrix of order n = 2^a * 12^b (576, 768, 1536, 2048, 3072, 4096...), else None."""
-    if n < 1:
+    if not hadamard_order(n):
         return None
     m, h = n, np.ones((1, 1))
     while m % 12 == 0:
         h, m = np.kron(h, _paley12()), m // 12
-    if m & (m - 1):
-        return None
     while h.shape[0] < n:
         h = np.block([[h, h], [h, -h]])
     return h / np.sqrt(n)
@@ -245,8 +252,10 @@ def online_hadamard(model: onnx.ModelProto, matmuls: list[str], block: int = 128
     K*b multiply-adds per token per MatMul (a seventh of a 1536 x 576 down_proj's at b=128).
     Returns {"block", "matmuls": rotated names, "skipped": name -> why}.
     """
+    if not hadamard_order(block):
+        raise ValueError(f"no Hadamard matrix of order {block} (use 2^a * 12^b)")
     g = GraphIndex.of(model)
-    rotation = online_matrix(block, seed)
+    rotation = None  # built once some MatMul takes it: a block wider than every input builds nothing
     matrix = f"{ONLINE_SUFFIX.strip('/')}.{block}"
     nodes = g.nodes
     done, skipped, added, shapes = [], {}, {}, set()
@@ -256,6 +265,8 @@ def online_hadamard(model: onnx.ModelProto, matmuls: list[str], block: int = 128
         if not k or k % block:
             skipped[name] = "shared weight" if not k else f"{k} inputs are not a multiple of {block}"
             continue
+        if rotation is None:
+            rotation = online_matrix(block, seed)
         rescale(g.inits[node.input[1]],
                 lambda w: np.einsum("ba,kbn->kan", rotation, w.astype(np.float64).reshape(k // block, block, -1))
                 .reshape(k, -1))

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from exporters.acceptance import THRESHOLDS, Thresholds
 from exporters.calibration import CalibrationPlan
-from exporters.rotation import hadamard
+from exporters.rotation import hadamard_order
 from models.errors import UserError
 
 RECIPES = ("static", "w8a8", "w8", "w4", "gguf")
@@ -17,6 +17,9 @@ WEIGHT_BITS_KEY = "pipeline.int8_weight_bits"  # metadata: "7" (reduce_range) or
 
 
 ROTATING = ("w8a8", "w4")  # the recipes that fold the rotations in (docs/quantization.md has both ablations)
+# the widest online Hadamard block: its b x b float matrix is built in float64 (128 MiB at 4096) and applied to
+# every token; blocks are 64 to 512 in practice
+MAX_ONLINE_HADAMARD = 4096
 
 
 @dataclass(frozen=True)
@@ -100,9 +103,10 @@ class QuantConfig:
         if self.max_ppl_increase < 0:
             raise UserError(f"max_ppl_increase is a relative increase and cannot be negative, "
                             f"got {self.max_ppl_increase}")
-        if self.online_hadamard and hadamard(self.online_hadamard) is None:
-            raise UserError(f"online_hadamard must be 0 or a Hadamard order 2^a * 12^b (e.g. 64, 128), "
-                            f"got {self.online_hadamard}")
+        if self.online_hadamard and not (hadamard_order(self.online_hadamard)
+                                         and self.online_hadamard <= MAX_ONLINE_HADAMARD):
+            raise UserError(f"online_hadamard must be 0 or a Hadamard order 2^a * 12^b up to {MAX_ONLINE_HADAMARD} "
+                            f"(e.g. 64, 128), got {self.online_hadamard}")
         if self.top1_z < 0:
             raise UserError(f"top1_z cannot be negative, got {self.top1_z}")
         if self.outlier_channels < 0:

@@ -14,7 +14,7 @@ from exporters.calibration import CalibrationPlan, KVCacheCalibrationReader, cpu
     session_contract, step_feed
 from exporters.export import export_onnx
 from exporters.optimize import optimize
-from exporters.rotation import NORMS, hadamard, online_hadamard, random_rotation, rotate
+from exporters.rotation import NORMS, hadamard, hadamard_order, online_hadamard, random_rotation, rotate
 from exporters.graph import weight_matmuls
 from exporters.smoothing import collect_activation_stats, find_smooth_groups
 from runtimes.contract import present_value
@@ -52,6 +52,11 @@ def test_hadamard_is_orthonormal_with_equal_magnitudes(n):
     h = hadamard(n)
     np.testing.assert_allclose(h @ h.T, np.eye(n), atol=1e-10)
     np.testing.assert_allclose(np.abs(h), 1 / np.sqrt(n))
+
+
+def test_hadamard_order_is_decided_without_building_the_matrix():
+    assert [n for n in range(200) if hadamard_order(n)] == [n for n in range(200) if hadamard(n) is not None]
+    assert hadamard_order(2**70) and hadamard_order(12**20) and not hadamard_order(2**70 + 12)  # instant
 
 
 def test_orders_without_hadamard_get_a_random_orthogonal_matrix():

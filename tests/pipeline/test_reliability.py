@@ -459,6 +459,13 @@ def test_any_numeric_option_value_is_accepted_or_one_line(data, run, stand_in_st
     one_line(result)
 
 
+@pytest.mark.parametrize("value", [str(2**70), "8192"])
+def test_a_huge_online_hadamard_block_is_one_line(run, value):
+    """A valid order far wider than any MatMul input (2^70 once exhausted the machine's memory building the
+    matrix, where the option is checked) is refused with one line before anything is built."""
+    one_line(CliRunner().invoke(main, ["quantize", str(run), f"--online-hadamard={value}"]), "online_hadamard")
+
+
 @pytest.mark.parametrize("args", [
     ["bench", "--threads", "1", "--prompt-len", "1", "--new-tokens", "1", "--repeats", "1", "--compare", "none",
      "--variant", "w8"],
