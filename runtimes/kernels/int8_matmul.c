@@ -717,7 +717,6 @@ static void five_unpack_row(const uint8_t* wr, int64_t kb, uint8_t* w) {
     }
 }
 
-
 #elif KERNEL_AVX2
 static void block_quantize(const float* x, int64_t m, int64_t kb, int8_t* aq, float* a_scale) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
@@ -838,6 +837,7 @@ static void byte_rows(const BlockJob* j, const uint8_t* w, int64_t from, int64_t
  * codes are small and unsigned), decoding included. vpmaddubsw takes c (0 .. 31, unsigned) against A, and each
  * pair's 16 * (A + A') is taken off (a_pair16), so every int32 lane is the one block_dot computes on W. A prompt's
  * rows are decoded to bytes two at a time. */
+
 /* Block t of a group: its 32 codes (0 .. 31) from its nibbles and the group's fifth bits. The shifts move bit t
  * of each byte to bit 4 within 16-bit lanes; what crosses into a neighbouring byte lands outside bit 4. */
 static inline __attribute__((always_inline)) __m256i five_codes(const uint8_t* nibbles, __m256i plane, int t) {
@@ -903,7 +903,6 @@ static void five_unpack_row(const uint8_t* wr, int64_t kb, uint8_t* w) {
         wr += nb * 16 + 32;
     }
 }
-
 
 #else /* AArch64 */
 static void block_quantize(const float* x, int64_t m, int64_t kb, int8_t* aq, float* a_scale) {
