@@ -231,12 +231,15 @@ def rotate_values(model: onnx.ModelProto, seed: int = 1) -> int:
 ONLINE_SUFFIX = "/online_hadamard"  # names of the nodes and the matrix `online_hadamard` adds before a MatMul
 
 
+def _online_order(block: int) -> None:
+    if not hadamard_order(block):
+        raise ValueError(f"no Hadamard matrix of order {block} (use 2^a * 12^b)")
+
+
 def online_matrix(block: int, seed: int = 2) -> np.ndarray:
     """The b x b randomized Hadamard matrix diag(d) H_b that `online_hadamard` applies (orthonormal)."""
-    h = hadamard(block)
-    if h is None:
-        raise ValueError(f"no Hadamard matrix of order {block} (use 2^a * 12^b)")
-    return np.random.default_rng(seed).choice([-1.0, 1.0], block)[:, None] * h
+    _online_order(block)
+    return np.random.default_rng(seed).choice([-1.0, 1.0], block)[:, None] * hadamard(block)
 
 
 def online_hadamard(model: onnx.ModelProto, matmuls: list[str], block: int = 128, seed: int = 2) -> dict:
@@ -252,8 +255,7 @@ def online_hadamard(model: onnx.ModelProto, matmuls: list[str], block: int = 128
     K*b multiply-adds per token per MatMul (a seventh of a 1536 x 576 down_proj's at b=128).
     Returns {"block", "matmuls": rotated names, "skipped": name -> why}.
     """
-    if not hadamard_order(block):
-        raise ValueError(f"no Hadamard matrix of order {block} (use 2^a * 12^b)")
+    _online_order(block)  # refused up front, though the matrix is built only once some MatMul takes it
     g = GraphIndex.of(model)
     rotation = None  # built once some MatMul takes it: a block wider than every input builds nothing
     matrix = f"{ONLINE_SUFFIX.strip('/')}.{block}"
