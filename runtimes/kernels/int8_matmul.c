@@ -479,19 +479,45 @@ enum { BLOCK = 32 };
  *
  * A one-row product (a decode step) streams its weights from memory, and 5-bit codes are 20 bytes a block where
  * unpacked bytes take 32. So a run of 5-bit codes (w4's --w4-high-bits 5, a GGUF's Q5_0) stays 5 bits a weight in
- * memory and is decoded as a decode step reads it. A row is groups of 8 blocks (fewer at its end): each block's 16
- * bytes of low nibbles (byte i: code i in bits 0-3, code i + 16 in bits 4-7), then 32 bytes of fifth bits (byte
- * i, bit t: code i of the group's block t). A code c stands for the weight c - 16 (W = c + 112 as a stored byte).
+ * memory and is decoded as a decode step reads it. A code c stands for the weight c - 16 (W = c + 112 as a stored
+ * byte). Each build keeps a row in the order its decode reads it:
+ *
+ * - AVX2: groups of 8 blocks (fewer at the row's end): each block's 16 bytes of low nibbles (byte i: code i in
+ *   bits 0-3, code i + 16 in bits 4-7), then 32 bytes of fifth bits (byte i, bit t: code i of the group's block t).
+ * - AVX-512: pairs of blocks t, t + 1 (the last alone where the row has an odd count), 40 bytes each: 32 bytes of
+ *   nibbles (byte i: code i of block t in bits 0-3, of block t + 1 in bits 4-7), then the pair's 64 fifth bits as
+ *   a little-endian word (bit i: code i of block t, bit 32 + i: of block t + 1), the byte mask that adds 16.
+ *
  * Each build's decode row gives the same int32 lanes as its 8-bit path on the bytes W, summed in the same order,
  * so the same floats to the bit; a prompt's rows are decoded to bytes a few at a time and go the 8-bit way. On
  * the AVX2 build (a 2-core EPYC without VNNI), SmolLM2's w4-native with 109 5-bit MatMuls decodes 11% faster
  * and holds 29 MB less (docs/benchmarks.md); on the AVX-512 build (a 2-core EPYC with VNNI), with 103, 9.0 ->
  * 8.2 ms/token and 223 -> 197 MB (python -m runtimes bench, 3 alternating runs each). */
 #if KERNEL_FIVE
-enum { FIVE_GROUP = 8 };
-
 /* a prompt's 5-bit rows are decoded this many at a time: the weight rows the build's prompt tile takes */
 enum { FIVE_ROWS = KERNEL_AVX512 ? 4 : 2 };
+
+#if KERNEL_AVX512
+enum { FIVE_PAIR = 40 };
+
+static int64_t five_row_bytes(int64_t kb) { return (kb + 1) / 2 * FIVE_PAIR; }
+
+/* One row of bytes W = c + 112 (kb blocks) -> the 5-bit layout above. */
+static void five_pack_row(const uint8_t* w, int64_t kb, uint8_t* out) {
+    for (int64_t t = 0; t < kb; t += 2, out += FIVE_PAIR) {
+        uint64_t fifth = 0;
+        memset(out, 0, 32);
+        for (int64_t h = 0; h < 2 && t + h < kb; h++)
+            for (int i = 0; i < BLOCK; i++) {
+                const int c = w[(t + h) * BLOCK + i] - 112;
+                out[i] |= (uint8_t)((c & 15) << (4 * h));
+                fifth |= (uint64_t)((c >> 4) & 1) << (32 * h + i);
+            }
+        for (int i = 0; i < 8; i++) out[32 + i] = (uint8_t)(fifth >> (8 * i));
+    }
+}
+#else
+enum { FIVE_GROUP = 8 };
 
 static int64_t five_row_bytes(int64_t kb) { return kb * 16 + (kb + FIVE_GROUP - 1) / FIVE_GROUP * 32; }
 
@@ -510,6 +536,7 @@ static void five_pack_row(const uint8_t* w, int64_t kb, uint8_t* out) {
         out += nb * 16 + 32;
     }
 }
+#endif
 #endif
 
 typedef struct {
@@ -558,11 +585,19 @@ static void block_quantize(const float* x, int64_t m, int64_t kb, int8_t* aq, fl
             for (int i = 8; i < 16; i++) a_corr[(r * pairs + pairs - 1) * 16 + i] = 0;
 }
 
-/* Lanes 0-7 from scale 2(p % 8) of a 16-scale vector, lanes 8-15 from the next: pair p's two blocks. */
-static inline __m512i pair_index(int64_t p) {
-    const int lo = (int)(2 * (p % 8));
-    return _mm512_mask_mov_epi32(_mm512_set1_epi32(lo), (__mmask16)0xff00, _mm512_set1_epi32(lo + 1));
-}
+/* Lanes 0-7 from scale 2(p % 8) of a 16-scale vector, lanes 8-15 from the next: pair p's two blocks. A load
+ * from this table, where building the vector took three operations a pair. */
+static const int32_t PAIR_INDEX[8][16] __attribute__((aligned(64))) = {
+    {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1},
+    {2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3},
+    {4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5},
+    {6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7},
+    {8, 8, 8, 8, 8, 8, 8, 8, 9, 9, 9, 9, 9, 9, 9, 9},
+    {10, 10, 10, 10, 10, 10, 10, 10, 11, 11, 11, 11, 11, 11, 11, 11},
+    {12, 12, 12, 12, 12, 12, 12, 12, 13, 13, 13, 13, 13, 13, 13, 13},
+    {14, 14, 14, 14, 14, 14, 14, 14, 15, 15, 15, 15, 15, 15, 15, 15}};
+
+static inline __m512i pair_index(int64_t p) { return _mm512_load_si512(PAIR_INDEX[p % 8]); }
 
 /* Pair p of one weight row: its 64 (or, for the last block of an odd count, 32) stored bytes against the
  * activations a, scaled by the row's scale products (w_scale * a_scale, 16 blocks a vector) and added to acc.
@@ -608,8 +643,15 @@ static inline __attribute__((always_inline)) void block_rows(const BlockJob* j, 
     for (int i = 0; i < NR; i++) j->y[r * j->n + n + i] = _mm512_reduce_add_ps(acc[i]);
 }
 
+/* How far ahead of a decode step's reading its weight bytes are asked for. One core alone draws about 12 GB/s
+ * from memory on the 2-core VNNI EPYC, limited by the misses it keeps in flight: 4096 bytes ahead against 1024
+ * took SmolLM2 w4-native's 122 weight MatMuls from 10.9 to 8.9 ms on one thread and 6.2 to 5.7 ms on two
+ * (a graph of those MatMuls alone, 3 alternating rounds; 2048 and 8192 no better, nor prefetching to L1 or L2). */
+enum { DECODE_AHEAD = 4096 };
+
 /* Weight row n (its bytes at w) for the one activation row of a decode step: the rows are read in order, one
- * stream, each pair 1024 bytes ahead asked for, with two accumulators (even and odd pairs) for the sums' latency.
+ * stream, each pair DECODE_AHEAD bytes ahead asked for, with two accumulators (even and odd pairs) for the sums'
+ * latency.
  * Four rows side by side (block_rows) reach half the memory bandwidth once rows are long: on this 2-core EPYC, 2
  * threads, Llama-3.2-1B's 128,256 x 2048 head took 11.5 ms that way and takes 6.3-7.1 ms so (Gemma 3's 262,144 x
  * 640: 4.2 -> 3.7-4.4 ms). */
@@ -629,7 +671,7 @@ static inline __attribute__((always_inline)) void block_row(const BlockJob* j, c
             const __m512i a = two ? _mm512_loadu_si512(j->aq + 64 * q)
                                   : _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i*)(j->aq + 64 * q)));
             acc[h] = pair_step(acc[h], w + 64 * q, two, _mm512_loadu_si512(j->a_corr + 16 * q), a, pair_index(q),
-                               scales, 1024);
+                               scales, DECODE_AHEAD);
         }
     }
     j->y[n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
@@ -650,70 +692,53 @@ static void byte_rows(const BlockJob* j, const uint8_t* w, int64_t from, int64_t
 }
 
 /* 5-bit codes on this build: vpdpbusd takes the stored bytes W as they are, so a pair of blocks is decoded to
- * its 64 bytes W = c + 112 and goes pair_step's way, with the same accumulator starts. The nibbles of blocks t
- * and t + 1 (32 bytes) give the codes' low 4 bits; the group's fifth bits, the same 32 bytes in both halves,
- * tested against bit t in the low half and bit t + 1 in the high half, say which bytes get 16 more. A lone last
- * block reads the 16 bytes after its nibbles too (the group's fifth bits, in bounds): its activations' high half
- * is zero. */
-static inline __attribute__((always_inline)) __m512i five_pair(const uint8_t* nibbles, __m512i plane, __m512i bits) {
-    const __m256i n = _mm256_loadu_si256((const __m256i*)nibbles);
-    /* 128-bit lanes [n_t, n_t+1, n_t >> 4, n_t+1 >> 4] -> [n_t, n_t >> 4, n_t+1, n_t+1 >> 4] */
-    __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(n), _mm256_srli_epi16(n, 4), 1);
-    v = _mm512_shuffle_i64x2(v, v, _MM_SHUFFLE(3, 1, 2, 0));
-    const __m512i w = _mm512_add_epi8(_mm512_and_si512(v, _mm512_set1_epi8(0x0f)), _mm512_set1_epi8(112));
-    return _mm512_mask_add_epi8(w, _mm512_test_epi8_mask(plane, bits), w, _mm512_set1_epi8(16));
-}
-
-/* Bit t of each byte in the low half, bit t + 1 in the high half: pair h of a group (t = 2h). */
-static inline __m512i five_bits(int h) {
-    return _mm512_mask_blend_epi8((__mmask64)0xffffffff00000000ull, _mm512_set1_epi8((char)(1 << (2 * h))),
-                                  _mm512_set1_epi8((char)(1 << (2 * h + 1))));
+ * its 64 bytes W = c + 112 and goes pair_step's way, with the same accumulator starts: the 32 nibble bytes in both
+ * halves, the high half's shifted down by 4, their low nibbles with 112 added (or'd: 112 has no bit below 4), and
+ * 16 more in the bytes the pair's fifth-bit word selects. Three vector operations a pair, against seven when the
+ * fifth bits were a byte plane to test and the nibbles' halves needed a shuffle: SmolLM2's w4-native decodes
+ * 3-7% faster (old and new library in one process, 25 alternating rounds of 32 steps, two runs). */
+static inline __attribute__((always_inline)) __m512i five_pair(const uint8_t* pair) {
+    uint64_t fifth;
+    memcpy(&fifth, pair + 32, 8);
+    const __m512i n = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)pair));
+    const __m512i v = _mm512_mask_srli_epi16(n, (__mmask32)0xffff0000u, n, 4);
+    const __m512i w = _mm512_ternarylogic_epi32(v, _mm512_set1_epi8(0x0f), _mm512_set1_epi8(112), 0xea);
+    return _mm512_mask_add_epi8(w, _cvtu64_mask64(fifth), w, _mm512_set1_epi8(16));
 }
 
 /* 5-bit row n (its layout at wr) against a decode step's one activation row: block_row's sums on its bytes, in
- * the same order. */
+ * the same order. (Two or four rows side by side, sharing each pair's activation loads, were slower.) */
 static inline void five_row(const BlockJob* j, const uint8_t* wr, int64_t n) {
-    const int64_t kb = j->kb;
+    const int64_t kb = j->kb, pairs = (kb + 1) / 2;
     __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, scales = _mm512_setzero_ps();
-    const __m512i bits[4] = {five_bits(0), five_bits(1), five_bits(2), five_bits(3)};
-    for (int64_t g = 0; g < kb; g += FIVE_GROUP, wr += FIVE_GROUP * 16 + 32) {
-        const int64_t nb = kb - g < FIVE_GROUP ? kb - g : FIVE_GROUP;
-        for (int l = 0; l < 3; l++) _mm_prefetch((const char*)wr + 1024 + 64 * l, _MM_HINT_NTA);
-        const __m512i plane = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(wr + nb * 16)));
-        for (int h = 0; 2 * h < nb; h++) {
-            const int64_t q = g / 2 + h;
-            if (q % 8 == 0) { /* the next 16 blocks' scale products */
-                const int64_t left = kb - 2 * q;
-                const __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
-                scales = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, j->w_scale + n * kb + 2 * q),
-                                       _mm512_maskz_loadu_ps(mask, j->a_scale + 2 * q));
-            }
-            const int two = 2 * q + 1 < kb;
-            const __m512i a = two ? _mm512_loadu_si512(j->aq + 64 * q)
-                                  : _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i*)(j->aq + 64 * q)));
-            const __m512i sums = _mm512_dpbusd_epi32(_mm512_loadu_si512(j->a_corr + 16 * q),
-                                                     five_pair(wr + 32 * h, plane, bits[h]), a);
-            acc[q % 2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_permutexvar_ps(pair_index(q), scales),
-                                         acc[q % 2]);
+    for (int64_t q = 0; q < pairs; q++) {
+        if (q % 8 == 0) { /* the next 16 blocks' scale products */
+            const int64_t left = kb - 2 * q;
+            const __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+            scales = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, j->w_scale + n * kb + 2 * q),
+                                   _mm512_maskz_loadu_ps(mask, j->a_scale + 2 * q));
+            for (int l = 0; l < 5; l++) /* the next 8 pairs' 320 bytes */
+                _mm_prefetch((const char*)wr + FIVE_PAIR * q + DECODE_AHEAD + 64 * l, _MM_HINT_NTA);
         }
+        const int two = 2 * q + 1 < kb;
+        const __m512i a = two ? _mm512_loadu_si512(j->aq + 64 * q)
+                              : _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i*)(j->aq + 64 * q)));
+        const __m512i sums = _mm512_dpbusd_epi32(_mm512_loadu_si512(j->a_corr + 16 * q),
+                                                 five_pair(wr + FIVE_PAIR * q), a);
+        acc[q % 2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_permutexvar_ps(pair_index(q), scales),
+                                     acc[q % 2]);
     }
     j->y[n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
 }
 
 /* 5-bit row wr -> its bytes W = c + 112 (kb blocks), for a prompt's rows. */
 static void five_unpack_row(const uint8_t* wr, int64_t kb, uint8_t* w) {
-    const __m512i bits[4] = {five_bits(0), five_bits(1), five_bits(2), five_bits(3)};
-    for (int64_t g = 0; g < kb; g += FIVE_GROUP) {
-        const int64_t nb = kb - g < FIVE_GROUP ? kb - g : FIVE_GROUP;
-        const __m512i plane = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(wr + nb * 16)));
-        for (int h = 0; 2 * h < nb; h++) {
-            const __m512i pair = five_pair(wr + 32 * h, plane, bits[h]);
-            if (2 * h + 1 < nb)
-                _mm512_storeu_si512(w + (g + 2 * h) * BLOCK, pair);
-            else
-                _mm256_storeu_si256((__m256i*)(w + (g + 2 * h) * BLOCK), _mm512_castsi512_si256(pair));
-        }
-        wr += nb * 16 + 32;
+    for (int64_t t = 0; t < kb; t += 2, wr += FIVE_PAIR) {
+        const __m512i pair = five_pair(wr);
+        if (t + 1 < kb)
+            _mm512_storeu_si512(w + t * BLOCK, pair);
+        else
+            _mm256_storeu_si256((__m256i*)(w + t * BLOCK), _mm512_castsi512_si256(pair));
     }
 }
 
