@@ -4,7 +4,8 @@
 - `native_int8`: a static-int8 variant (w8a8) -> variants/<source>-native, its MatMuls on pipeline's native
   CPU kernel; or a weight-only one (w4, w8, gguf) whose tied head's 8-bit blocks the embedding also reads, the
   head on the kernel that reads them as stored (exporters/block_kernels.py); checked against the source on this
-  machine's onnxruntime;
+  machine's onnxruntime, or, where the arithmetic changes (the head moved onto the table's blocks, packed layers'
+  per-block activations, the fused MLPs of `fuse_mlp`), against the float model it was quantized from;
 - `kv_fp16`: any fused variant -> variants/<source>-kv16, its KV cache in float16 (exporters/kv16.py), checked
   against the source within KV16_TOLERANCE, or, where the source rounds its activations to int8 as it runs (w4,
   w8: MatMulNBits' accuracy level 4), against their float ancestor (`kv16_drift`).
@@ -52,7 +53,11 @@ class OptimizeStageConfig:
                                "did not share the tied table moves onto the table's int8 blocks (stored once, judged "
                                "against the float model; see --static-head). With --source w4, w8 or gguf: their "
                                "tied 8-bit head, read as stored, so the table the embedding shares is in memory once. "
-                               "Writes <source>-native.")
+                               "Writes <source>-native; see --fuse-mlp.")
+    fuse_mlp: bool = option(bool, True, "With --native-int8: each SwiGLU MLP's silu(gate) * up and online rotation "
+                            "as one native op (faster decode; float rounding then moves some activation codes, so "
+                            "the variant is judged by its distance from the float model, and is not fused where the "
+                            "run has none). --no-fuse-mlp keeps the source's logits exactly.", off="--no-fuse-mlp")
     static_head: bool = option(bool, False, "With --native-int8: keep a static int8 head that did not share the "
                                "tied table with the embedding on the static kernel (faster decode, the table in "
                                "memory twice) instead of moving it onto the table's int8 blocks.")
@@ -65,6 +70,8 @@ class OptimizeStageConfig:
             raise UserError("--fp16, --native-int8 and --kv-fp16 are separate rewrites: give one of them")
         if self.static_head and not self.native_int8:
             raise UserError("--static-head is a choice of --native-int8: give both")
+        if not self.fuse_mlp and not self.native_int8:
+            raise UserError("--no-fuse-mlp is a choice of --native-int8: give both")
 
     def source_in(self, run: RunDir) -> str:
         """The variant rewritten: --source, else w8a8 for --native-int8, fp32 from a traced export, or fused
@@ -180,11 +187,15 @@ def optimize(run: RunDir, config: OptimizeStageConfig) -> dict:
                 raise UserError(f"{target} could not be checked against {source} here: its full 8-bit weights run "
                                 "only in float on this CPU (x86 without VNNI) and the run has no float model to "
                                 "judge it by")
+            # the fused MLP's floats round otherwise than onnxruntime's nodes: judged by the float model too
+            fuse_mlp = config.fuse_mlp and reference not in (None, source)
             with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
                 portable = Path(tmp) / "model.onnx"
-                results = specialize(source_path, out, portable if move_head else None, move_head=move_head)
+                results = specialize(source_path, out, portable if move_head else None, move_head=move_head,
+                                     fuse_mlp=fuse_mlp)
                 moved = "head_on_table_blocks" in results
                 worst = logit_parity(portable if moved else source_path, out)
+            gated = results["gated_mlps"] > 0
             # layers moved onto BlockInt8MatMul quantize their activations per block as they run: each product is
             # MatMulNBits' to float rounding, but a rounding that flips an activation code feeds the next layers,
             # so across layers the logits part as in_float's do (Gemma 3: by 3), judged against the float model
@@ -192,11 +203,11 @@ def optimize(run: RunDir, config: OptimizeStageConfig) -> dict:
             if packed and reference in (None, source):
                 raise UserError(f"{target} could not be checked against {source} here: its layers on the block "
                                 "kernel are judged by their distance from the float model, which the run lacks")
-            if not (in_float or packed) and not worst <= NATIVE_TOLERANCE:  # the same arithmetic: a kernel bug
+            if not (in_float or packed or gated) and not worst <= NATIVE_TOLERANCE:  # the same arithmetic: a bug
                 raise UserError(f"{target} differs from {source} by {worst:.3g} in the logits (more than "
                                 f"{NATIVE_TOLERANCE}): not kept; please report it with the run's manifest.json")
             results["parity_max_abs_logit_diff"] = {"prefill+decode": worst}
-            if moved or in_float or packed:
+            if moved or in_float or packed or gated:
                 drift = float_drift(tx.read(reference), source_path, out)
                 if not drift["kept"]:
                     what = f"{target}'s head on the table's int8 blocks" if moved else target

@@ -1,6 +1,6 @@
 """pipeline's native CPU kernels: an onnxruntime custom-op library, built from C on the machine that runs it.
 
-Three ops (int8_matmul.c), for x86-64 (AVX512-VNNI, or AVX2 with FMA: every x86-64 CPU since 2015, the Intel
+Four ops (int8_matmul.c), for x86-64 (AVX512-VNNI, or AVX2 with FMA: every x86-64 CPU since 2015, the Intel
 N100 class of edge boards among them) and for AArch64 with the dot-product instructions (ARMv8.2+: Raspberry
 Pi 5, Jetson Orin, Graviton 2+, phones), which `pipeline optimize --native-int8` puts in place of
 onnxruntime's:
@@ -13,7 +13,9 @@ onnxruntime's:
   for 8-bit blocks whose codes span fewer bits (a GGUF's Q5_0 and Q5_1 blocks, w4's 5- to 7-bit MatMuls and
   head), stored packed at those bits, which MatMulNBits has no form for, and unpacked when the session starts;
 - `com.pipeline.BlockGather`, the token embedding's rows read from such a head's packed codes, so a tied table
-  is stored once at its codes' width.
+  is stored once at its codes' width;
+- `com.pipeline.SwiGluRotate`, a gated MLP's silu(gate) * up and the online rotation after it, one node where
+  the graph has seven a layer (exporters/gated_mlp.py).
 
     python -m runtimes.kernels build [--ort-include DIR]   # needs cc and onnxruntime's C API headers
     python -m runtimes.kernels status
@@ -44,7 +46,8 @@ DOMAIN = "com.pipeline"  # the custom ops' domain (int8_matmul.c registers it)
 OP = "StaticInt8MatMul"
 BLOCK_OP = "BlockInt8MatMul"
 GATHER_OP = "BlockGather"
-OPS = (OP, BLOCK_OP, GATHER_OP)
+GATED_OP = "SwiGluRotate"
+OPS = (OP, BLOCK_OP, GATHER_OP, GATED_OP)
 LIBRARY_ENV = "PIPELINE_KERNELS"        # path of the built library, instead of the cache
 INCLUDE_ENV = "ORT_INCLUDE_DIR"         # directory holding onnxruntime_c_api.h
 REQUIRED_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}  # /proc/cpuinfo names (x86-64 "flags")

@@ -167,10 +167,11 @@ def test_optimize_native_int8_without_the_kernel_is_one_line_error(run_dir, text
 
 def test_optimize_native_int8_keeps_w8a8_logits_and_is_checked_and_benched(run_dir, text_file, native_kernels):
     w8a8_variant(run_dir, text_file)
-    res = json.loads(invoke("optimize", run_dir, "--native-int8", "--json").output)
+    res = json.loads(invoke("optimize", run_dir, "--native-int8", "--no-fuse-mlp", "--json").output)
     path = run_dir / "variants" / "w8a8-native" / "model.onnx"
     ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
     assert res["matmuls"] == ops["StaticInt8MatMul"] > 0 and ops["QuantizeLinear"] == 0
+    assert res["gated_mlps"] == ops["SwiGluRotate"] == 0 and "drift_from_float" not in res
     assert res["parity_max_abs_logit_diff"]["prefill+decode"] <= 1e-4
     r = invoke("check", run_dir, "--variant", "w8a8", "--variant", "w8a8-native", "--text", text_file, "--json",
                "--steps", "4", "--window", "64", ok=False)
@@ -215,7 +216,35 @@ def test_a_native_variant_whose_logits_differ_is_not_kept(run_dir, text_file, na
     w8a8_variant(run_dir, text_file)
     monkeypatch.setattr(optimize_stage, "logit_parity", lambda source, target: 0.5)
     before = run_state(run_dir)  # an earlier, good w8a8-native may be there: it stays as it was
-    one_line_error(invoke("optimize", run_dir, "--native-int8", ok=False), "differs from w8a8 by 0.5", "not kept")
+    one_line_error(invoke("optimize", run_dir, "--native-int8", "--no-fuse-mlp", ok=False),
+                   "differs from w8a8 by 0.5", "not kept")
+    assert run_state(run_dir) == before
+
+
+def test_native_int8_fuses_each_mlp_and_judges_the_variant_by_the_float_model(run_dir, text_file, native_kernels,
+                                                                              monkeypatch):
+    """By default every layer's silu(gate) * up and online rotation become one SwiGluRotate; the rounding that
+    moves is judged against the float model (kept within twice w8a8's mean KL, the distances recorded) and the
+    variant checks as w8a8 does; past that bound it is refused with one line and the run stays as it was."""
+    from pipeline.stages import optimize as optimize_stage
+
+    w8a8_variant(run_dir, text_file)
+    res = json.loads(invoke("optimize", run_dir, "--native-int8", "--json").output)
+    path = run_dir / "variants" / "w8a8-native" / "model.onnx"
+    ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    layers = json.loads((run_dir / "config.json").read_text())["num_hidden_layers"]
+    assert res["gated_mlps"] == ops["SwiGluRotate"] == layers and ops["Sigmoid"] == ops["Split"] == 0
+    drift = res["drift_from_float"]
+    assert drift["kept"] and drift["reference"] == "fused" and drift["target_kl"] <= 2 * drift["source_kl"] + 1e-3
+    r = invoke("check", run_dir, "--variant", "w8a8", "--variant", "w8a8-native", "--text", text_file, "--json",
+               "--steps", "4", "--window", "64", ok=False)
+    rows = {row["variant"]: row for row in json.loads(r.output)["variants"]}
+    assert rows["w8a8-native"]["top1"] == pytest.approx(rows["w8a8"]["top1"], abs=0.05)
+    assert rows["w8a8-native"]["kl"] == pytest.approx(rows["w8a8"]["kl"], rel=0.5, abs=1e-3)
+    before = run_state(run_dir)
+    monkeypatch.setattr(optimize_stage, "KV16_DRIFT", 0.0)
+    monkeypatch.setattr(optimize_stage, "KV16_DRIFT_FLOOR", 0.0)
+    one_line_error(invoke("optimize", run_dir, "--native-int8", ok=False), "in mean KL from fused", "not kept")
     assert run_state(run_dir) == before
 
 

@@ -1,0 +1,143 @@
+"""exporters/gated_mlp.py: a SwiGLU product and the online rotation after it as one SwiGluRotate node, against
+onnxruntime running the nodes it replaces."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from exporters.gated_mlp import IDENTITY, fuse_swiglu
+from exporters.rotation import online_matrix
+from runtimes.kernels import GATED_OP
+
+
+def mlp_model(f: int, rotation: np.ndarray | None, swap: bool = False) -> onnx.ModelProto:
+    """x (1, S, 2f) -> Split -> silu(gate) * up [-> Reshape -> MatMul(rotation (1, b, b)) -> Reshape] -> y: the
+    graph the export and online_hadamard write between gate_up and down_proj (`swap`: each Mul's inputs the
+    other way round)."""
+    def mul(a: str, b: str, out: str) -> onnx.NodeProto:
+        return helper.make_node("Mul", [b, a] if swap else [a, b], [out], name=f"mul_{out}")
+
+    nodes = [helper.make_node("Split", ["x", "halves"], ["gate", "up"], name="split", axis=-1),
+             helper.make_node("Sigmoid", ["gate"], ["sig"], name="sigmoid"),
+             mul("gate", "sig", "act"), mul("act", "up", "h" if rotation is not None else "y")]
+    inits = [numpy_helper.from_array(np.array([f, f], np.int64), "halves")]
+    if rotation is not None:
+        b = rotation.shape[-1]
+        nodes += [helper.make_node("Reshape", ["h", "blocks"], ["hb"], name="reshape"),
+                  helper.make_node("MatMul", ["hb", "rot"], ["hr"], name="rotate"),
+                  helper.make_node("Reshape", ["hr", "flat"], ["y"], name="flat")]
+        inits += [numpy_helper.from_array(rotation.astype(np.float32), "rot"),
+                  numpy_helper.from_array(np.array([0, 0, f // b, b], np.int64), "blocks"),
+                  numpy_helper.from_array(np.array([0, 0, -1], np.int64), "flat")]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "S", 2 * f])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "S", f])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def run(model: onnx.ModelProto, x: np.ndarray, library=None, threads: int = 2) -> np.ndarray:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    if library:
+        options.register_custom_ops_library(str(library))
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def fused(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    assert fuse_swiglu(out) == 1
+    assert [n.op_type for n in out.graph.node] == [GATED_OP]
+    return out
+
+
+RNG = np.random.default_rng(7)
+
+
+@pytest.mark.parametrize("name, f, rotation", [
+    ("randomized Sylvester, b 128 (the fast transform)", 1536, online_matrix(128, 2)[None]),
+    ("randomized Sylvester, b 32", 96, online_matrix(32, 3)[None]),
+    ("Paley x Sylvester, b 96 (dense, 32-column tiles)", 192, online_matrix(96, 2)[None]),
+    ("Paley, b 12 (dense, no tile)", 48, online_matrix(12, 2)[None]),
+    ("a dense 2-D matrix, b 128", 256, np.linalg.qr(RNG.standard_normal((128, 128)))[0]),
+    ("no rotation", 80, None),
+])
+@pytest.mark.parametrize("rows", [1, 3, 4, 9, 300])
+def test_the_fused_op_computes_what_the_nodes_did(native_kernels, name, f, rotation, rows):
+    """Decode (1 row) and prompts (tiles of 4 rows and what is left; more rows than chunks), every rotation path;
+    inputs wide enough that silu saturates both ways. Equal up to float rounding."""
+    model = mlp_model(f, rotation, swap=rows == 3)
+    x = (np.random.default_rng(rows).standard_normal((1, rows, 2 * f)) * 4).astype(np.float32)
+    x[0, 0, :4] = [-100.0, 100.0, -1e4, 0.0]
+    want = run(model, x)
+    xd = x.astype(np.float64)
+    gate, up = xd[..., :f], xd[..., f:]
+    with np.errstate(over="ignore"):  # e^10000: the sigmoid's 0
+        exact = gate / (1 + np.exp(-gate)) * up
+    if rotation is not None:
+        b = rotation.shape[-1]
+        exact = (exact.reshape(1, rows, f // b, b) @ rotation.reshape(b, b)).reshape(1, rows, f)
+    native = fused(model)
+    for threads in (1, 2):
+        got = run(native, x, native_kernels, threads)
+        assert got.shape == want.shape == (1, rows, f)
+        scale = np.abs(exact).max()
+        assert np.abs(got - exact).max() <= 2e-6 * scale, name
+        assert np.abs(got - want).max() <= 2e-6 * scale, name
+
+
+def test_the_rotation_is_stored_2d_and_absent_rotations_read_the_identity():
+    rotated = mlp_model(256, online_matrix(128, 2)[None])
+    fuse_swiglu(rotated)
+    inits = {t.name: numpy_helper.to_array(t) for t in rotated.graph.initializer}
+    assert list(inits) == ["rot.2d"] and inits["rot.2d"].shape == (128, 128)
+    np.testing.assert_array_equal(inits["rot.2d"], online_matrix(128, 2).astype(np.float32))
+    plain = mlp_model(80, None)
+    fuse_swiglu(plain)
+    assert [(t.name, list(t.dims)) for t in plain.graph.initializer] == [(IDENTITY, [1, 1])]
+    assert {o.domain for o in plain.opset_import} == {"", "com.pipeline"}
+
+
+def variant(change) -> onnx.ModelProto:
+    model = mlp_model(256, online_matrix(128, 2)[None])
+    change(model)
+    return model
+
+
+def set_attr(node: onnx.NodeProto, name: str, value) -> None:
+    next(a for a in node.attribute if a.name == name).CopyFrom(helper.make_attribute(name, value))
+
+
+@pytest.mark.parametrize("why, change", [
+    ("uneven halves", lambda m: m.graph.initializer[0].CopyFrom(
+        numpy_helper.from_array(np.array([100, 156], np.int64), "halves"))),
+    ("split along another axis", lambda m: set_attr(m.graph.node[0], "axis", 1)),
+    ("the up half gated", lambda m: m.graph.node[1].input.__setitem__(0, "up")),
+    ("gelu, not silu", lambda m: setattr(m.graph.node[1], "op_type", "Tanh")),
+    ("the product read twice", lambda m: m.graph.output.append(
+        helper.make_tensor_value_info("act", TensorProto.FLOAT, None))),
+])
+def test_anything_but_the_exact_pattern_is_left_alone(why, change):
+    model = variant(change)
+    before = [n.op_type for n in model.graph.node]
+    assert fuse_swiglu(model) == 0, why
+    assert [n.op_type for n in model.graph.node] == before
+
+
+def test_a_rotation_that_is_not_the_pattern_stays_a_matmul(native_kernels):
+    """A product read by something else than the rotation's Reshape: silu(gate) * up is fused, the rotation
+    nodes stay, and the result is unchanged."""
+    model = mlp_model(256, online_matrix(128, 2)[None])
+    model.graph.node.append(helper.make_node("Neg", ["h"], ["neg"], name="other"))
+    model.graph.output.append(helper.make_tensor_value_info("neg", TensorProto.FLOAT, None))
+    native = onnx.ModelProto()
+    native.CopyFrom(model)
+    assert fuse_swiglu(native) == 1
+    assert [n.op_type for n in native.graph.node] == [GATED_OP, "Reshape", "MatMul", "Reshape", "Neg"]
+    x = np.random.default_rng(0).standard_normal((1, 5, 512)).astype(np.float32)
+    np.testing.assert_allclose(run(native, x, native_kernels), run(model, x), rtol=0, atol=1e-5)
