@@ -1280,40 +1280,50 @@ typedef struct {
     int64_t m, f, b, chunks;
 } GatedJob;
 
-/* 16 floats as the compiler's vectors: one register on AVX-512, two on AVX2, four on NEON. */
-typedef float f32x16 __attribute__((vector_size(64), aligned(4)));
+/* A register of floats as the compiler's vectors: 16 on AVX-512, 8 on AVX2, 4 on NEON; aligned(4), so a pointer
+ * to one reads floats at any float's address (memcpy into one went through the stack on AVX2, 8x slower). */
+#if KERNEL_AVX512
+enum { VW = 16 };
+#elif KERNEL_AVX2
+enum { VW = 8 };
+#else
+enum { VW = 4 };
+#endif
+typedef float fvec __attribute__((vector_size(VW * sizeof(float)), aligned(4)));
+typedef int32_t ivec __attribute__((vector_size(VW * sizeof(int32_t))));
 
-/* ROWS rows of h (row stride f), columns [c, c + 16 VECS) of the block at c0, times R (b x b) into y: ROWS * VECS
- * accumulators (8: the registers AVX-512 has to spare), each step over R's rows one load of VECS vectors. */
+/* ROWS rows of h (row stride f), columns [c, c + VW * VECS) of the block at c0, times R (b x b) into y: ROWS * VECS
+ * accumulators (at most 8, with R's row in VECS more: within AVX2's 16 registers), each step over R's rows one load
+ * of VECS vectors. */
 static inline __attribute__((always_inline)) void rotate_tile(const float* h, int64_t f, const float* r, int64_t b,
                                                               int64_t c0, int64_t c, float* y, const int ROWS,
                                                               const int VECS) {
-    f32x16 acc[4][8];
+    fvec acc[4][8];
     for (int q = 0; q < ROWS; q++)
-        for (int v = 0; v < VECS; v++) acc[q][v] = (f32x16){0};
+        for (int v = 0; v < VECS; v++) acc[q][v] = (fvec){0};
     for (int64_t i = 0; i < b; i++) {
-        f32x16 ri[8];
-        for (int v = 0; v < VECS; v++) memcpy(&ri[v], r + i * b + (c - c0) + 16 * v, sizeof(f32x16));
+        fvec ri[8];
+        for (int v = 0; v < VECS; v++) ri[v] = *(const fvec*)(r + i * b + (c - c0) + VW * v);
         for (int q = 0; q < ROWS; q++) {
             const float hv = h[q * f + c0 + i];
             for (int v = 0; v < VECS; v++) acc[q][v] += hv * ri[v];
         }
     }
     for (int q = 0; q < ROWS; q++)
-        for (int v = 0; v < VECS; v++) memcpy(y + q * f + c + 16 * v, &acc[q][v], sizeof(f32x16));
+        for (int v = 0; v < VECS; v++) *(fvec*)(y + q * f + c + VW * v) = acc[q][v];
 }
 
 /* count rows of h (count <= ROT_ROWS), each block of b columns times R, into y. */
 static void rotate_rows(const float* h, int64_t f, const float* r, int64_t b, int64_t count, float* y) {
     for (int64_t c0 = 0; c0 < f; c0 += b) {
-        if (count == 4 && b % 32 == 0) {
-            for (int64_t c = c0; c < c0 + b; c += 32) rotate_tile(h, f, r, b, c0, c, y, 4, 2);
-        } else if (b % 128 == 0) {
+        if (count == 4 && b % (2 * VW) == 0) {
+            for (int64_t c = c0; c < c0 + b; c += 2 * VW) rotate_tile(h, f, r, b, c0, c, y, 4, 2);
+        } else if (b % (8 * VW) == 0) {
             for (int64_t q = 0; q < count; q++)
-                for (int64_t c = c0; c < c0 + b; c += 128) rotate_tile(h + q * f, f, r, b, c0, c, y + q * f, 1, 8);
-        } else if (b % 32 == 0) {
+                for (int64_t c = c0; c < c0 + b; c += 8 * VW) rotate_tile(h + q * f, f, r, b, c0, c, y + q * f, 1, 8);
+        } else if (b % (2 * VW) == 0) {
             for (int64_t q = 0; q < count; q++)
-                for (int64_t c = c0; c < c0 + b; c += 32) rotate_tile(h + q * f, f, r, b, c0, c, y + q * f, 1, 2);
+                for (int64_t c = c0; c < c0 + b; c += 2 * VW) rotate_tile(h + q * f, f, r, b, c0, c, y + q * f, 1, 2);
         } else { /* a width no tile fits */
             for (int64_t q = 0; q < count; q++)
                 for (int64_t j = 0; j < b; j++) {
@@ -1325,39 +1335,122 @@ static void rotate_rows(const float* h, int64_t f, const float* r, int64_t b, in
     }
 }
 
-/* silu(g) * u = g * u / (1 + e^-g), e^-g as 2^n * p(r) with n = round(-g / ln 2), |r| <= ln 2 / 2 and p
- * Cephes's degree-6 polynomial (2 ulp): no libm call and no branch, so the compiler vectorizes the loop. g is
- * clamped to +-88 inside the exponential, where e^88 is still a float and beyond which 1 + e^-g is 1 or over 1e38. */
+/* 1 / (1 + e^-g) for VW lanes, e^-g as 2^n * p(r) with n = round(-g / ln 2), |r| <= ln 2 / 2 and p Cephes's
+ * degree-6 polynomial (2 ulp): no libm call, no branch. g is clamped to +-88 inside the exponential (bit masks: GCC
+ * does not vectorize a float select on AVX2), where e^88 is still a float and beyond which the sum is 1 or over
+ * 1e38. */
+static inline __attribute__((always_inline)) fvec sigmoid_vec(fvec g) {
+    const fvec zero = {0}, lo = zero - 88.0f, hi = zero + 88.0f;
+    ivec below = g < lo, above = g > hi;
+    g = (fvec)(((ivec)g & ~below) | ((ivec)lo & below));
+    g = (fvec)(((ivec)g & ~above) | ((ivec)hi & above));
+    const fvec t = -g * 1.44269504f;
+    const fvec n = (t + 12582912.0f) - 12582912.0f; /* round to nearest: 1.5 * 2^23 */
+    const fvec r = (-g - n * 0.693359375f) + n * 2.12194440e-4f;
+    fvec p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
+    return 1.0f / (1.0f + p * (fvec)bits);
+}
+
+/* h = silu(gate) * up = gate * up * sigmoid(gate), f values; VW at a time, the tail through a zero-padded vector. */
 static void swiglu_row(const float* gate, const float* up, int64_t f, float* h) {
-    for (int64_t i = 0; i < f; i++) {
-        const float g = gate[i] < -88.0f ? -88.0f : gate[i] > 88.0f ? 88.0f : gate[i];
-        const float t = -g * 1.44269504f;
-        const float n = (t + 12582912.0f) - 12582912.0f; /* round to nearest: 1.5 * 2^23 */
-        const float r = (-g - n * 0.693359375f) + n * 2.12194440e-4f;
-        float p = 1.9875691500e-4f;
-        p = p * r + 1.3981999507e-3f;
-        p = p * r + 8.3334519073e-3f;
-        p = p * r + 4.1665795894e-2f;
-        p = p * r + 1.6666665459e-1f;
-        p = p * r + 5.0000001201e-1f;
-        p = p * r * r + r + 1.0f;
-        const int32_t bits = ((int32_t)n + 127) << 23;
-        float scale;
-        memcpy(&scale, &bits, sizeof(scale));
-        h[i] = gate[i] * up[i] / (1.0f + p * scale);
+    int64_t i = 0;
+    for (; i + VW <= f; i += VW) {
+        const fvec g = *(const fvec*)(gate + i);
+        *(fvec*)(h + i) = g * *(const fvec*)(up + i) * sigmoid_vec(g);
+    }
+    if (i < f) {
+        fvec g = {0}, u = {0};
+        for (int64_t j = i; j < f; j++) g[j - i] = gate[j], u[j - i] = up[j];
+        const fvec out = g * u * sigmoid_vec(g);
+        for (int64_t j = i; j < f; j++) h[j] = out[j - i];
     }
 }
 
-/* v (b, a power of 2) times Sylvester's Hadamard matrix of order b, in place: log2(b) rounds of sums and
- * differences, b log2(b) additions where the matrix product takes b^2 multiply-adds. */
-static void walsh_hadamard(float* v, int64_t b) {
-    for (int64_t len = 1; len < b; len <<= 1)
-        for (int64_t i = 0; i < b; i += 2 * len)
+/* Lane j of x and lane j ^ L (L < VW): GCC's and clang's spelling of a constant shuffle. */
+#if KERNEL_AVX512
+#define XOR1 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14
+#define XOR2 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13
+#define XOR4 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11
+#define XOR8 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7
+#elif KERNEL_AVX2
+#define XOR1 1, 0, 3, 2, 5, 4, 7, 6
+#define XOR2 2, 3, 0, 1, 6, 7, 4, 5
+#define XOR4 4, 5, 6, 7, 0, 1, 2, 3
+#else
+#define XOR1 1, 0, 3, 2
+#define XOR2 2, 3, 0, 1
+#endif
+#if defined(__clang__)
+#define LANES(x, ...) __builtin_shufflevector(x, x, __VA_ARGS__)
+#else
+#define LANES(x, ...) __builtin_shuffle(x, (ivec){__VA_ARGS__})
+#endif
+
+/* One round of sums and differences between lanes L apart within *v (L < VW): lane j gets x[j] + x[j ^ L] where
+ * bit L of j is clear, x[j ^ L] - x[j] where it is set (exactly the scalar round's a + c and a - c). By pointer: a
+ * 64-byte vector by value would be another ABI on the AVX2 build. */
+static inline __attribute__((always_inline)) void hadamard_round(fvec* v, int L) {
+    static const float sign[4][16] = {{1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1},
+                                      {1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1},
+                                      {1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1},
+                                      {1, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1, -1, -1, -1, -1, -1}};
+    const fvec x = *v;
+    const fvec s = *(const fvec*)sign[__builtin_ctz((unsigned)L)];
+    switch (L) {
+    case 1: *v = LANES(x, XOR1) + x * s; break;
+    case 2: *v = LANES(x, XOR2) + x * s; break;
+#if KERNEL_AVX512 || KERNEL_AVX2
+    case 4: *v = LANES(x, XOR4) + x * s; break;
+#endif
+#if KERNEL_AVX512
+    case 8: *v = LANES(x, XOR8) + x * s; break;
+#endif
+    }
+}
+
+/* v (b, a power of 2) times diag(signs) and Sylvester's Hadamard matrix of order b, in place: log2(b) rounds of
+ * sums and differences, b log2(b) additions where the matrix product takes b^2 multiply-adds. From b = VW on (up
+ * to 4096) in vectors: the first rounds within each vector, the others between vectors; the same sums as the
+ * scalar rounds, in the same order. */
+static void walsh_hadamard(float* v, const float* signs, int64_t b) {
+    if (b < VW || b > 4096) {
+        for (int64_t i = 0; i < b; i++) v[i] *= signs[i];
+        for (int64_t len = 1; len < b; len <<= 1)
+            for (int64_t i = 0; i < b; i += 2 * len)
+                for (int64_t j = i; j < i + len; j++) {
+                    const float a = v[j], c = v[j + len];
+                    v[j] = a + c;
+                    v[j + len] = a - c;
+                }
+        return;
+    }
+    fvec x[4096 / VW];
+    const int64_t n = b / VW;
+    for (int64_t i = 0; i < n; i++) {
+        x[i] = *(const fvec*)(v + VW * i) * *(const fvec*)(signs + VW * i);
+        hadamard_round(&x[i], 1);
+        hadamard_round(&x[i], 2);
+#if KERNEL_AVX512 || KERNEL_AVX2
+        hadamard_round(&x[i], 4);
+#endif
+#if KERNEL_AVX512
+        hadamard_round(&x[i], 8);
+#endif
+    }
+    for (int64_t len = 1; len < n; len <<= 1)
+        for (int64_t i = 0; i < n; i += 2 * len)
             for (int64_t j = i; j < i + len; j++) {
-                const float a = v[j], c = v[j + len];
-                v[j] = a + c;
-                v[j + len] = a - c;
+                const fvec a = x[j], c = x[j + len];
+                x[j] = a + c;
+                x[j + len] = a - c;
             }
+    for (int64_t i = 0; i < n; i++) *(fvec*)(v + VW * i) = x[i];
 }
 
 /* R (b x b) -> its first column, copied, where R = diag(that column) * H_b, H_b Sylvester's (+-1) Hadamard matrix:
@@ -1392,11 +1485,7 @@ static void gated_run_chunk(void* data, size_t chunk) {
         }
         if (j->signs) /* h times diag(signs) H_b: the fast transform of each block, in place */
             for (int64_t q = 0; q < count; q++)
-                for (int64_t c = 0; c < j->f; c += j->b) {
-                    float* v = out + q * j->f + c;
-                    for (int64_t i = 0; i < j->b; i++) v[i] *= j->signs[i];
-                    walsh_hadamard(v, j->b);
-                }
+                for (int64_t c = 0; c < j->f; c += j->b) walsh_hadamard(out + q * j->f + c, j->signs, j->b);
         else if (j->b > 1)
             rotate_rows(h, j->f, j->r, j->b, count, out);
     }

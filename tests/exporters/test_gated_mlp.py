@@ -59,6 +59,28 @@ def fused(model: onnx.ModelProto) -> onnx.ModelProto:
 RNG = np.random.default_rng(7)
 
 
+@pytest.fixture(scope="module", params=["this CPU's build", "x86_64-avx2"])
+def library(request, native_kernels, tmp_path_factory):
+    """The library this CPU runs, and on a CPU with AVX512-VNNI also the AVX2 build (its vectors are half as
+    wide: other tiles, other shuffles), compiled with the flags `python -m runtimes.kernels build` gives it."""
+    import shutil
+    import subprocess
+
+    from runtimes import kernels
+
+    if request.param == "this CPU's build":
+        return native_kernels
+    if kernels.flavor() != "x86_64":
+        pytest.skip("the AVX2 build is this CPU's own build, or this CPU cannot run it")
+    out = tmp_path_factory.mktemp("avx2") / "libpipeline_avx2.so"
+    cc = shutil.which("cc") or shutil.which("gcc")
+    built = subprocess.run([cc, *kernels.COMMON_CFLAGS, *kernels.ARCH_CFLAGS["x86_64-avx2"],
+                            f"-I{kernels.find_headers()}", str(kernels.SOURCE), "-o", str(out)],
+                           capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    return out
+
+
 @pytest.mark.parametrize("name, f, rotation", [
     ("randomized Sylvester, b 128 (the fast transform)", 1536, online_matrix(128, 2)[None]),
     ("randomized Sylvester, b 32", 96, online_matrix(32, 3)[None]),
@@ -68,7 +90,7 @@ RNG = np.random.default_rng(7)
     ("no rotation", 80, None),
 ])
 @pytest.mark.parametrize("rows", [1, 3, 4, 9, 300])
-def test_the_fused_op_computes_what_the_nodes_did(native_kernels, name, f, rotation, rows):
+def test_the_fused_op_computes_what_the_nodes_did(library, name, f, rotation, rows):
     """Decode (1 row) and prompts (tiles of 4 rows and what is left; more rows than chunks), every rotation path;
     inputs wide enough that silu saturates both ways. Equal up to float rounding."""
     model = mlp_model(f, rotation, swap=rows == 3)
@@ -84,7 +106,7 @@ def test_the_fused_op_computes_what_the_nodes_did(native_kernels, name, f, rotat
         exact = (exact.reshape(1, rows, f // b, b) @ rotation.reshape(b, b)).reshape(1, rows, f)
     native = fused(model)
     for threads in (1, 2):
-        got = run(native, x, native_kernels, threads)
+        got = run(native, x, library, threads)
         assert got.shape == want.shape == (1, rows, f)
         scale = np.abs(exact).max()
         assert np.abs(got - exact).max() <= 2e-6 * scale, name
