@@ -309,9 +309,9 @@ def specialize(source: Path, target: Path, portable: Path | None = None, move_he
                fuse_mlp: bool = False) -> dict:
     """source model.onnx -> target model.onnx with its static int8 MatMuls and its shared 8-bit heads on the
     native kernels (with `fuse_mlp`, also each SwiGLU product and its online rotation as one native op, whose
-    rounding differs from the nodes'); written to a temp name, then renamed. Where the head moved onto the table's blocks
-    (`head_on_table_blocks`, which changes the logits), the graph as it is then, before the native kernels, is
-    also saved at `portable`: what the native graph must equal."""
+    rounding differs from the nodes'); written to a temp name, then renamed. Where the head moved onto the
+    table's blocks (`head_on_table_blocks`, which changes the logits), the graph as it is then, before the native
+    kernels, is also saved at `portable`: what the native graph must equal."""
     model = load_onnx(source)
     before = len(model.graph.node)
     moved = head_on_table_blocks(model) if move_head else None
@@ -332,8 +332,7 @@ def specialize(source: Path, target: Path, portable: Path | None = None, move_he
         move_model(staging / target.name, target)
     results = {"kernel": " + ".join(kernels), "matmuls": static + shared + len(packed), "static_matmuls": static,
                "shared_head_matmuls": shared + len(head), "packed_matmuls": packed, "gated_mlps": gated,
-               "nodes_before": before,
-               "nodes_after": len(model.graph.node)}
+               "nodes_before": before, "nodes_after": len(model.graph.node)}
     if moved is not None:
         results["head_on_table_blocks"] = moved
     return results

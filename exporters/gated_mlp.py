@@ -101,7 +101,8 @@ def fuse_swiglu(model: onnx.ModelProto) -> int:
         return 0
     g.set_nodes([added.get(n.name, n) for n in model.graph.node if n.name not in replaced or n.name in added])
     for name, r in matrices.items():
-        g.add_initializer(numpy_helper.from_array(r, name))
+        if name not in g.inits:  # a graph fused before holds it already
+            g.add_initializer(numpy_helper.from_array(r, name))
     g.remove_unused_initializers()
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
