@@ -1488,6 +1488,8 @@ static void gated_run_chunk(void* data, size_t chunk) {
                 for (int64_t c = 0; c < j->f; c += j->b) walsh_hadamard(out + q * j->f + c, j->signs, j->b);
         else if (j->b > 1)
             rotate_rows(h, j->f, j->r, j->b, count, out);
+        else if (j->r[0] != 1.0f) /* b = 1: R a scale, [[1]] being none */
+            for (int64_t i = 0; i < count * j->f; i++) out[i] *= j->r[0];
     }
 }
 
