@@ -34,7 +34,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from exporters.block_kernels import pack_narrow_blocks, pack_shared_head, rewrite_shared_blocks
-from exporters.gated_mlp import fuse_swiglu
+from exporters.gated_mlp import fuse_gated_mlps
 from exporters.graph import GraphIndex
 from exporters.onnx_io import load_onnx, move_model, save_model_auto
 from exporters.optimize import remove_dead_nodes
@@ -323,7 +323,7 @@ def specialize(source: Path, target: Path, portable: Path | None = None, move_he
         raise UserError(f"{source} has no static int8 MatMul, no 8-bit head shared with its embedding and no 8-bit "
                         "blocks of fewer bits for the native kernels: quantize it with `pipeline quantize --recipe "
                         "w8a8` (or w4, w8, gguf with a tied embedding) first")
-    gated = fuse_swiglu(model) if fuse_mlp else 0
+    gated = fuse_gated_mlps(model) if fuse_mlp else 0
     kernels = [name for name, count in ((OP, static), (BLOCK_OP, shared + len(packed)), (GATHER_OP, len(head)),
                                         (GATED_OP, gated)) if count]
     set_metadata(model, KERNEL_KEY, ",".join(kernels))

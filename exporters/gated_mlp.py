@@ -1,12 +1,14 @@
-"""A gated MLP's down_proj input as one native op (com.pipeline.SwiGluRotate), for the native variants.
+"""A gated MLP's down_proj input as one native op (com.pipeline.GluRotate), for the native variants.
 
-Between a SwiGLU MLP's gate_up and down_proj MatMuls the graph holds Split, Sigmoid, Mul, Mul (silu(gate) * up)
-and, with the recipes' online Hadamard (exporters/rotation.py `online_hadamard`), Reshape, MatMul, Reshape: seven
-nodes a layer that do little arithmetic, where a one-token decode step pays each node's dispatch. `fuse_swiglu`
-puts SwiGluRotate(gate_up, R) in their place (R the b x b rotation, [[1]] where there is none), which computes
-the same floats up to rounding (the exponential and the sums' order: ~1e-7 relative). Only the exact pattern is
-taken: gate the Split's first half, every intermediate read by the next node alone, the rotation's matrix a
-constant; anything else (Gemma's GELU-tanh gate, a split channel reading the product) is left as it is.
+Between a gated MLP's gate_up and down_proj MatMuls the graph holds Split, then Sigmoid and Mul (silu) or
+FastGelu (GELU's tanh form, Gemma's), a Mul by the up half and, with the recipes' online Hadamard
+(exporters/rotation.py `online_hadamard`), Reshape, MatMul, Reshape: up to seven nodes a layer that do little
+arithmetic, where a one-token decode step pays each node's dispatch. `fuse_gated_mlps` puts GluRotate(gate_up, R)
+in their place (R the b x b rotation, [[1]] where there is none; attribute activation "gelu_tanh" for GELU),
+which computes the same floats up to rounding (the exponential and the sums' order: ~1e-7 relative). Only the
+exact pattern is taken: gate the Split's first half, every intermediate read by the next node alone, the
+rotation's matrix a constant; anything else (a split channel reading the product, a FastGelu with a bias) is left
+as it is.
 """
 
 from __future__ import annotations
@@ -65,9 +67,24 @@ def _rotation(g: GraphIndex, h: str, outputs: set[str]) -> tuple[list[onnx.NodeP
     return [blocks, matmul, flat], flat.output[0], r.astype(np.float32)
 
 
-def fuse_swiglu(model: onnx.ModelProto) -> int:
-    """Each silu(gate) * up after a Split of gate_up (and the online rotation after it, if any) -> one
-    SwiGluRotate node, in place; returns how many."""
+def _activation(g: GraphIndex, gate: str, outputs: set[str]) -> tuple[list[onnx.NodeProto], str, str] | None:
+    """The nodes that compute act(gate) from the gate half alone, their output and the activation's name: Sigmoid
+    and Mul (silu), or onnxruntime's FastGelu without a bias (GELU's tanh form); else None."""
+    readers = g.consumers.get(gate, [])
+    if len(readers) == 1 and readers[0].op_type == "FastGelu" and readers[0].domain == "com.microsoft" \
+            and len(readers[0].input) == 1 and readers[0].output[0] not in outputs:
+        return readers, readers[0].output[0], "gelu_tanh"
+    sigmoid = next((n for n in readers if n.op_type == "Sigmoid"), None)
+    mul = next((n for n in readers if n.op_type == "Mul"), None)
+    if len(readers) != 2 or not sigmoid or not mul or _other(mul, gate) != sigmoid.output[0] \
+            or not g.only_reader(sigmoid.output[0], mul) or mul.output[0] in outputs:
+        return None
+    return [sigmoid, mul], mul.output[0], "silu"
+
+
+def fuse_gated_mlps(model: onnx.ModelProto) -> int:
+    """Each act(gate) * up after a Split of gate_up, act silu or GELU's tanh form (and the online rotation after
+    it, if any) -> one GluRotate node, in place; returns how many."""
     g = GraphIndex(model)
     outputs = {o.name for o in model.graph.output}
     replaced, added, matrices = set(), {}, {}
@@ -75,16 +92,14 @@ def fuse_swiglu(model: onnx.ModelProto) -> int:
         if not _halves(g, split) or outputs & set(split.output):
             continue
         gate, up = split.output
-        readers = g.consumers.get(gate, [])
-        sigmoid = next((n for n in readers if n.op_type == "Sigmoid"), None)
-        first = next((n for n in readers if n.op_type == "Mul"), None)
-        if len(readers) != 2 or not sigmoid or not first or _other(first, gate) != sigmoid.output[0] \
-                or not g.only_reader(sigmoid.output[0], first) or first.output[0] in outputs:
+        activation = _activation(g, gate, outputs)
+        if activation is None:
             continue
-        second = _only(g, first.output[0], "Mul")
-        if not second or _other(second, first.output[0]) != up or not g.only_reader(up, second):
+        act_nodes, act, kind = activation
+        second = _only(g, act, "Mul")
+        if not second or _other(second, act) != up or not g.only_reader(up, second):
             continue
-        chain, out = [split, sigmoid, first, second], second.output[0]
+        chain, out = [split, *act_nodes, second], second.output[0]
         rotation = out not in outputs and _rotation(g, out, outputs)
         if rotation:
             nodes, out, r = rotation
@@ -94,7 +109,7 @@ def fuse_swiglu(model: onnx.ModelProto) -> int:
             r, name = np.ones((1, 1), np.float32), IDENTITY
         matrices.setdefault(name, r)
         fused = helper.make_node(GATED_OP, [split.input[0], name], [out], name=f"{split.name}/{GATED_OP}",
-                                 domain=DOMAIN)
+                                 domain=DOMAIN, **({"activation": kind} if kind != "silu" else {}))
         replaced |= {n.name for n in chain}
         added[split.name] = fused
     if not added:

@@ -54,8 +54,8 @@ class OptimizeStageConfig:
                                "against the float model; see --static-head). With --source w4, w8 or gguf: their "
                                "tied 8-bit head, read as stored, so the table the embedding shares is in memory once. "
                                "Writes <source>-native; see --fuse-mlp.")
-    fuse_mlp: bool = option(bool, True, "With --native-int8: each SwiGLU MLP's silu(gate) * up and online rotation "
-                            "as one native op (faster decode; float rounding then moves some activation codes, so "
+    fuse_mlp: bool = option(bool, True, "With --native-int8: each gated MLP's act(gate) * up (SiLU or GELU-tanh) "
+                            "and online rotation as one native op (faster decode; float rounding then moves some activation codes, so "
                             "the variant is judged by its distance from the float model, and is not fused where the "
                             "run has none). --no-fuse-mlp keeps the source's logits exactly.", off="--no-fuse-mlp")
     static_head: bool = option(bool, False, "With --native-int8: keep a static int8 head that did not share the "

@@ -14,8 +14,8 @@ onnxruntime's:
   head), stored packed at those bits, which MatMulNBits has no form for, and unpacked when the session starts;
 - `com.pipeline.BlockGather`, the token embedding's rows read from such a head's packed codes, so a tied table
   is stored once at its codes' width;
-- `com.pipeline.SwiGluRotate`, a gated MLP's silu(gate) * up and the online rotation after it, one node where
-  the graph has seven a layer (exporters/gated_mlp.py).
+- `com.pipeline.GluRotate`, a gated MLP's act(gate) * up (SiLU or GELU-tanh) and the online rotation after
+  it, one node where the graph has up to seven a layer (exporters/gated_mlp.py).
 
     python -m runtimes.kernels build [--ort-include DIR]   # needs cc and onnxruntime's C API headers
     python -m runtimes.kernels status
@@ -46,7 +46,7 @@ DOMAIN = "com.pipeline"  # the custom ops' domain (int8_matmul.c registers it)
 OP = "StaticInt8MatMul"
 BLOCK_OP = "BlockInt8MatMul"
 GATHER_OP = "BlockGather"
-GATED_OP = "SwiGluRotate"
+GATED_OP = "GluRotate"
 OPS = (OP, BLOCK_OP, GATHER_OP, GATED_OP)
 LIBRARY_ENV = "PIPELINE_KERNELS"        # path of the built library, instead of the cache
 INCLUDE_ENV = "ORT_INCLUDE_DIR"         # directory holding onnxruntime_c_api.h

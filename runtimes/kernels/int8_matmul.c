@@ -354,7 +354,7 @@ typedef struct {
 
 /* What a kernel instance knows from its node: StaticInt8MatMul's `weight_max_abs` attribute (128 if absent);
  * BlockInt8MatMul's blocks when its codes are stored packed (below), unpacked once when the session starts (the
- * x86-64 builds' 5-bit runs into a layout of their own); BlockGather's segments; SwiGluRotate's signs. */
+ * x86-64 builds' 5-bit runs into a layout of their own); BlockGather's segments; GluRotate's signs. */
 typedef struct {
     int64_t weight_max_abs;
     uint8_t* blocks; /* (n, kb, 32), or NULL: the blocks are input 1 as stored */
@@ -365,10 +365,11 @@ typedef struct {
     int64_t offset[MAX_SEGMENTS];
     unsigned char five[MAX_SEGMENTS];
     int any_five;
-    /* SwiGluRotate: R's first column, (b), where R is diag(that column) times Sylvester's Hadamard matrix of
+    /* GluRotate: R's first column, (b), where R is diag(that column) times Sylvester's Hadamard matrix of
      * order b (the fast transform applies); else NULL */
     float* signs;
     int64_t signs_b;
+    int gelu; /* GluRotate's activation: GELU's tanh form where 1, silu where 0 */
 } Kernel;
 
 static OrtStatus* shape_of(const OrtValue* value, int64_t* dims, size_t* rank) {
@@ -1262,12 +1263,13 @@ static OrtStatus* ORT_API_CALL gather_compute(void* kernel, OrtKernelContext* co
     return NULL;
 }
 
-/* ---- SwiGluRotate: a gated MLP's down_proj input in one op --------------------------------------------------
+/* ---- GluRotate: a gated MLP's down_proj input in one op --------------------------------------------------
  *
- * x (..., 2F), its gate and up halves side by side (the gate_up MatMul's output), -> y (..., F): h = silu(gate) *
- * up, then, in blocks of b, h times the b x b matrix R (the online Hadamard before down_proj; b = 1 with R = [[1]]
- * is no rotation). In the graph that is Split, Sigmoid, two Muls, Reshape, MatMul, Reshape: seven nodes a layer
- * whose dispatch costs more than their arithmetic (SmolLM2's w4-native decodes 5% faster with this op).
+ * x (..., 2F), its gate and up halves side by side (the gate_up MatMul's output), -> y (..., F): h = act(gate) *
+ * up, act silu or, with the attribute activation = "gelu_tanh", GELU's tanh form (onnxruntime's FastGelu); then,
+ * in blocks of b, h times the b x b matrix R (the online Hadamard before down_proj; b = 1 with R = [[1]] is no
+ * rotation). In the graph that is Split, Sigmoid, two Muls (or FastGelu, Mul), Reshape, MatMul, Reshape: up to
+ * seven nodes a layer whose dispatch costs more than their arithmetic (SmolLM2's w4-native decodes 5% faster).
  * The rotation is a register tile (4 rows by 32 columns, or one row by 128) a step over R's rows. */
 enum { ROT_ROWS = 4 };
 
@@ -1278,6 +1280,7 @@ typedef struct {
     float* h;               /* (chunks, ROT_ROWS, F): each chunk's h rows before the rotation */
     const float* signs;     /* the kernel's `signs`: the rotation as a fast Walsh-Hadamard transform */
     int64_t m, f, b, chunks;
+    int gelu;               /* the activation is GELU's tanh form, not silu */
 } GatedJob;
 
 /* A register of floats as the compiler's vectors: 16 on AVX-512, 8 on AVX2, 4 on NEON; aligned(4), so a pointer
@@ -1357,17 +1360,20 @@ static inline __attribute__((always_inline)) fvec sigmoid_vec(fvec g) {
     return 1.0f / (1.0f + p * (fvec)bits);
 }
 
-/* h = silu(gate) * up = gate * up * sigmoid(gate), f values; VW at a time, the tail through a zero-padded vector. */
-static void swiglu_row(const float* gate, const float* up, int64_t f, float* h) {
+/* act(g) * u: silu(g) = g * sigmoid(g); GELU's tanh form 0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3))) =
+ * g * sigmoid(2 sqrt(2 / pi) (g + 0.044715 g^3)). */
+static inline __attribute__((always_inline)) fvec gated(fvec g, fvec u, int gelu) {
+    return g * u * sigmoid_vec(gelu ? (g + g * g * g * 0.044715f) * 1.5957691216f : g);
+}
+
+/* h = act(gate) * up, f values; VW at a time, the tail through a zero-padded vector. */
+static void gated_row(const float* gate, const float* up, int64_t f, int gelu, float* h) {
     int64_t i = 0;
-    for (; i + VW <= f; i += VW) {
-        const fvec g = *(const fvec*)(gate + i);
-        *(fvec*)(h + i) = g * *(const fvec*)(up + i) * sigmoid_vec(g);
-    }
+    for (; i + VW <= f; i += VW) *(fvec*)(h + i) = gated(*(const fvec*)(gate + i), *(const fvec*)(up + i), gelu);
     if (i < f) {
         fvec g = {0}, u = {0};
         for (int64_t j = i; j < f; j++) g[j - i] = gate[j], u[j - i] = up[j];
-        const fvec out = g * u * sigmoid_vec(g);
+        const fvec out = gated(g, u, gelu);
         for (int64_t j = i; j < f; j++) h[j] = out[j - i];
     }
 }
@@ -1481,7 +1487,7 @@ static void gated_run_chunk(void* data, size_t chunk) {
         float* rows = j->b == 1 || j->signs ? out : h; /* h is the output, rotated in place or not at all */
         for (int64_t q = 0; q < count; q++) {
             const float* gate = j->x + (r0 + q) * 2 * j->f;
-            swiglu_row(gate, gate + j->f, j->f, rows + q * j->f);
+            gated_row(gate, gate + j->f, j->f, j->gelu, rows + q * j->f);
         }
         if (j->signs) /* h times diag(signs) H_b: the fast transform of each block, in place */
             for (int64_t q = 0; q < count; q++)
@@ -1505,19 +1511,20 @@ static OrtStatus* ORT_API_CALL gated_compute(void* kernel, OrtKernelContext* con
     job.f = x_rank ? x_dims[x_rank - 1] / 2 : 0;
     job.b = r_rank == 2 ? r_dims[0] : 0;
     if (x_rank < 1 || x_dims[x_rank - 1] % 2 || r_rank != 2 || r_dims[1] != job.b || job.b < 1 || job.f % job.b)
-        return g_api->CreateStatus(ORT_INVALID_ARGUMENT, "SwiGluRotate: x (..., 2F) needs R (b, b) with b dividing F");
+        return g_api->CreateStatus(ORT_INVALID_ARGUMENT, "GluRotate: x (..., 2F) needs R (b, b) with b dividing F");
     RETURN_IF_ERROR(output_rows(context, x_dims, x_rank, job.f, &job.y, &job.m));
     job.x = (const float*)data_of(in[0]);
     job.r = (const float*)data_of(in[1]);
     if (job.m == 0 || job.f == 0) return NULL;
-    if (!job.y || !job.x || !job.r) return g_api->CreateStatus(ORT_FAIL, "SwiGluRotate: an input has no data");
+    if (!job.y || !job.x || !job.r) return g_api->CreateStatus(ORT_FAIL, "GluRotate: an input has no data");
     /* groups of ROT_ROWS rows, a few per thread; one step's row on the calling thread */
     const int64_t groups = (job.m + ROT_ROWS - 1) / ROT_ROWS;
     job.chunks = groups < 64 ? groups : 64;
     job.signs = k->signs && k->signs_b == job.b ? k->signs : NULL;
+    job.gelu = k->gelu;
     const int dense = job.b > 1 && !job.signs;
     job.h = dense ? (float*)malloc(sizeof(float) * (size_t)(job.chunks * ROT_ROWS * job.f)) : NULL;
-    if (dense && !job.h) return g_api->CreateStatus(ORT_FAIL, "SwiGluRotate: out of memory");
+    if (dense && !job.h) return g_api->CreateStatus(ORT_FAIL, "GluRotate: out of memory");
     OrtStatus* status = NULL;
     if (job.chunks == 1)
         gated_run_chunk(&job, 0);
@@ -1555,11 +1562,23 @@ static OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi
     int64_t K = 0;
     OrtStatus* status = NULL;
     const Op* o = (const Op*)op;
-    if (o->compute == gated_compute) { /* a constant R that is a randomized Sylvester matrix: its signs */
+    if (o->compute == gated_compute) { /* the activation; a constant R that is a randomized Sylvester matrix */
         const OrtValue* r = NULL;
         int constant = 0;
         int64_t dims[8];
         size_t rank = 0;
+        char activation[16] = "silu";
+        size_t size = sizeof(activation);
+        absent = g_api->KernelInfoGetAttribute_string(info, "activation", activation, &size);
+        if (absent) { /* none: silu; a longer name than any it knows: refused below */
+            g_api->ReleaseStatus(absent);
+            if (size > sizeof(activation)) activation[0] = 0;
+        }
+        k->gelu = !strcmp(activation, "gelu_tanh");
+        if (!k->gelu && strcmp(activation, "silu")) {
+            destroy_kernel(k);
+            return g_api->CreateStatus(ORT_INVALID_ARGUMENT, "GluRotate: activation is silu or gelu_tanh");
+        }
         status = g_api->KernelInfoGetConstantInput_tensor(info, 1, &constant, &r);
         if (!status && constant && r) status = shape_of(r, dims, &rank);
         if (!status && constant && r && rank == 2 && dims[0] == dims[1] && data_of(r)) {
@@ -1629,7 +1648,7 @@ static Op g_ops[OP_COUNT] = {
     {.name = "StaticInt8MatMul", .inputs = 6, .input_types = STATIC_INPUTS, .compute = compute},
     {.name = "BlockInt8MatMul", .inputs = 3, .input_types = BLOCK_INPUTS, .compute = block_compute},
     {.name = "BlockGather", .inputs = 3, .input_types = GATHER_INPUTS, .compute = gather_compute},
-    {.name = "SwiGluRotate", .inputs = 2, .input_types = GATED_INPUTS, .compute = gated_compute}};
+    {.name = "GluRotate", .inputs = 2, .input_types = GATED_INPUTS, .compute = gated_compute}};
 
 static void fill_op(Op* o) {
     OrtCustomOp* op = &o->op;

@@ -171,7 +171,7 @@ def test_optimize_native_int8_keeps_w8a8_logits_and_is_checked_and_benched(run_d
     path = run_dir / "variants" / "w8a8-native" / "model.onnx"
     ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
     assert res["matmuls"] == ops["StaticInt8MatMul"] > 0 and ops["QuantizeLinear"] == 0
-    assert res["gated_mlps"] == ops["SwiGluRotate"] == 0 and "drift_from_float" not in res
+    assert res["gated_mlps"] == ops["GluRotate"] == 0 and "drift_from_float" not in res
     assert res["parity_max_abs_logit_diff"]["prefill+decode"] <= 1e-4
     r = invoke("check", run_dir, "--variant", "w8a8", "--variant", "w8a8-native", "--text", text_file, "--json",
                "--steps", "4", "--window", "64", ok=False)
@@ -223,7 +223,7 @@ def test_a_native_variant_whose_logits_differ_is_not_kept(run_dir, text_file, na
 
 def test_native_int8_fuses_each_mlp_and_judges_the_variant_by_the_float_model(run_dir, text_file, native_kernels,
                                                                               monkeypatch):
-    """By default every layer's silu(gate) * up and online rotation become one SwiGluRotate; the rounding that
+    """By default every layer's silu(gate) * up and online rotation become one GluRotate; the rounding that
     moves is judged against the float model (kept within twice w8a8's mean KL, the distances recorded) and the
     variant checks as w8a8 does; past that bound it is refused with one line and the run stays as it was."""
     from pipeline.stages import optimize as optimize_stage
@@ -233,7 +233,7 @@ def test_native_int8_fuses_each_mlp_and_judges_the_variant_by_the_float_model(ru
     path = run_dir / "variants" / "w8a8-native" / "model.onnx"
     ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
     layers = json.loads((run_dir / "config.json").read_text())["num_hidden_layers"]
-    assert res["gated_mlps"] == ops["SwiGluRotate"] == layers and ops["Sigmoid"] == ops["Split"] == 0
+    assert res["gated_mlps"] == ops["GluRotate"] == layers and ops["Sigmoid"] == ops["Split"] == 0
     drift = res["drift_from_float"]
     assert drift["kept"] and drift["reference"] == "fused" and drift["target_kl"] <= 2 * drift["source_kl"] + 1e-3
     r = invoke("check", run_dir, "--variant", "w8a8", "--variant", "w8a8-native", "--text", text_file, "--json",

@@ -3,11 +3,12 @@
  * (onnxruntime's QuantizeLinear, an exact int32 dot product, the float epilogue), compared bit for bit; and
  * BlockInt8MatMul's block_quantize() and block_run_chunk() against a scalar reference of MatMulNBits' int8 path
  * (per-block activation codes compared exactly, outputs within float rounding of the sum over blocks); and
- * SwiGluRotate's gated_run_chunk() against float64.
+ * GluRotate's gated_run_chunk() against float64.
  * tests/runtimes/test_kernels.py builds it natively and for AArch64, which it runs under qemu. Prints "ok N" or
  * the first difference, and exits 1 on one. */
 #include "int8_matmul.c"
 
+#define _USE_MATH_DEFINES
 #include <math.h>
 #include <stdio.h>
 
@@ -221,10 +222,10 @@ static int check_five(int64_t m, int64_t kb, int64_t n, int64_t chunks) {
 }
 #endif
 
-/* SwiGluRotate's gated_run_chunk(): y = (silu(gate) * up) in blocks of b times R, against float64, within 4e-6
+/* GluRotate's gated_run_chunk(): y = (act(gate) * up) in blocks of b times R, against float64, within 4e-6
  * of the output's largest magnitude; R a randomized Sylvester matrix (the fast transform, sylvester_signs must
  * find it) or a dense one, gates past the exponential's clamp included. */
-static int check_gated(int64_t m, int64_t f, int64_t b, int sylvester, int64_t chunks) {
+static int check_gated(int64_t m, int64_t f, int64_t b, int sylvester, int64_t chunks, int gelu) {
     float* x = malloc(sizeof(float) * m * 2 * f);
     float* r = malloc(sizeof(float) * b * b);
     float* y = malloc(sizeof(float) * m * f);
@@ -238,7 +239,8 @@ static int check_gated(int64_t m, int64_t f, int64_t b, int sylvester, int64_t c
     if (sylvester) /* column 0 holds the signs; the rest of each row follows Sylvester's pattern, scaled */
         for (int64_t i = 0; i < b; i++) {
             const float d = r[i * b] / sqrtf((float)b);
-            for (int64_t j = 0; j < b; j++) r[i * b + j] = __builtin_popcountll((unsigned long long)(i & j)) % 2 ? -d : d;
+            for (int64_t j = 0; j < b; j++)
+                r[i * b + j] = __builtin_popcountll((unsigned long long)(i & j)) % 2 ? -d : d;
         }
     float* signs = sylvester_signs(r, b);
     if (!sylvester != !signs) {
@@ -249,7 +251,8 @@ static int check_gated(int64_t m, int64_t f, int64_t b, int sylvester, int64_t c
     for (int64_t q = 0; q < m; q++) {
         for (int64_t i = 0; i < f; i++) {
             const double g = x[q * 2 * f + i], u = x[q * 2 * f + f + i];
-            hd[i] = g / (1.0 + exp(-g)) * u;
+            hd[i] = (gelu ? 0.5 * g * (1.0 + tanh(sqrt(2.0 / M_PI) * (g + 0.044715 * g * g * g))) : g / (1.0 + exp(-g)))
+                    * u;
         }
         for (int64_t c = 0; c < f; c += b)
             for (int64_t j = 0; j < b; j++) {
@@ -261,13 +264,13 @@ static int check_gated(int64_t m, int64_t f, int64_t b, int sylvester, int64_t c
     }
     free(hd);
     GatedJob job = {.x = x, .r = r, .y = y, .h = signs ? NULL : h, .signs = signs, .m = m, .f = f, .b = b,
-                    .chunks = chunks};
+                    .chunks = chunks, .gelu = gelu};
     for (int64_t c = 0; c < chunks; c++) gated_run_chunk(&job, (size_t)c);
     int bad = 0;
     for (int64_t i = 0; i < m * f && !bad; i++)
         if (!(fabs(y[i] - want[i]) <= 4e-6 * scale)) {
-            printf("gated m=%lld f=%lld b=%lld: y[%lld] = %.9g, want %.9g\n", (long long)m, (long long)f, (long long)b,
-                   (long long)i, y[i], want[i]);
+            printf("gated m=%lld f=%lld b=%lld gelu=%d: y[%lld] = %.9g, want %.9g\n", (long long)m, (long long)f,
+                   (long long)b, gelu, (long long)i, y[i], want[i]);
             bad = 1;
         }
     free(x), free(r), free(y), free(h), free(want), free(signs);
@@ -308,8 +311,9 @@ int main(void) {
             if (check_five(five_shapes[s][0], five_shapes[s][1], five_shapes[s][2], chunks)) return 1;
     printf("ok 5-bit %d\n", fives);
 #endif
-    /* SwiGluRotate: one row and prompts (tiles of 4 rows and what is left), the fast transform below, at and above
-     * each build's vector width, dense blocks that take the 4-row tile, the one-row tile, or none; no rotation */
+    /* GluRotate, silu and GELU's tanh form in turn: one row and prompts (tiles of 4 rows and what is left), the
+     * fast transform below, at and above each build's vector width, dense blocks that take the 4-row tile, the
+     * one-row tile, or none; no rotation */
     static const int64_t gated_shapes[][4] = {{1, 1536, 128, 1}, {7, 256, 128, 1}, {3, 64, 64, 1}, {5, 32, 8, 1},
                                               {2, 8, 2, 1}, {5, 4096, 4096, 1}, {1, 256, 128, 0}, {6, 192, 96, 0},
                                               {4, 48, 12, 0}, {3, 80, 1, 0}};
@@ -317,7 +321,7 @@ int main(void) {
     for (size_t s = 0; s < sizeof(gated_shapes) / sizeof(gated_shapes[0]); s++)
         for (int64_t chunks = 1; chunks <= 2; chunks++, gated++)
             if (check_gated(gated_shapes[s][0], gated_shapes[s][1], gated_shapes[s][2], (int)gated_shapes[s][3],
-                            chunks < gated_shapes[s][0] ? chunks : 1))
+                            chunks < gated_shapes[s][0] ? chunks : 1, (int)(s % 2)))
                 return 1;
     printf("ok gated %d\n", gated);
     return 0;

@@ -66,7 +66,7 @@ def test_the_x86_kernel_is_exact_against_the_scalar_reference(tmp_path, build):
         pytest.skip(str(e))
     exe = harness_build(shutil.which("cc") or "gcc", ["-O3", *kernels.ARCH_CFLAGS[build]], tmp_path / "harness")
     run = subprocess.run([str(exe)], capture_output=True, text=True)
-    # and each build's 5-bit rows, kept at 5 bits, against their bytes; and SwiGluRotate's vectors
+    # and each build's 5-bit rows, kept at 5 bits, against their bytes; and GluRotate's vectors
     assert run.returncode == 0 and run.stdout == "ok 198\nok 5-bit 36\nok gated 20\n", run.stdout
 
 
