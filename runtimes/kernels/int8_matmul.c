@@ -1270,7 +1270,8 @@ static OrtStatus* ORT_API_CALL gather_compute(void* kernel, OrtKernelContext* co
  * in blocks of b, h times the b x b matrix R (the online Hadamard before down_proj; b = 1 with R = [[1]] is no
  * rotation). In the graph that is Split, Sigmoid, two Muls (or FastGelu, Mul), Reshape, MatMul, Reshape: up to
  * seven nodes a layer whose dispatch costs more than their arithmetic (SmolLM2's w4-native decodes 5% faster).
- * The rotation is a register tile (4 rows by 32 columns, or one row by 128) a step over R's rows. */
+ * A randomized Sylvester R (the online Hadamard of orders 2^a) is a fast Walsh-Hadamard transform; any other a
+ * register tile (4 rows by two vectors, or one row by eight) a step over R's rows. */
 enum { ROT_ROWS = 4 };
 
 typedef struct {
