@@ -110,11 +110,11 @@ def fuse_gated_mlps(model: onnx.ModelProto) -> int:
         matrices.setdefault(name, r)
         fused = helper.make_node(GATED_OP, [split.input[0], name], [out], name=f"{split.name}/{GATED_OP}",
                                  domain=DOMAIN, **({"activation": kind} if kind != "silu" else {}))
-        replaced |= {n.name for n in chain}
-        added[split.name] = fused
+        replaced |= {id(n) for n in chain}  # by identity: a node's name may be empty
+        added[id(split)] = fused
     if not added:
         return 0
-    g.set_nodes([added.get(n.name, n) for n in model.graph.node if n.name not in replaced or n.name in added])
+    g.set_nodes([added.get(id(n), n) for n in model.graph.node if id(n) not in replaced or id(n) in added])
     for name, r in matrices.items():
         if name not in g.inits:  # a graph fused before holds it already
             g.add_initializer(numpy_helper.from_array(r, name))

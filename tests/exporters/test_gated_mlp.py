@@ -39,7 +39,8 @@ def mlp_model(f: int, rotation: np.ndarray | None, swap: bool = False, gelu: boo
                                                    helper.make_opsetid("com.microsoft", 1)])
 
 
-def run(model: onnx.ModelProto, x: np.ndarray, library=None, threads: int = 2) -> np.ndarray:
+def run(model: onnx.ModelProto, x: np.ndarray, library=None, threads: int = 2, every: bool = False):
+    """The first output (`every`: all of them) of `model` on x, with the native library registered if given."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -47,7 +48,8 @@ def run(model: onnx.ModelProto, x: np.ndarray, library=None, threads: int = 2) -
     if library:
         options.register_custom_ops_library(str(library))
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": x})[0]
+    results = session.run(None, {"x": x})
+    return results if every else results[0]
 
 
 def fused(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -130,6 +132,21 @@ def test_the_rotation_is_stored_2d_and_absent_rotations_read_the_identity():
     assert [(t.name, list(t.dims)) for t in plain.graph.initializer] == [(IDENTITY, [1, 1])]
     assert "com.pipeline" in {o.domain for o in plain.opset_import}
     assert fuse_gated_mlps(plain) == 0 and len(plain.graph.node) == len(plain.graph.initializer) == 1  # once
+
+
+def test_nodes_without_names_are_told_apart(native_kernels):
+    """ONNX lets nodes go unnamed: the fusion takes exactly the pattern's nodes, not every nameless one."""
+    model = mlp_model(256, online_matrix(128, 2)[None])
+    model.graph.node.append(helper.make_node("Neg", ["y"], ["neg"]))
+    model.graph.output.append(helper.make_tensor_value_info("neg", TensorProto.FLOAT, None))
+    for n in model.graph.node:
+        n.name = ""
+    native = onnx.ModelProto()
+    native.CopyFrom(model)
+    assert fuse_gated_mlps(native) == 1 and [n.op_type for n in native.graph.node] == [GATED_OP, "Neg"]
+    x = np.random.default_rng(1).standard_normal((1, 2, 512)).astype(np.float32)
+    for got, want in zip(run(native, x, native_kernels, every=True), run(model, x, every=True)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
 def variant(change) -> onnx.ModelProto:
