@@ -9,6 +9,7 @@ comes from the graph, not from the metadata.
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -92,11 +93,14 @@ def _load(path: Path, options: ort.SessionOptions,
         with contextlib.redirect_stdout(sys.stderr), released_pages(path.parent):
             return ort.InferenceSession(str(path), options, providers=providers)
     except _LOAD_ERRORS as e:
-        op = next((op for op in kernels.OPS if op in str(e)), None)
-        if op:  # a graph for the native kernel, which is not registered here
-            raise RuntimeUserError(f"{path} uses pipeline's native int8 kernel ({op}), which is not "
-                                   f"available: {kernels.unavailable_reason()}; or run the portable variant it "
-                                   "was made from (without -native)") from e
+        op = re.search(rf"{kernels.DOMAIN}:(\w+)", str(e))
+        if op:  # a graph for the native kernel: not registered here, or this build lacks the op
+            why = kernels.unavailable_reason() or (f"this version's kernels have no {op[1]} (theirs: "
+                                                   f"{', '.join(kernels.OPS)}): write the variant again with "
+                                                   "this version's `pipeline optimize --native-int8`")
+            raise RuntimeUserError(f"{path} uses pipeline's native int8 kernel ({op[1]}), which is not "
+                                   f"available: {why}; or run the portable variant it was made from (without "
+                                   "-native)") from e
         raise RuntimeUserError(f"cannot load {path} ({_first_line(e)}): the file is corrupt or truncated, "
                                "copy or export it again") from e
     except ort_errors.EPFail as e:

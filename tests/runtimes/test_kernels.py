@@ -270,6 +270,25 @@ def test_a_native_graph_without_the_kernel_is_one_line_error(tiny_model, tmp_pat
     assert "\n" not in str(e.value)
 
 
+def test_a_native_op_this_build_lacks_is_one_line_error(tmp_path, native_kernels):
+    """A -native file written by another version (an op this library does not register): name it, say what to
+    do, no traceback."""
+    from onnx import TensorProto, helper
+
+    from runtimes.session import open_session
+
+    node = helper.make_node("RetiredOp", ["x"], ["y"], domain=kernels.DOMAIN)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                      helper.make_opsetid(kernels.DOMAIN, 1)]), str(path))
+    with pytest.raises(RuntimeUserError, match="native int8 kernel \\(RetiredOp\\).*have no RetiredOp.*"
+                                               "pipeline optimize --native-int8") as e:
+        open_session(path)
+    assert "\n" not in str(e.value)
+
+
 def test_a_library_that_does_not_load_is_one_line_error(tiny_model, tmp_path, monkeypatch):
     """A truncated or foreign file where the library should be: say so and how to rebuild, no traceback."""
     from runtimes.session import open_session
