@@ -3,8 +3,9 @@
 "before": the whole prompt in one run through the copying cache (`HostCache`), every position's logits
 computed and returned, as the runtime did when issue "Edge memory" was filed. "now": the default generation
 loop (the in-place cache, 256-token chunks, the last position's logits only, `logits_to_keep`). Each
-configuration runs in a child process of its own, alternating, so each peak RSS is its own; prints prefill ms
-(median of the repeats), the ratio and the peak, and checks that both give the same last-position logits.
+configuration runs in a child process of its own, every file's and mode's in turn each round (so the rows of
+several files compare too), so each peak RSS is its own; prints prefill ms (median of the repeats), the ratio and
+the peak, and checks that both give the same last-position logits.
 
     python benchmarks/prefill_logits.py runs/smol/variants/w8a8-native/model.onnx --prompt-len 1536
 """
@@ -61,24 +62,23 @@ def main() -> None:
     print("| model | before: prefill ms / peak MB | now | prefill before / now | last logits max diff |")
     print("|---|---|---|---|---|")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    for model in a.model:
-        rows = {m: [] for m in MODES}
-        for _ in range(a.repeats):
-            for mode in MODES:
-                out = f"/tmp/prefill-{os.getpid()}-{mode}.npy"
-                p = subprocess.run([sys.executable, __file__, model, "--prompt-len", str(a.prompt_len), "--threads",
-                                    str(a.threads), "--child", mode, out], capture_output=True, text=True,
-                                   env=env, check=True)
-                rows[mode].append(json.loads(p.stdout.strip().splitlines()[-1]))
-        import numpy as np
+    rows = {(model, mode): [] for model in a.model for mode in MODES}
+    for _ in range(a.repeats):  # every file and mode in turn in each round, so files compare with each other too
+        for i, (model, mode) in enumerate(rows):
+            out = f"/tmp/prefill-{os.getpid()}-{i}.npy"
+            p = subprocess.run([sys.executable, __file__, model, "--prompt-len", str(a.prompt_len), "--threads",
+                                str(a.threads), "--child", mode, out], capture_output=True, text=True, env=env,
+                               check=True)
+            rows[model, mode].append(json.loads(p.stdout.strip().splitlines()[-1]))
+    import numpy as np
 
-        last = {m: np.load(f"/tmp/prefill-{os.getpid()}-{m}.npy") for m in MODES}
+    for k, model in enumerate(a.model):
+        last = {m: np.load(f"/tmp/prefill-{os.getpid()}-{2 * k + j}.npy") for j, m in enumerate(MODES)}
         diff = float(np.abs(last["before"] - last["now"]).max())
-        ms = {m: statistics.median(r["prefill_ms"] for r in rows[m]) for m in MODES}
-        peak = {m: max(r["peak_mb"] for r in rows[m]) for m in MODES}
+        ms = {m: statistics.median(r["prefill_ms"] for r in rows[model, m]) for m in MODES}
+        peak = {m: max(r["peak_mb"] for r in rows[model, m]) for m in MODES}
         print(f"| {Path(model).parent.name} | {ms['before']:.0f} / {peak['before']:.0f} | {ms['now']:.0f} / "
               f"{peak['now']:.0f} | {ms['before'] / ms['now']:.2f}× | {diff:.2g} |", flush=True)
-
 
 if __name__ == "__main__":
     main()
