@@ -29,11 +29,11 @@ from exporters.quantization.packs import HESSIAN_BUDGET, PackedWeights, Streamed
 from exporters.quantization.scales import half_scales
 from exporters.quantization.qdq import QdqConfig, QdqJob, quantize_qdq, with_value_info
 from exporters.quantization.search import Judge, take_out_until_budget
-from exporters.quantization.smooth import SmoothConfig, smooth_model
+from exporters.quantization.smooth import SmoothConfig, online_targets, smooth_model
 from exporters.quantization.static import StaticWriter, activation_ranges
 from exporters.quantization.switch import NBitsSwitch, QuantSwitch
-from exporters.rotation import ONLINE_SUFFIX, RotationReport, online_hadamard, rotate, why_not_rotatable
-from exporters.smoothing import find_smooth_groups, outlier_matmuls
+from exporters.rotation import ONLINE_SUFFIX, online_hadamard, rotate
+from exporters.smoothing import outlier_matmuls
 from models.errors import UserError
 from models.files import remove_tree
 
@@ -53,7 +53,7 @@ class Quantizing:
     reasons: dict[str, str] = field(default_factory=dict)  # MatMul -> why it is not in the recipe's form
     added_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)  # float MatMuls the passes added
     rotated: bool = False                   # the residual stream was rotated (R1)
-    gated: list[str] = field(default_factory=list)  # readers of gated-MLP products (down_proj), before smoothing
+    online: list[str] = field(default_factory=list)  # MatMuls the online Hadamard rotates (named before smoothing)
     targets: list[str] = field(default_factory=list)  # MatMuls the writer puts in the recipe's form
     rounded: dict = field(default_factory=dict)      # static int8 GPTQ: MatMul -> (q, scale)
     write: Callable[[list[str]], None] | None = None  # the writer: the model with these MatMuls taken out
@@ -149,9 +149,9 @@ def run_rotate(q: Quantizing, config: RotateConfig) -> Quantizing:
 
 
 def run_smooth(q: Quantizing, config: SmoothConfig) -> Quantizing:
-    """SmoothQuant smoothing and outlier-channel splitting (exporters/smoothing.py); remembers the gated-MLP
-    readers first, which the online Hadamard rotates after the split."""
-    q.gated = [m for g in find_smooth_groups(q.model, q.exclude) if g.first_column is not None for m in g.matmuls]
+    """SmoothQuant smoothing and outlier-channel splitting (exporters/smoothing.py); first names the MatMuls the
+    online Hadamard rotates after the split (`online_targets`)."""
+    q.online = online_targets(q.model, q.exclude, q.rotated)
     with rewriting(q, "smoothed"):
         q.details["smoothing"] = smooth_model(q.model, q.reader, config, q.workdir, q.rotated, q.weights_dir)
     return q
@@ -164,7 +164,8 @@ class RotateWeightsConfig:
 
 
 def run_rotate_weights(q: Quantizing, config: RotateWeightsConfig) -> Quantizing:
-    """Weight-only recipes: QuaRot's R1 and R2 and the online Hadamard before each down_proj folded into the
+    """Weight-only recipes: QuaRot's R1 and R2 and the online Hadamard (`online_targets`: before each down_proj,
+    and before every reader of a norm output where R1 cannot rotate the stream, as on Gemma 3) folded into the
     float weights before GPTQ (exporters/rotation.py), as w8a8 does before its static int8. Rotated weights have
     no outlier rows for a 4-bit block to spend its levels on.
 
@@ -173,16 +174,12 @@ def run_rotate_weights(q: Quantizing, config: RotateWeightsConfig) -> Quantizing
     lazily again from there; only the token table, which the embedding reads, is rotated in memory. A tied table
     is a tied table no more (the final norm is folded into the head): `tie_map` keeps the map X with which the
     table is the head's weight, E = W^T X, so the writer can still store it once."""
-    reason = why_not_rotatable(q.model)
-    if reason is not None:  # e.g. Gemma's norms after attention and MLP: nothing read, nothing rotated
-        q.details["rotation"] = RotationReport(False, 0, reason).as_dict()
-        return q
-    gated = [m for g in find_smooth_groups(q.model, q.exclude) if g.first_column is not None for m in g.matmuls]
     with rewriting(q, "rotated", always=True):
         rotation = rotate(q.model, config.seed)
         q.details["rotation"], q.rotated = rotation.as_dict(), rotation.residual
         if config.online_block:
-            q.details["online_hadamard"] = online_hadamard(q.model, gated, config.online_block, config.seed + 2)
+            targets = online_targets(q.model, q.exclude, q.rotated)
+            q.details["online_hadamard"] = online_hadamard(q.model, targets, config.online_block, config.seed + 2)
             q.details["added_float_matmuls"] = {"online_hadamard": online_rotations_in_float(
                 q, GraphIndex(q.model).weight_shapes())}
     q.tie_map = tied_through_map(q.model, q.weights_dir)
@@ -197,7 +194,7 @@ class OnlineHadamardConfig:
 def run_online_hadamard(q: Quantizing, config: OnlineHadamardConfig) -> Quantizing:
     """QuaRot's online rotation of the gated-MLP products (exporters/rotation.py's `online_hadamard`)."""
     with rewriting(q, "online"):
-        q.details["online_hadamard"] = online_hadamard(q.model, q.gated, config.block)
+        q.details["online_hadamard"] = online_hadamard(q.model, q.online, config.block)
     return q
 
 

@@ -12,8 +12,8 @@ import onnx
 from exporters.calibration import KVCacheCalibrationReader
 from exporters.graph import GraphIndex, weight_array
 from exporters.rotation import online_matrix
-from exporters.smoothing import ActivationStats, best_alpha, collect_activation_stats, find_smooth_groups, \
-    pick_outliers, smooth
+from exporters.smoothing import ActivationStats, SmoothGroup, best_alpha, collect_activation_stats, \
+    find_smooth_groups, pick_outliers, smooth
 
 
 SMOOTH_GROUPS = ("auto", "all", "gated", "none")  # SmoothConfig.groups
@@ -32,6 +32,19 @@ class SmoothConfig:
     def __post_init__(self):
         if self.groups not in SMOOTH_GROUPS:
             raise ValueError(f"groups must be one of {SMOOTH_GROUPS}, got {self.groups!r}")
+
+
+def rotated_online(group: SmoothGroup, rotated: bool) -> bool:
+    """Whether the online Hadamard rotates this activation's readers: a gated-MLP product's always (no folded
+    rotation reaches it: the nonlinearity sits between up_proj and down_proj), a norm output's where R1 did not
+    rotate the residual stream (Gemma 3's norms after attention and MLP stop it), so every static int8 input is
+    rotated one way or the other."""
+    return group.first_column is not None or not rotated
+
+
+def online_targets(model: onnx.ModelProto, exclude: tuple[str, ...], rotated: bool) -> list[str]:
+    """The MatMuls the online Hadamard rotates (`rotated_online`), named before smoothing splits channels off."""
+    return [m for g in find_smooth_groups(model, exclude) if rotated_online(g, rotated) for m in g.matmuls]
 
 
 def smooth_model(model: onnx.ModelProto, reader: KVCacheCalibrationReader, config: SmoothConfig,
@@ -54,14 +67,15 @@ def smooth_model(model: onnx.ModelProto, reader: KVCacheCalibrationReader, confi
     if config.alpha is None:
         index = GraphIndex(model)
         inits, nodes, levels = index.inits, index.nodes, config.weight_levels
-        # the gated-MLP products get the online Hadamard after this (pass `online_hadamard`): choose alpha for what
-        # is then quantized, the rotated input and weights with the split channels added back exactly
+        # the activations `rotated_online` names get the online Hadamard after this (pass `online_hadamard`):
+        # choose alpha for what is then quantized, the rotated input and weights with the split channels added
+        # back exactly
         rotation = online_matrix(config.online_block) if config.online_block else None
         chosen = {}
         for g in groups:
             weights = [weight_array(inits[nodes[m].input[1]]) for m in g.matmuls]
             st, split = stats[g.activation], outliers[g.activation]
-            if rotation is not None and g.first_column is not None and weights[0].shape[0] % len(rotation) == 0:
+            if rotation is not None and rotated_online(g, rotated) and weights[0].shape[0] % len(rotation) == 0:
                 chosen[g.activation] = best_alpha(st, weights, levels, rotation=rotation, split=split)
                 continue
             rest = np.setdiff1d(np.arange(act_max[g.activation].size), split)

@@ -48,7 +48,7 @@ def test_every_stage(family_run, text_file, tmp_path):
         # no budget search (--valid-windows 0): a random tiny model's 4-bit top-1 sits at the threshold, and
         # the search's choices are tested in tests/exporters/test_quantize.py; here every stage must run
         invoke("quantize", run, "--recipe", recipe, "--calib-text", text_file, "--calib-windows", "4",
-               "--window", "32", "--valid-windows", "0")
+               "--window", "32", "--valid-windows", "0", *(("--online-hadamard", "32") if recipe != "w8" else ()))
         report = manifest_results(run, "quantize")
         every = {f"/model/layers.{i}/{m}/MatMul" for i in range(2)
                  for m in ("attn/qkv_proj", "attn/o_proj", "mlp/gate_up_proj", "mlp/down_proj")}
@@ -56,6 +56,13 @@ def test_every_stage(family_run, text_file, tmp_path):
         assert report["recipe"] == recipe and every <= integer and report["quantized_matmuls"], report
         ops = Counter(n.op_type for n in onnx.load(str(run / f"variants/{recipe}/model.onnx")).graph.node)
         assert ops["GroupQueryAttention"] == 2 and ops["MatMulNBits" if recipe != "w8a8" else "DequantizeLinear"]
+        if recipe != "w8":  # where R1 cannot rotate the stream (Gemma's norms after attention and MLP), the
+            # online Hadamard rotates the norm outputs' readers too: every static int8 input is rotated
+            rotated = report["rotation"]["residual"]
+            online = {m for m in every if m.endswith("down_proj/MatMul") or not rotated and "o_proj" not in m}
+            online |= set() if rotated else {"/model/lm_head/MatMul"}
+            assert rotated == (family not in ("gemma3_text", "gemma2"))
+            assert set(report["online_hadamard"]["matmuls"]) == online, report["online_hadamard"]
 
     variants = [x for v in ("fused", *RECIPES) for x in ("--variant", v)]
     check = json.loads(invoke("check", run, *variants, "--text", text_file, "--json", "--steps", "4",
