@@ -35,6 +35,7 @@ from onnx import helper, numpy_helper
 
 from exporters.block_kernels import pack_narrow_blocks, pack_shared_head, rewrite_shared_blocks
 from exporters.gated_mlp import fuse_gated_mlps
+from exporters.native_attention import native_attention
 from exporters.graph import GraphIndex
 from exporters.onnx_io import load_onnx, move_model, save_model_auto
 from exporters.optimize import remove_dead_nodes
@@ -43,7 +44,7 @@ from exporters.quantization.scales import stored_scales
 from models.errors import UserError
 from models.files import staging_dir
 from runtimes.contract import LOGITS, set_metadata
-from runtimes.kernels import BLOCK_OP, DOMAIN, GATED_OP, GATHER_OP, OP
+from runtimes.kernels import ATTENTION_OP, BLOCK_OP, DOMAIN, GATED_OP, GATHER_OP, OP
 
 KERNEL_KEY = "pipeline.cpu_kernels"  # metadata: which native kernels the graph needs
 # metadata: "native" where every static int8 MatMul runs on StaticInt8MatMul, whose every build is exact for full
@@ -306,10 +307,10 @@ def head_on_table_blocks(model: onnx.ModelProto) -> dict | None:
 
 
 def specialize(source: Path, target: Path, portable: Path | None = None, move_head: bool = False,
-               fuse_mlp: bool = False) -> dict:
+               fuse_mlp: bool = False, attention: bool = False) -> dict:
     """source model.onnx -> target model.onnx with its static int8 MatMuls and its shared 8-bit heads on the
-    native kernels (with `fuse_mlp`, also each SwiGLU product and its online rotation as one native op, whose
-    rounding differs from the nodes'); written to a temp name, then renamed. Where the head moved onto the
+    native kernels (with `fuse_mlp`, also each SwiGLU product and its online rotation as one native op, and with
+    `attention` each GroupQueryAttention on the native CacheAttention: both round otherwise than onnxruntime); written to a temp name, then renamed. Where the head moved onto the
     table's blocks (`head_on_table_blocks`, which changes the logits), the graph as it is then, before the native
     kernels, is also saved at `portable`: what the native graph must equal."""
     model = load_onnx(source)
@@ -324,14 +325,16 @@ def specialize(source: Path, target: Path, portable: Path | None = None, move_he
                         "blocks of fewer bits for the native kernels: quantize it with `pipeline quantize --recipe "
                         "w8a8` (or w4, w8, gguf with a tied embedding) first")
     gated = fuse_gated_mlps(model) if fuse_mlp else 0
+    attended = native_attention(model) if attention else 0
     kernels = [name for name, count in ((OP, static), (BLOCK_OP, shared + len(packed)), (GATHER_OP, len(head)),
-                                        (GATED_OP, gated)) if count]
+                                        (GATED_OP, gated), (ATTENTION_OP, attended)) if count]
     set_metadata(model, KERNEL_KEY, ",".join(kernels))
     with staging_dir(target) as staging:  # saved under its final name (the external data's name is inside it)
         save_model_auto(model, staging / target.name, shipped=True)
         move_model(staging / target.name, target)
     results = {"kernel": " + ".join(kernels), "matmuls": static + shared + len(packed), "static_matmuls": static,
                "shared_head_matmuls": shared + len(head), "packed_matmuls": packed, "gated_mlps": gated,
+               "native_attention": attended,
                "nodes_before": before, "nodes_after": len(model.graph.node)}
     if moved is not None:
         results["head_on_table_blocks"] = moved

@@ -5,7 +5,8 @@
   CPU kernel; or a weight-only one (w4, w8, gguf) whose tied head's 8-bit blocks the embedding also reads, the
   head on the kernel that reads them as stored (exporters/block_kernels.py); checked against the source on this
   machine's onnxruntime, or, where the arithmetic changes (the head moved onto the table's blocks, packed layers'
-  per-block activations, the fused MLPs of `fuse_mlp`), against the float model it was quantized from;
+  per-block activations, the fused MLPs of `fuse_mlp`, the attention of `native_attention`), against the float
+  model it was quantized from;
 - `kv_fp16`: any fused variant -> variants/<source>-kv16, its KV cache in float16 (exporters/kv16.py), checked
   against the source within KV16_TOLERANCE, or, where the source rounds its activations to int8 as it runs (w4,
   w8: MatMulNBits' accuracy level 4), against their float ancestor (`kv16_drift`).
@@ -53,11 +54,16 @@ class OptimizeStageConfig:
                                "did not share the tied table moves onto the table's int8 blocks (stored once, judged "
                                "against the float model; see --static-head). With --source w4, w8 or gguf: their "
                                "tied 8-bit head, read as stored, so the table the embedding shares is in memory once. "
-                               "Writes <source>-native; see --fuse-mlp.")
+                               "Writes <source>-native; see --fuse-mlp and --native-attention.")
     fuse_mlp: bool = option(bool, True, "With --native-int8: each gated MLP's act(gate) * up (SiLU or GELU-tanh) "
                             "and online rotation as one native op (faster decode; float rounding then moves some activation codes, so "
                             "the variant is judged by its distance from the float model, and is not fused where the "
                             "run has none). --no-fuse-mlp keeps the source's logits exactly.", off="--no-fuse-mlp")
+    native_attention: bool = option(bool, True, "With --native-int8: each GroupQueryAttention on pipeline's own "
+                                    "kernel (CacheAttention: less overhead a decode step, prompt chunks at the float "
+                                    "rate; its sums round otherwise, so the variant is judged by its distance from "
+                                    "the float model, and the run must have one). --no-native-attention keeps "
+                                    "onnxruntime's.", off="--no-native-attention")
     static_head: bool = option(bool, False, "With --native-int8: keep a static int8 head that did not share the "
                                "tied table with the embedding on the static kernel (faster decode, the table in "
                                "memory twice) instead of moving it onto the table's int8 blocks.")
@@ -72,6 +78,8 @@ class OptimizeStageConfig:
             raise UserError("--static-head is a choice of --native-int8: give both")
         if not self.fuse_mlp and not self.native_int8:
             raise UserError("--no-fuse-mlp is a choice of --native-int8: give both")
+        if not self.native_attention and not self.native_int8:
+            raise UserError("--no-native-attention is a choice of --native-int8: give both")
 
     def source_in(self, run: RunDir) -> str:
         """The variant rewritten: --source, else w8a8 for --native-int8, fp32 from a traced export, or fused
@@ -189,13 +197,14 @@ def optimize(run: RunDir, config: OptimizeStageConfig) -> dict:
                                 "judge it by")
             # the fused MLP's floats round otherwise than onnxruntime's nodes: judged by the float model too
             fuse_mlp = config.fuse_mlp and reference not in (None, source)
+            attention = config.native_attention and reference not in (None, source)
             with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
                 portable = Path(tmp) / "model.onnx"
                 results = specialize(source_path, out, portable if move_head else None, move_head=move_head,
-                                     fuse_mlp=fuse_mlp)
+                                     fuse_mlp=fuse_mlp, attention=attention)
                 moved = "head_on_table_blocks" in results
                 worst = logit_parity(portable if moved else source_path, out)
-            gated = results["gated_mlps"] > 0
+            gated = results["gated_mlps"] > 0 or results["native_attention"] > 0  # other rounding: judged alike
             # layers moved onto BlockInt8MatMul quantize their activations per block as they run: each product is
             # MatMulNBits' to float rounding, but a rounding that flips an activation code feeds the next layers,
             # so across layers the logits part as in_float's do (Gemma 3: by 3), judged against the float model

@@ -1,6 +1,6 @@
 """pipeline's native CPU kernels: an onnxruntime custom-op library, built from C on the machine that runs it.
 
-Four ops (int8_matmul.c), for x86-64 (AVX512-VNNI, or AVX2 with FMA: every x86-64 CPU since 2015, the Intel
+Five ops (int8_matmul.c), for x86-64 (AVX512-VNNI, or AVX2 with FMA: every x86-64 CPU since 2015, the Intel
 N100 class of edge boards among them) and for AArch64 with the dot-product instructions (ARMv8.2+: Raspberry
 Pi 5, Jetson Orin, Graviton 2+, phones), which `pipeline optimize --native-int8` puts in place of
 onnxruntime's:
@@ -15,7 +15,9 @@ onnxruntime's:
 - `com.pipeline.BlockGather`, the token embedding's rows read from such a head's packed codes, so a tied table
   is stored once at its codes' width;
 - `com.pipeline.GluRotate`, a gated MLP's act(gate) * up (SiLU or GELU-tanh) and the online rotation after
-  it, one node where the graph has up to seven a layer (exporters/gated_mlp.py).
+  it, one node where the graph has up to seven a layer (exporters/gated_mlp.py);
+- `com.pipeline.CacheAttention`, onnxruntime's GroupQueryAttention (packed QKV, rotary, the cache in place)
+  with less overhead a decode step and prompt chunks at the float rate (exporters/native_attention.py).
 
     python -m runtimes.kernels build [--ort-include DIR]   # needs cc and onnxruntime's C API headers
     python -m runtimes.kernels status
@@ -47,7 +49,8 @@ OP = "StaticInt8MatMul"
 BLOCK_OP = "BlockInt8MatMul"
 GATHER_OP = "BlockGather"
 GATED_OP = "GluRotate"
-OPS = (OP, BLOCK_OP, GATHER_OP, GATED_OP)
+ATTENTION_OP = "CacheAttention"
+OPS = (OP, BLOCK_OP, GATHER_OP, GATED_OP, ATTENTION_OP)
 LIBRARY_ENV = "PIPELINE_KERNELS"        # path of the built library, instead of the cache
 INCLUDE_ENV = "ORT_INCLUDE_DIR"         # directory holding onnxruntime_c_api.h
 REQUIRED_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}  # /proc/cpuinfo names (x86-64 "flags")

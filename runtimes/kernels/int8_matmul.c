@@ -6,7 +6,9 @@
  * - BlockInt8MatMul: an 8-bit MatMulNBits read as it is stored, or from codes stored packed at fewer bits
  *   (after StaticInt8MatMul);
  * - BlockGather: rows of those packed codes, dequantized: the token embedding of a tied table whose head is
- *   BlockInt8MatMul on packed codes (at the end).
+ *   BlockInt8MatMul on packed codes (at the end);
+ * - GluRotate: a gated MLP's act(gate) * up and the online rotation after it;
+ * - CacheAttention: GroupQueryAttention's arithmetic on its in-place KV cache.
  *
  * StaticInt8MatMul:
  *
@@ -370,6 +372,9 @@ typedef struct {
     float* signs;
     int64_t signs_b;
     int gelu; /* GluRotate's activation: GELU's tanh form where 1, silu where 0 */
+    /* CacheAttention's attributes */
+    int64_t heads, kv_heads, window;
+    float scale, softcap;
 } Kernel;
 
 static OrtStatus* shape_of(const OrtValue* value, int64_t* dims, size_t* rank) {
@@ -1339,18 +1344,17 @@ static void rotate_rows(const float* h, int64_t f, const float* r, int64_t b, in
     }
 }
 
-/* 1 / (1 + e^-g) for VW lanes, e^-g as 2^n * p(r) with n = round(-g / ln 2), |r| <= ln 2 / 2 and p Cephes's
- * degree-6 polynomial (2 ulp): no libm call, no branch. g is clamped to +-88 inside the exponential (bit masks: GCC
- * does not vectorize a float select on AVX2), where e^88 is still a float and beyond which the sum is 1 or over
- * 1e38. */
-static inline __attribute__((always_inline)) fvec sigmoid_vec(fvec g) {
+/* e^x for VW lanes as 2^n * p(r) with n = round(x / ln 2), |r| <= ln 2 / 2 and p Cephes's degree-6 polynomial (2
+ * ulp): no libm call, no branch. x is clamped to +-88 (bit masks: GCC does not vectorize a float select on AVX2),
+ * where e^88 is still a float; e^-88 stands for every smaller value. */
+static inline __attribute__((always_inline)) fvec exp_vec(fvec x) {
     const fvec zero = {0}, lo = zero - 88.0f, hi = zero + 88.0f;
-    ivec below = g < lo, above = g > hi;
-    g = (fvec)(((ivec)g & ~below) | ((ivec)lo & below));
-    g = (fvec)(((ivec)g & ~above) | ((ivec)hi & above));
-    const fvec t = -g * 1.44269504f;
+    ivec below = x < lo, above = x > hi;
+    x = (fvec)(((ivec)x & ~below) | ((ivec)lo & below));
+    x = (fvec)(((ivec)x & ~above) | ((ivec)hi & above));
+    const fvec t = x * 1.44269504f;
     const fvec n = (t + 12582912.0f) - 12582912.0f; /* round to nearest: 1.5 * 2^23 */
-    const fvec r = (-g - n * 0.693359375f) + n * 2.12194440e-4f;
+    const fvec r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
     fvec p = r * 1.9875691500e-4f + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
     p = p * r + 4.1665795894e-2f;
@@ -1358,8 +1362,11 @@ static inline __attribute__((always_inline)) fvec sigmoid_vec(fvec g) {
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
     const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
-    return 1.0f / (1.0f + p * (fvec)bits);
+    return p * (fvec)bits;
 }
+
+/* 1 / (1 + e^-g) for VW lanes; beyond +-88 the sum is 1 or over 1e38. */
+static inline __attribute__((always_inline)) fvec sigmoid_vec(fvec g) { return 1.0f / (1.0f + exp_vec(-g)); }
 
 /* act(g) * u: silu(g) = g * sigmoid(g); GELU's tanh form 0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3))) =
  * g * sigmoid(2 sqrt(2 / pi) (g + 0.044715 g^3)). */
@@ -1535,11 +1542,307 @@ static OrtStatus* ORT_API_CALL gated_compute(void* kernel, OrtKernelContext* con
     return status;
 }
 
+/* ---- CacheAttention: GroupQueryAttention's arithmetic on its in-place KV cache ---------------------------- */
+/* com.microsoft GroupQueryAttention (CPU, float) for packed QKV with rotary (non-interleaved, over the first
+ * 2 * cos_cache's width dimensions of each head), what the fused graphs hold, written so that a one-token step
+ * costs what its arithmetic does and a long prompt's chunks run at the machine's float rate: onnxruntime's kernel
+ * spends ~20 us a layer on a decode step at a short context (its temporary buffers, a transpose of QKV and a
+ * thread-pool round per head), and computes each chunk's scores as one GEMM per head into a (S, T) buffer that
+ * softmax and the product with V then read again.
+ *
+ * Inputs: 0 qkv (B, S, (NH + 2 KVH) H); 1, 2 past key and value (B, KVH, P, H); 3 seqlens_k int32 (B): each
+ * row's total length - 1; 4 total_sequence_length int32 scalar; 5, 6 cos and sin caches (positions, R / 2).
+ * Outputs: 0 (B, S, NH H); 1, 2 present key and value (B, KVH, max(P, total), H): the past's buffers when the
+ * caller binds them to the same memory (the runtime's in-place cache), else copies of the past.
+ * Attributes: num_heads, kv_num_heads, scale (0: 1 / sqrt(H)), softcap (0: none), local_window_size (-1: none).
+ *
+ * As onnxruntime's: S == total_sequence_length is a first prompt (past 0; a row's positions beyond its own
+ * length are padding), else each row continues its cache at total - S; query row s attends to keys [lo, past
+ * + s + 1), lo = that - window with a window. Its scores are scale * q.k, soft-capped as cap * tanh(x /
+ * cap), then softmax. What differs is the order of float sums (within 1e-6 of onnxruntime's, tested).
+ *
+ * Work: for each KV head, its group's query vectors (rows x heads sharing it) go VW at a time, one per lane:
+ * the scores of a key for VW query vectors are H multiply-adds of a query tile (transposed once: H x VW) by the
+ * key's broadcast elements, so nothing is reduced across lanes; softmax runs over keys per lane, online in
+ * blocks of ATTN_KEYS keys (flash attention's running max and sum), and the values accumulate the same way.
+ * Units (batch row, KV head, VW query vectors) go over onnxruntime's thread pool when there is work enough. */
+enum { ATTN_KEYS = 64, ATTN_MAX_HEAD = 256 };
+
+typedef struct {
+    const float* qkv;
+    float *key, *value, *out;
+    const float *cos, *sin;
+    const int32_t* seqlens;
+    int64_t batch, s, nh, kvh, h, p, half, positions;
+    int first;
+    float scale, softcap;
+    int64_t window, per_head; /* per_head: units of VW query vectors per KV head */
+    float* scores;            /* few query vectors: a row of scores per unit, `stride` floats apart */
+    int64_t stride;
+} AttnJob;
+
+/* x (h) rotated at `pos` into y (non-interleaved: pairs i, i + half), times `mul`. */
+static void rotary(const AttnJob* job, const float* x, int64_t pos, float mul, float* y) {
+    const float* c = job->cos + pos * job->half;
+    const float* sn = job->sin + pos * job->half;
+    for (int64_t i = 0; i < job->half; i++) {
+        y[i] = (x[i] * c[i] - x[i + job->half] * sn[i]) * mul;
+        y[i + job->half] = (x[i + job->half] * c[i] + x[i] * sn[i]) * mul;
+    }
+    for (int64_t i = 2 * job->half; i < job->h; i++) y[i] = x[i] * mul;
+}
+
+static inline int64_t attn_past(const AttnJob* job, int64_t b) {
+    return job->first ? 0 : (int64_t)job->seqlens[b] + 1 - job->s;
+}
+
+static inline __attribute__((always_inline)) fvec select_vec(ivec keep, fvec a, fvec b) {
+    return (fvec)(((ivec)a & keep) | ((ivec)b & ~keep));
+}
+
+/* -std=c11 keeps GCC from fusing a * b + c into one instruction (clang fuses within a statement already); here
+ * the multiply-adds are most of the work */
+#if defined(__GNUC__) && !defined(__clang__)
+#define FUSED_MULTIPLY_ADD __attribute__((optimize("fp-contract=fast")))
+#else
+#define FUSED_MULTIPLY_ADD
+#endif
+
+FUSED_MULTIPLY_ADD static void attend_unit(void* data, size_t index) {
+    const AttnJob* job = (const AttnJob*)data;
+    const int64_t unit = (int64_t)index, g_heads = job->nh / job->kvh, h = job->h;
+    const int64_t b = unit / (job->kvh * job->per_head), g = unit / job->per_head % job->kvh;
+    const int64_t v0 = unit % job->per_head * VW, vectors = job->s * g_heads;
+    const int64_t n = vectors - v0 < VW ? vectors - v0 : VW;
+    const int64_t total = (int64_t)job->seqlens[b] + 1, past = attn_past(job, b);
+    const int64_t width = (job->nh + 2 * job->kvh) * h;
+    fvec qt[ATTN_MAX_HEAD], acc[ATTN_MAX_HEAD], sc[ATTN_KEYS];
+    float row[ATTN_MAX_HEAD];
+    int32_t lo_l[VW], hi_l[VW];
+    int64_t first_key = total, last_key = 0;
+    for (int64_t d = 0; d < h; d++) qt[d] = acc[d] = (fvec){0};
+    for (int64_t l = 0; l < VW; l++) {
+        lo_l[l] = 0, hi_l[l] = 0; /* an empty lane: every key masked */
+        if (l >= n) continue;
+        const int64_t v = v0 + l, s = v / g_heads, head = g * g_heads + v % g_heads;
+        rotary(job, job->qkv + (b * job->s + s) * width + head * h, past + s, job->scale, row);
+        for (int64_t d = 0; d < h; d++) qt[d][l] = row[d];
+        int64_t hi = past + s + 1 < total ? past + s + 1 : total;
+        int64_t lo = job->window > 0 && hi > job->window ? hi - job->window : 0;
+        lo_l[l] = (int32_t)lo, hi_l[l] = (int32_t)hi;
+        if (lo < first_key) first_key = lo;
+        if (hi > last_key) last_key = hi;
+    }
+    ivec lo_v, hi_v;
+    for (int64_t l = 0; l < VW; l++) lo_v[l] = lo_l[l], hi_v[l] = hi_l[l];
+    const float* keys = job->key + (b * job->kvh + g) * job->p * h;
+    const float* values = job->value + (b * job->kvh + g) * job->p * h;
+    fvec m = (fvec){0} - 1e30f, sum = (fvec){0};
+    for (int64_t j0 = first_key; j0 < last_key; j0 += ATTN_KEYS) {
+        const int64_t count = last_key - j0 < ATTN_KEYS ? last_key - j0 : ATTN_KEYS;
+        int64_t j = 0;
+        for (; j + 4 <= count; j += 4) { /* four keys a pass over the query tile */
+            const float *k0 = keys + (j0 + j) * h, *k1 = k0 + h, *k2 = k1 + h, *k3 = k2 + h;
+            fvec a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+            for (int64_t d = 0; d < h; d++) {
+                const fvec q = qt[d];
+                a0 += q * k0[d], a1 += q * k1[d], a2 += q * k2[d], a3 += q * k3[d];
+            }
+            sc[j] = a0, sc[j + 1] = a1, sc[j + 2] = a2, sc[j + 3] = a3;
+        }
+        for (; j < count; j++) {
+            const float* k0 = keys + (j0 + j) * h;
+            fvec a0 = {0};
+            for (int64_t d = 0; d < h; d++) a0 += qt[d] * k0[d];
+            sc[j] = a0;
+        }
+        fvec top = (fvec){0} - 1e30f;
+        for (j = 0; j < count; j++) {
+            fvec x = sc[j];
+            if (job->softcap > 0.0f) x = job->softcap * (2.0f * sigmoid_vec(x * (2.0f / job->softcap)) - 1.0f);
+            const ivec at = (ivec){0} + (int32_t)(j0 + j);
+            x = select_vec((at >= lo_v) & (at < hi_v), x, (fvec){0} - 1e30f);
+            sc[j] = x;
+            top = select_vec(x > top, x, top);
+        }
+        const fvec next = select_vec(top > m, top, m), factor = exp_vec(m - next);
+        m = next;
+        sum *= factor;
+        for (int64_t d = 0; d < h; d++) acc[d] *= factor;
+        for (j = 0; j < count; j++) {
+            const fvec e = exp_vec(sc[j] - m);
+            sc[j] = e;
+            sum += e;
+        }
+        for (int64_t d0 = 0; d0 < h; d0 += 8) { /* 8 accumulators at a time, in registers over the block */
+            const int64_t dn = h - d0 < 8 ? h - d0 : 8;
+            fvec a[8];
+            for (int64_t t = 0; t < dn; t++) a[t] = acc[d0 + t];
+            for (j = 0; j < count; j++) {
+                const float* vj = values + (j0 + j) * h + d0;
+                const fvec e = sc[j];
+                for (int64_t t = 0; t < dn; t++) a[t] += e * vj[t];
+            }
+            for (int64_t t = 0; t < dn; t++) acc[d0 + t] = a[t];
+        }
+    }
+    for (int64_t l = 0; l < n; l++) {
+        const int64_t v = v0 + l, s = v / g_heads, head = g * g_heads + v % g_heads;
+        float* y = job->out + (b * job->s + s) * job->nh * h + head * h;
+        const float inv = 1.0f / sum[l];
+        for (int64_t d = 0; d < h; d++) y[d] = acc[d][l] * inv;
+    }
+}
+
+/* Few query vectors a KV head (a decode step: S * heads / KVH under VW): one at a time, the lanes over the head's
+ * dimensions, a key's score one dot product (summed across lanes); softmax over the row of scores, VW keys at a
+ * time; then the values weighted into the output row. A lane per query vector would leave most lanes idle. */
+FUSED_MULTIPLY_ADD static void attend_few_unit(void* data, size_t index) {
+    const AttnJob* job = (const AttnJob*)data;
+    const int64_t g_heads = job->nh / job->kvh, h = job->h, hv = h / VW * VW;
+    const int64_t b = (int64_t)index / job->kvh, g = (int64_t)index % job->kvh;
+    const int64_t total = (int64_t)job->seqlens[b] + 1, past = attn_past(job, b);
+    const int64_t width = (job->nh + 2 * job->kvh) * h;
+    const float* keys = job->key + (b * job->kvh + g) * job->p * h;
+    const float* values = job->value + (b * job->kvh + g) * job->p * h;
+    float q[ATTN_MAX_HEAD], y[ATTN_MAX_HEAD];
+    float* sc = job->scores + (int64_t)index * job->stride;
+    for (int64_t v = 0; v < job->s * g_heads; v++) {
+        const int64_t s = v / g_heads, head = g * g_heads + v % g_heads;
+        rotary(job, job->qkv + (b * job->s + s) * width + head * h, past + s, job->scale, q);
+        const int64_t hi = past + s + 1 < total ? past + s + 1 : total;
+        const int64_t lo = job->window > 0 && hi > job->window ? hi - job->window : 0, n = hi - lo;
+        float top = -1e30f;
+        for (int64_t j = 0; j < n; j++) {
+            const float* kj = keys + (lo + j) * h;
+            fvec acc = {0};
+            for (int64_t c = 0; c < hv; c += VW) acc += *(const fvec*)(q + c) * *(const fvec*)(kj + c);
+            float x = 0.0f;
+            for (int l = 0; l < VW; l++) x += acc[l];
+            for (int64_t c = hv; c < h; c++) x += q[c] * kj[c];
+            if (job->softcap > 0.0f) x = job->softcap * tanhf(x / job->softcap);
+            sc[j] = x;
+            top = x > top ? x : top;
+        }
+        float sum = 0.0f;
+        int64_t j = 0;
+        for (; j + VW <= n; j += VW) {
+            const fvec e = exp_vec(*(const fvec*)(sc + j) - top);
+            *(fvec*)(sc + j) = e;
+            for (int l = 0; l < VW; l++) sum += e[l];
+        }
+        for (; j < n; j++) sum += sc[j] = expf(sc[j] - top);
+        for (int64_t c = 0; c < h; c++) y[c] = 0.0f;
+        for (j = 0; j < n; j++) {
+            const float* vj = values + (lo + j) * h;
+            const float e = sc[j];
+            for (int64_t c = 0; c < hv; c += VW) *(fvec*)(y + c) += e * *(const fvec*)(vj + c);
+            for (int64_t c = hv; c < h; c++) y[c] += e * vj[c];
+        }
+        float* out = job->out + (b * job->s + s) * job->nh * h + head * h;
+        const float inv = 1.0f / sum;
+        for (int64_t c = 0; c < h; c++) out[c] = y[c] * inv;
+    }
+}
+
+static OrtStatus* attn_error(const char* what) {
+    return g_api->CreateStatus(ORT_INVALID_ARGUMENT, what);
+}
+
+static OrtStatus* ORT_API_CALL attention_compute(void* kernel, OrtKernelContext* context) {
+    const Kernel* k = (const Kernel*)kernel;
+    const OrtValue* in[7];
+    for (size_t i = 0; i < 7; i++) RETURN_IF_ERROR(g_api->KernelContext_GetInput(context, i, &in[i]));
+    int64_t qd[8], kd[8], vd[8], sd[8], cd[8], nd[8];
+    size_t qr, kr, vr, sr, cr, nr;
+    RETURN_IF_ERROR(shape_of(in[0], qd, &qr));
+    RETURN_IF_ERROR(shape_of(in[1], kd, &kr));
+    RETURN_IF_ERROR(shape_of(in[2], vd, &vr));
+    RETURN_IF_ERROR(shape_of(in[3], sd, &sr));
+    RETURN_IF_ERROR(shape_of(in[5], cd, &cr));
+    RETURN_IF_ERROR(shape_of(in[6], nd, &nr));
+    AttnJob job = {0};
+    job.nh = k->heads, job.kvh = k->kv_heads;
+    if (qr != 3 || kr != 4 || vr != 4 || sr != 1 || cr != 2 || nr != 2)
+        return attn_error("CacheAttention: qkv (B, S, D), caches (B, KVH, P, H), seqlens_k (B), cos/sin 2-D");
+    job.batch = qd[0], job.s = qd[1];
+    job.h = qd[2] / (job.nh + 2 * job.kvh);
+    job.half = cd[1], job.positions = cd[0];
+    if (job.h * (job.nh + 2 * job.kvh) != qd[2] || job.h > ATTN_MAX_HEAD || kd[0] != job.batch ||
+        kd[1] != job.kvh || kd[3] != job.h || memcmp(kd, vd, sizeof(int64_t) * 4) || sd[0] != job.batch ||
+        nd[0] != cd[0] || nd[1] != cd[1] || 2 * job.half > job.h)
+        return attn_error("CacheAttention: shapes do not agree (or a head wider than 256)");
+    const int32_t* total_len = (const int32_t*)data_of(in[4]);
+    job.seqlens = (const int32_t*)data_of(in[3]);
+    if (!total_len || (job.batch && !job.seqlens)) return attn_error("CacheAttention: no lengths");
+    const int64_t total = *total_len, past_len = kd[2];
+    job.first = job.s == total;
+    if (!job.first && job.s != 1 && job.batch != 1)
+        return attn_error("CacheAttention: a continued prompt of several tokens needs batch 1");
+    job.p = past_len > total ? past_len : total;
+    for (int64_t b = 0; b < job.batch; b++) {
+        const int64_t t = (int64_t)job.seqlens[b] + 1;
+        if (t < 1 || t > job.p || (!job.first && t < job.s) || attn_past(&job, b) + job.s > job.positions)
+            return attn_error("CacheAttention: seqlens_k out of range of the cache or the cos/sin cache");
+    }
+    int64_t out_dims[3] = {job.batch, job.s, job.nh * job.h}, cache_dims[4] = {job.batch, job.kvh, job.p, job.h};
+    OrtValue *out, *present_k, *present_v;
+    RETURN_IF_ERROR(g_api->KernelContext_GetOutput(context, 0, out_dims, 3, &out));
+    RETURN_IF_ERROR(g_api->KernelContext_GetOutput(context, 1, cache_dims, 4, &present_k));
+    RETURN_IF_ERROR(g_api->KernelContext_GetOutput(context, 2, cache_dims, 4, &present_v));
+    job.out = (float*)data_of(out), job.key = (float*)data_of(present_k), job.value = (float*)data_of(present_v);
+    job.qkv = (const float*)data_of(in[0]);
+    job.cos = (const float*)data_of(in[5]), job.sin = (const float*)data_of(in[6]);
+    const float* past_k = (const float*)data_of(in[1]);
+    const float* past_v = (const float*)data_of(in[2]);
+    if (job.batch * job.s == 0) return NULL;
+    if (!job.out || !job.key || !job.value || !job.qkv || !job.cos || !job.sin)
+        return attn_error("CacheAttention: an input has no data");
+    const int64_t plane = job.p * job.h;
+    if (job.key != past_k || job.value != past_v) /* not in place: the past copied, the rest zero */
+        for (int64_t bg = 0; bg < job.batch * job.kvh; bg++) {
+            float *pk = job.key + bg * plane, *pv = job.value + bg * plane;
+            memset(pk, 0, sizeof(float) * (size_t)plane), memset(pv, 0, sizeof(float) * (size_t)plane);
+            if (past_len && past_k && past_v)
+                memcpy(pk, past_k + bg * past_len * job.h, sizeof(float) * (size_t)(past_len * job.h)),
+                    memcpy(pv, past_v + bg * past_len * job.h, sizeof(float) * (size_t)(past_len * job.h));
+        }
+    job.scale = k->scale > 0.0f ? k->scale : 1.0f / sqrtf((float)job.h);
+    job.softcap = k->softcap, job.window = k->window;
+    const int64_t width = (job.nh + 2 * job.kvh) * job.h;
+    for (int64_t b = 0; b < job.batch; b++) { /* the new keys (rotated) and values into the cache */
+        const int64_t past = attn_past(&job, b);
+        for (int64_t s = 0; s < job.s && past + s < job.p; s++) {
+            const float* x = job.qkv + (b * job.s + s) * width;
+            for (int64_t g = 0; g < job.kvh; g++) {
+                const int64_t at = (b * job.kvh + g) * plane + (past + s) * job.h;
+                rotary(&job, x + (job.nh + g) * job.h, past + s, 1.0f, job.key + at);
+                memcpy(job.value + at, x + (job.nh + job.kvh + g) * job.h, sizeof(float) * (size_t)job.h);
+            }
+        }
+    }
+    job.per_head = (job.s * (job.nh / job.kvh) + VW - 1) / VW;
+    const int few = job.s * (job.nh / job.kvh) < VW;
+    void (*unit)(void*, size_t) = few ? attend_few_unit : attend_unit;
+    const int64_t units = job.batch * job.kvh * (few ? 1 : job.per_head);
+    int64_t longest = 0;
+    for (int64_t b = 0; b < job.batch; b++) longest = job.seqlens[b] + 1 > longest ? job.seqlens[b] + 1 : longest;
+    if (few) { /* a row of scores per unit */
+        job.stride = longest + VW;
+        job.scores = (float*)malloc(sizeof(float) * (size_t)(units * job.stride));
+        if (!job.scores) return g_api->CreateStatus(ORT_FAIL, "CacheAttention: out of memory");
+    }
+    /* over the pool even for a short step: measured faster than on the calling thread alone */
+    OrtStatus* status = g_api->KernelContext_ParallelFor(context, unit, (size_t)units, 0, &job);
+    free(job.scores);
+    return status;
+}
+
 /* ---- the custom-op plumbing, shared by the ops ---------------------------------------------------------- */
 typedef struct {
     OrtCustomOp op; /* first: onnxruntime hands this pointer back to the callbacks below */
     const char* name;
-    size_t inputs;
+    size_t inputs, outputs; /* outputs: 0 stands for 1 */
     const ONNXTensorElementDataType* input_types;
     OrtStatus*(ORT_API_CALL* compute)(void*, OrtKernelContext*);
 } Op;
@@ -1563,6 +1866,24 @@ static OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi
     int64_t K = 0;
     OrtStatus* status = NULL;
     const Op* o = (const Op*)op;
+    if (o->compute == attention_compute) {
+        OrtStatus* status_ = g_api->KernelInfoGetAttribute_int64(info, "num_heads", &k->heads);
+        if (!status_) status_ = g_api->KernelInfoGetAttribute_int64(info, "kv_num_heads", &k->kv_heads);
+        if (!status_ && (k->heads < 1 || k->kv_heads < 1 || k->heads % k->kv_heads))
+            status_ = attn_error("CacheAttention: num_heads must be a multiple of kv_num_heads");
+        if (status_) {
+            destroy_kernel(k);
+            return status_;
+        }
+        if ((absent = g_api->KernelInfoGetAttribute_float(info, "scale", &k->scale))) g_api->ReleaseStatus(absent);
+        if ((absent = g_api->KernelInfoGetAttribute_float(info, "softcap", &k->softcap)))
+            g_api->ReleaseStatus(absent);
+        k->window = -1;
+        if ((absent = g_api->KernelInfoGetAttribute_int64(info, "local_window_size", &k->window)))
+            g_api->ReleaseStatus(absent);
+        *kernel = k;
+        return NULL;
+    }
     if (o->compute == gated_compute) { /* the activation; a constant R that is a randomized Sylvester matrix */
         const OrtValue* r = NULL;
         int constant = 0;
@@ -1621,7 +1942,9 @@ static ONNXTensorElementDataType ORT_API_CALL output_type(const OrtCustomOp* op,
     (void)op, (void)i;
     return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
-static size_t ORT_API_CALL output_count(const OrtCustomOp* op) { (void)op; return 1; }
+static size_t ORT_API_CALL output_count(const OrtCustomOp* op) {
+    return ((const Op*)op)->outputs ? ((const Op*)op)->outputs : 1;
+}
 static OrtCustomOpInputOutputCharacteristic ORT_API_CALL required(const OrtCustomOp* op, size_t i) {
     (void)op, (void)i;
     return INPUT_OUTPUT_REQUIRED;
@@ -1643,13 +1966,19 @@ static const ONNXTensorElementDataType GATHER_INPUTS[3] = {
     ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
 static const ONNXTensorElementDataType GATED_INPUTS[2] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
                                                           ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+static const ONNXTensorElementDataType ATTENTION_INPUTS[7] = {
+    ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+    ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+    ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
 
-enum { OP_COUNT = 4 };
+enum { OP_COUNT = 5 };
 static Op g_ops[OP_COUNT] = {
     {.name = "StaticInt8MatMul", .inputs = 6, .input_types = STATIC_INPUTS, .compute = compute},
     {.name = "BlockInt8MatMul", .inputs = 3, .input_types = BLOCK_INPUTS, .compute = block_compute},
     {.name = "BlockGather", .inputs = 3, .input_types = GATHER_INPUTS, .compute = gather_compute},
-    {.name = "GluRotate", .inputs = 2, .input_types = GATED_INPUTS, .compute = gated_compute}};
+    {.name = "GluRotate", .inputs = 2, .input_types = GATED_INPUTS, .compute = gated_compute},
+    {.name = "CacheAttention", .inputs = 7, .outputs = 3, .input_types = ATTENTION_INPUTS,
+     .compute = attention_compute}};
 
 static void fill_op(Op* o) {
     OrtCustomOp* op = &o->op;

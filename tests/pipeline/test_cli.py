@@ -167,11 +167,13 @@ def test_optimize_native_int8_without_the_kernel_is_one_line_error(run_dir, text
 
 def test_optimize_native_int8_keeps_w8a8_logits_and_is_checked_and_benched(run_dir, text_file, native_kernels):
     w8a8_variant(run_dir, text_file)
-    res = json.loads(invoke("optimize", run_dir, "--native-int8", "--no-fuse-mlp", "--json").output)
+    res = json.loads(invoke("optimize", run_dir, "--native-int8", "--no-fuse-mlp", "--no-native-attention",
+                            "--json").output)
     path = run_dir / "variants" / "w8a8-native" / "model.onnx"
     ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
     assert res["matmuls"] == ops["StaticInt8MatMul"] > 0 and ops["QuantizeLinear"] == 0
     assert res["gated_mlps"] == ops["GluRotate"] == 0 and "drift_from_float" not in res
+    assert res["native_attention"] == ops["CacheAttention"] == 0 and ops["GroupQueryAttention"] > 0
     assert res["parity_max_abs_logit_diff"]["prefill+decode"] <= 1e-4
     r = invoke("check", run_dir, "--variant", "w8a8", "--variant", "w8a8-native", "--text", text_file, "--json",
                "--steps", "4", "--window", "64", ok=False)
@@ -216,15 +218,15 @@ def test_a_native_variant_whose_logits_differ_is_not_kept(run_dir, text_file, na
     w8a8_variant(run_dir, text_file)
     monkeypatch.setattr(optimize_stage, "logit_parity", lambda source, target: 0.5)
     before = run_state(run_dir)  # an earlier, good w8a8-native may be there: it stays as it was
-    one_line_error(invoke("optimize", run_dir, "--native-int8", "--no-fuse-mlp", ok=False),
-                   "differs from w8a8 by 0.5", "not kept")
+    one_line_error(invoke("optimize", run_dir, "--native-int8", "--no-fuse-mlp", "--no-native-attention",
+                          ok=False), "differs from w8a8 by 0.5", "not kept")
     assert run_state(run_dir) == before
 
 
 def test_native_int8_fuses_each_mlp_and_judges_the_variant_by_the_float_model(run_dir, text_file, native_kernels,
                                                                               monkeypatch):
-    """By default every layer's silu(gate) * up and online rotation become one GluRotate; the rounding that
-    moves is judged against the float model (kept within twice w8a8's mean KL, the distances recorded) and the
+    """By default every layer's silu(gate) * up and online rotation become one GluRotate and its
+    GroupQueryAttention CacheAttention; the rounding that moves is judged against the float model (kept within twice w8a8's mean KL, the distances recorded) and the
     variant checks as w8a8 does; past that bound it is refused with one line and the run stays as it was."""
     from pipeline.stages import optimize as optimize_stage
 
@@ -234,6 +236,7 @@ def test_native_int8_fuses_each_mlp_and_judges_the_variant_by_the_float_model(ru
     ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
     layers = json.loads((run_dir / "config.json").read_text())["num_hidden_layers"]
     assert res["gated_mlps"] == ops["GluRotate"] == layers and ops["Sigmoid"] == ops["Split"] == 0
+    assert res["native_attention"] == ops["CacheAttention"] == layers and ops["GroupQueryAttention"] == 0
     drift = res["drift_from_float"]
     assert drift["kept"] and drift["reference"] == "fused" and drift["target_kl"] <= 2 * drift["source_kl"] + 1e-3
     r = invoke("check", run_dir, "--variant", "w8a8", "--variant", "w8a8-native", "--text", text_file, "--json",
@@ -291,6 +294,8 @@ def test_optimize_kv_fp16_writes_a_checked_variant_of_a_quantized_one(run_dir, t
     one_line_error(invoke("optimize", run_dir, "--kv-fp16", "--source", "fp32", ok=False), "needs a fused graph")
     one_line_error(invoke("optimize", run_dir, "--kv-fp16", "--native-int8", ok=False), "separate rewrites")
     one_line_error(invoke("optimize", run_dir, "--static-head", ok=False), "--static-head is a choice of --native-int8")
+    one_line_error(invoke("optimize", run_dir, "--no-native-attention", ok=False),
+                   "--no-native-attention is a choice of --native-int8")
     assert set((run_dir / "variants").iterdir()) == before
 
 
