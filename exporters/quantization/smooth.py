@@ -34,17 +34,24 @@ class SmoothConfig:
             raise ValueError(f"groups must be one of {SMOOTH_GROUPS}, got {self.groups!r}")
 
 
-def rotated_online(group: SmoothGroup, rotated: bool) -> bool:
+def rotated_online(group: SmoothGroup, norms: bool) -> bool:
     """Whether the online Hadamard rotates this activation's readers: a gated-MLP product's always (no folded
-    rotation reaches it: the nonlinearity sits between up_proj and down_proj), a norm output's where R1 did not
-    rotate the residual stream (Gemma 3's norms after attention and MLP stop it), so every static int8 input is
-    rotated one way or the other."""
-    return group.first_column is not None or not rotated
+    rotation reaches it: the nonlinearity sits between up_proj and down_proj), a norm output's when `norms`
+    (`reaches_norms`), so every static int8 input is rotated one way or the other."""
+    return group.first_column is not None or norms
+
+
+def reaches_norms(model: onnx.ModelProto, rotated: bool) -> bool:
+    """Whether the online Hadamard also takes the norm outputs: where R1 did not rotate the residual stream of a
+    fused graph (Gemma 3's norms after attention and MLP stop it). An unfused export is left as before: its q, k
+    and v (gate and up) would each take a rotation of the one input, and the fused graph is what is quantized."""
+    return not rotated and any(n.op_type == "GroupQueryAttention" for n in model.graph.node)
 
 
 def online_targets(model: onnx.ModelProto, exclude: tuple[str, ...], rotated: bool) -> list[str]:
     """The MatMuls the online Hadamard rotates (`rotated_online`), named before smoothing splits channels off."""
-    return [m for g in find_smooth_groups(model, exclude) if rotated_online(g, rotated) for m in g.matmuls]
+    norms = reaches_norms(model, rotated)
+    return [m for g in find_smooth_groups(model, exclude) if rotated_online(g, norms) for m in g.matmuls]
 
 
 def smooth_model(model: onnx.ModelProto, reader: KVCacheCalibrationReader, config: SmoothConfig,
@@ -71,11 +78,12 @@ def smooth_model(model: onnx.ModelProto, reader: KVCacheCalibrationReader, confi
         # choose alpha for what is then quantized, the rotated input and weights with the split channels added
         # back exactly
         rotation = online_matrix(config.online_block) if config.online_block else None
+        norms = reaches_norms(model, rotated)
         chosen = {}
         for g in groups:
             weights = [weight_array(inits[nodes[m].input[1]]) for m in g.matmuls]
             st, split = stats[g.activation], outliers[g.activation]
-            if rotation is not None and rotated_online(g, rotated) and weights[0].shape[0] % len(rotation) == 0:
+            if rotation is not None and rotated_online(g, norms) and weights[0].shape[0] % len(rotation) == 0:
                 chosen[g.activation] = best_alpha(st, weights, levels, rotation=rotation, split=split)
                 continue
             rest = np.setdiff1d(np.arange(act_max[g.activation].size), split)
