@@ -48,10 +48,29 @@ def reaches_norms(model: onnx.ModelProto, rotated: bool) -> bool:
     return not rotated and any(n.op_type == "GroupQueryAttention" for n in model.graph.node)
 
 
+def head_matmul(model: onnx.ModelProto) -> str | None:
+    """The MatMul that computes the logits: the graph's first output's producer, followed back through ops with
+    one computed input (Gemma 2's soft-capping: Div, Tanh, Mul by constants); None if there is none."""
+    g = GraphIndex.of(model)
+    name = model.graph.output[0].name if model.graph.output else ""
+    for _ in range(8):
+        node = g.producers.get(name)
+        if node is None or node.op_type == "MatMul":
+            return node.name if node is not None else None
+        computed = [i for i in node.input if i and i not in g.inits]
+        if len(computed) != 1:
+            return None
+        name = computed[0]
+    return None
+
+
 def online_targets(model: onnx.ModelProto, exclude: tuple[str, ...], rotated: bool) -> list[str]:
-    """The MatMuls the online Hadamard rotates (`rotated_online`), named before smoothing splits channels off."""
-    norms = reaches_norms(model, rotated)
-    return [m for g in find_smooth_groups(model, exclude) if rotated_online(g, norms) for m in g.matmuls]
+    """The MatMuls the online Hadamard rotates (`rotated_online`), named before smoothing splits channels off. The
+    head is not: rotated, its weight would no longer be the tied table's, which the embedding then could not share
+    (Gemma 3's table, exact Q8_0 blocks, would be stored twice: w4 256.8 -> 435.7 MB)."""
+    norms, head = reaches_norms(model, rotated), head_matmul(model)
+    return [m for g in find_smooth_groups(model, exclude) if rotated_online(g, norms) and head not in g.matmuls
+            for m in g.matmuls]
 
 
 def smooth_model(model: onnx.ModelProto, reader: KVCacheCalibrationReader, config: SmoothConfig,
@@ -74,16 +93,16 @@ def smooth_model(model: onnx.ModelProto, reader: KVCacheCalibrationReader, confi
     if config.alpha is None:
         index = GraphIndex(model)
         inits, nodes, levels = index.inits, index.nodes, config.weight_levels
-        # the activations `rotated_online` names get the online Hadamard after this (pass `online_hadamard`):
+        # the activations `online_targets` names get the online Hadamard after this (pass `online_hadamard`):
         # choose alpha for what is then quantized, the rotated input and weights with the split channels added
         # back exactly
         rotation = online_matrix(config.online_block) if config.online_block else None
-        norms = reaches_norms(model, rotated)
+        online = set(online_targets(model, config.exclude, rotated))
         chosen = {}
         for g in groups:
             weights = [weight_array(inits[nodes[m].input[1]]) for m in g.matmuls]
             st, split = stats[g.activation], outliers[g.activation]
-            if rotation is not None and rotated_online(g, norms) and weights[0].shape[0] % len(rotation) == 0:
+            if rotation is not None and g.matmuls[0] in online and weights[0].shape[0] % len(rotation) == 0:
                 chosen[g.activation] = best_alpha(st, weights, levels, rotation=rotation, split=split)
                 continue
             rest = np.setdiff1d(np.arange(act_max[g.activation].size), split)
