@@ -81,3 +81,27 @@ def test_graph_index_maps_producers_readers_and_shared_weights():
     model.graph.initializer.append(numpy_helper.from_array(np.ones(1, np.float32), "unused"))
     g.remove_unused_initializers()
     assert [t.name for t in model.graph.initializer] == ["w"]
+
+
+def test_the_head_is_found_through_soft_capping():
+    """`head_matmul` follows the logits back through one-input ops (Gemma 2's cap: Div, Tanh, Mul) to the
+    MatMul, which the online rotation then leaves alone; two computed inputs end the search."""
+    from exporters.quantization.smooth import head_matmul
+
+    def model(capped: bool, two: bool = False):
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="head")]
+        if capped:
+            nodes += [helper.make_node("Div", ["h", "c"], ["d"], name="div"),
+                      helper.make_node("Tanh", ["d"], ["t"], name="tanh"),
+                      helper.make_node("Mul", ["t", "x2" if two else "c"], ["logits"], name="cap")]
+        else:
+            nodes[0].output[0] = "logits"
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 2])
+                                               for n in ("x", "x2")],
+                                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 2])],
+                                  [numpy_helper.from_array(np.eye(2, dtype=np.float32), "w"),
+                                   numpy_helper.from_array(np.array(30.0, np.float32), "c")])
+        return helper.make_model(graph)
+
+    assert head_matmul(model(False)) == head_matmul(model(True)) == "head"
+    assert head_matmul(model(True, two=True)) is None
