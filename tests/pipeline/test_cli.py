@@ -19,7 +19,7 @@ from pipeline.cli import main
 from pipeline.manifest import RunDir, sha256
 from runtimes.bench import model_bytes
 from runtimes.contract import past_names, present_names
-from runtimes.generate import greedy_tokens
+from runtimes.generate import Generator, greedy_tokens
 from runtimes.session import open_session
 from tests.pipeline.conftest import make_hf_checkpoint
 from tests.pipeline.faults import run_state
@@ -237,6 +237,10 @@ def test_native_int8_fuses_each_mlp_and_judges_the_variant_by_the_float_model(ru
     layers = json.loads((run_dir / "config.json").read_text())["num_hidden_layers"]
     assert res["gated_mlps"] == ops["GluRotate"] == layers and ops["Sigmoid"] == ops["Split"] == 0
     assert res["native_attention"] == ops["CacheAttention"] == layers and ops["GroupQueryAttention"] == 0
+    session, ids = open_session(path), np.arange(3, 40)  # the cache in place (chunks, steps) and copied: one answer
+    in_place, copied = Generator(session, prefill_chunk=16), Generator(session, io_binding=False)
+    np.testing.assert_allclose(in_place.prefill(ids, capacity=48), copied.prefill(ids), atol=1e-5)
+    np.testing.assert_allclose(in_place.step(7), copied.step(7), atol=1e-5)
     drift = res["drift_from_float"]
     assert drift["kept"] and drift["reference"] == "fused" and drift["target_kl"] <= 2 * drift["source_kl"] + 1e-3
     r = invoke("check", run_dir, "--variant", "w8a8", "--variant", "w8a8-native", "--text", text_file, "--json",
