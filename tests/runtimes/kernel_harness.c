@@ -3,7 +3,8 @@
  * (onnxruntime's QuantizeLinear, an exact int32 dot product, the float epilogue), compared bit for bit; and
  * BlockInt8MatMul's block_quantize() and block_run_chunk() against a scalar reference of MatMulNBits' int8 path
  * (per-block activation codes compared exactly, outputs within float rounding of the sum over blocks); and
- * GluRotate's gated_run_chunk() against float64.
+ * GluRotate's gated_run_chunk() against float64; CacheAttention's attend_unit() (prompt chunks) and
+ * attend_few_unit() (decode steps) against float64, on a cache already written.
  * tests/runtimes/test_kernels.py builds it natively and for AArch64, which it runs under qemu. Prints "ok N" or
  * the first difference, and exits 1 on one. */
 #include "int8_matmul.c"
@@ -277,6 +278,77 @@ static int check_gated(int64_t m, int64_t f, int64_t b, int sylvester, int64_t c
     return bad;
 }
 
+/* CacheAttention's units on a cache already written (the op writes it first), against float64: batch rows of
+ * different lengths continuing their caches, the rotary over the first 2 * half dimensions, scale, window and
+ * soft-cap as the op's attributes give them. */
+static int check_attention(int64_t batch, int64_t s, int64_t nh, int64_t kvh, int64_t h, int64_t half,
+                           int64_t window, float softcap) {
+    const int64_t p = 96, width = (nh + 2 * kvh) * h, positions = 128;
+    float* qkv = malloc(sizeof(float) * batch * s * width);
+    float* key = malloc(sizeof(float) * batch * kvh * p * h);
+    float* value = malloc(sizeof(float) * batch * kvh * p * h);
+    float* cs = malloc(sizeof(float) * positions * half);
+    float* sn = malloc(sizeof(float) * positions * half);
+    float* out = malloc(sizeof(float) * batch * s * nh * h);
+    int32_t seqlens[4];
+    for (int64_t i = 0; i < batch * s * width; i++) qkv[i] = (uniform() - 0.5f) * 4.0f;
+    for (int64_t i = 0; i < batch * kvh * p * h; i++) key[i] = (uniform() - 0.5f) * 4.0f, value[i] = uniform() - 0.5f;
+    for (int64_t i = 0; i < positions * half; i++) {
+        const float a = uniform() * 6.0f;
+        cs[i] = cosf(a), sn[i] = sinf(a);
+    }
+    for (int64_t b = 0; b < batch; b++) seqlens[b] = (int32_t)(s + 20 + 17 * b - 1);
+    AttnJob job = {.qkv = qkv, .key = key, .value = value, .out = out, .cos = cs, .sin = sn, .seqlens = seqlens,
+                   .batch = batch, .s = s, .nh = nh, .kvh = kvh, .h = h, .p = p, .half = half,
+                   .positions = positions, .scale = 1.0f / sqrtf((float)h) * 1.5f, .softcap = softcap,
+                   .window = window};
+    const int64_t g_heads = nh / kvh, few = s * g_heads < VW;
+    job.per_head = (s * g_heads + VW - 1) / VW;
+    job.stride = p + VW;
+    job.scores = malloc(sizeof(float) * batch * kvh * job.stride);
+    const int64_t units = batch * kvh * (few ? 1 : job.per_head);
+    for (int64_t u = units - 1; u >= 0; u--) (few ? attend_few_unit : attend_unit)(&job, (size_t)u);
+    int bad = 0;
+    double* q = malloc(sizeof(double) * h), *sc = malloc(sizeof(double) * p), *y = malloc(sizeof(double) * h);
+    for (int64_t b = 0; b < batch && !bad; b++)
+        for (int64_t r = 0; r < s && !bad; r++)
+            for (int64_t head = 0; head < nh && !bad; head++) {
+                const int64_t pos = seqlens[b] + 1 - s + r, g = head / g_heads, hi = pos + 1;
+                const int64_t lo = window > 0 && hi > window ? hi - window : 0;
+                const float* x = qkv + (b * s + r) * width + head * h;
+                for (int64_t i = 0; i < h; i++) q[i] = x[i];
+                for (int64_t i = 0; i < half; i++) {
+                    const double c = cs[pos * half + i], n = sn[pos * half + i];
+                    q[i] = x[i] * c - x[i + half] * n, q[i + half] = x[i + half] * c + x[i] * n;
+                }
+                double top = -1e300, sum = 0.0;
+                for (int64_t j = lo; j < hi; j++) {
+                    double d = 0.0;
+                    for (int64_t i = 0; i < h; i++) d += q[i] * key[((b * kvh + g) * p + j) * h + i];
+                    d *= job.scale;
+                    if (softcap > 0.0f) d = softcap * tanh(d / softcap);
+                    sc[j] = d, top = d > top ? d : top;
+                }
+                for (int64_t i = 0; i < h; i++) y[i] = 0.0;
+                for (int64_t j = lo; j < hi; j++) {
+                    const double e = exp(sc[j] - top);
+                    sum += e;
+                    for (int64_t i = 0; i < h; i++) y[i] += e * value[((b * kvh + g) * p + j) * h + i];
+                }
+                for (int64_t i = 0; i < h && !bad; i++) {
+                    const double want = y[i] / sum, got = out[(b * s + r) * nh * h + head * h + i];
+                    if (!(fabs(got - want) <= 2e-6)) {
+                        printf("attention b=%lld s=%lld head=%lld (h=%lld, window=%lld, softcap=%g): out[%lld] = "
+                               "%.9g, want %.9g\n", (long long)b, (long long)r, (long long)head, (long long)h,
+                               (long long)window, softcap, (long long)i, got, want);
+                        bad = 1;
+                    }
+                }
+            }
+    free(q), free(sc), free(y), free(qkv), free(key), free(value), free(cs), free(sn), free(out), free(job.scores);
+    return bad;
+}
+
 int main(void) {
     /* decode rows, blocks of 4 rows and remainders, panel counts that are not a multiple of 4, K with a
      * quantization tail (not a multiple of 16), every chunking of the panel groups; full 8-bit weights and
@@ -324,5 +396,17 @@ int main(void) {
                             chunks < gated_shapes[s][0] ? chunks : 1, (int)(s % 2)))
                 return 1;
     printf("ok gated %d\n", gated);
+    /* CacheAttention: decode steps (a few query vectors a KV head) and prompt chunks (lanes of query vectors,
+     * keys in blocks of 64 and a tail), heads of 32 to 256 with partial rotary, windows and soft-capping */
+    static const int64_t attention_shapes[][6] = {{2, 1, 9, 3, 64, 32}, {1, 40, 9, 3, 64, 32}, {2, 7, 4, 1, 256, 128},
+                                                  {1, 1, 4, 2, 32, 8}, {3, 17, 2, 2, 32, 16}};
+    int attentions = 0;
+    for (size_t a = 0; a < sizeof(attention_shapes) / sizeof(attention_shapes[0]); a++)
+        for (int variant = 0; variant < 3; variant++, attentions++) {
+            const int64_t* d = attention_shapes[a];
+            if (check_attention(d[0], d[1], d[2], d[3], d[4], d[5], variant == 1 ? 9 : -1, variant == 2 ? 3.0f : 0.0f))
+                return 1;
+        }
+    printf("ok attention %d\n", attentions);
     return 0;
 }
