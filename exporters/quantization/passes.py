@@ -151,7 +151,7 @@ def run_rotate(q: Quantizing, config: RotateConfig) -> Quantizing:
 def run_smooth(q: Quantizing, config: SmoothConfig) -> Quantizing:
     """SmoothQuant smoothing and outlier-channel splitting (exporters/smoothing.py); first names the MatMuls the
     online Hadamard rotates after the split (`online_targets`)."""
-    q.online = online_targets(q.model, q.exclude, q.rotated)
+    q.online = online_targets(q.model, q.exclude, q.rotated, q.details.get("rotation", {}).get("value_heads", 0) > 0)
     with rewriting(q, "smoothed"):
         q.details["smoothing"] = smooth_model(q.model, q.reader, config, q.workdir, q.rotated, q.weights_dir)
     return q
@@ -182,7 +182,7 @@ def run_rotate_weights(q: Quantizing, config: RotateWeightsConfig) -> Quantizing
         rotation = rotate(q.model, config.seed)
         q.details["rotation"], q.rotated = rotation.as_dict(), rotation.residual
         if config.online_block:
-            targets = online_targets(q.model, q.exclude, q.rotated)
+            targets = online_targets(q.model, q.exclude, q.rotated, rotation.value_heads > 0)
             q.details["online_hadamard"] = online_hadamard(q.model, targets, config.online_block, config.seed + 2)
             q.details["added_float_matmuls"] = {"online_hadamard": online_rotations_in_float(
                 q, GraphIndex(q.model).weight_shapes())}

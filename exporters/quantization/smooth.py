@@ -64,13 +64,21 @@ def head_matmul(model: onnx.ModelProto) -> str | None:
     return None
 
 
-def online_targets(model: onnx.ModelProto, exclude: tuple[str, ...], rotated: bool) -> list[str]:
-    """The MatMuls the online Hadamard rotates (`rotated_online`), named before smoothing splits channels off. The
-    head is not: rotated, its weight would no longer be the tied table's, which the embedding then could not share
-    (Gemma 3's table, exact Q8_0 blocks, would be stored twice: w4 256.8 -> 435.7 MB)."""
+def online_targets(model: onnx.ModelProto, exclude: tuple[str, ...], rotated: bool, values: bool = True) -> list[str]:
+    """The MatMuls the online Hadamard rotates (`rotated_online`), named before smoothing splits channels off; and
+    where R2 rotated no attention values (`values` false: Gemma 3's packed QKV passes its q/k norms first), each
+    output projection reading a GroupQueryAttention (which no smoothing reaches). The head is not: rotated, its
+    weight would no longer be the tied table's, which the embedding then could not share (Gemma 3's table, exact
+    Q8_0 blocks, would be stored twice: w4 256.8 -> 435.7 MB)."""
     norms, head = reaches_norms(model, rotated), head_matmul(model)
-    return [m for g in find_smooth_groups(model, exclude) if rotated_online(g, norms) and head not in g.matmuls
-            for m in g.matmuls]
+    targets = [m for g in find_smooth_groups(model, exclude) if rotated_online(g, norms) and head not in g.matmuls
+               for m in g.matmuls]
+    if not values and any(n.op_type == "GroupQueryAttention" for n in model.graph.node):
+        g = GraphIndex.of(model)
+        targets += [r.name for n in model.graph.node if n.op_type == "GroupQueryAttention"
+                    for r in g.consumers.get(n.output[0], []) if r.name in g.weight_names
+                    and r.input[0] == n.output[0] and r.name not in exclude]
+    return targets
 
 
 def smooth_model(model: onnx.ModelProto, reader: KVCacheCalibrationReader, config: SmoothConfig,

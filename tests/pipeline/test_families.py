@@ -59,7 +59,9 @@ def test_every_stage(family_run, text_file, tmp_path):
         if recipe != "w8":  # where R1 cannot rotate the stream (Gemma's norms after attention and MLP), the
             # online Hadamard rotates the norm outputs' readers too: every static int8 input is rotated
             rotated = report["rotation"]["residual"]
-            online = {m for m in every if m.endswith("down_proj/MatMul") or not rotated and "o_proj" not in m}
+            values = report["rotation"]["value_heads"] > 0  # R2: the o_proj inputs; else the online rotation
+            online = {m for m in every if m.endswith("down_proj/MatMul") or not rotated and "o_proj" not in m
+                      or not values and "o_proj" in m}
             assert rotated == (family not in ("gemma3_text", "gemma2"))
             assert set(report["online_hadamard"]["matmuls"]) == online, report["online_hadamard"]
 
