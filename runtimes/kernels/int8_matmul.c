@@ -1694,21 +1694,21 @@ FUSED_MULTIPLY_ADD static void attend_unit(void* data, size_t index) {
     }
 }
 
-/* Few query vectors a KV head (a decode step: S * heads / KVH under VW): one at a time, the lanes over the head's
- * dimensions, a key's score one dot product (summed across lanes); softmax over the row of scores, VW keys at a
- * time; then the values weighted into the output row. A lane per query vector would leave most lanes idle. */
+/* Few query vectors a KV head (a decode step: S * heads / KVH under VW): a unit per query head (its S rows), the
+ * lanes over the head's dimensions, a key's score one dot product (summed across lanes); softmax over the row of
+ * scores, VW keys at a time; then the values weighted into the output row. A lane per query vector would leave
+ * most lanes idle, and a unit per KV head would split unevenly over the threads. */
 FUSED_MULTIPLY_ADD static void attend_few_unit(void* data, size_t index) {
     const AttnJob* job = (const AttnJob*)data;
     const int64_t g_heads = job->nh / job->kvh, h = job->h, hv = h / VW * VW;
-    const int64_t b = (int64_t)index / job->kvh, g = (int64_t)index % job->kvh;
+    const int64_t b = (int64_t)index / job->nh, head = (int64_t)index % job->nh, g = head / g_heads;
     const int64_t total = (int64_t)job->seqlens[b] + 1, past = attn_past(job, b);
     const int64_t width = (job->nh + 2 * job->kvh) * h;
     const float* keys = job->key + (b * job->kvh + g) * job->p * h;
     const float* values = job->value + (b * job->kvh + g) * job->p * h;
     float q[ATTN_MAX_HEAD], y[ATTN_MAX_HEAD];
     float* sc = job->scores + (int64_t)index * job->stride;
-    for (int64_t v = 0; v < job->s * g_heads; v++) {
-        const int64_t s = v / g_heads, head = g * g_heads + v % g_heads;
+    for (int64_t s = 0; s < job->s; s++) {
         rotary(job, job->qkv + (b * job->s + s) * width + head * h, past + s, job->scale, q);
         const int64_t hi = past + s + 1 < total ? past + s + 1 : total;
         const int64_t lo = job->window > 0 && hi > job->window ? hi - job->window : 0, n = hi - lo;
@@ -1824,7 +1824,7 @@ static OrtStatus* ORT_API_CALL attention_compute(void* kernel, OrtKernelContext*
     job.per_head = (job.s * (job.nh / job.kvh) + VW - 1) / VW;
     const int few = job.s * (job.nh / job.kvh) < VW;
     void (*unit)(void*, size_t) = few ? attend_few_unit : attend_unit;
-    const int64_t units = job.batch * job.kvh * (few ? 1 : job.per_head);
+    const int64_t units = job.batch * (few ? job.nh : job.kvh * job.per_head);
     int64_t longest = 0;
     for (int64_t b = 0; b < job.batch; b++) longest = job.seqlens[b] + 1 > longest ? job.seqlens[b] + 1 : longest;
     if (few) { /* a row of scores per unit */

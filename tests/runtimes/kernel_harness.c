@@ -305,8 +305,8 @@ static int check_attention(int64_t batch, int64_t s, int64_t nh, int64_t kvh, in
     const int64_t g_heads = nh / kvh, few = s * g_heads < VW;
     job.per_head = (s * g_heads + VW - 1) / VW;
     job.stride = p + VW;
-    job.scores = malloc(sizeof(float) * batch * kvh * job.stride);
-    const int64_t units = batch * kvh * (few ? 1 : job.per_head);
+    job.scores = malloc(sizeof(float) * batch * nh * job.stride);
+    const int64_t units = batch * (few ? nh : kvh * job.per_head);
     for (int64_t u = units - 1; u >= 0; u--) (few ? attend_few_unit : attend_unit)(&job, (size_t)u);
     int bad = 0;
     double* q = malloc(sizeof(double) * h), *sc = malloc(sizeof(double) * p), *y = malloc(sizeof(double) * h);
