@@ -225,13 +225,13 @@ def test_a_native_variant_whose_logits_differ_is_not_kept(run_dir, text_file, na
 
 def test_native_int8_fuses_each_mlp_and_judges_the_variant_by_the_float_model(run_dir, text_file, native_kernels,
                                                                               monkeypatch):
-    """By default every layer's silu(gate) * up and online rotation become one GluRotate and its
-    GroupQueryAttention CacheAttention; the rounding that moves is judged against the float model (kept within twice w8a8's mean KL, the distances recorded) and the
+    """By default every layer's silu(gate) * up and online rotation become one GluRotate (and with
+    --native-attention its GroupQueryAttention CacheAttention); the rounding that moves is judged against the float model (kept within twice w8a8's mean KL, the distances recorded) and the
     variant checks as w8a8 does; past that bound it is refused with one line and the run stays as it was."""
     from pipeline.stages import optimize as optimize_stage
 
     w8a8_variant(run_dir, text_file)
-    res = json.loads(invoke("optimize", run_dir, "--native-int8", "--json").output)
+    res = json.loads(invoke("optimize", run_dir, "--native-int8", "--native-attention", "--json").output)
     path = run_dir / "variants" / "w8a8-native" / "model.onnx"
     ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
     layers = json.loads((run_dir / "config.json").read_text())["num_hidden_layers"]
@@ -298,8 +298,8 @@ def test_optimize_kv_fp16_writes_a_checked_variant_of_a_quantized_one(run_dir, t
     one_line_error(invoke("optimize", run_dir, "--kv-fp16", "--source", "fp32", ok=False), "needs a fused graph")
     one_line_error(invoke("optimize", run_dir, "--kv-fp16", "--native-int8", ok=False), "separate rewrites")
     one_line_error(invoke("optimize", run_dir, "--static-head", ok=False), "--static-head is a choice of --native-int8")
-    one_line_error(invoke("optimize", run_dir, "--no-native-attention", ok=False),
-                   "--no-native-attention is a choice of --native-int8")
+    one_line_error(invoke("optimize", run_dir, "--native-attention", ok=False),
+                   "--native-attention is a choice of --native-int8")
     assert set((run_dir / "variants").iterdir()) == before
 
 
