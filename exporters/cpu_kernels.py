@@ -35,8 +35,8 @@ from onnx import helper, numpy_helper
 
 from exporters.block_kernels import pack_narrow_blocks, pack_shared_head, rewrite_shared_blocks
 from exporters.gated_mlp import fuse_gated_mlps
-from exporters.native_attention import native_attention
 from exporters.graph import GraphIndex
+from exporters.native_attention import native_attention
 from exporters.onnx_io import load_onnx, move_model, save_model_auto
 from exporters.optimize import remove_dead_nodes
 from exporters.quantization.embedding import share_tied_table
@@ -310,9 +310,10 @@ def specialize(source: Path, target: Path, portable: Path | None = None, move_he
                fuse_mlp: bool = False, attention: bool = False) -> dict:
     """source model.onnx -> target model.onnx with its static int8 MatMuls and its shared 8-bit heads on the
     native kernels (with `fuse_mlp`, also each SwiGLU product and its online rotation as one native op, and with
-    `attention` each GroupQueryAttention on the native CacheAttention: both round otherwise than onnxruntime); written to a temp name, then renamed. Where the head moved onto the
-    table's blocks (`head_on_table_blocks`, which changes the logits), the graph as it is then, before the native
-    kernels, is also saved at `portable`: what the native graph must equal."""
+    `attention` each GroupQueryAttention on the native CacheAttention: both round otherwise than onnxruntime);
+    written to a temp name, then renamed. Where the head moved onto the table's blocks (`head_on_table_blocks`,
+    which changes the logits), the graph as it is then, before the native kernels, is also saved at `portable`:
+    what the native graph must equal."""
     model = load_onnx(source)
     before = len(model.graph.node)
     moved = head_on_table_blocks(model) if move_head else None

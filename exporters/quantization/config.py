@@ -58,8 +58,8 @@ class QuantConfig:
                                     # weights (w8a8: before smoothing), so no channel of the residual stream is an
                                     # outlier
     online_hadamard: int = 128      # w8a8/w4 with rotate: block size of the online Hadamard rotation before each
-                                    # down_proj, and before the norm outputs' readers where R1 cannot rotate the
-                                    # stream, after the outlier split (exporters/rotation.py); 0: none. Without
+                                    # down_proj, and before qkv, gate_up and o_proj where R1 and R2 cannot reach,
+                                    # after the outlier split (exporters/rotation.py); 0: none. Without
                                     # R1 it measured worse, so rotate gates it
     outlier_channels: int = 16      # w8a8: per smoothed activation, at most this many channels over 4x the 99th
                                     # percentile channel peak leave the int8 MatMul for a small float one

@@ -151,7 +151,8 @@ def run_rotate(q: Quantizing, config: RotateConfig) -> Quantizing:
 def run_smooth(q: Quantizing, config: SmoothConfig) -> Quantizing:
     """SmoothQuant smoothing and outlier-channel splitting (exporters/smoothing.py); first names the MatMuls the
     online Hadamard rotates after the split (`online_targets`)."""
-    q.online = online_targets(q.model, q.exclude, q.rotated, q.details.get("rotation", {}).get("value_heads", 0) > 0)
+    values = q.details.get("rotation", {}).get("value_heads", 0) > 0  # R2 rotated the o_proj inputs
+    q.online = online_targets(q.model, q.exclude, q.rotated, values)
     with rewriting(q, "smoothed"):
         q.details["smoothing"] = smooth_model(q.model, q.reader, config, q.workdir, q.rotated, q.weights_dir)
     return q
@@ -165,7 +166,7 @@ class RotateWeightsConfig:
 
 def run_rotate_weights(q: Quantizing, config: RotateWeightsConfig) -> Quantizing:
     """Weight-only recipes: QuaRot's R1 and R2 and the online Hadamard (`online_targets`: before each down_proj,
-    and before every reader of a norm output where R1 cannot rotate the stream, as on Gemma 3) folded into the
+    and where R1 and R2 cannot reach, before qkv, gate_up and o_proj, as on Gemma 3) folded into the
     float weights before GPTQ (exporters/rotation.py), as w8a8 does before its static int8. Rotated weights have
     no outlier rows for a 4-bit block to spend its levels on.
 
@@ -196,7 +197,7 @@ class OnlineHadamardConfig:
 
 
 def run_online_hadamard(q: Quantizing, config: OnlineHadamardConfig) -> Quantizing:
-    """QuaRot's online rotation of the gated-MLP products (exporters/rotation.py's `online_hadamard`)."""
+    """QuaRot's online rotation (exporters/rotation.py's `online_hadamard`) of the inputs `run_smooth` named."""
     with rewriting(q, "online"):
         q.details["online_hadamard"] = online_hadamard(q.model, q.online, config.block)
     return q

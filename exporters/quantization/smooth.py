@@ -64,9 +64,10 @@ def head_matmul(model: onnx.ModelProto) -> str | None:
     return None
 
 
-def online_targets(model: onnx.ModelProto, exclude: tuple[str, ...], rotated: bool, values: bool = True) -> list[str]:
+def online_targets(model: onnx.ModelProto, exclude: tuple[str, ...], rotated: bool,
+                   values: bool = True) -> list[str]:
     """The MatMuls the online Hadamard rotates (`rotated_online`), named before smoothing splits channels off; and
-    where R2 rotated no attention values (`values` false: Gemma 3's packed QKV passes its q/k norms first), each
+    where R2 rotated no attention values (`values` false: Gemma 3's q and k pass their norms, apart from v), each
     output projection reading a GroupQueryAttention (which no smoothing reaches). The head is not: rotated, its
     weight would no longer be the tied table's, which the embedding then could not share (Gemma 3's table, exact
     Q8_0 blocks, would be stored twice: w4 256.8 -> 435.7 MB)."""

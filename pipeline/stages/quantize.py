@@ -65,9 +65,9 @@ class QuantizeStageConfig:
                           "stream and attention values; w8a8: before smoothing), exact in float and adding no ops; "
                           "and the online one of --online-hadamard.", off="--no-rotate")
     online_hadamard: int = option(int, 128, "w8a8/w4 with --rotate: block size of an online Hadamard rotation "
-                                  "before each down_proj, and before every reader of a norm output where the folded "
-                                  "rotation cannot reach it (Gemma's norms after attention and MLP): three float ops "
-                                  "each that make the input fit static int8 or 4-bit blocks; 0: none.", lo=0)
+                                  "before each down_proj, and before qkv, gate_up and o_proj where the folded "
+                                  "rotations cannot reach them (Gemma's norms): three float ops each that make the "
+                                  "input fit static int8 or 4-bit blocks; 0: none.", lo=0)
     outlier_channels: int = option(int, 16, "w8a8: at most this many channels of each smoothed activation, those "
                                    "over 4x its 99th-percentile channel peak, leave the int8 MatMul for a small "
                                    "float one (0: none).", lo=0)

@@ -1546,9 +1546,10 @@ static OrtStatus* ORT_API_CALL gated_compute(void* kernel, OrtKernelContext* con
 /* com.microsoft GroupQueryAttention (CPU, float) for packed QKV with rotary (non-interleaved, over the first
  * 2 * cos_cache's width dimensions of each head), what the fused graphs hold, written so that a one-token step
  * costs what its arithmetic does and a long prompt's chunks run at the machine's float rate: onnxruntime's kernel
- * spends ~20 us a layer on a decode step at a short context (its temporary buffers, a transpose of QKV and a
- * thread-pool round per head), and computes each chunk's scores as one GEMM per head into a (S, T) buffer that
- * softmax and the product with V then read again.
+ * allocates temporary buffers and transposes QKV on every call, and computes each chunk's scores as one GEMM per
+ * head into a (S, T) buffer that softmax and the product with V then read again. Measured alone, a decode step's
+ * layer takes half of onnxruntime's time; in a whole model the step is not faster yet (docs/quantization.md), so
+ * `optimize --native-attention` is opt-in.
  *
  * Inputs: 0 qkv (B, S, (NH + 2 KVH) H); 1, 2 past key and value (B, KVH, P, H); 3 seqlens_k int32 (B): each
  * row's total length - 1; 4 total_sequence_length int32 scalar; 5, 6 cos and sin caches (positions, R / 2).

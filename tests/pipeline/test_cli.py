@@ -226,8 +226,9 @@ def test_a_native_variant_whose_logits_differ_is_not_kept(run_dir, text_file, na
 def test_native_int8_fuses_each_mlp_and_judges_the_variant_by_the_float_model(run_dir, text_file, native_kernels,
                                                                               monkeypatch):
     """By default every layer's silu(gate) * up and online rotation become one GluRotate (and with
-    --native-attention its GroupQueryAttention CacheAttention); the rounding that moves is judged against the float model (kept within twice w8a8's mean KL, the distances recorded) and the
-    variant checks as w8a8 does; past that bound it is refused with one line and the run stays as it was."""
+    --native-attention its GroupQueryAttention CacheAttention); the rounding that moves is judged against the
+    float model (kept within twice w8a8's mean KL, the distances recorded) and the variant checks as w8a8 does;
+    past that bound it is refused with one line and the run stays as it was."""
     from pipeline.stages import optimize as optimize_stage
 
     w8a8_variant(run_dir, text_file)
