@@ -1346,7 +1346,7 @@ static void rotate_rows(const float* h, int64_t f, const float* r, int64_t b, in
 
 /* e^x for VW lanes as 2^n * p(r) with n = round(x / ln 2), |r| <= ln 2 / 2 and p Cephes's degree-6 polynomial (2
  * ulp): no libm call, no branch. x is clamped to +-88 (bit masks: GCC does not vectorize a float select on AVX2),
- * where e^88 is still a float; e^-88 stands for every smaller value. */
+ * where e^88 is still a float; from about -87.7 down the result is 0 (e^x below float's normal range). */
 static inline __attribute__((always_inline)) fvec exp_vec(fvec x) {
     const fvec zero = {0}, lo = zero - 88.0f, hi = zero + 88.0f;
     ivec below = x < lo, above = x > hi;
@@ -1560,13 +1560,13 @@ static OrtStatus* ORT_API_CALL gated_compute(void* kernel, OrtKernelContext* con
  * As onnxruntime's: S == total_sequence_length is a first prompt (past 0; a row's positions beyond its own
  * length are padding), else each row continues its cache at total - S; query row s attends to keys [lo, past
  * + s + 1), lo = that - window with a window. Its scores are scale * q.k, soft-capped as cap * tanh(x /
- * cap), then softmax. What differs is the order of float sums (within 1e-6 of onnxruntime's, tested).
+ * cap), then softmax. What differs is the order of float sums (within 3e-5 of onnxruntime's, tested).
  *
  * Work: for each KV head, its group's query vectors (rows x heads sharing it) go VW at a time, one per lane:
  * the scores of a key for VW query vectors are H multiply-adds of a query tile (transposed once: H x VW) by the
  * key's broadcast elements, so nothing is reduced across lanes; softmax runs over keys per lane, online in
  * blocks of ATTN_KEYS keys (flash attention's running max and sum), and the values accumulate the same way.
- * Units (batch row, KV head, VW query vectors) go over onnxruntime's thread pool when there is work enough. */
+ * Units (batch row, KV head, VW query vectors) go over onnxruntime's thread pool. */
 enum { ATTN_KEYS = 64, ATTN_MAX_HEAD = 256 };
 
 typedef struct {
