@@ -29,7 +29,7 @@ from exporters.quantization.packs import HESSIAN_BUDGET, PackedWeights, Streamed
 from exporters.quantization.scales import half_scales
 from exporters.quantization.qdq import QdqConfig, QdqJob, quantize_qdq, with_value_info
 from exporters.quantization.search import Judge, take_out_until_budget
-from exporters.quantization.smooth import SmoothConfig, online_targets, reaches_norms, smooth_model
+from exporters.quantization.smooth import SmoothConfig, fused_graph, online_targets, smooth_model
 from exporters.quantization.static import StaticWriter, activation_ranges
 from exporters.quantization.switch import NBitsSwitch, QuantSwitch
 from exporters.rotation import ONLINE_SUFFIX, RotationReport, online_hadamard, rotate, why_not_rotatable
@@ -176,7 +176,7 @@ def run_rotate_weights(q: Quantizing, config: RotateWeightsConfig) -> Quantizing
     is a tied table no more (the final norm is folded into the head): `tie_map` keeps the map X with which the
     table is the head's weight, E = W^T X, so the writer can still store it once."""
     reason = why_not_rotatable(q.model)
-    if reason is not None and not reaches_norms(q.model, False):  # an unfused export: nothing read or rotated
+    if reason is not None and not fused_graph(q.model):  # an unfused export: nothing read or rotated
         q.details["rotation"] = RotationReport(False, 0, reason).as_dict()
         return q
     with rewriting(q, "rotated", always=True):

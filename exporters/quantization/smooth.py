@@ -12,8 +12,9 @@ import onnx
 from exporters.calibration import KVCacheCalibrationReader
 from exporters.graph import GraphIndex, weight_array
 from exporters.rotation import online_matrix
-from exporters.smoothing import ActivationStats, SmoothGroup, best_alpha, collect_activation_stats, \
-    find_smooth_groups, pick_outliers, smooth
+from exporters.smoothing import ActivationStats, best_alpha, collect_activation_stats, find_smooth_groups, \
+    pick_outliers, smooth
+from runtimes.contract import LOGITS
 
 
 SMOOTH_GROUPS = ("auto", "all", "gated", "none")  # SmoothConfig.groups
@@ -34,29 +35,23 @@ class SmoothConfig:
             raise ValueError(f"groups must be one of {SMOOTH_GROUPS}, got {self.groups!r}")
 
 
-def rotated_online(group: SmoothGroup, norms: bool) -> bool:
-    """Whether the online Hadamard rotates this activation's readers: a gated-MLP product's always (no folded
-    rotation reaches it: the nonlinearity sits between up_proj and down_proj), a norm output's when `norms`
-    (`reaches_norms`), so every static int8 input is rotated one way or the other."""
-    return group.first_column is not None or norms
-
-
-def reaches_norms(model: onnx.ModelProto, rotated: bool) -> bool:
-    """Whether the online Hadamard also takes the norm outputs: where R1 did not rotate the residual stream of a
-    fused graph (Gemma 3's norms after attention and MLP stop it). An unfused export is left as before: its q, k
-    and v (gate and up) would each take a rotation of the one input, and the fused graph is what is quantized."""
-    return not rotated and any(n.op_type == "GroupQueryAttention" for n in model.graph.node)
+def fused_graph(model: onnx.ModelProto) -> bool:
+    """Whether the graph is the fused one (its attention GroupQueryAttention): where `online_targets` goes past
+    the down_proj inputs. An unfused export's q, k and v (gate and up) would each take a rotation of one input."""
+    return any(n.op_type == "GroupQueryAttention" for n in model.graph.node)
 
 
 def head_matmul(model: onnx.ModelProto) -> str | None:
-    """The MatMul that computes the logits: the graph's first output's producer, followed back through ops with
-    one computed input (Gemma 2's soft-capping: Div, Tanh, Mul by constants); None if there is none."""
+    """The MatMul that computes the logits, followed back from them through ops with one computed input (Gemma
+    2's soft-capping: Div, Tanh, Mul by constants); None if there is none."""
     g = GraphIndex.of(model)
-    name = model.graph.output[0].name if model.graph.output else ""
+    name = LOGITS
     for _ in range(8):
         node = g.producers.get(name)
-        if node is None or node.op_type == "MatMul":
-            return node.name if node is not None else None
+        if node is None:
+            return None
+        if node.op_type == "MatMul":
+            return node.name
         computed = [i for i in node.input if i and i not in g.inits]
         if len(computed) != 1:
             return None
@@ -66,15 +61,18 @@ def head_matmul(model: onnx.ModelProto) -> str | None:
 
 def online_targets(model: onnx.ModelProto, exclude: tuple[str, ...], rotated: bool,
                    values: bool = True) -> list[str]:
-    """The MatMuls the online Hadamard rotates (`rotated_online`), named before smoothing splits channels off; and
-    where R2 rotated no attention values (`values` false: Gemma 3's q and k pass their norms, apart from v), each
-    output projection reading a GroupQueryAttention (which no smoothing reaches). The head is not: rotated, its
-    weight would no longer be the tied table's, which the embedding then could not share (Gemma 3's table, exact
-    Q8_0 blocks, would be stored twice: w4 256.8 -> 435.7 MB)."""
-    norms, head = reaches_norms(model, rotated), head_matmul(model)
-    targets = [m for g in find_smooth_groups(model, exclude) if rotated_online(g, norms) and head not in g.matmuls
-               for m in g.matmuls]
-    if not values and any(n.op_type == "GroupQueryAttention" for n in model.graph.node):
+    """The MatMuls the online Hadamard rotates, named before smoothing splits channels off, so that every static
+    int8 input is rotated one way or the other: each gated-MLP product's readers (down_proj: no folded rotation
+    reaches past the nonlinearity); on a fused graph where R1 did not rotate the residual stream (Gemma 3's norms
+    after attention and MLP stop it), each norm output's readers too; and where R2 rotated no attention values
+    (`values` false: Gemma 3's q and k pass their norms, apart from v), each output projection reading a
+    GroupQueryAttention (which no smoothing reaches). The head is not: rotated, its weight would no longer be the
+    tied table's, which the embedding then could not share (Gemma 3's table, exact Q8_0 blocks, would be stored
+    twice: w4 256.8 -> 435.7 MB)."""
+    fused, head = fused_graph(model), head_matmul(model)
+    targets = [m for g in find_smooth_groups(model, exclude)
+               if (g.first_column is not None or fused and not rotated) and head not in g.matmuls for m in g.matmuls]
+    if fused and not values:
         g = GraphIndex.of(model)
         targets += [r.name for n in model.graph.node if n.op_type == "GroupQueryAttention"
                     for r in g.consumers.get(n.output[0], []) if r.name in g.weight_names

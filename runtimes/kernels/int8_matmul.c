@@ -1099,7 +1099,7 @@ static OrtStatus* ORT_API_CALL block_compute(void* kernel, OrtKernelContext* con
     return status;
 }
 
-static OrtStatus* packed_error(const char* what) {
+static OrtStatus* invalid_argument(const char* what) {
     return g_api->CreateStatus(ORT_INVALID_ARGUMENT, what);
 }
 
@@ -1108,7 +1108,7 @@ static OrtStatus* int_list(const OrtKernelInfo* info, const char* name, int64_t*
     *count = 0;
     RETURN_IF_ERROR(g_api->KernelInfoGetAttributeArray_int64(info, name, NULL, count));
     if (*count == 0 || *count > MAX_SEGMENTS)
-        return packed_error("pipeline kernels: `bits` and `rows` need 1 to 64 entries");
+        return invalid_argument("pipeline kernels: `bits` and `rows` need 1 to 64 entries");
     return g_api->KernelInfoGetAttributeArray_int64(info, name, out, count);
 }
 
@@ -1134,21 +1134,21 @@ static OrtStatus* read_segments(const OrtKernelInfo* info, int64_t K, size_t inp
     RETURN_IF_ERROR(int_list(info, "bits", seg->bits, &seg->count));
     RETURN_IF_ERROR(int_list(info, "rows", seg->rows, &count));
     if (count != seg->count || K <= 0 || K % BLOCK)
-        return packed_error("pipeline kernels: packed codes need K a multiple of 32 and one `rows` entry per `bits`");
+        return invalid_argument("pipeline kernels: packed codes need K a multiple of 32 and one `rows` entry per `bits`");
     k->n = seg->bytes = 0;
     k->kb = K / BLOCK;
     for (size_t s = 0; s < seg->count; s++) {
         if (seg->bits[s] < 2 || seg->bits[s] > 8 || seg->rows[s] <= 0)
-            return packed_error("pipeline kernels: packed codes are 2 to 8 bits, in segments of at least one row");
+            return invalid_argument("pipeline kernels: packed codes are 2 to 8 bits, in segments of at least one row");
         k->n += seg->rows[s];
         seg->bytes += seg->rows[s] * k->kb * 4 * seg->bits[s];
     }
     int constant = 0;
     RETURN_IF_ERROR(g_api->KernelInfoGetConstantInput_tensor(info, input, &constant, src));
     if (!constant || !*src)
-        return packed_error("pipeline kernels: packed codes must be an initializer");
+        return invalid_argument("pipeline kernels: packed codes must be an initializer");
     if (element_count(*src) != seg->bytes)
-        return packed_error("pipeline kernels: the packed codes' size does not match K, bits and rows");
+        return invalid_argument("pipeline kernels: the packed codes' size does not match K, bits and rows");
     return NULL;
 }
 
@@ -1746,10 +1746,6 @@ FUSED_MULTIPLY_ADD static void attend_few_unit(void* data, size_t index) {
     }
 }
 
-static OrtStatus* attn_error(const char* what) {
-    return g_api->CreateStatus(ORT_INVALID_ARGUMENT, what);
-}
-
 static OrtStatus* ORT_API_CALL attention_compute(void* kernel, OrtKernelContext* context) {
     const Kernel* k = (const Kernel*)kernel;
     const OrtValue* in[7];
@@ -1765,26 +1761,26 @@ static OrtStatus* ORT_API_CALL attention_compute(void* kernel, OrtKernelContext*
     AttnJob job = {0};
     job.nh = k->heads, job.kvh = k->kv_heads;
     if (qr != 3 || kr != 4 || vr != 4 || sr != 1 || cr != 2 || nr != 2)
-        return attn_error("CacheAttention: qkv (B, S, D), caches (B, KVH, P, H), seqlens_k (B), cos/sin 2-D");
+        return invalid_argument("CacheAttention: qkv (B, S, D), caches (B, KVH, P, H), seqlens_k (B), cos/sin 2-D");
     job.batch = qd[0], job.s = qd[1];
     job.h = qd[2] / (job.nh + 2 * job.kvh);
     job.half = cd[1], job.positions = cd[0];
     if (job.h * (job.nh + 2 * job.kvh) != qd[2] || job.h > ATTN_MAX_HEAD || kd[0] != job.batch ||
         kd[1] != job.kvh || kd[3] != job.h || memcmp(kd, vd, sizeof(int64_t) * 4) || sd[0] != job.batch ||
         nd[0] != cd[0] || nd[1] != cd[1] || 2 * job.half > job.h)
-        return attn_error("CacheAttention: shapes do not agree (or a head wider than 256)");
+        return invalid_argument("CacheAttention: shapes do not agree (or a head wider than 256)");
     const int32_t* total_len = (const int32_t*)data_of(in[4]);
     job.seqlens = (const int32_t*)data_of(in[3]);
-    if (!total_len || (job.batch && !job.seqlens)) return attn_error("CacheAttention: no lengths");
+    if (!total_len || (job.batch && !job.seqlens)) return invalid_argument("CacheAttention: no lengths");
     const int64_t total = *total_len, past_len = kd[2];
     job.first = job.s == total;
     if (!job.first && job.s != 1 && job.batch != 1)
-        return attn_error("CacheAttention: a continued prompt of several tokens needs batch 1");
+        return invalid_argument("CacheAttention: a continued prompt of several tokens needs batch 1");
     job.p = past_len > total ? past_len : total;
     for (int64_t b = 0; b < job.batch; b++) {
         const int64_t t = (int64_t)job.seqlens[b] + 1;
         if (t < 1 || t > job.p || (!job.first && t < job.s) || attn_past(&job, b) + job.s > job.positions)
-            return attn_error("CacheAttention: seqlens_k out of range of the cache or the cos/sin cache");
+            return invalid_argument("CacheAttention: seqlens_k out of range of the cache or the cos/sin cache");
     }
     int64_t out_dims[3] = {job.batch, job.s, job.nh * job.h}, cache_dims[4] = {job.batch, job.kvh, job.p, job.h};
     OrtValue *out, *present_k, *present_v;
@@ -1798,7 +1794,7 @@ static OrtStatus* ORT_API_CALL attention_compute(void* kernel, OrtKernelContext*
     const float* past_v = (const float*)data_of(in[2]);
     if (job.batch * job.s == 0) return NULL;
     if (!job.out || !job.key || !job.value || !job.qkv || !job.cos || !job.sin)
-        return attn_error("CacheAttention: an input has no data");
+        return invalid_argument("CacheAttention: an input has no data");
     const int64_t plane = job.p * job.h;
     if (job.key != past_k || job.value != past_v) /* not in place: the past copied, the rest zero */
         for (int64_t bg = 0; bg < job.batch * job.kvh; bg++) {
@@ -1871,7 +1867,7 @@ static OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi
         OrtStatus* status_ = g_api->KernelInfoGetAttribute_int64(info, "num_heads", &k->heads);
         if (!status_) status_ = g_api->KernelInfoGetAttribute_int64(info, "kv_num_heads", &k->kv_heads);
         if (!status_ && (k->heads < 1 || k->kv_heads < 1 || k->heads % k->kv_heads))
-            status_ = attn_error("CacheAttention: num_heads must be a multiple of kv_num_heads");
+            status_ = invalid_argument("CacheAttention: num_heads must be a multiple of kv_num_heads");
         if (status_) {
             destroy_kernel(k);
             return status_;
@@ -1918,7 +1914,7 @@ static OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi
     absent = o->compute != compute ? g_api->KernelInfoGetAttribute_int64(info, "K", &K) : NULL;
     if (absent) { /* BlockInt8MatMul: stored 8-bit blocks, read in place */
         g_api->ReleaseStatus(absent);
-        if (o->compute == gather_compute) status = packed_error("BlockGather needs the attributes K, bits and rows");
+        if (o->compute == gather_compute) status = invalid_argument("BlockGather needs the attributes K, bits and rows");
     } else if (o->compute == gather_compute) {
         const OrtValue* packed;
         status = read_segments(info, K, 0, k, &packed);
