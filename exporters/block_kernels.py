@@ -14,6 +14,11 @@ packed at their own width (`pack_narrow_blocks`): the file holds 5 bits a weight
 once when the session starts and computes as on the stored blocks (its x86-64 builds keep 5-bit codes at 5 bits in
 memory and decodes them as it reads them).
 
+A 4-bit MatMulNBits (symmetric blocks of 32, w4's MatMuls the search left at 4 bits) that nothing else reads becomes
+BlockInt8MatMul over the same bytes (`pack_four_bit`): MatMulNBits' nibbles are the kernel's 4-bit packed codes as
+they are, so the file does not change size; every build keeps them at 4 bits in memory and decodes them as it reads
+them, and computes the int8 sums onnxruntime's int8 path forms.
+
 BlockGather: a tied head of such narrow codes (w4's --head-bits 5 to 7), whose blocks the token embedding
 gathers, is packed the same way, and the embedding's lookup reads the rows it needs from the packed codes
 (`pack_shared_head`): the table is stored once, at its codes' width.
@@ -159,6 +164,49 @@ def pack_narrow_blocks(model: onnx.ModelProto) -> dict[str, dict]:
         moved[original] = _to_packed_op(model, node, codes, *widths)
     if moved:
         index.remove_unused_initializers()  # the 8-bit blocks the packed codes replace
+    return moved
+
+
+def four_bit_matmuls(model: onnx.ModelProto, index: GraphIndex) -> list[onnx.NodeProto]:
+    """The 4-bit MatMulNBits BlockInt8MatMul computes as they are (blocks of 32, the default zero point 8, int8
+    activations: accuracy_level 4; float32 scales) whose blocks nothing else reads."""
+    found = []
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
+            continue
+        attrs = {a.name: a.i for a in node.attribute}
+        blocks = index.inits.get(node.input[1])
+        if (attrs.get("bits") == 4 and attrs.get("block_size") == 32 and attrs.get("accuracy_level") == 4
+                and not any(node.input[3:]) and blocks is not None and blocks.data_type == onnx.TensorProto.UINT8
+                and list(blocks.dims) == [attrs.get("N"), attrs.get("K", 0) // 32, 16] and not attrs["K"] % 32
+                and _float_scales(index, node.input[2]) and index.uses[node.input[1]] == 1):
+            found.append(node)
+    return found
+
+
+def pack_four_bit(model: onnx.ModelProto) -> dict[str, dict]:
+    """Each `four_bit_matmuls` node becomes BlockInt8MatMul over its blocks as its 4-bit packed codes: a block's 16
+    bytes hold value 2i in the low nibble of byte i and 2i + 1 in the high one, code q for the weight q - 8, which
+    is the kernel's little-endian stream of 4-bit codes (code = weight + 8) byte for byte. Returns what
+    `pack_narrow_blocks` does."""
+    index = GraphIndex(model)
+    moved = {}
+    for node in four_bit_matmuls(model, index):
+        blocks = index.inits[node.input[1]]
+        n, kb, _ = blocks.dims
+        flat = onnx.TensorProto()
+        flat.CopyFrom(blocks)
+        flat.name = f"{node.input[1]}_packed"
+        del flat.dims[:]
+        flat.dims.append(n * kb * 16)
+        model.graph.initializer.append(flat)
+        original, k = node.name, kb * 32
+        _to_block_op(model, node)
+        node.input[1] = flat.name
+        _packed_attributes(node, k, [4], [n])
+        moved[original] = {"rows_at_bits": {"4": n}, "bytes": [n * kb * 16, n * kb * 16]}
+    if moved:
+        index.remove_unused_initializers()  # the blocks under their old shape
     return moved
 
 

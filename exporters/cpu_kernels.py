@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from exporters.block_kernels import pack_narrow_blocks, pack_shared_head, rewrite_shared_blocks
+from exporters.block_kernels import pack_four_bit, pack_narrow_blocks, pack_shared_head, rewrite_shared_blocks
 from exporters.gated_mlp import fuse_gated_mlps
 from exporters.graph import GraphIndex
 from exporters.native_attention import native_attention
@@ -320,11 +320,12 @@ def specialize(source: Path, target: Path, portable: Path | None = None, move_he
     if moved is not None and portable is not None:
         save_model_auto(model, portable)
     static, head = rewrite(model), pack_shared_head(model)
-    shared, packed = rewrite_shared_blocks(model), {**head, **pack_narrow_blocks(model)}
+    shared = rewrite_shared_blocks(model)
+    packed = {**head, **pack_narrow_blocks(model), **pack_four_bit(model)}
     if not static + shared + len(packed):
-        raise UserError(f"{source} has no static int8 MatMul, no 8-bit head shared with its embedding and no 8-bit "
-                        "blocks of fewer bits for the native kernels: quantize it with `pipeline quantize --recipe "
-                        "w8a8` (or w4, w8, gguf with a tied embedding) first")
+        raise UserError(f"{source} has no static int8 MatMul, no 8-bit head shared with its embedding, no 8-bit "
+                        "blocks of fewer bits and no 4-bit blocks for the native kernels: quantize it with `pipeline "
+                        "quantize --recipe w8a8` (or w4, w8, gguf with a tied embedding) first")
     gated = fuse_gated_mlps(model) if fuse_mlp else 0
     attended = native_attention(model) if attention else 0
     kernels = [name for name, count in ((OP, static), (BLOCK_OP, shared + len(packed)), (GATHER_OP, len(head)),

@@ -67,7 +67,8 @@
 #ifndef KERNEL_AVX2
 #define KERNEL_AVX2 0
 #endif
-/* the x86-64 builds keep 5-bit codes at 5 bits in memory ("5-bit codes kept at 5 bits" below) */
+/* the x86-64 builds keep 5-bit codes at 5 bits in memory ("5-bit codes kept at 5 bits" below); every build keeps
+ * 4-bit codes at 4 bits ("4-bit codes kept at 4 bits") */
 #define KERNEL_FIVE (KERNEL_AVX2 || KERNEL_AVX512)
 
 #include "onnxruntime_c_api.h"
@@ -362,11 +363,11 @@ typedef struct {
     uint8_t* blocks; /* (n, kb, 32), or NULL: the blocks are input 1 as stored */
     int64_t n, kb;
     Segments seg;
-    /* where each segment's rows start in `blocks`, and whether they are kept at 5 bits (the x86-64 builds: "5-bit
-     * codes kept at 5 bits" below) rather than a byte each */
+    /* where each segment's rows start in `blocks`, and the width its codes are kept at in memory: 5 (the x86-64
+     * builds: "5-bit codes kept at 5 bits" below), 4 ("4-bit codes kept at 4 bits"), or 0: a byte each */
     int64_t offset[MAX_SEGMENTS];
-    unsigned char five[MAX_SEGMENTS];
-    int any_five;
+    unsigned char kept[MAX_SEGMENTS];
+    int any_kept;
     /* GluRotate: R's first column, (b), where R is diag(that column) times Sylvester's Hadamard matrix of
      * order b (the fast transform applies); else NULL */
     float* signs;
@@ -476,7 +477,8 @@ static OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* context) 
  * The kernel unpacks them into the (N, K/32, 32) bytes above once, when the session is created, and computes
  * exactly as for stored 8-bit blocks: the file holds b bits a weight, memory 8 (the packed codes' pages are
  * handed back to the system once read, release_pages). The x86-64 builds keep 5-bit runs at 5 bits in memory
- * instead, and decode them as they read them (below, "5-bit codes kept at 5 bits").
+ * instead, and every build 4-bit runs at 4 bits (w4's 4-bit MatMulNBits, whose stored nibbles are such a run as
+ * they are), decoding them as they read them (below, "5-bit codes kept at 5 bits", "4-bit codes kept at 4 bits").
  *
  * x86-64: vpdpbusd takes 64 stored bytes (two blocks) as its unsigned operand and A as its signed one; its
  * accumulator starts at -16 * sum(A of the block) in each of the block's 8 lanes (128 * sum over 8 lanes: the
@@ -504,8 +506,8 @@ enum { BLOCK = 32 };
  * and holds 29 MB less (docs/benchmarks.md); on the AVX-512 build (a 2-core EPYC with VNNI), with 103, 9.0 ->
  * 8.2 ms/token and 223 -> 197 MB (python -m runtimes bench, 3 alternating runs each). */
 #if KERNEL_FIVE
-/* a prompt's 5-bit rows are decoded this many at a time: the weight rows the build's prompt tile takes */
-enum { FIVE_ROWS = KERNEL_AVX512 ? 4 : 2 };
+/* a prompt's 5-bit (and 4-bit) rows are decoded this many at a time: the weight rows the build's prompt tile takes */
+enum { KEPT_ROWS = KERNEL_AVX512 ? 4 : 2 };
 
 #if KERNEL_AVX512
 enum { FIVE_PAIR = 40 };
@@ -549,6 +551,47 @@ static void five_pack_row(const uint8_t* w, int64_t kb, uint8_t* out) {
 #endif
 #endif
 
+/* ---- 4-bit codes kept at 4 bits (every build) ----
+ *
+ * w4's 4-bit MatMulNBits (symmetric blocks of 32, w = scale * (q - 8)) become runs of 4-bit codes c = q, the
+ * weight c - 8 (W = c + 120 as a stored byte), and every build keeps them at 4 bits in memory, decoding them as a
+ * row is read, as the 5-bit runs above: 16 bytes a block where bytes take 32. A row's layout:
+ *
+ * - AVX-512: pairs of blocks t, t + 1 (the last alone where the row has an odd count), 32 bytes each: byte i holds
+ *   code i of block t in bits 0-3 and of block t + 1 in bits 4-7 (the 5-bit pairs without their fifth-bit word).
+ * - AVX2 and AArch64: 16 bytes a block: byte i holds code i in bits 0-3 and code i + 16 in bits 4-7.
+ *
+ * Each build's rows give the same int32 sums as its 8-bit path on the bytes W, so the same floats to the bit. */
+#if KERNEL_AVX512
+enum { FOUR_PAIR = 32 };
+
+static int64_t four_row_bytes(int64_t kb) { return (kb + 1) / 2 * FOUR_PAIR; }
+
+/* One row of bytes W = c + 120 (kb blocks) -> the 4-bit layout above. */
+static void four_pack_row(const uint8_t* w, int64_t kb, uint8_t* out) {
+    for (int64_t t = 0; t < kb; t += 2, out += FOUR_PAIR)
+        for (int i = 0; i < BLOCK; i++)
+            out[i] = (uint8_t)(((w[t * BLOCK + i] - 120) & 15)
+                               | (t + 1 < kb ? ((w[(t + 1) * BLOCK + i] - 120) & 15) << 4 : 0));
+}
+#else
+static int64_t four_row_bytes(int64_t kb) { return kb * 16; }
+
+/* One row of bytes W = c + 120 (kb blocks) -> the 4-bit layout above. */
+static void four_pack_row(const uint8_t* w, int64_t kb, uint8_t* out) {
+    for (int64_t t = 0; t < kb; t++, w += BLOCK)
+        for (int i = 0; i < 16; i++) *out++ = (uint8_t)(((w[i] - 120) & 15) | (((w[i + 16] - 120) & 15) << 4));
+}
+#endif
+
+/* The bytes a row of a segment kept at `width` bits (4 or 5) takes in memory. */
+static int64_t kept_row_bytes(int width, int64_t kb) {
+#if KERNEL_FIVE
+    if (width == 5) return five_row_bytes(kb);
+#endif
+    return width == 4 ? four_row_bytes(kb) : kb * BLOCK;
+}
+
 typedef struct {
     const int8_t* aq;       /* (M, K) activations quantized per block */
     const float* a_scale;   /* (M, KB) */
@@ -559,9 +602,9 @@ typedef struct {
     const float* w_scale;   /* (N, KB) */
     float* y;               /* (M, N) */
     int64_t m, kb, n, chunks;
+    const Kernel* packed;   /* with segments kept narrow (any_kept), the rows as it keeps them; else NULL */
 #if KERNEL_FIVE
-    const Kernel* packed;   /* with 5-bit segments (any_five), the rows as it keeps them; else NULL */
-    uint8_t* scratch;       /* (chunks, FIVE_ROWS, K): a prompt's 5-bit rows, a few at a time, a byte each */
+    uint8_t* scratch;       /* (chunks, KEPT_ROWS, K): a prompt's narrow rows, a few at a time, a byte each */
 #endif
 #if KERNEL_AVX2
     const int16_t* a_pair16; /* (M, KB, 16): 16 * (A[2i] + A[2i + 1]) of each block, for the 5-bit rows */
@@ -716,10 +759,20 @@ static inline __attribute__((always_inline)) __m512i five_pair(const uint8_t* pa
     return _mm512_mask_add_epi8(w, _cvtu64_mask64(fifth), w, _mm512_set1_epi8(16));
 }
 
-/* 5-bit row n (its layout at wr) against a decode step's one activation row: block_row's sums on its bytes, in
- * the same order. (Two or four rows side by side, sharing each pair's activation loads, were slower.) */
-static inline void five_row(const BlockJob* j, const uint8_t* wr, int64_t n) {
-    const int64_t kb = j->kb, pairs = (kb + 1) / 2;
+/* 4-bit codes on this build: a pair of blocks decoded to its 64 bytes W = c + 120 as five_pair does, without the
+ * fifth bits (two vector operations), so the same accumulator starts and int32 lanes as pair_step on W. */
+static inline __attribute__((always_inline)) __m512i four_pair(const uint8_t* pair) {
+    const __m512i n = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)pair));
+    const __m512i v = _mm512_mask_srli_epi16(n, (__mmask32)0xffff0000u, n, 4);
+    return _mm512_add_epi8(_mm512_and_si512(v, _mm512_set1_epi8(0x0f)), _mm512_set1_epi8(120));
+}
+
+/* Row n of a run kept at `width` bits (5 or 4; its layout at wr) against a decode step's one activation row:
+ * block_row's sums on its bytes, in the same order. (Two or four rows side by side, sharing each pair's
+ * activation loads, were slower.) */
+static inline __attribute__((always_inline)) void kept_row(const BlockJob* j, const uint8_t* wr, int64_t n,
+                                                            const int width) {
+    const int64_t kb = j->kb, pairs = (kb + 1) / 2, pair_bytes = width == 5 ? FIVE_PAIR : FOUR_PAIR;
     __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, scales = _mm512_setzero_ps();
     for (int64_t q = 0; q < pairs; q++) {
         if (q % 8 == 0) { /* the next 16 blocks' scale products */
@@ -727,24 +780,25 @@ static inline void five_row(const BlockJob* j, const uint8_t* wr, int64_t n) {
             const __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
             scales = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, j->w_scale + n * kb + 2 * q),
                                    _mm512_maskz_loadu_ps(mask, j->a_scale + 2 * q));
-            for (int l = 0; l < 5; l++) /* the next 8 pairs' 320 bytes */
-                _mm_prefetch((const char*)wr + FIVE_PAIR * q + DECODE_AHEAD + 64 * l, _MM_HINT_NTA);
+            for (int l = 0; l < pair_bytes / 8; l++) /* the next 8 pairs' bytes */
+                _mm_prefetch((const char*)wr + pair_bytes * q + DECODE_AHEAD + 64 * l, _MM_HINT_NTA);
         }
         const int two = 2 * q + 1 < kb;
         const __m512i a = two ? _mm512_loadu_si512(j->aq + 64 * q)
                               : _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i*)(j->aq + 64 * q)));
-        const __m512i sums = _mm512_dpbusd_epi32(_mm512_loadu_si512(j->a_corr + 16 * q),
-                                                 five_pair(wr + FIVE_PAIR * q), a);
+        const __m512i w = width == 5 ? five_pair(wr + FIVE_PAIR * q) : four_pair(wr + FOUR_PAIR * q);
+        const __m512i sums = _mm512_dpbusd_epi32(_mm512_loadu_si512(j->a_corr + 16 * q), w, a);
         acc[q % 2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_permutexvar_ps(pair_index(q), scales),
                                      acc[q % 2]);
     }
     j->y[n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
 }
 
-/* 5-bit row wr -> its bytes W = c + 112 (kb blocks), for a prompt's rows. */
-static void five_unpack_row(const uint8_t* wr, int64_t kb, uint8_t* w) {
-    for (int64_t t = 0; t < kb; t += 2, wr += FIVE_PAIR) {
-        const __m512i pair = five_pair(wr);
+/* A row kept at `width` bits (wr) -> its bytes W (kb blocks), for a prompt's rows. */
+static void kept_unpack_row(const uint8_t* wr, int64_t kb, uint8_t* w, int width) {
+    const int64_t pair_bytes = width == 5 ? FIVE_PAIR : FOUR_PAIR;
+    for (int64_t t = 0; t < kb; t += 2, wr += pair_bytes) {
+        const __m512i pair = width == 5 ? five_pair(wr) : four_pair(wr);
         if (t + 1 < kb)
             _mm512_storeu_si512(w + t * BLOCK, pair);
         else
@@ -875,10 +929,15 @@ static void byte_rows(const BlockJob* j, const uint8_t* w, int64_t from, int64_t
 
 /* Block t of a group: its 32 codes (0 .. 31) from its nibbles and the group's fifth bits. The shifts move bit t
  * of each byte to bit 4 within 16-bit lanes; what crosses into a neighbouring byte lands outside bit 4. */
-static inline __attribute__((always_inline)) __m256i five_codes(const uint8_t* nibbles, __m256i plane, int t) {
+/* A block's 16 bytes of nibbles -> its 32 low nibbles (code i in bits 0-3 of byte i, code i + 16 in bits 4-7). */
+static inline __attribute__((always_inline)) __m256i nibbles_of(const uint8_t* nibbles) {
     const __m128i n = _mm_loadu_si128((const __m128i*)nibbles);
-    const __m256i low = _mm256_and_si256(
-        _mm256_inserti128_si256(_mm256_castsi128_si256(n), _mm_srli_epi16(n, 4), 1), _mm256_set1_epi8(0x0f));
+    return _mm256_and_si256(_mm256_inserti128_si256(_mm256_castsi128_si256(n), _mm_srli_epi16(n, 4), 1),
+                            _mm256_set1_epi8(0x0f));
+}
+
+static inline __attribute__((always_inline)) __m256i five_codes(const uint8_t* nibbles, __m256i plane, int t) {
+    const __m256i low = nibbles_of(nibbles);
     const __m256i fifth = t < 4 ? _mm256_slli_epi16(plane, 4 - t) : _mm256_srli_epi16(plane, t - 4);
     return _mm256_or_si256(low, _mm256_and_si256(fifth, _mm256_set1_epi8(0x10)));
 }
@@ -926,8 +985,41 @@ static inline void five_row(const BlockJob* j, const uint8_t* wr, int64_t n) {
     j->y[n] = hsum(_mm256_add_ps(acc[0], acc[1]));
 }
 
-/* 5-bit row wr -> its bytes W = c + 112 (kb blocks), for a prompt's rows. */
-static void five_unpack_row(const uint8_t* wr, int64_t kb, uint8_t* w) {
+/* 4-bit row n (its layout at wr) against a decode step's one activation row: a 4-bit code c is the 5-bit code
+ * c + 8 (the same weight, c - 8), which goes five_row's way, so the same sums as block_1x1 on its bytes. */
+static inline void four_row(const BlockJob* j, const uint8_t* wr, int64_t n) {
+    const int64_t kb = j->kb;
+    const float* sr = j->w_scale + n * kb;
+    const __m256i ones = _mm256_set1_epi16(1), eight = _mm256_set1_epi8(8);
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t b = 0; b < kb; b++) {
+        if (b % 4 == 0) _mm_prefetch((const char*)wr + 16 * b + 1024, _MM_HINT_NTA);
+        const __m256i pairs = _mm256_sub_epi16(
+            _mm256_maddubs_epi16(_mm256_add_epi8(nibbles_of(wr + 16 * b), eight),
+                                 _mm256_loadu_si256((const __m256i*)(j->aq + b * BLOCK))),
+            _mm256_loadu_si256((const __m256i*)(j->a_pair16 + b * 16)));
+        acc[b % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones)),
+                                     _mm256_set1_ps(sr[b] * j->a_scale[b]), acc[b % 2]);
+    }
+    j->y[n] = hsum(_mm256_add_ps(acc[0], acc[1]));
+}
+
+static inline void kept_row(const BlockJob* j, const uint8_t* wr, int64_t n, int width) {
+    if (width == 5)
+        five_row(j, wr, n);
+    else
+        four_row(j, wr, n);
+}
+
+/* A row kept at `width` bits (wr) -> its bytes W = c + 112 (5 bits) or c + 120 (4 bits), kb blocks, for a
+ * prompt's rows. */
+static void kept_unpack_row(const uint8_t* wr, int64_t kb, uint8_t* w, int width) {
+    if (width == 4) {
+        for (int64_t t = 0; t < kb; t++)
+            _mm256_storeu_si256((__m256i*)(w + t * BLOCK), _mm256_add_epi8(nibbles_of(wr + 16 * t),
+                                                                           _mm256_set1_epi8(120)));
+        return;
+    }
     const __m256i offset = _mm256_set1_epi8(112);
     for (int64_t g = 0; g < kb; g += FIVE_GROUP) {
         const int64_t nb = kb - g < FIVE_GROUP ? kb - g : FIVE_GROUP;
@@ -956,24 +1048,44 @@ static void block_quantize(const float* x, int64_t m, int64_t kb, int8_t* aq, fl
     }
 }
 
-static void block_run_chunk(void* data, size_t chunk) {
-    const BlockJob* j = (const BlockJob*)data;
-    const int64_t first = j->n * (int64_t)chunk / j->chunks, last = j->n * ((int64_t)chunk + 1) / j->chunks;
+/* Row n's exact integer sums against activation row r, sdot on the weights as int8: w0 holds the block's codes
+ * 0-15, w1 codes 16-31. */
+static inline __attribute__((always_inline)) float block_sum(const BlockJob* j, int8x16_t w0, int8x16_t w1,
+                                                             int64_t n, int64_t r, int64_t b) {
+    const int8_t* a = j->aq + (r * j->kb + b) * BLOCK;
+    const int32x4_t d = vdotq_s32(vdotq_s32(vdupq_n_s32(0), w0, vld1q_s8(a)), w1, vld1q_s8(a + 16));
+    return (float)vaddvq_s32(d) * (j->w_scale[n * j->kb + b] * j->a_scale[r * j->kb + b]);
+}
+
+/* Rows [lo, hi) whose bytes are a byte each, row n's at w + (n - from) * K: the stored bytes xor 0x80. */
+static void byte_rows(const BlockJob* j, const uint8_t* w, int64_t from, int64_t lo, int64_t hi) {
     const int64_t kb = j->kb, k = kb * BLOCK;
     const uint8x16_t bias = vdupq_n_u8(0x80);
-    for (int64_t n = first; n < last; n++) {
-        const uint8_t* wr = j->w + n * k;
-        const float* sr = j->w_scale + n * kb;
+    for (int64_t n = lo; n < hi; n++) {
+        const uint8_t* wr = w + (n - from) * k;
         for (int64_t r = 0; r < j->m; r++) {
-            const int8_t* ar = j->aq + r * k;
-            const float* as = j->a_scale + r * kb;
+            float acc = 0.0f;
+            for (int64_t b = 0; b < kb; b++)
+                acc += block_sum(j, vreinterpretq_s8_u8(veorq_u8(vld1q_u8(wr + b * BLOCK), bias)),
+                                 vreinterpretq_s8_u8(veorq_u8(vld1q_u8(wr + b * BLOCK + 16), bias)), n, r, b);
+            j->y[r * j->n + n] = acc;
+        }
+    }
+}
+
+/* Rows [lo, hi) of a run kept at 4 bits, row n's layout at w + (n - from) * four_row_bytes: the nibbles minus 8
+ * are the weights as int8, byte_rows' sdot operands. */
+static void four_rows(const BlockJob* j, const uint8_t* w, int64_t from, int64_t lo, int64_t hi) {
+    const int64_t kb = j->kb, row = four_row_bytes(kb);
+    const uint8x16_t low = vdupq_n_u8(0x0f), eight = vdupq_n_u8(8);
+    for (int64_t n = lo; n < hi; n++) {
+        const uint8_t* wr = w + (n - from) * row;
+        for (int64_t r = 0; r < j->m; r++) {
             float acc = 0.0f;
             for (int64_t b = 0; b < kb; b++) {
-                const int8x16_t w0 = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(wr + b * BLOCK), bias));
-                const int8x16_t w1 = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(wr + b * BLOCK + 16), bias));
-                const int32x4_t d = vdotq_s32(vdotq_s32(vdupq_n_s32(0), w0, vld1q_s8(ar + b * BLOCK)), w1,
-                                              vld1q_s8(ar + b * BLOCK + 16));
-                acc += (float)vaddvq_s32(d) * (sr[b] * as[b]);
+                const uint8x16_t nib = vld1q_u8(wr + 16 * b);
+                acc += block_sum(j, vreinterpretq_s8_u8(vsubq_u8(vandq_u8(nib, low), eight)),
+                                 vreinterpretq_s8_u8(vsubq_u8(vshrq_n_u8(nib, 4), eight)), n, r, b);
             }
             j->y[r * j->n + n] = acc;
         }
@@ -981,23 +1093,33 @@ static void block_run_chunk(void* data, size_t chunk) {
 }
 #endif
 
+/* Rows [lo, hi) of a segment kept at `width` bits (4, or 5 on x86-64), row n's layout at w + (n - from) *
+ * kept_row_bytes: a decode step reads them as they are; on x86-64 a prompt's are decoded KEPT_ROWS at a time into
+ * the chunk's scratch and go the 8-bit way. */
+static void kept_rows(const BlockJob* j, const uint8_t* w, int64_t from, int64_t lo, int64_t hi, uint8_t* scratch,
+                      int width) {
 #if KERNEL_FIVE
-/* Rows [lo, hi) of a 5-bit segment, row n's layout at w + (n - from) * five_row_bytes: a decode step reads them
- * as they are; a prompt's are decoded FIVE_ROWS at a time into the chunk's scratch and go the 8-bit way. */
-static void five_rows(const BlockJob* j, const uint8_t* w, int64_t from, int64_t lo, int64_t hi, uint8_t* scratch) {
-    const int64_t kb = j->kb, row = five_row_bytes(kb);
+    const int64_t kb = j->kb, row = kept_row_bytes(width, kb);
     if (j->m == 1) {
-        for (int64_t n = lo; n < hi; n++) five_row(j, w + (n - from) * row, n);
+        if (width == 5)
+            for (int64_t n = lo; n < hi; n++) kept_row(j, w + (n - from) * row, n, 5);
+        else
+            for (int64_t n = lo; n < hi; n++) kept_row(j, w + (n - from) * row, n, 4);
         return;
     }
-    for (int64_t n = lo; n < hi; n += FIVE_ROWS) {
-        const int64_t count = n + FIVE_ROWS <= hi ? FIVE_ROWS : hi - n;
-        for (int64_t i = 0; i < count; i++) five_unpack_row(w + (n + i - from) * row, kb, scratch + i * kb * BLOCK);
+    for (int64_t n = lo; n < hi; n += KEPT_ROWS) {
+        const int64_t count = n + KEPT_ROWS <= hi ? KEPT_ROWS : hi - n;
+        for (int64_t i = 0; i < count; i++)
+            kept_unpack_row(w + (n + i - from) * row, kb, scratch + i * kb * BLOCK, width);
         byte_rows(j, scratch, n, n, n + count);
     }
+#else
+    (void)scratch, (void)width; /* AArch64 keeps only 4-bit runs */
+    four_rows(j, w, from, lo, hi);
+#endif
 }
 
-/* Rows [first, last) of chunk `chunk`, segment by segment where some rows are kept at 5 bits. */
+/* Rows [first, last) of chunk `chunk`, segment by segment where some rows are kept narrow. */
 static void block_run_chunk(void* data, size_t chunk) {
     const BlockJob* j = (const BlockJob*)data;
     const int64_t first = j->n * (int64_t)chunk / j->chunks, last = j->n * ((int64_t)chunk + 1) / j->chunks;
@@ -1010,14 +1132,17 @@ static void block_run_chunk(void* data, size_t chunk) {
     for (size_t s = 0; s < k->seg.count; start += k->seg.rows[s], s++) {
         const int64_t lo = first > start ? first : start, end = start + k->seg.rows[s], hi = last < end ? last : end;
         if (lo >= hi) continue;
-        if (k->five[s])
-            five_rows(j, k->blocks + k->offset[s], start, lo, hi,
-                      j->scratch + (int64_t)chunk * FIVE_ROWS * j->kb * BLOCK);
+        if (k->kept[s])
+#if KERNEL_FIVE
+            kept_rows(j, k->blocks + k->offset[s], start, lo, hi,
+                      j->scratch + (int64_t)chunk * KEPT_ROWS * j->kb * BLOCK, k->kept[s]);
+#else
+            kept_rows(j, k->blocks + k->offset[s], start, lo, hi, NULL, k->kept[s]);
+#endif
         else
             byte_rows(j, k->blocks + k->offset[s], start, lo, hi);
     }
 }
-#endif
 
 static int64_t element_count(const OrtValue* value) {
     OrtTensorTypeAndShapeInfo* info;
@@ -1059,15 +1184,16 @@ static OrtStatus* ORT_API_CALL block_compute(void* kernel, OrtKernelContext* con
      * MatMuls (576 or 192 rows) on one thread left the other idle: SmolLM2's w4-native, 2 threads, VNNI EPYC,
      * 8.2 -> 6.5 ms/token */
     job.chunks = job.n < 1024 ? (job.n + 63) / 64 : 64;
+    job.packed = unpacked->blocks && unpacked->any_kept ? unpacked : NULL;
 #if KERNEL_FIVE
-    job.packed = unpacked->blocks && unpacked->any_five ? unpacked : NULL;
-    /* with 5-bit rows, a prompt's decoded rows: FIVE_ROWS per chunk */
-    const size_t decoded = job.packed && job.m > 1 ? (size_t)(job.chunks * FIVE_ROWS * job.kb * BLOCK) : 0;
+    /* with narrow rows, a prompt's decoded rows: KEPT_ROWS per chunk */
+    const size_t decoded = job.packed && job.m > 1 ? (size_t)(job.chunks * KEPT_ROWS * job.kb * BLOCK) : 0;
 #endif
 #if KERNEL_AVX512
     const size_t extra = (size_t)(job.m * ((job.kb + 1) / 2) * 16) * sizeof(int32_t); /* a_corr */
 #elif KERNEL_AVX2
-    const size_t extra = job.packed ? blocks * 16 * sizeof(int16_t) : 0; /* with 5-bit rows, each block's pair sums */
+    /* with narrow rows, each block's pair sums */
+    const size_t extra = job.packed ? blocks * 16 * sizeof(int16_t) : 0;
 #else
     const size_t extra = 0, decoded = 0;
 #endif
@@ -1179,31 +1305,32 @@ static OrtStatus* unpack_blocks(const OrtKernelInfo* info, int64_t K, Kernel* k)
     int64_t total = 0;
     for (size_t s = 0; s < k->seg.count; s++) {
         k->offset[s] = total;
-#if KERNEL_FIVE
-        k->five[s] = k->seg.bits[s] == 5;
-        k->any_five |= k->five[s];
-        total += k->seg.rows[s] * (k->five[s] ? five_row_bytes(k->kb) : K);
-#else
-        total += k->seg.rows[s] * K;
-#endif
+        const int64_t b = k->seg.bits[s];
+        k->kept[s] = (unsigned char)(b == 4 || (KERNEL_FIVE && b == 5) ? b : 0);
+        k->any_kept |= k->kept[s] != 0;
+        total += k->seg.rows[s] * kept_row_bytes(k->kept[s], k->kb);
     }
     k->blocks = (uint8_t*)malloc((size_t)total);
-    uint8_t* row = k->any_five ? (uint8_t*)malloc((size_t)K) : NULL;
-    if (!src || !k->blocks || (k->any_five && !row)) {
+    uint8_t* row = k->any_kept ? (uint8_t*)malloc((size_t)K) : NULL;
+    if (!src || !k->blocks || (k->any_kept && !row)) {
         free(row);
         return g_api->CreateStatus(ORT_FAIL, "BlockInt8MatMul: out of memory");
     }
     for (size_t s = 0; s < k->seg.count; s++) {
         uint8_t* dst = k->blocks + k->offset[s];
+        if (k->kept[s]) { /* a row at a time: to bytes, then to the layout it is kept in */
+            for (int64_t r = 0; r < k->seg.rows[s]; r++, dst += kept_row_bytes(k->kept[s], k->kb)) {
+                src = unpack_run(src, k->kept[s], k->kb, row);
 #if KERNEL_FIVE
-        if (k->five[s]) { /* a row at a time: to bytes, then to the 5-bit layout */
-            for (int64_t r = 0; r < k->seg.rows[s]; r++, dst += five_row_bytes(k->kb)) {
-                src = unpack_run(src, 5, k->kb, row);
-                five_pack_row(row, k->kb, dst);
+                if (k->kept[s] == 5) {
+                    five_pack_row(row, k->kb, dst);
+                    continue;
+                }
+#endif
+                four_pack_row(row, k->kb, dst);
             }
             continue;
         }
-#endif
         src = unpack_run(src, (int)k->seg.bits[s], k->seg.rows[s] * k->kb, dst);
     }
     free(row);

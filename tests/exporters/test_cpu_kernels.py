@@ -10,8 +10,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from exporters.block_kernels import (MAX_SEGMENTS, pack_codes, pack_narrow_blocks, pack_shared_head,
-                                     rewrite_shared_blocks, segments)
+from exporters.block_kernels import (MAX_SEGMENTS, pack_codes, pack_four_bit, pack_narrow_blocks,
+                                     pack_shared_head, rewrite_shared_blocks, segments)
 from exporters.cpu_kernels import KERNEL_KEY, pack, rewrite, specialize
 from exporters.quantization.nbits import code_bits
 from runtimes.kernels import BLOCK_OP, DOMAIN, GATHER_OP, OP
@@ -169,7 +169,7 @@ def test_specialize_a_weight_only_model_records_the_block_kernel(tmp_path):
     assert {p.key: p.value for p in model.metadata_props}[KERNEL_KEY] == BLOCK_OP
     untied = tmp_path / "untied.onnx"
     onnx.save(tied_nbits_model(64, 96, gathered=False), str(untied))
-    with pytest.raises(UserError, match="no static int8 MatMul, no 8-bit head shared"):
+    with pytest.raises(UserError, match="no static int8 MatMul, no 8-bit head shared .* no 4-bit blocks"):
         specialize(untied, tmp_path / "out2" / "model.onnx")
     assert not (tmp_path / "out2").exists()
 
@@ -423,6 +423,45 @@ def test_specialize_packs_narrow_blocks_and_check_counts_them_as_before(tmp_path
     assert out.stat().st_size < src.stat().st_size - 64 * 96 * 3 // 8 + 200
     assert int8_flop_share(out) == int8_flop_share(src)
     assert int8_flop_share(out)["int8_weight_flop_share"] == 1.0
+
+
+@pytest.mark.parametrize("changes", [{}, {"fp16_scales": True}])
+def test_an_unshared_4bit_matmul_nbits_moves_to_the_block_kernel_on_its_own_bytes(changes):
+    """MatMulNBits' 4-bit nibbles are the kernel's 4-bit packed codes byte for byte: the same bytes under a flat
+    shape, nothing rewritten; blocks the embedding gathers, float activations and 8-bit blocks stay."""
+    model = tied_nbits_model(64, 96, bits=4, gathered=False, **changes)
+    blocks = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "blocks"))
+    assert pack_four_bit(model) == {"head": {"rows_at_bits": {"4": 64}, "bytes": [64 * 3 * 16, 64 * 3 * 16]}}
+    node = next(n for n in model.graph.node if n.op_type == BLOCK_OP)
+    assert node.domain == DOMAIN and list(node.input) == ["x", "blocks_packed", "scales"]
+    attrs = {a.name: a for a in node.attribute}
+    assert attrs["K"].i == 96 and list(attrs["bits"].ints) == [4] and list(attrs["rows"].ints) == [64]
+    packed = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "blocks_packed"))
+    assert packed.shape == (64 * 3 * 16,) and np.array_equal(packed, blocks.reshape(-1))
+    assert "blocks" not in {t.name for t in model.graph.initializer}
+    for kept in (tied_nbits_model(64, 96, bits=4), tied_nbits_model(64, 96, bits=4, gathered=False, accuracy_level=1),
+                 tied_nbits_model(64, 96, gathered=False)):
+        assert pack_four_bit(kept) == {} and kept.graph.node[0].op_type == "MatMulNBits"
+
+
+@pytest.mark.parametrize("v, k, m", [(37, 96, 1), (64, 640, 3), (1000, 576, 1), (130, 2048, 5), (67, 96, 131)])
+def test_4bit_blocks_on_the_kernel_compute_what_matmul_nbits_does(native_kernels, v, k, m):
+    """The kernel's 4-bit rows (kept at 4 bits, decoded as read) against onnxruntime's 4-bit MatMulNBits on the
+    same bytes, int8 activations: decode and prefill rows (its prompt tiles included), odd block counts, 1 and 2
+    threads; equal up to float rounding of the sum over blocks. The kernel's int32 lanes hold the bytes W = c + 120
+    (about 128) against A until a block's lanes are summed, so they round as 8-bit codes do: the 8-bit test's
+    tolerance times 16 (128 / 8), about 3e-5 where the outputs reach 10 (onnxruntime, 3e-6 of the exact sums)."""
+    model = tied_nbits_model(v, k, bits=4, gathered=False, fp16_scales=True, seed=v + k)
+    native = onnx.ModelProto()
+    native.CopyFrom(model)
+    assert pack_four_bit(native)
+    x = np.random.default_rng(m).standard_normal((1, m, k)).astype(np.float32) * 3
+    x[0, 0, :32] = 0
+    feed = {"x": x, "ids": np.zeros((1, 1), np.int64)}
+    want = session_of(model, 2).run(None, feed)[0]
+    for threads in (1, 2):
+        got = session_of(native, threads, native_kernels).run(None, feed)[0]
+        np.testing.assert_allclose(got, want, rtol=0, atol=16 * 2e-6 * np.abs(want).max())
 
 
 def shared_table_model(widths: list[tuple[int, int]], k: int = 96, seed: int = 5) -> onnx.ModelProto:

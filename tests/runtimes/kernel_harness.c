@@ -144,56 +144,75 @@ static int check_block(int64_t m, int64_t kb, int64_t n, int64_t chunks) {
     return bad;
 }
 
-#if KERNEL_FIVE
-/* The x86-64 builds' 5-bit rows (five_pack_row's layout) against the same codes a byte each, one segment of 5-bit
- * rows between 8-bit ones: a decode row's outputs equal to the bit (the same int32 lanes, summed in the same
- * order). */
-static int check_five(int64_t m, int64_t kb, int64_t n, int64_t chunks) {
-    const int64_t k = kb * BLOCK, before = n / 3, fives = n - 2 * (n / 3), after = n / 3;
+/* Rows kept narrow against the same codes a byte each, one segment of them between 8-bit ones: the x86-64 builds'
+ * 5-bit rows (five_pack_row's layout) and every build's 4-bit rows (four_pack_row's); a decode row's outputs
+ * equal to the bit (the same int32 lanes, summed in the same order). */
+static int check_kept(int64_t m, int64_t kb, int64_t n, int64_t chunks, int width) {
+    const int64_t k = kb * BLOCK, before = n / 3, narrow = n - 2 * (n / 3), after = n / 3;
     float* x = malloc(sizeof(float) * m * k);
     uint8_t* w = malloc(n * k);
     float* w_scale = malloc(sizeof(float) * n * kb);
     int8_t* aq = malloc(m * k);
     float* a_scale = malloc(sizeof(float) * m * kb);
-    uint8_t* scratch = malloc(16 * FIVE_ROWS * k);
+#if KERNEL_FIVE
+    uint8_t* scratch = malloc(16 * KEPT_ROWS * k);
+#else
+    uint8_t* scratch = NULL;
+#endif
     float* want = malloc(sizeof(float) * m * n);
     float* got = malloc(sizeof(float) * m * n);
-    for (int64_t i = 0; i < n * k; i++) /* the 5-bit rows' bytes are c + 112, c in 0 .. 31 */
-        w[i] = i / k >= before && i / k < before + fives ? (uint8_t)(112 + rnd() % 32) : (uint8_t)(rnd() & 0xff);
+    const int offset = 128 - (1 << (width - 1)); /* the narrow rows' bytes are c + 112 (5 bits) or c + 120 (4) */
+    for (int64_t i = 0; i < n * k; i++)
+        w[i] = i / k >= before && i / k < before + narrow ? (uint8_t)(offset + rnd() % (1u << width))
+                                                         : (uint8_t)(rnd() & 0xff);
     for (int64_t i = 0; i < n * kb; i++) w_scale[i] = 1e-3f + 2e-2f * uniform();
     for (int64_t i = 0; i < m * k; i++) x[i] = (uniform() - 0.5f) * 6.0f * (1 + (i / BLOCK) % 5);
     for (int64_t i = 0; i < k; i++) x[(m - 1) * k + i] *= (i / BLOCK) % 3 == 1 ? 0.0f : 1.0f; /* zero blocks */
-    Kernel kernel = {.n = n, .kb = kb, .any_five = 1};
+    Kernel kernel = {.n = n, .kb = kb, .any_kept = 1};
     kernel.seg.count = 3;
-    const int64_t rows[3] = {before, fives, after};
+    const int64_t rows[3] = {before, narrow, after};
     int64_t total = 0;
     for (int s = 0; s < 3; s++) {
-        kernel.seg.bits[s] = s == 1 ? 5 : 8, kernel.seg.rows[s] = rows[s], kernel.five[s] = s == 1;
+        kernel.seg.bits[s] = s == 1 ? width : 8, kernel.seg.rows[s] = rows[s];
+        kernel.kept[s] = (unsigned char)(s == 1 ? width : 0);
         kernel.offset[s] = total;
-        total += rows[s] * (s == 1 ? five_row_bytes(kb) : k);
+        total += rows[s] * kept_row_bytes(kernel.kept[s], kb);
     }
     kernel.blocks = malloc(total);
     memcpy(kernel.blocks, w, before * k);
-    for (int64_t r = 0; r < fives; r++)
-        five_pack_row(w + (before + r) * k, kb, kernel.blocks + kernel.offset[1] + r * five_row_bytes(kb));
-    memcpy(kernel.blocks + kernel.offset[2], w + (before + fives) * k, after * k);
+    for (int64_t r = 0; r < narrow; r++) {
+        uint8_t* out = kernel.blocks + kernel.offset[1] + r * kept_row_bytes(width, kb);
+#if KERNEL_FIVE
+        if (width == 5) {
+            five_pack_row(w + (before + r) * k, kb, out);
+            continue;
+        }
+#endif
+        four_pack_row(w + (before + r) * k, kb, out);
+    }
+    memcpy(kernel.blocks + kernel.offset[2], w + (before + narrow) * k, after * k);
     BlockJob plain = {.aq = aq, .a_scale = a_scale, .w = w, .w_scale = w_scale, .y = want, .m = m, .kb = kb, .n = n,
                       .chunks = chunks < n ? chunks : n};
 #if KERNEL_AVX512
     int32_t* a_corr = malloc(sizeof(int32_t) * m * ((kb + 1) / 2) * 16);
     block_quantize(x, m, kb, aq, a_scale, a_corr);
     plain.a_corr = a_corr;
-#else
+#elif KERNEL_AVX2
     int16_t* a_pair16 = malloc(sizeof(int16_t) * m * kb * 16);
     block_quantize(x, m, kb, aq, a_scale);
     five_pair_sums(aq, (size_t)(m * kb), a_pair16);
+#else
+    block_quantize(x, m, kb, aq, a_scale);
 #endif
-    BlockJob five = plain;
-    five.y = got, five.packed = &kernel, five.scratch = scratch;
+    BlockJob kept = plain;
+    kept.y = got, kept.packed = &kernel;
+#if KERNEL_FIVE
+    kept.scratch = scratch;
+#endif
 #if KERNEL_AVX2
-    five.a_pair16 = a_pair16;
+    kept.a_pair16 = a_pair16;
 #endif
-    for (int64_t c = 0; c < plain.chunks; c++) block_run_chunk(&plain, (size_t)c), block_run_chunk(&five, (size_t)c);
+    for (int64_t c = 0; c < plain.chunks; c++) block_run_chunk(&plain, (size_t)c), block_run_chunk(&kept, (size_t)c);
     /* one activation row: equal to the bit; a prompt's: rows pair up from each segment's start, so a row may be
      * summed by the other tile shape, within float rounding of the sum over blocks */
     int bad = 0;
@@ -207,21 +226,21 @@ static int check_five(int64_t m, int64_t kb, int64_t n, int64_t chunks) {
             magnitude += bound * w_scale[row * kb + b] * a_scale[r * kb + b];
         }
         if (m == 1 ? memcmp(&got[i], &want[i], sizeof(float)) != 0 : fabs(got[i] - want[i]) > 1e-6 * magnitude) {
-            printf("5-bit m=%lld kb=%lld n=%lld: y[%lld] = %.9g, as bytes %.9g\n", (long long)m, (long long)kb,
+            printf("%d-bit m=%lld kb=%lld n=%lld: y[%lld] = %.9g, as bytes %.9g\n", width, (long long)m,
+                   (long long)kb,
                    (long long)n, (long long)i, got[i], want[i]);
             bad = 1;
         }
     }
 #if KERNEL_AVX512
     free(a_corr);
-#else
+#elif KERNEL_AVX2
     free(a_pair16);
 #endif
     free(x), free(w), free(w_scale), free(aq), free(a_scale), free(scratch), free(want), free(got);
     free(kernel.blocks);
     return bad;
 }
-#endif
 
 /* GluRotate's gated_run_chunk(): y = (act(gate) * up) in blocks of b times R, against float64, within 4e-6
  * of the output's largest magnitude; R a randomized Sylvester matrix (the fast transform, sylvester_signs must
@@ -372,17 +391,17 @@ int main(void) {
         for (int64_t chunks = 1; chunks <= 16; chunks *= 4, cases++)
             if (check_block(block_shapes[s][0], block_shapes[s][1], block_shapes[s][2], chunks)) return 1;
     printf("ok %d\n", cases);
-#if KERNEL_FIVE
     /* whole groups of 8 blocks and every tail (1 to 7 blocks), decode and prompt rows (an odd count: the last
      * row decoded alone), every chunking; segments of 1 row or more */
     static const int64_t five_shapes[][3] = {{1, 8, 9}, {1, 18, 7}, {1, 3, 3}, {1, 1, 5}, {3, 21, 10}, {2, 7, 8},
                                              {1, 48, 31}, {67, 13, 6}, {1, 5, 4}, {4, 6, 12}, {1, 4, 3}, {1, 2, 3}};
-    int fives = 0;
-    for (size_t s = 0; s < sizeof(five_shapes) / sizeof(five_shapes[0]); s++)
-        for (int64_t chunks = 1; chunks <= 16; chunks *= 4, fives++)
-            if (check_five(five_shapes[s][0], five_shapes[s][1], five_shapes[s][2], chunks)) return 1;
-    printf("ok 5-bit %d\n", fives);
-#endif
+    for (int width = KERNEL_FIVE ? 5 : 4; width >= 4; width--) {
+        int kept = 0;
+        for (size_t s = 0; s < sizeof(five_shapes) / sizeof(five_shapes[0]); s++)
+            for (int64_t chunks = 1; chunks <= 16; chunks *= 4, kept++)
+                if (check_kept(five_shapes[s][0], five_shapes[s][1], five_shapes[s][2], chunks, width)) return 1;
+        printf("ok %d-bit %d\n", width, kept);
+    }
     /* GluRotate, silu and GELU's tanh form in turn: one row and prompts (tiles of 4 rows and what is left), the
      * fast transform below, at and above each build's vector width, dense blocks that take the 4-row tile, the
      * one-row tile, or none; no rotation */
