@@ -47,9 +47,11 @@ def _float_scales(index: GraphIndex, name: str) -> bool:
     return stored_scales(index, name) is not None
 
 
-def block_matmuls(model: onnx.ModelProto, index: GraphIndex | None = None) -> list[tuple[onnx.NodeProto, bool]]:
-    """The 8-bit MatMulNBits BlockInt8MatMul computes as they are (blocks of 32, zero point 128, int8 activations:
-    accuracy_level 4, float32), each with whether another node also reads its stored blocks."""
+def kernel_matmuls(model: onnx.ModelProto, bits: int,
+                   index: GraphIndex | None = None) -> list[tuple[onnx.NodeProto, bool]]:
+    """The `bits`-bit MatMulNBits (8 or 4) BlockInt8MatMul computes as they are (blocks of 32, the default zero
+    point, int8 activations: accuracy_level 4; float32 scales), each with whether another node also reads its
+    stored blocks."""
     index = index or GraphIndex(model)
     found = []
     for node in model.graph.node:
@@ -57,13 +59,18 @@ def block_matmuls(model: onnx.ModelProto, index: GraphIndex | None = None) -> li
             continue
         attrs = {a.name: a.i for a in node.attribute}
         blocks = index.inits.get(node.input[1])
-        if (attrs.get("bits") != 8 or attrs.get("block_size") != 32 or attrs.get("accuracy_level") != 4
+        if (attrs.get("bits") != bits or attrs.get("block_size") != 32 or attrs.get("accuracy_level") != 4
                 or any(node.input[3:]) or blocks is None or blocks.data_type != onnx.TensorProto.UINT8
-                or list(blocks.dims) != [attrs.get("N"), attrs.get("K", 0) // 32, 32] or attrs["K"] % 32
+                or list(blocks.dims) != [attrs.get("N"), attrs.get("K", 0) // 32, 4 * bits] or attrs["K"] % 32
                 or not _float_scales(index, node.input[2])):
             continue
         found.append((node, index.uses[node.input[1]] > 1))
     return found
+
+
+def block_matmuls(model: onnx.ModelProto, index: GraphIndex | None = None) -> list[tuple[onnx.NodeProto, bool]]:
+    """The 8-bit `kernel_matmuls`."""
+    return kernel_matmuls(model, 8, index)
 
 
 def shared_block_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -167,31 +174,14 @@ def pack_narrow_blocks(model: onnx.ModelProto) -> dict[str, dict]:
     return moved
 
 
-def four_bit_matmuls(model: onnx.ModelProto, index: GraphIndex) -> list[onnx.NodeProto]:
-    """The 4-bit MatMulNBits BlockInt8MatMul computes as they are (blocks of 32, the default zero point 8, int8
-    activations: accuracy_level 4; float32 scales) whose blocks nothing else reads."""
-    found = []
-    for node in model.graph.node:
-        if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
-            continue
-        attrs = {a.name: a.i for a in node.attribute}
-        blocks = index.inits.get(node.input[1])
-        if (attrs.get("bits") == 4 and attrs.get("block_size") == 32 and attrs.get("accuracy_level") == 4
-                and not any(node.input[3:]) and blocks is not None and blocks.data_type == onnx.TensorProto.UINT8
-                and list(blocks.dims) == [attrs.get("N"), attrs.get("K", 0) // 32, 16] and not attrs["K"] % 32
-                and _float_scales(index, node.input[2]) and index.uses[node.input[1]] == 1):
-            found.append(node)
-    return found
-
-
 def pack_four_bit(model: onnx.ModelProto) -> dict[str, dict]:
-    """Each `four_bit_matmuls` node becomes BlockInt8MatMul over its blocks as its 4-bit packed codes: a block's 16
+    """Each 4-bit `kernel_matmuls` node whose blocks nothing else reads becomes BlockInt8MatMul over its blocks as its 4-bit packed codes: a block's 16
     bytes hold value 2i in the low nibble of byte i and 2i + 1 in the high one, code q for the weight q - 8, which
     is the kernel's little-endian stream of 4-bit codes (code = weight + 8) byte for byte. Returns what
     `pack_narrow_blocks` does."""
     index = GraphIndex(model)
     moved = {}
-    for node in four_bit_matmuls(model, index):
+    for node in (node for node, shared in kernel_matmuls(model, 4, index) if not shared):
         blocks = index.inits[node.input[1]]
         n, kb, _ = blocks.dims
         flat = onnx.TensorProto()
