@@ -175,10 +175,10 @@ def pack_narrow_blocks(model: onnx.ModelProto) -> dict[str, dict]:
 
 
 def pack_four_bit(model: onnx.ModelProto) -> dict[str, dict]:
-    """Each 4-bit `kernel_matmuls` node whose blocks nothing else reads becomes BlockInt8MatMul over its blocks as its 4-bit packed codes: a block's 16
-    bytes hold value 2i in the low nibble of byte i and 2i + 1 in the high one, code q for the weight q - 8, which
-    is the kernel's little-endian stream of 4-bit codes (code = weight + 8) byte for byte. Returns what
-    `pack_narrow_blocks` does."""
+    """Each 4-bit `kernel_matmuls` node whose blocks nothing else reads becomes BlockInt8MatMul over its blocks as
+    its 4-bit packed codes: a block's 16 bytes hold value 2i in the low nibble of byte i and 2i + 1 in the high
+    one, code q for the weight q - 8, which is the kernel's little-endian stream of 4-bit codes (code = weight + 8)
+    byte for byte. Returns what `pack_narrow_blocks` does."""
     index = GraphIndex(model)
     moved = {}
     for node in (node for node, shared in kernel_matmuls(model, 4, index) if not shared):

@@ -307,10 +307,11 @@ def head_on_table_blocks(model: onnx.ModelProto) -> dict | None:
 
 
 def specialize(source: Path, target: Path, portable: Path | None = None, move_head: bool = False,
-               fuse_mlp: bool = False, attention: bool = False) -> dict:
+               fuse_mlp: bool = False, attention: bool = False, four_bit: bool = False) -> dict:
     """source model.onnx -> target model.onnx with its static int8 MatMuls and its shared 8-bit heads on the
-    native kernels (with `fuse_mlp`, also each SwiGLU product and its online rotation as one native op, and with
-    `attention` each GroupQueryAttention on the native CacheAttention: both round otherwise than onnxruntime);
+    native kernels (with `fuse_mlp`, also each SwiGLU product and its online rotation as one native op, with
+    `attention` each GroupQueryAttention on the native CacheAttention, with `four_bit` each unshared 4-bit
+    MatMulNBits on BlockInt8MatMul: all three round otherwise than onnxruntime);
     written to a temp name, then renamed. Where the head moved onto the table's blocks (`head_on_table_blocks`,
     which changes the logits), the graph as it is then, before the native kernels, is also saved at `portable`:
     what the native graph must equal."""
@@ -321,7 +322,7 @@ def specialize(source: Path, target: Path, portable: Path | None = None, move_he
         save_model_auto(model, portable)
     static, head = rewrite(model), pack_shared_head(model)
     shared = rewrite_shared_blocks(model)
-    packed = {**head, **pack_narrow_blocks(model), **pack_four_bit(model)}
+    packed = {**head, **pack_narrow_blocks(model), **(pack_four_bit(model) if four_bit else {})}
     if not static + shared + len(packed):
         raise UserError(f"{source} has no static int8 MatMul, no 8-bit head shared with its embedding, no 8-bit "
                         "blocks of fewer bits and no 4-bit blocks for the native kernels: quantize it with `pipeline "

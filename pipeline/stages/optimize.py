@@ -198,10 +198,12 @@ def optimize(run: RunDir, config: OptimizeStageConfig) -> dict:
             # the fused MLP's floats round otherwise than onnxruntime's nodes: judged by the float model too
             fuse_mlp = config.fuse_mlp and reference not in (None, source)
             attention = config.native_attention and reference not in (None, source)
+            # so do 4-bit MatMulNBits moved onto the kernel (rounded otherwise than MatMulNBits: `packed` below)
+            four_bit = reference not in (None, source)
             with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
                 portable = Path(tmp) / "model.onnx"
                 results = specialize(source_path, out, portable if move_head else None, move_head=move_head,
-                                     fuse_mlp=fuse_mlp, attention=attention)
+                                     fuse_mlp=fuse_mlp, attention=attention, four_bit=four_bit)
                 moved = "head_on_table_blocks" in results
                 worst = logit_parity(portable if moved else source_path, out)
             gated = results["gated_mlps"] > 0 or results["native_attention"] > 0  # other rounding: judged alike

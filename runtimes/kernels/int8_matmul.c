@@ -480,10 +480,13 @@ static OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* context) 
  * instead, and every build 4-bit runs at 4 bits (w4's 4-bit MatMulNBits, whose stored nibbles are such a run as
  * they are), decoding them as they read them (below, "5-bit codes kept at 5 bits", "4-bit codes kept at 4 bits").
  *
- * x86-64: vpdpbusd takes 64 stored bytes (two blocks) as its unsigned operand and A as its signed one; its
- * accumulator starts at -16 * sum(A of the block) in each of the block's 8 lanes (128 * sum over 8 lanes: the
- * zero point), so every lane is an exact integer that converts to float exactly. AArch64: the stored bytes xor
- * 0x80 are W - 128 as int8, which sdot takes as is.
+ * x86-64: vpdpbusd takes 64 stored bytes (two blocks) as its unsigned operand and A as its signed one; each
+ * lane's accumulator starts at -128 times the sum of its own 4 activations (the zero point), so every lane is the
+ * exact partial sum of (W - 128) * A over its 4 weights, an integer that converts to float exactly and is as small
+ * as the weights are narrow. (Starting every lane at -16 * sum(A of the block), which sums to the same over a
+ * block's 8 lanes, left each lane about 128 * A large until the block's lanes were added: its float products then
+ * rounded as 8-bit weights' do, 3e-5 on outputs of 10 for 4-bit codes where onnxruntime rounds 3e-6.) AArch64: the
+ * stored bytes xor 0x80 are W - 128 as int8, which sdot takes as is.
  */
 enum { BLOCK = 32 };
 
@@ -596,7 +599,8 @@ typedef struct {
     const int8_t* aq;       /* (M, K) activations quantized per block */
     const float* a_scale;   /* (M, KB) */
 #if KERNEL_AVX512
-    const int32_t* a_corr;  /* (M, ceil(KB/2), 16): each pair of blocks' accumulator start, -16 * sum(A) */
+    const int32_t* a_corr;  /* (M, ceil(KB/2), 16): each pair of blocks' accumulator starts, -128 * each lane's
+                             * 4 activations summed */
 #endif
     const uint8_t* w;       /* (N, KB, 32) */
     const float* w_scale;   /* (N, KB) */
@@ -607,7 +611,7 @@ typedef struct {
     uint8_t* scratch;       /* (chunks, KEPT_ROWS, K): a prompt's narrow rows, a few at a time, a byte each */
 #endif
 #if KERNEL_AVX2
-    const int16_t* a_pair16; /* (M, KB, 16): 16 * (A[2i] + A[2i + 1]) of each block, for the 5-bit rows */
+    const int16_t* a_pair16; /* (M, KB, 16): 16 * (A[2i] + A[2i + 1]) of each block, for the narrow rows */
 #endif
 } BlockJob;
 
@@ -628,10 +632,9 @@ static void block_quantize(const float* x, int64_t m, int64_t kb, int8_t* aq, fl
             _mm_storeu_si128((__m128i*)out, _mm512_cvtsepi32_epi8(q0));
             _mm_storeu_si128((__m128i*)(out + 16), _mm512_cvtsepi32_epi8(q1));
             a_scale[r * kb + b] = amax / 127.0f;
-            int32_t sum = 0;
-            for (int i = 0; i < BLOCK; i++) sum += out[i];
             const int64_t lane = (r * pairs + b / 2) * 16 + (b % 2) * 8;
-            for (int i = 0; i < 8; i++) a_corr[lane + i] = -16 * sum;
+            for (int i = 0; i < 8; i++) /* each lane's own zero point: its 4 activations times -128 */
+                a_corr[lane + i] = -128 * (out[4 * i] + out[4 * i + 1] + out[4 * i + 2] + out[4 * i + 3]);
         }
     if (kb % 2) /* the last pair's second half: no block, nothing added */
         for (int64_t r = 0; r < m; r++)
@@ -927,15 +930,16 @@ static void byte_rows(const BlockJob* j, const uint8_t* w, int64_t from, int64_t
  * pair's 16 * (A + A') is taken off (a_pair16), so every int32 lane is the one block_dot computes on W. A prompt's
  * rows are decoded to bytes two at a time. */
 
-/* Block t of a group: its 32 codes (0 .. 31) from its nibbles and the group's fifth bits. The shifts move bit t
- * of each byte to bit 4 within 16-bit lanes; what crosses into a neighbouring byte lands outside bit 4. */
-/* A block's 16 bytes of nibbles -> its 32 low nibbles (code i in bits 0-3 of byte i, code i + 16 in bits 4-7). */
+/* A block's 16 bytes of nibbles (byte i: code i in bits 0-3, code i + 16 in bits 4-7) -> its 32 nibbles in order,
+ * a byte each. */
 static inline __attribute__((always_inline)) __m256i nibbles_of(const uint8_t* nibbles) {
     const __m128i n = _mm_loadu_si128((const __m128i*)nibbles);
     return _mm256_and_si256(_mm256_inserti128_si256(_mm256_castsi128_si256(n), _mm_srli_epi16(n, 4), 1),
                             _mm256_set1_epi8(0x0f));
 }
 
+/* Block t of a group: its 32 codes (0 .. 31) from its nibbles and the group's fifth bits. The shifts move bit t
+ * of each byte to bit 4 within 16-bit lanes; what crosses into a neighbouring byte lands outside bit 4. */
 static inline __attribute__((always_inline)) __m256i five_codes(const uint8_t* nibbles, __m256i plane, int t) {
     const __m256i low = nibbles_of(nibbles);
     const __m256i fifth = t < 4 ? _mm256_slli_epi16(plane, 4 - t) : _mm256_srli_epi16(plane, t - 4);

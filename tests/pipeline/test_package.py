@@ -548,16 +548,21 @@ def test_a_variant_file_in_a_run_is_not_taken_for_a_bundle_without_its_manifest(
 def test_a_w4_variants_shared_head_on_the_native_kernel_keeps_its_logits_and_ships(built_run, tmp_path,
                                                                                      native_kernels):
     """`optimize --native-int8 --source w4`: the tied head, whose 8-bit blocks the embedding gathers, runs on
-    BlockInt8MatMul reading the same stored blocks; checked against w4 (same logits, same check figures), and
-    packaged it needs the kernel on the device and gives w4's greedy tokens."""
+    BlockInt8MatMul reading the same stored blocks, and the 4-bit MatMuls on it as their blocks are stored;
+    judged against the float model (the kernel rounds otherwise than MatMulNBits), same logits to rounding, same
+    check figures, and packaged it needs the kernel on the device and gives w4's greedy tokens."""
     run = copy_run(built_run, tmp_path / "run")
     res = json.loads(invoke("optimize", run, "--native-int8", "--source", "w4", "--json").output)
-    assert res["shared_head_matmuls"] == res["matmuls"] == 1 and res["static_matmuls"] == 0
+    four = {name: moved for name, moved in res["packed_matmuls"].items() if moved["rows_at_bits"].keys() == {"4"}}
+    assert res["shared_head_matmuls"] == 1 and res["static_matmuls"] == 0 and four
+    assert res["matmuls"] == 1 + len(four) and res["drift_from_float"]["kept"]
     assert res["parity_max_abs_logit_diff"]["prefill+decode"] <= 1e-4
+    assert all(m["bytes"][0] == m["bytes"][1] for m in four.values())  # the same bytes, not rewritten
     model = onnx.load(str(run / "variants/w4-native/model.onnx"), load_external_data=False)
-    head = next(n for n in model.graph.node if n.op_type == "BlockInt8MatMul")
-    assert any(n.op_type == "Gather" and n.input[0] == head.input[1] for n in model.graph.node)
-    assert sum(n.op_type == "MatMulNBits" and head.input[1] in n.input for n in model.graph.node) == 0
+    heads = [n for n in model.graph.node
+             if n.op_type == "BlockInt8MatMul" and not any(a.name == "bits" for a in n.attribute)]
+    assert len(heads) == 1 and not any(n.op_type == "MatMulNBits" for n in model.graph.node)
+    assert any(n.op_type == "Gather" and n.input[0] == heads[0].input[1] for n in model.graph.node)
     r = invoke("check", run, "--variant", "w4", "--variant", "w4-native", "--text", REPO / "README.md", "--json",
                "--steps", "4", "--window", "64", ok=False)
     rows = {row["variant"]: row for row in json.loads(r.output)["variants"]}
