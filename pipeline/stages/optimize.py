@@ -184,26 +184,26 @@ def optimize(run: RunDir, config: OptimizeStageConfig) -> dict:
             why = kernels.unavailable_reason()
             if why:  # before writing anything: the variant is only kept once checked
                 raise UserError(f"{target} could not be checked against {source} here: {why}")
-            # a head moved onto the table's blocks computes otherwise: judged by its distance from the float model
+            # a rewrite that rounds otherwise than the source is judged by its distance from the float model, so
+            # made only where the run has one: a head moved onto the table's blocks, ...
             reference = float_ancestor(run, source)
-            move_head = reference not in (None, source) and not config.static_head
+            judged = reference not in (None, source)
+            move_head = judged and not config.static_head
             # full 8-bit weights on a CPU whose int8 GEMM saturates: the source ran in float, whose rounding
             # differs from the integer sums by ~1e-6 and flips later layers' activation codes, so the rewrite is
             # judged by its distance from the float model, as a moved head is
             in_float = saturated_source(source_path)
-            if in_float and reference in (None, source):
+            if in_float and not judged:
                 raise UserError(f"{target} could not be checked against {source} here: its full 8-bit weights run "
                                 "only in float on this CPU (x86 without VNNI) and the run has no float model to "
                                 "judge it by")
-            # the fused MLP's floats round otherwise than onnxruntime's nodes: judged by the float model too
-            fuse_mlp = config.fuse_mlp and reference not in (None, source)
-            attention = config.native_attention and reference not in (None, source)
-            # so do 4-bit MatMulNBits moved onto the kernel (rounded otherwise than MatMulNBits: `packed` below)
-            four_bit = reference not in (None, source)
+            # ... the fused MLPs and attention (their floats round otherwise than onnxruntime's nodes), and 4-bit
+            # MatMulNBits moved onto the kernel (rounded otherwise than MatMulNBits: `packed` below)
+            fuse_mlp, attention = config.fuse_mlp and judged, config.native_attention and judged
             with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
                 portable = Path(tmp) / "model.onnx"
                 results = specialize(source_path, out, portable if move_head else None, move_head=move_head,
-                                     fuse_mlp=fuse_mlp, attention=attention, four_bit=four_bit)
+                                     fuse_mlp=fuse_mlp, attention=attention, four_bit=judged)
                 moved = "head_on_table_blocks" in results
                 worst = logit_parity(portable if moved else source_path, out)
             gated = results["gated_mlps"] > 0 or results["native_attention"] > 0  # other rounding: judged alike
@@ -211,7 +211,7 @@ def optimize(run: RunDir, config: OptimizeStageConfig) -> dict:
             # MatMulNBits' to float rounding, but a rounding that flips an activation code feeds the next layers,
             # so across layers the logits part as in_float's do (Gemma 3: by 3), judged against the float model
             packed = bool(results["packed_matmuls"])
-            if packed and reference in (None, source):
+            if packed and not judged:
                 raise UserError(f"{target} could not be checked against {source} here: its layers on the block "
                                 "kernel are judged by their distance from the float model, which the run lacks")
             if not (in_float or packed or gated) and not worst <= NATIVE_TOLERANCE:  # the same arithmetic: a bug
