@@ -7,12 +7,14 @@ import sys
 import threading
 
 EXIT_INTERRUPTED = 130
+SIGINT_SEEN = threading.Event()  # a Ctrl-C arrived while the command ran
 
 
 def entry() -> None:
     """The CLI, with Ctrl-C handled where the CLI's own handler cannot be: while it is still being imported,
     and once its work is over (a late Ctrl-C must not turn a finished stage into a killed process)."""
     sys.unraisablehook = _redeliver_interrupts
+    signal.signal(signal.SIGINT, _note_sigint)
     try:
         from pipeline.cli import main
 
@@ -33,9 +35,19 @@ def entry() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _note_sigint(signum, frame) -> None:
+    """Python's own Ctrl-C (a KeyboardInterrupt where the main thread is), remembered."""
+    SIGINT_SEEN.set()
+    raise KeyboardInterrupt
+
+
 def _caused_by_interrupt(error: BaseException) -> bool:
     """Whether a Ctrl-C is in `error`'s chain of causes: one that lands while an extension module initializes
-    (scipy's, under transformers' lazy imports) surfaces as that import's ImportError, raised from it."""
+    (scipy's, under transformers' lazy imports) surfaces as that import's ImportError, raised from it. One that
+    lands inside C code can surface with no chain at all (safetensors reading a tensor raised a ValueError about a
+    torch storage), so an error after a Ctrl-C arrived is its too."""
+    if SIGINT_SEEN.is_set():
+        return True
     seen = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, KeyboardInterrupt):

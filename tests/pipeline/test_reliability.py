@@ -501,6 +501,19 @@ def test_a_sigint_while_a_stage_cleans_up_is_delivered_once_the_directory_is_gon
     assert run_state(run) != before and RunDir(run).verified("fused").is_file()
 
 
+def test_an_error_after_a_ctrl_c_without_its_chain_is_an_interrupt_too():
+    """A Ctrl-C that lands inside C code can surface as another error with no KeyboardInterrupt in its chain
+    (safetensors reading a tensor raised a ValueError about a torch storage): once a SIGINT arrived, the command
+    stops as for any Ctrl-C (exit 130, one line), no traceback."""
+    code = ("import os, signal, pipeline.cli, pipeline.__main__ as m\n"
+            "def failing():\n"
+            "    try:\n        os.kill(os.getpid(), signal.SIGINT)\n    except KeyboardInterrupt:\n        pass\n"
+            "    raise ValueError('could not determine the shape of object type')\n"
+            "pipeline.cli.main = failing\nm.entry()\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130 and done.stderr.strip() == "interrupted", done.stderr
+
+
 @pytest.mark.parametrize("interrupted", [True, False])
 def test_an_error_a_ctrl_c_caused_is_an_interrupt_and_any_other_still_a_failure(interrupted):
     """A Ctrl-C that lands while an extension module initializes surfaces as that import's ImportError raised
