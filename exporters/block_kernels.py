@@ -35,16 +35,36 @@ from onnx import helper, numpy_helper
 from exporters.graph import GraphIndex
 from exporters.optimize import remove_dead_nodes
 from exporters.quantization.nbits import code_bits
-from exporters.quantization.scales import stored_scales
 from runtimes.kernels import BLOCK_OP, DOMAIN, GATHER_OP
 
 
-def _float_scales(index: GraphIndex, name: str) -> bool:
+# ops on initializers that onnxruntime folds into one when the session starts (the gguf recipe's factors)
+FOLDED = {"Cast", "Mul", "Add", "Unsqueeze", "Reshape", "Transpose"}
+
+
+def _float_scales(index: GraphIndex, name: str, depth: int = 0) -> bool:
     """Whether a MatMulNBits' scales are float32 (the kernel's type) from initializers: a float32 initializer, or
-    one stored as float16 behind a Cast to float (the writers' block scales, the gguf recipe's factors)."""
+    one stored as float16 behind a Cast to float (the writers' block scales), or such a value through the gguf
+    recipe's Mul by the K-quants' sub-block integers and its reshapes, which onnxruntime folds once."""
     if name in index.inits:
         return index.inits[name].data_type == onnx.TensorProto.FLOAT
-    return stored_scales(index, name) is not None
+    node = index.producers.get(name)
+    if node is None or node.op_type not in FOLDED or depth > 8:
+        return False
+    if node.op_type == "Cast":
+        return (any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in node.attribute)
+                and _constant(index, node.input[0], depth + 1))
+    return (_float_scales(index, node.input[0], depth + 1)
+            and all(_constant(index, i, depth + 1) for i in node.input[1:] if i))
+
+
+def _constant(index: GraphIndex, name: str, depth: int) -> bool:
+    """Whether `name` is an initializer or FOLDED ops on initializers alone."""
+    if name in index.inits:
+        return True
+    node = index.producers.get(name)
+    return (node is not None and node.op_type in FOLDED and depth <= 8
+            and all(_constant(index, i, depth + 1) for i in node.input if i))
 
 
 def kernel_matmuls(model: onnx.ModelProto, bits: int,
@@ -198,6 +218,64 @@ def pack_four_bit(model: onnx.ModelProto) -> dict[str, dict]:
     if moved:
         index.remove_unused_initializers()  # the blocks under their old shape
     return moved
+
+
+def _offset_term(index: GraphIndex, node: onnx.NodeProto) -> tuple[onnx.NodeProto, str] | None:
+    """The Add that adds the gguf recipe's offset term to `node`'s output (exporters/quantization/grid.py
+    `Writer.matmul`: Add(y, MatMul(ReduceSum(Reshape(x, (0, 0, K/32, 32)), -1), offsets (K/32, N)))), and the
+    offsets' name; None when the output goes anywhere else or the term is not over the node's own input in
+    blocks of 32."""
+    readers = index.consumers.get(node.output[0], [])
+    if (len(readers) != 1 or readers[0].op_type != "Add" or node.output[0] not in readers[0].input
+            or node.output[0] in {o.name for o in index.model.graph.output}):
+        return None
+    add = readers[0]
+    term = index.producers.get(add.input[1] if add.input[0] == node.output[0] else add.input[0])
+    sums = term and term.op_type == "MatMul" and index.producers.get(term.input[0])
+    blocks = sums and sums.op_type == "ReduceSum" and index.producers.get(sums.input[0])
+    if not blocks or blocks.op_type != "Reshape" or blocks.input[0] != node.input[0] or len(sums.input) < 2:
+        return None
+    shape, axes = index.constant_source(blocks.input[1]), index.constant_source(sums.input[1])
+    keepdims = next((a.i for a in sums.attribute if a.name == "keepdims"), 1)
+    k = next((a.i for a in node.attribute if a.name == "K"), None) or index.inits[node.input[1]].dims[1] * 32
+    if (shape is None or numpy_helper.to_array(shape).tolist() != [0, 0, k // 32, 32] or axes is None
+            or numpy_helper.to_array(axes).tolist() not in ([-1], [3]) or keepdims != 0
+            or len(index.consumers.get(term.output[0], [])) != 1):
+        return None
+    offsets, made = term.input[1], index.producers.get(term.input[1])
+    if made is not None:  # the writer's: the stored (N, K/32) factors, transposed
+        if made.op_type != "Transpose" or [list(a.ints) for a in made.attribute if a.name == "perm"] != [[1, 0]]:
+            return None
+    elif offsets not in index.inits or list(index.inits[offsets].dims)[:1] != [k // 32]:
+        return None
+    return add, offsets
+
+
+def fold_offsets(model: onnx.ModelProto) -> int:
+    """Each BlockInt8MatMul whose output only gains the gguf recipe's offset term (a GGUF's Q4_1 / Q4_K / Q5_1 /
+    Q5_K blocks, w = scale * q + minimum) takes the term's (K/32, N) offsets as its input 3 and computes it
+    itself, from the float sums of its activations per block, as the ReduceSum and MatMul it replaces did: five
+    nodes fewer a MatMul (a decode step of SmolLM2's Q4_1 has 120 such terms). Returns how many."""
+    index = GraphIndex(model)
+    at_add, gone = {}, set()  # the op with its offsets goes where its Add was: after the nodes that make them
+    for node in model.graph.node:
+        if node.op_type != BLOCK_OP or node.domain != DOMAIN or len(node.input) != 3:
+            continue
+        found = _offset_term(index, node)
+        if found is None:
+            continue
+        add, offsets = found
+        moved = onnx.NodeProto()
+        moved.CopyFrom(node)
+        moved.input.append(offsets)
+        moved.output[0] = add.output[0]
+        at_add[add.name], gone = moved, gone | {node.name}
+    if at_add:
+        nodes = [at_add.get(n.name, n) for n in model.graph.node if n.name not in gone]
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        remove_dead_nodes(model)  # the terms' MatMuls, block sums and reshapes
+    return len(at_add)
 
 
 def shared_table_lookup(index: GraphIndex, matmul: onnx.NodeProto) -> tuple[list[onnx.NodeProto], str] | None:

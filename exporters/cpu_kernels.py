@@ -33,7 +33,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from exporters.block_kernels import pack_four_bit, pack_narrow_blocks, pack_shared_head, rewrite_shared_blocks
+from exporters.block_kernels import (fold_offsets, pack_four_bit, pack_narrow_blocks, pack_shared_head,
+                                     rewrite_shared_blocks)
 from exporters.gated_mlp import fuse_gated_mlps
 from exporters.graph import GraphIndex
 from exporters.native_attention import native_attention
@@ -311,7 +312,8 @@ def specialize(source: Path, target: Path, portable: Path | None = None, move_he
     """source model.onnx -> target model.onnx with its static int8 MatMuls and its shared 8-bit heads on the
     native kernels (with `fuse_mlp`, also each SwiGLU product and its online rotation as one native op, with
     `attention` each GroupQueryAttention on the native CacheAttention, with `four_bit` each unshared 4-bit
-    MatMulNBits on BlockInt8MatMul: all three round otherwise than onnxruntime);
+    MatMulNBits on BlockInt8MatMul: all three round otherwise than onnxruntime; the gguf recipe's offset terms of
+    the MatMuls now on BlockInt8MatMul go into those ops);
     written to a temp name, then renamed. Where the head moved onto the table's blocks (`head_on_table_blocks`,
     which changes the logits), the graph as it is then, before the native kernels, is also saved at `portable`:
     what the native graph must equal."""
@@ -327,6 +329,7 @@ def specialize(source: Path, target: Path, portable: Path | None = None, move_he
         raise UserError(f"{source} has no static int8 MatMul, no 8-bit head shared with its embedding, no 8-bit "
                         "blocks of fewer bits and no 4-bit blocks for the native kernels: quantize it with `pipeline "
                         "quantize --recipe w8a8` (or w4, w8, gguf with a tied embedding) first")
+    offsets = fold_offsets(model)  # a GGUF's per-block minimums, into the ops that now hold their blocks
     gated = fuse_gated_mlps(model) if fuse_mlp else 0
     attended = native_attention(model) if attention else 0
     kernels = [name for name, count in ((OP, static), (BLOCK_OP, shared + len(packed)), (GATHER_OP, len(head)),
@@ -337,7 +340,7 @@ def specialize(source: Path, target: Path, portable: Path | None = None, move_he
         move_model(staging / target.name, target)
     results = {"kernel": " + ".join(kernels), "matmuls": static + shared + len(packed), "static_matmuls": static,
                "shared_head_matmuls": shared + len(head), "packed_matmuls": packed, "gated_mlps": gated,
-               "native_attention": attended,
+               "native_attention": attended, "offset_terms": offsets,
                "nodes_before": before, "nodes_after": len(model.graph.node)}
     if moved is not None:
         results["head_on_table_blocks"] = moved

@@ -467,7 +467,11 @@ static OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* context) 
  * head with its Gather peaks at 245 MB (against 463 with MatMulNBits, on this 2-core EPYC) and one row takes
  * 3.7-4.7 ms on 2 threads (MatMulNBits on its prepacked copy: 4.2-4.9; see block_row).
  *
- * Inputs: 0 x float (..., K); 1 blocks uint8 (N, K/32, 32); 2 scales float (N, K/32), or flat (N * K/32).
+ * Inputs: 0 x float (..., K); 1 blocks uint8 (N, K/32, 32); 2 scales float (N, K/32), or flat (N * K/32);
+ * 3 (optional) offsets float (K/32, N): y[n] gains sum over blocks b of offset[b, n] * (the float sum of x over
+ * block b), the per-block minimum of a GGUF's Q4_1 / Q4_K / Q5_1 / Q5_K weights (w = scale * q + minimum),
+ * which the gguf recipe otherwise adds as a ReduceSum and a float MatMul beside MatMulNBits
+ * (exporters/quantization/grid.py; exporters/block_kernels.py `fold_offsets`).
  * Output: y float (..., N). Work is split over row ranges of N on onnxruntime's intra-op thread pool.
  *
  * Packed codes (attributes K, bits, rows): blocks whose values W - 128 all lie in [-2^(b-1), 2^(b-1)) are
@@ -604,6 +608,8 @@ typedef struct {
 #endif
     const uint8_t* w;       /* (N, KB, 32) */
     const float* w_scale;   /* (N, KB) */
+    const float* offset;    /* (KB, N): each block's offset term, or NULL */
+    const float* x_sum;     /* (M, KB): the float sum of each block of x, with `offset` */
     float* y;               /* (M, N) */
     int64_t m, kb, n, chunks;
     const Kernel* packed;   /* with segments kept narrow (any_kept), the rows as it keeps them; else NULL */
@@ -1123,15 +1129,22 @@ static void kept_rows(const BlockJob* j, const uint8_t* w, int64_t from, int64_t
 #endif
 }
 
-/* Rows [first, last) of chunk `chunk`, segment by segment where some rows are kept narrow. */
-static void block_run_chunk(void* data, size_t chunk) {
-    const BlockJob* j = (const BlockJob*)data;
-    const int64_t first = j->n * (int64_t)chunk / j->chunks, last = j->n * ((int64_t)chunk + 1) / j->chunks;
-    const Kernel* k = j->packed;
-    if (!k) {
-        byte_rows(j, j->w, 0, first, last);
-        return;
+/* The offset term of rows [first, last): y[m, n] += sum over blocks b of x_sum[m, b] * offset[b, n], one
+ * multiply-add a row per block, along n (so contiguous, and in each row's own order of blocks). */
+static void offset_rows(const BlockJob* j, int64_t first, int64_t last) {
+    for (int64_t m = 0; m < j->m; m++) {
+        float* y = j->y + m * j->n;
+        for (int64_t b = 0; b < j->kb; b++) {
+            const float s = j->x_sum[m * j->kb + b], *o = j->offset + b * j->n;
+            for (int64_t n = first; n < last; n++) y[n] += s * o[n];
+        }
     }
+}
+
+/* Rows [first, last) of a packed kernel, segment by segment: each run of rows at its width. */
+static void segment_rows(const BlockJob* j, size_t chunk, int64_t first, int64_t last) {
+    const Kernel* k = j->packed;
+    (void)chunk; /* the scratch's index, where narrow rows are decoded */
     int64_t start = 0;
     for (size_t s = 0; s < k->seg.count; start += k->seg.rows[s], s++) {
         const int64_t lo = first > start ? first : start, end = start + k->seg.rows[s], hi = last < end ? last : end;
@@ -1146,6 +1159,18 @@ static void block_run_chunk(void* data, size_t chunk) {
         else
             byte_rows(j, k->blocks + k->offset[s], start, lo, hi);
     }
+}
+
+/* Rows [first, last) of chunk `chunk`, segment by segment where some rows are kept narrow, then their offset
+ * term where there is one. */
+static void block_run_chunk(void* data, size_t chunk) {
+    const BlockJob* j = (const BlockJob*)data;
+    const int64_t first = j->n * (int64_t)chunk / j->chunks, last = j->n * ((int64_t)chunk + 1) / j->chunks;
+    if (j->packed)
+        segment_rows(j, chunk, first, last);
+    else
+        byte_rows(j, j->w, 0, first, last);
+    if (j->offset) offset_rows(j, first, last);
 }
 
 static int64_t element_count(const OrtValue* value) {
@@ -1163,8 +1188,10 @@ static int64_t element_count(const OrtValue* value) {
 
 static OrtStatus* ORT_API_CALL block_compute(void* kernel, OrtKernelContext* context) {
     const Kernel* unpacked = (const Kernel*)kernel;
-    const OrtValue* in[3];
-    for (size_t i = 0; i < 3; i++) RETURN_IF_ERROR(g_api->KernelContext_GetInput(context, i, &in[i]));
+    const OrtValue* in[4] = {NULL};
+    size_t inputs = 0;
+    RETURN_IF_ERROR(g_api->KernelContext_GetInputCount(context, &inputs));
+    for (size_t i = 0; i < 4 && i < inputs; i++) RETURN_IF_ERROR(g_api->KernelContext_GetInput(context, i, &in[i]));
     int64_t x_dims[8], w_dims[8] = {unpacked->n, unpacked->kb, BLOCK};
     size_t x_rank, w_rank = 3;
     RETURN_IF_ERROR(shape_of(in[0], x_dims, &x_rank));
@@ -1173,6 +1200,8 @@ static OrtStatus* ORT_API_CALL block_compute(void* kernel, OrtKernelContext* con
         || element_count(in[2]) != w_dims[0] * w_dims[1])
         return g_api->CreateStatus(ORT_INVALID_ARGUMENT,
                                    "BlockInt8MatMul: x (..., K) needs blocks (N, K/32, 32) and N * K/32 scales");
+    if (in[3] && element_count(in[3]) != w_dims[0] * w_dims[1])
+        return g_api->CreateStatus(ORT_INVALID_ARGUMENT, "BlockInt8MatMul: offsets are K/32 * N floats");
     BlockJob job = {0};
     job.kb = w_dims[1];
     job.n = w_dims[0];
@@ -1180,10 +1209,12 @@ static OrtStatus* ORT_API_CALL block_compute(void* kernel, OrtKernelContext* con
     const float* x = (const float*)data_of(in[0]);
     job.w = unpacked->blocks ? unpacked->blocks : (const uint8_t*)data_of(in[1]);
     job.w_scale = (const float*)data_of(in[2]);
+    job.offset = in[3] ? (const float*)data_of(in[3]) : NULL;
     if (job.m == 0 || job.n == 0) return NULL;
-    if (!job.y || !x || !job.w || !job.w_scale)
+    if (!job.y || !x || !job.w || !job.w_scale || (in[3] && !job.offset))
         return g_api->CreateStatus(ORT_FAIL, "BlockInt8MatMul: an input has no data");
     const size_t blocks = (size_t)(job.m * job.kb);
+    const size_t sums = job.offset ? blocks * sizeof(float) : 0; /* x_sum */
     /* a few chunks per thread, for even finish times; below 1024 rows, chunks of 64 rows, since a layer's
      * MatMuls (576 or 192 rows) on one thread left the other idle: SmolLM2's w4-native, 2 threads, VNNI EPYC,
      * 8.2 -> 6.5 ms/token */
@@ -1201,10 +1232,19 @@ static OrtStatus* ORT_API_CALL block_compute(void* kernel, OrtKernelContext* con
 #else
     const size_t extra = 0, decoded = 0;
 #endif
-    void* scratch = malloc(blocks * BLOCK + blocks * sizeof(float) + extra + decoded);
+    void* scratch = malloc(sums + blocks * BLOCK + blocks * sizeof(float) + extra + decoded);
     if (!scratch) return g_api->CreateStatus(ORT_FAIL, "BlockInt8MatMul: out of memory");
-    float* a_scale = (float*)scratch;
+    float* x_sum = (float*)scratch;
+    float* a_scale = (float*)((char*)scratch + sums);
     int8_t* aq = (int8_t*)(a_scale + blocks);
+    if (job.offset) {
+        for (size_t b = 0; b < blocks; b++) {
+            float total = 0.0f;
+            for (int i = 0; i < BLOCK; i++) total += x[b * BLOCK + i];
+            x_sum[b] = total;
+        }
+        job.x_sum = x_sum;
+    }
 #if KERNEL_AVX512
     int32_t* a_corr = (int32_t*)(aq + blocks * BLOCK);
     block_quantize(x, job.m, job.kb, aq, a_scale, a_corr);
@@ -1971,6 +2011,7 @@ typedef struct {
     OrtCustomOp op; /* first: onnxruntime hands this pointer back to the callbacks below */
     const char* name;
     size_t inputs, outputs; /* outputs: 0 stands for 1 */
+    size_t optional;        /* inputs from this index on may be absent; 0: none */
     const ONNXTensorElementDataType* input_types;
     OrtStatus*(ORT_API_CALL* compute)(void*, OrtKernelContext*);
 } Op;
@@ -2077,6 +2118,10 @@ static OrtCustomOpInputOutputCharacteristic ORT_API_CALL required(const OrtCusto
     (void)op, (void)i;
     return INPUT_OUTPUT_REQUIRED;
 }
+static OrtCustomOpInputOutputCharacteristic ORT_API_CALL input_required(const OrtCustomOp* op, size_t i) {
+    const size_t from = ((const Op*)op)->optional;
+    return from && i >= from ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+}
 static OrtMemType ORT_API_CALL memory_type(const OrtCustomOp* op, size_t i) {
     (void)op, (void)i;
     return OrtMemTypeDefault;
@@ -2087,8 +2132,9 @@ static int ORT_API_CALL end_version(const OrtCustomOp* op) { (void)op; return 21
 static const ONNXTensorElementDataType STATIC_INPUTS[6] = {
     ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
     ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8};
-static const ONNXTensorElementDataType BLOCK_INPUTS[3] = {
-    ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+static const ONNXTensorElementDataType BLOCK_INPUTS[4] = {
+    ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+    ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
 
 static const ONNXTensorElementDataType GATHER_INPUTS[3] = {
     ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
@@ -2102,7 +2148,7 @@ static const ONNXTensorElementDataType ATTENTION_INPUTS[7] = {
 enum { OP_COUNT = 5 };
 static Op g_ops[OP_COUNT] = {
     {.name = "StaticInt8MatMul", .inputs = 6, .input_types = STATIC_INPUTS, .compute = compute},
-    {.name = "BlockInt8MatMul", .inputs = 3, .input_types = BLOCK_INPUTS, .compute = block_compute},
+    {.name = "BlockInt8MatMul", .inputs = 4, .optional = 3, .input_types = BLOCK_INPUTS, .compute = block_compute},
     {.name = "BlockGather", .inputs = 3, .input_types = GATHER_INPUTS, .compute = gather_compute},
     {.name = "GluRotate", .inputs = 2, .input_types = GATED_INPUTS, .compute = gated_compute},
     {.name = "CacheAttention", .inputs = 7, .outputs = 3, .input_types = ATTENTION_INPUTS,
@@ -2116,7 +2162,7 @@ static void fill_op(Op* o) {
     op->GetInputTypeCount = input_count;
     op->GetOutputType = output_type;
     op->GetOutputTypeCount = output_count;
-    op->GetInputCharacteristic = required;
+    op->GetInputCharacteristic = input_required;
     op->GetOutputCharacteristic = required;
     op->GetInputMemoryType = memory_type;
     op->CreateKernelV2 = create_kernel;

@@ -10,11 +10,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from exporters.block_kernels import (MAX_SEGMENTS, pack_codes, pack_four_bit, pack_narrow_blocks,
+from exporters.block_kernels import (MAX_SEGMENTS, fold_offsets, pack_codes, pack_four_bit, pack_narrow_blocks,
                                      pack_shared_head, rewrite_shared_blocks, segments)
 from exporters.cpu_kernels import KERNEL_KEY, pack, rewrite, specialize
 from exporters.quantization.nbits import code_bits
 from runtimes.kernels import BLOCK_OP, DOMAIN, GATHER_OP, OP
+from tests.exporters.test_gated_mlp import library  # noqa: F401  (the fixture: this CPU's build and AVX2's)
 from exporters.quantization.embedding import share_tied_table
 from models.errors import UserError
 from pipeline.stages.check import int8_flop_share
@@ -460,6 +461,68 @@ def test_4bit_blocks_on_the_kernel_compute_what_matmul_nbits_does(native_kernels
     for threads in (1, 2):
         got = session_of(native, threads, native_kernels).run(None, feed)[0]
         np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
+
+
+def offset_grid_model(n: int, k: int, bits: int, sub_scales: bool, seed: int) -> onnx.ModelProto:
+    """y = x W as the gguf recipe writes a GGUF's offset type (exporters/quantization/grid.py `Writer`):
+    MatMulNBits plus the per-block offset term, from float16 scales and minimums (Q4_1, Q5_1) or with the
+    K-quants' integer sub-block multipliers (Q4_K, Q5_K), MatMulNBits' centre shifted into the offset."""
+    from exporters.quantization.grid import Writer
+    from models.gguf_grid import Factor, Grid
+
+    rng = np.random.default_rng(seed)
+    kb = k // 32
+    # 8-bit: a Q5_1's 5-bit codes re-centred on MatMulNBits' 128, as the recipe writes them (grid.py)
+    codes = rng.integers(0, 16, (n, k), dtype=np.uint8) if bits == 4 else \
+        rng.integers(112, 144, (n, k), dtype=np.uint8)
+
+    def factor(low: float, high: float) -> Factor:
+        if not sub_scales:
+            return Factor(rng.uniform(low, high, (n, kb)).astype(np.float16))
+        groups = -(-kb // 8)
+        return Factor(rng.uniform(low, high, (n, groups)).astype(np.float16),
+                      rng.integers(1, 64, (n, groups * 8), dtype=np.uint8)[:, :kb])
+
+    grid = Grid("Q4_K" if sub_scales else "Q4_1", codes, bits, 32, factor(1e-3, 1e-2), factor(-0.1, 0.02),
+                shift=8 if bits == 4 else 16)
+    graph = helper.make_graph([], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, None, n])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    writer = Writer(model, 4)
+    writer.matmul(helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"), "w", grid)
+    model.graph.node.extend(writer.nodes)
+    return model
+
+
+@pytest.mark.parametrize("n, k, bits, sub_scales", [(64, 96, 4, False), (1000, 576, 4, True), (96, 640, 8, False),
+                                                    (130, 2048, 4, False)])
+def test_a_ggufs_offset_term_goes_into_the_kernel_that_holds_its_blocks(library, n, k, bits, sub_scales):
+    """Q4_1 / Q4_K (4-bit, on the kernel at 4 bits) and Q5_1-like 8-bit blocks of 5-bit codes (packed at 5):
+    `fold_offsets` gives the op the term's (K/32, N) offsets and drops the block sums, the float MatMul and the
+    Add; the kernel's output is the graph's up to float rounding, for decode and prompt rows, on 1 and 2
+    threads, on this CPU's build and the AVX2 one. A MatMul whose output also goes elsewhere keeps its term."""
+    model = offset_grid_model(n, k, bits, sub_scales, seed=n + k)
+    native = onnx.ModelProto()
+    native.CopyFrom(model)
+    assert (pack_four_bit(native) if bits == 4 else pack_narrow_blocks(native))
+    assert fold_offsets(native) == 1
+    ops = Counter(node.op_type for node in native.graph.node)
+    assert ops[BLOCK_OP] == 1 and not {"ReduceSum", "MatMul"} & set(ops)
+    assert [node.op_type for node in native.graph.node if "x" in node.input] == [BLOCK_OP]  # no block sums
+    node = next(node for node in native.graph.node if node.op_type == BLOCK_OP)
+    assert len(node.input) == 4 and list(node.output) == ["y"]
+    for m in (1, 3, 131):
+        x = np.random.default_rng(m).standard_normal((1, m, k)).astype(np.float32) * 3
+        x[0, 0, :32] = 0
+        want = session_of(model, 2).run(None, {"x": x})[0]
+        assert np.abs(want).max() > 1.0  # the term is a large part of each output: a dropped one shows
+        for threads in (1, 2):
+            got = session_of(native, threads, library).run(None, {"x": x})[0]
+            np.testing.assert_allclose(got, want, rtol=0, atol=3e-6 * np.abs(want).max())
+    shared = offset_grid_model(n, k, bits, sub_scales, seed=1)
+    shared.graph.output.append(helper.make_tensor_value_info("y/blocks", TensorProto.FLOAT, None))
+    assert (pack_four_bit(shared) if bits == 4 else pack_narrow_blocks(shared)) and fold_offsets(shared) == 0
 
 
 def shared_table_model(widths: list[tuple[int, int]], k: int = 96, seed: int = 5) -> onnx.ModelProto:
