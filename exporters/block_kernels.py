@@ -222,9 +222,9 @@ def pack_four_bit(model: onnx.ModelProto) -> dict[str, dict]:
 
 def _offset_term(index: GraphIndex, node: onnx.NodeProto) -> tuple[onnx.NodeProto, str] | None:
     """The Add that adds the gguf recipe's offset term to `node`'s output (exporters/quantization/grid.py
-    `Writer.matmul`: Add(y, MatMul(ReduceSum(Reshape(x, (0, 0, K/32, 32)), -1), offsets (K/32, N)))), and the
-    offsets' name; None when the output goes anywhere else or the term is not over the node's own input in
-    blocks of 32."""
+    `Writer.matmul`: Add(y, MatMul(ReduceSum(Reshape(x, (0, 0, K/32, 32)), -1), Transpose(offsets (N, K/32))))),
+    and the offsets' name; None when the output goes anywhere else or the term is not over the node's own input
+    in blocks of 32."""
     readers = index.consumers.get(node.output[0], [])
     if (len(readers) != 1 or readers[0].op_type != "Add" or node.output[0] not in readers[0].input
             or node.output[0] in {o.name for o in index.model.graph.output}):
@@ -242,18 +242,16 @@ def _offset_term(index: GraphIndex, node: onnx.NodeProto) -> tuple[onnx.NodeProt
             or numpy_helper.to_array(axes).tolist() not in ([-1], [3]) or keepdims != 0
             or len(index.consumers.get(term.output[0], [])) != 1):
         return None
-    offsets, made = term.input[1], index.producers.get(term.input[1])
-    if made is not None:  # the writer's: the stored (N, K/32) factors, transposed
-        if made.op_type != "Transpose" or [list(a.ints) for a in made.attribute if a.name == "perm"] != [[1, 0]]:
-            return None
-    elif offsets not in index.inits or list(index.inits[offsets].dims)[:1] != [k // 32]:
+    made = index.producers.get(term.input[1])  # the writer's: the (N, K/32) factors, transposed
+    if made is None or made.op_type != "Transpose" or \
+            [list(a.ints) for a in made.attribute if a.name == "perm"] != [[1, 0]]:
         return None
-    return add, offsets
+    return add, made.input[0]
 
 
 def fold_offsets(model: onnx.ModelProto) -> int:
     """Each BlockInt8MatMul whose output only gains the gguf recipe's offset term (a GGUF's Q4_1 / Q4_K / Q5_1 /
-    Q5_K blocks, w = scale * q + minimum) takes the term's (K/32, N) offsets as its input 3 and computes it
+    Q5_K blocks, w = scale * q + minimum) takes the term's (N, K/32) offsets as its input 3 and computes it
     itself, from the float sums of its activations per block, as the ReduceSum and MatMul it replaces did: five
     nodes fewer a MatMul (a decode step of SmolLM2's Q4_1 has 120 such terms). Returns how many."""
     index = GraphIndex(model)

@@ -499,7 +499,7 @@ def offset_grid_model(n: int, k: int, bits: int, sub_scales: bool, seed: int) ->
                                                     (130, 2048, 4, False)])
 def test_a_ggufs_offset_term_goes_into_the_kernel_that_holds_its_blocks(library, n, k, bits, sub_scales):
     """Q4_1 / Q4_K (4-bit, on the kernel at 4 bits) and Q5_1-like 8-bit blocks of 5-bit codes (packed at 5):
-    `fold_offsets` gives the op the term's (K/32, N) offsets and drops the block sums, the float MatMul and the
+    `fold_offsets` gives the op the term's (N, K/32) offsets and drops the block sums, the float MatMul and the
     Add; the kernel's output is the graph's up to float rounding, for decode and prompt rows, on 1 and 2
     threads, on this CPU's build and the AVX2 one. A MatMul whose output also goes elsewhere keeps its term."""
     model = offset_grid_model(n, k, bits, sub_scales, seed=n + k)
