@@ -1145,8 +1145,8 @@ static void kept_rows(const BlockJob* j, const uint8_t* w, int64_t from, int64_t
 /* The offset term of rows [first, last): y[m, n] += sum over blocks b of x_sum[m, b] * offset[n, b]. The rows'
  * offsets are read as stored, one contiguous run; for a prompt, OFFSET_TILE rows at a time turned to (K/32,
  * OFFSET_TILE) so that each block is one multiply-add along the tile's rows for every row of x.
- * The offsets are float32, 4 bytes a block beside the 16 of 4-bit codes and 4 of scale: SmolLM2's Q4_1 MatMuls
- * take 25-45% longer than w4's 4-bit ones of the same shapes (docs/quantization.md). */
+ * The offsets are float32, 4 bytes a block beside the 16 of 4-bit codes and 4 of scale: SmolLM2's Q4_1 file
+ * decodes slower than its 5-bit w4 (docs/quantization.md). */
 enum { OFFSET_TILE = 16 };
 
 static void offset_rows(const BlockJob* j, int64_t first, int64_t last) {
