@@ -1756,9 +1756,9 @@ static OrtStatus* ORT_API_CALL gated_compute(void* kernel, OrtKernelContext* con
  * 2 * cos_cache's width dimensions of each head), what the fused graphs hold, written so that a one-token step
  * costs what its arithmetic does and a long prompt's chunks run at the machine's float rate: onnxruntime's kernel
  * allocates temporary buffers and transposes QKV on every call, and computes each chunk's scores as one GEMM per
- * head into a (S, T) buffer that softmax and the product with V then read again. Measured alone, a decode step's
- * layer takes half of onnxruntime's time; in a whole model the step is not faster yet (docs/quantization.md), so
- * `optimize --native-attention` is opt-in.
+ * head into a (S, T) buffer that softmax and the product with V then read again. Measured: a 1536-token prompt's
+ * attention in SmolLM2 1.5x faster than onnxruntime's, decode unchanged (docs/quantization.md), so `optimize
+ * --native-int8` puts it in by default.
  *
  * Inputs: 0 qkv (B, S, (NH + 2 KVH) H); 1, 2 past key and value (B, KVH, P, H); 3 seqlens_k int32 (B): each
  * row's total length - 1; 4 total_sequence_length int32 scalar; 5, 6 cos and sin caches (positions, R / 2).

@@ -299,8 +299,8 @@ def test_optimize_kv_fp16_writes_a_checked_variant_of_a_quantized_one(run_dir, t
     one_line_error(invoke("optimize", run_dir, "--kv-fp16", "--source", "fp32", ok=False), "needs a fused graph")
     one_line_error(invoke("optimize", run_dir, "--kv-fp16", "--native-int8", ok=False), "separate rewrites")
     one_line_error(invoke("optimize", run_dir, "--static-head", ok=False), "--static-head is a choice of --native-int8")
-    one_line_error(invoke("optimize", run_dir, "--native-attention", ok=False),
-                   "--native-attention is a choice of --native-int8")
+    one_line_error(invoke("optimize", run_dir, "--no-native-attention", ok=False),
+                   "--no-native-attention is a choice of --native-int8")
     assert set((run_dir / "variants").iterdir()) == before
 
 
