@@ -10,6 +10,10 @@ Memory stays bounded: windows are token ids only, feeds are generated lazily one
 alive at once), and `KVCacheCalibrationReader` supports ORT's strided calibration (`CalibStridedMinMax`), which
 makes the calibrator fold its collected activations into ranges (or histograms) after every stride.
 
+A `prefix` (the token every prompt opens with, that `quantize` pins: exporters/quantization/prefix.py) is run
+at position 0 before each window and never sampled: the window's tokens then follow it as a prompt's do, and the
+statistics hold only tokens the quantized MatMuls are kept for (the pinned token's keys and values are constants).
+
 Tokenization happens in the caller: this module takes lists of token ids.
 """
 
@@ -35,15 +39,26 @@ class CalibrationPlan:
     num_prefill: int       # windows cut from the calibration text; each gives one prefill sample
     seq_len: int           # tokens in each prefill sample
     num_decode_steps: int  # single-token samples after each prefill, each fed the real past KV
+    prefix: tuple[int, ...] = ()  # run at position 0 before each window, never sampled; counted in seq_len
 
     def __post_init__(self):
-        if self.num_prefill < 1 or self.seq_len < 1 or self.num_decode_steps < 0:
+        if self.num_prefill < 1 or self.seq_len <= len(self.prefix) or self.num_decode_steps < 0:
             raise UserError(f"calibration needs num_prefill >= 1, seq_len >= 1 and num_decode_steps >= 0 "
-                            f"(got {self.num_prefill}, {self.seq_len}, {self.num_decode_steps})")
+                            f"(got {self.num_prefill}, {self.seq_len - len(self.prefix)}, {self.num_decode_steps})")
 
     @property
     def window_len(self) -> int:
+        """Positions a window spans, its prefix included."""
         return self.seq_len + self.num_decode_steps
+
+    @property
+    def cut_len(self) -> int:
+        """Tokens each window takes from the text: every one is a sampled activation row."""
+        return self.window_len - len(self.prefix)
+
+    def windows(self, ids_list: Iterable[list[int]], vocab_size: int) -> np.ndarray:
+        """The windows cut from `ids_list`, each text's opening prefix left out (`token_windows`)."""
+        return token_windows(ids_list, self.cut_len, self.num_prefill, vocab_size, self.prefix)
 
     @property
     def samples_per_window(self) -> int:
@@ -69,13 +84,17 @@ def session_contract(session: ort.InferenceSession) -> Contract:
     return Contract.from_metadata(session.get_modelmeta().custom_metadata_map)
 
 
-def token_windows(ids_list: Iterable[list[int]], window_len: int, count: int, vocab_size: int) -> np.ndarray:
+def token_windows(ids_list: Iterable[list[int]], window_len: int, count: int, vocab_size: int,
+                  prefix: tuple[int, ...] = ()) -> np.ndarray:
     """Up to `count` non-overlapping windows of `window_len` ids, spread evenly over the concatenated text.
 
     Concatenating documents is what GPTQ/SmoothQuant calibration does too; spreading the windows (instead of
-    taking the first `count`) keeps one long leading document from supplying every sample.
+    taking the first `count`) keeps one long leading document from supplying every sample. A text that opens
+    with `prefix` gives its tokens after it: the prefix belongs at position 0, where `window_feeds` puts it.
     """
-    stream = np.fromiter((t for ids in ids_list for t in ids), dtype=np.int64)
+    n = len(prefix)
+    stream = np.fromiter((t for ids in ids_list for t in (ids[n:] if n and tuple(ids[:n]) == prefix else ids)),
+                         dtype=np.int64)
     available = stream.size // window_len
     if available == 0:
         raise UserError(f"calibration text too short: {stream.size} tokens, one window needs {window_len} "
@@ -115,17 +134,22 @@ def next_past(session: ort.InferenceSession, contract: Contract, feed: dict[str,
 
 
 def window_feeds(session: ort.InferenceSession, contract: Contract, window: np.ndarray,
-                 seq_len: int) -> Iterator[dict[str, np.ndarray]]:
-    """The prefill feed of `window[:seq_len]`, then one decode feed per remaining token with the real past.
+                 plan: CalibrationPlan) -> Iterator[dict[str, np.ndarray]]:
+    """The prefill feed of the window's first tokens, then one decode feed per remaining token with the real past;
+    after the plan's prefix, run first at position 0 and not yielded.
 
     The model is only run when a further decode feed needs its present, and lazily, between yields.
     """
     names = {i.name for i in session.get_inputs()}
-    feed = declared(step_feed(window[:seq_len], 0, empty_past(contract)), names)
+    start, past = len(plan.prefix), empty_past(contract)
+    if start:
+        past = next_past(session, contract, declared(step_feed(np.array(plan.prefix), 0, past), names))
+    prefill = plan.seq_len - start
+    feed = declared(step_feed(window[:prefill], start, past), names)
     yield feed
-    for pos in range(seq_len, window.size):
+    for pos in range(prefill, window.size):
         past = next_past(session, contract, feed)
-        feed = declared(step_feed(window[pos:pos + 1], pos, past), names)
+        feed = declared(step_feed(window[pos:pos + 1], start + pos, past), names)
         yield feed
 
 
@@ -144,7 +168,7 @@ class KVCacheCalibrationReader(CalibrationDataReader):
         self.model_path = Path(model_path)
         self.contract = read_contract(onnx.load(str(model_path), load_external_data=False), self.model_path)
         self.plan = plan
-        self.windows = token_windows(ids_list, plan.window_len, plan.num_prefill, self.contract.vocab_size)
+        self.windows = plan.windows(ids_list, self.contract.vocab_size)
         self._session: ort.InferenceSession | None = None
         self._stream, self._next, self._stop = self.feeds(), 0, len(self)
 
@@ -166,7 +190,7 @@ class KVCacheCalibrationReader(CalibrationDataReader):
         cache), else from the reader's own."""
         windows = self.windows[first_window:stop_window]
         for window in progress.each(windows, "calibration pass", unit="window"):
-            yield from window_feeds(session or self.session, self.contract, window, self.plan.seq_len)
+            yield from window_feeds(session or self.session, self.contract, window, self.plan)
 
     def through(self, session: ort.InferenceSession) -> Iterator[dict[str, np.ndarray]]:
         """A pass over every window with the past from `session`."""

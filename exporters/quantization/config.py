@@ -69,6 +69,9 @@ class QuantConfig:
     gguf: str | None = None         # gguf: the GGUF file the source graph was built from (its blocks are kept)
     top1_z: float = 2.0             # ... top-1 by a margin of this many binomial standard errors of its estimate on
                                     # valid_ids: check evaluates other text, so a bare pass there is a coin flip
+    first_token: int | None = None  # w8a8: the token every prompt opens with (the tokenizer's BOS), whose keys and
+                                    # values at position 0 the graph then takes as float constants, and which the
+                                    # calibration runs first and never samples (quantization/prefix.py); None: none
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -118,7 +121,8 @@ class QuantConfig:
 
     @property
     def plan(self) -> CalibrationPlan:
-        return CalibrationPlan(self.num_prefill, self.seq_len, self.num_decode_steps)
+        prefix = (self.first_token,) if self.first_token is not None and self.recipe == "w8a8" else ()
+        return CalibrationPlan(self.num_prefill, self.seq_len, self.num_decode_steps, prefix)
 
     @property
     def rotates(self) -> bool:

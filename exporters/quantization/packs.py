@@ -20,7 +20,7 @@ import onnx
 import onnxruntime as ort
 
 from exporters import progress
-from exporters.calibration import CalibrationPlan, token_windows, window_feeds
+from exporters.calibration import CalibrationPlan, window_feeds
 from exporters.gptq import fits, gptq_blockwise
 from exporters.graph import GraphIndex
 from exporters.onnx_io import tensor_array
@@ -100,13 +100,13 @@ def streamed_gptq(model: onnx.ModelProto, weights_dir: Path, bits_of: dict[str, 
     into `store`; the input Hessians gathered over the calibration windows a bounded group at a time."""
     g = GraphIndex(model)
     nodes, contract = g.nodes, read_contract(model)
-    windows = token_windows(calib_ids, plan.window_len, plan.num_prefill, contract.vocab_size)
-    tokens = len(windows) * plan.window_len
+    windows = plan.windows(calib_ids, contract.vocab_size)
+    tokens = len(windows) * plan.cut_len
     acts, widths, nearest = gptq_groups(g, list(bits_of), tokens)  # bits_of follows the graph's MatMuls
 
     def feeds(session: ort.InferenceSession, label: str) -> Iterator[dict[str, np.ndarray]]:
         for window in progress.each(windows, label, unit="window"):
-            yield from window_feeds(session, contract, window, plan.seq_len)
+            yield from window_feeds(session, contract, window, plan)
 
     passes = 0
     for passes, group, hessians in gathered_hessians(model, weights_dir, widths, feeds, workdir, budget):

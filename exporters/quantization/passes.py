@@ -8,7 +8,7 @@ write any mix of low-precision and fallback MatMuls, which `search` uses.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -26,6 +26,7 @@ from exporters.quantization.evaluate import Agreement
 from exporters.quantization.nbits import NBitsConfig, output_projection, write_nbits
 from exporters.quantization.packs import HESSIAN_BUDGET, PackedWeights, StreamedGptq, gathered_hessians, \
     gptq_groups, rounded_pack, streamed_gptq
+from exporters.quantization.prefix import first_token_values, pin_first_token, pinned_tensors, why_not_pinnable
 from exporters.quantization.scales import half_scales
 from exporters.quantization.qdq import QdqConfig, QdqJob, quantize_qdq, with_value_info
 from exporters.quantization.search import Judge, take_out_until_budget
@@ -100,7 +101,10 @@ def calibrate(q: Quantizing, config: CalibrateConfig) -> Quantizing:
     """Open the calibration feeds (static int8 needs them: an empty calibration set is a user error)."""
     if not q.calib_ids or not any(len(ids) for ids in q.calib_ids):
         raise UserError(f"recipe {config.recipe!r} needs calibration text: the calibration set is empty")
-    q.reader = KVCacheCalibrationReader(q.source, q.calib_ids, config.plan)
+    plan = config.plan  # its prefix is run before each window only where the pin pass will pin it
+    if plan.prefix and why_not_pinnable(q.model):
+        plan = replace(plan, prefix=())
+    q.reader = KVCacheCalibrationReader(q.source, q.calib_ids, plan)
     q.details.update(calibration_samples=len(q.reader), calibrate_method=config.calibrate_method,
                      per_channel=config.per_channel, reduce_range=config.reduce_range, fallback=config.fallback)
     return q
@@ -204,6 +208,26 @@ def run_online_hadamard(q: Quantizing, config: OnlineHadamardConfig) -> Quantizi
 
 
 @dataclass(frozen=True)
+class PinConfig:
+    token: int  # the token every prompt opens with (the tokenizer's BOS)
+
+
+def run_pin_first_token(q: Quantizing, config: PinConfig) -> Quantizing:
+    """The keys, values and final norm input of `token` at position 0 as float constants
+    (exporters/quantization/prefix.py), computed from the float graph as the passes before left it (exact in
+    float)."""
+    why = why_not_pinnable(q.model)
+    if why:
+        q.details["pinned_first_token"] = {"token": None, "why_not": why}
+        return q
+    tensors = pinned_tensors(q.model)
+    pin_first_token(q.model, config.token, first_token_values(q.model, tensors, config.token, q.workdir,
+                                                               q.weights_dir))
+    q.details["pinned_first_token"] = {"token": config.token, "tensors": len(tensors)}
+    return q
+
+
+@dataclass(frozen=True)
 class GptqConfig:
     levels: int                  # static int8 weight levels: 127, or 64 with reduce_range
     fallback_block_size: int | None  # also round on MatMulNBits' grid, of this block size, for the w8 fallback
@@ -221,7 +245,7 @@ def run_gptq(q: Quantizing, config: GptqConfig) -> Quantizing:
     does (0.951, 0.0079; the table of its own with a GPTQ head: 0.959, 0.0082)."""
     g = GraphIndex(q.model)
     nodes, inits = g.nodes, g.inits
-    tokens = len(q.reader.windows) * q.reader.plan.window_len  # every token of a window is one activation row
+    tokens = len(q.reader.windows) * q.reader.plan.cut_len  # every token of a window is one activation row
     acts, widths, nearest = gptq_groups(g, q.targets, tokens, shared=True)
     store = None if config.fallback_block_size is None else \
         PackedWeights(q.model, q.weights_dir, config.fallback_block_size, keep=True)

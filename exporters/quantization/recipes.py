@@ -79,6 +79,8 @@ RECIPES: dict[str, tuple[Step, ...]] = {
                                          c.online_hadamard if c.rotates else 0, c.exclude)),
              Step("online_hadamard", p.run_online_hadamard,
                   lambda c: p.OnlineHadamardConfig(c.online_hadamard) if c.rotates and c.online_hadamard else None),
+             Step("pin_first_token", p.run_pin_first_token,
+                  lambda c: p.PinConfig(c.first_token) if c.first_token is not None else None),
              *STATIC_WRITE,
              Step("ranges", p.run_ranges, lambda c: p.RangesConfig(c.calibrate_method)),
              Step("gptq", p.run_gptq, lambda c: p.GptqConfig(c.weight_levels, c.block_size if c.fallback == "w8"

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from exporters.quantization.config import CALIBRATE_METHODS, FALLBACKS, RECIPES, ROUNDINGS
 from models.errors import UserError
 from pipeline import progress
-from pipeline.data import token_windows
+from pipeline.data import leading_special, load_tokenizer, token_windows
 from pipeline.manifest import RunDir
 from pipeline.options import check_options, fits_context, option
 from runtimes.providers import int8_gemm_saturates
@@ -71,6 +71,10 @@ class QuantizeStageConfig:
     outlier_channels: int = option(int, 16, "w8a8: at most this many channels of each smoothed activation, those "
                                    "over 4x its 99th-percentile channel peak, leave the int8 MatMul for a small "
                                    "float one (0: none).", lo=0)
+    pin_first_token: bool = option(bool, True, "w8a8: the keys and values of the token every prompt opens with "
+                                   "(the tokenizer's BOS, where a model keeps its attention sink), at position 0, as "
+                                   "float constants of the graph; calibration samples only the tokens after it. "
+                                   "Nothing to pin for a tokenizer that adds no BOS.", off="--no-pin-first-token")
     reduce_range: bool | None = option(bool, None, "w8a8/static: 7-bit weights, for x86 CPUs without VNNI, whose "
                                        "int8 kernels overflow with 8-bit ones (the runtime refuses such a model "
                                        "there). Default: on exactly when this machine is one.",
@@ -87,7 +91,7 @@ class QuantizeStageConfig:
     def decode_steps(self) -> int:
         return min(4, self.window // 4)  # each window: a prefill, then decode steps fed its real past KV
 
-    def quant_config(self, reduce_range: bool, gguf: str | None = None):
+    def quant_config(self, reduce_range: bool, gguf: str | None = None, first_token: int | None = None):
         from exporters.quantize import QuantConfig
 
         return QuantConfig(recipe=self.recipe, calibrate_method=self.method,
@@ -100,7 +104,8 @@ class QuantizeStageConfig:
                            search=self.search, zero_points=self.zero_points,
                            weight_rounding=self.weight_rounding, rotate=self.rotate,
                            outlier_channels=self.outlier_channels, online_hadamard=self.online_hadamard,
-                           reduce_range=reduce_range, gguf=gguf)
+                           reduce_range=reduce_range, gguf=gguf,
+                           first_token=first_token if self.pin_first_token else None)
 
     def resolved_source(self, run: RunDir) -> str:
         if self.source:
@@ -181,7 +186,8 @@ def quantize(run: RunDir, config: QuantizeStageConfig) -> dict:
         fits_context("window", config.window, source_path, source)
         memory = memory_budget(config, source, source_path)
         qcfg = config.quant_config(int8_gemm_saturates() if config.reduce_range is None else config.reduce_range,
-                                   gguf_source(run, tx, source) if config.recipe == "gguf" else None)
+                                   gguf_source(run, tx, source) if config.recipe == "gguf" else None,
+                                   next(iter(leading_special(load_tokenizer(run.root))), None))
         n = config.calib_windows + config.valid_windows
         windows = token_windows(run.root, "calib", config.calib_text, n, config.window)
         calib, valid = split_windows(windows, config.calib_windows)
