@@ -43,8 +43,9 @@ class CalibrationPlan:
 
     def __post_init__(self):
         if self.num_prefill < 1 or self.seq_len <= len(self.prefix) or self.num_decode_steps < 0:
-            raise UserError(f"calibration needs num_prefill >= 1, seq_len >= 1 and num_decode_steps >= 0 "
-                            f"(got {self.num_prefill}, {self.seq_len - len(self.prefix)}, {self.num_decode_steps})")
+            raise UserError(f"calibration needs num_prefill >= 1, a prefill of at least 1 token after its prefix of "
+                            f"{len(self.prefix)} and num_decode_steps >= 0 (got {self.num_prefill}, "
+                            f"{self.seq_len - len(self.prefix)}, {self.num_decode_steps})")
 
     @property
     def window_len(self) -> int:

@@ -12,8 +12,10 @@ TEXT = "\n".join(
     for i in range(400))
 
 
-def make_tokenizer(out_dir: Path, vocab: int = 256) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def make_tokenizer(out_dir: Path, vocab: int = 256, bos: bool = False) -> None:
+    """A byte-level BPE trained on TEXT; with `bos`, one that puts its special token (id 0) before every text, as
+    Gemma's puts <bos>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -21,10 +23,13 @@ def make_tokenizer(out_dir: Path, vocab: int = 256) -> None:
     trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([TEXT], trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[
+            ("<|endoftext|>", tok.token_to_id("<|endoftext|>"))])
     tok.save(str(out_dir / "tokenizer.json"))
 
 
-def make_hf_checkpoint(out_dir: Path, family: str = "llama", seed: int = 0, tied: bool = False,
+def make_hf_checkpoint(out_dir: Path, family: str = "llama", seed: int = 0, tied: bool = False, bos: bool = False,
                        **overrides) -> Path:
     import torch
     import transformers as tf
@@ -61,7 +66,7 @@ def make_hf_checkpoint(out_dir: Path, family: str = "llama", seed: int = 0, tied
                 p.copy_(1 + 0.1 * torch.randn_like(p))
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
-    make_tokenizer(out_dir)
+    make_tokenizer(out_dir, bos=bos)
     return out_dir
 
 

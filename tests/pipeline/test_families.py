@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import pytest
 
+from exporters.quantization.prefix import MASK
 from tests.pipeline.conftest import make_hf_checkpoint
 from tests.pipeline.test_cli import invoke, manifest_results
 
@@ -29,8 +30,9 @@ RECIPES = ("w8a8", "w8", "w4")
 def family_run(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     run = root / "run"
-    exported = json.loads(invoke("export", "--model", make_hf_checkpoint(root / "ckpt", request.param, tied=True),
-                                 "--out", run, "--json").output)
+    # Gemma 3's tokenizer opens every text with its token 0, as Gemma's does with <bos>
+    checkpoint = make_hf_checkpoint(root / "ckpt", request.param, tied=True, bos=request.param == "gemma3_text")
+    exported = json.loads(invoke("export", "--model", checkpoint, "--out", run, "--json").output)
     return request.param, run, exported
 
 
@@ -54,8 +56,14 @@ def test_every_stage(family_run, text_file, tmp_path):
                  for m in ("attn/qkv_proj", "attn/o_proj", "mlp/gate_up_proj", "mlp/down_proj")}
         integer = set(report["quantized_matmuls"]) | set(report["fallback_matmuls"])  # the budget's w8 fallback
         assert report["recipe"] == recipe and every <= integer and report["quantized_matmuls"], report
-        ops = Counter(n.op_type for n in onnx.load(str(run / f"variants/{recipe}/model.onnx")).graph.node)
+        nodes = onnx.load(str(run / f"variants/{recipe}/model.onnx")).graph.node
+        ops = Counter(n.op_type for n in nodes)
         assert ops["GroupQueryAttention"] == 2 and ops["MatMulNBits" if recipe != "w8a8" else "DequantizeLinear"]
+        # w8a8 pins the keys and values of Gemma 3's opening token (2 layers x key, value) and the final norm's
+        # two inputs at position 0
+        pinned = {"token": 0, "tensors": 6} if family == "gemma3_text" and recipe == "w8a8" else None
+        assert report.get("pinned_first_token") == pinned
+        assert sum(n.op_type == "Where" and n.input[0] == MASK for n in nodes) == (6 if pinned else 0)
         if recipe != "w8":  # where R1 cannot rotate the stream (Gemma's norms after attention and MLP), the
             # online Hadamard rotates the norm outputs' readers too: every static int8 input is rotated
             rotated = report["rotation"]["residual"]

@@ -31,7 +31,7 @@ from runtimes.errors import RuntimeUserError
 from runtimes.generate import greedy_tokens, load_tokenizer
 from runtimes.session import open_session
 from tests.pipeline.conftest import make_built_run, make_hf_checkpoint
-from tests.pipeline.test_cli import invoke, one_line_error
+from tests.pipeline.test_cli import invoke, manifest_results, one_line_error
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPT = "def function_1(x, y):"
@@ -450,6 +450,43 @@ def test_onnxruntime_genai_loads_a_built_bundle_and_agrees(genai_python, tmp_pat
     assert genai_tokens(genai_python, tmp_path / "b") == expected and len(expected) > 1
     context = json.loads((tmp_path / "b" / "genai_config.json").read_text())["model"]["context_length"]
     assert context == 512  # the checkpoint's, not its window
+
+
+GENAI_IDS_PROBE = """
+import json, sys
+import onnxruntime_genai as og
+
+bundle, ids, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+model = og.Model(bundle)
+params = og.GeneratorParams(model)
+params.set_search_options(max_length=len(ids) + n, do_sample=False)
+generator = og.Generator(model, params)
+generator.append_tokens([ids])
+tokens = []
+while not generator.is_done():
+    generator.generate_next_token()
+    tokens.append(int(generator.get_next_tokens()[0]))
+print(json.dumps(tokens))
+"""
+
+
+def test_onnxruntime_genai_runs_a_w8a8_with_its_first_token_pinned_and_agrees(genai_python, tmp_path, text_file):
+    """A tokenizer that opens every text with its token 0 (as Gemma's does with <bos>): w8a8 takes that token's
+    keys and values at position 0 as constants (Where ops before the attention), which genai runs as it runs any
+    graph. The prompt ids are fed as they are: genai's own tokenizer does not put the BOS before a prompt."""
+    run = tmp_path / "run"
+    invoke("export", "--model", make_hf_checkpoint(tmp_path / "ckpt", "gemma3_text", tied=True, bos=True),
+           "--out", run)
+    invoke("quantize", run, "--recipe", "w8a8", "--calib-text", text_file, "--calib-windows", "4", "--window", "32",
+           "--valid-windows", "0", "--online-hadamard", "32")
+    assert manifest_results(run, "quantize")["pinned_first_token"]["token"] == 0
+    ids = load_tokenizer(run / "tokenizer.json").encode(PROMPT).ids
+    assert ids[0] == 0
+    expected = until_eos(greedy_tokens(open_session(RunDir(run).variant_path("w8a8")), ids, NEW_TOKENS))
+    probe = venv_run([genai_python, "-I", "-c", GENAI_IDS_PROBE, run / "variants" / "w8a8", json.dumps(ids),
+                      NEW_TOKENS], genai_python.parents[2])
+    assert probe.returncode == 0, probe.stderr
+    assert json.loads(probe.stdout.strip().splitlines()[-1]) == expected and len(expected) > 1
 
 
 def test_onnxruntime_genai_runs_a_gpt2_bundle_as_a_generic_decoder(genai_python, tmp_path):
