@@ -329,7 +329,8 @@ import onnxruntime_genai as og
 
 bundle, prompt, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 model = og.Model(bundle)
-ids = [int(i) for i in og.Tokenizer(model).encode(prompt)]
+# a prompt, or its ids as a JSON list (fed as they are)
+ids = json.loads(prompt) if prompt.startswith("[") else [int(i) for i in og.Tokenizer(model).encode(prompt)]
 params = og.GeneratorParams(model)
 params.set_search_options(max_length=len(ids) + n, do_sample=False)
 generator = og.Generator(model, params)
@@ -452,24 +453,6 @@ def test_onnxruntime_genai_loads_a_built_bundle_and_agrees(genai_python, tmp_pat
     assert context == 512  # the checkpoint's, not its window
 
 
-GENAI_IDS_PROBE = """
-import json, sys
-import onnxruntime_genai as og
-
-bundle, ids, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
-model = og.Model(bundle)
-params = og.GeneratorParams(model)
-params.set_search_options(max_length=len(ids) + n, do_sample=False)
-generator = og.Generator(model, params)
-generator.append_tokens([ids])
-tokens = []
-while not generator.is_done():
-    generator.generate_next_token()
-    tokens.append(int(generator.get_next_tokens()[0]))
-print(json.dumps(tokens))
-"""
-
-
 def test_onnxruntime_genai_runs_a_w8a8_with_its_first_token_pinned_and_agrees(genai_python, tmp_path, text_file):
     """A tokenizer that opens every text with its token 0 (as Gemma's does with <bos>): w8a8 takes that token's
     keys and values at position 0 as constants (Where ops before the attention), which genai runs as it runs any
@@ -483,10 +466,11 @@ def test_onnxruntime_genai_runs_a_w8a8_with_its_first_token_pinned_and_agrees(ge
     ids = load_tokenizer(run / "tokenizer.json").encode(PROMPT).ids
     assert ids[0] == 0
     expected = until_eos(greedy_tokens(open_session(RunDir(run).variant_path("w8a8")), ids, NEW_TOKENS))
-    probe = venv_run([genai_python, "-I", "-c", GENAI_IDS_PROBE, run / "variants" / "w8a8", json.dumps(ids),
-                      NEW_TOKENS], genai_python.parents[2])
+    probe = venv_run([genai_python, "-I", "-c", GENAI_PROBE, run / "variants" / "w8a8", json.dumps(ids), NEW_TOKENS],
+                     genai_python.parents[2])
     assert probe.returncode == 0, probe.stderr
-    assert json.loads(probe.stdout.strip().splitlines()[-1]) == expected and len(expected) > 1
+    got = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert got["ids"] == ids and got["tokens"] == expected and len(expected) > 1
 
 
 def test_onnxruntime_genai_runs_a_gpt2_bundle_as_a_generic_decoder(genai_python, tmp_path):
