@@ -16,7 +16,7 @@ from exporters.quantization.prefix import MASK, attention_inputs, first_token_va
     pinned_tensors
 from exporters.quantize import QuantConfig, quantize
 from models.weights import open_weights
-from runtimes.contract import past_key, present_key, present_value
+from runtimes.contract import past_key, past_value, present_key, present_value
 from tests.exporters.test_builder import NEW_FAMILIES, save, tiny_hf
 
 TOKEN = 5
@@ -39,8 +39,15 @@ def run(path: Path, ids: list[int], past_len: int = 0, past: dict | None = None)
     contract = session_contract(session)
     feed = declared(step_feed(np.array(ids), past_len, past or empty_past(contract)),
                     {i.name for i in session.get_inputs()})
-    names = ["logits", present_key(0), present_value(0)]
+    names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feed)))
+
+
+def as_past(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A step's presents as the next step's past."""
+    layers = sum(name.startswith("present") for name in outputs) // 2
+    return {past: outputs[present] for i in range(layers)
+            for past, present in ((past_key(i), present_key(i)), (past_value(i), present_value(i)))}
 
 
 def pinned_copy(path: Path, out: Path, shift: float = 0.0) -> Path:
@@ -64,6 +71,9 @@ def test_pinning_is_exact_in_float_and_applies_only_to_the_token_at_position_0(b
         np.testing.assert_allclose(run(exact, ids)["logits"], ref, atol=2e-5)
         moved = np.abs(run(shifted, ids)["logits"] - ref).max()
         assert (moved > 0.1) if ids[0] == TOKEN else (moved == 0), (ids, moved)  # TOKEN elsewhere is not pinned
+    # a decode step of TOKEN after a past is at position 2, not 0: untouched
+    step = [run(p, [TOKEN], 2, as_past(run(p, [6, 7])))["logits"] for p in (path, shifted)]
+    np.testing.assert_array_equal(step[0], step[1])
     model = onnx.load(str(shifted))
     assert sum(n.op_type == "Where" and n.input[0] == MASK for n in model.graph.node) == inputs + 2
 
