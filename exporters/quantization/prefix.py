@@ -70,7 +70,7 @@ def first_token_values(model: onnx.ModelProto, tensors: list[str], token: int, w
         feed = step_feed(np.array([token]), 0, empty_past(contract))
         return [declared(feed, {i.name for i in session.get_inputs()})]
 
-    values = next(probe(model, tensors, feeds, workdir, weights_dir))
+    values, = probe(model, tensors, feeds, workdir, weights_dir)  # run to its end: the probe session closes
     return {name: v.reshape(-1, v.shape[-1])[0] for name, v in values.items()}
 
 
