@@ -64,6 +64,10 @@ def test_every_stage(family_run, text_file, tmp_path):
         pinned = {"token": 0, "tensors": 6} if family == "gemma3_text" and recipe == "w8a8" else None
         assert report.get("pinned_first_token") == pinned
         assert sum(n.op_type == "Where" and n.input[0] == MASK for n in nodes) == (6 if pinned else 0)
+        if pinned:  # and --no-pin-first-token leaves it to the int8 arithmetic
+            invoke("quantize", run, "--recipe", recipe, "--calib-text", text_file, "--calib-windows", "4",
+                   "--window", "32", "--valid-windows", "0", "--online-hadamard", "32", "--no-pin-first-token")
+            assert "pinned_first_token" not in manifest_results(run, "quantize")
         if recipe != "w8":  # where R1 cannot rotate the stream (Gemma's norms after attention and MLP), the
             # online Hadamard rotates the norm outputs' readers too: every static int8 input is rotated
             rotated = report["rotation"]["residual"]
