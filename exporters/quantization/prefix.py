@@ -98,26 +98,25 @@ def _mask_nodes(token: int) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
     return nodes, consts
 
 
-def pin_first_token(model: onnx.ModelProto, token: int, values: dict[str, np.ndarray]) -> list[str]:
+def pin_first_token(model: onnx.ModelProto, token: int, values: dict[str, np.ndarray]) -> None:
     """Replace each tensor of `values` ((batch, seq, width): `pinned_tensors`) by its value at position 0 where
-    that position holds `token`; returns the tensors pinned."""
+    that position holds `token`."""
     mask_nodes, consts = _mask_nodes(token)
     g = model.graph
-    readers = {name: [n for n in g.node if name in n.input] for name in values}
-    wheres = {}
+    wheres = {}  # tensor -> the Where that pins it
     for name, row in values.items():
         const = numpy_helper.from_array(np.ascontiguousarray(row), f"{SCOPE}/{name.strip('/')}/value")
         consts.append(const)
-        pinned = f"{name}/pinned_first"
-        wheres[name] = helper.make_node("Where", [MASK, const.name, name], [pinned], f"{SCOPE}/{name.strip('/')}/Where")
-        for reader in readers[name]:
-            reader.input[:] = [pinned if i == name else i for i in reader.input]
+        wheres[name] = helper.make_node("Where", [MASK, const.name, name], [f"{name}/pinned_first"],
+                                        f"{SCOPE}/{name.strip('/')}/Where")
     g.initializer.extend(consts)
-    nodes = list(mask_nodes)
-    for n in g.node:  # each Where just before its first reader (the graph stays topologically sorted)
-        for name in [t for t in n.input if t.endswith("/pinned_first") and t.removesuffix("/pinned_first") in wheres]:
-            nodes.append(wheres.pop(name.removesuffix("/pinned_first")))
+    nodes, pending = list(mask_nodes), dict(wheres)
+    for n in g.node:  # every reader takes the pinned tensor, its Where just before the first (topological order)
+        for i, t in enumerate(n.input):
+            if t in wheres:
+                if t in pending:
+                    nodes.append(pending.pop(t))
+                n.input[i] = wheres[t].output[0]
         nodes.append(n)
     del g.node[:]
     g.node.extend(nodes)
-    return list(values)
